@@ -1,0 +1,218 @@
+"""Frozen, validated configuration: what to quantize (QATConfig) and how to train (TrainConfig).
+
+Each option has one spelling. Configs are built in code, from dicts (`from_dict`) or YAML files
+(`load_yaml`, through yaml.safe_load); unknown keys and bad values raise ConfigError naming them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar, get_type_hints
+
+import yaml
+
+from qatkit.errors import ConfigError, bad_value
+from qatkit.primitives.qparams import INIT_METHODS
+from qatkit.primitives.ranges import check_bits, qrange
+
+T = TypeVar("T")
+
+
+def _check_choice(what: str, value: object, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise bad_value(what, value, ", ".join(allowed), f"set {what} to one of these")
+
+
+def _check_number(what: str, value: object, lo: float, hi: float = math.inf, integer: bool = False) -> None:
+    kind = int if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kind) or not lo <= value <= hi:
+        span = f"{'an integer' if integer else 'a number'} in [{lo}, {hi}]"
+        raise bad_value(what, value, span, f"set {what} within that range")
+
+
+@dataclass(frozen=True, kw_only=True)
+class QuantSpec:
+    """How one tensor is quantized: x̂ = (clamp(round(x/s) + z, qmin, qmax) - z) * s."""
+
+    bits: int = 8
+    symmetric: bool = True  # z = 0
+    signed: bool = True  # int (True) or uint (False) codes
+    per_channel: bool = False
+    axis: int = 0  # channel axis when per_channel
+    narrow: bool = False  # drop the most negative code: [-127, 127] for int8
+    init: str = "mse"  # range initialisation: minmax | percentile | mse
+    learnable: bool = True  # scale (and asymmetric zero point) trained by LSQ
+
+    def __post_init__(self) -> None:
+        check_bits(self.bits)
+        _check_choice("init", self.init, INIT_METHODS)
+
+    @property
+    def qrange(self) -> tuple[int, int]:
+        return qrange(self.bits, self.signed, self.narrow)
+
+
+@dataclass(frozen=True, kw_only=True)
+class LayerRule:
+    """Per-layer override, matched by glob on the module's qualified name or its type name."""
+
+    pattern: str
+    weight_bits: int | None = None
+    act_bits: int | None = None
+    per_channel: bool | None = None
+    skip: bool = False  # leave the layer in float
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.pattern, str) or not self.pattern:
+            raise bad_value("rule pattern", self.pattern, "a non-empty glob such as 'layer1.*' or 'Linear'", "fix the rule")
+        for what in ("weight_bits", "act_bits"):
+            if getattr(self, what) is not None:
+                check_bits(getattr(self, what), f"rule '{self.pattern}' {what}")
+
+    def matches(self, name: str, type_name: str) -> bool:
+        return fnmatch.fnmatchcase(name, self.pattern) or fnmatch.fnmatchcase(type_name, self.pattern)
+
+
+@dataclass(frozen=True, kw_only=True)
+class QATConfig:
+    """What `qatkit.prepare` quantizes and how. Defaults follow Nagel et al. 2021's QAT recipe:
+    symmetric per-channel weights, asymmetric per-tensor activations, MSE range init, learnable
+    scales, BN folded; first and last layer at 8 bits (LSQ's practice)."""
+
+    weight_bits: int = 8
+    act_bits: int = 8
+    per_channel: bool = True
+    act_symmetric: bool = False
+    weight_init: str = "mse"
+    act_init: str = "mse"
+    learnable: bool = True
+    first_last_bits: int | None = 8  # None: first/last layers follow weight_bits/act_bits
+    fold_bn: bool = True
+    rules: tuple[LayerRule, ...] = ()
+    # Quantization-error regulariser Σ_k λ_k·mean((x_k - x̂_k)²): parameter-name glob -> λ. Empty = off.
+    error_penalty: Mapping[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_bits(self.weight_bits, "weight_bits")
+        check_bits(self.act_bits, "act_bits")
+        if self.first_last_bits is not None:
+            check_bits(self.first_last_bits, "first_last_bits")
+        _check_choice("weight_init", self.weight_init, INIT_METHODS)
+        _check_choice("act_init", self.act_init, INIT_METHODS)
+        rules = tuple(r if isinstance(r, LayerRule) else _from_mapping(LayerRule, r, "rules[]") for r in self.rules)
+        object.__setattr__(self, "rules", rules)
+        if not isinstance(self.error_penalty, Mapping):
+            raise bad_value("error_penalty", self.error_penalty, "a mapping {parameter glob: lambda}", "e.g. {'*.weight': 1e-4}")
+        for glob, lam in self.error_penalty.items():
+            _check_number(f"error_penalty['{glob}']", lam, 0.0)
+        object.__setattr__(self, "error_penalty", dict(self.error_penalty))
+
+    def weight_spec(self, bits: int, per_channel: bool) -> QuantSpec:
+        return QuantSpec(bits=bits, symmetric=True, signed=True, per_channel=per_channel, init=self.weight_init, learnable=self.learnable)
+
+    def act_spec(self, bits: int, unsigned: bool = False) -> QuantSpec:
+        """Activations: asymmetric uint by default; after a ReLU, unsigned with zero point fixed at 0."""
+        symmetric = self.act_symmetric or unsigned
+        return QuantSpec(bits=bits, symmetric=symmetric, signed=symmetric and not unsigned, init=self.act_init, learnable=self.learnable)
+
+
+OPTIMIZERS = ("adamw", "sgd")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """How `qatkit.fit` trains. Defaults are a QAT fine-tune from float weights."""
+
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 1e-3
+    scale_lr: float | None = None  # learning rate of quantizer scales/zero points (None: same as lr)
+    weight_decay: float = 0.0
+    optimizer: str = "adamw"
+    momentum: float = 0.9  # sgd only
+    warmup_epochs: float = 0.0
+    distill: float = 0.0  # weight of KL(teacher || student) on logits; 0 = off
+    temperature: float = 1.0
+    bn_freeze_epoch: int | None = None  # from this epoch on, BN uses its running statistics
+    calib_batches: int = 8
+    seed: int = 0
+    device: str = "cpu"
+    augment: str = "none"
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        _check_number("epochs", self.epochs, 0, integer=True)
+        _check_number("batch_size", self.batch_size, 1, integer=True)
+        _check_number("lr", self.lr, 0.0)
+        if self.scale_lr is not None:
+            _check_number("scale_lr", self.scale_lr, 0.0)
+        _check_number("weight_decay", self.weight_decay, 0.0)
+        _check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        _check_number("momentum", self.momentum, 0.0, 1.0)
+        _check_number("warmup_epochs", self.warmup_epochs, 0.0)
+        _check_number("distill", self.distill, 0.0, 1.0)
+        _check_number("temperature", self.temperature, 1e-3)
+        if self.bn_freeze_epoch is not None:
+            _check_number("bn_freeze_epoch", self.bn_freeze_epoch, 0, integer=True)
+        _check_number("calib_batches", self.calib_batches, 1, integer=True)
+        _check_number("seed", self.seed, 0, integer=True)
+        if not isinstance(self.device, str) or not (self.device == "cpu" or self.device.startswith("cuda")):
+            raise bad_value("device", self.device, "'cpu', 'cuda' or 'cuda:N'", "pass --device cpu or cuda")
+
+
+def _from_mapping(cls: type[T], data: object, where: str) -> T:
+    """Build a config dataclass from a mapping, rejecting unknown keys and wrong types by name."""
+    if not isinstance(data, Mapping):
+        raise bad_value(where, data, f"a mapping of {cls.__name__} fields", "write it as key: value pairs")
+    hints = get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        raise bad_value(f"{where} key", unknown[0], ", ".join(names), "remove or correct the key")
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        hint = str(hints[key])
+        if "float" in hint and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)  # YAML writes 1 for 1.0
+        if hint == "<class 'bool'>" and not isinstance(value, bool):
+            raise bad_value(f"{where}.{key}", value, "true or false", f"write {key}: true or {key}: false")
+        if hint == "<class 'str'>" and not isinstance(value, str):
+            raise bad_value(f"{where}.{key}", value, "a string", f"quote the value of {key}")
+        kwargs[key] = tuple(value) if key == "rules" and isinstance(value, list) else value
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # a value of a type the dataclass cannot take at all
+        raise ConfigError(f"{where}: {e}. Fix: check the types of the values") from None
+
+
+def qat_config_from_dict(data: object) -> QATConfig:
+    return _from_mapping(QATConfig, data, "qat")
+
+
+def train_config_from_dict(data: object) -> TrainConfig:
+    return _from_mapping(TrainConfig, data, "train")
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """Plain-data view of a config (for results.json, checkpoints and YAML)."""
+    return dataclasses.asdict(config)
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML config with yaml.safe_load (data only, never objects); must be a mapping."""
+    p = Path(path)
+    if not p.is_file():
+        raise bad_value("--config", str(p), "an existing YAML file", "check the path")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"--config {str(p)!r} is not valid YAML ({str(e).splitlines()[0]}). Fix: correct the file") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise bad_value("--config content", type(data).__name__, "a mapping of options", "write key: value pairs at the top level")
+    return data

@@ -1,0 +1,42 @@
+"""Conv + BatchNorm folded for QAT (Jacob et al. 2018; Krishnamoorthi 2018).
+
+Deployed, BN disappears into the conv: w_f = w·γ/σ, b_f = β + (b - μ)·γ/σ with running μ, σ.
+While BN still learns (training, before `bn_frozen`), the weight is quantized folded with the running
+σ, the conv output is scaled back and BN normalises with batch statistics, so the statistics keep
+adapting to the quantized weights. After freezing, training and eval use the folded layer as deployed.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from qatkit.config import QuantSpec
+from qatkit.kernels import channel_view
+from qatkit.nn.qlayer import QConv
+from qatkit.quantizer import FakeQuantizer
+
+
+class QConvBn(QConv):
+    def __init__(self, conv: nn.Conv1d | nn.Conv2d, bn: nn.BatchNorm1d | nn.BatchNorm2d, weight_spec: QuantSpec, **kw):
+        super().__init__(conv, weight_spec, **kw)
+        self.bn = bn
+        self.register_buffer("bn_frozen", torch.tensor(False))
+
+    def _gamma_over_sigma(self) -> torch.Tensor:  # (C,)
+        return self.bn.weight / torch.sqrt(self.bn.running_var + self.bn.eps)
+
+    def folded(self):
+        g = self._gamma_over_sigma()
+        w = self.weight * channel_view(g, self.weight.dim(), 0)
+        b = self.bias if self.bias is not None else torch.zeros_like(g)
+        return w, self.bn.bias + (b - self.bn.running_mean) * g
+
+    def fake_quant_forward(self, x: torch.Tensor, in_q: FakeQuantizer | None) -> torch.Tensor:
+        if not self.training or bool(self.bn_frozen):
+            return super().fake_quant_forward(x, in_q)
+        g = self._gamma_over_sigma()
+        y = self.op(x, self.weight_quant(self.weight * channel_view(g, self.weight.dim(), 0)), None)
+        y = y / channel_view(g, y.dim(), 1)  # undo the running-σ fold; BN applies batch statistics
+        if self.bias is not None:
+            y = y + channel_view(self.bias, y.dim(), 1)
+        return self.bn(y)

@@ -1,0 +1,96 @@
+"""Quantized Conv1d/Conv2d/Linear for QAT.
+
+Training forward (fake quantization, STE/LSQ gradients):
+    y = op(x̂, q(w), b̂) → fused ReLU/ReLU6 → output quantizer (if the next op consumes integers)
+with b̂ the bias rounded to int32 at scale s_x·s_w, as the integer runtime adds it.
+Eval forward, once every quantizer is initialised: the integer path of `qatkit.kernels`, the same
+code the converted integer model runs, so the two agree bit for bit.
+The layer's input quantizer belongs to whoever produced x (passed as `in_q`); a layer prepared by
+module swap, with no graph to say who that is, owns one (`input_quant`).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qatkit import kernels
+from qatkit.config import QuantSpec
+from qatkit.quantizer import FakeQuantizer
+
+_CONV_FN = {1: F.conv1d, 2: F.conv2d}
+
+
+class QLayer(nn.Module):
+    out_axis = 1  # axis of the output channels in the layer's output
+
+    def __init__(self, float_module: nn.Module, weight_spec: QuantSpec, *, act: str | None = None,
+                 out_spec: QuantSpec | None = None, input_spec: QuantSpec | None = None):
+        super().__init__()
+        assert act in kernels.ACTIVATIONS, act
+        self.weight, self.bias = float_module.weight, float_module.bias
+        self.weight_quant = FakeQuantizer(weight_spec, kind="weight", channels=self.weight.shape[0])
+        self.out_quant = FakeQuantizer(out_spec, kind="act") if out_spec else None
+        self.input_quant = FakeQuantizer(input_spec, kind="act") if input_spec else None
+        self.act = act
+
+    def op(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def folded(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The weight and bias the integer layer holds (QConvBn folds BatchNorm in)."""
+        return self.weight, self.bias
+
+    def forward(self, x: torch.Tensor, in_q: FakeQuantizer | None = None) -> torch.Tensor:
+        if self.input_quant is not None:
+            x, in_q = self.input_quant(x), self.input_quant
+        quantized = in_q is not None and in_q.active and bool(self.weight_quant.enabled)
+        if quantized and not self.training and bool(self.weight_quant.initialized):
+            return self.integer_forward(x, in_q)
+        y = self.fake_quant_forward(x, in_q if quantized else None)
+        y = {"relu": F.relu, "relu6": F.relu6}[self.act](y) if self.act else y
+        return self.out_quant(y) if self.out_quant is not None else y
+
+    def fake_quant_forward(self, x: torch.Tensor, in_q: FakeQuantizer | None) -> torch.Tensor:
+        w, b = self.folded()
+        w_hat = self.weight_quant(w)
+        if b is not None and in_q is not None:  # bias as int32 at scale s_x·s_w; no gradient to the scales
+            bias_scale = (in_q.qparams()[0] * self.weight_quant.qparams()[0]).detach()
+            b = b + (kernels.bias_codes(b, bias_scale).to(b.dtype) * bias_scale - b).detach()
+        return self.op(x, w_hat, b)
+
+    @torch.no_grad()
+    def integer_forward(self, x: torch.Tensor, in_q: FakeQuantizer) -> torch.Tensor:
+        s_x, z_x = in_q.qparams()
+        w, b = self.folded()
+        s_w, _ = self.weight_quant.qparams()
+        q_b = None if b is None else kernels.bias_codes(b, s_x * s_w)
+        acc = self.op((in_q.codes(x) - z_x).double(), self.weight_quant.codes(w).double(), q_b)
+        if self.out_quant is None:
+            return kernels.dequantize_acc(acc, s_x * s_w, self.act, self.out_axis)
+        s_y, z_y = self.out_quant.qparams()
+        lo, hi = kernels.activation_bounds(self.act, s_y, z_y, *self.out_quant.qrange)
+        q_y = kernels.requantize(acc, kernels.multiplier(s_x, s_w, s_y), z_y, lo, hi, self.out_axis)
+        return (q_y - z_y) * s_y
+
+
+class QLinear(QLayer):
+    out_axis = -1
+
+    def op(self, x, w, b):
+        return F.linear(x, w, b)
+
+
+class QConv(QLayer):
+    """Conv1d / Conv2d (any groups, stride, padding, dilation; zero padding only)."""
+
+    def __init__(self, conv: nn.Conv1d | nn.Conv2d, weight_spec: QuantSpec, **kw):
+        super().__init__(conv, weight_spec, **kw)
+        self.dim = conv.weight.dim() - 2
+        self.stride, self.padding, self.dilation, self.groups = conv.stride, conv.padding, conv.dilation, conv.groups
+
+    def op(self, x, w, b):
+        return _CONV_FN[self.dim](x, w, b, self.stride, self.padding, self.dilation, self.groups)
+
+    def extra_repr(self) -> str:
+        return f"conv{self.dim}d, stride={self.stride}, padding={self.padding}, groups={self.groups}, act={self.act}"

@@ -1,0 +1,75 @@
+"""`qatkit.prepare`: a float model in, its QAT model out."""
+from __future__ import annotations
+
+import copy
+import warnings
+
+import torch
+from torch import fx, nn
+
+from qatkit.config import QATConfig
+from qatkit.errors import DataError, bad_value
+from qatkit.prepare.graph import WRAPPERS, PrepareInfo, prepare_graph
+from qatkit.prepare.rules import plan_layers
+from qatkit.prepare.swap import swap_layers
+
+__all__ = ["PrepareInfo", "prepare"]
+
+
+def prepare(model: nn.Module, config: QATConfig | None = None, example_inputs: tuple | torch.Tensor | None = None) -> nn.Module:
+    """Return the QAT form of `model` (the float model is left untouched).
+
+    The model is traced with torch.fx; a submodule that cannot be traced keeps its own code in float
+    and its Conv/Linear children are quantized by module swap (a warning names it). Weight ranges are
+    initialised here; activation ranges by `qatkit.calibrate` (or from the first batch). When
+    `example_inputs` are given, one forward checks that they fit the model.
+    """
+    config = config or QATConfig()
+    if not isinstance(model, nn.Module):
+        raise bad_value("model", type(model).__name__, "a torch.nn.Module", "pass the float model itself")
+    model = copy.deepcopy(model)
+    plans = plan_layers(model, config, tuple(WRAPPERS))
+    qat = _prepare_module(model, "", config, plans, info := PrepareInfo())
+    qat.qat_info = info
+    if info.untraced:
+        warnings.warn(
+            "qatkit: could not trace " + "; ".join(info.untraced)
+            + ". Their own code runs in float; their Conv/Linear layers are quantized at their inputs (module swap).",
+            stacklevel=2,
+        )
+    if example_inputs is not None:
+        check_inputs(qat, example_inputs)
+    return qat
+
+
+def _prepare_module(module: nn.Module, prefix: str, config: QATConfig, plans, info: PrepareInfo) -> nn.Module:
+    """Trace and rewrite `module`; where tracing fails, recurse into its children."""
+    try:
+        gm = fx.symbolic_trace(module)
+    except Exception as e:  # fx raises many types (TraceError, TypeError, NotImplementedError...)
+        info.untraced.append(f"'{prefix or type(module).__name__}' ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+        return swap_layers(module, prefix, config, plans, info, _prepare_module)
+    sub_plans = {k[len(prefix) + 1:] if prefix else k: v for k, v in plans.items() if not prefix or k.startswith(prefix + ".")}
+    sub_info = prepare_graph(gm, config, sub_plans)
+    for row in sub_info.layers:
+        row["name"] = f"{prefix}.{row['name']}" if prefix else row["name"]
+        info.layers.append(row)
+    info.act_quantizers += [f"{prefix}.{q}" if prefix else q for q in sub_info.act_quantizers]
+    info.float_ops += sub_info.float_ops
+    return gm
+
+
+def check_inputs(model: nn.Module, example_inputs) -> None:
+    """Run one eval forward; a shape that does not fit becomes a DataError naming it."""
+    args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(*args)
+    except (RuntimeError, ValueError, IndexError) as e:
+        shapes = ", ".join(str(tuple(a.shape)) if isinstance(a, torch.Tensor) else type(a).__name__ for a in args)
+        raise DataError(f"input of shape {shapes} does not fit the model ({str(e).splitlines()[0]}). "
+                        "Fix: pass inputs shaped as the model expects (check --dataset/--model)") from None
+    finally:
+        model.train(was_training)

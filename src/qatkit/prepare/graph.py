@@ -1,0 +1,197 @@
+"""Graph rewrite of a torch.fx-traced model into its QAT form.
+
+1. Conv/Linear (per the layer plan) become QAT wrappers; a BatchNorm right after a conv is folded
+   into it and a ReLU/ReLU6 right after is fused into its output range.
+2. Activation quantizers go exactly where an integer runtime quantizes: before every quantized
+   layer whose input is not already integer (the graph input, a sigmoid, a LayerNorm...), at the
+   output of every quantized layer that does not feed the graph output directly, and at the output
+   of residual adds, concatenations and average pools whose inputs are all integer. Ops that keep
+   values on the integer grid (max pool, ReLU, reshapes) pass quantization through.
+3. A quantized layer is called as `layer(x, in_q)`, `in_q` being the quantizer that produced x, so
+   it knows the input scale for its int32 bias and its integer forward.
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from qatkit.config import QATConfig
+from qatkit.nn import QConv, QConvBn, QLinear
+from qatkit.prepare.rules import LayerPlan
+from qatkit.quantizer import FakeQuantizer
+
+WRAPPERS = {nn.Conv1d: QConv, nn.Conv2d: QConv, nn.Linear: QLinear}
+FOLDABLE_BN = {nn.Conv1d: nn.BatchNorm1d, nn.Conv2d: nn.BatchNorm2d}
+FUSABLE_ACT_MODULES = {nn.ReLU: "relu", nn.ReLU6: "relu6"}
+FUSABLE_ACT_FUNCTIONS = {F.relu: "relu", torch.relu: "relu", F.relu6: "relu6"}
+# Ops whose output stays on the input's integer grid: quantization passes through them.
+GRID_PRESERVING_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.Flatten, nn.Dropout, nn.Identity, nn.ReLU)
+GRID_PRESERVING_FUNCTIONS = {torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, torch.transpose,
+                             torch.permute, F.relu, torch.relu, F.max_pool1d, F.max_pool2d, F.dropout, operator.getitem}
+GRID_PRESERVING_METHODS = {"view", "reshape", "flatten", "permute", "transpose", "contiguous", "squeeze", "unsqueeze", "relu"}
+SHAPE_OPS = {getattr, "size", "dim"}  # shape arithmetic, not tensor compute
+# Ops an integer runtime runs on integers and requantizes (QLinearAdd, QLinearConcat, QLinearAveragePool).
+REQUANT_MODULES = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AvgPool1d, nn.AvgPool2d)
+REQUANT_FUNCTIONS = {operator.add, operator.iadd, torch.add, torch.cat, F.adaptive_avg_pool2d, F.avg_pool2d}
+
+
+@dataclass
+class PrepareInfo:
+    """What prepare did, for the report: one row per layer, the added quantizers, what stayed float."""
+
+    layers: list[dict] = field(default_factory=list)
+    act_quantizers: list[str] = field(default_factory=list)
+    float_ops: list[str] = field(default_factory=list)
+    untraced: list[str] = field(default_factory=list)
+
+
+def _sole_user(node: fx.Node) -> fx.Node | None:
+    return next(iter(node.users)) if len(node.users) == 1 else None
+
+
+def _fusable_act(node: fx.Node | None, modules: dict[str, nn.Module]) -> str | None:
+    if node is None:
+        return None
+    if node.op == "call_module":
+        return FUSABLE_ACT_MODULES.get(type(modules[node.target]))
+    if node.op == "call_function" and len(node.args) == 1 and not node.kwargs.get("inplace", False):
+        return FUSABLE_ACT_FUNCTIONS.get(node.target)
+    return None
+
+
+def _is(node: fx.Node, modules, module_types: tuple, functions: set, methods: set = frozenset()) -> bool:
+    if node.op == "call_module":
+        return isinstance(modules[node.target], module_types)
+    if node.op == "call_function":
+        return node.target in functions
+    return node.op == "call_method" and node.target in methods
+
+
+def _describe(node: fx.Node, modules) -> str:
+    if node.op == "call_module":
+        return f"{node.target} ({type(modules[node.target]).__name__})"
+    return f"{node.name} ({getattr(node.target, '__name__', node.target)})"
+
+
+class _Rewriter:
+    def __init__(self, gm: fx.GraphModule, config: QATConfig, plans: dict[str, LayerPlan]):
+        self.gm, self.graph, self.config, self.plans = gm, gm.graph, config, plans
+        self.modules = dict(gm.named_modules())
+        self.info = PrepareInfo()
+        self.wrapped: dict[fx.Node, LayerPlan] = {}
+        self.quantized: dict[fx.Node, str] = {}  # node whose output is integer -> its quantizer's path
+        self.inserted: dict[fx.Node, fx.Node] = {}  # float node -> quantizer node added after it
+
+    def run(self) -> PrepareInfo:
+        for node in list(self.graph.nodes):
+            if node.op == "call_module" and type(self.modules[node.target]) in WRAPPERS:
+                self._wrap(node)
+        self.modules = dict(self.gm.named_modules())
+        for node in list(self.graph.nodes):
+            self._place_quantizers(node)
+        self._apply_input_bits()
+        self.gm.delete_all_unused_submodules()
+        self.graph.lint()
+        self.gm.recompile()
+        return self.info
+
+    # ---- step 1: wrap, fold BN, fuse activation -------------------------------------------------
+    def _wrap(self, node: fx.Node) -> None:
+        module, plan = self.modules[node.target], self.plans.get(node.target)
+        if plan is None or plan.skip or isinstance(module, tuple(set(WRAPPERS.values()))):
+            if plan is not None and plan.skip:
+                self.info.float_ops.append(f"{node.target} ({type(module).__name__}, skipped by rule)")
+            return
+        end, bn = node, None
+        user = _sole_user(node)
+        if (self.config.fold_bn and user is not None and user.op == "call_module"
+                and type(self.modules[user.target]) is FOLDABLE_BN.get(type(module))):
+            bn, end = self.modules[user.target], user
+        act = _fusable_act(_sole_user(end), self.modules)
+        act_node = _sole_user(end) if act else None
+        feeds_output = all(u.op == "output" for u in (act_node or end).users)
+        out_spec = None if feeds_output else self.config.act_spec(self.config.act_bits, unsigned=act is not None)
+        w_spec = self.config.weight_spec(plan.weight_bits, plan.per_channel)
+        wrapper = (QConvBn(module, bn, w_spec, act=act, out_spec=out_spec) if bn is not None
+                   else WRAPPERS[type(module)](module, w_spec, act=act, out_spec=out_spec))
+        with torch.no_grad():
+            wrapper.weight_quant.init_from(wrapper.folded()[0])
+        self.gm.add_submodule(node.target, wrapper)
+        for extra in (bn_node for bn_node in (end if bn is not None else None, act_node) if bn_node is not None):
+            extra.replace_all_uses_with(node)
+            self.graph.erase_node(extra)
+        self.wrapped[node] = plan
+        self.info.layers.append({
+            "name": node.target, "type": type(module).__name__, "weight_bits": plan.weight_bits,
+            "per_channel": plan.per_channel, "act_bits": plan.act_bits, "bn_folded": bn is not None,
+            "act": act, "output": "float" if feeds_output else "int",
+        })
+
+    # ---- step 2: activation quantizers ----------------------------------------------------------
+    def _new_quantizer(self, after: fx.Node, bits: int, unsigned: bool, only_for: fx.Node | None = None) -> fx.Node:
+        """Add a quantizer after `after`, used by `only_for` (one consumer) or by all its users."""
+        path = f"quant_{after.name}"
+        self.gm.add_submodule(path, FakeQuantizer(self.config.act_spec(bits, unsigned=unsigned), kind="act"))
+        with self.graph.inserting_after(after):
+            qnode = self.graph.call_module(path, (after,))
+        if only_for is None:
+            after.replace_all_uses_with(qnode, delete_user_cb=lambda user: user is not qnode)
+        else:
+            only_for.replace_input_with(after, qnode)
+        self.quantized[qnode] = path
+        self.info.act_quantizers.append(path)
+        return qnode
+
+    def _place_quantizers(self, node: fx.Node) -> None:
+        if node in self.wrapped:
+            self._quantize_layer_input(node)
+            if self.modules[node.target].out_quant is not None:
+                self.quantized[node] = f"{node.target}.out_quant"
+            return
+        inputs = node.all_input_nodes
+        if _is(node, self.modules, GRID_PRESERVING_MODULES, GRID_PRESERVING_FUNCTIONS, GRID_PRESERVING_METHODS):
+            if inputs and inputs[0] in self.quantized:
+                self.quantized[node] = self.quantized[inputs[0]]
+            return  # computes nothing new: never a float island of its own
+        is_add = node.target in (operator.add, operator.iadd, torch.add)
+        if (_is(node, self.modules, REQUANT_MODULES, REQUANT_FUNCTIONS) and inputs
+                and all(a in self.quantized for a in inputs) and not (is_add and len(inputs) != 2)):
+            # x + constant stays float: the constant has no integer form here
+            act_node = _sole_user(node) if _fusable_act(_sole_user(node), self.modules) == "relu" else None
+            self._new_quantizer(act_node or node, self.config.act_bits, unsigned=act_node is not None)
+            return
+        if node.op == "call_module" or (node.op in ("call_function", "call_method") and node.target not in SHAPE_OPS):
+            self.info.float_ops.append(_describe(node, self.modules))
+
+    def _quantize_layer_input(self, node: fx.Node) -> None:
+        x = node.args[0]
+        if x not in self.quantized:
+            qnode = self.inserted.get(x)
+            if qnode is None:
+                qnode = self.inserted[x] = self._new_quantizer(x, self.wrapped[node].act_bits, unsigned=False, only_for=node)
+            else:
+                node.replace_input_with(x, qnode)
+            x = qnode
+        with self.graph.inserting_before(node):
+            in_q = self.graph.get_attr(self.quantized[x])
+        node.args = (x, in_q) + tuple(node.args[1:])
+
+    def _apply_input_bits(self) -> None:
+        """A quantizer feeding layers is as wide as the widest input those layers ask for."""
+        demand: dict[str, int] = {}
+        for node, plan in self.wrapped.items():
+            path = node.args[1].target
+            demand[path] = max(demand.get(path, 0), plan.act_bits)
+        for path, bits in demand.items():
+            quantizer = self.gm.get_submodule(path)
+            if int(quantizer.bits) != bits:
+                quantizer.set_bits(bits)
+
+
+def prepare_graph(gm: fx.GraphModule, config: QATConfig, plans: dict[str, LayerPlan]) -> PrepareInfo:
+    """Rewrite `gm` in place into its QAT form; returns what was done."""
+    return _Rewriter(gm, config, plans).run()

@@ -1,0 +1,49 @@
+"""Per-layer settings: the config's defaults, first/last-layer bits, and LayerRule overrides."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from qatkit.config import QATConfig
+from qatkit.errors import bad_value
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """What one Conv/Linear gets: its weight bits and granularity, and the bits of its input."""
+
+    weight_bits: int
+    act_bits: int
+    per_channel: bool
+    skip: bool
+
+
+def plan_layers(model: nn.Module, config: QATConfig, quantizable: tuple[type, ...]) -> dict[str, LayerPlan]:
+    """Plan every quantizable layer by qualified name; a rule that matches no layer is an error.
+
+    "First" and "last" are the first and last quantizable layers in definition order (the stem conv
+    and the classifier in the zoo), kept at `first_last_bits` as LSQ does.
+    """
+    names = [n for n, m in model.named_modules() if type(m) in quantizable]
+    edge = {names[0], names[-1]} if names and config.first_last_bits is not None else set()
+    plans, used = {}, set()
+    for name in names:
+        bits = config.first_last_bits if name in edge else None
+        w_bits, a_bits = bits or config.weight_bits, bits or config.act_bits
+        per_channel, skip = config.per_channel, False
+        type_name = type(model.get_submodule(name)).__name__
+        for i, rule in enumerate(config.rules):  # later rules win
+            if rule.matches(name, type_name):
+                used.add(i)
+                w_bits = rule.weight_bits or w_bits
+                a_bits = rule.act_bits or a_bits
+                per_channel = per_channel if rule.per_channel is None else rule.per_channel
+                skip = skip or rule.skip
+        plans[name] = LayerPlan(w_bits, a_bits, per_channel, skip)
+    for i, rule in enumerate(config.rules):
+        if i not in used:
+            shown = ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
+            raise bad_value("rule pattern", rule.pattern, f"a glob matching a layer name or type ({shown})",
+                            "correct the glob; names are as in model.named_modules()")
+    return plans

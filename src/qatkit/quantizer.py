@@ -1,0 +1,151 @@
+"""FakeQuantizer: a quantizer's state (scale, zero point, bits, flags) as Parameters and buffers.
+
+Modes: quantize (default), observe (calibration: record statistics, pass x through), off
+(`enabled` = False: pass through). State lives in the state_dict, so `.to()`, checkpoints and DDP
+carry it without special code.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+
+from qatkit.config import QuantSpec
+from qatkit.primitives import fake_quantize, lsq_grad_scale, qparams_from_minmax, qparams_from_tensor, qrange, quantize_codes
+from qatkit.primitives.qparams import MIN_SCALE
+from qatkit.primitives.ranges import check_bits
+
+_SAMPLES_PER_BATCH = 4096  # values kept per observed batch for percentile / MSE activation init
+_MAX_SAMPLE_BATCHES = 64
+
+
+class FakeQuantizer(nn.Module):
+    """Fake-quantizes a weight (`kind="weight"`, per-channel capable) or an activation (per-tensor)."""
+
+    def __init__(self, spec: QuantSpec, *, kind: str, channels: int | None = None):
+        super().__init__()
+        assert kind in ("weight", "act"), kind
+        assert not spec.per_channel or channels, "per-channel quantizers need the channel count"
+        self.spec, self.kind = spec, kind
+        self.axis = spec.axis if spec.per_channel else None
+        shape = (channels,) if spec.per_channel else ()
+        self.scale = nn.Parameter(torch.ones(shape), requires_grad=spec.learnable)
+        zero_point = torch.zeros(shape)
+        if spec.learnable and not spec.symmetric:
+            self.zero_point = nn.Parameter(zero_point)
+        else:
+            self.register_buffer("zero_point", zero_point)
+        self.register_buffer("bits", torch.tensor(spec.bits))
+        self.register_buffer("initialized", torch.tensor(False))
+        self.register_buffer("enabled", torch.tensor(True))
+        self.observing = False
+        self._reset_observer()
+
+    # ---- integer range and effective parameters -------------------------------------------------
+    @property
+    def qrange(self) -> tuple[int, int]:
+        return qrange(int(self.bits), self.spec.signed, self.spec.narrow)
+
+    def _scale_zp(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scale kept positive; zero point rounded to an integer with a straight-through gradient."""
+        qmin, qmax = self.qrange
+        scale = torch.clamp(self.scale, min=MIN_SCALE)
+        zp = torch.clamp(self.zero_point, qmin, qmax)
+        return scale, zp + (torch.round(zp) - zp).detach()
+
+    def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale, integer zero point) as used in the forward pass, detached."""
+        scale, zp = self._scale_zp()
+        return scale.detach(), zp.detach()
+
+    @property
+    def active(self) -> bool:
+        return bool(self.enabled) and not self.observing and bool(self.initialized)
+
+    # ---- forward --------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return x
+        if self.observing:
+            self._observe(x)
+            return x
+        if not self.initialized:  # weights, or activations never calibrated: initialise from this tensor
+            self.init_from(x)
+        scale, zp = self._scale_zp()
+        qmin, qmax = self.qrange
+        per_scale = x.numel() // (scale.numel() if self.kind == "weight" else max(x.shape[0], 1))
+        return fake_quantize(x, scale, zp, qmin, qmax, self.axis, lsq_grad_scale(per_scale, qmax))
+
+    def codes(self, x: torch.Tensor) -> torch.Tensor:
+        """Integer codes of x (as float values) under the current parameters."""
+        scale, zp = self.qparams()
+        return quantize_codes(x, scale, zp, *self.qrange, self.axis)
+
+    def quant_error(self, x: torch.Tensor) -> torch.Tensor:
+        """Δ = x - x̂, differentiable in x (and in the scale through LSQ)."""
+        return x - self(x)
+
+    # ---- range initialisation -------------------------------------------------------------------
+    @torch.no_grad()
+    def init_from(self, x: torch.Tensor) -> None:
+        scale, zp = qparams_from_tensor(
+            x.float(), *self.qrange, symmetric=self.spec.symmetric, axis=self.axis, method=self.spec.init
+        )
+        self._set(scale, zp)
+
+    @torch.no_grad()
+    def _set(self, scale: torch.Tensor, zp: torch.Tensor) -> None:
+        self.scale.copy_(scale)
+        self.zero_point.copy_(zp)
+        self.initialized.fill_(True)
+
+    def _reset_observer(self) -> None:
+        self._min = self._max = None
+        self._samples: list[torch.Tensor] = []
+        self._generator = torch.Generator().manual_seed(0)
+
+    @torch.no_grad()
+    def _observe(self, x: torch.Tensor) -> None:
+        flat = x.detach().float().reshape(-1).cpu()
+        lo, hi = flat.min(), flat.max()
+        self._min = lo if self._min is None else torch.minimum(self._min, lo)
+        self._max = hi if self._max is None else torch.maximum(self._max, hi)
+        if len(self._samples) < _MAX_SAMPLE_BATCHES:
+            idx = torch.randint(flat.numel(), (min(flat.numel(), _SAMPLES_PER_BATCH),), generator=self._generator)
+            self._samples.append(flat[idx])
+
+    def start_observing(self) -> None:
+        self._reset_observer()
+        self.observing = True
+
+    @torch.no_grad()
+    def finish_observing(self) -> None:
+        """Set scale/zero point from what was observed (min/max exact, percentile/MSE on samples)."""
+        self.observing = False
+        if self._min is None:
+            return  # never reached by the calibration data: stays uninitialised, set at first use
+        qmin, qmax = self.qrange
+        if self.spec.init == "minmax":
+            self._set(*qparams_from_minmax(self._min, self._max, qmin, qmax, self.spec.symmetric))
+        else:
+            sample = torch.cat(self._samples + [self._min.view(1), self._max.view(1)])
+            self._set(*qparams_from_tensor(sample, qmin, qmax, symmetric=self.spec.symmetric, method=self.spec.init))
+        self._reset_observer()
+
+    @torch.no_grad()
+    def set_bits(self, bits: int) -> None:
+        """Change the bit-width, keeping the represented range (for progressive precision 8→4→2)."""
+        old_min, old_max = self.qrange
+        self.spec = dataclasses.replace(self.spec, bits=check_bits(bits))
+        self.bits.fill_(bits)
+        qmin, qmax = self.qrange
+        if self.initialized:
+            ratio = (old_max - old_min) / (qmax - qmin)
+            self.scale.mul_(ratio)
+            self.zero_point.copy_(torch.clamp(torch.round(qmin + (self.zero_point - old_min) / ratio), qmin, qmax))
+
+    def extra_repr(self) -> str:
+        s = self.spec
+        gran = f"per-channel(axis={self.axis})" if s.per_channel else "per-tensor"
+        return f"{self.kind}, bits={int(self.bits)}, {'sym' if s.symmetric else 'asym'}, {'int' if s.signed else 'uint'}, {gran}"
