@@ -12,17 +12,10 @@ from __future__ import annotations
 
 import torch
 
+from qatkit.primitives.fake_quant import per_channel_view
+
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 ACTIVATIONS = (None, "relu", "relu6")
-
-
-def channel_view(t: torch.Tensor, ndim: int, axis: int) -> torch.Tensor:
-    """Broadcast a (C,) tensor along `axis` of an ndim-d tensor; 0-d passes through."""
-    if t.dim() == 0:
-        return t
-    shape = [1] * ndim
-    shape[axis] = -1
-    return t.view(shape)
 
 
 def bias_codes(bias: torch.Tensor, bias_scale: torch.Tensor) -> torch.Tensor:
@@ -47,13 +40,13 @@ def activation_bounds(act: str | None, s_out: torch.Tensor, z_out: torch.Tensor,
 
 def requantize(acc: torch.Tensor, mult: torch.Tensor, z_out: torch.Tensor, lo, hi, axis: int) -> torch.Tensor:
     """Output codes from the int32 accumulator (float values that are integers)."""
-    m = channel_view(mult, acc.dim(), axis)
+    m = per_channel_view(mult, acc, axis)
     return torch.clamp(torch.round(acc.float() * m) + z_out, lo, hi)
 
 
 def dequantize_acc(acc: torch.Tensor, bias_scale: torch.Tensor, act: str | None, axis: int) -> torch.Tensor:
     """Float output of a layer without an output quantizer: float32(acc)·s_x·s_w, then the activation."""
-    y = acc.float() * channel_view(bias_scale.float(), acc.dim(), axis)
+    y = acc.float() * per_channel_view(bias_scale.float(), acc, axis)
     if act == "relu":
         return torch.relu(y)
     if act == "relu6":

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from qatkit.config import QuantSpec
+from qatkit.primitives.fake_quant import per_channel_view
 from qatkit.primitives import fake_quantize, lsq_grad_scale, qparams_from_minmax, qparams_from_tensor, qrange, quantize_codes
 from qatkit.primitives.qparams import MIN_SCALE
 from qatkit.primitives.ranges import check_bits
@@ -83,8 +84,13 @@ class FakeQuantizer(nn.Module):
         return quantize_codes(x, scale, zp, *self.qrange, self.axis)
 
     def quant_error(self, x: torch.Tensor) -> torch.Tensor:
-        """Δ = x - x̂, differentiable in x (and in the scale through LSQ)."""
-        return x - self(x)
+        """Δ = x - x̂ with its exact almost-everywhere gradient: the integer codes are piecewise
+        constant, so dΔ/dx = 1 and dΔ/ds = -(q - z). (The STE would give dΔ/dx = 0 inside the range.)"""
+        if not self.initialized:
+            self.init_from(x)
+        scale, zp = self._scale_zp()
+        codes = quantize_codes(x.detach(), scale.detach(), zp.detach(), *self.qrange, self.axis)
+        return x - (codes - per_channel_view(zp, x, self.axis)) * per_channel_view(scale, x, self.axis)
 
     # ---- range initialisation -------------------------------------------------------------------
     @torch.no_grad()

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from qatkit.config import QuantSpec
-from qatkit.kernels import channel_view
+from qatkit.primitives.fake_quant import per_channel_view
 from qatkit.nn.qlayer import QConv
 from qatkit.quantizer import FakeQuantizer
 
@@ -27,7 +27,7 @@ class QConvBn(QConv):
 
     def folded(self):
         g = self._gamma_over_sigma()
-        w = self.weight * channel_view(g, self.weight.dim(), 0)
+        w = self.weight * per_channel_view(g, self.weight, 0)
         b = self.bias if self.bias is not None else torch.zeros_like(g)
         return w, self.bn.bias + (b - self.bn.running_mean) * g
 
@@ -35,8 +35,8 @@ class QConvBn(QConv):
         if not self.training or bool(self.bn_frozen):
             return super().fake_quant_forward(x, in_q)
         g = self._gamma_over_sigma()
-        y = self.op(x, self.weight_quant(self.weight * channel_view(g, self.weight.dim(), 0)), None)
-        y = y / channel_view(g, y.dim(), 1)  # undo the running-σ fold; BN applies batch statistics
+        y = self.op(x, self.weight_quant(self.weight * per_channel_view(g, self.weight, 0)), None)
+        y = y / per_channel_view(g, y, 1)  # undo the running-σ fold; BN applies batch statistics
         if self.bias is not None:
-            y = y + channel_view(self.bias, y.dim(), 1)
+            y = y + per_channel_view(self.bias, y, 1)
         return self.bn(y)

@@ -33,6 +33,7 @@ class QLayer(nn.Module):
         self.out_quant = FakeQuantizer(out_spec, kind="act") if out_spec else None
         self.input_quant = FakeQuantizer(input_spec, kind="act") if input_spec else None
         self.act = act
+        self.last_input_scale: torch.Tensor | None = None  # for the bias term of the error regulariser
 
     def op(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError
@@ -45,6 +46,7 @@ class QLayer(nn.Module):
         if self.input_quant is not None:
             x, in_q = self.input_quant(x), self.input_quant
         quantized = in_q is not None and in_q.active and bool(self.weight_quant.enabled)
+        self.last_input_scale = in_q.qparams()[0] if quantized else None
         if quantized and not self.training and bool(self.weight_quant.initialized):
             return self.integer_forward(x, in_q)
         y = self.fake_quant_forward(x, in_q if quantized else None)

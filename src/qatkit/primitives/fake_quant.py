@@ -17,7 +17,7 @@ import math
 import torch
 
 
-def _per_channel(t: torch.Tensor, x: torch.Tensor, axis: int | None) -> torch.Tensor:
+def per_channel_view(t: torch.Tensor, x: torch.Tensor, axis: int | None) -> torch.Tensor:
     """View a (C,) parameter so it broadcasts along `axis` of x; 0-d parameters pass through."""
     if axis is None or t.dim() == 0:
         return t
@@ -37,7 +37,7 @@ def _reduce_to(g: torch.Tensor, like: torch.Tensor, axis: int | None) -> torch.T
 class _FakeQuantize(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, scale, zero_point, qmin, qmax, axis, grad_scale):
-        s, z = _per_channel(scale, x, axis), _per_channel(zero_point, x, axis)
+        s, z = per_channel_view(scale, x, axis), per_channel_view(zero_point, x, axis)
         q = torch.clamp(torch.round(x / s) + z, qmin, qmax)
         ctx.save_for_backward(x, scale, zero_point)
         ctx.qrange, ctx.axis, ctx.grad_scale = (qmin, qmax), axis, grad_scale
@@ -47,7 +47,7 @@ class _FakeQuantize(torch.autograd.Function):
     def backward(ctx, grad):
         x, scale, zero_point = ctx.saved_tensors
         (qmin, qmax), axis = ctx.qrange, ctx.axis
-        s, z = _per_channel(scale, x, axis), _per_channel(zero_point, x, axis)
+        s, z = per_channel_view(scale, x, axis), per_channel_view(zero_point, x, axis)
         xs = x / s
         rounded = torch.round(xs)
         q = rounded + z
@@ -80,7 +80,7 @@ def quantize_codes(
     x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int, axis: int | None = None
 ) -> torch.Tensor:
     """The integer codes q = clamp(round(x/s) + z, qmin, qmax), as a float tensor of integers."""
-    s, z = _per_channel(scale, x, axis), _per_channel(zero_point, x, axis)
+    s, z = per_channel_view(scale, x, axis), per_channel_view(zero_point, x, axis)
     return torch.clamp(torch.round(x / s) + z, qmin, qmax)
 
 

@@ -1,0 +1,90 @@
+"""Batches straight from in-memory tensors: one index, one conversion and one normalisation per batch.
+
+Order and augmentation of epoch e depend only on (seed, e), drawn from a local torch.Generator, so
+a run is reproducible and resumable and never touches the global RNG.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from qatkit.data.base import Split
+from qatkit.errors import ConfigError, bad_value
+
+AUGMENTS = ("none", "crop-flip")
+PAD = 4  # crop-flip: pixels of zero padding on each side before the random crop
+
+
+def _crop_flip(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Random crop of the zero-padded image plus random horizontal flip, per sample, in one gather.
+
+    x: (B, C, H, W) -> (B, C, H, W), same dtype.
+    """
+    b, _, h, w = x.shape
+    padded = F.pad(x, (PAD, PAD, PAD, PAD)).permute(0, 2, 3, 1)  # (B, H+2P, W+2P, C)
+    dy = torch.randint(0, 2 * PAD + 1, (b, 1), generator=gen)
+    dx = torch.randint(0, 2 * PAD + 1, (b, 1), generator=gen)
+    flip = torch.rand(b, 1, generator=gen) < 0.5
+    rows = dy + torch.arange(h)  # (B, H)
+    # reading the crop window right-to-left is cropping then flipping
+    cols = dx + torch.where(flip, torch.arange(w - 1, -1, -1), torch.arange(w))  # (B, W)
+    out = padded[torch.arange(b)[:, None, None], rows[:, :, None], cols[:, None, :]]  # (B, H, W, C)
+    return out.permute(0, 3, 1, 2).contiguous()
+
+
+class BatchLoader:
+    """Yields (x, y) per batch: x (B, C, H, W) float32 normalised per channel, y (B,) int64.
+
+    Iterating twice without set_epoch gives the same batches; call set_epoch(e) before epoch e.
+    """
+
+    def __init__(self, split: Split, *, batch_size: int, mean: Sequence[float], std: Sequence[float],
+                 shuffle: bool, seed: int = 0, augment: str = "none", drop_last: bool = False) -> None:
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise bad_value("batch_size", batch_size, "an integer >= 1", "pass --batch-size 1 or more")
+        if augment not in AUGMENTS:
+            raise bad_value("augment", augment, ", ".join(AUGMENTS), "pick one of those")
+        if not isinstance(seed, int) or seed < 0:
+            raise bad_value("seed", seed, "an integer >= 0", "pass --seed 0 or more")
+        channels = split.x.shape[1]
+        if len(mean) != channels or len(std) != channels or min(std) <= 0:
+            raise ConfigError(f"mean {tuple(mean)} / std {tuple(std)} do not fit {channels}-channel images; "
+                              f"expected {channels} values each, std > 0. Fix: use the dataset's mean and std")
+        self.split, self.batch_size, self.shuffle = split, batch_size, shuffle
+        self.seed, self.augment, self.drop_last = seed, augment, drop_last
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)  # (1, C, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        if not isinstance(epoch, int) or epoch < 0:
+            raise bad_value("epoch", epoch, "an integer >= 0", "count epochs from 0")
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        n, b = len(self.split), self.batch_size
+        return n // b if self.drop_last else -(-n // b)
+
+    @property
+    def num_samples(self) -> int:
+        """Samples one epoch yields: all of them, less the dropped last partial batch if drop_last."""
+        return len(self) * self.batch_size if self.drop_last else len(self.split)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        # SeedSequence mixes (seed, epoch) so neighbouring seeds or epochs give unrelated streams
+        state = np.random.SeedSequence([self.seed, self.epoch]).generate_state(1, np.uint64)[0]
+        gen = torch.Generator().manual_seed(int(state))
+        n = len(self.split)
+        order = torch.randperm(n, generator=gen) if self.shuffle else torch.arange(n)
+        for start in range(0, self.num_samples, self.batch_size):
+            idx = order[start:start + self.batch_size]
+            x = self.split.x[idx]  # (B, C, H, W), a fresh copy, so in-place ops below are safe
+            if self.augment == "crop-flip":
+                x = _crop_flip(x, gen)
+            x = x.float()
+            if self.split.x.dtype == torch.uint8:
+                x.div_(255.0)
+            yield x.sub_(self.mean).div_(self.std), self.split.y[idx]

@@ -1,0 +1,31 @@
+"""`load_dataset`: one entry point that picks the loader by name and applies `limit`."""
+from __future__ import annotations
+
+from qatkit.data.base import ImageDataset
+from qatkit.data.cifar import load_cifar10
+from qatkit.data.digits import load_digits
+from qatkit.data.folder import load_folder
+from qatkit.data.idx import load_mnist
+from qatkit.errors import ConfigError, bad_value
+
+DATASET_NAMES = ("digits", "mnist", "cifar10", "folder")
+_LOADERS = {"mnist": load_mnist, "cifar10": load_cifar10, "folder": load_folder}
+
+
+def load_dataset(name: str, path: str | None = None, *, limit: int | None = None) -> ImageDataset:
+    """Load dataset `name` from `path` (the --data option; digits needs none).
+
+    limit: keep only the first `limit` samples of each split, for quick runs.
+    """
+    if name not in DATASET_NAMES:
+        raise bad_value("--dataset", name, ", ".join(DATASET_NAMES), "pick one of those")
+    if limit is not None and (not isinstance(limit, int) or limit < 1):
+        raise bad_value("--limit", limit, "an integer >= 1, or unset for all samples", "pass --limit 1 or more")
+    if name == "digits":
+        if path is not None:
+            raise ConfigError(f"--data {str(path)!r} was given, but dataset 'digits' is bundled with scikit-learn "
+                              "and reads no files; allowed: no --data. Fix: drop --data")
+        dataset = load_digits()
+    else:
+        dataset = _LOADERS[name](path)
+    return dataset if limit is None else dataset.head(limit)

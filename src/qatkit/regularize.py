@@ -1,0 +1,46 @@
+"""The quantization-error regulariser Σ_k λ_k·mean(Δ_k²), Δ_k = x_k - x̂_k over quantized tensors.
+
+This is the seed's λ·Δ² term and Nagel et al. 2022's dampening loss: it pulls weights towards their
+rounding grid points, which damps weights oscillating across a rounding boundary in low-bit QAT.
+Groups are parameter-name globs (`"*.weight"`, `"fc1.bias"`); the first matching glob gives λ.
+"""
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from qatkit import kernels
+from qatkit.nn import QLayer
+
+
+def quantization_errors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Δ for every quantized weight and bias, keyed by parameter name ("fc1.weight", "fc1.bias").
+
+    A bias is quantized to int32 at scale s_in·s_w, s_in being the scale the layer's input had in its
+    last forward; biases of layers not yet run are left out.
+    """
+    errors = {}
+    for name, layer in model.named_modules():
+        if not isinstance(layer, QLayer) or not bool(layer.weight_quant.enabled):
+            continue
+        w, b = layer.folded()
+        errors[f"{name}.weight"] = layer.weight_quant.quant_error(w)
+        if b is not None and layer.last_input_scale is not None:
+            bias_scale = layer.last_input_scale * layer.weight_quant.qparams()[0]
+            errors[f"{name}.bias"] = b - kernels.bias_codes(b, bias_scale).to(b.dtype) * bias_scale
+    return errors
+
+
+def quantization_error_penalty(model: nn.Module, penalty: Mapping[str, float]) -> torch.Tensor:
+    """Σ_k λ_k·mean(Δ_k²) over the parameters matched by the globs of `penalty` (0 when empty)."""
+    total = torch.zeros(())
+    if not penalty:
+        return total
+    for name, delta in quantization_errors(model).items():
+        lam = next((lam for glob, lam in penalty.items() if fnmatch.fnmatchcase(name, glob)), 0.0)
+        if lam:
+            total = total.to(delta.device) + lam * delta.pow(2).mean()
+    return total
