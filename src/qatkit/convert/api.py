@@ -1,0 +1,26 @@
+"""`qatkit.convert`: trained QAT model → IntegerModel."""
+from __future__ import annotations
+
+from torch import fx, nn
+
+from qatkit.convert.ir import to_ir
+from qatkit.convert.runtime import IntegerModel
+from qatkit.errors import QatkitError
+
+
+def convert(qat_model: nn.Module) -> IntegerModel:
+    """The integer model of a calibrated/trained QAT model: int8 or packed int4/int2 weights with
+    per-channel scales, int32 biases, integer activations; computes the QAT model's eval outputs."""
+    if not isinstance(qat_model, fx.GraphModule):
+        untraced = "; ".join(getattr(getattr(qat_model, "qat_info", None), "untraced", [])) or "the model"
+        raise QatkitError(f"convert needs a graph, but {untraced} could not be traced by torch.fx. Fix: remove "
+                          "data-dependent control flow from forward (or mark it with torch.fx.wrap)")
+    was_training = qat_model.training
+    qat_model.eval()
+    try:
+        nodes, tensors = to_ir(qat_model)
+    finally:
+        qat_model.train(was_training)
+    info = getattr(qat_model, "qat_info", None)
+    meta = {"layers": info.layers, "float_ops": info.float_ops} if info is not None else {}
+    return IntegerModel(nodes, tensors, meta)

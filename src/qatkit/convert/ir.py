@@ -1,0 +1,135 @@
+"""From a prepared (fx) QAT model to the integer model's graph: a list of JSON-able nodes + tensors.
+
+Node kinds:
+  input     - a graph input
+  quantize  - float → integer codes at (scale, zero_point), clamped to [qmin, qmax]
+  qlayer    - integer conv/linear: packed weight codes, per-channel scales, int32 bias, requantization
+  call      - a function from the closed table in ops.py, on integer codes where it keeps the grid,
+              else on dequantized values
+  output
+Arguments are literals, {"node": name}, {"tensor": key}, {"slice": [a, b, c]} or lists of these.
+"""
+from __future__ import annotations
+
+import torch
+from torch import fx
+
+from qatkit import kernels
+from qatkit.convert import ops
+from qatkit.convert.pack import pack
+from qatkit.errors import QatkitError
+from qatkit.nn import QConv, QLayer
+from qatkit.quantizer import FakeQuantizer
+
+
+def _quant_fields(q: FakeQuantizer, tensors: dict, key: str) -> dict:
+    scale, zp = q.qparams()
+    tensors[f"{key}.scale"] = scale.float().contiguous()
+    qmin, qmax = q.qrange
+    return {"scale": {"tensor": f"{key}.scale"}, "zero_point": int(zp), "qmin": qmin, "qmax": qmax}
+
+
+class _Writer:
+    def __init__(self, gm: fx.GraphModule):
+        self.gm = gm
+        self.modules = dict(gm.named_modules())
+        self.nodes: list[dict] = []
+        self.tensors: dict[str, torch.Tensor] = {}
+
+    def arg(self, a):
+        if isinstance(a, fx.Node):
+            return {"node": a.name}
+        if isinstance(a, (list, tuple)):
+            return [self.arg(x) for x in a]
+        if isinstance(a, slice):
+            return {"slice": [a.start, a.stop, a.step]}
+        if a is None or isinstance(a, (bool, int, float, str)):
+            return a
+        raise QatkitError(f"argument {a!r} of type {type(a).__name__} cannot be stored in an integer model file. "
+                          "Fix: compute it inside the model from tensors and ints")
+
+    def tensor(self, key: str, t: torch.Tensor) -> dict:
+        self.tensors[key] = t.detach().contiguous()
+        return {"tensor": key}
+
+    def write(self) -> tuple[list[dict], dict[str, torch.Tensor]]:
+        for node in self.gm.graph.nodes:
+            entry = getattr(self, f"_{node.op}")(node)
+            if entry is not None:
+                self.nodes.append({"name": node.name, **entry})
+        return self.nodes, self.tensors
+
+    def _placeholder(self, node):
+        return {"op": "input"}
+
+    def _output(self, node):
+        return {"op": "output", "args": [self.arg(node.args[0])]}
+
+    def _get_attr(self, node):
+        value = self._resolve(node.target)
+        if isinstance(value, FakeQuantizer):
+            return None  # a quantizer handed to a layer: its parameters are written with the layer
+        return {"op": "constant", "value": self.tensor(node.target, value)}
+
+    def _resolve(self, target: str):
+        obj = self.gm
+        for part in target.split("."):
+            obj = getattr(obj, part)
+        return obj
+
+    def _call_function(self, node):
+        name = ops.NAME_OF.get(node.target)
+        if name is None or (node.target is getattr and node.args[1] != "shape"):
+            raise QatkitError(f"function {getattr(node.target, '__name__', node.target)!r} (node '{node.name}') has no "
+                              "integer-model form. Fix: express it with torch ops such as reshape/matmul/softmax")
+        return {"op": "call", "fn": name, "args": self.arg(node.args), "kwargs": {k: self.arg(v) for k, v in node.kwargs.items()}}
+
+    def _call_method(self, node):
+        if node.target not in ops.METHODS:
+            raise QatkitError(f"tensor method {node.target!r} (node '{node.name}') has no integer-model form. "
+                              f"Fix: use one of {', '.join(sorted(ops.METHODS))}")
+        return {"op": "call", "fn": node.target, "method": True, "args": self.arg(node.args), "kwargs": {k: self.arg(v) for k, v in node.kwargs.items()}}
+
+    def _call_module(self, node):
+        m = self.modules[node.target]
+        if isinstance(m, FakeQuantizer):
+            return {"op": "quantize", "args": [self.arg(node.args[0])], **_quant_fields(m, self.tensors, node.target)}
+        if isinstance(m, QLayer):
+            return self._qlayer(node, m)
+        if isinstance(m, ops.IDENTITY_MODULES):
+            return {"op": "call", "fn": "identity", "args": [self.arg(node.args[0])], "kwargs": {}}
+        spec = ops.MODULES.get(type(m))
+        if spec is None:
+            raise QatkitError(f"module '{node.target}' ({type(m).__name__}) has no integer-model form. "
+                              "Fix: leave it out of the model or replace it by a supported layer")
+        fn, params, kwargs = spec
+        kw = {p: (None if getattr(m, p) is None else self.tensor(f"{node.target}.{p}", getattr(m, p))) for p in params}
+        kw.update({k: self.arg(v) for k, v in kwargs(m).items()})
+        return {"op": "call", "fn": ops.NAME_OF[fn], "args": self.arg(node.args), "kwargs": kw}
+
+    def _qlayer(self, node, m: QLayer):
+        in_q = m.input_quant or (self._resolve(node.args[1].target) if len(node.args) > 1 else None)
+        if in_q is None or not in_q.active or not m.weight_quant.spec.symmetric:
+            raise QatkitError(f"layer '{node.target}' is not calibrated or not symmetric. Fix: run qatkit.calibrate first")
+        key = node.target
+        w, b = m.folded()
+        codes = m.weight_quant.codes(w)
+        bits = int(m.weight_quant.bits)
+        s_in, _ = in_q.qparams()
+        s_w, _ = m.weight_quant.qparams()
+        entry = {"op": "qlayer", "kind": "conv" if isinstance(m, QConv) else "linear",
+                 "args": [self.arg(node.args[0])], "act": m.act, "bits": bits, "shape": list(w.shape),
+                 "weight": self.tensor(f"{key}.weight", pack(codes, bits)),
+                 "weight_scale": self.tensor(f"{key}.weight_scale", s_w.float()),
+                 "input": _quant_fields(in_q, self.tensors, f"{key}.input"),
+                 "bias": None if b is None else self.tensor(f"{key}.bias", kernels.bias_codes(b, s_in * s_w).to(torch.int32)),
+                 "output": None if m.out_quant is None else _quant_fields(m.out_quant, self.tensors, f"{key}.output")}
+        if isinstance(m, QConv):
+            entry.update(dim=m.dim, stride=list(m.stride), padding=list(m.padding), dilation=list(m.dilation), groups=m.groups)
+        return entry
+
+
+def to_ir(gm: fx.GraphModule) -> tuple[list[dict], dict[str, torch.Tensor]]:
+    """Graph nodes and tensors of the integer model of a prepared QAT GraphModule (eval mode)."""
+    return _Writer(gm).write()
+

@@ -1,0 +1,62 @@
+"""The closed set of operations an integer model file may name, shared by the writer and the runtime.
+
+A file can only call what is listed here: loading never imports or runs anything named by the file.
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_FUNCTIONS = [
+    operator.add, operator.sub, operator.mul, operator.truediv, operator.matmul, operator.getitem, operator.neg,
+    operator.iadd, getattr,
+    torch.add, torch.sub, torch.mul, torch.matmul, torch.cat, torch.flatten, torch.reshape, torch.transpose,
+    torch.permute, torch.squeeze, torch.unsqueeze, torch.relu, torch.sigmoid, torch.tanh, torch.softmax,
+    torch.mean, torch.sum, torch.sqrt, torch.exp,
+    F.relu, F.relu6, F.gelu, F.silu, F.sigmoid, F.softmax, F.layer_norm, F.embedding, F.batch_norm, F.linear,
+    F.conv1d, F.conv2d, F.max_pool1d, F.max_pool2d, F.avg_pool1d, F.avg_pool2d, F.adaptive_avg_pool1d,
+    F.adaptive_avg_pool2d, F.dropout,
+]
+FUNCTIONS = {f"{getattr(fn, '__module__', None) or 'builtins'}.{fn.__name__}": fn for fn in _FUNCTIONS}
+NAME_OF = {fn: name for name, fn in FUNCTIONS.items()}
+METHODS = {"view", "reshape", "permute", "transpose", "flatten", "contiguous", "softmax", "mean", "sum", "size",
+           "relu", "sigmoid", "unsqueeze", "squeeze", "expand", "mul", "add", "matmul", "dim"}
+# Ops applied to integer codes directly: they keep values on the grid (ReLU handled with the zero point).
+CODE_PRESERVING = {NAME_OF[f] for f in (torch.flatten, torch.reshape, torch.transpose, torch.permute, torch.squeeze,
+                                        torch.unsqueeze, F.max_pool1d, F.max_pool2d, operator.getitem)} | {
+    "view", "reshape", "permute", "transpose", "flatten", "contiguous", "squeeze", "unsqueeze", "identity"}
+RELU = {NAME_OF[torch.relu], NAME_OF[F.relu], "relu"}
+
+
+def _pool_kwargs(m):
+    return dict(kernel_size=m.kernel_size, stride=m.stride, padding=m.padding)
+
+
+# Module type -> (function, parameter/buffer names passed as keywords of the same name, other keywords).
+MODULES = {
+    nn.MaxPool1d: (F.max_pool1d, (), lambda m: dict(_pool_kwargs(m), dilation=m.dilation, ceil_mode=m.ceil_mode)),
+    nn.MaxPool2d: (F.max_pool2d, (), lambda m: dict(_pool_kwargs(m), dilation=m.dilation, ceil_mode=m.ceil_mode)),
+    nn.AvgPool1d: (F.avg_pool1d, (), lambda m: dict(_pool_kwargs(m), ceil_mode=m.ceil_mode, count_include_pad=m.count_include_pad)),
+    nn.AvgPool2d: (F.avg_pool2d, (), lambda m: dict(_pool_kwargs(m), ceil_mode=m.ceil_mode, count_include_pad=m.count_include_pad)),
+    nn.AdaptiveAvgPool1d: (F.adaptive_avg_pool1d, (), lambda m: dict(output_size=m.output_size)),
+    nn.AdaptiveAvgPool2d: (F.adaptive_avg_pool2d, (), lambda m: dict(output_size=m.output_size)),
+    nn.Flatten: (torch.flatten, (), lambda m: dict(start_dim=m.start_dim, end_dim=m.end_dim)),
+    nn.ReLU: (F.relu, (), lambda m: {}),
+    nn.ReLU6: (F.relu6, (), lambda m: {}),
+    nn.Sigmoid: (torch.sigmoid, (), lambda m: {}),
+    nn.Tanh: (torch.tanh, (), lambda m: {}),
+    nn.SiLU: (F.silu, (), lambda m: {}),
+    nn.GELU: (F.gelu, (), lambda m: dict(approximate=m.approximate)),
+    nn.Softmax: (F.softmax, (), lambda m: dict(dim=m.dim)),
+    nn.LayerNorm: (F.layer_norm, ("weight", "bias"), lambda m: dict(normalized_shape=m.normalized_shape, eps=m.eps)),
+    nn.Embedding: (F.embedding, ("weight",), lambda m: dict(padding_idx=m.padding_idx)),
+    nn.BatchNorm1d: (F.batch_norm, ("running_mean", "running_var", "weight", "bias"), lambda m: dict(eps=m.eps)),
+    nn.BatchNorm2d: (F.batch_norm, ("running_mean", "running_var", "weight", "bias"), lambda m: dict(eps=m.eps)),
+    nn.Linear: (F.linear, ("weight", "bias"), lambda m: {}),
+    nn.Conv1d: (F.conv1d, ("weight", "bias"), lambda m: dict(stride=m.stride, padding=m.padding, dilation=m.dilation, groups=m.groups)),
+    nn.Conv2d: (F.conv2d, ("weight", "bias"), lambda m: dict(stride=m.stride, padding=m.padding, dilation=m.dilation, groups=m.groups)),
+}
+IDENTITY_MODULES = (nn.Dropout, nn.Identity)

@@ -1,0 +1,140 @@
+"""IntegerModel: runs an integer model graph (see ir.py) in PyTorch.
+
+Quantized values flow as integer codes with their (scale, zero point); conv/linear accumulate
+exactly and requantize through `qatkit.kernels`, the code the QAT model's eval forward runs, so the
+two compute the same integers. Float ops (softmax, LayerNorm, ...) see dequantized values.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qatkit import kernels
+from qatkit.convert import ops
+from qatkit.convert.pack import unpack
+
+_CONV = {1: F.conv1d, 2: F.conv2d}
+
+
+@dataclass
+class QValue:
+    """Integer codes (float tensor holding integers) with their quantization parameters."""
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero_point: int
+
+    def dequantize(self) -> torch.Tensor:
+        return (self.codes - self.zero_point) * self.scale
+
+
+def _dequantize(v):
+    if isinstance(v, QValue):
+        return v.dequantize()
+    if isinstance(v, (list, tuple)):
+        return type(v)(_dequantize(x) for x in v)
+    return v
+
+
+class IntegerModel(nn.Module):
+    """The deployable integer model: graph nodes (plain data) + tensors (int8/packed weights, scales)."""
+
+    def __init__(self, nodes: list[dict], tensors: dict[str, torch.Tensor], meta: dict | None = None):
+        super().__init__()
+        self.nodes, self.meta = nodes, dict(meta or {})
+        self._keys = {key: f"t{i}" for i, key in enumerate(tensors)}  # buffer names may not contain dots
+        for key, t in tensors.items():
+            self.register_buffer(self._keys[key], t)
+        self._weights = {}  # unpacked weight codes per layer, built on first use
+
+    def tensor(self, key: str) -> torch.Tensor:
+        return getattr(self, self._keys[key])
+
+    def named_tensors(self) -> dict[str, torch.Tensor]:
+        return {key: self.tensor(key) for key in self._keys}
+
+    def _arg(self, a, env):
+        if isinstance(a, dict):
+            if "node" in a:
+                return env[a["node"]]
+            if "tensor" in a:
+                return self.tensor(a["tensor"])
+            if "slice" in a:
+                return slice(*a["slice"])
+            return {k: self._arg(v, env) for k, v in a.items()}
+        if isinstance(a, list):
+            return [self._arg(x, env) for x in a]
+        return a
+
+    @torch.no_grad()
+    def forward(self, *inputs: torch.Tensor):
+        env, feed = {}, iter(inputs)
+        for node in self.nodes:
+            op = node["op"]
+            if op == "input":
+                env[node["name"]] = next(feed)
+            elif op == "output":
+                return _dequantize(self._arg(node["args"][0], env))
+            elif op == "constant":
+                env[node["name"]] = self._arg(node["value"], env)
+            elif op == "quantize":
+                env[node["name"]] = self._quantize(node, _dequantize(self._arg(node["args"][0], env)))
+            elif op == "qlayer":
+                env[node["name"]] = self._qlayer(node, self._arg(node["args"][0], env))
+            else:
+                env[node["name"]] = self._call(node, self._arg(node["args"], env), self._arg(node["kwargs"], env))
+        raise AssertionError("graph has no output node")
+
+    def _quantize(self, node, x: torch.Tensor) -> QValue:
+        scale = self.tensor(node["scale"]["tensor"])
+        codes = torch.clamp(torch.round(x / scale) + node["zero_point"], node["qmin"], node["qmax"])
+        return QValue(codes, scale, node["zero_point"])
+
+    def _weight_codes(self, node) -> torch.Tensor:
+        name = node["name"]
+        if name not in self._weights:
+            self._weights[name] = unpack(self.tensor(node["weight"]["tensor"]), node["bits"], tuple(node["shape"])).double()
+        return self._weights[name]
+
+    def _qlayer(self, node, x) -> QValue | torch.Tensor:
+        if not isinstance(x, QValue):
+            x = self._quantize(node["input"], x)
+        s_in, s_w = self.tensor(node["input"]["scale"]["tensor"]), self.tensor(node["weight_scale"]["tensor"])
+        q_b = None if node["bias"] is None else self.tensor(node["bias"]["tensor"]).double()
+        centered = (x.codes - x.zero_point).double()
+        if node["kind"] == "conv":
+            acc = _CONV[node["dim"]](centered, self._weight_codes(node), q_b, node["stride"], node["padding"],
+                                     node["dilation"], node["groups"])
+            axis = 1
+        else:
+            acc, axis = F.linear(centered, self._weight_codes(node), q_b), -1
+        out = node["output"]
+        if out is None:
+            return kernels.dequantize_acc(acc, s_in * s_w, node["act"], axis)
+        s_out, z_out = self.tensor(out["scale"]["tensor"]), torch.tensor(float(out["zero_point"]))
+        lo, hi = kernels.activation_bounds(node["act"], s_out, z_out, out["qmin"], out["qmax"])
+        codes = kernels.requantize(acc, kernels.multiplier(s_in, s_w, s_out), z_out, lo, hi, axis)
+        return QValue(codes, s_out, out["zero_point"])
+
+    def _call(self, node, args: list, kwargs: dict):
+        name, x = node["fn"], args[0] if args else None
+        if name == "identity":
+            return x
+        if isinstance(x, QValue) and name in ops.RELU:
+            return QValue(torch.clamp(x.codes, min=x.zero_point), x.scale, x.zero_point)
+        if isinstance(x, QValue) and name in ops.CODE_PRESERVING:
+            return QValue(self._invoke(node, [x.codes, *args[1:]], kwargs), x.scale, x.zero_point)
+        if isinstance(x, QValue) and name == ops.NAME_OF[getattr]:
+            return getattr(x.codes, args[1])
+        return self._invoke(node, _dequantize(args), _dequantize(kwargs))
+
+    @staticmethod
+    def _invoke(node, args, kwargs):
+        if node.get("method"):
+            return getattr(args[0], node["fn"])(*args[1:], **kwargs)
+        if node["fn"] == ops.NAME_OF[torch.nn.functional.dropout]:
+            return args[0]
+        return ops.FUNCTIONS[node["fn"]](*args, **kwargs)
