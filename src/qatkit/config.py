@@ -43,7 +43,7 @@ class QuantSpec:
     signed: bool = True  # int (True) or uint (False) codes
     per_channel: bool = False
     axis: int = 0  # channel axis when per_channel
-    narrow: bool = False  # drop the most negative code: [-127, 127] for int8
+    narrow: bool = False  # one code fewer: [-127, 127] for int8 (symmetric), [0, 2^b - 2] unsigned
     init: str = "mse"  # range initialisation: minmax | percentile | mse
     learnable: bool = True  # scale (and asymmetric zero point) trained by LSQ
 

@@ -85,12 +85,16 @@ class FakeQuantizer(nn.Module):
 
     def quant_error(self, x: torch.Tensor) -> torch.Tensor:
         """Δ = x - x̂ with its exact almost-everywhere gradient: the integer codes are piecewise
-        constant, so dΔ/dx = 1 and dΔ/ds = -(q - z). (The STE would give dΔ/dx = 0 inside the range.)"""
+        constant, so dΔ/dx = 1, dΔ/ds = -(q - z), and dΔ/dz = s where the codes are clamped, 0 elsewhere
+        (the STE would give dΔ/dx = 0 inside the range)."""
         if not self.initialized:
             self.init_from(x)
         scale, zp = self._scale_zp()
-        codes = quantize_codes(x.detach(), scale.detach(), zp.detach(), *self.qrange, self.axis)
-        return x - (codes - per_channel_view(zp, x, self.axis)) * per_channel_view(scale, x, self.axis)
+        qmin, qmax = self.qrange
+        s, z = per_channel_view(scale, x, self.axis), per_channel_view(zp, x, self.axis)
+        codes = torch.round(x.detach() / s.detach()) + z.detach()
+        clamped = (codes < qmin) | (codes > qmax)
+        return x - (torch.clamp(codes, qmin, qmax) - torch.where(clamped, z, z.detach())) * s
 
     # ---- range initialisation -------------------------------------------------------------------
     @torch.no_grad()
@@ -146,10 +150,14 @@ class FakeQuantizer(nn.Module):
         self.spec = dataclasses.replace(self.spec, bits=check_bits(bits))
         self.bits.fill_(bits)
         qmin, qmax = self.qrange
-        if self.initialized:
-            ratio = (old_max - old_min) / (qmax - qmin)
-            self.scale.mul_(ratio)
-            self.zero_point.copy_(torch.clamp(torch.round(qmin + (self.zero_point - old_min) / ratio), qmin, qmax))
+        if not self.initialized:
+            return
+        if self.spec.symmetric:  # z stays 0: keep the largest representable magnitude
+            self.scale.mul_(old_max / qmax)
+            return
+        ratio = (old_max - old_min) / (qmax - qmin)
+        self.scale.mul_(ratio)
+        self.zero_point.copy_(torch.clamp(torch.round(qmin + (self.zero_point - old_min) / ratio), qmin, qmax))
 
     def extra_repr(self) -> str:
         s = self.spec

@@ -1,0 +1,172 @@
+"""`qatkit` command line: run | train | convert | eval.
+
+Flags override a `--config file.yaml` (read with yaml.safe_load), which overrides the defaults.
+Usage errors (bad flags, values, paths, files) print one line and exit with code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from qatkit.config import load_yaml, qat_config_from_dict, to_dict, train_config_from_dict
+from qatkit.errors import ConfigError, DataError, ModelFileError, QatkitError, bad_value
+
+_RUN_KEYS = ("dataset", "data", "model", "weight_bits", "act_bits", "limit", "float_epochs", "float_lr", "qat", "train")
+
+
+def _common(p: argparse.ArgumentParser, *, many_bits: bool) -> None:
+    nargs = "+" if many_bits else None
+    p.add_argument("--config", help="YAML file with run options (keys: %s)" % ", ".join(_RUN_KEYS))
+    p.add_argument("--dataset", help="digits (default, embedded) | mnist | cifar10 | folder")
+    p.add_argument("--data", help="path of the dataset (mnist, cifar10, folder)")
+    p.add_argument("--model", help="small-cnn (default) | seed-mlp | resnet20 | resnet18 | mobilenetv2 | tiny-transformer")
+    p.add_argument("--weight-bits", type=int, nargs=nargs, help="weight bit-width(s), 2..8")
+    p.add_argument("--act-bits", type=int, nargs=nargs, help="activation bit-width(s), 2..8, one per weight bit-width")
+    p.add_argument("--epochs", type=int, help="QAT epochs")
+    p.add_argument("--float-epochs", type=int, help="float training epochs")
+    p.add_argument("--seed", type=int, help="random seed (default 0)")
+    p.add_argument("--device", help="cpu (default) | cuda | cuda:N")
+    p.add_argument("--limit", type=int, help="use only the first N samples of each split")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qatkit", description="Quantization-aware training to a packed integer model.")
+    sub = parser.add_subparsers(dest="command", metavar="{run,train,convert,eval}")
+    p = sub.add_parser("run", help="float → PTQ and QAT per bit-width → integer models, results.json, report.md")
+    _common(p, many_bits=True)
+    p.add_argument("--out", help="output folder (default: runs/<time>-<model>-<dataset>); must be new or empty")
+    p = sub.add_parser("train", help="train float, then QAT at one bit-width; writes float.safetensors and qat_*.ckpt")
+    _common(p, many_bits=False)
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--resume", action="store_true", help="continue the QAT run in --out from its last checkpoint")
+    p = sub.add_parser("convert", help="QAT checkpoint (qat_*.ckpt) → integer model file (.safetensors)")
+    p.add_argument("checkpoint")
+    p.add_argument("--out", help="output file (default: the checkpoint's name with .safetensors)")
+    p = sub.add_parser("eval", help="accuracy of an integer model file or a QAT checkpoint on a test split")
+    p.add_argument("model_file")
+    p.add_argument("--dataset", help="default: the one the model was trained on")
+    p.add_argument("--data", help="path of the dataset")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    return parser
+
+
+def run_config_from(args: argparse.Namespace):
+    """Defaults ← YAML ← flags, validated into a RunConfig."""
+    from qatkit.pipeline import RunConfig
+
+    data = load_yaml(args.config) if args.config else {}
+    unknown = sorted(set(data) - set(_RUN_KEYS))
+    if unknown:
+        raise bad_value("--config key", unknown[0], ", ".join(_RUN_KEYS), "remove or correct the key")
+    default = RunConfig()
+    train = {**to_dict(default.train), **(data.get("train") or {})}
+    qat = {**to_dict(default.qat), **(data.get("qat") or {})}
+    for flag, key in (("epochs", "epochs"), ("seed", "seed"), ("device", "device")):
+        if getattr(args, flag) is not None:
+            train[key] = getattr(args, flag)
+    if args.quiet:
+        train["progress"] = False
+    top = {k: data[k] for k in _RUN_KEYS[:8] if k in data}
+    for flag in ("dataset", "data", "model", "limit", "float_epochs"):
+        if getattr(args, flag) is not None:
+            top[flag] = getattr(args, flag)
+    for flag in ("weight_bits", "act_bits"):
+        value = getattr(args, flag)
+        if value is not None:
+            top[flag] = value if isinstance(value, list) else [value]
+        elif flag in top and isinstance(top[flag], int):
+            top[flag] = [top[flag]]
+    if "weight_bits" in top and "act_bits" not in top:
+        top["act_bits"] = top["weight_bits"]
+    if "act_bits" in top and "weight_bits" not in top:
+        top["weight_bits"] = top["act_bits"]
+    return RunConfig(**top, qat=qat_config_from_dict(qat), train=train_config_from_dict(train))
+
+
+def _cmd_run(args) -> int:
+    from qatkit.pipeline import run
+
+    config = run_config_from(args)
+    out = args.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}-{config.model}-{config.dataset}"
+    results = run(config, out)
+    print(f"[qatkit] wrote {out}/results.json, report.md and the model files ({results['seconds']} s)")
+    return 0
+
+
+def _cmd_train(args) -> int:
+    from qatkit.data import load_dataset
+    from qatkit.pipeline import quantize, train_float
+
+    config = run_config_from(args)
+    if len(config.weight_bits) != 1:
+        raise bad_value("--weight-bits", list(config.weight_bits), "one bit-width for train", "pass one value, or use qatkit run")
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.resume:
+        raise ConfigError(f"--out {str(out)!r} exists and is not empty; allowed: a new folder, or --resume. "
+                          "Fix: pass another --out or add --resume")
+    out.mkdir(parents=True, exist_ok=True)
+    ds = load_dataset(config.dataset, config.data, limit=config.limit)
+    float_model = train_float(config, ds, out, resume=args.resume)
+    quantize(config, ds, float_model, config.weight_bits[0], config.act_bits[0], out, train=True, resume=args.resume)
+    print(f"[qatkit] wrote {out}/qat_w{config.weight_bits[0]}a{config.act_bits[0]}.ckpt")
+    return 0
+
+
+def _cmd_convert(args) -> int:
+    from qatkit.pipeline import rebuild_qat, save_integer
+
+    model, recipe = rebuild_qat(args.checkpoint)
+    out = Path(args.out or Path(args.checkpoint).with_suffix(".safetensors"))
+    size = save_integer(model, recipe, out)
+    print(f"[qatkit] wrote {out} ({size:,} bytes)")
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    from qatkit.convert import load
+    from qatkit.data import BatchLoader, load_dataset
+    from qatkit.pipeline import rebuild_qat
+    from qatkit.train import evaluate
+
+    path = Path(args.model_file)
+    if path.suffix == ".ckpt":
+        model, recipe = rebuild_qat(path)
+    else:
+        model = load(path)
+        recipe = model.meta.get("recipe") or {}
+    dataset = args.dataset or recipe.get("dataset")
+    if dataset is None:
+        raise bad_value("--dataset", None, "a dataset name", "pass --dataset (the model file does not name one)")
+    ds = load_dataset(dataset, args.data)
+    mean, std = recipe.get("mean", ds.mean), recipe.get("std", ds.std)
+    result = evaluate(model, BatchLoader(ds.test, batch_size=256, mean=mean, std=std, shuffle=False))
+    print(json.dumps(result) if args.json else f"[qatkit] {path.name} on {dataset} test: accuracy {result['accuracy']:.4f} (n={result['n']})")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    handler = {"run": _cmd_run, "train": _cmd_train, "convert": _cmd_convert, "eval": _cmd_eval}[args.command]
+    try:
+        return handler(args)
+    except (ConfigError, DataError, ModelFileError) as e:
+        print(f"qatkit {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except QatkitError as e:
+        print(f"qatkit {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"qatkit {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,184 @@
+"""The whole chain with defaults, as `qatkit run` / `train` / `convert` / `eval` run it.
+
+run: float training → PTQ (calibration only) and QAT per bit-width → integer model files →
+results.json, report.md and a plot, written into a `.partial` folder that is renamed into place only
+when everything succeeded, so a failed run leaves nothing half-written.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from qatkit.calibrate import calibrate
+from qatkit.config import QATConfig, TrainConfig, qat_config_from_dict, to_dict
+from qatkit.convert import convert, load, save
+from qatkit.data import BatchLoader, ImageDataset, load_dataset
+from qatkit.errors import ConfigError, ModelFileError, bad_value
+from qatkit.models import build_model
+from qatkit.prepare import prepare
+from qatkit.report import describe, results_table, write_report
+from qatkit.report.plots import plot_accuracy_vs_bits
+from qatkit.train import evaluate, fit, load_checkpoint, save_checkpoint
+
+EVAL_BATCH = 256
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    """Everything `qatkit run` does; `train` is the QAT fine-tune, float training its own fields."""
+
+    dataset: str = "digits"
+    data: str | None = None
+    model: str = "small-cnn"
+    weight_bits: tuple[int, ...] = (8, 4)
+    act_bits: tuple[int, ...] = (8, 4)
+    limit: int | None = None  # use only the first N samples of each split (quick runs)
+    float_epochs: int = 30
+    float_lr: float = 3e-3
+    qat: QATConfig = field(default_factory=QATConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=12, lr=1e-3, distill=0.5, bn_freeze_epoch=8))
+
+    def __post_init__(self) -> None:
+        w, a = tuple(self.weight_bits), tuple(self.act_bits)
+        if len(w) != len(a) or not w:
+            raise bad_value("act_bits", list(a), f"one value per weight bit-width ({len(w)} values)",
+                            "pass as many --act-bits as --weight-bits")
+        for bits in w + a:  # QATConfig validates the range
+            QATConfig(weight_bits=bits)
+        object.__setattr__(self, "weight_bits", w)
+        object.__setattr__(self, "act_bits", a)
+        if self.limit is not None and (not isinstance(self.limit, int) or self.limit < 1):
+            raise bad_value("limit", self.limit, "an integer >= 1", "pass --limit 1 or more")
+
+    @property
+    def float_train(self) -> TrainConfig:
+        return dataclasses.replace(self.train, epochs=self.float_epochs, lr=self.float_lr, distill=0.0,
+                                   bn_freeze_epoch=None, scale_lr=None)
+
+
+def _recipe(config: RunConfig, ds: ImageDataset, qat: QATConfig | None) -> dict:
+    """What it takes to rebuild the model from plain data (stored in checkpoints and model files)."""
+    return {"model": config.model, "dataset": ds.name, "num_classes": ds.num_classes, "in_channels": ds.in_channels,
+            "image_size": ds.image_size, "mean": list(ds.mean), "std": list(ds.std),
+            "qat": None if qat is None else to_dict(qat)}
+
+
+def _loaders(ds: ImageDataset, train: TrainConfig):
+    common = dict(mean=ds.mean, std=ds.std)
+    return (BatchLoader(ds.train, batch_size=train.batch_size, shuffle=True, seed=train.seed, augment=train.augment, **common),
+            BatchLoader(ds.train, batch_size=train.batch_size, shuffle=True, seed=train.seed + 1, **common),
+            BatchLoader(ds.test, batch_size=EVAL_BATCH, shuffle=False, **common))
+
+
+def train_float(config: RunConfig, ds: ImageDataset, out: Path, resume: bool = False) -> nn.Module:
+    torch.manual_seed(config.train.seed)
+    model = build_model(config.model, num_classes=ds.num_classes, in_channels=ds.in_channels, image_size=ds.image_size)
+    train_loader, _, test_loader = _loaders(ds, config.train)
+    fit(model, train_loader, config.float_train, val_loader=test_loader, checkpoint_dir=out / "checkpoints" / "float",
+        resume=resume)
+    return model
+
+
+def quantize(config: RunConfig, ds: ImageDataset, float_model: nn.Module, weight_bits: int, act_bits: int,
+             out: Path, *, train: bool, resume: bool = False) -> nn.Module:
+    """PTQ (train=False: calibration only) or QAT from the float model, at one bit-width."""
+    qcfg = dataclasses.replace(config.qat, weight_bits=weight_bits, act_bits=act_bits)
+    train_loader, calib_loader, test_loader = _loaders(ds, config.train)
+    model = prepare(float_model, qcfg, next(iter(test_loader))[0][:2])
+    calibrate(model, calib_loader, config.train.calib_batches)
+    if train:
+        name = f"qat_w{weight_bits}a{act_bits}"
+        fit(model, train_loader, config.train, val_loader=test_loader, teacher=float_model,
+            error_penalty=qcfg.error_penalty, checkpoint_dir=out / "checkpoints" / name, resume=resume)
+        save_checkpoint(out / f"{name}.ckpt", {"model": model.state_dict(), "recipe": _recipe(config, ds, qcfg)})
+    return model
+
+
+def rebuild_qat(checkpoint: str | os.PathLike) -> tuple[nn.Module, dict]:
+    """The QAT model saved by `quantize` (train=True), from its checkpoint's recipe and weights."""
+    state = load_checkpoint(checkpoint)
+    recipe = state.get("recipe")
+    if not isinstance(recipe, dict) or recipe.get("qat") is None:
+        raise ModelFileError(f"checkpoint {str(checkpoint)!r} has no QAT recipe. Fix: pass a qat_*.ckpt written by qatkit train/run")
+    model = build_model(recipe["model"], num_classes=recipe["num_classes"], in_channels=recipe["in_channels"],
+                        image_size=recipe["image_size"])
+    qat = prepare(model, qat_config_from_dict(recipe["qat"]))
+    try:
+        qat.load_state_dict(state["model"])
+    except RuntimeError as e:
+        raise ModelFileError(f"checkpoint {str(checkpoint)!r} does not match its recipe ({str(e).splitlines()[0]}). "
+                             "Fix: use the checkpoint with the qatkit version that wrote it") from None
+    return qat, recipe
+
+
+def save_integer(model: nn.Module, recipe: dict, path: Path) -> int:
+    integer = convert(model)
+    integer.meta["recipe"] = recipe
+    save(integer, path)
+    return path.stat().st_size
+
+
+def _row(method: str, w: int, a: int, accuracy: float, path: Path, seconds: float, **extra) -> dict:
+    return {"method": method, "weight_bits": w, "act_bits": a, "accuracy": accuracy,
+            "model_bytes": path.stat().st_size, "file": path.name, "seconds": round(seconds, 2), **extra}
+
+
+def run(config: RunConfig, out: str | os.PathLike, *, log=print) -> dict:
+    """The whole pipeline; returns results.json's content. `out` must not exist or be empty."""
+    final = Path(out)
+    if final.exists() and any(final.iterdir()):
+        raise ConfigError(f"--out {str(final)!r} exists and is not empty; allowed: a new or empty folder. "
+                          "Fix: pass another --out or remove the folder")
+    work = final.with_name(final.name + ".partial")
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    try:
+        results = _run(config, work, log)
+        if final.exists():
+            final.rmdir()
+        work.rename(final)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return results
+
+
+def _run(config: RunConfig, out: Path, log) -> dict:
+    t_start = time.perf_counter()
+    ds = load_dataset(config.dataset, config.data, limit=config.limit)
+    _, _, test_loader = _loaders(ds, config.train)
+    log(f"[qatkit] {config.model} on {ds.name}: {len(ds.train)} train / {len(ds.test)} test samples")
+    t = time.perf_counter()
+    float_model = train_float(config, ds, out)
+    float_path = out / "float.safetensors"
+    save_file({k: v.contiguous() for k, v in float_model.state_dict().items()}, str(float_path))
+    rows = [_row("float", 32, 32, evaluate(float_model, test_loader)["accuracy"], float_path, time.perf_counter() - t)]
+    tables = {}
+    for w, a in zip(config.weight_bits, config.act_bits):
+        for method in ("ptq", "qat"):
+            t = time.perf_counter()
+            model = quantize(config, ds, float_model, w, a, out, train=method == "qat")
+            accuracy = evaluate(model, test_loader)["accuracy"]
+            path = out / f"{method}_w{w}a{a}.safetensors"
+            save_integer(model, _recipe(config, ds, dataclasses.replace(config.qat, weight_bits=w, act_bits=a)), path)
+            integer_accuracy = evaluate(load(path), test_loader)["accuracy"]
+            rows.append(_row(method, w, a, accuracy, path, time.perf_counter() - t, integer_model_accuracy=integer_accuracy))
+            tables.setdefault(f"W{w}A{a}", describe(model))
+            log(f"[qatkit] {method} W{w}A{a}: accuracy {accuracy:.4f} (integer model file {integer_accuracy:.4f})")
+    results = {"model": config.model, "dataset": ds.name, "test_samples": len(ds.test), "rows": rows,
+               "seconds": round(time.perf_counter() - t_start, 1), "threads": torch.get_num_threads(),
+               "config": json.loads(json.dumps(to_dict(config), default=str))}
+    (out / "results.json").write_text(json.dumps(results, indent=2), encoding="utf-8")
+    plot = plot_accuracy_vs_bits(rows, out / "accuracy_vs_bits.png", f"{config.model} / {ds.name}")
+    write_report(out / "report.md", results=results, quant_tables=tables, plot=plot.name)
+    log(results_table(rows))
+    return results

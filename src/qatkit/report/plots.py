@@ -1,0 +1,30 @@
+"""Plots (PNG, matplotlib without a display)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def plot_accuracy_vs_bits(rows: list[dict], path: Path, title: str) -> Path:
+    """Accuracy per weight/activation bit-width for each method, with the float accuracy as a line."""
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for row in rows:
+        if row["method"] == "float":
+            ax.axhline(row["accuracy"], color="k", linestyle="--", label="float")
+    for method, marker in (("ptq", "s"), ("qat", "o")):
+        pts = sorted((r["weight_bits"], r["accuracy"]) for r in rows if r["method"] == method)
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, label=method.upper())
+    ax.set_xlabel("bits (weights = activations)")
+    ax.set_ylabel("test accuracy")
+    ax.set_title(title)
+    ax.invert_xaxis()
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

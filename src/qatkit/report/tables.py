@@ -1,0 +1,35 @@
+"""Plain-text tables: what prepare quantized, and the results of a run."""
+from __future__ import annotations
+
+from torch import nn
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    """A Markdown table (readable as plain text too)."""
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
+    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+    return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
+
+
+def describe(qat_model: nn.Module) -> str:
+    """What was quantized and how: one row per layer, then the activation quantizers and float ops."""
+    info = getattr(qat_model, "qat_info", None)
+    if info is None:
+        return "not a qatkit QAT model (no qat_info): call qatkit.prepare first"
+    rows = [[r["name"], r["type"], f"W{r['weight_bits']}", "per-channel" if r["per_channel"] else "per-tensor",
+             f"A{r['act_bits']}", "yes" if r["bn_folded"] else "no", r["act"] or "-", r["output"]] for r in info.layers]
+    text = _table(["layer", "type", "weight", "granularity", "input", "BN folded", "fused act", "output"], rows)
+    text += f"\n\nactivation quantizers added: {', '.join(info.act_quantizers) or 'none'}"
+    text += f"\nfloat ops (no integer kernel, run on dequantized values): {', '.join(info.float_ops) or 'none'}"
+    if info.untraced:
+        text += f"\nnot traced (own code in float, layers quantized by module swap): {'; '.join(info.untraced)}"
+    return text
+
+
+def results_table(rows: list[dict]) -> str:
+    """The run's summary: method, bits, accuracy, bytes and size relative to float."""
+    float_bytes = next((r["model_bytes"] for r in rows if r["method"] == "float"), None)
+    body = [[r["method"], f"W{r['weight_bits']}A{r['act_bits']}" if r["method"] != "float" else "fp32",
+             f"{r['accuracy']:.4f}", f"{r['model_bytes']:,}",
+             f"{r['model_bytes'] / float_bytes:.3f}" if float_bytes else "-"] for r in rows]
+    return _table(["method", "bits", "accuracy", "bytes", "ratio to float"], body)

@@ -1,0 +1,248 @@
+"""The training loop: `fit` trains a float or QAT model; `evaluate` measures accuracy and loss.
+
+One optimizer with three parameter groups (weights with decay; biases/norms without; quantizer
+scales and zero points at their own lr, without decay), a per-step warmup + cosine schedule,
+cross-entropy plus optional distillation from a float teacher and the quantization-error penalty.
+Each epoch e starts from torch.manual_seed(seed + e) and loader.set_epoch(e), and `last.ckpt` holds
+everything else that carries over, so a run resumed at epoch k ends bit for bit where an
+uninterrupted one does. Epoch indices are 0-based (set_epoch, bn_freeze_epoch); the history and
+messages count epochs from 1 ("epoch 2/10" is index 1).
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from qatkit.config import TrainConfig, to_dict
+from qatkit.errors import ConfigError, DataError, ModelFileError, QatkitError, bad_value
+from qatkit.nn import QConvBn
+from qatkit.quantizer import FakeQuantizer
+from qatkit.regularize import quantization_error_penalty
+from qatkit.train.checkpoint import load_checkpoint, save_checkpoint
+
+CHECKPOINT_NAME = "last.ckpt"
+RESUME_FREE_FIELDS = ("progress", "device")  # the only TrainConfig fields that may change on resume
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: Iterable, device: str | torch.device = "cpu") -> dict[str, Any]:
+    """Accuracy and mean cross-entropy of `model` over (x, y) batches, in eval mode without grad."""
+    was_training = model.training
+    model.eval()
+    correct, loss_sum, n = 0, 0.0, 0
+    try:
+        for x, y in loader:
+            x, y = x.to(device), y.to(device)
+            logits = model(x)
+            loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
+            correct += (logits.argmax(1) == y).sum().item()
+            n += y.shape[0]
+    finally:
+        model.train(was_training)
+    if n == 0:
+        raise DataError("evaluation loader yielded no batches; allowed: at least one (x, y) batch. "
+                        "Fix: check the test split and --limit")
+    return {"accuracy": correct / n, "loss": loss_sum / n, "n": n}
+
+
+# ---- optimizer and schedule ---------------------------------------------------------------------
+def quantizer_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The learnable scales and zero points of every FakeQuantizer (found by type, not by name)."""
+    params = {id(p): p for m in model.modules() if isinstance(m, FakeQuantizer) for p in m.parameters(recurse=False)}
+    return list(params.values())
+
+
+def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """Groups: weights (decay), 0/1-d params like biases and norms (no decay), quantizers (scale_lr, no decay)."""
+    quant = {id(p) for p in quantizer_parameters(model)}
+    groups: dict[str, list[nn.Parameter]] = {"decay": [], "no_decay": [], "quantizers": []}
+    for p in model.parameters():
+        if p.requires_grad:
+            groups["quantizers" if id(p) in quant else "decay" if p.ndim >= 2 else "no_decay"].append(p)
+    scale_lr = config.lr if config.scale_lr is None else config.scale_lr
+    param_groups = [
+        {"name": "decay", "params": groups["decay"], "lr": config.lr, "weight_decay": config.weight_decay},
+        {"name": "no_decay", "params": groups["no_decay"], "lr": config.lr, "weight_decay": 0.0},
+        {"name": "quantizers", "params": groups["quantizers"], "lr": scale_lr, "weight_decay": 0.0},
+    ]
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(param_groups, lr=config.lr, momentum=config.momentum, nesterov=False)
+    return torch.optim.AdamW(param_groups, lr=config.lr)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, steps_per_epoch: int):
+    """Per-step factor on each group's lr: linear warmup, then cosine down to 0 after the last step."""
+    total = config.epochs * steps_per_epoch
+    warmup = config.warmup_epochs * steps_per_epoch
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return min(1.0, (step + 1) / warmup)
+        progress = min(1.0, (step - warmup) / max(total - warmup, 1))
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+# ---- one epoch ----------------------------------------------------------------------------------
+def freeze_bn(model: nn.Module) -> None:
+    """BN from now on uses running statistics: QConvBn trains its folded form, plain BN stays in eval."""
+    for m in model.modules():
+        if isinstance(m, QConvBn):
+            m.bn_frozen.fill_(True)
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+
+
+def compute_loss(model: nn.Module, logits: torch.Tensor, y: torch.Tensor, teacher_logits: torch.Tensor | None,
+                 config: TrainConfig, error_penalty: Mapping[str, float]) -> torch.Tensor:
+    loss = F.cross_entropy(logits, y)
+    if teacher_logits is not None:  # Hinton et al. 2015: (1-d)·CE + d·T²·KL(p_teacher || p_student)
+        t = config.temperature
+        kl = F.kl_div(F.log_softmax(logits / t, dim=1), F.log_softmax(teacher_logits / t, dim=1),
+                      reduction="batchmean", log_target=True)
+        loss = (1.0 - config.distill) * loss + config.distill * t * t * kl
+    if error_penalty:
+        loss = loss + quantization_error_penalty(model, error_penalty).to(loss.device)
+    return loss
+
+
+def train_epoch(model: nn.Module, loader: Iterable, optimizer, scheduler, config: TrainConfig, epoch: int,
+                steps: int, teacher: nn.Module | None, error_penalty: Mapping[str, float]) -> dict[str, float]:
+    model.train()
+    if config.bn_freeze_epoch is not None and epoch >= config.bn_freeze_epoch:
+        freeze_bn(model)
+    bar = tqdm(loader, total=steps, desc=f"epoch {epoch + 1}/{config.epochs}", disable=not config.progress,
+               leave=False, dynamic_ncols=True)
+    loss_sum, correct, n, lr = 0.0, 0, 0, optimizer.param_groups[0]["lr"]
+    for step, (x, y) in enumerate(bar):
+        x, y = x.to(config.device), y.to(config.device)
+        logits = model(x)
+        teacher_logits = None
+        if teacher is not None:
+            with torch.no_grad():
+                teacher_logits = teacher(x)
+        loss = compute_loss(model, logits, y, teacher_logits, config, error_penalty)
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):
+            bar.close()
+            raise QatkitError(f"training diverged: loss = {loss_value} at epoch {epoch + 1}/{config.epochs}, "
+                              f"step {step + 1}/{steps}; allowed: a finite loss. Fix: lower --lr (now {config.lr:g}) "
+                              "or --scale-lr, add --warmup-epochs, or check the inputs for NaN/Inf")
+        lr = optimizer.param_groups[0]["lr"]
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        loss_sum += loss_value * y.shape[0]
+        correct += (logits.argmax(1) == y).sum().item()
+        n += y.shape[0]
+        bar.set_postfix(loss=f"{loss_value:.4f}", acc=f"{correct / n:.3f}", lr=f"{lr:.2e}", refresh=False)
+    bar.close()
+    if n == 0:
+        raise DataError(f"train_loader yielded no batches in epoch {epoch + 1}; allowed: at least one (x, y) batch. "
+                        "Fix: check the training split and --limit")
+    return {"train_loss": loss_sum / n, "train_acc": correct / n, "lr": lr}
+
+
+# ---- checkpoints --------------------------------------------------------------------------------
+def _run_settings(config: TrainConfig, error_penalty: Mapping[str, float], steps: int) -> dict[str, Any]:
+    """What must be equal for a resumed run to continue the saved one exactly."""
+    settings = {k: v for k, v in to_dict(config).items() if k not in RESUME_FREE_FIELDS}
+    return {**settings, "error_penalty": dict(error_penalty), "steps_per_epoch": steps}
+
+
+def _restore(path: Path, model: nn.Module, optimizer, scheduler, settings: dict[str, Any]) -> tuple[list[dict], int]:
+    """Load `path` into model, optimizer and scheduler; return (history, next epoch index)."""
+    state = load_checkpoint(path)
+    saved = {**state.get("config", {}), "error_penalty": state.get("error_penalty"),
+             "steps_per_epoch": state.get("steps_per_epoch")}
+    for key, value in settings.items():
+        if saved.get(key) != value:
+            raise ConfigError(f"resume: {key} = {value!r} differs from {saved.get(key)!r} in checkpoint {str(path)!r}; "
+                              f"allowed: the checkpoint's value (only {' and '.join(RESUME_FREE_FIELDS)} may change). "
+                              f"Fix: set {key} back to {saved.get(key)!r}, or start a new run without --resume")
+    try:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        return list(state["history"]), int(state["epoch"])
+    except (KeyError, RuntimeError, ValueError) as e:
+        detail = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise ModelFileError(f"checkpoint {str(path)!r} does not fit this model ({detail}); allowed: a checkpoint "
+                             "of the same model and QAT settings. Fix: resume with the same --model and QAT "
+                             "config, or start without --resume") from None
+
+
+def _steps_per_epoch(loader: Iterable) -> int:
+    try:
+        steps = len(loader)  # type: ignore[arg-type]
+    except TypeError:
+        raise bad_value("train_loader", type(loader).__name__, "a re-iterable loader with len() (BatchLoader, "
+                        "DataLoader, a list of batches)", "wrap the batches in a list or use qatkit.data.BatchLoader") from None
+    if steps < 1:
+        raise DataError("train_loader has 0 batches per epoch; allowed: at least one. Fix: check the training split")
+    return steps
+
+
+# ---- fit ----------------------------------------------------------------------------------------
+def fit(model: nn.Module, train_loader: Iterable, config: TrainConfig, *, val_loader: Iterable | None = None,
+        teacher: nn.Module | None = None, error_penalty: Mapping[str, float] | None = None,
+        checkpoint_dir: str | Path | None = None, resume: bool = False) -> list[dict[str, Any]]:
+    """Train `model` (float or QAT) in place for config.epochs; return the per-epoch history.
+
+    train_loader: re-iterable (x, y) batches with len(); its set_epoch(e) is called when it has one.
+    teacher: float model for distillation, used when config.distill > 0 (eval mode, no grad).
+    error_penalty: {parameter glob: λ} for qatkit.regularize.quantization_error_penalty.
+    checkpoint_dir: `last.ckpt` is written there after every epoch; resume=True continues from it.
+    """
+    if not isinstance(config, TrainConfig):
+        raise bad_value("config", type(config).__name__, "a qatkit.config.TrainConfig", "build one with TrainConfig(...)")
+    if config.distill > 0 and teacher is None:
+        raise bad_value("distill", config.distill, "0 without a teacher model", "pass teacher=... or set distill to 0")
+    if resume and checkpoint_dir is None:
+        raise bad_value("resume", resume, "True only with checkpoint_dir", "pass checkpoint_dir=... or resume=False")
+    error_penalty = dict(error_penalty or {})
+    steps = _steps_per_epoch(train_loader)
+    model.to(config.device)
+    if teacher is not None and config.distill > 0:
+        teacher.to(config.device).eval()
+    else:
+        teacher = None
+    optimizer = build_optimizer(model, config)
+    scheduler = build_scheduler(optimizer, config, steps)
+    settings = _run_settings(config, error_penalty, steps)
+    ckpt_path = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
+    history, start = _restore(ckpt_path, model, optimizer, scheduler, settings) if resume else ([], 0)
+
+    for epoch in range(start, config.epochs):
+        t0 = time.perf_counter()
+        torch.manual_seed(config.seed + epoch)
+        if hasattr(train_loader, "set_epoch"):
+            train_loader.set_epoch(epoch)
+        row: dict[str, Any] = {"epoch": epoch + 1}
+        row.update(train_epoch(model, train_loader, optimizer, scheduler, config, epoch, steps, teacher, error_penalty))
+        if val_loader is not None:
+            row["val_accuracy"] = evaluate(model, val_loader, config.device)["accuracy"]
+        row["lr"] = row.pop("lr")  # keep the documented key order
+        row["seconds"] = time.perf_counter() - t0
+        history.append(row)
+        if config.progress:
+            val = f", val acc {row['val_accuracy']:.4f}" if "val_accuracy" in row else ""
+            tqdm.write(f"epoch {epoch + 1}/{config.epochs}: train loss {row['train_loss']:.4f}, "
+                       f"train acc {row['train_acc']:.4f}{val}, lr {row['lr']:.2e}, {row['seconds']:.1f}s")
+        if ckpt_path is not None:
+            save_checkpoint(ckpt_path, {
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "steps_per_epoch": steps,
+                "history": history, "config": to_dict(config), "error_penalty": error_penalty,
+            })
+    return history

@@ -1,0 +1,294 @@
+"""fit/evaluate on scikit-learn's 8x8 digits: float and QAT training, distillation, BN freezing,
+divergence, and exact resume from last.ckpt."""
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from qatkit.calibrate import calibrate
+from qatkit.config import QATConfig, TrainConfig
+from qatkit.errors import ConfigError, ModelFileError, QatkitError
+from qatkit.models import SmallCNN, build_model
+from qatkit.nn import QConvBn
+from qatkit.prepare import prepare
+from qatkit.quantizer import FakeQuantizer
+from qatkit.train import evaluate, fit, load_checkpoint
+from qatkit.train.loop import CHECKPOINT_NAME, build_optimizer, build_scheduler, quantizer_parameters
+
+try:
+    from qatkit.data import BatchLoader, load_dataset
+except ImportError:  # the data package is optional here: fall back to a DataLoader over sklearn's digits
+    BatchLoader = load_dataset = None
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: these models are tiny, and two threads on a busy 2-core machine spin-wait
+    each other into a 20x slowdown."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    """(x_train, y_train, x_test, y_test), x normalised float32 (N, 1, 8, 8)."""
+    if load_dataset is not None:
+        ds = load_dataset("digits")
+        mean, std = ds.mean[0], ds.std[0]
+        return (ds.train.x - mean) / std, ds.train.y, (ds.test.x - mean) / std, ds.test.y
+    from sklearn.datasets import load_digits
+    x, y = load_digits(return_X_y=True)
+    x = torch.tensor(x / 16.0, dtype=torch.float32).reshape(-1, 1, 8, 8)
+    x, y = (x - x[:1437].mean()) / x[:1437].std(), torch.tensor(y)
+    return x[:1437], y[:1437], x[1437:], y[1437:]
+
+
+def loaders(digits, batch_size=64, limit=None):
+    """Shuffled train loader (BatchLoader when there is one: it has set_epoch) and a test loader."""
+    x_tr, y_tr, x_te, y_te = digits
+    x_tr, y_tr = x_tr[:limit], y_tr[:limit]
+    if BatchLoader is not None:
+        from qatkit.data import Split
+        kw = {"mean": (0.0,), "std": (1.0,)}  # already normalised
+        return (BatchLoader(Split(x_tr.contiguous(), y_tr), batch_size=batch_size, shuffle=True, **kw),
+                BatchLoader(Split(x_te.contiguous(), y_te), batch_size=256, shuffle=False, **kw))
+    return (DataLoader(TensorDataset(x_tr, y_tr), batch_size=batch_size, shuffle=True),
+            DataLoader(TensorDataset(x_te, y_te), batch_size=256))
+
+
+def small_cnn(width=8, seed=0):
+    torch.manual_seed(seed)
+    return SmallCNN(1, 10, width=width)
+
+
+def qat_model(digits, width=8, seed=0):
+    return prepare(small_cnn(width, seed), QATConfig(), digits[0][:64])
+
+
+def cfg(**kw) -> TrainConfig:
+    return TrainConfig(**{"epochs": 1, "lr": 3e-3, "progress": False, **kw})
+
+
+@pytest.fixture(scope="module")
+def trained(digits):
+    """The zoo's small CNN trained in float for 3 epochs: (model, history, test metrics before training)."""
+    train, test = loaders(digits)
+    torch.manual_seed(0)
+    model = build_model("small-cnn", num_classes=10, in_channels=1, image_size=8)
+    before = evaluate(model, test)
+    history = fit(model, train, cfg(epochs=3, warmup_epochs=0.5, weight_decay=1e-4), val_loader=test)
+    return model, history, before
+
+
+def test_fit_float_small_cnn_learns_digits(digits, trained):
+    model, history, before = trained
+    after = evaluate(model, loaders(digits)[1])
+    assert [row["epoch"] for row in history] == [1, 2, 3]
+    assert list(history[0]) == ["epoch", "train_loss", "train_acc", "val_accuracy", "lr", "seconds"]
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    assert after["loss"] < before["loss"]
+    assert after["accuracy"] > 0.9 and after["n"] == len(digits[3])
+    assert history[-1]["val_accuracy"] == after["accuracy"]
+    assert model.training  # evaluate restores the mode it found
+
+
+def test_fit_qat_model_trains_and_moves_scales(digits, trained):
+    train, test = loaders(digits)
+    model = prepare(trained[0], QATConfig(weight_bits=4, act_bits=4), digits[0][:64])
+    calibrate(model, train, num_batches=4)
+    before = evaluate(model, test)
+    scales = {n: p.detach().clone() for n, p in model.named_parameters() if n.endswith(".scale")}
+    assert scales
+    history = fit(model, train, cfg(epochs=2, lr=1e-4, scale_lr=1e-5))
+    assert all(math.isfinite(row["train_loss"]) for row in history)
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    changed = [n for n, p in model.named_parameters() if n in scales and not torch.equal(p, scales[n])]
+    assert sorted(changed) == sorted(scales)
+    after = evaluate(model, test)
+    assert after["loss"] < before["loss"] and after["accuracy"] > 0.9
+
+
+def test_optimizer_groups(digits):
+    model = qat_model(digits)
+    quant = quantizer_parameters(model)
+    expected = {id(p) for m in model.modules() if isinstance(m, FakeQuantizer) for p in m.parameters(recurse=False)}
+    assert {id(p) for p in quant} == expected and expected
+    opt = build_optimizer(model, cfg(optimizer="sgd", lr=0.1, scale_lr=0.01, weight_decay=5e-4, momentum=0.8))
+    assert isinstance(opt, torch.optim.SGD)
+    groups = {g["name"]: g for g in opt.param_groups}
+    assert {id(p) for p in groups["quantizers"]["params"]} == expected
+    assert (groups["quantizers"]["lr"], groups["quantizers"]["weight_decay"]) == (0.01, 0.0)
+    assert (groups["decay"]["lr"], groups["decay"]["weight_decay"]) == (0.1, 5e-4)
+    assert all(p.ndim >= 2 for p in groups["decay"]["params"])
+    assert groups["no_decay"]["weight_decay"] == 0.0 and all(p.ndim <= 1 for p in groups["no_decay"]["params"])
+    assert all(g["momentum"] == 0.8 and not g["nesterov"] for g in opt.param_groups)
+    n_params = sum(1 for p in model.parameters() if p.requires_grad)
+    assert sum(len(g["params"]) for g in opt.param_groups) == n_params
+    adamw = build_optimizer(model, cfg(lr=0.1))
+    assert isinstance(adamw, torch.optim.AdamW) and adamw.param_groups[2]["lr"] == 0.1  # scale_lr None: lr
+
+
+def test_schedule_warmup_then_cosine_to_zero():
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = build_scheduler(opt, cfg(epochs=3, warmup_epochs=1.0), steps_per_epoch=4)
+    lrs = []
+    for _ in range(12):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert lrs[4] == pytest.approx(1.0)
+    assert all(a > b for a, b in zip(lrs[4:], lrs[5:]))  # cosine decay after warmup
+    assert lrs[-1] > 0 and opt.param_groups[0]["lr"] == pytest.approx(0.0)
+
+
+class _Interrupt(Exception):
+    pass
+
+
+class _Loader:
+    """Wraps a loader; raises _Interrupt when asked to start epoch `stop_at` (a killed run)."""
+
+    def __init__(self, inner, stop_at=None):
+        self.inner, self.stop_at = inner, stop_at
+
+    def __len__(self):
+        return len(self.inner)
+
+    def __iter__(self):
+        return iter(self.inner)
+
+    def set_epoch(self, epoch):
+        if epoch == self.stop_at:
+            raise _Interrupt
+        if hasattr(self.inner, "set_epoch"):
+            self.inner.set_epoch(epoch)
+
+
+@pytest.mark.parametrize("kind", ["float", "qat"])
+def test_resume_is_bit_exact(digits, tmp_path, kind):
+    train, test = loaders(digits, batch_size=32, limit=256)
+    make = (lambda seed: small_cnn(seed=seed)) if kind == "float" else (lambda seed: qat_model(digits, seed=seed))
+    config = cfg(epochs=3, warmup_epochs=0.5, weight_decay=1e-3, bn_freeze_epoch=1 if kind == "qat" else None)
+
+    full = make(0)
+    full_history = fit(full, _Loader(train), config, val_loader=test, checkpoint_dir=tmp_path / "full")
+
+    killed = make(0)
+    with pytest.raises(_Interrupt):
+        fit(killed, _Loader(train, stop_at=2), config, val_loader=test, checkpoint_dir=tmp_path / "resumed")
+    assert load_checkpoint(tmp_path / "resumed" / CHECKPOINT_NAME)["epoch"] == 2
+    resumed = make(1)  # different initial weights: everything must come from the checkpoint
+    history = fit(resumed, _Loader(train), config.__class__(**{**config.__dict__, "progress": True}),
+                  val_loader=test, checkpoint_dir=tmp_path / "resumed", resume=True)
+
+    expected, got = full.state_dict(), resumed.state_dict()
+    assert expected.keys() == got.keys()
+    for name in expected:
+        assert torch.equal(expected[name], got[name]), name
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+    assert strip(history) == strip(full_history) and len(history) == 3
+
+
+def test_resume_refuses_changed_settings_and_missing_file(digits, tmp_path):
+    train, _ = loaders(digits, batch_size=64, limit=128)
+    fit(small_cnn(), train, cfg(epochs=2, lr=1e-3), checkpoint_dir=tmp_path)
+    with pytest.raises(ConfigError, match=r"resume: lr = 0\.002 differs from 0\.001 .*Fix: set lr back to 0\.001"):
+        fit(small_cnn(), train, cfg(epochs=2, lr=2e-3), checkpoint_dir=tmp_path, resume=True)
+    with pytest.raises(ConfigError, match=r"resume: error_penalty"):
+        fit(small_cnn(), train, cfg(epochs=2, lr=1e-3), error_penalty={"*.weight": 1e-4},
+            checkpoint_dir=tmp_path, resume=True)
+    # progress and device may change; a finished run resumes to its saved history without training
+    history = fit(small_cnn(), train, cfg(epochs=2, lr=1e-3, progress=True), checkpoint_dir=tmp_path, resume=True)
+    assert [row["epoch"] for row in history] == [1, 2]
+    with pytest.raises(ModelFileError, match=r"last\.ckpt' does not exist"):
+        fit(small_cnn(), train, cfg(), checkpoint_dir=tmp_path / "empty", resume=True)
+    with pytest.raises(ModelFileError, match="does not fit this model"):
+        fit(SmallCNN(1, 10, width=4), train, cfg(epochs=2, lr=1e-3), checkpoint_dir=tmp_path, resume=True)
+
+
+def test_distillation_runs_with_finite_loss(digits, trained):
+    train, _ = loaders(digits, limit=512)
+    teacher = copy.deepcopy(trained[0])
+    teacher_state = copy.deepcopy(teacher.state_dict())
+    student = qat_model(digits)
+    history = fit(student, train, cfg(epochs=2, distill=0.7, temperature=4.0), teacher=teacher,
+                  error_penalty={"*.weight": 1e-3})
+    assert all(math.isfinite(row["train_loss"]) for row in history)
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    assert not teacher.training
+    for name, value in teacher.state_dict().items():  # the teacher is never trained (nor its BN stats)
+        assert torch.equal(value, teacher_state[name]), name
+    with pytest.raises(ConfigError, match="distill = 0.5 is not allowed"):
+        fit(student, train, cfg(distill=0.5))
+
+
+class _Recorder(_Loader):
+    """Records the bn_frozen flags of the model's QConvBn layers when each epoch starts iterating."""
+
+    def __init__(self, inner, model):
+        super().__init__(inner)
+        self.model, self.seen = model, []
+
+    def __iter__(self):
+        self.seen.append([bool(m.bn_frozen) for m in self.model.modules() if isinstance(m, QConvBn)])
+        return iter(self.inner)
+
+
+def test_bn_freeze_epoch(digits):
+    train, _ = loaders(digits, limit=128)
+    model = qat_model(digits)
+    recorder = _Recorder(train, model)
+    fit(model, recorder, cfg(epochs=3, bn_freeze_epoch=1))
+    assert len(recorder.seen[0]) == 4
+    assert [all(flags) for flags in recorder.seen] == [False, True, True]
+    assert not any(any(flags) for flags in recorder.seen[:1])
+
+    fit(unfrozen := qat_model(digits), train, cfg(epochs=1))
+    assert not any(bool(m.bn_frozen) for m in unfrozen.modules() if isinstance(m, QConvBn))
+
+    float_model = small_cnn()  # plain BatchNorm: eval mode, running statistics untouched
+    bns = [m for m in float_model.modules() if isinstance(m, nn.BatchNorm2d)]
+    stats = [m.running_mean.clone() for m in bns]
+    fit(float_model, train, cfg(epochs=1, bn_freeze_epoch=0))
+    assert all(not m.training for m in bns)
+    assert all(torch.equal(m.running_mean, s) for m, s in zip(bns, stats))
+
+
+class _NaNModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(64, 10)
+
+    def forward(self, x):
+        return self.fc(x.flatten(1)) * float("nan")
+
+
+@pytest.mark.parametrize("case", ["nan-model", "huge-lr"])
+def test_divergence_names_epoch_and_step(digits, case):
+    train, _ = loaders(digits, limit=256)
+    model, config = (_NaNModel(), cfg(epochs=2)) if case == "nan-model" else (small_cnn(), cfg(epochs=2, lr=1e30))
+    with pytest.raises(QatkitError, match=r"loss = nan at epoch 1/2, step \d+/4; .*Fix: lower --lr"):
+        fit(model, train, config)
+
+
+def test_plain_dataloader_and_list_of_batches(digits, tmp_path):
+    x, y = digits[0][:128], digits[1][:128]
+    loader = DataLoader(TensorDataset(x, y), batch_size=32, shuffle=True)
+    history = fit(small_cnn(), loader, cfg(epochs=2), checkpoint_dir=tmp_path)
+    assert len(history) == 2 and all(math.isfinite(r["train_loss"]) for r in history)
+    state = load_checkpoint(tmp_path / CHECKPOINT_NAME)
+    assert {"model", "optimizer", "scheduler", "epoch", "history", "config"} <= state.keys()
+    assert state["epoch"] == 2 and state["config"]["lr"] == 3e-3
+    assert sorted(p.name for p in tmp_path.iterdir()) == [CHECKPOINT_NAME]
+    batches = [(x[i:i + 32], y[i:i + 32]) for i in range(0, 128, 32)]
+    assert len(fit(small_cnn(), batches, cfg())) == 1
+    with pytest.raises(ConfigError, match="train_loader"):
+        fit(small_cnn(), iter(batches), cfg())
