@@ -130,7 +130,7 @@ class TrainConfig:
     epochs: int = 10
     batch_size: int = 64
     lr: float = 1e-3
-    scale_lr: float | None = None  # learning rate of quantizer scales/zero points (None: same as lr)
+    scale_lr: float | None = None  # lr of quantizer scales/zero points (None: lr / 100)
     weight_decay: float = 0.0
     optimizer: str = "adamw"
     momentum: float = 0.9  # sgd only

@@ -28,6 +28,7 @@ from qatkit.prepare import prepare
 from qatkit.report import describe, results_table, write_report
 from qatkit.report.plots import plot_accuracy_vs_bits
 from qatkit.train import evaluate, fit, load_checkpoint, save_checkpoint
+from qatkit.train.loop import CHECKPOINT_NAME
 
 EVAL_BATCH = 256
 
@@ -83,8 +84,9 @@ def train_float(config: RunConfig, ds: ImageDataset, out: Path, resume: bool = F
     torch.manual_seed(config.train.seed)
     model = build_model(config.model, num_classes=ds.num_classes, in_channels=ds.in_channels, image_size=ds.image_size)
     train_loader, _, test_loader = _loaders(ds, config.train)
-    fit(model, train_loader, config.float_train, val_loader=test_loader, checkpoint_dir=out / "checkpoints" / "float",
-        resume=resume)
+    ckpt_dir = out / "checkpoints" / "float"
+    fit(model, train_loader, config.float_train, val_loader=test_loader, checkpoint_dir=ckpt_dir,
+        resume=resume and (ckpt_dir / CHECKPOINT_NAME).exists())
     return model
 
 
@@ -97,8 +99,9 @@ def quantize(config: RunConfig, ds: ImageDataset, float_model: nn.Module, weight
     calibrate(model, calib_loader, config.train.calib_batches)
     if train:
         name = f"qat_w{weight_bits}a{act_bits}"
-        fit(model, train_loader, config.train, val_loader=test_loader, teacher=float_model,
-            error_penalty=qcfg.error_penalty, checkpoint_dir=out / "checkpoints" / name, resume=resume)
+        ckpt_dir = out / "checkpoints" / name
+        fit(model, train_loader, config.train, val_loader=test_loader, teacher=float_model, error_penalty=qcfg.error_penalty,
+            checkpoint_dir=ckpt_dir, resume=resume and (ckpt_dir / CHECKPOINT_NAME).exists())
         save_checkpoint(out / f"{name}.ckpt", {"model": model.state_dict(), "recipe": _recipe(config, ds, qcfg)})
     return model
 

@@ -3,6 +3,7 @@ divergence, and exact resume from last.ckpt."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 
 import pytest
@@ -18,7 +19,7 @@ from qatkit.nn import QConvBn
 from qatkit.prepare import prepare
 from qatkit.quantizer import FakeQuantizer
 from qatkit.train import evaluate, fit, load_checkpoint
-from qatkit.train.loop import CHECKPOINT_NAME, build_optimizer, build_scheduler, quantizer_parameters
+from qatkit.train.loop import CHECKPOINT_NAME, build_optimizer, build_scheduler, compute_loss, quantizer_parameters
 
 try:
     from qatkit.data import BatchLoader, load_dataset
@@ -132,7 +133,7 @@ def test_optimizer_groups(digits):
     n_params = sum(1 for p in model.parameters() if p.requires_grad)
     assert sum(len(g["params"]) for g in opt.param_groups) == n_params
     adamw = build_optimizer(model, cfg(lr=0.1))
-    assert isinstance(adamw, torch.optim.AdamW) and adamw.param_groups[2]["lr"] == 0.1  # scale_lr None: lr
+    assert isinstance(adamw, torch.optim.AdamW) and adamw.param_groups[2]["lr"] == pytest.approx(0.001)  # None: lr/100
 
 
 def test_schedule_warmup_then_cosine_to_zero():
@@ -172,11 +173,16 @@ class _Loader:
             self.inner.set_epoch(epoch)
 
 
-@pytest.mark.parametrize("kind", ["float", "qat"])
+@pytest.mark.parametrize("kind", ["float-dataloader", "qat-batchloader"])
 def test_resume_is_bit_exact(digits, tmp_path, kind):
+    """3 epochs straight == 2 epochs, killed, then resume=True for the 3rd: every tensor equal."""
     train, test = loaders(digits, batch_size=32, limit=256)
-    make = (lambda seed: small_cnn(seed=seed)) if kind == "float" else (lambda seed: qat_model(digits, seed=seed))
-    config = cfg(epochs=3, warmup_epochs=0.5, weight_decay=1e-3, bn_freeze_epoch=1 if kind == "qat" else None)
+    if kind == "float-dataloader":  # shuffled by the global RNG, which fit seeds per epoch
+        train = DataLoader(TensorDataset(digits[0][:256], digits[1][:256]), batch_size=32, shuffle=True)
+    def make(seed):
+        return small_cnn(seed=seed) if kind.startswith("float") else qat_model(digits, seed=seed)
+
+    config = cfg(epochs=3, warmup_epochs=0.5, weight_decay=1e-3, bn_freeze_epoch=1 if kind.startswith("qat") else None)
 
     full = make(0)
     full_history = fit(full, _Loader(train), config, val_loader=test, checkpoint_dir=tmp_path / "full")
@@ -185,9 +191,10 @@ def test_resume_is_bit_exact(digits, tmp_path, kind):
     with pytest.raises(_Interrupt):
         fit(killed, _Loader(train, stop_at=2), config, val_loader=test, checkpoint_dir=tmp_path / "resumed")
     assert load_checkpoint(tmp_path / "resumed" / CHECKPOINT_NAME)["epoch"] == 2
-    resumed = make(1)  # different initial weights: everything must come from the checkpoint
-    history = fit(resumed, _Loader(train), config.__class__(**{**config.__dict__, "progress": True}),
-                  val_loader=test, checkpoint_dir=tmp_path / "resumed", resume=True)
+    resumed = make(1)  # other initial weights: everything must come from the checkpoint
+    torch.manual_seed(123)  # and nothing from the global RNG state
+    history = fit(resumed, _Loader(train), dataclasses.replace(config, progress=True), val_loader=test,
+                  checkpoint_dir=tmp_path / "resumed", resume=True)
 
     expected, got = full.state_dict(), resumed.state_dict()
     assert expected.keys() == got.keys()
@@ -219,7 +226,7 @@ def test_distillation_runs_with_finite_loss(digits, trained):
     teacher = copy.deepcopy(trained[0])
     teacher_state = copy.deepcopy(teacher.state_dict())
     student = qat_model(digits)
-    history = fit(student, train, cfg(epochs=2, distill=0.7, temperature=4.0), teacher=teacher,
+    history = fit(student, train, cfg(epochs=2, distill=0.7, temperature=4.0, scale_lr=1e-4), teacher=teacher,
                   error_penalty={"*.weight": 1e-3})
     assert all(math.isfinite(row["train_loss"]) for row in history)
     assert history[-1]["train_loss"] < history[0]["train_loss"]
@@ -228,6 +235,18 @@ def test_distillation_runs_with_finite_loss(digits, trained):
         assert torch.equal(value, teacher_state[name]), name
     with pytest.raises(ConfigError, match="distill = 0.5 is not allowed"):
         fit(student, train, cfg(distill=0.5))
+
+
+def test_distillation_loss_formula():
+    torch.manual_seed(0)
+    student, teacher, y = torch.randn(8, 10), torch.randn(8, 10), torch.randint(0, 10, (8,))
+    config, t = cfg(distill=0.25, temperature=3.0), 3.0
+    p_teacher = torch.softmax(teacher / t, 1)
+    kl = (p_teacher * (p_teacher.log() - torch.log_softmax(student / t, 1))).sum(1).mean()
+    expected = 0.75 * nn.functional.cross_entropy(student, y) + 0.25 * t * t * kl
+    torch.testing.assert_close(compute_loss(nn.Identity(), student, y, teacher, config, {}), expected)
+    same = compute_loss(nn.Identity(), student, y, student, cfg(distill=1.0), {})
+    assert same.abs().item() < 1e-6  # KL of a distribution with itself
 
 
 class _Recorder(_Loader):

@@ -29,6 +29,9 @@ from qatkit.regularize import quantization_error_penalty
 from qatkit.train.checkpoint import load_checkpoint, save_checkpoint
 
 CHECKPOINT_NAME = "last.ckpt"
+# Default quantizer-parameter lr relative to the weights' lr. Adam moves every parameter by about lr per
+# step whatever its gradient, and step sizes (~1e-3..1e-1) are far smaller than the unit scale of weights.
+SCALE_LR_RATIO = 0.01
 RESUME_FREE_FIELDS = ("progress", "device")  # the only TrainConfig fields that may change on resume
 
 
@@ -67,7 +70,7 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimi
     for p in model.parameters():
         if p.requires_grad:
             groups["quantizers" if id(p) in quant else "decay" if p.ndim >= 2 else "no_decay"].append(p)
-    scale_lr = config.lr if config.scale_lr is None else config.scale_lr
+    scale_lr = config.lr * SCALE_LR_RATIO if config.scale_lr is None else config.scale_lr
     param_groups = [
         {"name": "decay", "params": groups["decay"], "lr": config.lr, "weight_decay": config.weight_decay},
         {"name": "no_decay", "params": groups["no_decay"], "lr": config.lr, "weight_decay": 0.0},
@@ -186,8 +189,9 @@ def _steps_per_epoch(loader: Iterable) -> int:
     try:
         steps = len(loader)  # type: ignore[arg-type]
     except TypeError:
-        raise bad_value("train_loader", type(loader).__name__, "a re-iterable loader with len() (BatchLoader, "
-                        "DataLoader, a list of batches)", "wrap the batches in a list or use qatkit.data.BatchLoader") from None
+        allowed = "a re-iterable loader with len() (BatchLoader, DataLoader, a list of batches)"
+        raise bad_value("train_loader", type(loader).__name__, allowed,
+                        "wrap the batches in a list or use qatkit.data.BatchLoader") from None
     if steps < 1:
         raise DataError("train_loader has 0 batches per epoch; allowed: at least one. Fix: check the training split")
     return steps
@@ -205,7 +209,8 @@ def fit(model: nn.Module, train_loader: Iterable, config: TrainConfig, *, val_lo
     checkpoint_dir: `last.ckpt` is written there after every epoch; resume=True continues from it.
     """
     if not isinstance(config, TrainConfig):
-        raise bad_value("config", type(config).__name__, "a qatkit.config.TrainConfig", "build one with TrainConfig(...)")
+        raise bad_value("config", type(config).__name__, "a qatkit.config.TrainConfig",
+                        "build one with TrainConfig(...)")
     if config.distill > 0 and teacher is None:
         raise bad_value("distill", config.distill, "0 without a teacher model", "pass teacher=... or set distill to 0")
     if resume and checkpoint_dir is None:

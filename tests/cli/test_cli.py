@@ -1,0 +1,101 @@
+"""The command line: help, usage errors (one line, exit 2, nothing written) and the subcommand chain."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from qatkit.cli import main
+
+from conftest import shared_data
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize("command", ["run", "train", "convert", "eval"])
+def test_help_of_each_subcommand(command, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([command, "--help"])
+    assert e.value.code == 0
+    assert "usage: qatkit " + command in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["run", "--weight-bits", "9"], r"weight_bits = 9 is not allowed; allowed: an integer from 2 to 8"),
+    (["run", "--act-bits", "1"], r"= 1 is not allowed; allowed: an integer from 2 to 8"),
+    (["run", "--weight-bits", "8", "4", "--act-bits", "8"], r"act_bits = \[8\] is not allowed; allowed: one value per weight bit-width"),
+    (["run", "--dataset", "imagenet"], r"'imagenet' is not allowed; allowed: digits, mnist, cifar10, folder"),
+    (["run", "--model", "resnet-20"], r"model name = 'resnet-20' is not allowed.*did you mean 'resnet20'"),
+    (["run", "--dataset", "mnist", "--data", "/nonexistent/mnist"], r"/nonexistent/mnist"),
+    (["run", "--dataset", "mnist"], r"--data"),
+    (["run", "--epochs", "-1"], r"epochs = -1 is not allowed"),
+    (["run", "--device", "tpu"], r"device = 'tpu' is not allowed; allowed: 'cpu', 'cuda' or 'cuda:N'"),
+    (["run", "--config", "/nonexistent.yaml"], r"--config = '/nonexistent.yaml' is not allowed; allowed: an existing YAML file"),
+    (["convert", "/nonexistent.ckpt"], r"/nonexistent.ckpt"),
+    (["eval", "/nonexistent.safetensors"], r"model file '/nonexistent.safetensors' does not exist"),
+])
+def test_usage_errors_exit_2_with_one_line(argv, message, capsys, tmp_path):
+    out_dir = tmp_path / "out"
+    extra = ["--out", str(out_dir)] if argv[0] == "run" else []
+    code, _, err = run_cli(capsys, *argv, *extra)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert pytest.importorskip("re").search(message, lines[0]), lines[0]
+    assert not out_dir.exists() and not (tmp_path / "out.partial").exists()  # nothing half-written
+
+
+def test_bad_yaml_key_and_value(tmp_path, capsys):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("train:\n  epoch: 3\n")
+    code, _, err = run_cli(capsys, "run", "--config", str(cfg), "--out", str(tmp_path / "o"))
+    assert code == 2 and "train key = 'epoch' is not allowed; allowed: epochs," in err
+    cfg.write_text("qat:\n  rules:\n    - pattern: 'nomatch*'\n      weight_bits: 2\n")
+    code, _, err = run_cli(capsys, "run", "--config", str(cfg), "--limit", "64", "--float-epochs", "1", "--epochs", "1",
+                           "--quiet", "--out", str(tmp_path / "o"))
+    assert code == 2 and "rule pattern = 'nomatch*' is not allowed; allowed: a glob matching a layer name" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_existing_output_folder_is_refused(tmp_path, capsys):
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "keep.txt").write_text("mine")
+    code, _, err = run_cli(capsys, "run", "--out", str(tmp_path / "o"))
+    assert code == 2 and "exists and is not empty" in err
+    assert (tmp_path / "o" / "keep.txt").read_text() == "mine"
+
+
+def test_argparse_errors_exit_2():
+    proc = subprocess.run([sys.executable, "-m", "qatkit.cli", "run", "--weight-bits", "eight"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "invalid int value: 'eight'" in proc.stderr
+
+
+def test_train_convert_eval_chain(tmp_path, capsys):
+    out = tmp_path / "t"
+    code, _, err = run_cli(capsys, "train", "--model", "small-cnn", "--weight-bits", "4", "--act-bits", "4", "--epochs", "1",
+                           "--float-epochs", "4", "--limit", "600", "--quiet", "--out", str(out))
+    assert code == 0, err
+    ckpt = out / "qat_w4a4.ckpt"
+    assert ckpt.is_file() and (out / "checkpoints" / "float" / "last.ckpt").is_file()
+    code, printed, err = run_cli(capsys, "convert", str(ckpt), "--out", str(tmp_path / "m.safetensors"))
+    assert code == 0, err
+    code, printed, _ = run_cli(capsys, "eval", str(tmp_path / "m.safetensors"), "--json")
+    from_file = json.loads(printed)
+    code, printed, _ = run_cli(capsys, "eval", str(ckpt), "--json")
+    assert from_file == json.loads(printed)  # integer file and QAT checkpoint agree on the whole test split
+    assert from_file["n"] == 360 and from_file["accuracy"] > 0.5
+
+
+def test_eval_mnist_path_from_shared_data(tmp_path, capsys):
+    code, _, err = run_cli(capsys, "run", "--dataset", "mnist", "--data", str(shared_data("mnist")), "--limit", "256",
+                           "--float-epochs", "1", "--epochs", "1", "--weight-bits", "8", "--quiet", "--out", str(tmp_path / "m"))
+    assert code == 0, err
+    rows = json.loads((tmp_path / "m" / "results.json").read_text())["rows"]
+    assert [(r["method"], r["weight_bits"], r["act_bits"]) for r in rows] == [("float", 32, 32), ("ptq", 8, 8), ("qat", 8, 8)]
+    assert all(r["integer_model_accuracy"] == r["accuracy"] for r in rows[1:])
