@@ -46,7 +46,7 @@ class RunConfig:
     float_epochs: int = 30
     float_lr: float = 3e-3
     qat: QATConfig = field(default_factory=QATConfig)
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=12, lr=1e-3, distill=0.5, bn_freeze_epoch=8))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=12, lr=3e-4, distill=0.5, bn_freeze_epoch=8))
 
     def __post_init__(self) -> None:
         w, a = tuple(self.weight_bits), tuple(self.act_bits)
