@@ -1,0 +1,30 @@
+"""The examples run as documented, and their integer models agree with the QAT models."""
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+def _run(name: str, cwd: Path) -> str:
+    proc = subprocess.run([sys.executable, str(EXAMPLES / name)], cwd=cwd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def test_own_training_loop(tmp_path):
+    out = _run("own_training_loop.py", tmp_path)
+    acc = {m: float(v) for m, v in re.findall(r"^(float|PTQ W4A4|QAT W4A4|integer)\s+([0-9.]+)", out, re.M)}
+    assert acc["float"] > 0.95 and acc["QAT W4A4"] > 0.95
+    assert acc["integer"] == acc["QAT W4A4"]
+    assert (tmp_path / "small_cnn_w4a4.safetensors").is_file()
+
+
+def test_seed_mlp_example(tmp_path):
+    out = _run("seed_mlp.py", tmp_path)
+    assert "integer model equals the QAT model: True" in out
+    first, last = map(float, re.search(r"loss ([0-9.]+) → ([0-9.]+)", out).groups())
+    assert last < first
