@@ -9,7 +9,7 @@ import dataclasses
 import fnmatch
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar, get_type_hints
 
@@ -25,6 +25,11 @@ T = TypeVar("T")
 def _check_choice(what: str, value: object, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise bad_value(what, value, ", ".join(allowed), f"set {what} to one of these")
+
+
+def _check_bool(what: str, value: object, optional: bool = False) -> None:
+    if not (isinstance(value, bool) or (optional and value is None)):
+        raise bad_value(what, value, "true or false" + (" or null" if optional else ""), f"set {what} to true or false")
 
 
 def _check_number(what: str, value: object, lo: float, hi: float = math.inf, integer: bool = False) -> None:
@@ -50,6 +55,8 @@ class QuantSpec:
     def __post_init__(self) -> None:
         check_bits(self.bits)
         _check_choice("init", self.init, INIT_METHODS)
+        for what in ("symmetric", "signed", "per_channel", "narrow", "learnable"):
+            _check_bool(what, getattr(self, what))
 
     @property
     def qrange(self) -> tuple[int, int]:
@@ -72,6 +79,8 @@ class LayerRule:
         for what in ("weight_bits", "act_bits"):
             if getattr(self, what) is not None:
                 check_bits(getattr(self, what), f"rule '{self.pattern}' {what}")
+        _check_bool(f"rule '{self.pattern}' per_channel", self.per_channel, optional=True)
+        _check_bool(f"rule '{self.pattern}' skip", self.skip)
 
     def matches(self, name: str, type_name: str) -> bool:
         return fnmatch.fnmatchcase(name, self.pattern) or fnmatch.fnmatchcase(type_name, self.pattern)
@@ -93,8 +102,9 @@ class QATConfig:
     first_last_bits: int | None = 8  # None: first/last layers follow weight_bits/act_bits
     fold_bn: bool = True
     rules: tuple[LayerRule, ...] = ()
-    # Quantization-error regulariser Σ_k λ_k·mean((x_k - x̂_k)²): parameter-name glob -> λ. Empty = off.
-    error_penalty: Mapping[str, float] = field(default_factory=dict)
+    # Quantization-error regulariser Σ_k λ_k·mean((x_k - x̂_k)²): {parameter-name glob: λ}, e.g.
+    # {"*.weight": 1e-4}; given as a mapping, kept as a tuple of (glob, λ) pairs so the config stays frozen.
+    error_penalty: tuple[tuple[str, float], ...] = ()
 
     def __post_init__(self) -> None:
         check_bits(self.weight_bits, "weight_bits")
@@ -105,11 +115,15 @@ class QATConfig:
         _check_choice("act_init", self.act_init, INIT_METHODS)
         rules = tuple(r if isinstance(r, LayerRule) else _from_mapping(LayerRule, r, "rules[]") for r in self.rules)
         object.__setattr__(self, "rules", rules)
-        if not isinstance(self.error_penalty, Mapping):
-            raise bad_value("error_penalty", self.error_penalty, "a mapping {parameter glob: lambda}", "e.g. {'*.weight': 1e-4}")
-        for glob, lam in self.error_penalty.items():
+        for what in ("per_channel", "act_symmetric", "learnable", "fold_bn"):
+            _check_bool(what, getattr(self, what))
+        penalty = self.error_penalty
+        pairs = list(penalty.items()) if isinstance(penalty, Mapping) else penalty
+        if not isinstance(pairs, (list, tuple)) or not all(isinstance(p, (list, tuple)) and len(p) == 2 for p in pairs):
+            raise bad_value("error_penalty", penalty, "a mapping {parameter glob: lambda}", "e.g. {'*.weight': 1e-4}")
+        for glob, lam in pairs:
             _check_number(f"error_penalty['{glob}']", lam, 0.0)
-        object.__setattr__(self, "error_penalty", dict(self.error_penalty))
+        object.__setattr__(self, "error_penalty", tuple((str(g), float(lam)) for g, lam in pairs))
 
     def weight_spec(self, bits: int, per_channel: bool) -> QuantSpec:
         return QuantSpec(bits=bits, symmetric=True, signed=True, per_channel=per_channel, init=self.weight_init, learnable=self.learnable)

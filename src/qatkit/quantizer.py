@@ -49,9 +49,10 @@ class FakeQuantizer(nn.Module):
         return qrange(int(self.bits), self.spec.signed, self.spec.narrow)
 
     def _scale_zp(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Scale kept positive; zero point rounded to an integer with a straight-through gradient."""
+        """Scale |s| (an optimizer step past zero flips its sign instead of killing its gradient, as a
+        clamp would); zero point rounded to an integer with a straight-through gradient."""
         qmin, qmax = self.qrange
-        scale = torch.clamp(self.scale, min=MIN_SCALE)
+        scale = torch.clamp(self.scale.abs(), min=MIN_SCALE)
         zp = torch.clamp(self.zero_point, qmin, qmax)
         return scale, zp + (torch.round(zp) - zp).detach()
 

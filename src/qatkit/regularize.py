@@ -7,7 +7,7 @@ Groups are parameter-name globs (`"*.weight"`, `"fc1.bias"`); the first matching
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import torch
 from torch import nn
@@ -34,9 +34,10 @@ def quantization_errors(model: nn.Module) -> dict[str, torch.Tensor]:
     return errors
 
 
-def quantization_error_penalty(model: nn.Module, penalty: Mapping[str, float]) -> torch.Tensor:
+def quantization_error_penalty(model: nn.Module, penalty: Mapping[str, float] | Iterable[tuple[str, float]]) -> torch.Tensor:
     """Σ_k λ_k·mean(Δ_k²) over the parameters matched by the globs of `penalty` (0 when empty)."""
     total = torch.zeros(())
+    penalty = dict(penalty)  # a mapping or QATConfig's (glob, λ) pairs
     if not penalty:
         return total
     for name, delta in quantization_errors(model).items():

@@ -73,7 +73,7 @@ def test_layer_rule_needs_a_non_empty_pattern():
         LayerRule(pattern=3)
 
 
-@pytest.mark.parametrize("penalty", [[("*.weight", 1e-4)], "*.weight", 1e-4])
+@pytest.mark.parametrize("penalty", ["*.weight", 1e-4, [("*.weight", 1e-4, 2)]])
 def test_error_penalty_must_be_a_mapping(penalty):
     with pytest.raises(ConfigError, match=rf"^error_penalty = {re.escape(repr(penalty))} is not allowed; allowed: a mapping"):
         QATConfig(error_penalty=penalty)
@@ -87,7 +87,7 @@ def test_error_penalty_lambda_must_be_a_non_negative_number(lam):
 
 def test_error_penalty_accepts_ints_and_zero():
     cfg = QATConfig(error_penalty={"*.weight": 0, "fc.*": 2})
-    assert cfg.error_penalty == {"*.weight": 0, "fc.*": 2}
+    assert dict(cfg.error_penalty) == {"*.weight": 0, "fc.*": 2}
 
 
 @pytest.mark.parametrize("kwargs, field", [
@@ -195,8 +195,6 @@ def test_dict_round_trip_through_to_dict():
     assert train_config_from_dict(to_dict(tcfg)) == tcfg
 
 
-@pytest.mark.xfail(strict=True, reason="BUG config.py LayerRule.__post_init__: per_channel is never validated and its "
-                   "hint 'bool | None' escapes _from_mapping's bool check, so per_channel: 'yes' is accepted")
 def test_rule_per_channel_must_be_a_bool():
     with pytest.raises(ConfigError, match=r"per_channel"):
         qat_config_from_dict({"rules": [{"pattern": "fc", "per_channel": "yes"}]})
@@ -223,11 +221,9 @@ def test_error_penalty_is_copied_from_the_callers_dict():
     penalty = {"*.weight": 1e-4}
     cfg = QATConfig(error_penalty=penalty)
     penalty["*.weight"] = -1.0
-    assert cfg.error_penalty == {"*.weight": 1e-4}
+    assert dict(cfg.error_penalty) == {"*.weight": 1e-4}
 
 
-@pytest.mark.xfail(strict=True, reason="BUG config.py QATConfig.__post_init__ stores error_penalty as a plain dict: "
-                   "a frozen, validated config can be mutated afterwards (even to a negative lambda) and is unhashable")
 def test_error_penalty_of_a_frozen_config_cannot_be_mutated():
     cfg = QATConfig(error_penalty={"*.weight": 1e-4})
     with pytest.raises(TypeError):
@@ -296,3 +292,9 @@ def test_load_yaml_never_constructs_python_objects(tmp_path, template):
     with pytest.raises(ConfigError, match=r"is not valid YAML \(could not determine a constructor for the tag"):
         load_yaml(path)
     assert not marker.exists()
+
+
+def test_qat_config_round_trips_through_plain_data():
+    cfg = QATConfig(weight_bits=4, error_penalty={"*.weight": 1e-4}, rules=[{"pattern": "fc", "weight_bits": 8}])
+    assert qat_config_from_dict(to_dict(cfg)) == cfg
+    assert dict(cfg.error_penalty) == {"*.weight": 1e-4}

@@ -83,12 +83,9 @@ def test_unsigned_round_trip_for_sub_byte_widths(bits):
     assert torch.equal(unpack(pack(codes, bits), bits, (codes.numel(),), signed=False), codes.to(torch.int16))
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "BUG convert/pack.py:19-20,34-35 8-bit codes are stored as int8 and unpack ignores signed=False for 8-bit "
-    "containers: uint8 codes >= 128 come back negative, e.g. unpack(pack([0, 255, 7], 8), 8, (3,), signed=False) gives [0, -1, 7], not [0, 255, 7]"))
 def test_unsigned_round_trip_for_8_bits():
     codes = torch.tensor([0, 255, 7, 128])
-    assert torch.equal(unpack(pack(codes, 8), 8, (4,), signed=False), codes.to(torch.int16))
+    assert torch.equal(unpack(pack(codes, 8, signed=False), 8, (4,), signed=False), codes.to(torch.int16))
 
 
 @pytest.mark.parametrize("bits", [5, 6, 7])

@@ -113,8 +113,6 @@ def test_skip_linear_by_type_on_an_mlp():
     assert torch.equal(qat(x), model(x))
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="BUG prepare/graph.py _place_quantizers: a skipped layer is listed in float_ops "
-                   "twice ('(Conv2d, skipped by rule)' from _wrap and '(Conv2d)' as an unquantized call_module)")
 def test_skipped_layer_is_reported_once():
     qat = qatkit.prepare(resnet20(), QATConfig(rules=[LayerRule(pattern="layer1.0.conv1", skip=True)]))
     assert sum(op.startswith("layer1.0.conv1 ") for op in qat.qat_info.float_ops) == 1
@@ -221,9 +219,6 @@ class SharedConv(nn.Module):
         return self.fc(x.flatten(1))
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="BUG prepare/graph.py _Rewriter._wrap: a module called twice is wrapped once per "
-                   "call under the same target; the second wrapper (act=None) replaces the first, whose fused ReLU "
-                   "node was already erased, so the first call silently loses its ReLU")
 def test_weight_shared_conv_keeps_the_float_semantics():
     torch.manual_seed(0)
     model = SharedConv()
@@ -248,12 +243,8 @@ class ConvBnVariant(nn.Module):
 
 
 @pytest.mark.parametrize("bn_kwargs", [
-    pytest.param({"affine": False}, marks=pytest.mark.xfail(strict=True, raises=TypeError, reason=(
-        "BUG nn/conv_bn.py:26 QConvBn._gamma_over_sigma divides bn.weight, None for BatchNorm2d(affine=False): prepare "
-        "raises TypeError instead of folding with gamma=1, beta=0"))),
-    pytest.param({"track_running_stats": False}, marks=pytest.mark.xfail(strict=True, raises=TypeError, reason=(
-        "BUG prepare/graph.py _wrap folds a BatchNorm2d(track_running_stats=False), whose running_var is None: "
-        "QConvBn.folded raises TypeError; such a BN always normalises with batch statistics and cannot be folded"))),
+    {"affine": False},
+    {"track_running_stats": False},
 ])
 def test_conv_bn_variants_prepare_and_match_float(bn_kwargs):
     torch.manual_seed(0)

@@ -39,15 +39,18 @@ def _fail(path, what: str) -> ModelFileError:
     return ModelFileError(f"model file {str(path)!r} {what}. Fix: pass a file written by qatkit convert (qatkit.save)")
 
 
-def _check_refs(value, tensors, path) -> None:
+def _check_refs(value, tensors, defined: set[str], path) -> None:
+    """Every tensor reference names a stored tensor; every node reference an earlier node."""
     if isinstance(value, dict):
         if "tensor" in value and value["tensor"] not in tensors:
             raise _fail(path, f"refers to tensor {value['tensor']!r}, which it does not contain")
+        if "node" in value and value["node"] not in defined:
+            raise _fail(path, f"refers to node {value['node']!r} before defining it")
         for v in value.values():
-            _check_refs(v, tensors, path)
+            _check_refs(v, tensors, defined, path)
     elif isinstance(value, list):
         for v in value:
-            _check_refs(v, tensors, path)
+            _check_refs(v, tensors, defined, path)
 
 
 def load(path: str | os.PathLike) -> IntegerModel:
@@ -72,13 +75,19 @@ def load(path: str | os.PathLike) -> IntegerModel:
     nodes = header.get("nodes")
     if not isinstance(nodes, list) or not nodes:
         raise _fail(path, "has no graph nodes")
+    defined: set[str] = set()
     for node in nodes:
         if not isinstance(node, dict) or node.get("op") not in _NODE_OPS or not isinstance(node.get("name"), str):
             raise _fail(path, f"has a node {str(node)[:80]!r} of unknown kind")
         fn = node.get("fn")
         if node["op"] == "call" and not (fn == "identity" or fn in (ops.METHODS if node.get("method") else ops.FUNCTIONS)):
             raise _fail(path, f"calls {fn!r}, which is not an operation qatkit runs")
-        _check_refs(node, tensors, path)
+        if fn == ops.GETATTR and (len(node.get("args", [])) != 2 or node["args"][1] != "shape"):
+            attr = node.get("args", [None, None])[1:]
+            raise _fail(path, f"calls {fn!r} for attribute {attr!r}; only 'shape' may be read")
+        node_fields = {k: v for k, v in node.items() if k != "name"}
+        _check_refs(node_fields, tensors, defined, path)
+        defined.add(node["name"])
     return IntegerModel(nodes, tensors, header.get("meta"))
 
 

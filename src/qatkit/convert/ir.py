@@ -79,7 +79,7 @@ class _Writer:
 
     def _call_function(self, node):
         name = ops.NAME_OF.get(node.target)
-        if name is None or (node.target is getattr and node.args[1] != "shape"):
+        if name is None or (name == ops.GETATTR and node.args[1] != "shape"):
             raise QatkitError(f"function {getattr(node.target, '__name__', node.target)!r} (node '{node.name}') has no "
                               "integer-model form. Fix: express it with torch ops such as reshape/matmul/softmax")
         return {"op": "call", "fn": name, "args": self.arg(node.args), "kwargs": {k: self.arg(v) for k, v in node.kwargs.items()}}

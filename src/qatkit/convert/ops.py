@@ -22,6 +22,7 @@ _FUNCTIONS = [
 ]
 FUNCTIONS = {f"{getattr(fn, '__module__', None) or 'builtins'}.{fn.__name__}": fn for fn in _FUNCTIONS}
 NAME_OF = {fn: name for name, fn in FUNCTIONS.items()}
+GETATTR = NAME_OF[getattr]  # allowed for `.shape` only
 METHODS = {"view", "reshape", "permute", "transpose", "flatten", "contiguous", "softmax", "mean", "sum", "size",
            "relu", "sigmoid", "unsqueeze", "squeeze", "expand", "mul", "add", "matmul", "dim"}
 # Ops applied to integer codes directly: they keep values on the grid (ReLU handled with the zero point).

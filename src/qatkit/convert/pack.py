@@ -12,12 +12,12 @@ def container_bits(bits: int) -> int:
     return 2 if bits <= 2 else 4 if bits <= 4 else 8
 
 
-def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Integer codes (any shape) → flat uint8 (or int8 for 8-bit) tensor."""
+def pack(codes: torch.Tensor, bits: int, signed: bool = True) -> torch.Tensor:
+    """Integer codes (any shape) → flat uint8 tensor (int8 for signed 8-bit codes)."""
     width = container_bits(bits)
     flat = codes.reshape(-1).to(torch.int16)
     if width == 8:
-        return flat.to(torch.int8)
+        return flat.to(torch.int8 if signed else torch.uint8)
     per_byte = 8 // width
     pad = (-flat.numel()) % per_byte
     fields = torch.cat([flat, flat.new_zeros(pad)]).view(-1, per_byte) & ((1 << width) - 1)  # (bytes, per_byte)

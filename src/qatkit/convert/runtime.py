@@ -127,7 +127,7 @@ class IntegerModel(nn.Module):
             return QValue(torch.clamp(x.codes, min=x.zero_point), x.scale, x.zero_point)
         if isinstance(x, QValue) and name in ops.CODE_PRESERVING:
             return QValue(self._invoke(node, [x.codes, *args[1:]], kwargs), x.scale, x.zero_point)
-        if isinstance(x, QValue) and name == ops.NAME_OF[getattr]:
+        if isinstance(x, QValue) and name == ops.GETATTR:
             return getattr(x.codes, args[1])
         return self._invoke(node, _dequantize(args), _dequantize(kwargs))
 

@@ -22,14 +22,16 @@ class QConvBn(QConv):
         self.bn = bn
         self.register_buffer("bn_frozen", torch.tensor(False))
 
-    def _gamma_over_sigma(self) -> torch.Tensor:  # (C,)
-        return self.bn.weight / torch.sqrt(self.bn.running_var + self.bn.eps)
+    def _gamma_over_sigma(self) -> torch.Tensor:  # (C,); γ = 1 for a BN without affine parameters
+        inv_sigma = torch.rsqrt(self.bn.running_var + self.bn.eps)
+        return inv_sigma if self.bn.weight is None else self.bn.weight * inv_sigma
 
     def folded(self):
         g = self._gamma_over_sigma()
         w = self.weight * per_channel_view(g, self.weight, 0)
         b = self.bias if self.bias is not None else torch.zeros_like(g)
-        return w, self.bn.bias + (b - self.bn.running_mean) * g
+        b = (b - self.bn.running_mean) * g
+        return w, b if self.bn.bias is None else b + self.bn.bias
 
     def fake_quant_forward(self, x: torch.Tensor, in_q: FakeQuantizer | None) -> torch.Tensor:
         if not self.training or bool(self.bn_frozen):

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import operator
+from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
@@ -71,9 +72,10 @@ def _is(node: fx.Node, modules, module_types: tuple, functions: set, methods: se
     return node.op == "call_method" and node.target in methods
 
 
-def _describe(node: fx.Node, modules) -> str:
+def _describe(node: fx.Node, modules, plans) -> str:
     if node.op == "call_module":
-        return f"{node.target} ({type(modules[node.target]).__name__})"
+        skipped = ", skipped by rule" if getattr(plans.get(node.target), "skip", False) else ""
+        return f"{node.target} ({type(modules[node.target]).__name__}{skipped})"
     return f"{node.name} ({getattr(node.target, '__name__', node.target)})"
 
 
@@ -83,6 +85,8 @@ class _Rewriter:
         self.modules = dict(gm.named_modules())
         self.info = PrepareInfo()
         self.wrapped: dict[fx.Node, LayerPlan] = {}
+        self.wrapped_targets: set[str] = set()
+        self.calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
         self.quantized: dict[fx.Node, str] = {}  # node whose output is integer -> its quantizer's path
         self.inserted: dict[fx.Node, fx.Node] = {}  # float node -> quantizer node added after it
 
@@ -102,18 +106,22 @@ class _Rewriter:
     # ---- step 1: wrap, fold BN, fuse activation -------------------------------------------------
     def _wrap(self, node: fx.Node) -> None:
         module, plan = self.modules[node.target], self.plans.get(node.target)
-        if plan is None or plan.skip or isinstance(module, tuple(set(WRAPPERS.values()))):
-            if plan is not None and plan.skip:
-                self.info.float_ops.append(f"{node.target} ({type(module).__name__}, skipped by rule)")
+        if plan is None or plan.skip:
             return
+        if node.target in self.wrapped_targets:  # a second call of the same layer: same wrapper
+            self.wrapped[node] = plan
+            return
+        # A layer called more than once shares one wrapper, so it can absorb no call's BN or activation.
+        single_call = self.calls[node.target] == 1
         end, bn = node, None
-        user = _sole_user(node)
+        user = _sole_user(node) if single_call else None
         if (self.config.fold_bn and user is not None and user.op == "call_module"
-                and type(self.modules[user.target]) is FOLDABLE_BN.get(type(module))):
+                and type(self.modules[user.target]) is FOLDABLE_BN.get(type(module))
+                and self.modules[user.target].track_running_stats):  # without running stats BN cannot fold
             bn, end = self.modules[user.target], user
-        act = _fusable_act(_sole_user(end), self.modules)
+        act = _fusable_act(_sole_user(end), self.modules) if single_call else None
         act_node = _sole_user(end) if act else None
-        feeds_output = all(u.op == "output" for u in (act_node or end).users)
+        feeds_output = single_call and all(u.op == "output" for u in (act_node or end).users)
         out_spec = None if feeds_output else self.config.act_spec(self.config.act_bits, unsigned=act is not None)
         w_spec = self.config.weight_spec(plan.weight_bits, plan.per_channel)
         wrapper = (QConvBn(module, bn, w_spec, act=act, out_spec=out_spec) if bn is not None
@@ -125,6 +133,7 @@ class _Rewriter:
             extra.replace_all_uses_with(node)
             self.graph.erase_node(extra)
         self.wrapped[node] = plan
+        self.wrapped_targets.add(node.target)
         self.info.layers.append({
             "name": node.target, "type": type(module).__name__, "weight_bits": plan.weight_bits,
             "per_channel": plan.per_channel, "act_bits": plan.act_bits, "bn_folded": bn is not None,
@@ -165,7 +174,7 @@ class _Rewriter:
             self._new_quantizer(act_node or node, self.config.act_bits, unsigned=act_node is not None)
             return
         if node.op == "call_module" or (node.op in ("call_function", "call_method") and node.target not in SHAPE_OPS):
-            self.info.float_ops.append(_describe(node, self.modules))
+            self.info.float_ops.append(_describe(node, self.modules, self.plans))
 
     def _quantize_layer_input(self, node: fx.Node) -> None:
         x = node.args[0]
