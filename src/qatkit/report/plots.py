@@ -19,7 +19,8 @@ def plot_accuracy_vs_bits(rows: list[dict], path: Path, title: str) -> Path:
         pts = sorted((r["weight_bits"], r["accuracy"]) for r in rows if r["method"] == method)
         if pts:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, label=method.upper())
-    ax.set_xlabel("bits (weights = activations)")
+    ax.set_xticks(sorted({r["weight_bits"] for r in rows if r["method"] != "float"}))
+    ax.set_xlabel("weight bits")
     ax.set_ylabel("test accuracy")
     ax.set_title(title)
     ax.invert_xaxis()
