@@ -28,6 +28,7 @@ def toy_data(n: int = 256, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
 def build(seed: int = 0, weight_bits: int = 4, act_bits: int = 8) -> torch.nn.Module:
     torch.manual_seed(seed)
     config = qatkit.QATConfig(weight_bits=weight_bits, act_bits=act_bits, per_channel=False, first_last_bits=None,
+                              output_bits=None,  # the softmax reads float logits, as in the worked example
                               error_penalty=LAMBDAS)
     return qatkit.prepare(SeedMLP(3, 5, 2), config)
 

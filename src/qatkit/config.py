@@ -100,6 +100,7 @@ class QATConfig:
     act_init: str = "mse"
     learnable: bool = True
     first_last_bits: int | None = 8  # None: first/last layers follow weight_bits/act_bits
+    output_bits: int | None = 8  # the model's output (logits) as integers, as an int8 runtime returns it; None: float
     fold_bn: bool = True
     rules: tuple[LayerRule, ...] = ()
     # Quantization-error regulariser Σ_k λ_k·mean((x_k - x̂_k)²): {parameter-name glob: λ}, e.g.
@@ -109,8 +110,9 @@ class QATConfig:
     def __post_init__(self) -> None:
         check_bits(self.weight_bits, "weight_bits")
         check_bits(self.act_bits, "act_bits")
-        if self.first_last_bits is not None:
-            check_bits(self.first_last_bits, "first_last_bits")
+        for what in ("first_last_bits", "output_bits"):
+            if getattr(self, what) is not None:
+                check_bits(getattr(self, what), what)
         _check_choice("weight_init", self.weight_init, INIT_METHODS)
         _check_choice("act_init", self.act_init, INIT_METHODS)
         rules = tuple(r if isinstance(r, LayerRule) else _from_mapping(LayerRule, r, "rules[]") for r in self.rules)

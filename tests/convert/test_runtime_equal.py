@@ -145,7 +145,7 @@ def test_stored_weights_and_int32_biases(bits):
         q_b = tensors[node["bias"]["tensor"]]
         assert q_b.dtype == torch.int32
         np.testing.assert_array_equal(q_b.numpy(), np.rint(b.detach().double().numpy() / (s_x * s_w)))
-    assert qlayers[-1]["output"] is None and all(n["output"] is not None for n in qlayers[:-1])
+    assert all(n["output"] is not None for n in qlayers)  # logits too: output_bits=8 by default
     assert qlayers[0]["act"] == "relu" and qlayers[1]["act"] == "relu6" and qlayers[2]["act"] == "relu"
 
 

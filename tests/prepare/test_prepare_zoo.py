@@ -134,13 +134,20 @@ def test_mobilenetv2_quantizes_every_residual_add(prepared):
 
 
 @pytest.mark.parametrize("name", ZOO)
-def test_final_linear_has_float_logits(prepared, name):
+def test_final_linear_outputs_8_bit_logits(prepared, name):
     _, _, qat = prepared[name]
     last = EXPECTED[name][3]
-    assert qat.get_submodule(last).out_quant is None
-    assert qat.qat_info.layers[-1]["name"] == last and qat.qat_info.layers[-1]["output"] == "float"
+    assert int(qat.get_submodule(last).out_quant.bits) == 8  # output_bits=8 although act_bits=4
+    assert qat.qat_info.layers[-1]["name"] == last and qat.qat_info.layers[-1]["output"] == "A8"
     # every other layer hands integers on
-    assert all(r["output"] == "int" for r in qat.qat_info.layers[:-1])
+    assert all(r["output"].startswith("A") for r in qat.qat_info.layers[:-1])
+
+
+@pytest.mark.parametrize("name", ZOO)
+def test_output_bits_none_gives_float_logits(name):
+    qat = qatkit.prepare(build(name), qatkit.QATConfig(weight_bits=4, act_bits=4, output_bits=None))
+    last = EXPECTED[name][3]
+    assert qat.get_submodule(last).out_quant is None and qat.qat_info.layers[-1]["output"] == "float"
 
 
 @pytest.mark.parametrize("name", ZOO)

@@ -69,15 +69,20 @@ class IntegerModel(nn.Module):
             return [self._arg(x, env) for x in a]
         return a
 
-    @torch.no_grad()
     def forward(self, *inputs: torch.Tensor):
+        return self.values(*inputs)["output"]
+
+    @torch.no_grad()
+    def values(self, *inputs: torch.Tensor) -> dict:
+        """Every node's value (QValue, tensor, shape or number) by node name; the model's output under "output"."""
         env, feed = {}, iter(inputs)
         for node in self.nodes:
             op = node["op"]
             if op == "input":
                 env[node["name"]] = next(feed)
             elif op == "output":
-                return _dequantize(self._arg(node["args"][0], env))
+                env["output"] = _dequantize(self._arg(node["args"][0], env))
+                return env
             elif op == "constant":
                 env[node["name"]] = self._arg(node["value"], env)
             elif op == "quantize":

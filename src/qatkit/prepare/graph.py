@@ -122,7 +122,8 @@ class _Rewriter:
         act = _fusable_act(_sole_user(end), self.modules) if single_call else None
         act_node = _sole_user(end) if act else None
         feeds_output = single_call and all(u.op == "output" for u in (act_node or end).users)
-        out_spec = None if feeds_output else self.config.act_spec(self.config.act_bits, unsigned=act is not None)
+        out_bits = self.config.output_bits if feeds_output else self.config.act_bits
+        out_spec = None if out_bits is None else self.config.act_spec(out_bits, unsigned=act is not None)
         w_spec = self.config.weight_spec(plan.weight_bits, plan.per_channel)
         wrapper = (QConvBn(module, bn, w_spec, act=act, out_spec=out_spec) if bn is not None
                    else WRAPPERS[type(module)](module, w_spec, act=act, out_spec=out_spec))
@@ -137,7 +138,7 @@ class _Rewriter:
         self.info.layers.append({
             "name": node.target, "type": type(module).__name__, "weight_bits": plan.weight_bits,
             "per_channel": plan.per_channel, "act_bits": plan.act_bits, "bn_folded": bn is not None,
-            "act": act, "output": "float" if feeds_output else "int",
+            "act": act, "output": "float" if out_spec is None else f"A{out_bits}",
         })
 
     # ---- step 2: activation quantizers ----------------------------------------------------------
