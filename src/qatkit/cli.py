@@ -35,7 +35,7 @@ def _common(p: argparse.ArgumentParser, *, many_bits: bool) -> None:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qatkit", description="Quantization-aware training to a packed integer model.")
-    sub = parser.add_subparsers(dest="command", metavar="{run,train,convert,eval}")
+    sub = parser.add_subparsers(dest="command", metavar="{run,train,convert,export,verify,eval}")
     p = sub.add_parser("run", help="float → PTQ and QAT per bit-width → integer models, results.json, report.md")
     _common(p, many_bits=True)
     p.add_argument("--out", help="output folder (default: runs/<time>-<model>-<dataset>); must be new or empty")
@@ -46,6 +46,16 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("convert", help="QAT checkpoint (qat_*.ckpt) → integer model file (.safetensors)")
     p.add_argument("checkpoint")
     p.add_argument("--out", help="output file (default: the checkpoint's name with .safetensors)")
+    p = sub.add_parser("export", help="integer model file or QAT checkpoint → ONNX (QDQ) for ONNX Runtime's int8 kernels")
+    p.add_argument("model_file")
+    p.add_argument("--out", help="output file (default: the model file's name with .onnx)")
+    p = sub.add_parser("verify", help="ONNX Runtime vs qatkit's model on a test split: agreement, steps, per-layer SQNR")
+    p.add_argument("onnx_file")
+    p.add_argument("--reference", help="qatkit model (.safetensors or .ckpt); default: the .onnx file's name with .safetensors")
+    p.add_argument("--dataset", help="default: the one the model was trained on")
+    p.add_argument("--data", help="path of the dataset")
+    p.add_argument("--limit", type=int, help="use only the first N test samples")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
     p = sub.add_parser("eval", help="accuracy of an integer model file or a QAT checkpoint on a test split")
     p.add_argument("model_file")
     p.add_argument("--dataset", help="default: the one the model was trained on")
@@ -126,25 +136,68 @@ def _cmd_convert(args) -> int:
     return 0
 
 
-def _cmd_eval(args) -> int:
+def _load_model(path: Path):
+    """An integer model file or a QAT checkpoint, with the recipe it was made by."""
     from qatkit.convert import load
-    from qatkit.data import BatchLoader, load_dataset
     from qatkit.pipeline import rebuild_qat
-    from qatkit.train import evaluate
 
-    path = Path(args.model_file)
     if path.suffix == ".ckpt":
-        model, recipe = rebuild_qat(path)
-    else:
-        model = load(path)
-        recipe = model.meta.get("recipe") or {}
+        return rebuild_qat(path)
+    model = load(path)
+    return model, model.meta.get("recipe") or {}
+
+
+def _test_loader(args, recipe: dict, limit: int | None = None):
+    from qatkit.data import BatchLoader, load_dataset
+
     dataset = args.dataset or recipe.get("dataset")
     if dataset is None:
         raise bad_value("--dataset", None, "a dataset name", "pass --dataset (the model file does not name one)")
-    ds = load_dataset(dataset, args.data)
+    ds = load_dataset(dataset, args.data, limit=limit)
     mean, std = recipe.get("mean", ds.mean), recipe.get("std", ds.std)
-    result = evaluate(model, BatchLoader(ds.test, batch_size=256, mean=mean, std=std, shuffle=False))
+    return dataset, BatchLoader(ds.test, batch_size=256, mean=mean, std=std, shuffle=False)
+
+
+def _cmd_eval(args) -> int:
+    from qatkit.train import evaluate
+
+    path = Path(args.model_file)
+    model, recipe = _load_model(path)
+    dataset, loader = _test_loader(args, recipe)
+    result = evaluate(model, loader)
     print(json.dumps(result) if args.json else f"[qatkit] {path.name} on {dataset} test: accuracy {result['accuracy']:.4f} (n={result['n']})")
+    return 0
+
+
+def _cmd_export(args) -> int:
+    from qatkit.pipeline import export_model
+
+    path = Path(args.model_file)
+    model, recipe = _load_model(path)
+    out = Path(args.out or path.with_suffix(".onnx"))
+    notes = export_model(model, recipe, out)
+    print(f"[qatkit] wrote {out} ({out.stat().st_size:,} bytes)")
+    for note in notes:
+        print(f"[qatkit] note: {note}")
+    return 0
+
+
+def _cmd_verify(args) -> int:
+    from qatkit.export import verify
+
+    onnx_path = Path(args.onnx_file)
+    if not onnx_path.is_file():
+        raise ModelFileError(f"ONNX file {str(onnx_path)!r} does not exist. Fix: pass a file written by qatkit export")
+    model, recipe = _load_model(Path(args.reference) if args.reference else onnx_path.with_suffix(".safetensors"))
+    _, loader = _test_loader(args, recipe, args.limit)
+    result = verify(onnx_path, model, loader)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"[qatkit] {onnx_path.name}: n={result['n']} top1_agreement={result['top1_agreement']:.4f} "
+              f"within_one_step={result['within_one_step']:.4f} max_step_diff={result['max_step_diff']}")
+        for row in result["per_layer"]:
+            print(f"[qatkit]   {row['node']}: {row['differing']:.4%} differ, up to {row['max_steps']} steps, SQNR {row['sqnr_db']} dB")
     return 0
 
 
@@ -154,7 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    handler = {"run": _cmd_run, "train": _cmd_train, "convert": _cmd_convert, "eval": _cmd_eval}[args.command]
+    handler = {"run": _cmd_run, "train": _cmd_train, "convert": _cmd_convert, "export": _cmd_export,
+               "verify": _cmd_verify, "eval": _cmd_eval}[args.command]
     try:
         return handler(args)
     except (ConfigError, DataError, ModelFileError) as e:

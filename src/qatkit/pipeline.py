@@ -22,6 +22,7 @@ from qatkit.calibrate import calibrate
 from qatkit.config import QATConfig, TrainConfig, qat_config_from_dict, to_dict
 from qatkit.convert import convert, load, save
 from qatkit.data import BatchLoader, ImageDataset, load_dataset
+from qatkit.export import verify
 from qatkit.errors import ConfigError, ModelFileError, bad_value
 from qatkit.models import build_model
 from qatkit.prepare import prepare
@@ -130,6 +131,14 @@ def save_integer(model: nn.Module, recipe: dict, path: Path) -> int:
     return path.stat().st_size
 
 
+def export_model(model: nn.Module, recipe: dict, path: Path) -> list[str]:
+    """ONNX (QDQ) file of a QAT or integer model, traced with one input of the recipe's shape."""
+    from qatkit.export import export_onnx
+
+    example = torch.zeros(1, recipe["in_channels"], recipe["image_size"], recipe["image_size"])
+    return export_onnx(model, path, example)
+
+
 def _row(method: str, w: int, a: int, accuracy: float, path: Path, seconds: float, **extra) -> dict:
     return {"method": method, "weight_bits": w, "act_bits": a, "accuracy": accuracy,
             "model_bytes": path.stat().st_size, "file": path.name, "seconds": round(seconds, 2), **extra}
@@ -173,10 +182,17 @@ def _run(config: RunConfig, out: Path, log) -> dict:
             accuracy = evaluate(model, test_loader)["accuracy"]
             path = out / f"{method}_w{w}a{a}.safetensors"
             save_integer(model, _recipe(config, ds, dataclasses.replace(config.qat, weight_bits=w, act_bits=a)), path)
-            integer_accuracy = evaluate(load(path), test_loader)["accuracy"]
-            rows.append(_row(method, w, a, accuracy, path, time.perf_counter() - t, integer_model_accuracy=integer_accuracy))
+            integer = load(path)
+            extra = {"integer_model_accuracy": evaluate(integer, test_loader)["accuracy"]}
+            if method == "qat":  # the deployable form: ONNX for ONNX Runtime's int8 kernels, checked against qatkit
+                onnx_path = path.with_suffix(".onnx")
+                notes = export_model(integer, integer.meta["recipe"], onnx_path)
+                check = verify(onnx_path, integer, test_loader)
+                extra.update(onnx_bytes=onnx_path.stat().st_size, onnx_notes=notes,
+                             verify={k: check[k] for k in ("n", "top1_agreement", "within_one_step", "max_step_diff")})
+            rows.append(_row(method, w, a, accuracy, path, time.perf_counter() - t, **extra))
             tables.setdefault(f"W{w}A{a}", describe(model))
-            log(f"[qatkit] {method} W{w}A{a}: accuracy {accuracy:.4f} (integer model file {integer_accuracy:.4f})")
+            log(f"[qatkit] {method} W{w}A{a}: accuracy {accuracy:.4f} (integer model file {extra['integer_model_accuracy']:.4f})")
     results = {"model": config.model, "dataset": ds.name, "test_samples": len(ds.test), "rows": rows,
                "seconds": round(time.perf_counter() - t_start, 1), "threads": torch.get_num_threads(),
                "config": json.loads(json.dumps(to_dict(config), default=str))}

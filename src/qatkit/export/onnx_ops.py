@@ -1,0 +1,186 @@
+"""ONNX forms of the integer model's `call` nodes (the closed op table of convert/ops.py).
+
+Ops that keep the integer grid run on the codes; the rest run in float on dequantized inputs.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from qatkit.errors import QatkitError
+from qatkit.export.onnx_qdq import BINARY, UNARY, Value
+
+
+def _ints(v) -> list[int]:
+    return [v] * 2 if isinstance(v, int) else list(v)
+
+
+def _dims(args: list) -> list:
+    """Shape/permutation arguments given as f(x, a, b, c) or f(x, [a, b, c])."""
+    return list(args[1]) if len(args) == 2 and isinstance(args[1], list) else list(args[1:])
+
+
+def _arg(args, kwargs, i, key, default):
+    return args[i] if len(args) > i else kwargs.get(key, default)
+
+
+def _axis(a: int, rank: int) -> int:
+    return a + rank if a < 0 else a
+
+
+def export_call(ex, node: dict) -> Value:
+    fn, name = node["fn"], node["name"]
+    short = fn.rsplit(".", 1)[-1]
+    args = [_resolve(ex, a) for a in node["args"]]
+    kwargs = {k: _resolve(ex, v) for k, v in node["kwargs"].items()}
+    x = args[0] if args else None
+    rank = ex.rank(node["args"][0]["node"]) if node["args"] and isinstance(node["args"][0], dict) and "node" in node["args"][0] else None
+
+    def same_kind(out: str) -> Value:  # a grid-keeping op: integer codes stay integer codes
+        return Value(out, x.kind, x.scale, x.zero_point)
+
+    if short in ("identity", "contiguous", "dropout"):
+        return x
+    if short == "getattr":
+        return Value(ex.op("Shape", [x.name], "shape"), "shape")
+    if short == "size":
+        shape = ex.op("Shape", [x.name], "shape")
+        return Value(ex.op("Gather", [shape, ex.const("i", np.array(args[1], np.int64))], "dim"), "int") if len(args) > 1 \
+            else Value(shape, "shape")
+    if short == "getitem":
+        return _getitem(ex, x, args[1], rank)
+    if short in ("relu",) and x.kind == "quant":  # max(q, z): ReLU on the codes
+        return same_kind(ex.op("Max", [x.name, x.zero_point], name))
+    if short in ("max_pool1d", "max_pool2d"):
+        k = _arg(args, kwargs, 1, "kernel_size", None)
+        stride = _arg(args, kwargs, 2, "stride", None) or k
+        pad = _arg(args, kwargs, 3, "padding", 0)
+        dil = _arg(args, kwargs, 4, "dilation", 1)
+        n = 1 if short == "max_pool1d" else 2
+        k, stride, pad, dil = ([v] * n if isinstance(v, int) else list(v) for v in (k, stride, pad, dil))
+        src = x.name if x.kind == "quant" else ex.floats(x)
+        out = ex.op("MaxPool", [src], name, kernel_shape=k, strides=stride, pads=pad * 2, dilations=dil,
+                    ceil_mode=int(bool(_arg(args, kwargs, 5, "ceil_mode", False))))
+        return same_kind(out) if x.kind == "quant" else Value(out, "float")
+    if short == "flatten":
+        start, end = _axis(_arg(args, kwargs, 1, "start_dim", 0), rank), _axis(_arg(args, kwargs, 2, "end_dim", -1), rank)
+        tail = list(ex.shapes[node["args"][0]["node"]].shape[end + 1:])
+        shape = ex.const("shape", np.array([0] * start + [-1] + tail, np.int64))
+        return _keep(ex, x, "Reshape", [shape], name)
+    if short in ("reshape", "view"):
+        dims = [d if isinstance(d, int) else d for d in _dims(args)]
+        return _keep(ex, x, "Reshape", [ex.shape_tensor(dims)], name)
+    if short == "permute":
+        return _keep(ex, x, "Transpose", [], name, perm=[_axis(d, rank) for d in _dims(args)])
+    if short == "transpose":
+        perm = list(range(rank))
+        a, b = _axis(args[1], rank), _axis(args[2], rank)
+        perm[a], perm[b] = perm[b], perm[a]
+        return _keep(ex, x, "Transpose", [], name, perm=perm)
+    if short in ("unsqueeze", "squeeze"):
+        dim = _arg(args, kwargs, 1, "dim", None)
+        axes = [] if dim is None else [ex.const("axes", np.array([dim], np.int64))]
+        return _keep(ex, x, short.capitalize(), axes, name)
+    return _float_op(ex, node, short, args, kwargs, rank)
+
+
+def _resolve(ex, a):
+    if isinstance(a, list):
+        return [_resolve(ex, v) for v in a]
+    return ex.resolve(a)
+
+
+def _keep(ex, x: Value, op: str, extra: list[str], name: str, **attrs) -> Value:
+    """Run a grid-keeping op on the codes (quantized x) or on the float tensor."""
+    src = x.name if x.kind in ("quant", "shape") else ex.floats(x)
+    return Value(ex.op(op, [src, *extra], name, **attrs), x.kind, x.scale, x.zero_point)
+
+
+def _getitem(ex, x: Value, index, rank) -> Value:
+    if isinstance(index, int):
+        out = ex.op("Gather", [x.name if x.kind != "float" else x.name, ex.const("i", np.array(index, np.int64))], "item", axis=0)
+        kind = "int" if x.kind == "shape" else x.kind
+        return Value(out, kind, x.scale, x.zero_point)
+    items = index if isinstance(index, list) else [index]
+    if all(isinstance(i, slice) for i in items) and all(s.step in (None, 1) for s in items):
+        starts = [s.start or 0 for s in items]
+        ends = [np.iinfo(np.int64).max if s.stop is None else s.stop for s in items]
+        axes = list(range(len(items)))
+        out = ex.op("Slice", [x.name, ex.const("st", np.array(starts, np.int64)), ex.const("en", np.array(ends, np.int64)),
+                              ex.const("ax", np.array(axes, np.int64))], "slice")
+        return Value(out, x.kind, x.scale, x.zero_point)
+    raise QatkitError(f"indexing with {index!r} has no ONNX form in qatkit. Fix: index with an int or plain slices")
+
+
+def _c(ex, v) -> str:
+    """A float input: an exported value (dequantized if integer) or a Python number as a constant."""
+    if isinstance(v, Value):
+        return ex.floats(v)
+    return ex.const("c", np.array(v, np.float32))
+
+
+def _float_op(ex, node, short, args, kwargs, rank) -> Value:
+    name = node["name"]
+    x = args[0]
+    if short in BINARY:
+        if isinstance(x, Value) and x.kind in ("shape", "int"):
+            raise QatkitError(f"arithmetic on shapes (node '{name}') has no ONNX form in qatkit. Fix: use -1 in reshape")
+        return Value(ex.op(BINARY[short], [_c(ex, x), _c(ex, args[1])], name), "float")
+    if short in UNARY:
+        return Value(ex.op(UNARY[short], [_c(ex, x)], name), "float")
+    xf = ex.floats(x)
+    if short == "relu6":
+        return Value(ex.op("Clip", [xf, ex.const("lo", np.float32(0)), ex.const("hi", np.float32(6))], name), "float")
+    if short == "silu":
+        return Value(ex.op("Mul", [xf, ex.op("Sigmoid", [xf], "sig")], name), "float")
+    if short == "gelu":
+        if kwargs.get("approximate", "none") != "none":
+            raise QatkitError(f"GELU(approximate='tanh') (node '{name}') has no ONNX form in qatkit. Fix: use approximate='none'")
+        inner = ex.op("Erf", [ex.op("Mul", [xf, ex.const("c", np.float32(1 / np.sqrt(2)))], "g")], "erf")
+        half = ex.op("Mul", [xf, ex.const("c", np.float32(0.5))], "half")
+        return Value(ex.op("Mul", [half, ex.op("Add", [inner, ex.const("one", np.float32(1))], "g")], name), "float")
+    if short == "softmax":
+        return Value(ex.op("Softmax", [xf], name, axis=_arg(args, kwargs, 1, "dim", -1)), "float")
+    if short == "layer_norm":
+        shape = _arg(args, kwargs, 1, "normalized_shape", None)
+        inputs = [xf, _c(ex, kwargs["weight"]), _c(ex, kwargs["bias"])]
+        return Value(ex.op("LayerNormalization", inputs, name, axis=-len(shape), epsilon=kwargs.get("eps", 1e-5)), "float")
+    if short == "embedding":
+        return Value(ex.op("Gather", [_c(ex, kwargs["weight"]), x.name], name, axis=0), "float")
+    if short == "batch_norm":
+        inputs = [xf] + [_c(ex, kwargs[k]) for k in ("weight", "bias", "running_mean", "running_var")]
+        return Value(ex.op("BatchNormalization", inputs, name, epsilon=kwargs.get("eps", 1e-5)), "float")
+    if short in ("adaptive_avg_pool1d", "adaptive_avg_pool2d"):
+        size = _arg(args, kwargs, 1, "output_size", None)
+        if set(_ints(size)) != {1}:
+            raise QatkitError(f"adaptive average pooling to {size} (node '{name}') has no ONNX form in qatkit. "
+                              "Fix: pool to 1 (global average pooling)")
+        return Value(ex.op("GlobalAveragePool", [xf], name), "float")
+    if short in ("avg_pool1d", "avg_pool2d"):
+        n = 1 if short == "avg_pool1d" else 2
+        k = _arg(args, kwargs, 1, "kernel_size", None)
+        stride = _arg(args, kwargs, 2, "stride", None) or k
+        pad = _arg(args, kwargs, 3, "padding", 0)
+        k, stride, pad = ([v] * n if isinstance(v, int) else list(v) for v in (k, stride, pad))
+        return Value(ex.op("AveragePool", [xf], name, kernel_shape=k, strides=stride, pads=pad * 2,
+                           ceil_mode=int(bool(kwargs.get("ceil_mode", False))),
+                           count_include_pad=int(bool(kwargs.get("count_include_pad", True)))), "float")
+    if short in ("mean", "sum"):
+        dim = _arg(args, kwargs, 1, "dim", None)
+        keep = int(bool(_arg(args, kwargs, 2, "keepdim", False)))
+        axes = None if dim is None else _ints(dim) if not isinstance(dim, int) else [dim]
+        if short == "mean":
+            return Value(ex.op("ReduceMean", [xf], name, keepdims=keep, **({"axes": axes} if axes else {})), "float")
+        extra = [ex.const("axes", np.array(axes, np.int64))] if axes else []
+        return Value(ex.op("ReduceSum", [xf, *extra], name, keepdims=keep), "float")
+    if short == "cat":
+        parts = [ex.floats(v) for v in x]
+        return Value(ex.op("Concat", parts, name, axis=_arg(args, kwargs, 1, "dim", 0)), "float")
+    if short in ("linear", "conv1d", "conv2d"):
+        inputs = [xf, _c(ex, kwargs["weight"])] + ([_c(ex, kwargs["bias"])] if kwargs.get("bias") is not None else [])
+        if short == "linear":
+            return Value(ex.op("Gemm", inputs, name, transB=1), "float")
+        return Value(ex.op("Conv", inputs, name, strides=_ints(kwargs.get("stride", 1)),
+                           pads=_ints(kwargs.get("padding", 0)) * 2, dilations=_ints(kwargs.get("dilation", 1)),
+                           group=kwargs.get("groups", 1)), "float")
+    raise QatkitError(f"op {node['fn']!r} (node '{name}') has no ONNX form in qatkit. "
+                      "Fix: express it with supported ops (see qatkit/export/onnx_ops.py)")

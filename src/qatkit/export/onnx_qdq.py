@@ -1,0 +1,215 @@
+"""ONNX export in QDQ form: the integer model's graph written with QuantizeLinear/DequantizeLinear
+around standard ops, which ONNX Runtime fuses into its integer kernels (QLinearConv, QGemm, ...).
+
+Integer values travel as uint8/int8 tensors: ops that keep the integer grid (max pool, reshapes,
+transposes, ReLU as Max with the zero point) run on them directly; a consumer that needs floats gets
+a DequantizeLinear. A quantized conv/linear is DQ(x) → Conv/Gemm(DQ(w int8), DQ(b int32, s_x·s_w))
+→ [Relu] → Q, exactly the pattern the runtime turns into one integer kernel.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from qatkit.convert import ops
+from qatkit.convert.pack import unpack
+from qatkit.convert.runtime import IntegerModel, QValue
+from qatkit.errors import QatkitError
+
+OPSET = 17
+_F = lambda fn: ops.NAME_OF[fn]  # noqa: E731
+BINARY = {"add": "Add", "iadd": "Add", "sub": "Sub", "mul": "Mul", "truediv": "Div", "matmul": "MatMul"}
+UNARY = {"relu": "Relu", "sigmoid": "Sigmoid", "tanh": "Tanh", "sqrt": "Sqrt", "exp": "Exp", "neg": "Neg"}
+
+
+@dataclass
+class Value:
+    """An exported value: a float tensor, integer codes with (scale, zero point) initializers, or shape data."""
+
+    name: str
+    kind: str  # "float" | "quant" | "shape" | "int"
+    scale: str | None = None
+    zero_point: str | None = None
+    dq: str | None = None  # its DequantizeLinear output, once made
+
+
+class _Exporter:
+    def __init__(self, model: IntegerModel, example: torch.Tensor):
+        self.model = model
+        self.shapes = {k: (v.codes if isinstance(v, QValue) else v) for k, v in model.values(example).items()}
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: dict[str, onnx.TensorProto] = {}
+        self.env: dict[str, Value] = {}
+        self.notes: list[str] = []
+        self.counter = 0
+
+    # ---- graph building helpers ----------------------------------------------------------------
+    def fresh(self, hint: str) -> str:
+        self.counter += 1
+        return f"{hint}_{self.counter}"
+
+    def const(self, hint: str, array: np.ndarray) -> str:
+        name = self.fresh(hint)
+        self.inits[name] = numpy_helper.from_array(np.asarray(array), name)
+        return name
+
+    def op(self, op_type: str, inputs: list[str], hint: str, **attrs) -> str:
+        out = self.fresh(hint)
+        self.nodes.append(helper.make_node(op_type, inputs, [out], name=out, **attrs))
+        return out
+
+    def rank(self, ir_name: str) -> int | None:
+        value = self.shapes[ir_name]
+        return value.dim() if isinstance(value, torch.Tensor) else None
+
+    def qparams(self, fields: dict, hint: str) -> tuple[str, str]:
+        scale = self.model.tensor(fields["scale"]["tensor"]).numpy().astype(np.float32)
+        zp_type = np.uint8 if fields["qmin"] >= 0 else np.int8
+        return self.const(f"{hint}_scale", scale), self.const(f"{hint}_zp", np.array(fields["zero_point"], zp_type))
+
+    def floats(self, v: Value) -> str:
+        if v.kind != "quant":
+            return v.name
+        if v.dq is None:
+            v.dq = self.op("DequantizeLinear", [v.name, v.scale, v.zero_point], "dq")
+        return v.dq
+
+    def quantize(self, x: str, fields: dict, hint: str) -> Value:
+        """Q(x); a range narrower than the 8-bit container (4-bit codes) is enforced by a Clip first."""
+        scale, zp = self.qparams(fields, hint)
+        lo, hi, z = fields["qmin"], fields["qmax"], fields["zero_point"]
+        if (lo, hi) not in ((0, 255), (-128, 127)):
+            s = self.model.tensor(fields["scale"]["tensor"]).float()
+            bounds = [self.const("clip", ((torch.tensor(float(b)) - z) * s).numpy().astype(np.float32)) for b in (lo, hi)]
+            x = self.op("Clip", [x, *bounds], "clip")
+            self.note(f"{hi - lo + 1}-level activations are held in 8-bit tensors, their range enforced by Clip "
+                      "(ONNX Runtime has no kernels for narrower activations)")
+        return Value(self.op("QuantizeLinear", [x, scale, zp], f"{hint}_q"), "quant", scale, zp)
+
+    def note(self, text: str) -> None:
+        if text not in self.notes:
+            self.notes.append(text)
+
+    def shape_tensor(self, dims: list) -> str:
+        """An int64 shape from ints and exported int values (dynamic sizes such as the batch)."""
+        if all(isinstance(d, int) for d in dims):
+            return self.const("shape", np.array(dims, np.int64))
+        parts = [self.const("dim", np.array([d], np.int64)) if isinstance(d, int)
+                 else self.op("Unsqueeze", [d.name, self.const("axes", np.array([0], np.int64))], "dim") for d in dims]
+        return self.op("Concat", parts, "shape", axis=0)
+
+    # ---- IR nodes ---------------------------------------------------------------------------------
+    def run(self, input_shape: list, debug_outputs: bool = False) -> onnx.ModelProto:
+        inputs, outputs = [], []
+        for node in self.model.nodes:
+            name, op = node["name"], node["op"]
+            if op == "input":
+                inputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch", *input_shape[1:]]))
+                self.env[name] = Value(name, "float")
+            elif op == "output":
+                out = self.floats(self.resolve(node["args"][0]))
+                self.nodes.append(helper.make_node("Identity", [out], ["output"], name="output"))
+                shape = ["batch", *self.shapes["output"].shape[1:]]
+                outputs.append(helper.make_tensor_value_info("output", TensorProto.FLOAT, shape))
+            elif op == "constant":
+                self.env[name] = Value(self.const(name, self.model.tensor(node["value"]["tensor"]).numpy()), "float")
+            elif op == "quantize":
+                self.env[name] = self.quantize(self.floats(self.resolve(node["args"][0])), node, name)
+            elif op == "qlayer":
+                self.env[name] = self.qlayer(node)
+            else:
+                self.env[name] = self.call(node)
+        if debug_outputs:  # every integer value, named after its node, for per-layer comparisons
+            for ir_name, v in self.env.items():
+                if v.kind == "quant" and ir_name in self.shapes:
+                    self.nodes.append(helper.make_node("Identity", [v.name], [f"debug/{ir_name}"]))
+                    elem = TensorProto.UINT8 if self.inits[v.zero_point].data_type == TensorProto.UINT8 else TensorProto.INT8
+                    outputs.append(helper.make_tensor_value_info(f"debug/{ir_name}", elem, [None] * self.shapes[ir_name].dim()))
+        graph = helper.make_graph(self.nodes, "qatkit", inputs, outputs, list(self.inits.values()))
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="qatkit")
+        onnx.checker.check_model(model)
+        return model
+
+    def resolve(self, a):
+        if isinstance(a, dict) and "node" in a:
+            return self.env[a["node"]]
+        if isinstance(a, dict) and "tensor" in a:
+            return Value(self.const("t", self.model.tensor(a["tensor"]).numpy()), "float")
+        return a
+
+    def qlayer(self, node: dict) -> Value:
+        name, x = node["name"], self.resolve(node["args"][0])
+        if x.kind != "quant":
+            x = self.quantize(self.floats(x), node["input"], f"{name}_in")
+        codes = unpack(self.model.tensor(node["weight"]["tensor"]), node["bits"], tuple(node["shape"])).numpy().astype(np.int8)
+        s_in = self.model.tensor(node["input"]["scale"]["tensor"])
+        s_w = self.model.tensor(node["weight_scale"]["tensor"])
+        if node["bits"] < 8:
+            self.note(f"{node['bits']}-bit weights are stored as int8 (ONNX Runtime has no 4-bit conv/gemm kernels)")
+        per_channel = s_w.dim() == 1
+        w = self.op("DequantizeLinear", [self.const(f"{name}_w", codes), self.const(f"{name}_ws", s_w.numpy()),
+                                         self.const(f"{name}_wz", np.zeros(s_w.shape, np.int8))], f"{name}_wdq",
+                    **({"axis": 0} if per_channel else {}))
+        inputs = [None, w]
+        if node["bias"] is not None:
+            bias_scale = (s_in.float() * s_w.float()).numpy()  # the product kernels.py uses
+            inputs.append(self.op("DequantizeLinear", [
+                self.const(f"{name}_b", self.model.tensor(node["bias"]["tensor"]).numpy()),
+                self.const(f"{name}_bs", bias_scale), self.const(f"{name}_bz", np.zeros(bias_scale.shape, np.int32))],
+                f"{name}_bdq", **({"axis": 0} if per_channel else {})))
+        rank = self.rank(node["args"][0]["node"])
+        if node["kind"] == "conv":
+            k = node["shape"][2:]
+            inputs[0] = self.floats(x)
+            y = self.op("Conv", inputs, name, kernel_shape=k, strides=node["stride"], pads=node["padding"] * 2,
+                        dilations=node["dilation"], group=node["groups"])
+        elif rank == 2:
+            inputs[0] = self.floats(x)
+            y = self.op("Gemm", inputs, name, transB=1)
+        else:  # (..., in) → (N, in) on the integer codes, Gemm, then back to (..., out)
+            lead = self.op("Slice", [self.op("Shape", [x.name], "shp"), self.const("s", np.array([0], np.int64)),
+                                     self.const("e", np.array([-1], np.int64))], "lead")
+            flat = Value(self.op("Reshape", [x.name, self.const("s", np.array([-1, node["shape"][1]], np.int64))], "flat"),
+                         "quant", x.scale, x.zero_point)
+            inputs[0] = self.floats(flat)
+            y = self.op("Gemm", inputs, name, transB=1)
+            back = self.op("Concat", [lead, self.const("o", np.array([node["shape"][0]], np.int64))], "shape", axis=0)
+        out = node["output"]
+        if node["act"] == "relu" or (node["act"] == "relu6" and out is not None and self._within_six(out)):
+            y = self.op("Relu", [y], f"{name}_relu")  # relu6 whose range ends below 6: the Q saturates first
+        elif node["act"] == "relu6":
+            y = self.op("Clip", [y, self.const("lo", np.float32(0)), self.const("hi", np.float32(6))], f"{name}_relu6")
+        value = Value(y, "float") if out is None else self.quantize(y, out, f"{name}_out")
+        if node["kind"] == "linear" and rank != 2:
+            value = Value(self.op("Reshape", [value.name, back], "unflat"), value.kind, value.scale, value.zero_point)
+        return value
+
+    def _within_six(self, fields: dict) -> bool:
+        s = float(self.model.tensor(fields["scale"]["tensor"]))
+        return (fields["qmax"] - fields["zero_point"]) * s <= 6.0
+
+    def call(self, node: dict) -> Value:
+        from qatkit.export.onnx_ops import export_call
+
+        return export_call(self, node)
+
+
+def export_onnx(model, path, example_input: torch.Tensor, *, debug_outputs: bool = False) -> list[str]:
+    """Write `model` (an IntegerModel, or a QAT model to convert first) as a QDQ ONNX file; returns notes
+    on what could not be expressed with integer kernels. `debug_outputs` adds every integer tensor
+    as an output "debug/<node>" (for per-layer comparisons; such a graph fuses less)."""
+    from qatkit.convert import convert
+
+    integer = model if isinstance(model, IntegerModel) else convert(model)
+    exporter = _Exporter(integer, example_input)
+    proto = exporter.run(list(example_input.shape), debug_outputs)
+    proto.metadata_props.append(onnx.StringStringEntryProto(key="qatkit_notes", value="\n".join(exporter.notes)))
+    onnx.save(proto, str(path))
+    return exporter.notes
+
+
+__all__ = ["export_onnx"]

@@ -1,0 +1,100 @@
+"""Running exported models in ONNX Runtime, and `verify`: does the runtime compute what was trained?"""
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from qatkit.convert.runtime import IntegerModel, QValue
+from qatkit.errors import ModelFileError
+
+
+def session(path: str | os.PathLike, threads: int = 2) -> ort.InferenceSession:
+    """A CPU session with every graph optimization (the QDQ → integer-kernel fusions) and, because
+    ORT's spinning workers starve torch's threads on a 2-core machine, no spinning."""
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.log_severity_level = 3
+    try:
+        return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    except Exception as e:  # ORT raises its own exception types for missing, corrupt or invalid files
+        raise ModelFileError(f"ONNX model {str(path)!r} cannot be loaded by ONNX Runtime ({str(e).splitlines()[0][:200]}). "
+                             "Fix: pass a file written by qatkit export") from None
+
+
+def run(sess: ort.InferenceSession, x: torch.Tensor) -> np.ndarray:
+    return sess.run(["output"], {sess.get_inputs()[0].name: x.numpy()})[0]
+
+
+def output_step(integer: IntegerModel, x: torch.Tensor) -> float | None:
+    """The output's quantization step (its scale), or None for a float output."""
+    out_node = next(n for n in integer.nodes if n["op"] == "output")
+    value = integer.values(x[:1])[out_node["args"][0]["node"]]
+    return float(value.scale) if isinstance(value, QValue) and value.scale.numel() == 1 else None
+
+
+def _sqnr_db(ref: np.ndarray, other: np.ndarray) -> float:
+    noise = float(np.sum((ref - other) ** 2))
+    return float("inf") if noise == 0 else 10 * np.log10(max(float(np.sum(ref**2)), 1e-30) / noise)
+
+
+def per_layer(integer: IntegerModel, x: torch.Tensor) -> list[dict]:
+    """For each integer tensor where ONNX Runtime and qatkit differ on `x`: fraction differing, largest
+    difference in steps, and SQNR (dB) of the runtime's values against qatkit's."""
+    from qatkit.export.onnx_qdq import export_onnx
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "debug.onnx"
+        export_onnx(integer, path, x[:1], debug_outputs=True)
+        sess = session(path)
+        names = [o.name for o in sess.get_outputs() if o.name.startswith("debug/")]
+        outs = dict(zip(names, sess.run(names, {sess.get_inputs()[0].name: x.numpy()})))
+    values, rows = integer.values(x), []
+    for name in names:
+        mine = values[name[len("debug/"):]]
+        if not isinstance(mine, QValue):
+            continue
+        diff = np.abs(outs[name].astype(np.int64) - mine.codes.numpy().astype(np.int64))
+        if diff.max() > 0:
+            scale = mine.scale.numpy()
+            ref, got = mine.dequantize().numpy(), (outs[name].astype(np.float32) - mine.zero_point) * scale
+            rows.append({"node": name[len("debug/"):], "differing": float((diff > 0).mean()), "max_steps": int(diff.max()),
+                         "sqnr_db": round(float(_sqnr_db(ref, got)), 2)})
+    return rows
+
+
+def verify(onnx_path: str | os.PathLike, model, batches: Iterable, *, threads: int = 2) -> dict:
+    """Run ONNX Runtime and qatkit's model (QAT or IntegerModel) on the same inputs and compare outputs.
+
+    Returns n (samples), top1_agreement, within_one_step (fraction of output values within one
+    output quantization step), max_step_diff, and per_layer (where any integer tensor differs).
+    """
+    from qatkit.convert import convert
+
+    integer = model if isinstance(model, IntegerModel) else convert(model)
+    sess = session(onnx_path, threads)
+    n = agree = within = total = 0
+    max_diff, step, first_x = 0.0, None, None
+    for batch in batches:
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        if first_x is None:
+            first_x, step = x, output_step(integer, x)
+        mine, theirs = integer(x).numpy(), run(sess, x)
+        scale = step if step is not None else float(np.abs(mine).max() or 1.0) * 2.0**-23
+        diff = np.abs(mine - theirs) / scale
+        n += x.shape[0]
+        agree += int((mine.argmax(-1) == theirs.argmax(-1)).sum())
+        within += int((diff <= 1.0 + 1e-4).sum())
+        total += diff.size
+        max_diff = max(max_diff, float(diff.max()))
+    result = {"n": n, "top1_agreement": agree / max(n, 1), "within_one_step": within / max(total, 1),
+              "max_step_diff": round(max_diff, 4), "output_step": step}
+    result["per_layer"] = per_layer(integer, first_x) if max_diff > 0 and first_x is not None else []
+    return result
