@@ -23,6 +23,12 @@ def bias_codes(bias: torch.Tensor, bias_scale: torch.Tensor) -> torch.Tensor:
     return torch.clamp(torch.round(bias.double() / bias_scale.double()), INT32_MIN, INT32_MAX)
 
 
+def wrap_int32(acc: torch.Tensor) -> torch.Tensor:
+    """The accumulator as an int32 register holds it: sums beyond ±2^31 wrap around (only degenerate
+    layers get there, e.g. a bias saturated at int32 by a near-zero input scale)."""
+    return torch.remainder(acc + 2.0**31, 2.0**32) - 2.0**31
+
+
 def multiplier(s_in: torch.Tensor, s_w: torch.Tensor, s_out: torch.Tensor) -> torch.Tensor:
     """Requantization multiplier M = s_in·s_w / s_out in float32, per output channel."""
     return (s_in.float() * s_w.float()) / s_out.float()
@@ -52,3 +58,37 @@ def dequantize_acc(acc: torch.Tensor, bias_scale: torch.Tensor, act: str | None,
     if act == "relu6":
         return torch.clamp(y, 0.0, 6.0)
     return y
+
+
+def fma_f32(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """float32 fused multiply-add, one rounding of a·b + c (what vfmadd computes), emulated in float64:
+    a·b is exact in float64; the sum is rounded to odd using its exact TwoSum error, and round-to-odd at
+    53 bits followed by rounding to 24 bits is a correct single rounding."""
+    a, b, c = (torch.as_tensor(v, dtype=torch.float32).double() for v in (a, b, c))
+    p = a * b
+    s = p + c
+    bp = s - c
+    err = (p - bp) + (c - (s - bp))
+    even = (s.view(torch.int64) & 1) == 0
+    s = torch.where((err != 0) & even, torch.nextafter(s, torch.where(err > 0, torch.inf, -torch.inf).double()), s)
+    return s.float()
+
+
+def add_requant(q_a, z_a, s_a, q_b, z_b, s_b, s_out, z_out, lo, hi) -> torch.Tensor:
+    """Output codes of a quantized residual add as ONNX Runtime's QLinearAdd computes them:
+        rA = s_a/s_c, rB = s_b/s_c, F = z_c - fma(rA, z_a, rB·z_b), c = rint(fma(a, rA, fma(b, rB, F)))."""
+    r_a, r_b = s_a.float() / s_out.float(), s_b.float() / s_out.float()
+    fixed = torch.as_tensor(z_out, dtype=torch.float32) - fma_f32(r_a, z_a, r_b * torch.as_tensor(z_b, dtype=torch.float32))
+    return torch.clamp(torch.round(fma_f32(q_a, r_a, fma_f32(q_b, r_b, fixed))), lo, hi)
+
+
+def global_avgpool_requant(q_x, z_x, s_x, s_out, z_out, lo, hi) -> torch.Tensor:
+    """Output codes of global average pooling as QLinearGlobalAveragePool computes them: the integer sum
+    S = Σq - z_x·HW, then rint(float32(S)·k) + z_y with k = s_x / (s_y·HW) in float32. (N, C, *) → (N, C, 1...)."""
+    spatial = tuple(range(2, q_x.dim()))
+    hw = 1
+    for d in spatial:
+        hw *= q_x.shape[d]
+    acc = q_x.double().sum(dim=spatial, keepdim=True) - float(z_x) * hw
+    k = s_x.float() / (s_out.float() * torch.tensor(float(hw), dtype=torch.float32))
+    return torch.clamp(torch.round(acc.float() * k) + z_out, lo, hi)

@@ -8,6 +8,7 @@ import torch
 from torch import fx, nn
 
 import qatkit
+from qatkit.nn import QAdd
 from qatkit.models import build_model
 from qatkit.nn import QConvBn, QLayer
 from qatkit.quantizer import FakeQuantizer
@@ -99,37 +100,36 @@ def test_relu_after_a_layer_is_fused(prepared, name):
     if name == "mobilenetv2":  # stem, 17 blocks (16 with an expand conv), head: every ReLU6 goes into a conv
         assert fused.count("relu6") == sum(isinstance(m, nn.ReLU6) for m in model.modules()) == 35
         assert call_modules(qat, nn.ReLU6) == []
-    if name == "resnet20":  # relu1 of each block and the stem's relu fuse; relu2 follows the residual add
+    if name == "resnet20":  # relu1 of each block and the stem's relu fuse into convs, relu2 into the residual add
         assert fused == ["relu"] * 10
-        assert len(call_modules(qat, nn.ReLU)) == 9
+        assert call_modules(qat, nn.ReLU) == []
+        assert [m.act for m in qat.modules() if isinstance(m, QAdd)] == ["relu"] * 9
 
 
 def test_resnet20_quantizes_the_input_and_every_residual_add(prepared):
     _, _, qat = prepared["resnet20"]
     modules = dict(qat.named_modules())
     aq = qat.qat_info.act_quantizers
-    adds = [n for n in qat.graph.nodes if n.op == "call_function" and n.target in (operator.add, torch.add)]
+    assert not [n for n in qat.graph.nodes if n.op == "call_function" and n.target in (operator.add, torch.add)]
+    adds = [n for n in qat.graph.nodes if n.op == "call_module" and isinstance(modules[n.target], QAdd)]
     assert len(adds) == 9
-    for add in adds:  # add -> relu2 -> quantizer (unsigned: after a ReLU)
-        (relu,) = add.users
-        assert isinstance(modules[relu.target], nn.ReLU)
-        quant = [u for u in relu.users if u.op == "call_module" and isinstance(modules[u.target], FakeQuantizer)]
-        assert len(quant) == 1 and quant[0].target in aq
-        assert modules[quant[0].target].spec.signed is False
+    for add in adds:  # QAdd(a, b, quantizer of a, quantizer of b), ReLU fused, unsigned output
+        a, b, qa, qb = add.args
+        assert all(q.op == "get_attr" and isinstance(modules[q.target], FakeQuantizer) for q in (qa, qb))
+        assert f"{add.target}.out_quant" in aq and modules[add.target].out_quant.spec.signed is False
     (placeholder,) = [n for n in qat.graph.nodes if n.op == "placeholder"]
     (first,) = placeholder.users
     assert first.target == "quant_x" and isinstance(modules["quant_x"], FakeQuantizer)
-    assert aq == ["quant_x"] + [f"quant_layer{s}_{b}_relu2" for s in (1, 2, 3) for b in (0, 1, 2)] + ["quant_avgpool"]
+    assert aq == ["quant_x"] + [f"qadd_add{'' if i == 0 else f'_{i}'}.out_quant" for i in range(9)] + ["qpool_avgpool.out_quant"]
 
 
 def test_mobilenetv2_quantizes_every_residual_add(prepared):
     model, _, qat = prepared["mobilenetv2"]
     modules = dict(qat.named_modules())
     n_res = sum(getattr(m, "use_residual", False) for m in model.modules())
-    adds = [n for n in qat.graph.nodes if n.op == "call_function" and n.target in (operator.add, torch.add)]
+    adds = [n for n in qat.graph.nodes if n.op == "call_module" and isinstance(modules[n.target], QAdd)]
     assert len(adds) == n_res == 10
-    for add in adds:
-        assert all(u.op == "call_module" and isinstance(modules[u.target], FakeQuantizer) for u in add.users)
+    assert all(modules[a.target].act is None for a in adds)  # linear bottlenecks: no ReLU after the add
     assert len(qat.qat_info.act_quantizers) == 1 + n_res + 1  # input, adds, avgpool
 
 

@@ -17,7 +17,7 @@ from qatkit.convert.runtime import IntegerModel
 from qatkit.errors import ModelFileError
 
 FORMAT, VERSION = "qatkit-integer-model", 1
-_NODE_OPS = {"input", "output", "constant", "quantize", "qlayer", "call"}
+_NODE_OPS = {"input", "output", "constant", "quantize", "qlayer", "qadd", "qpool", "call"}
 
 
 def save(model: IntegerModel, path: str | os.PathLike) -> Path:

@@ -4,6 +4,8 @@ Node kinds:
   input     - a graph input
   quantize  - float → integer codes at (scale, zero_point), clamped to [qmin, qmax]
   qlayer    - integer conv/linear: packed weight codes, per-channel scales, int32 bias, requantization
+  qadd      - integer residual add (ONNX Runtime's QLinearAdd arithmetic), optionally with ReLU
+  qpool     - integer global average pooling (QLinearGlobalAveragePool arithmetic)
   call      - a function from the closed table in ops.py, on integer codes where it keeps the grid,
               else on dequantized values
   output
@@ -18,7 +20,7 @@ from qatkit import kernels
 from qatkit.convert import ops
 from qatkit.convert.pack import pack
 from qatkit.errors import QatkitError
-from qatkit.nn import QConv, QLayer
+from qatkit.nn import QAdd, QConv, QGlobalAvgPool, QLayer
 from qatkit.quantizer import FakeQuantizer
 
 
@@ -96,6 +98,13 @@ class _Writer:
             return {"op": "quantize", "args": [self.arg(node.args[0])], **_quant_fields(m, self.tensors, node.target)}
         if isinstance(m, QLayer):
             return self._qlayer(node, m)
+        if isinstance(m, (QAdd, QGlobalAvgPool)):
+            n_in = 2 if isinstance(m, QAdd) else 1
+            in_qs = [self._resolve(a.target) for a in node.args[n_in:]]
+            entry = {"op": "qadd" if n_in == 2 else "qpool", "args": [self.arg(a) for a in node.args[:n_in]],
+                     "inputs": [_quant_fields(q, self.tensors, f"{node.target}.input{i}") for i, q in enumerate(in_qs)],
+                     "output": _quant_fields(m.out_quant, self.tensors, f"{node.target}.output")}
+            return {**entry, "act": m.act} if n_in == 2 else entry
         if isinstance(m, ops.IDENTITY_MODULES):
             return {"op": "call", "fn": "identity", "args": [self.arg(node.args[0])], "kwargs": {}}
         spec = ops.MODULES.get(type(m))

@@ -89,6 +89,8 @@ class IntegerModel(nn.Module):
                 env[node["name"]] = self._quantize(node, _dequantize(self._arg(node["args"][0], env)))
             elif op == "qlayer":
                 env[node["name"]] = self._qlayer(node, self._arg(node["args"][0], env))
+            elif op in ("qadd", "qpool"):
+                env[node["name"]] = self._requant_op(node, self._arg(node["args"], env))
             else:
                 env[node["name"]] = self._call(node, self._arg(node["args"], env), self._arg(node["kwargs"], env))
         raise AssertionError("graph has no output node")
@@ -116,12 +118,24 @@ class IntegerModel(nn.Module):
             axis = 1
         else:
             acc, axis = F.linear(centered, self._weight_codes(node), q_b), -1
-        out = node["output"]
+        acc, out = kernels.wrap_int32(acc), node["output"]
         if out is None:
             return kernels.dequantize_acc(acc, s_in * s_w, node["act"], axis)
         s_out, z_out = self.tensor(out["scale"]["tensor"]), torch.tensor(float(out["zero_point"]))
         lo, hi = kernels.activation_bounds(node["act"], s_out, z_out, out["qmin"], out["qmax"])
         codes = kernels.requantize(acc, kernels.multiplier(s_in, s_w, s_out), z_out, lo, hi, axis)
+        return QValue(codes, s_out, out["zero_point"])
+
+    def _requant_op(self, node, args: list) -> QValue:
+        xs = [x if isinstance(x, QValue) else self._quantize(f, x) for x, f in zip(args, node["inputs"])]
+        out = node["output"]
+        s_out, z_out = self.tensor(out["scale"]["tensor"]), torch.tensor(float(out["zero_point"]))
+        lo, hi = kernels.activation_bounds(node.get("act"), s_out, z_out, out["qmin"], out["qmax"])
+        if node["op"] == "qadd":
+            a, b = xs
+            codes = kernels.add_requant(a.codes, a.zero_point, a.scale, b.codes, b.zero_point, b.scale, s_out, z_out, lo, hi)
+        else:
+            codes = kernels.global_avgpool_requant(xs[0].codes, xs[0].zero_point, xs[0].scale, s_out, z_out, lo, hi)
         return QValue(codes, s_out, out["zero_point"])
 
     def _call(self, node, args: list, kwargs: dict):

@@ -121,6 +121,8 @@ class _Exporter:
                 self.env[name] = self.quantize(self.floats(self.resolve(node["args"][0])), node, name)
             elif op == "qlayer":
                 self.env[name] = self.qlayer(node)
+            elif op in ("qadd", "qpool"):
+                self.env[name] = self.requant_op(node)
             else:
                 self.env[name] = self.call(node)
         if debug_outputs:  # every integer value, named after its node, for per-layer comparisons
@@ -187,6 +189,18 @@ class _Exporter:
         if node["kind"] == "linear" and rank != 2:
             value = Value(self.op("Reshape", [value.name, back], "unflat"), value.kind, value.scale, value.zero_point)
         return value
+
+    def requant_op(self, node: dict) -> Value:
+        """DQ → Add [→ Relu] / GlobalAveragePool → Q: fused into QLinearAdd / QLinearGlobalAveragePool."""
+        name = node["name"]
+        xs = [self.resolve(a) for a in node["args"]]
+        xs = [x if x.kind == "quant" else self.quantize(self.floats(x), f, f"{name}_in") for x, f in zip(xs, node["inputs"])]
+        if node["op"] == "qadd":
+            y = self.op("Add", [self.floats(x) for x in xs], name)
+            y = self.op("Relu", [y], f"{name}_relu") if node.get("act") == "relu" else y
+        else:
+            y = self.op("GlobalAveragePool", [self.floats(xs[0])], name)
+        return self.quantize(y, node["output"], f"{name}_out")
 
     def _within_six(self, fields: dict) -> bool:
         s = float(self.model.tensor(fields["scale"]["tensor"]))

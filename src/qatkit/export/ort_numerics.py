@@ -6,6 +6,7 @@ output of one such kernel as measured with onnxruntime 1.32 on x86-64 (AVX-512 V
 and tests/export/test_ort_numerics.py, which checks every function against ORT itself.
 
     quantize_linear         QuantizeLinear (MlasQuantizeLinear): x / s (a true division), round half to even.
+    dequantize_linear       DequantizeLinear: f32(q - z) * s (what the unfused float paths start from).
     requant_multiplier      float32 (s_x * s_w[c]) / s_y, the multiplier of QLinearConv / QGemm / QLinearMatMul.
     qlinear_conv            DQ->Conv(->Relu)->Q  => com.microsoft QLinearConv (NHWC), uint8 activations only.
     qgemm                   DQ->Gemm(->Relu)->Q  => com.microsoft QGemm.
@@ -56,6 +57,11 @@ def fma_f32(a, b, c) -> np.ndarray:
 def quantize_linear(x, scale, zp, qmin: int = 0, qmax: int = 255) -> np.ndarray:
     """ONNX QuantizeLinear as ORT runs it: saturate(rint(f32(x) / f32(scale)) + zp), half to even."""
     return _out(np.rint(np.asarray(x, f32) / f32(scale)) + int(zp), qmin, qmax)
+
+
+def dequantize_linear(q, scale, zp) -> np.ndarray:
+    """ONNX DequantizeLinear as ORT runs it (also the unfused float paths): f32(q - zp) * f32(scale)."""
+    return (np.asarray(q, np.int64) - int(zp)).astype(f32) * f32(scale)
 
 
 def requant_multiplier(s_x, s_w, s_y) -> np.ndarray:
@@ -145,7 +151,7 @@ def matmul_integer_to_float(q_a, z_a, q_b, s_a, s_b) -> np.ndarray:
 
 
 def qlinear_add(q_a, s_a, z_a, q_b, s_b, z_b, s_c, z_c, qmin: int = 0, qmax: int = 255) -> np.ndarray:
-    """com.microsoft QLinearAdd (MlasQLinearAddKernelAvx2Helper), same-shape inputs:
+    """com.microsoft QLinearAdd (MlasQLinearAddKernelAvx2Helper); inputs broadcast as in numpy:
 
         rA = f32(s_a / s_c), rB = f32(s_b / s_c)
         fixed = f32(z_c) - fma(rA, z_a, f32(rB * z_b))          (the compiler contracts the scalar expression)

@@ -67,7 +67,7 @@ class QLayer(nn.Module):
         w, b = self.folded()
         s_w, _ = self.weight_quant.qparams()
         q_b = None if b is None else kernels.bias_codes(b, s_x * s_w)
-        acc = self.op((in_q.codes(x) - z_x).double(), self.weight_quant.codes(w).double(), q_b)
+        acc = kernels.wrap_int32(self.op((in_q.codes(x) - z_x).double(), self.weight_quant.codes(w).double(), q_b))
         if self.out_quant is None:
             return kernels.dequantize_acc(acc, s_x * s_w, self.act, self.out_axis)
         s_y, z_y = self.out_quant.qparams()

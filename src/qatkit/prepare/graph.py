@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from qatkit.config import QATConfig
-from qatkit.nn import QConv, QConvBn, QLinear
+from qatkit.nn import QAdd, QConv, QConvBn, QGlobalAvgPool, QLinear
 from qatkit.prepare.rules import LayerPlan
 from qatkit.quantizer import FakeQuantizer
 
@@ -37,7 +37,8 @@ GRID_PRESERVING_METHODS = {"view", "reshape", "flatten", "permute", "transpose",
 SHAPE_OPS = {getattr, "size", "dim"}  # shape arithmetic, not tensor compute
 # Ops an integer runtime runs on integers and requantizes (QLinearAdd, QLinearConcat, QLinearAveragePool).
 REQUANT_MODULES = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AvgPool1d, nn.AvgPool2d)
-REQUANT_FUNCTIONS = {operator.add, operator.iadd, torch.add, torch.cat, F.adaptive_avg_pool2d, F.avg_pool2d}
+REQUANT_FUNCTIONS = {operator.add, operator.iadd, torch.add, torch.cat, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d,
+                     F.avg_pool1d, F.avg_pool2d}
 
 
 @dataclass
@@ -89,6 +90,7 @@ class _Rewriter:
         self.calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
         self.quantized: dict[fx.Node, str] = {}  # node whose output is integer -> its quantizer's path
         self.inserted: dict[fx.Node, fx.Node] = {}  # float node -> quantizer node added after it
+        self.erased: set[fx.Node] = set()
 
     def run(self) -> PrepareInfo:
         for node in list(self.graph.nodes):
@@ -96,7 +98,8 @@ class _Rewriter:
                 self._wrap(node)
         self.modules = dict(self.gm.named_modules())
         for node in list(self.graph.nodes):
-            self._place_quantizers(node)
+            if node not in self.erased:
+                self._place_quantizers(node)
         self._apply_input_bits()
         self.gm.delete_all_unused_submodules()
         self.graph.lint()
@@ -168,6 +171,12 @@ class _Rewriter:
                 self.quantized[node] = self.quantized[inputs[0]]
             return  # computes nothing new: never a float island of its own
         is_add = node.target in (operator.add, operator.iadd, torch.add)
+        if is_add and len(node.args) == 2 and len(inputs) == 2 and all(a in self.quantized for a in inputs):
+            self._requant_module(node, QAdd, list(node.args))
+            return
+        if self._is_global_pool(node) and inputs[0] in self.quantized:
+            self._requant_module(node, QGlobalAvgPool, [node.args[0]])
+            return
         if (_is(node, self.modules, REQUANT_MODULES, REQUANT_FUNCTIONS) and inputs
                 and all(a in self.quantized for a in inputs) and not (is_add and len(inputs) != 2)):
             # x + constant stays float: the constant has no integer form here
@@ -176,6 +185,34 @@ class _Rewriter:
             return
         if node.op == "call_module" or (node.op in ("call_function", "call_method") and node.target not in SHAPE_OPS):
             self.info.float_ops.append(_describe(node, self.modules, self.plans))
+
+    def _is_global_pool(self, node: fx.Node) -> bool:
+        if node.op == "call_module" and isinstance(self.modules[node.target], (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)):
+            size = self.modules[node.target].output_size
+        elif node.op == "call_function" and node.target in (F.adaptive_avg_pool1d, F.adaptive_avg_pool2d):
+            size = node.args[1] if len(node.args) > 1 else node.kwargs.get("output_size")
+        else:
+            return False
+        return set(size if isinstance(size, (tuple, list)) else [size]) == {1}
+
+    def _requant_module(self, node: fx.Node, cls, inputs: list[fx.Node]) -> None:
+        """Replace `node` (and a ReLU after an add) by `cls`, which holds the output quantizer and runs
+        the runtime's integer arithmetic in eval mode; called as cls(*inputs, *their quantizers)."""
+        act_node = _sole_user(node) if cls is QAdd and _fusable_act(_sole_user(node), self.modules) == "relu" else None
+        spec = self.config.act_spec(self.config.act_bits, unsigned=act_node is not None)
+        path = f"{'qadd' if cls is QAdd else 'qpool'}_{node.name}"
+        self.gm.add_submodule(path, cls(spec, act="relu" if act_node else None) if cls is QAdd else cls(spec))
+        last = act_node or node
+        with self.graph.inserting_before(node):
+            quantizers = [self.graph.get_attr(self.quantized[x]) for x in inputs]
+            new = self.graph.call_module(path, (*inputs, *quantizers))
+        last.replace_all_uses_with(new)
+        for old in (act_node, node):
+            if old is not None:
+                self.graph.erase_node(old)
+                self.erased.add(old)
+        self.quantized[new] = f"{path}.out_quant"
+        self.info.act_quantizers.append(f"{path}.out_quant")
 
     def _quantize_layer_input(self, node: fx.Node) -> None:
         x = node.args[0]
