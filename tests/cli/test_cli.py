@@ -18,7 +18,7 @@ def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
     return code, out, err
 
 
-@pytest.mark.parametrize("command", ["run", "train", "convert", "eval"])
+@pytest.mark.parametrize("command", ["run", "train", "convert", "export", "verify", "eval"])
 def test_help_of_each_subcommand(command, capsys):
     with pytest.raises(SystemExit) as e:
         main([command, "--help"])
@@ -90,6 +90,15 @@ def test_train_convert_eval_chain(tmp_path, capsys):
     code, printed, _ = run_cli(capsys, "eval", str(ckpt), "--json")
     assert from_file == json.loads(printed)  # integer file and QAT checkpoint agree on the whole test split
     assert from_file["n"] == 360 and from_file["accuracy"] > 0.5
+    code, printed, err = run_cli(capsys, "export", str(tmp_path / "m.safetensors"))
+    assert code == 0 and (tmp_path / "m.onnx").is_file(), err
+    assert "note: 4-bit weights are stored as int8" in printed
+    code, printed, err = run_cli(capsys, "verify", str(tmp_path / "m.onnx"), "--json")
+    assert code == 0, err
+    check = json.loads(printed)
+    assert check["n"] == 360 and check["top1_agreement"] >= 0.999 and check["within_one_step"] >= 0.999
+    code, _, err = run_cli(capsys, "verify", str(tmp_path / "missing.onnx"))
+    assert code == 2 and "ONNX file" in err and "does not exist" in err
 
 
 def test_eval_mnist_path_from_shared_data(tmp_path, capsys):
@@ -99,3 +108,5 @@ def test_eval_mnist_path_from_shared_data(tmp_path, capsys):
     rows = json.loads((tmp_path / "m" / "results.json").read_text())["rows"]
     assert [(r["method"], r["weight_bits"], r["act_bits"]) for r in rows] == [("float", 32, 32), ("ptq", 8, 8), ("qat", 8, 8)]
     assert all(r["integer_model_accuracy"] == r["accuracy"] for r in rows[1:])
+    check = rows[2]["verify"]  # the QAT model, exported and run by ONNX Runtime on the (limited) test split
+    assert check["n"] == 256 and check["top1_agreement"] == 1.0 and check["within_one_step"] == 1.0

@@ -114,7 +114,7 @@ class _Writer:
         fn, params, kwargs = spec
         kw = {p: (None if getattr(m, p) is None else self.tensor(f"{node.target}.{p}", getattr(m, p))) for p in params}
         kw.update({k: self.arg(v) for k, v in kwargs(m).items()})
-        return {"op": "call", "fn": ops.NAME_OF[fn], "args": self.arg(node.args), "kwargs": kw}
+        return {"op": "call", "fn": ops.NAME_OF[fn], "args": self.arg(node.args), "kwargs": kw, "module": node.target}
 
     def _qlayer(self, node, m: QLayer):
         in_q = m.input_quant or (self._resolve(node.args[1].target) if len(node.args) > 1 else None)

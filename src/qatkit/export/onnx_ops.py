@@ -121,6 +121,8 @@ def _c(ex, v) -> str:
 def _float_op(ex, node, short, args, kwargs, rank) -> Value:
     name = node["name"]
     x = args[0]
+    if not (isinstance(x, Value) and x.kind in ("shape", "int")):
+        ex.float_ops.setdefault(short, []).append(node.get("module", name))
     if short in BINARY:
         if isinstance(x, Value) and x.kind in ("shape", "int"):
             raise QatkitError(f"arithmetic on shapes (node '{name}') has no ONNX form in qatkit. Fix: use -1 in reshape")

@@ -45,6 +45,7 @@ class _Exporter:
         self.inits: dict[str, onnx.TensorProto] = {}
         self.env: dict[str, Value] = {}
         self.notes: list[str] = []
+        self.float_ops: dict[str, list[str]] = {}  # op → module paths / nodes it runs in float at
         self.counter = 0
 
     # ---- graph building helpers ----------------------------------------------------------------
@@ -131,6 +132,8 @@ class _Exporter:
                     self.nodes.append(helper.make_node("Identity", [v.name], [f"debug/{ir_name}"]))
                     elem = TensorProto.UINT8 if self.inits[v.zero_point].data_type == TensorProto.UINT8 else TensorProto.INT8
                     outputs.append(helper.make_tensor_value_info(f"debug/{ir_name}", elem, [None] * self.shapes[ir_name].dim()))
+        for op_name, where in self.float_ops.items():
+            self.note(f"{op_name} runs on dequantized (float) values at: {', '.join(where)}")
         graph = helper.make_graph(self.nodes, "qatkit", inputs, outputs, list(self.inits.values()))
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="qatkit")
         onnx.checker.check_model(model)

@@ -1,0 +1,113 @@
+"""ONNX export of every zoo model: ONNX Runtime fuses it into integer kernels and computes what qatkit computes."""
+from __future__ import annotations
+
+import warnings
+
+import onnx
+import pytest
+import torch
+from torch import nn
+
+import qatkit
+from qatkit.errors import QatkitError
+from qatkit.export import export_onnx, verify
+from qatkit.export.ort import session
+from qatkit.models import MODEL_NAMES, build_model
+
+INTEGER_OPS = {"QLinearConv", "QGemm", "QLinearAdd", "QLinearGlobalAveragePool", "QLinearSigmoid", "QuantizeLinear",
+               "DequantizeLinear", "Transpose", "Reshape", "MaxPool", "NhwcMaxPool", "Identity"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _prepared(name: str, bits: int, channels: int = 1, size: int = 8, n: int = 32):
+    torch.manual_seed(0)
+    x = torch.randn(n, channels, size, size)
+    qat = qatkit.prepare(build_model(name, num_classes=10, in_channels=channels, image_size=size),
+                         qatkit.QATConfig(weight_bits=bits, act_bits=bits), x[:2])
+    qatkit.calibrate(qat, [x])
+    return qat.eval(), x
+
+
+def _optimized_ops(path, tmp_path) -> set[str]:
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    so.log_severity_level = 3
+    ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    return {n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node}
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_w8a8_export_runs_integer_kernels_and_equals_qatkit(name, tmp_path):
+    qat, x = _prepared(name, 8)
+    path = tmp_path / "m.onnx"
+    notes = export_onnx(qat, path, x[:1])
+    result = verify(path, qat, [x[:16], x[16:]])
+    assert result["n"] == 32 and result["top1_agreement"] == 1.0
+    assert result["within_one_step"] == 1.0 and result["max_step_diff"] == 0.0  # the same integers
+    ops = _optimized_ops(path, tmp_path)
+    if name == "tiny-transformer":  # attention, LayerNorm and GELU have no integer kernels: listed in the notes
+        assert {"QGemm"} <= ops and any("layer_norm" in n and "blocks.0.norm1" in n for n in notes)
+    else:  # no float islands between quantized ops
+        assert ops <= INTEGER_OPS, ops - INTEGER_OPS
+        assert notes == (["sigmoid runs on dequantized (float) values at: act"] if name == "seed-mlp" else [])
+
+
+@pytest.mark.parametrize("name", ["small-cnn", "resnet20"])
+def test_w4a4_export_stores_int8_and_agrees(name, tmp_path):
+    qat, x = _prepared(name, 4, channels=3, size=16)
+    path = tmp_path / "m.onnx"
+    notes = export_onnx(qat, path, x[:1])
+    assert any("4-bit weights are stored as int8" in n for n in notes)
+    result = verify(path, qat, [x])
+    assert result["top1_agreement"] >= 0.999 and result["within_one_step"] >= 0.999
+
+
+def test_resnet18_int8_onnx_is_under_27_percent_of_float(tmp_path):
+    torch.manual_seed(0)
+    model = build_model("resnet18", num_classes=1000, in_channels=3, image_size=32).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (x,), str(tmp_path / "float.onnx"), dynamo=False, opset_version=17)
+    qat = qatkit.prepare(model, qatkit.QATConfig(), x)
+    qatkit.calibrate(qat, [x])
+    export_onnx(qat, tmp_path / "int8.onnx", x[:1])
+    ratio = (tmp_path / "int8.onnx").stat().st_size / (tmp_path / "float.onnx").stat().st_size
+    assert ratio <= 0.27, ratio
+
+
+class DataDependent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        if x.sum() > 0:  # control flow on data: torch.fx cannot trace it
+            x = x * 2
+        return self.fc(x)
+
+
+def test_impossible_export_names_the_module_and_the_fix(tmp_path):
+    x = torch.randn(8, 4)
+    with pytest.warns(UserWarning, match="could not trace 'DataDependent'"):
+        qat = qatkit.prepare(DataDependent(), qatkit.QATConfig(), x)
+    qatkit.calibrate(qat, [x])
+    with pytest.raises(QatkitError, match=r"'DataDependent' \(TraceError.*Fix: remove data-dependent control flow"):
+        export_onnx(qat, tmp_path / "m.onnx", x[:1])
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_session_on_a_broken_file_is_a_clear_error(tmp_path):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"not an onnx model")
+    with pytest.raises(qatkit.ModelFileError, match=r"cannot be loaded by ONNX Runtime.*Fix: pass a file written by qatkit export"):
+        session(bad)
