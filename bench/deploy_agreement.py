@@ -1,0 +1,78 @@
+"""Deploy check of issue 3: models trained W8A8 (and W4A4) by qatkit, exported to ONNX, run by ONNX Runtime
+on the whole test set and compared with qatkit's own model (`qatkit verify`).
+
+Training uses the first N training samples and few epochs (the check is about agreement, not accuracy);
+each finished task is cached in the results file, so an interrupted run resumes.
+
+    python bench/deploy_agreement.py [--data ../shared/data] [--out bench/results/deploy_agreement.json]
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from qatkit.config import TrainConfig
+from qatkit.convert import convert
+from qatkit.data import load_dataset
+from qatkit.export import export_onnx, verify
+from qatkit.pipeline import RunConfig, _loaders, quantize, train_float
+from qatkit.train import evaluate
+
+TASKS = {  # name: dataset, data folder, model, train samples, float epochs, QAT epochs, augment
+    "mnist-small-cnn": ("mnist", "mnist", "small-cnn", 20000, 2, 1, "none"),
+    "cifar10-resnet20": ("cifar10", "cifar10", "resnet20", 10000, 4, 1, "crop-flip"),
+}
+
+
+def run_task(name: str, data_root: Path) -> dict:
+    dataset, folder, model, n_train, float_epochs, qat_epochs, augment = TASKS[name]
+    ds = load_dataset(dataset, str(data_root / folder))
+    ds = dataclasses.replace(ds, train=ds.train.head(n_train))
+    config = RunConfig(dataset=dataset, model=model, float_epochs=float_epochs, float_lr=3e-3,
+                       train=TrainConfig(epochs=qat_epochs, lr=3e-4, distill=0.5, augment=augment, progress=False))
+    _, _, test_loader = _loaders(ds, config.train)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
+        t0 = time.perf_counter()
+        float_model = train_float(config, ds, out)
+        float_acc = evaluate(float_model, test_loader)["accuracy"]
+        for bits in (8, 4):
+            t = time.perf_counter()
+            qat = quantize(config, ds, float_model, bits, bits, out, train=True)
+            path = out / f"w{bits}a{bits}.onnx"
+            integer = convert(qat)
+            notes = export_onnx(integer, path, torch.zeros(1, ds.in_channels, ds.image_size, ds.image_size))
+            check = verify(path, integer, test_loader)
+            rows.append({"weight_bits": bits, "act_bits": bits, "qat_accuracy": evaluate(integer, test_loader)["accuracy"],
+                         **{k: check[k] for k in ("n", "top1_agreement", "within_one_step", "max_step_diff")},
+                         "per_layer": check["per_layer"], "onnx_bytes": path.stat().st_size, "notes": notes,
+                         "seconds": round(time.perf_counter() - t, 1)})
+            print(name, rows[-1], flush=True)
+    return {"task": name, "train_samples": n_train, "float_epochs": float_epochs, "qat_epochs": qat_epochs,
+            "float_accuracy": float_acc, "rows": rows, "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default=str(Path(__file__).resolve().parents[1].parent / "shared" / "data"))
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "deploy_agreement.json"))
+    args = parser.parse_args()
+    out = Path(args.out)
+    results = json.loads(out.read_text()) if out.exists() else {"tasks": {}}
+    results.update(torch=torch.__version__, threads=torch.get_num_threads())
+    for name in TASKS:
+        if name not in results["tasks"]:
+            results["tasks"][name] = run_task(name, Path(args.data))
+            out.write_text(json.dumps(results, indent=2))
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
