@@ -17,3 +17,15 @@ def shared_data(*parts: str) -> Path:
             pytest.fail(f"{path} is missing: CI must run with ../shared/data beside the checkout")
         pytest.skip(f"{path} not found (set QATKIT_SHARED_DATA)")
     return path
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """Tests time nothing; with one intra-op thread small ops stay fast even when the 2-core machine is busy
+    (torch's thread pool contending with another process slows them down a hundredfold)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

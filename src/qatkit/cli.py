@@ -35,7 +35,7 @@ def _common(p: argparse.ArgumentParser, *, many_bits: bool) -> None:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qatkit", description="Quantization-aware training to a packed integer model.")
-    sub = parser.add_subparsers(dest="command", metavar="{run,train,convert,export,verify,eval}")
+    sub = parser.add_subparsers(dest="command", metavar="{run,train,convert,export,verify,bench,eval}")
     p = sub.add_parser("run", help="float → PTQ and QAT per bit-width → integer models, results.json, report.md")
     _common(p, many_bits=True)
     p.add_argument("--out", help="output folder (default: runs/<time>-<model>-<dataset>); must be new or empty")
@@ -55,6 +55,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", help="default: the one the model was trained on")
     p.add_argument("--data", help="path of the dataset")
     p.add_argument("--limit", type=int, help="use only the first N test samples")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p = sub.add_parser("bench", help="latency: float PyTorch, float ORT, qatkit int8 ORT, ORT quantize_static int8")
+    p.add_argument("checkpoint", help="QAT checkpoint (qat_*.ckpt) of a qatkit run or train")
+    p.add_argument("--float", dest="float_weights", help="float weights (.safetensors); default: float.safetensors beside the checkpoint")
+    p.add_argument("--data", help="path of the dataset (its training images calibrate quantize_static)")
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 32], help="batch sizes (default 1 32)")
+    p.add_argument("--threads", type=int, default=2, help="intra-op threads for every runtime (default 2)")
+    p.add_argument("--rounds", type=int, default=15, help="interleaved rounds (default 15)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p = sub.add_parser("eval", help="accuracy of an integer model file or a QAT checkpoint on a test split")
     p.add_argument("model_file")
@@ -201,6 +209,39 @@ def _cmd_verify(args) -> int:
     return 0
 
 
+def _cmd_bench(args) -> int:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from qatkit.data import BatchLoader, load_dataset
+    from qatkit.export.bench import bench, format_table
+    from qatkit.models import build_model
+    from qatkit.pipeline import FLOAT_FILE, rebuild_qat
+
+    for what in ("threads", "rounds"):
+        if getattr(args, what) < 1:
+            raise bad_value(f"--{what}", getattr(args, what), "an integer >= 1", f"pass --{what} 1 or more")
+    if min(args.batches) < 1:
+        raise bad_value("--batches", args.batches, "integers >= 1", "pass e.g. --batches 1 32")
+    ckpt = Path(args.checkpoint)
+    qat, recipe = rebuild_qat(ckpt)
+    float_path = Path(args.float_weights or ckpt.with_name(FLOAT_FILE))
+    float_model = build_model(recipe["model"], num_classes=recipe["num_classes"], in_channels=recipe["in_channels"],
+                              image_size=recipe["image_size"])
+    try:
+        float_model.load_state_dict(load_file(str(float_path)))
+    except (OSError, SafetensorError, RuntimeError) as e:
+        raise ModelFileError(f"float weights {str(float_path)!r} cannot be loaded ({str(e).splitlines()[0][:150]}). "
+                             "Fix: pass --float with the run's float.safetensors") from None
+    ds = load_dataset(recipe["dataset"], args.data)
+    loader = BatchLoader(ds.train, batch_size=32, mean=recipe["mean"], std=recipe["std"], shuffle=False)
+    calib = [x for x, _ in zip((b[0] for b in loader), range(8))]
+    result = bench(float_model.eval(), qat.eval(), calib[0][:1], calib, batches=tuple(args.batches),
+                   threads=args.threads, rounds=args.rounds)
+    print(json.dumps(result, indent=2) if args.json else format_table(result))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
@@ -208,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     handler = {"run": _cmd_run, "train": _cmd_train, "convert": _cmd_convert, "export": _cmd_export,
-               "verify": _cmd_verify, "eval": _cmd_eval}[args.command]
+               "verify": _cmd_verify, "bench": _cmd_bench, "eval": _cmd_eval}[args.command]
     try:
         return handler(args)
     except (ConfigError, DataError, ModelFileError) as e:

@@ -32,6 +32,7 @@ from qatkit.train import evaluate, fit, load_checkpoint, save_checkpoint
 from qatkit.train.loop import CHECKPOINT_NAME
 
 EVAL_BATCH = 256
+FLOAT_FILE = "float.safetensors"  # the float weights of a run or train folder
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -88,6 +89,7 @@ def train_float(config: RunConfig, ds: ImageDataset, out: Path, resume: bool = F
     ckpt_dir = out / "checkpoints" / "float"
     fit(model, train_loader, config.float_train, val_loader=test_loader, checkpoint_dir=ckpt_dir,
         resume=resume and (ckpt_dir / CHECKPOINT_NAME).exists())
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / FLOAT_FILE))
     return model
 
 
@@ -171,8 +173,7 @@ def _run(config: RunConfig, out: Path, log) -> dict:
     log(f"[qatkit] {config.model} on {ds.name}: {len(ds.train)} train / {len(ds.test)} test samples")
     t = time.perf_counter()
     float_model = train_float(config, ds, out)
-    float_path = out / "float.safetensors"
-    save_file({k: v.contiguous() for k, v in float_model.state_dict().items()}, str(float_path))
+    float_path = out / FLOAT_FILE
     rows = [_row("float", 32, 32, evaluate(float_model, test_loader)["accuracy"], float_path, time.perf_counter() - t)]
     tables = {}
     for w, a in zip(config.weight_bits, config.act_bits):

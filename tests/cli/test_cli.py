@@ -18,7 +18,7 @@ def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
     return code, out, err
 
 
-@pytest.mark.parametrize("command", ["run", "train", "convert", "export", "verify", "eval"])
+@pytest.mark.parametrize("command", ["run", "train", "convert", "export", "verify", "bench", "eval"])
 def test_help_of_each_subcommand(command, capsys):
     with pytest.raises(SystemExit) as e:
         main([command, "--help"])
@@ -99,6 +99,14 @@ def test_train_convert_eval_chain(tmp_path, capsys):
     assert check["n"] == 360 and check["top1_agreement"] >= 0.999 and check["within_one_step"] >= 0.999
     code, _, err = run_cli(capsys, "verify", str(tmp_path / "missing.onnx"))
     assert code == 2 and "ONNX file" in err and "does not exist" in err
+    code, printed, err = run_cli(capsys, "bench", str(ckpt), "--batches", "1", "2", "--rounds", "2", "--threads", "1", "--json")
+    assert code == 0, err
+    rows = json.loads(printed)["rows"]
+    assert {(r["runtime"], r["batch"]) for r in rows} == {(rt, b) for rt in ("torch-fp32", "ort-fp32", "ort-int8-qatkit",
+                                                                            "ort-int8-quantize_static") for b in (1, 2)}
+    assert all(r["median_ms"] > 0 and r["model_bytes"] > 0 for r in rows)
+    code, _, err = run_cli(capsys, "bench", str(ckpt), "--rounds", "0")
+    assert code == 2 and "--rounds = 0 is not allowed" in err
 
 
 def test_eval_mnist_path_from_shared_data(tmp_path, capsys):

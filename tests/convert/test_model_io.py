@@ -17,16 +17,6 @@ from qatkit.convert.io import FORMAT, VERSION
 from qatkit.errors import ModelFileError
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a busy 2-core machine torch's thread pool contends and small ops slow down a
-    hundredfold. Restored after the module."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 class Net(nn.Module):
     def __init__(self):
         super().__init__()

@@ -11,16 +11,6 @@ from hypothesis import strategies as st
 from qatkit.convert.pack import container_bits, pack, unpack
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a busy 2-core machine torch's thread pool contends and small ops slow down a
-    hundredfold. Restored after the module."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def signed_range(bits: int) -> tuple[int, int]:
     return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
 

@@ -15,16 +15,6 @@ from qatkit.models import build_model
 from qatkit.nn import QLayer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a busy 2-core machine torch's thread pool contends and small ops slow down a
-    hundredfold. Restored after the module."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 class PoolNet(nn.Module):
     """conv-BN-ReLU → max pool → conv-ReLU6 → avg pool → flatten → Linear-ReLU → Linear."""
 

@@ -18,14 +18,6 @@ INTEGER_OPS = {"QLinearConv", "QGemm", "QLinearAdd", "QLinearGlobalAveragePool",
                "DequantizeLinear", "Transpose", "Reshape", "MaxPool", "NhwcMaxPool", "Identity"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _prepared(name: str, bits: int, channels: int = 1, size: int = 8, n: int = 32):
     torch.manual_seed(0)
     x = torch.randn(n, channels, size, size)

@@ -12,16 +12,6 @@ from qatkit.config import QATConfig
 from qatkit.nn import QConvBn
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a busy 2-core machine torch's thread pool contends and small ops slow down a
-    hundredfold. Restored after the module."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 EPS = 1e-5
 MOMENTUM = 0.1
 

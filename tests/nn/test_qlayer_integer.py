@@ -14,16 +14,6 @@ from qatkit.nn import QConv, QConvBn, QLinear
 from qatkit.quantizer import FakeQuantizer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a busy 2-core machine torch's thread pool contends and small ops slow down a
-    hundredfold. Restored after the module."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 CFG = QATConfig()
 
 

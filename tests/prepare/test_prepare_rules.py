@@ -13,16 +13,6 @@ from qatkit.models import build_model
 from qatkit.nn import QConv, QConvBn, QLayer, QLinear
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a busy 2-core machine torch's thread pool contends and small ops slow down a
-    hundredfold. Restored after the module."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def resnet20() -> nn.Module:
     torch.manual_seed(0)
     return build_model("resnet20", num_classes=10, in_channels=1, image_size=8)

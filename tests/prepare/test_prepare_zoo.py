@@ -14,16 +14,6 @@ from qatkit.nn import QConvBn, QLayer
 from qatkit.quantizer import FakeQuantizer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a busy 2-core machine torch's thread pool contends and small ops slow down a
-    hundredfold. Restored after the module."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 ZOO = ["small-cnn", "resnet20", "mobilenetv2", "tiny-transformer", "seed-mlp"]
 # (quantizable layers, BatchNorms, first layer, last layer) of each model, counted from its definition
 EXPECTED = {

@@ -1,0 +1,449 @@
+"""An integer-only reference executor for qatkit's QDQ ONNX graphs, in numpy.
+
+`IntegerReference(path_or_model, requant)` finds the patterns that ONNX Runtime fuses into integer kernels and
+computes them with integer accumulators. Every other node runs op by op in float32 numpy (`_OPS`).
+
+Fused patterns. The core op's inputs are DequantizeLinear outputs, and its only consumer chain is
+[Relu | Clip]* -> QuantizeLinear, with no graph output along the chain:
+    DQ(x u8) -> Conv(DQ(w i8, axis 0), DQ(b i32)) -> Q          acc = sum((q_x - z_x) * q_w) + q_b
+    DQ(a) -> Gemm(DQ(w i8), DQ(b i32)) -> Q  (or no Q: float out) same acc; a may be u8 or i8
+    DQ(a u8), DQ(b) -> MatMul -> Q         (or no Q: float out) acc = sum((q_a - z_a) * (q_b - z_b))
+    DQ(a), DQ(b) -> Add -> Q,  DQ(x) -> GlobalAveragePool -> Q
+The accumulators are exact integers: the dot products are evaluated by float64 BLAS, which is exact while
+|acc| < 2^53 (8-bit operands and reductions below 2^37 terms), then held in int64 and wrapped to int32 as the
+hardware register would. A float output (no Q) is f32(acc) * f32(s_a * s_b) (QGemm / MatMulIntegerToFloat).
+
+requant="float32" is ORT's CPU arithmetic (see ORT_NUMERICS.md; the functions of ort_numerics.py are reused):
+    conv/gemm/matmul  y = sat(rint(f32(acc) * M[c]) + z_y),  M[c] = f32(f32(s_x * s_w[c]) / s_y)
+    add               QLinearAdd's two FMAs (ort_numerics.qlinear_add)
+    global avg pool   S = sum(q) - z_x*HW,  y = sat(rint(f32(S) * f32(s_x / f32(s_y * HW))) + z_y)
+    quantize          sat(rint(f32(x / s)) + z)  (a true division), rint = round half to even
+  A Relu / Clip before Q is fused only where ORT drops it: Relu when z_y is the type's minimum, Clip(a, b) when
+  the Q range [s(qmin - z), s(qmax - z)] lies within [a, b] (+ float32 epsilon). Otherwise the whole pattern runs
+  in float, as in ORT (whose float Conv/Gemm kernels are not reproduced bit for bit).
+
+requant="fixed-point" is integer-only hardware arithmetic (Jacob et al. 2018; gemmlowp / TFLite):
+    M (float64) = M0 * 2^-31 * 2^-n, M0 in [2^30, 2^31)  (frexp, M0 = round(frac * 2^31), n = -exp)
+    SRDHM(a, b)   = trunc((a*b + (2^30 if a*b >= 0 else 1 - 2^30)) / 2^31), saturating at INT32_MIN * INT32_MIN
+                    (round half up, as ARM VQRDMULH)
+    RDBP(x, n)    = (x >> n) + ((x & mask) > (mask >> 1) + (x < 0)),  mask = 2^n - 1   (round half away from 0)
+    MBQM(x, M)    = RDBP(SRDHM(x << max(-n, 0), M0), max(n, 0))        (TFLite MultiplyByQuantizedMultiplier)
+    conv/gemm/matmul  y = sat(MBQM(acc, s_x * s_w[c] / s_y) + z_y)
+    add (TFLite)      L = 20, t = 2 * max(s_a, s_b):  a' = MBQM((q_a - z_a) << L, s_a / t),
+                      b' = MBQM((q_b - z_b) << L, s_b / t),  y = sat(MBQM(a' + b', t / (2^L * s_y)) + z_y)
+    global avg pool   y = sat(MBQM(sum(q - z_x), s_x / (s_y * HW)) + z_y)
+  Here every Relu / Clip(a, b) before the Q folds into the output clamp [Q(a), Q(b)] (exact: Q is monotone).
+  Tiny multipliers are not flushed to zero (TFLite flushes n > 31); int64 shifts keep them exact.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from functools import reduce
+
+import numpy as np
+import onnx
+from numpy.lib.stride_tricks import sliding_window_view
+from onnx import helper, numpy_helper
+
+from qatkit.errors import ModelFileError, bad_value
+from qatkit.export import ort_numerics as on
+
+f32, f64, i64 = np.float32, np.float64, np.int64
+I32_MIN, I32_MAX = -(2**31), 2**31 - 1
+_CORES = ("Conv", "Gemm", "MatMul", "Add", "GlobalAveragePool")
+
+
+# ---------------------------------------------------------------------------------------- fixed-point primitives
+def wrap_int32(v) -> np.ndarray:
+    """Two's-complement wrap of int64 values to the int32 range (as a 32-bit register), kept as int64."""
+    return np.asarray(v, i64).astype(np.int32).astype(i64)
+
+
+def quantize_multiplier(m) -> tuple[np.ndarray, np.ndarray]:
+    """Real multipliers M > 0 -> (M0, n) with M ~= M0 * 2^-31 * 2^-n, M0 in [2^30, 2^31) (TFLite QuantizeMultiplier)."""
+    m = np.asarray(m, f64)
+    if not np.all(np.isfinite(m) & (m > 0)):
+        raise bad_value("requantization multiplier", m, "finite values > 0", "check the scales in the graph")
+    frac, exp = np.frexp(m)  # m = frac * 2^exp, frac in [0.5, 1)
+    m0 = np.floor(frac * 2.0**31 + 0.5).astype(i64)  # std::round; exact in float64 (frac * 2^31 < 2^31)
+    carry = m0 == 2**31
+    return np.where(carry, 2**30, m0), np.where(carry, -(exp + 1), -exp).astype(i64)
+
+
+def srdhm(a, b) -> np.ndarray:
+    """gemmlowp SaturatingRoundingDoublingHighMul: the int32 nearest to a*b / 2^31 (ties up), saturating."""
+    a, b = np.asarray(a, i64), np.asarray(b, i64)
+    v = a * b + np.where(a * b >= 0, 1 << 30, 1 - (1 << 30))
+    q = np.where(v >= 0, v >> 31, -((-v) >> 31))  # C++ integer division truncates toward zero
+    return np.where((a == b) & (a == I32_MIN), I32_MAX, q)
+
+
+def rounding_divide_by_pot(x, n) -> np.ndarray:
+    """gemmlowp RoundingDivideByPOT: x / 2^n rounded to nearest, ties away from zero (n >= 0)."""
+    x, n = np.asarray(x, i64), np.asarray(n, i64)
+    mask = (np.int64(1) << n) - 1
+    return (x >> n) + ((x & mask) > (mask >> 1) + (x < 0))
+
+
+def multiply_by_quantized_multiplier(x, m0, n) -> np.ndarray:
+    """TFLite MultiplyByQuantizedMultiplier: RDBP(SRDHM(x << left, M0), right), left/right = max(-n, 0)/max(n, 0)."""
+    n = np.asarray(n, i64)
+    return rounding_divide_by_pot(srdhm(wrap_int32(np.asarray(x, i64) << np.maximum(-n, 0)), m0), np.maximum(n, 0))
+
+
+def _mbqm(x, m) -> np.ndarray:  # x * M for a real M, in fixed point
+    return multiply_by_quantized_multiplier(x, *quantize_multiplier(m))
+
+
+def _fx_add(a, s_a, z_a, b, s_b, z_b, s_y, z_y) -> np.ndarray:
+    """TFLite's 8-bit integer add (left shift 20, each input rescaled by its own multiplier), before the clamp."""
+    t = 2.0 * max(f64(s_a), f64(s_b))
+    a, b = (_mbqm(wrap_int32((v - z) << 20), f64(s) / t) for v, s, z in ((a, s_a, z_a), (b, s_b, z_b)))
+    return _mbqm(wrap_int32(a + b), t / (2.0**20 * f64(s_y))) + z_y
+
+
+# ---------------------------------------------------------------------------------------- integer accumulators
+def _dot(a, b) -> np.ndarray:
+    """Exact integer a @ b (int64) via float64 BLAS: exact while |acc| < 2^53 (8-bit operands)."""
+    assert a.shape[-1] < 2**37, "reduction too long for an exact float64 dot product"
+    return np.matmul(a.astype(f64), b.astype(f64)).astype(i64)
+
+
+def _conv(x, w, a: dict, dtype=f64) -> np.ndarray:
+    """N-d grouped conv. x (N,C,*S) (zero point already subtracted; pads are zeros), w (K,C/g,*k) -> (N,K,*So)."""
+    nd, k, g = w.ndim - 2, w.shape[2:], a.get("group", 1)
+    s, d, p = a.get("strides", [1] * nd), a.get("dilations", [1] * nd), a.get("pads", [0] * 2 * nd)
+    x = np.pad(x.astype(dtype), [(0, 0), (0, 0)] + [(p[i], p[i + nd]) for i in range(nd)])
+    win = sliding_window_view(x, [(k[i] - 1) * d[i] + 1 for i in range(nd)], axis=tuple(range(2, 2 + nd)))
+    win = win[(slice(None),) * 2 + tuple(slice(None, None, v) for v in (*s, *d))]  # (N, C, *So, *k)
+    n, c, so, kk = x.shape[0], x.shape[1], win.shape[2:2 + nd], int(np.prod(k))
+    cols = win.reshape(n, g, c // g, *so, *k)  # (N, g, C/g, *So, *k) -> (g, N*So, C/g*k)
+    cols = cols.transpose(1, 0, *range(3, 3 + nd), 2, *range(3 + nd, 3 + 2 * nd)).reshape(g, -1, c // g * kk)
+    out = np.matmul(cols, w.astype(dtype).reshape(g, w.shape[0] // g, -1).transpose(0, 2, 1))  # (g, N*So, K/g)
+    out = out.reshape(g, n, -1, w.shape[0] // g).transpose(1, 0, 3, 2).reshape(n, w.shape[0], *so)
+    return out.astype(i64) if dtype == f64 else out
+
+
+# ---------------------------------------------------------------------------------------- float op table
+def _qrange(dtype) -> tuple[int, int]:
+    return int(np.iinfo(dtype).min), int(np.iinfo(dtype).max)
+
+
+def _bcast(v, ndim: int, axis: int):
+    """A per-tensor (scalar) or per-axis (1-D) parameter shaped to broadcast along `axis` of an ndim tensor."""
+    v = np.asarray(v)
+    return v if v.ndim == 0 else v.reshape([-1 if i == axis % ndim else 1 for i in range(ndim)])
+
+
+def _opt(ins, i, default=None):  # optional input i
+    return ins[i] if len(ins) > i and ins[i] is not None else default
+
+
+def _dequantize(ins, a):  # f32(q - z) * s, per tensor or along `axis`
+    q, s, z = ins[0], ins[1], _opt(ins, 2, np.zeros(np.shape(ins[1]), np.uint8))
+    if np.ndim(s) == 0:
+        return on.dequantize_linear(q, s, z)
+    ax = a.get("axis", 1)
+    return (q.astype(i64) - _bcast(z, q.ndim, ax).astype(i64)).astype(f32) * _bcast(s, q.ndim, ax).astype(f32)
+
+
+def _quantize(ins, a):  # sat(rint(x / s) + z), per tensor
+    if np.ndim(ins[1]) != 0:
+        raise bad_value("QuantizeLinear scale shape", np.shape(ins[1]), "a scalar", "quantize per tensor")
+    z = _opt(ins, 2, np.uint8(0))
+    return on.quantize_linear(ins[0], ins[1], z, *_qrange(z.dtype))
+
+
+def _maxpool(ins, a):
+    x, k = ins[0], a["kernel_shape"]
+    nd = len(k)
+    if a.get("ceil_mode", 0) or a.get("auto_pad", "NOTSET") != "NOTSET":
+        raise bad_value("MaxPool ceil_mode/auto_pad", (a.get("ceil_mode"), a.get("auto_pad")), "0 / NOTSET", "use explicit pads")
+    s, d, p = a.get("strides", [1] * nd), a.get("dilations", [1] * nd), a.get("pads", [0] * 2 * nd)
+    fill = np.iinfo(x.dtype).min if x.dtype.kind in "iu" else -np.inf
+    x = np.pad(x, [(0, 0), (0, 0)] + [(p[i], p[i + nd]) for i in range(nd)], constant_values=fill)
+    win = sliding_window_view(x, [(k[i] - 1) * d[i] + 1 for i in range(nd)], axis=tuple(range(2, 2 + nd)))
+    return win[(slice(None),) * 2 + tuple(slice(None, None, v) for v in (*s, *d))].max(axis=tuple(range(-nd, 0)))
+
+
+def _reshape(ins, a):
+    x, shape = ins[0], [int(v) for v in ins[1]]
+    return x.reshape([x.shape[i] if v == 0 and not a.get("allowzero", 0) else v for i, v in enumerate(shape)])
+
+
+def _slice(ins, a):
+    x, starts, ends = ins[:3]
+    idx = [slice(None)] * x.ndim
+    for st, en, ax, sp in zip(starts, ends, _opt(ins, 3, range(len(starts))), _opt(ins, 4, [1] * len(starts))):
+        idx[int(ax)] = slice(int(st), int(en), int(sp))
+    return x[tuple(idx)]
+
+
+def _axes(ins, a):  # axes as input (opset 13+ / 18+) or attribute
+    return [int(v) for v in ins[1]] if _opt(ins, 1) is not None else a.get("axes")
+
+
+def _unsqueeze(ins, a):
+    x, axes = ins[0], _axes(ins, a)
+    for ax in sorted(v % (x.ndim + len(axes)) for v in axes):
+        x = np.expand_dims(x, ax)
+    return x
+
+
+def _layer_norm(ins, a):  # (..., D) normalised over the axes from `axis` on, in float32
+    x, axes = ins[0], tuple(range(a.get("axis", -1) % ins[0].ndim, ins[0].ndim))
+    mean = x.mean(axes, keepdims=True, dtype=f32)
+    var = np.square(x - mean).mean(axes, keepdims=True, dtype=f32)
+    return (x - mean) / np.sqrt(var + f32(a.get("epsilon", 1e-5))) * ins[1] + _opt(ins, 2, f32(0))
+
+
+def _softmax(ins, a):
+    e = np.exp(ins[0] - ins[0].max(a.get("axis", -1), keepdims=True))
+    return e / e.sum(a.get("axis", -1), keepdims=True)
+
+
+def _reduce_mean(ins, a):
+    axes = _axes(ins, a)
+    return ins[0].mean(axis=None if axes is None else tuple(axes), keepdims=bool(a.get("keepdims", 1)), dtype=f32)
+
+
+def _gemm(ins, a):
+    x, w = (v.T if a.get(t, 0) else v for v, t in ((ins[0], "transA"), (ins[1], "transB")))
+    return f32(a.get("alpha", 1.0)) * (x @ w) + f32(a.get("beta", 1.0)) * _opt(ins, 2, f32(0))
+
+
+def _div(ins, a):
+    x, y = ins
+    return np.trunc(x / y).astype(x.dtype) if x.dtype.kind in "iu" else x / y
+
+
+_erf = np.vectorize(math.erf, otypes=[f64])
+_OPS = {  # op_type -> handler(inputs, attributes) -> output(s); float ops compute in float32
+    "DequantizeLinear": _dequantize, "QuantizeLinear": _quantize, "Identity": lambda i, a: i[0],
+    "Relu": lambda i, a: np.maximum(i[0], i[0].dtype.type(0)),
+    "Clip": lambda i, a: np.clip(i[0], _opt(i, 1, -np.inf), _opt(i, 2, np.inf)).astype(i[0].dtype),
+    "MaxPool": _maxpool, "Reshape": _reshape, "Slice": _slice, "Unsqueeze": _unsqueeze,
+    "Transpose": lambda i, a: np.transpose(i[0], a.get("perm")),
+    "Flatten": lambda i, a: i[0].reshape(int(np.prod(i[0].shape[:a.get("axis", 1)])), -1),
+    "Gather": lambda i, a: np.take(i[0], i[1], axis=a.get("axis", 0)),
+    "Squeeze": lambda i, a: np.squeeze(i[0], axis=None if _axes(i, a) is None else tuple(_axes(i, a))),
+    "Concat": lambda i, a: np.concatenate(i, axis=a["axis"]),
+    "Shape": lambda i, a: np.array(i[0].shape, i64)[a.get("start", 0):a.get("end")],
+    "Max": lambda i, a: reduce(np.maximum, i), "Add": lambda i, a: i[0] + i[1], "Sub": lambda i, a: i[0] - i[1],
+    "Mul": lambda i, a: i[0] * i[1], "Div": _div, "MatMul": lambda i, a: np.matmul(i[0], i[1]),
+    "Softmax": _softmax, "LayerNormalization": _layer_norm, "ReduceMean": _reduce_mean,
+    "Erf": lambda i, a: _erf(i[0]).astype(f32), "Sigmoid": lambda i, a: f32(1) / (f32(1) + np.exp(-i[0])),
+    "Tanh": lambda i, a: np.tanh(i[0]), "Sqrt": lambda i, a: np.sqrt(i[0]), "Exp": lambda i, a: np.exp(i[0]),
+    "Neg": lambda i, a: -i[0], "Gemm": _gemm,
+    "Conv": lambda i, a: _conv(i[0], i[1], a, f32) + _bcast(_opt(i, 2, f32(0)), i[0].ndim, 1),
+    "GlobalAveragePool": lambda i, a: i[0].mean(axis=tuple(range(2, i[0].ndim)), keepdims=True, dtype=f32),
+}
+
+
+# ---------------------------------------------------------------------------------------- fused patterns
+@dataclass
+class _Fused:
+    kind: str  # one of _CORES
+    node: onnx.NodeProto  # the core op
+    out: str  # the Q output (codes), or the core output for a float-output Gemm / MatMul
+    xs: list  # activation inputs [(codes tensor, scale, zero point)]
+    absorbed: list  # [Relu | Clip]* and Q nodes folded into the kernel
+    attrs: dict
+    w: np.ndarray | None = None  # int8 codes: Conv (K,C/g,*k), Gemm (K_in,N)
+    s_w: np.ndarray | None = None  # (K,) or scalar
+    bias: np.ndarray | None = None  # int32 (K,)
+    y: tuple | None = None  # (s_y, z_y) of the Q; None = float output
+    lo: int = 0  # output clamp in codes: the Q type's range, narrowed by folded Relu / Clip
+    hi: int = 255
+    dtype: type = np.uint8
+    mult: object = None  # float32 multipliers, or (M0, n) for fixed-point; (K, 1, ..) for a conv
+
+
+class IntegerReference:
+    """Runs a qatkit QDQ ONNX graph with integer kernels where ONNX Runtime fuses, float32 numpy elsewhere."""
+
+    def __init__(self, model: str | os.PathLike | onnx.ModelProto, requant: str = "float32"):
+        if requant not in ("float32", "fixed-point"):
+            raise bad_value("requant", requant, "'float32', 'fixed-point'", "pick one of the two modes")
+        self.requant, self.model = requant, model if isinstance(model, onnx.ModelProto) else onnx.load(str(model))
+        g = self.model.graph
+        self.consts = {t.name: numpy_helper.to_array(t) for t in g.initializer}
+        self.consts.update({n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in g.node if n.op_type == "Constant"})
+        self.input_name = next(i.name for i in g.input if i.name not in self.consts)
+        self.output_names = [o.name for o in g.output]
+        self.q_outputs = [n.output[0] for n in g.node if n.op_type == "QuantizeLinear"]
+        nodes = [n for n in g.node if n.op_type != "Constant"]
+        for n in nodes:
+            if n.op_type not in _OPS:
+                raise bad_value(f"ONNX op of node {n.name!r}", n.op_type, ", ".join(sorted(_OPS)),
+                                "export with qatkit's op set", cls=ModelFileError)
+        self.fused = self._match_all(nodes)
+        self.steps = self._prune_and_fold([self.fused.get(n.output[0], n) for n in nodes
+                                           if n.output[0] in self.fused or id(n) not in self._absorbed])
+
+    # ---- running ---------------------------------------------------------------------------------------
+    def run(self, x: np.ndarray) -> np.ndarray:
+        """The graph's (first) float output."""
+        return self._execute(x)[self.output_names[0]]
+
+    def run_codes(self, x: np.ndarray, force: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+        """The integer codes of every QuantizeLinear output, keyed by tensor name. `force` (tensor name -> value)
+        replaces those tensors once computed, so each kernel can be checked on another runtime's inputs."""
+        env = self._execute(x, force)
+        return {name: env[name] for name in self.q_outputs if name in env}
+
+    def run_outputs(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        """Every graph output by name (with debug_outputs=True exports: every integer tensor, 'debug/<node>')."""
+        env = self._execute(x)
+        return {name: env[name] for name in self.output_names}
+
+    def _execute(self, x, force: dict | None = None) -> dict:
+        env, mine = dict(self.consts), {}
+        env[self.input_name] = np.asarray(x, f32)
+        for st in self.steps:
+            if isinstance(st, _Fused):
+                env[st.out] = self._kernel(st, env)
+                outputs = [st.out]
+            else:
+                node, fn, attrs = st
+                outs = fn([env[i] if i else None for i in node.input], attrs)
+                outputs = list(node.output)
+                env.update(zip(outputs, outs if isinstance(outs, (list, tuple)) else [outs]))
+            for name in set(outputs) & set(force or ()):
+                mine[name], env[name] = env[name], np.asarray(force[name])
+        return {**env, **mine}
+
+    def _kernel(self, f: _Fused, env: dict) -> np.ndarray:
+        fixed = self.requant == "fixed-point"
+        (a, s_a, z_a), *rest = [(env[c].astype(i64), s, z) for c, s, z in f.xs]
+        s_y, z_y = f.y if f.y is not None else (None, None)
+        if f.kind == "Add":
+            (b, s_b, z_b), = rest
+            v = _fx_add(a, s_a, z_a, b, s_b, z_b, s_y, z_y) if fixed else \
+                on.qlinear_add(a, s_a, z_a, b, s_b, z_b, s_y, z_y, *_qrange(f.dtype))
+        elif f.kind == "GlobalAveragePool":  # (N,C,*S) -> (N,C,1..)
+            if fixed:
+                hw = int(np.prod(a.shape[2:]))
+                acc = wrap_int32((a - z_a).reshape(*a.shape[:2], -1).sum(-1)).reshape(*a.shape[:2], *[1] * (a.ndim - 2))
+                v = _mbqm(acc, f64(s_a) / (f64(s_y) * hw)) + z_y
+            else:
+                v = on.qlinear_global_avgpool(a, s_a, z_a, s_y, z_y, *_qrange(f.dtype))
+        else:
+            if f.kind == "Conv":  # (N,C,*S) * (K,C/g,*k) -> (N,K,*So), channel axis 1
+                acc = _conv(a - z_a, f.w, f.attrs)
+                acc = acc + (0 if f.bias is None else _bcast(f.bias, acc.ndim, 1))
+            elif f.kind == "Gemm":  # (M,K_in) @ (K_in,N) -> (M,N)
+                acc = _dot(a - z_a, f.w) + (0 if f.bias is None else f.bias)
+            else:  # MatMul (..., K) @ (K, N) -> (..., N)
+                (b, _, z_b), = rest
+                acc = _dot(a - z_a, b - z_b)
+            acc = wrap_int32(acc)
+            if f.y is None:
+                return acc.astype(f32) * f.mult
+            v = multiply_by_quantized_multiplier(acc, *f.mult) + z_y if fixed else np.rint(acc.astype(f32) * f.mult) + z_y
+        return np.clip(v, f.lo, f.hi).astype(f.dtype)
+
+    # ---- planning ----------------------------------------------------------------------------------------
+    def _dq(self, node) -> tuple | None:
+        """(codes tensor, scale, zero point, axis) of a DequantizeLinear with constant parameters, else None."""
+        if node is None or node.op_type != "DequantizeLinear" or node.input[1] not in self.consts:
+            return None
+        zp = node.input[2] if len(node.input) > 2 and node.input[2] else None
+        if zp is not None and zp not in self.consts:
+            return None
+        s = self.consts[node.input[1]]
+        z = self.consts[zp] if zp else np.zeros(s.shape, np.uint8)
+        return node.input[0], s, z, _attrs(node).get("axis", 1)
+
+    def _match_all(self, nodes) -> dict[str, _Fused]:
+        prod = {o: n for n in nodes for o in n.output}
+        cons: dict[str, list] = {}
+        for n in nodes:
+            for i in n.input:
+                cons.setdefault(i, []).append(n)
+        fused, self._absorbed = {}, set()
+        for n in nodes:
+            f = self._match(n, prod, cons, set(self.output_names)) if n.op_type in _CORES else None
+            if f is not None:
+                fused[n.output[0]] = f
+                self._absorbed.update(id(m) for m in [n, *f.absorbed])
+        return fused
+
+    def _match(self, n, prod, cons, graph_outputs) -> _Fused | None:
+        acts, t, q = [], n.output[0], None  # the single-consumer chain [Relu | Clip]* -> Q
+        while t not in graph_outputs and len(cons.get(t, [])) == 1 and cons[t][0].op_type in ("Relu", "Clip", "QuantizeLinear"):
+            if cons[t][0].op_type == "QuantizeLinear":
+                q = cons[t][0]
+                break
+            acts, t = acts + [cons[t][0]], cons[t][0].output[0]
+        ins, a = [self._dq(prod.get(i)) for i in n.input], _attrs(n)
+        if ins[0] is None or np.ndim(ins[0][1]) != 0 or (n.op_type in ("Conv", "MatMul") and ins[0][2].dtype != np.uint8):
+            return None  # ORT on x86 fuses Conv and MatMul only with uint8 activations
+        f = _Fused(n.op_type, n, n.output[0], [ins[0][:3]], [], a)
+        if n.op_type in ("Conv", "Gemm"):  # int8 constant weights with zero point 0, int32 constant bias (or none)
+            w, b = ins[1], ins[2] if len(ins) > 2 else ()
+            if w is None or w[0] not in self.consts or self.consts[w[0]].dtype != np.int8 or np.any(w[2] != 0) \
+                    or b is None or (b and b[0] not in self.consts) or a.get("transA", 0) or a.get("alpha", 1.0) != 1 \
+                    or a.get("beta", 1.0) != 1:
+                return None
+            f.w, f.s_w, f.bias = self.consts[w[0]].astype(i64), w[1].astype(f32), self.consts[b[0]].astype(i64) if b else None
+            f.w = f.w.T if n.op_type == "Gemm" and a.get("transB", 0) else f.w  # Gemm weights as (K_in, N)
+        elif n.op_type in ("MatMul", "Add"):
+            if ins[1] is None or np.ndim(ins[1][1]) != 0:
+                return None
+            f.xs.append(ins[1][:3])
+            f.s_w = ins[1][1].astype(f32)
+        if q is None:  # float output: only QGemm / MatMulIntegerToFloat, acc * f32(s_a * s_b)
+            f.mult = f32(ins[0][1]) * f.s_w if n.op_type in ("Gemm", "MatMul") else None
+            return f if f.mult is not None else None
+        s_y, z_y = self.consts.get(q.input[1]), self.consts.get(q.input[2]) if len(q.input) > 2 else np.uint8(0)
+        if s_y is None or z_y is None or np.ndim(s_y) != 0:
+            return None
+        f.y, f.dtype, f.out, f.absorbed = (s_y, z_y), z_y.dtype.type, q.output[0], acts + [q]
+        f.lo, f.hi = qmin, qmax = _qrange(z_y.dtype)
+        lower, upper, eps = f32(s_y) * f32(qmin - int(z_y)), f32(s_y) * f32(qmax - int(z_y)), np.finfo(f32).eps
+        for act in reversed(acts):  # from the op next to Q backwards, as ORT's Relu/Clip-QuantizeLinear fusions
+            lo, hi = (0.0, np.inf) if act.op_type == "Relu" else \
+                [self.consts.get(i) if i else v for i, v in zip((list(act.input) + ["", ""])[1:3], (-np.inf, np.inf))]
+            if lo is None or hi is None or self.requant == "float32" and not (
+                    int(z_y) == qmin if act.op_type == "Relu" else f32(lo) - lower <= eps and upper - f32(hi) <= eps):
+                return None  # ORT keeps this op, so it runs the pattern in float (fixed-point folds every clamp)
+            codes = on.quantize_linear(np.array([lo, hi], f32), s_y, z_y, qmin, qmax).astype(int)
+            f.lo, f.hi = max(f.lo, int(codes[0])), min(f.hi, int(codes[1]))
+        if n.op_type in ("Conv", "Gemm", "MatMul"):  # per output channel: axis 1 of a conv, the last axis otherwise
+            s_x, s_w = ins[0][1], f.s_w if n.op_type != "Conv" else _bcast(f.s_w, f.w.ndim - 1, 0)
+            f.mult = on.requant_multiplier(s_x, s_w, s_y) if self.requant == "float32" else \
+                quantize_multiplier(f64(s_x) * s_w.astype(f64) / f64(s_y))
+        return f
+
+    def _prune_and_fold(self, steps) -> list:
+        """Drop steps no graph output needs; evaluate the ones on constants only (weight DQs, shapes) once."""
+        needed, kept = set(self.output_names), []
+        for st in reversed(steps):
+            ins, outs = ([c for c, _, _ in st.xs], [st.out]) if isinstance(st, _Fused) else (list(st.input), list(st.output))
+            if needed & set(outs):
+                kept.append(st)
+                needed |= set(ins)
+        plan = []
+        for st in reversed(kept):
+            if isinstance(st, _Fused):
+                plan.append(st)
+                continue
+            entry = (st, _OPS[st.op_type], _attrs(st))
+            if all(i in self.consts for i in st.input if i):
+                outs = entry[1]([self.consts[i] if i else None for i in st.input], entry[2])
+                self.consts.update(zip(st.output, outs if isinstance(outs, (list, tuple)) else [outs]))
+            else:
+                plan.append(entry)
+        return plan
+
+
+def _attrs(node) -> dict:
+    out = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    return {k: (v.decode() if isinstance(v, bytes) else v) for k, v in out.items()}
+
+
+__all__ = ["IntegerReference", "multiply_by_quantized_multiplier", "quantize_multiplier", "rounding_divide_by_pot",
+           "srdhm", "wrap_int32"]
