@@ -11,7 +11,12 @@ import sys
 import time
 from pathlib import Path
 
-from qatkit.config import load_yaml, qat_config_from_dict, to_dict, train_config_from_dict
+from qatkit.config import (
+    load_yaml,
+    qat_config_from_dict,
+    to_dict,
+    train_config_from_dict,
+)
 from qatkit.errors import ConfigError, DataError, ModelFileError, QatkitError, bad_value
 
 _RUN_KEYS = ("dataset", "data", "model", "weight_bits", "act_bits", "limit", "float_epochs", "float_lr", "qat", "train")

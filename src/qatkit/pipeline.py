@@ -22,8 +22,8 @@ from qatkit.calibrate import calibrate
 from qatkit.config import QATConfig, TrainConfig, qat_config_from_dict, to_dict
 from qatkit.convert import convert, load, save
 from qatkit.data import BatchLoader, ImageDataset, load_dataset
-from qatkit.export import verify
 from qatkit.errors import ConfigError, ModelFileError, bad_value
+from qatkit.export import verify
 from qatkit.models import build_model
 from qatkit.prepare import prepare
 from qatkit.report import describe, results_table, write_report

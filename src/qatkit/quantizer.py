@@ -12,8 +12,15 @@ import torch
 from torch import nn
 
 from qatkit.config import QuantSpec
+from qatkit.primitives import (
+    fake_quantize,
+    lsq_grad_scale,
+    qparams_from_minmax,
+    qparams_from_tensor,
+    qrange,
+    quantize_codes,
+)
 from qatkit.primitives.fake_quant import per_channel_view
-from qatkit.primitives import fake_quantize, lsq_grad_scale, qparams_from_minmax, qparams_from_tensor, qrange, quantize_codes
 from qatkit.primitives.qparams import MIN_SCALE
 from qatkit.primitives.ranges import check_bits
 

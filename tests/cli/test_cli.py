@@ -6,10 +6,9 @@ import subprocess
 import sys
 
 import pytest
+from conftest import shared_data
 
 from qatkit.cli import main
-
-from conftest import shared_data
 
 
 def run_cli(capsys, *argv: str) -> tuple[int, str, str]:

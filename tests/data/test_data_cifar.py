@@ -9,11 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import shared_data
 
 from qatkit.data import load_dataset
 from qatkit.errors import DataError
-
-from conftest import shared_data
 
 BATCHES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
 

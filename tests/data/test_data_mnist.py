@@ -7,12 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import shared_data
 
 from qatkit.data import load_dataset
 from qatkit.errors import DataError
-
-from conftest import shared_data
-
 
 
 @pytest.fixture(scope="module")

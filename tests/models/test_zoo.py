@@ -7,7 +7,14 @@ import torch.fx
 from torch import nn
 
 from qatkit.errors import ConfigError
-from qatkit.models import MODEL_NAMES, TinyTransformer, build_model, mobilenet_v2, resnet18, resnet20
+from qatkit.models import (
+    MODEL_NAMES,
+    TinyTransformer,
+    build_model,
+    mobilenet_v2,
+    resnet18,
+    resnet20,
+)
 
 INPUTS = {"digits-8x8x1": (1, 8), "cifar-32x32x3": (3, 32)}
 NUM_CLASSES = 10

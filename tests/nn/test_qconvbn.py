@@ -11,7 +11,6 @@ from torch import nn
 from qatkit.config import QATConfig
 from qatkit.nn import QConvBn
 
-
 EPS = 1e-5
 MOMENTUM = 0.1
 

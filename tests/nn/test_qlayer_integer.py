@@ -13,7 +13,6 @@ from qatkit.config import QATConfig
 from qatkit.nn import QConv, QConvBn, QLinear
 from qatkit.quantizer import FakeQuantizer
 
-
 CFG = QATConfig()
 
 

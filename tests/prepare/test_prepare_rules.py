@@ -1,7 +1,6 @@
 """Layer rules, the module-swap fallback for untraceable code, and small hand-built models."""
 from __future__ import annotations
 
-
 import pytest
 import torch
 import torch.nn.functional as F

@@ -8,11 +8,9 @@ import torch
 from torch import fx, nn
 
 import qatkit
-from qatkit.nn import QAdd
 from qatkit.models import build_model
-from qatkit.nn import QConvBn, QLayer
+from qatkit.nn import QAdd, QConvBn, QLayer
 from qatkit.quantizer import FakeQuantizer
-
 
 ZOO = ["small-cnn", "resnet20", "mobilenetv2", "tiny-transformer", "seed-mlp"]
 # (quantizable layers, BatchNorms, first layer, last layer) of each model, counted from its definition

@@ -8,7 +8,13 @@ import pytest
 import torch
 
 from qatkit.errors import ConfigError
-from qatkit.primitives import INIT_METHODS, fake_quantize, qparams_from_minmax, qparams_from_tensor, qrange
+from qatkit.primitives import (
+    INIT_METHODS,
+    fake_quantize,
+    qparams_from_minmax,
+    qparams_from_tensor,
+    qrange,
+)
 from qatkit.primitives.reference import MIN_SCALE, ref_fake_quantize, ref_qparams_minmax
 
 CASES = [

@@ -9,7 +9,12 @@ import torch
 
 from qatkit.config import QuantSpec
 from qatkit.primitives import qrange
-from qatkit.primitives.reference import ref_codes, ref_fake_quantize, ref_lsq_grads, ref_qparams_minmax
+from qatkit.primitives.reference import (
+    ref_codes,
+    ref_fake_quantize,
+    ref_lsq_grads,
+    ref_qparams_minmax,
+)
 from qatkit.quantizer import FakeQuantizer
 
 STATE_KEYS = {"scale", "zero_point", "bits", "initialized", "enabled"}

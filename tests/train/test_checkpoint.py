@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from qatkit.errors import ModelFileError
-from qatkit.train import load_checkpoint, save_checkpoint
 from qatkit.train import checkpoint as ckpt
+from qatkit.train import load_checkpoint, save_checkpoint
 
 
 def _state() -> dict:

@@ -19,7 +19,13 @@ from qatkit.nn import QConvBn
 from qatkit.prepare import prepare
 from qatkit.quantizer import FakeQuantizer
 from qatkit.train import evaluate, fit, load_checkpoint
-from qatkit.train.loop import CHECKPOINT_NAME, build_optimizer, build_scheduler, compute_loss, quantizer_parameters
+from qatkit.train.loop import (
+    CHECKPOINT_NAME,
+    build_optimizer,
+    build_scheduler,
+    compute_loss,
+    quantizer_parameters,
+)
 
 try:
     from qatkit.data import BatchLoader, load_dataset

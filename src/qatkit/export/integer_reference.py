@@ -1,39 +1,36 @@
 """An integer-only reference executor for qatkit's QDQ ONNX graphs, in numpy.
 
 `IntegerReference(path_or_model, requant)` finds the patterns that ONNX Runtime fuses into integer kernels and
-computes them with integer accumulators. Every other node runs op by op in float32 numpy (`_OPS`).
+computes them with integer accumulators; every other node runs op by op in float32 numpy (`_OPS`). A pattern is a
+core op whose inputs are DequantizeLinear outputs and whose only consumer chain is [Relu | Clip]* -> QuantizeLinear:
+    DQ(x u8) -> Conv(DQ(w i8, axis 0), DQ(b i32)) -> Q         acc = sum((q_x - z_x) * q_w) + q_b
+    DQ(a u8|i8) -> Gemm(DQ(w i8), DQ(b i32)) -> Q | float out   same acc
+    DQ(a u8), DQ(b) -> MatMul -> Q | float out                  acc = sum((q_a - z_a) * (q_b - z_b))
+    DQ(a), DQ(b) -> Add -> Q;   DQ(x) -> GlobalAveragePool -> Q
+Accumulators are exact integers: dot products run in float64 BLAS (exact while |acc| < 2^53, i.e. for 8-bit operands
+and fewer than 2^37 terms), are held in int64 and wrapped to int32 as the hardware register would. A float output
+(no Q) is f32(acc) * f32(s_a * s_b), as QGemm / MatMulIntegerToFloat.
 
-Fused patterns. The core op's inputs are DequantizeLinear outputs, and its only consumer chain is
-[Relu | Clip]* -> QuantizeLinear, with no graph output along the chain:
-    DQ(x u8) -> Conv(DQ(w i8, axis 0), DQ(b i32)) -> Q          acc = sum((q_x - z_x) * q_w) + q_b
-    DQ(a) -> Gemm(DQ(w i8), DQ(b i32)) -> Q  (or no Q: float out) same acc; a may be u8 or i8
-    DQ(a u8), DQ(b) -> MatMul -> Q         (or no Q: float out) acc = sum((q_a - z_a) * (q_b - z_b))
-    DQ(a), DQ(b) -> Add -> Q,  DQ(x) -> GlobalAveragePool -> Q
-The accumulators are exact integers: the dot products are evaluated by float64 BLAS, which is exact while
-|acc| < 2^53 (8-bit operands and reductions below 2^37 terms), then held in int64 and wrapped to int32 as the
-hardware register would. A float output (no Q) is f32(acc) * f32(s_a * s_b) (QGemm / MatMulIntegerToFloat).
-
-requant="float32" is ORT's CPU arithmetic (see ORT_NUMERICS.md; the functions of ort_numerics.py are reused):
+requant="float32": ORT's CPU arithmetic (ORT_NUMERICS.md; ort_numerics.py's functions are reused):
     conv/gemm/matmul  y = sat(rint(f32(acc) * M[c]) + z_y),  M[c] = f32(f32(s_x * s_w[c]) / s_y)
-    add               QLinearAdd's two FMAs (ort_numerics.qlinear_add)
+    add               QLinearAdd's two FMAs;   quantize  sat(rint(f32(x / s)) + z), a true division
     global avg pool   S = sum(q) - z_x*HW,  y = sat(rint(f32(S) * f32(s_x / f32(s_y * HW))) + z_y)
-    quantize          sat(rint(f32(x / s)) + z)  (a true division), rint = round half to even
-  A Relu / Clip before Q is fused only where ORT drops it: Relu when z_y is the type's minimum, Clip(a, b) when
-  the Q range [s(qmin - z), s(qmax - z)] lies within [a, b] (+ float32 epsilon). Otherwise the whole pattern runs
-  in float, as in ORT (whose float Conv/Gemm kernels are not reproduced bit for bit).
+  rint rounds half to even. A Relu / Clip before the Q is fused only where ORT drops it (Relu: z_y is the type's
+  minimum; Clip(a, b): [s(qmin - z), s(qmax - z)] lies within [a, b] + float32 eps); otherwise the pattern runs
+  in float, as in ORT (whose float Conv/Gemm/MatMul/Softmax/... kernels are not reproduced bit for bit).
 
-requant="fixed-point" is integer-only hardware arithmetic (Jacob et al. 2018; gemmlowp / TFLite):
-    M (float64) = M0 * 2^-31 * 2^-n, M0 in [2^30, 2^31)  (frexp, M0 = round(frac * 2^31), n = -exp)
-    SRDHM(a, b)   = trunc((a*b + (2^30 if a*b >= 0 else 1 - 2^30)) / 2^31), saturating at INT32_MIN * INT32_MIN
-                    (round half up, as ARM VQRDMULH)
-    RDBP(x, n)    = (x >> n) + ((x & mask) > (mask >> 1) + (x < 0)),  mask = 2^n - 1   (round half away from 0)
-    MBQM(x, M)    = RDBP(SRDHM(x << max(-n, 0), M0), max(n, 0))        (TFLite MultiplyByQuantizedMultiplier)
+requant="fixed-point": integer-only hardware arithmetic (Jacob et al. 2018; gemmlowp / TFLite):
+    M (float64) = M0 * 2^-31 * 2^-n, M0 in [2^30, 2^31)  (M = frac * 2^e by frexp, M0 = round(frac * 2^31), n = -e)
+    SRDHM(a, b) = trunc((a*b + (a*b >= 0 ? 2^30 : 1 - 2^30)) / 2^31); INT32_MAX for a = b = INT32_MIN (ties up)
+    RDBP(x, n)  = (x >> n) + ((x & mask) > (mask >> 1) + (x < 0)),  mask = 2^n - 1  (ties away from zero)
+    MBQM(x, M)  = RDBP(SRDHM(x << max(-n, 0), M0), max(n, 0))   (TFLite MultiplyByQuantizedMultiplier)
     conv/gemm/matmul  y = sat(MBQM(acc, s_x * s_w[c] / s_y) + z_y)
-    add (TFLite)      L = 20, t = 2 * max(s_a, s_b):  a' = MBQM((q_a - z_a) << L, s_a / t),
-                      b' = MBQM((q_b - z_b) << L, s_b / t),  y = sat(MBQM(a' + b', t / (2^L * s_y)) + z_y)
+    add (TFLite)      t = 2 max(s_a, s_b): a' = MBQM((q_a - z_a) << 20, s_a / t), b' = MBQM((q_b - z_b) << 20, s_b / t),
+                      y = sat(MBQM(a' + b', t / (2^20 s_y)) + z_y)
     global avg pool   y = sat(MBQM(sum(q - z_x), s_x / (s_y * HW)) + z_y)
-  Here every Relu / Clip(a, b) before the Q folds into the output clamp [Q(a), Q(b)] (exact: Q is monotone).
-  Tiny multipliers are not flushed to zero (TFLite flushes n > 31); int64 shifts keep them exact.
+  Every Relu / Clip(a, b) before the Q folds into the output clamp [Q(a), Q(b)] (exact, as Q is monotone). Tiny
+  multipliers are not flushed to zero (TFLite flushes n > 31). SRDHM rounds, then RDBP rounds again: this double
+  rounding differs from a single rounding of acc * M on about 2^-(n+1) of the outputs.
 """
 from __future__ import annotations
 
@@ -51,11 +48,9 @@ from qatkit.errors import ModelFileError, bad_value
 from qatkit.export import ort_numerics as on
 
 f32, f64, i64 = np.float32, np.float64, np.int64
-I32_MIN, I32_MAX = -(2**31), 2**31 - 1
 _CORES = ("Conv", "Gemm", "MatMul", "Add", "GlobalAveragePool")
 
 
-# ---------------------------------------------------------------------------------------- fixed-point primitives
 def wrap_int32(v) -> np.ndarray:
     """Two's-complement wrap of int64 values to the int32 range (as a 32-bit register), kept as int64."""
     return np.asarray(v, i64).astype(np.int32).astype(i64)
@@ -77,7 +72,7 @@ def srdhm(a, b) -> np.ndarray:
     a, b = np.asarray(a, i64), np.asarray(b, i64)
     v = a * b + np.where(a * b >= 0, 1 << 30, 1 - (1 << 30))
     q = np.where(v >= 0, v >> 31, -((-v) >> 31))  # C++ integer division truncates toward zero
-    return np.where((a == b) & (a == I32_MIN), I32_MAX, q)
+    return np.where((a == b) & (a == -(2**31)), 2**31 - 1, q)
 
 
 def rounding_divide_by_pot(x, n) -> np.ndarray:
@@ -104,29 +99,32 @@ def _fx_add(a, s_a, z_a, b, s_b, z_b, s_y, z_y) -> np.ndarray:
     return _mbqm(wrap_int32(a + b), t / (2.0**20 * f64(s_y))) + z_y
 
 
-# ---------------------------------------------------------------------------------------- integer accumulators
 def _dot(a, b) -> np.ndarray:
     """Exact integer a @ b (int64) via float64 BLAS: exact while |acc| < 2^53 (8-bit operands)."""
     assert a.shape[-1] < 2**37, "reduction too long for an exact float64 dot product"
     return np.matmul(a.astype(f64), b.astype(f64)).astype(i64)
 
 
-def _conv(x, w, a: dict, dtype=f64) -> np.ndarray:
-    """N-d grouped conv. x (N,C,*S) (zero point already subtracted; pads are zeros), w (K,C/g,*k) -> (N,K,*So)."""
-    nd, k, g = w.ndim - 2, w.shape[2:], a.get("group", 1)
+def _windows(x, k, a: dict, fill=0) -> np.ndarray:
+    """The padded, strided, dilated windows of x (N,C,*S) for a kernel k: a view (N,C,*So,*k)."""
+    nd = len(k)
     s, d, p = a.get("strides", [1] * nd), a.get("dilations", [1] * nd), a.get("pads", [0] * 2 * nd)
-    x = np.pad(x.astype(dtype), [(0, 0), (0, 0)] + [(p[i], p[i + nd]) for i in range(nd)])
+    x = np.pad(x, [(0, 0), (0, 0)] + [(p[i], p[i + nd]) for i in range(nd)], constant_values=fill)
     win = sliding_window_view(x, [(k[i] - 1) * d[i] + 1 for i in range(nd)], axis=tuple(range(2, 2 + nd)))
-    win = win[(slice(None),) * 2 + tuple(slice(None, None, v) for v in (*s, *d))]  # (N, C, *So, *k)
-    n, c, so, kk = x.shape[0], x.shape[1], win.shape[2:2 + nd], int(np.prod(k))
-    cols = win.reshape(n, g, c // g, *so, *k)  # (N, g, C/g, *So, *k) -> (g, N*So, C/g*k)
-    cols = cols.transpose(1, 0, *range(3, 3 + nd), 2, *range(3 + nd, 3 + 2 * nd)).reshape(g, -1, c // g * kk)
-    out = np.matmul(cols, w.astype(dtype).reshape(g, w.shape[0] // g, -1).transpose(0, 2, 1))  # (g, N*So, K/g)
-    out = out.reshape(g, n, -1, w.shape[0] // g).transpose(1, 0, 3, 2).reshape(n, w.shape[0], *so)
+    return win[(slice(None),) * 2 + tuple(slice(None, None, v) for v in (*s, *d))]
+
+
+def _conv(x, w, a: dict, dtype=f64) -> np.ndarray:
+    """N-d grouped conv: x (N,C,*S) (zero point already subtracted, so pads are 0), w (K,C/g,*k) -> (N,K,*So)."""
+    nd, g, K = w.ndim - 2, a.get("group", 1), w.shape[0]
+    win = _windows(x.astype(dtype), w.shape[2:], a)
+    n, c, so = *win.shape[:2], win.shape[2:2 + nd]  # im2col per group: (g, N*So, C/g*k) @ (g, C/g*k, K/g)
+    cols = win.reshape(n, g, c // g, *so, *w.shape[2:]).transpose(1, 0, *range(3, 3 + nd), 2, *range(3 + nd, 3 + 2 * nd))
+    out = np.matmul(cols.reshape(g, n * int(np.prod(so)), -1), w.astype(dtype).reshape(g, K // g, -1).transpose(0, 2, 1))
+    out = out.reshape(g, n, -1, K // g).transpose(1, 0, 3, 2).reshape(n, K, *so)
     return out.astype(i64) if dtype == f64 else out
 
 
-# ---------------------------------------------------------------------------------------- float op table
 def _qrange(dtype) -> tuple[int, int]:
     return int(np.iinfo(dtype).min), int(np.iinfo(dtype).max)
 
@@ -156,21 +154,12 @@ def _quantize(ins, a):  # sat(rint(x / s) + z), per tensor
     return on.quantize_linear(ins[0], ins[1], z, *_qrange(z.dtype))
 
 
-def _maxpool(ins, a):
+def _maxpool(ins, a):  # (N,C,*S) -> (N,C,*So), on codes or floats
     x, k = ins[0], a["kernel_shape"]
-    nd = len(k)
     if a.get("ceil_mode", 0) or a.get("auto_pad", "NOTSET") != "NOTSET":
         raise bad_value("MaxPool ceil_mode/auto_pad", (a.get("ceil_mode"), a.get("auto_pad")), "0 / NOTSET", "use explicit pads")
-    s, d, p = a.get("strides", [1] * nd), a.get("dilations", [1] * nd), a.get("pads", [0] * 2 * nd)
     fill = np.iinfo(x.dtype).min if x.dtype.kind in "iu" else -np.inf
-    x = np.pad(x, [(0, 0), (0, 0)] + [(p[i], p[i + nd]) for i in range(nd)], constant_values=fill)
-    win = sliding_window_view(x, [(k[i] - 1) * d[i] + 1 for i in range(nd)], axis=tuple(range(2, 2 + nd)))
-    return win[(slice(None),) * 2 + tuple(slice(None, None, v) for v in (*s, *d))].max(axis=tuple(range(-nd, 0)))
-
-
-def _reshape(ins, a):
-    x, shape = ins[0], [int(v) for v in ins[1]]
-    return x.reshape([x.shape[i] if v == 0 and not a.get("allowzero", 0) else v for i, v in enumerate(shape)])
+    return _windows(x, k, a, fill).max(axis=tuple(range(-len(k), 0)))
 
 
 def _slice(ins, a):
@@ -181,15 +170,9 @@ def _slice(ins, a):
     return x[tuple(idx)]
 
 
-def _axes(ins, a):  # axes as input (opset 13+ / 18+) or attribute
-    return [int(v) for v in ins[1]] if _opt(ins, 1) is not None else a.get("axes")
-
-
-def _unsqueeze(ins, a):
-    x, axes = ins[0], _axes(ins, a)
-    for ax in sorted(v % (x.ndim + len(axes)) for v in axes):
-        x = np.expand_dims(x, ax)
-    return x
+def _axes(ins, a):  # axes as an input (opset 13+ / 18+) or an attribute
+    axes = [int(v) for v in ins[1]] if _opt(ins, 1) is not None else a.get("axes")
+    return None if axes is None else tuple(axes)
 
 
 def _layer_norm(ins, a):  # (..., D) normalised over the axes from `axis` on, in float32
@@ -199,50 +182,38 @@ def _layer_norm(ins, a):  # (..., D) normalised over the axes from `axis` on, in
     return (x - mean) / np.sqrt(var + f32(a.get("epsilon", 1e-5))) * ins[1] + _opt(ins, 2, f32(0))
 
 
-def _softmax(ins, a):
-    e = np.exp(ins[0] - ins[0].max(a.get("axis", -1), keepdims=True))
-    return e / e.sum(a.get("axis", -1), keepdims=True)
-
-
-def _reduce_mean(ins, a):
-    axes = _axes(ins, a)
-    return ins[0].mean(axis=None if axes is None else tuple(axes), keepdims=bool(a.get("keepdims", 1)), dtype=f32)
-
-
-def _gemm(ins, a):
-    x, w = (v.T if a.get(t, 0) else v for v, t in ((ins[0], "transA"), (ins[1], "transB")))
-    return f32(a.get("alpha", 1.0)) * (x @ w) + f32(a.get("beta", 1.0)) * _opt(ins, 2, f32(0))
-
-
-def _div(ins, a):
-    x, y = ins
-    return np.trunc(x / y).astype(x.dtype) if x.dtype.kind in "iu" else x / y
-
-
 _erf = np.vectorize(math.erf, otypes=[f64])
 _OPS = {  # op_type -> handler(inputs, attributes) -> output(s); float ops compute in float32
     "DequantizeLinear": _dequantize, "QuantizeLinear": _quantize, "Identity": lambda i, a: i[0],
     "Relu": lambda i, a: np.maximum(i[0], i[0].dtype.type(0)),
     "Clip": lambda i, a: np.clip(i[0], _opt(i, 1, -np.inf), _opt(i, 2, np.inf)).astype(i[0].dtype),
-    "MaxPool": _maxpool, "Reshape": _reshape, "Slice": _slice, "Unsqueeze": _unsqueeze,
+    "MaxPool": _maxpool, "Slice": _slice, "Unsqueeze": lambda i, a: np.expand_dims(i[0], _axes(i, a)),
+    "Reshape": lambda i, a: i[0].reshape([i[0].shape[j] if v == 0 and not a.get("allowzero", 0) else int(v)
+                                          for j, v in enumerate(i[1])]),
     "Transpose": lambda i, a: np.transpose(i[0], a.get("perm")),
     "Flatten": lambda i, a: i[0].reshape(int(np.prod(i[0].shape[:a.get("axis", 1)])), -1),
     "Gather": lambda i, a: np.take(i[0], i[1], axis=a.get("axis", 0)),
-    "Squeeze": lambda i, a: np.squeeze(i[0], axis=None if _axes(i, a) is None else tuple(_axes(i, a))),
+    "Squeeze": lambda i, a: np.squeeze(i[0], axis=_axes(i, a)),
     "Concat": lambda i, a: np.concatenate(i, axis=a["axis"]),
     "Shape": lambda i, a: np.array(i[0].shape, i64)[a.get("start", 0):a.get("end")],
     "Max": lambda i, a: reduce(np.maximum, i), "Add": lambda i, a: i[0] + i[1], "Sub": lambda i, a: i[0] - i[1],
-    "Mul": lambda i, a: i[0] * i[1], "Div": _div, "MatMul": lambda i, a: np.matmul(i[0], i[1]),
-    "Softmax": _softmax, "LayerNormalization": _layer_norm, "ReduceMean": _reduce_mean,
+    "Mul": lambda i, a: i[0] * i[1], "MatMul": lambda i, a: np.matmul(i[0], i[1]),
+    "Div": lambda i, a: (i[0] / i[1]).astype(f32) if i[0].dtype.kind == "f" else np.trunc(i[0] / i[1]).astype(i[0].dtype),
+    "Softmax": lambda i, a: (e := np.exp(i[0] - i[0].max(a.get("axis", -1), keepdims=True)))
+                            / e.sum(a.get("axis", -1), keepdims=True),
+    "LayerNormalization": _layer_norm,
+    "ReduceMean": lambda i, a: i[0].mean(axis=_axes(i, a), keepdims=bool(a.get("keepdims", 1)), dtype=f32),
     "Erf": lambda i, a: _erf(i[0]).astype(f32), "Sigmoid": lambda i, a: f32(1) / (f32(1) + np.exp(-i[0])),
     "Tanh": lambda i, a: np.tanh(i[0]), "Sqrt": lambda i, a: np.sqrt(i[0]), "Exp": lambda i, a: np.exp(i[0]),
-    "Neg": lambda i, a: -i[0], "Gemm": _gemm,
+    "Neg": lambda i, a: -i[0],
+    "Gemm": lambda i, a: f32(a.get("alpha", 1.0)) * ((i[0].T if a.get("transA", 0) else i[0])
+                                                     @ (i[1].T if a.get("transB", 0) else i[1]))
+                    + f32(a.get("beta", 1.0)) * _opt(i, 2, f32(0)),
     "Conv": lambda i, a: _conv(i[0], i[1], a, f32) + _bcast(_opt(i, 2, f32(0)), i[0].ndim, 1),
     "GlobalAveragePool": lambda i, a: i[0].mean(axis=tuple(range(2, i[0].ndim)), keepdims=True, dtype=f32),
 }
 
 
-# ---------------------------------------------------------------------------------------- fused patterns
 @dataclass
 class _Fused:
     kind: str  # one of _CORES
@@ -279,23 +250,30 @@ class IntegerReference:
             if n.op_type not in _OPS:
                 raise bad_value(f"ONNX op of node {n.name!r}", n.op_type, ", ".join(sorted(_OPS)),
                                 "export with qatkit's op set", cls=ModelFileError)
-        self.fused = self._match_all(nodes)
+        prod, cons = {o: n for n in nodes for o in n.output}, {}
+        for n in nodes:
+            for i in n.input:
+                cons.setdefault(i, []).append(n)
+        self.fused = {}  # core op output -> _Fused
+        for n in nodes:
+            f = self._match(n, prod, cons, set(self.output_names)) if n.op_type in _CORES else None
+            self.fused.update({n.output[0]: f} if f is not None else {})
+        absorbed = {id(m) for f in self.fused.values() for m in f.absorbed}
         self.steps = self._prune_and_fold([self.fused.get(n.output[0], n) for n in nodes
-                                           if n.output[0] in self.fused or id(n) not in self._absorbed])
+                                           if n.output[0] in self.fused or id(n) not in absorbed])
 
-    # ---- running ---------------------------------------------------------------------------------------
     def run(self, x: np.ndarray) -> np.ndarray:
-        """The graph's (first) float output."""
+        """The graph's (first) float output, i.e. the last DequantizeLinear applied."""
         return self._execute(x)[self.output_names[0]]
 
     def run_codes(self, x: np.ndarray, force: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
         """The integer codes of every QuantizeLinear output, keyed by tensor name. `force` (tensor name -> value)
-        replaces those tensors once computed, so each kernel can be checked on another runtime's inputs."""
+        replaces those tensors once computed, so that each kernel can be checked on someone else's inputs."""
         env = self._execute(x, force)
         return {name: env[name] for name in self.q_outputs if name in env}
 
     def run_outputs(self, x: np.ndarray) -> dict[str, np.ndarray]:
-        """Every graph output by name (with debug_outputs=True exports: every integer tensor, 'debug/<node>')."""
+        """Every graph output by name (exports with debug_outputs=True: every integer tensor, as 'debug/<node>')."""
         env = self._execute(x)
         return {name: env[name] for name in self.output_names}
 
@@ -304,12 +282,10 @@ class IntegerReference:
         env[self.input_name] = np.asarray(x, f32)
         for st in self.steps:
             if isinstance(st, _Fused):
-                env[st.out] = self._kernel(st, env)
-                outputs = [st.out]
+                env[st.out], outputs = self._kernel(st, env), [st.out]
             else:
                 node, fn, attrs = st
-                outs = fn([env[i] if i else None for i in node.input], attrs)
-                outputs = list(node.output)
+                outs, outputs = fn([env[i] if i else None for i in node.input], attrs), list(node.output)
                 env.update(zip(outputs, outs if isinstance(outs, (list, tuple)) else [outs]))
             for name in set(outputs) & set(force or ()):
                 mine[name], env[name] = env[name], np.asarray(force[name])
@@ -319,57 +295,34 @@ class IntegerReference:
         fixed = self.requant == "fixed-point"
         (a, s_a, z_a), *rest = [(env[c].astype(i64), s, z) for c, s, z in f.xs]
         s_y, z_y = f.y if f.y is not None else (None, None)
-        if f.kind == "Add":
-            (b, s_b, z_b), = rest
-            v = _fx_add(a, s_a, z_a, b, s_b, z_b, s_y, z_y) if fixed else \
-                on.qlinear_add(a, s_a, z_a, b, s_b, z_b, s_y, z_y, *_qrange(f.dtype))
-        elif f.kind == "GlobalAveragePool":  # (N,C,*S) -> (N,C,1..)
-            if fixed:
-                hw = int(np.prod(a.shape[2:]))
-                acc = wrap_int32((a - z_a).reshape(*a.shape[:2], -1).sum(-1)).reshape(*a.shape[:2], *[1] * (a.ndim - 2))
-                v = _mbqm(acc, f64(s_a) / (f64(s_y) * hw)) + z_y
-            else:
-                v = on.qlinear_global_avgpool(a, s_a, z_a, s_y, z_y, *_qrange(f.dtype))
+        if f.kind == "Add":  # broadcasting, as numpy
+            args = (a, s_a, z_a, *rest[0], s_y, z_y)
+            v = _fx_add(*args) if fixed else on.qlinear_add(*args, *_qrange(f.dtype))
+        elif f.kind == "GlobalAveragePool" and not fixed:  # (N,C,*S) -> (N,C,1..)
+            v = on.qlinear_global_avgpool(a, s_a, z_a, s_y, z_y, *_qrange(f.dtype))
+        elif f.kind == "GlobalAveragePool":
+            acc = wrap_int32((a - z_a).sum(axis=tuple(range(2, a.ndim)), keepdims=True))
+            v = _mbqm(acc, f64(s_a) / (f64(s_y) * np.prod(a.shape[2:]))) + z_y
         else:
             if f.kind == "Conv":  # (N,C,*S) * (K,C/g,*k) -> (N,K,*So), channel axis 1
-                acc = _conv(a - z_a, f.w, f.attrs)
-                acc = acc + (0 if f.bias is None else _bcast(f.bias, acc.ndim, 1))
+                acc = _conv(a - z_a, f.w, f.attrs) + (0 if f.bias is None else _bcast(f.bias, a.ndim, 1))
             elif f.kind == "Gemm":  # (M,K_in) @ (K_in,N) -> (M,N)
                 acc = _dot(a - z_a, f.w) + (0 if f.bias is None else f.bias)
-            else:  # MatMul (..., K) @ (K, N) -> (..., N)
-                (b, _, z_b), = rest
-                acc = _dot(a - z_a, b - z_b)
+            else:  # MatMul (..., K) @ (..., K, N) -> (..., N)
+                acc = _dot(a - z_a, rest[0][0] - rest[0][2])
             acc = wrap_int32(acc)
             if f.y is None:
                 return acc.astype(f32) * f.mult
             v = multiply_by_quantized_multiplier(acc, *f.mult) + z_y if fixed else np.rint(acc.astype(f32) * f.mult) + z_y
         return np.clip(v, f.lo, f.hi).astype(f.dtype)
 
-    # ---- planning ----------------------------------------------------------------------------------------
     def _dq(self, node) -> tuple | None:
-        """(codes tensor, scale, zero point, axis) of a DequantizeLinear with constant parameters, else None."""
-        if node is None or node.op_type != "DequantizeLinear" or node.input[1] not in self.consts:
+        """(codes tensor, scale, zero point) of a DequantizeLinear with constant parameters, else None."""
+        zp = node.input[2] if node is not None and len(node.input) > 2 and node.input[2] else None
+        if node is None or node.op_type != "DequantizeLinear" or node.input[1] not in self.consts \
+                or (zp is not None and zp not in self.consts):
             return None
-        zp = node.input[2] if len(node.input) > 2 and node.input[2] else None
-        if zp is not None and zp not in self.consts:
-            return None
-        s = self.consts[node.input[1]]
-        z = self.consts[zp] if zp else np.zeros(s.shape, np.uint8)
-        return node.input[0], s, z, _attrs(node).get("axis", 1)
-
-    def _match_all(self, nodes) -> dict[str, _Fused]:
-        prod = {o: n for n in nodes for o in n.output}
-        cons: dict[str, list] = {}
-        for n in nodes:
-            for i in n.input:
-                cons.setdefault(i, []).append(n)
-        fused, self._absorbed = {}, set()
-        for n in nodes:
-            f = self._match(n, prod, cons, set(self.output_names)) if n.op_type in _CORES else None
-            if f is not None:
-                fused[n.output[0]] = f
-                self._absorbed.update(id(m) for m in [n, *f.absorbed])
-        return fused
+        return node.input[0], self.consts[node.input[1]], self.consts[zp] if zp else np.uint8(0)
 
     def _match(self, n, prod, cons, graph_outputs) -> _Fused | None:
         acts, t, q = [], n.output[0], None  # the single-consumer chain [Relu | Clip]* -> Q
@@ -381,7 +334,7 @@ class IntegerReference:
         ins, a = [self._dq(prod.get(i)) for i in n.input], _attrs(n)
         if ins[0] is None or np.ndim(ins[0][1]) != 0 or (n.op_type in ("Conv", "MatMul") and ins[0][2].dtype != np.uint8):
             return None  # ORT on x86 fuses Conv and MatMul only with uint8 activations
-        f = _Fused(n.op_type, n, n.output[0], [ins[0][:3]], [], a)
+        f = _Fused(n.op_type, n, n.output[0], [ins[0]], [], a)
         if n.op_type in ("Conv", "Gemm"):  # int8 constant weights with zero point 0, int32 constant bias (or none)
             w, b = ins[1], ins[2] if len(ins) > 2 else ()
             if w is None or w[0] not in self.consts or self.consts[w[0]].dtype != np.int8 or np.any(w[2] != 0) \
@@ -393,15 +346,16 @@ class IntegerReference:
         elif n.op_type in ("MatMul", "Add"):
             if ins[1] is None or np.ndim(ins[1][1]) != 0:
                 return None
-            f.xs.append(ins[1][:3])
+            f.xs.append(ins[1])
             f.s_w = ins[1][1].astype(f32)
         if q is None:  # float output: only QGemm / MatMulIntegerToFloat, acc * f32(s_a * s_b)
             f.mult = f32(ins[0][1]) * f.s_w if n.op_type in ("Gemm", "MatMul") else None
+            f.absorbed = [n]
             return f if f.mult is not None else None
         s_y, z_y = self.consts.get(q.input[1]), self.consts.get(q.input[2]) if len(q.input) > 2 else np.uint8(0)
         if s_y is None or z_y is None or np.ndim(s_y) != 0:
             return None
-        f.y, f.dtype, f.out, f.absorbed = (s_y, z_y), z_y.dtype.type, q.output[0], acts + [q]
+        f.y, f.dtype, f.out, f.absorbed = (s_y, z_y), z_y.dtype.type, q.output[0], [n, *acts, q]
         f.lo, f.hi = qmin, qmax = _qrange(z_y.dtype)
         lower, upper, eps = f32(s_y) * f32(qmin - int(z_y)), f32(s_y) * f32(qmax - int(z_y)), np.finfo(f32).eps
         for act in reversed(acts):  # from the op next to Q backwards, as ORT's Relu/Clip-QuantizeLinear fusions
@@ -419,24 +373,20 @@ class IntegerReference:
         return f
 
     def _prune_and_fold(self, steps) -> list:
-        """Drop steps no graph output needs; evaluate the ones on constants only (weight DQs, shapes) once."""
-        needed, kept = set(self.output_names), []
+        """Drop the steps no graph output needs; evaluate those on constants only (weight DQs, shapes) once."""
+        needed, kept, plan = set(self.output_names), [], []
         for st in reversed(steps):
-            ins, outs = ([c for c, _, _ in st.xs], [st.out]) if isinstance(st, _Fused) else (list(st.input), list(st.output))
+            ins, outs = ([c for c, _, _ in st.xs], [st.out]) if isinstance(st, _Fused) else (st.input, st.output)
             if needed & set(outs):
                 kept.append(st)
                 needed |= set(ins)
-        plan = []
         for st in reversed(kept):
-            if isinstance(st, _Fused):
-                plan.append(st)
-                continue
-            entry = (st, _OPS[st.op_type], _attrs(st))
-            if all(i in self.consts for i in st.input if i):
-                outs = entry[1]([self.consts[i] if i else None for i in st.input], entry[2])
-                self.consts.update(zip(st.output, outs if isinstance(outs, (list, tuple)) else [outs]))
-            else:
+            entry = st if isinstance(st, _Fused) else (st, _OPS[st.op_type], _attrs(st))
+            if isinstance(st, _Fused) or not all(i in self.consts for i in st.input if i):
                 plan.append(entry)
+                continue
+            outs = entry[1]([self.consts[i] if i else None for i in st.input], entry[2])
+            self.consts.update(zip(st.output, outs if isinstance(outs, (list, tuple)) else [outs]))
         return plan
 
 

@@ -4,10 +4,25 @@ Ops that keep the integer grid run on the codes; the rest run in float on dequan
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from qatkit.errors import QatkitError
-from qatkit.export.onnx_qdq import BINARY, UNARY, Value
+
+BINARY = {"add": "Add", "iadd": "Add", "sub": "Sub", "mul": "Mul", "truediv": "Div", "matmul": "MatMul"}
+UNARY = {"relu": "Relu", "sigmoid": "Sigmoid", "tanh": "Tanh", "sqrt": "Sqrt", "exp": "Exp", "neg": "Neg"}
+
+
+@dataclass
+class Value:
+    """An exported value: a float tensor, integer codes with (scale, zero point) initializers, or shape data."""
+
+    name: str
+    kind: str  # "float" | "quant" | "shape" | "int"
+    scale: str | None = None
+    zero_point: str | None = None
+    dq: str | None = None  # its DequantizeLinear output, once made
 
 
 def _ints(v) -> list[int]:
@@ -67,8 +82,7 @@ def export_call(ex, node: dict) -> Value:
         shape = ex.const("shape", np.array([0] * start + [-1] + tail, np.int64))
         return _keep(ex, x, "Reshape", [shape], name)
     if short in ("reshape", "view"):
-        dims = [d if isinstance(d, int) else d for d in _dims(args)]
-        return _keep(ex, x, "Reshape", [ex.shape_tensor(dims)], name)
+        return _keep(ex, x, "Reshape", [ex.shape_tensor(_dims(args))], name)
     if short == "permute":
         return _keep(ex, x, "Transpose", [], name, perm=[_axis(d, rank) for d in _dims(args)])
     if short == "transpose":
@@ -97,7 +111,7 @@ def _keep(ex, x: Value, op: str, extra: list[str], name: str, **attrs) -> Value:
 
 def _getitem(ex, x: Value, index, rank) -> Value:
     if isinstance(index, int):
-        out = ex.op("Gather", [x.name if x.kind != "float" else x.name, ex.const("i", np.array(index, np.int64))], "item", axis=0)
+        out = ex.op("Gather", [x.name, ex.const("i", np.array(index, np.int64))], "item", axis=0)
         kind = "int" if x.kind == "shape" else x.kind
         return Value(out, kind, x.scale, x.zero_point)
     items = index if isinstance(index, list) else [index]

@@ -8,35 +8,16 @@ a DequantizeLinear. A quantized conv/linear is DQ(x) → Conv/Gemm(DQ(w int8), D
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from qatkit.convert import ops
 from qatkit.convert.pack import unpack
 from qatkit.convert.runtime import IntegerModel, QValue
-from qatkit.errors import QatkitError
+from qatkit.export.onnx_ops import Value, export_call
 
 OPSET = 17
-_F = lambda fn: ops.NAME_OF[fn]  # noqa: E731
-BINARY = {"add": "Add", "iadd": "Add", "sub": "Sub", "mul": "Mul", "truediv": "Div", "matmul": "MatMul"}
-UNARY = {"relu": "Relu", "sigmoid": "Sigmoid", "tanh": "Tanh", "sqrt": "Sqrt", "exp": "Exp", "neg": "Neg"}
-
-
-@dataclass
-class Value:
-    """An exported value: a float tensor, integer codes with (scale, zero point) initializers, or shape data."""
-
-    name: str
-    kind: str  # "float" | "quant" | "shape" | "int"
-    scale: str | None = None
-    zero_point: str | None = None
-    dq: str | None = None  # its DequantizeLinear output, once made
-
-
 class _Exporter:
     def __init__(self, model: IntegerModel, example: torch.Tensor):
         self.model = model
@@ -210,8 +191,6 @@ class _Exporter:
         return (fields["qmax"] - fields["zero_point"]) * s <= 6.0
 
     def call(self, node: dict) -> Value:
-        from qatkit.export.onnx_ops import export_call
-
         return export_call(self, node)
 
 

@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from qatkit.config import QuantSpec
-from qatkit.primitives.fake_quant import per_channel_view
 from qatkit.nn.qlayer import QConv
+from qatkit.primitives.fake_quant import per_channel_view
 from qatkit.quantizer import FakeQuantizer
 
 

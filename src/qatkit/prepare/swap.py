@@ -10,7 +10,9 @@ from torch import nn
 
 
 def swap_layers(module: nn.Module, prefix: str, config, plans, info, prepare_child) -> nn.Module:
-    from qatkit.prepare.graph import WRAPPERS  # import here: fx imports this package's siblings
+    from qatkit.prepare.graph import (
+        WRAPPERS,  # import here: fx imports this package's siblings
+    )
 
     for name, child in list(module.named_children()):
         path = f"{prefix}.{name}" if prefix else name
