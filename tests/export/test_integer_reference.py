@@ -171,14 +171,14 @@ def _last_dq_scale(path) -> str:
 
 
 # ------------------------------------------------------------------------------------- fixed-point mode
-def test_fixed_point_against_float32_mode_resnet20(zoo):
-    """gemmlowp requantization rounds twice (SRDHM to an integer, then RDBP by 2^n), so on about 2^-(n+1) of the
-    outputs (n = 7..10 for these convs) it lands one step from ORT's single float32 rounding. Per kernel, on the same
-    input codes: 99.9% equal, all within one step (the TFLite add: 99.999%). End to end, in this untrained network,
-    those one-step flips propagate and grow: 60-66% of the 2560 output codes equal, all within two steps, and the
-    same top-1 class."""
+@pytest.mark.parametrize("mode", ["fixed-point", "fixed-point-gemmlowp"])
+def test_fixed_point_against_float32_mode_resnet20(zoo, mode):
+    """Fixed-point requantization (M = M0·2^-(31+n)) against ORT's float32 multiplier, per kernel on the same input
+    codes. Single rounding: ≥ 99.99% equal, the rest one step. gemmlowp's double rounding (SRDHM, then RDBP by 2^n)
+    lands one step off on about 2^-(n+1) of the outputs (n = 7..10 for these convs): ≥ 99.8%. End to end, in this
+    untrained network, one-step flips propagate and grow; measured and printed, with the top-1 class kept."""
     plain, _, (c, s) = zoo("resnet20")
-    r32, rfx = IntegerReference(plain, "float32"), IntegerReference(plain, "fixed-point")
+    r32, rfx = IntegerReference(plain, "float32"), IntegerReference(plain, mode)
     kind_of = {f.out: f.kind for f in rfx.fused.values()}
     out_name = rfx.q_outputs[-1]
     per_kernel, end_to_end, top1 = collections.defaultdict(list), [], []
@@ -193,14 +193,16 @@ def test_fixed_point_against_float32_mode_resnet20(zoo):
         top1.append(np.mean(fixed_out.argmax(1) == ref_out.argmax(1)))  # the logits' codes (uint8, scale > 0)
     per_kernel = {k: np.concatenate(v) for k, v in per_kernel.items()}
     allk, e2e = np.concatenate(list(per_kernel.values())), np.concatenate(end_to_end)
-    print("\nresnet20 fixed-point vs float32, per kernel on the same inputs: " + ", ".join(
+    print(f"\nresnet20 {mode} vs float32, per kernel on the same inputs: " + ", ".join(
         f"{k} {np.mean(d == 0):.6f} of {d.size}" for k, d in per_kernel.items()) + f"; all {np.mean(allk == 0):.6f}")
     print(f"end to end: {np.mean(e2e == 0):.4f} of {e2e.size} output codes equal, max {e2e.max()} steps, "
           f"top-1 agreement {np.mean(top1):.4f}")
-    assert allk.max() <= 1 and np.mean(allk == 0) >= 0.998
-    assert np.mean(per_kernel["Conv"] == 0) >= 0.998 and np.mean(per_kernel["Add"] == 0) >= 0.9999
-    assert np.mean(per_kernel["Gemm"] == 0) >= 0.99 and np.mean(per_kernel["GlobalAveragePool"] == 0) >= 0.95
-    assert e2e.size >= 2560 and np.mean(e2e == 0) >= 0.5 and e2e.max() <= 2 and np.mean(top1) >= 0.95
+    assert allk.max() <= 1 and e2e.size >= 2560 and np.mean(top1) >= 0.95
+    if mode == "fixed-point":
+        assert np.mean(allk == 0) >= 0.9999 and np.mean(e2e == 0) >= 0.9 and e2e.max() <= 2
+    else:
+        assert np.mean(allk == 0) >= 0.998 and np.mean(per_kernel["Add"] == 0) >= 0.9999
+        assert np.mean(e2e == 0) >= 0.5 and e2e.max() <= 2
 
 
 def test_quantize_multiplier_against_float64():

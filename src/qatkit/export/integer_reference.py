@@ -19,7 +19,7 @@ requant="float32": ORT's CPU arithmetic (ORT_NUMERICS.md; ort_numerics.py's func
   minimum; Clip(a, b): [s(qmin - z), s(qmax - z)] lies within [a, b] + float32 eps); otherwise the pattern runs
   in float, as in ORT (whose float Conv/Gemm/MatMul/Softmax/... kernels are not reproduced bit for bit).
 
-requant="fixed-point": integer-only hardware arithmetic (Jacob et al. 2018; gemmlowp / TFLite):
+requant="fixed-point" / "fixed-point-gemmlowp": integer-only hardware arithmetic (Jacob et al. 2018; TFLite):
     M (float64) = M0 * 2^-31 * 2^-n, M0 in [2^30, 2^31)  (M = frac * 2^e by frexp, M0 = round(frac * 2^31), n = -e)
     SRDHM(a, b) = trunc((a*b + (a*b >= 0 ? 2^30 : 1 - 2^30)) / 2^31); INT32_MAX for a = b = INT32_MIN (ties up)
     RDBP(x, n)  = (x >> n) + ((x & mask) > (mask >> 1) + (x < 0)),  mask = 2^n - 1  (ties away from zero)
@@ -28,9 +28,10 @@ requant="fixed-point": integer-only hardware arithmetic (Jacob et al. 2018; gemm
     add (TFLite)      t = 2 max(s_a, s_b): a' = MBQM((q_a - z_a) << 20, s_a / t), b' = MBQM((q_b - z_b) << 20, s_b / t),
                       y = sat(MBQM(a' + b', t / (2^20 s_y)) + z_y)
     global avg pool   y = sat(MBQM(sum(q - z_x), s_x / (s_y * HW)) + z_y)
-  Every Relu / Clip(a, b) before the Q folds into the output clamp [Q(a), Q(b)] (exact, as Q is monotone). Tiny
-  multipliers are not flushed to zero (TFLite flushes n > 31). SRDHM rounds, then RDBP rounds again: this double
-  rounding differs from a single rounding of acc * M on about 2^-(n+1) of the outputs.
+  MBQM is one rounding of x·M0 / 2^(31+n) ("fixed-point": TFLite's single-rounding build, CMSIS-NN) or gemmlowp's
+  SRDHM then RDBP ("fixed-point-gemmlowp"), whose double rounding differs from a single rounding of acc·M on about
+  2^-(n+1) of the outputs. Every Relu / Clip(a, b) before the Q folds into the output clamp [Q(a), Q(b)] (exact, as
+  Q is monotone). Tiny multipliers are not flushed to zero (TFLite flushes n > 31).
 """
 from __future__ import annotations
 
@@ -49,6 +50,7 @@ from qatkit.export import ort_numerics as on
 
 f32, f64, i64 = np.float32, np.float64, np.int64
 _CORES = ("Conv", "Gemm", "MatMul", "Add", "GlobalAveragePool")
+REQUANT_MODES = ("float32", "fixed-point", "fixed-point-gemmlowp")
 
 
 def wrap_int32(v) -> np.ndarray:
@@ -82,21 +84,26 @@ def rounding_divide_by_pot(x, n) -> np.ndarray:
     return (x >> n) + ((x & mask) > (mask >> 1) + (x < 0))
 
 
-def multiply_by_quantized_multiplier(x, m0, n) -> np.ndarray:
-    """TFLite MultiplyByQuantizedMultiplier: RDBP(SRDHM(x << left, M0), right), left/right = max(-n, 0)/max(n, 0)."""
-    n = np.asarray(n, i64)
-    return rounding_divide_by_pot(srdhm(wrap_int32(np.asarray(x, i64) << np.maximum(-n, 0)), m0), np.maximum(n, 0))
+def multiply_by_quantized_multiplier(x, m0, n, single_rounding: bool = True) -> np.ndarray:
+    """x·M0·2^-(31+n) in integers. Single rounding (TFLite's TFLITE_SINGLE_ROUNDING, CMSIS-NN): one
+    round-half-up of the 64-bit product, (x·M0 + 2^(30+n)) >> (31+n). Double rounding (gemmlowp, TFLite's
+    default MultiplyByQuantizedMultiplier): RDBP(SRDHM(x << left, M0), right), left/right = max(-n, 0)/max(n, 0)."""
+    x, n = np.asarray(x, i64), np.asarray(n, i64)
+    if single_rounding:
+        shift = 31 + n
+        return (x * np.asarray(m0, i64) + (np.int64(1) << (shift - 1))) >> shift
+    return rounding_divide_by_pot(srdhm(wrap_int32(x << np.maximum(-n, 0)), m0), np.maximum(n, 0))
 
 
-def _mbqm(x, m) -> np.ndarray:  # x * M for a real M, in fixed point
-    return multiply_by_quantized_multiplier(x, *quantize_multiplier(m))
+def _mbqm(x, m, single_rounding: bool) -> np.ndarray:  # x * M for a real M, in fixed point
+    return multiply_by_quantized_multiplier(x, *quantize_multiplier(m), single_rounding)
 
 
-def _fx_add(a, s_a, z_a, b, s_b, z_b, s_y, z_y) -> np.ndarray:
+def _fx_add(a, s_a, z_a, b, s_b, z_b, s_y, z_y, single_rounding: bool) -> np.ndarray:
     """TFLite's 8-bit integer add (left shift 20, each input rescaled by its own multiplier), before the clamp."""
     t = 2.0 * max(f64(s_a), f64(s_b))
-    a, b = (_mbqm(wrap_int32((v - z) << 20), f64(s) / t) for v, s, z in ((a, s_a, z_a), (b, s_b, z_b)))
-    return _mbqm(wrap_int32(a + b), t / (2.0**20 * f64(s_y))) + z_y
+    a, b = (_mbqm(wrap_int32((v - z) << 20), f64(s) / t, single_rounding) for v, s, z in ((a, s_a, z_a), (b, s_b, z_b)))
+    return _mbqm(wrap_int32(a + b), t / (2.0**20 * f64(s_y)), single_rounding) + z_y
 
 
 def _dot(a, b) -> np.ndarray:
@@ -236,8 +243,8 @@ class IntegerReference:
     """Runs a qatkit QDQ ONNX graph with integer kernels where ONNX Runtime fuses, float32 numpy elsewhere."""
 
     def __init__(self, model: str | os.PathLike | onnx.ModelProto, requant: str = "float32"):
-        if requant not in ("float32", "fixed-point"):
-            raise bad_value("requant", requant, "'float32', 'fixed-point'", "pick one of the two modes")
+        if requant not in REQUANT_MODES:
+            raise bad_value("requant", requant, ", ".join(REQUANT_MODES), "pick one of these modes")
         self.requant, self.model = requant, model if isinstance(model, onnx.ModelProto) else onnx.load(str(model))
         g = self.model.graph
         self.consts = {t.name: numpy_helper.to_array(t) for t in g.initializer}
@@ -292,17 +299,17 @@ class IntegerReference:
         return {**env, **mine}
 
     def _kernel(self, f: _Fused, env: dict) -> np.ndarray:
-        fixed = self.requant == "fixed-point"
+        fixed, single = self.requant != "float32", self.requant == "fixed-point"
         (a, s_a, z_a), *rest = [(env[c].astype(i64), s, z) for c, s, z in f.xs]
         s_y, z_y = f.y if f.y is not None else (None, None)
         if f.kind == "Add":  # broadcasting, as numpy
             args = (a, s_a, z_a, *rest[0], s_y, z_y)
-            v = _fx_add(*args) if fixed else on.qlinear_add(*args, *_qrange(f.dtype))
+            v = _fx_add(*args, single) if fixed else on.qlinear_add(*args, *_qrange(f.dtype))
         elif f.kind == "GlobalAveragePool" and not fixed:  # (N,C,*S) -> (N,C,1..)
             v = on.qlinear_global_avgpool(a, s_a, z_a, s_y, z_y, *_qrange(f.dtype))
         elif f.kind == "GlobalAveragePool":
             acc = wrap_int32((a - z_a).sum(axis=tuple(range(2, a.ndim)), keepdims=True))
-            v = _mbqm(acc, f64(s_a) / (f64(s_y) * np.prod(a.shape[2:]))) + z_y
+            v = _mbqm(acc, f64(s_a) / (f64(s_y) * np.prod(a.shape[2:])), single) + z_y
         else:
             if f.kind == "Conv":  # (N,C,*S) * (K,C/g,*k) -> (N,K,*So), channel axis 1
                 acc = _conv(a - z_a, f.w, f.attrs) + (0 if f.bias is None else _bcast(f.bias, a.ndim, 1))
@@ -313,7 +320,7 @@ class IntegerReference:
             acc = wrap_int32(acc)
             if f.y is None:
                 return acc.astype(f32) * f.mult
-            v = multiply_by_quantized_multiplier(acc, *f.mult) + z_y if fixed else np.rint(acc.astype(f32) * f.mult) + z_y
+            v = multiply_by_quantized_multiplier(acc, *f.mult, single) + z_y if fixed else np.rint(acc.astype(f32) * f.mult) + z_y
         return np.clip(v, f.lo, f.hi).astype(f.dtype)
 
     def _dq(self, node) -> tuple | None:
