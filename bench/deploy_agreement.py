@@ -1,5 +1,6 @@
 """Deploy check of issue 3: models trained W8A8 (and W4A4) by qatkit, exported to ONNX, run by ONNX Runtime
-on the whole test set and compared with qatkit's own model (`qatkit verify`).
+on the whole test set and compared with qatkit's own model (`qatkit verify`), and the integer-only reference
+executor's float32 and fixed-point modes against ONNX Runtime on the same test set.
 
 Training uses the first N training samples and few epochs (the check is about agreement, not accuracy);
 each finished task is cached in the results file, so an interrupted run resumes.
@@ -15,12 +16,15 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from qatkit.config import TrainConfig
 from qatkit.convert import convert
 from qatkit.data import load_dataset
 from qatkit.export import export_onnx, verify
+from qatkit.export.integer_reference import REQUANT_MODES, IntegerReference
+from qatkit.export.ort import session
 from qatkit.pipeline import RunConfig, _loaders, quantize, train_float
 from qatkit.train import evaluate
 
@@ -28,6 +32,28 @@ TASKS = {  # name: dataset, data folder, model, train samples, float epochs, QAT
     "mnist-small-cnn": ("mnist", "mnist", "small-cnn", 20000, 2, 1, "none"),
     "cifar10-resnet20": ("cifar10", "cifar10", "resnet20", 10000, 4, 1, "crop-flip"),
 }
+
+
+def reference_agreement(path: Path, loader) -> dict:
+    """The integer-only reference on the whole test set: float32-multiplier mode against ONNX Runtime's output,
+    and each fixed-point mode against float32 mode (fraction of equal output values, largest difference in
+    output steps)."""
+    sess = session(path, threads=1)
+    modes = {m: IntegerReference(path, m) for m in REQUANT_MODES}
+    graph = modes["float32"].model.graph
+    nodes = {n.output[0]: n for n in graph.node}
+    step = float(modes["float32"].consts[nodes[nodes["output"].input[0]].input[1]])  # output = Identity(DQ(q, s, z))
+    stats = {key: [0, 0, 0.0] for key in ["ort_vs_float32"] + [f"{m}_vs_float32" for m in REQUANT_MODES[1:]]}
+    for x, _ in loader:
+        x = x.numpy()
+        ref = modes["float32"].run(x)
+        pairs = {"ort_vs_float32": sess.run(["output"], {sess.get_inputs()[0].name: x})[0]}
+        pairs |= {f"{m}_vs_float32": modes[m].run(x) for m in REQUANT_MODES[1:]}
+        for key, other in pairs.items():
+            d = np.abs(other - ref) / step
+            eq, n, worst = stats[key]
+            stats[key] = [eq + int((d < 1e-3).sum()), n + d.size, max(worst, float(d.max()))]
+    return {k: {"equal": eq / n, "values": n, "max_steps": round(w, 3)} for k, (eq, n, w) in stats.items()}
 
 
 def run_task(name: str, data_root: Path) -> dict:
@@ -53,6 +79,7 @@ def run_task(name: str, data_root: Path) -> dict:
             rows.append({"weight_bits": bits, "act_bits": bits, "qat_accuracy": evaluate(integer, test_loader)["accuracy"],
                          **{k: check[k] for k in ("n", "top1_agreement", "within_one_step", "max_step_diff")},
                          "per_layer": check["per_layer"], "onnx_bytes": path.stat().st_size, "notes": notes,
+                         "integer_reference": reference_agreement(path, test_loader),
                          "seconds": round(time.perf_counter() - t, 1)})
             print(name, rows[-1], flush=True)
     return {"task": name, "train_samples": n_train, "float_epochs": float_epochs, "qat_epochs": qat_epochs,
