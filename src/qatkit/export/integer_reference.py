@@ -20,7 +20,8 @@ requant="float32": ORT's CPU arithmetic (ORT_NUMERICS.md; ort_numerics.py's func
   in float, as in ORT (whose float Conv/Gemm/MatMul/Softmax/... kernels are not reproduced bit for bit).
 
 requant="fixed-point" / "fixed-point-gemmlowp": integer-only hardware arithmetic (Jacob et al. 2018; TFLite):
-    M (float64) = M0 * 2^-31 * 2^-n, M0 in [2^30, 2^31)  (M = frac * 2^e by frexp, M0 = round(frac * 2^31), n = -e)
+    M = M0 * 2^-31 * 2^-n, M0 in [2^30, 2^31)  (M = frac * 2^e by frexp, M0 = round(frac * 2^31), n = -e); for
+    conv/gemm M is the deployed float32 multiplier (exactly representable), for add/pool the float64 scale ratio
     SRDHM(a, b) = trunc((a*b + (a*b >= 0 ? 2^30 : 1 - 2^30)) / 2^31); INT32_MAX for a = b = INT32_MIN (ties up)
     RDBP(x, n)  = (x >> n) + ((x & mask) > (mask >> 1) + (x < 0)),  mask = 2^n - 1  (ties away from zero)
     MBQM(x, M)  = RDBP(SRDHM(x << max(-n, 0), M0), max(n, 0))   (TFLite MultiplyByQuantizedMultiplier)
@@ -375,8 +376,10 @@ class IntegerReference:
             f.lo, f.hi = max(f.lo, int(codes[0])), min(f.hi, int(codes[1]))
         if n.op_type in ("Conv", "Gemm", "MatMul"):  # per output channel: axis 1 of a conv, the last axis otherwise
             s_x, s_w = ins[0][1], f.s_w if n.op_type != "Conv" else _bcast(f.s_w, f.w.ndim - 1, 0)
-            f.mult = on.requant_multiplier(s_x, s_w, s_y) if self.requant == "float32" else \
-                quantize_multiplier(f64(s_x) * s_w.astype(f64) / f64(s_y))
+            # Fixed point takes the deployed float32 multiplier, whose 24-bit mantissa M0 holds exactly: both modes
+            # then apply the same real M and differ only in how acc·M is rounded.
+            f.mult = on.requant_multiplier(s_x, s_w, s_y)
+            f.mult = f.mult if self.requant == "float32" else quantize_multiplier(f.mult)
         return f
 
     def _prune_and_fold(self, steps) -> list:
