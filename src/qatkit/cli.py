@@ -263,8 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     except QatkitError as e:
         print(f"qatkit {args.command}: error: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print(f"qatkit {args.command}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print(f"qatkit {args.command}: interrupted{f': {e}' if str(e) else ''}", file=sys.stderr)
         return 130
 
 

@@ -137,6 +137,7 @@ class QATConfig:
 
 
 OPTIMIZERS = ("adamw", "sgd")
+NONFINITE = ("stop", "skip")  # what fit does with a batch whose loss or gradient is NaN/Inf
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -158,6 +159,9 @@ class TrainConfig:
     seed: int = 0
     device: str = "cpu"
     augment: str = "none"
+    # A NaN/Inf loss or gradient: "stop" raises QatkitError naming epoch, step (and parameter); "skip" drops
+    # the batch (no optimizer step, the schedule still advances) and stops only if > half an epoch is dropped.
+    nonfinite: str = "stop"
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -176,6 +180,7 @@ class TrainConfig:
             _check_number("bn_freeze_epoch", self.bn_freeze_epoch, 0, integer=True)
         _check_number("calib_batches", self.calib_batches, 1, integer=True)
         _check_number("seed", self.seed, 0, integer=True)
+        _check_choice("nonfinite", self.nonfinite, NONFINITE)
         if not isinstance(self.device, str) or not (self.device == "cpu" or self.device.startswith("cuda")):
             raise bad_value("device", self.device, "'cpu', 'cuda' or 'cuda:N'", "pass --device cpu or cuda")
 

@@ -24,6 +24,7 @@ from qatkit.convert import convert, load, save
 from qatkit.data import BatchLoader, ImageDataset, load_dataset
 from qatkit.errors import ConfigError, ModelFileError, bad_value
 from qatkit.export import verify
+from qatkit.fileio import atomic_file
 from qatkit.models import build_model
 from qatkit.prepare import prepare
 from qatkit.report import describe, results_table, write_report
@@ -89,7 +90,8 @@ def train_float(config: RunConfig, ds: ImageDataset, out: Path, resume: bool = F
     ckpt_dir = out / "checkpoints" / "float"
     fit(model, train_loader, config.float_train, val_loader=test_loader, checkpoint_dir=ckpt_dir,
         resume=resume and (ckpt_dir / CHECKPOINT_NAME).exists())
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / FLOAT_FILE))
+    with atomic_file(out / FLOAT_FILE) as tmp:
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
     return model
 
 

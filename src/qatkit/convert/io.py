@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 from qatkit.convert import ops
 from qatkit.convert.runtime import IntegerModel
 from qatkit.errors import ModelFileError
+from qatkit.fileio import atomic_file
 
 FORMAT, VERSION = "qatkit-integer-model", 1
 _NODE_OPS = {"input", "output", "constant", "quantize", "qlayer", "qadd", "qpool", "call"}
@@ -22,17 +23,10 @@ _NODE_OPS = {"input", "output", "constant", "quantize", "qlayer", "qadd", "qpool
 
 def save(model: IntegerModel, path: str | os.PathLike) -> Path:
     """Write atomically (temporary file, fsync, rename); returns the path."""
-    path = Path(path)
     header = json.dumps({"format": FORMAT, "version": VERSION, "nodes": model.nodes, "meta": model.meta})
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
+    with atomic_file(path) as tmp:
         save_file({k: t.contiguous() for k, t in model.named_tensors().items()}, str(tmp), metadata={"qatkit": header})
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return Path(path)
 
 
 def _fail(path, what: str) -> ModelFileError:

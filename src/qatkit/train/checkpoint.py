@@ -11,13 +11,13 @@ import io
 import os
 import pickle
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from qatkit.errors import ModelFileError
+from qatkit.fileio import atomic_file
 
 MAGIC = b"QATKIT-CKPT-v1\x00\n"  # 16 bytes
 DIGEST_SIZE = hashlib.sha256().digest_size  # 32
@@ -31,35 +31,12 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
     The bytes go to a temporary file in the same folder, which is flushed, fsynced and renamed over
     `path`; the folder is fsynced too. A crash leaves either the old file or the new one, never a mix.
     """
-    path = Path(path)
     buf = io.BytesIO()
     torch.save(state, buf)
     payload = buf.getvalue()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-            f.write(MAGIC + hashlib.sha256(payload).digest())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-    return path
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make the rename durable (POSIX); folders cannot be opened for fsync on Windows."""
-    if not hasattr(os, "O_DIRECTORY"):
-        return
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    with atomic_file(path) as tmp:
+        tmp.write_bytes(payload + MAGIC + hashlib.sha256(payload).digest())
+    return Path(path)
 
 
 def _bad(path: Path, what: str) -> ModelFileError:

@@ -7,12 +7,19 @@ Each epoch e starts from torch.manual_seed(seed + e) and loader.set_epoch(e), an
 everything else that carries over, so a run resumed at epoch k ends bit for bit where an
 uninterrupted one does. Epoch indices are 0-based (set_epoch, bn_freeze_epoch); the history and
 messages count epochs from 1 ("epoch 2/10" is index 1).
+
+Faults: a NaN/Inf loss or gradient raises QatkitError naming the epoch, the step and the first parameter
+with a non-finite gradient (config.nonfinite = "stop"), or drops the batch (nonfinite = "skip": no
+optimizer step, BN statistics and other buffers put back, the schedule still advances; more than half an
+epoch dropped still raises). SIGINT/SIGTERM finish the current step, leave last.ckpt as the last
+finished epoch wrote it, and raise KeyboardInterrupt / TrainingInterrupted saying how to resume.
 """
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable, Mapping
+import warnings
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -27,12 +34,16 @@ from qatkit.nn import QConvBn
 from qatkit.quantizer import FakeQuantizer
 from qatkit.regularize import quantization_error_penalty
 from qatkit.train.checkpoint import load_checkpoint, save_checkpoint
+from qatkit.train.signals import StopOnSignal, TrainingInterrupted, signal_name  # noqa: F401 (re-exported)
 
 CHECKPOINT_NAME = "last.ckpt"
 # Default quantizer-parameter lr relative to the weights' lr. Adam moves every parameter by about lr per
 # step whatever its gradient, and step sizes (~1e-3..1e-1) are far smaller than the unit scale of weights.
 SCALE_LR_RATIO = 0.01
-RESUME_FREE_FIELDS = ("progress", "device")  # the only TrainConfig fields that may change on resume
+# The only TrainConfig fields that may change on resume: nonfinite too, so that a run stopped by a NaN
+# can go on from its last checkpoint with nonfinite = "skip".
+RESUME_FREE_FIELDS = ("progress", "device", "nonfinite")
+_DIVERGED_FIX = ("lower --lr (now {lr:g}) or --scale-lr, add --warmup-epochs, or check the inputs for NaN/Inf")
 
 
 @torch.no_grad()
@@ -118,42 +129,111 @@ def compute_loss(model: nn.Module, logits: torch.Tensor, y: torch.Tensor, teache
     return loss
 
 
+def _first_nonfinite_grad(model: nn.Module) -> str:
+    """"'name' (NaN|Inf)" of the first parameter, in model order, whose gradient is not finite."""
+    for name, p in model.named_parameters():
+        if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
+            return f"{name!r} ({'NaN' if bool(torch.isnan(p.grad).any()) else 'Inf'})"
+    return "a parameter outside the model"  # the optimizer holds one that named_parameters() does not list
+
+
+def _grads_finite(params: list[nn.Parameter]) -> bool:
+    """One check for all gradients: the max-abs norm of each (no copy, no overflow), stacked, isfinite."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return True
+    return bool(torch.isfinite(torch.stack(torch._foreach_norm(grads, ord=math.inf))).all())
+
+
 def train_epoch(model: nn.Module, loader: Iterable, optimizer, scheduler, config: TrainConfig, epoch: int,
-                steps: int, teacher: nn.Module | None, error_penalty: Mapping[str, float]) -> dict[str, float]:
+                steps: int, teacher: nn.Module | None, error_penalty: Mapping[str, float],
+                on_step: Callable[[int], None] | None = None) -> dict[str, float]:
+    """One epoch; on_step(k) runs after the k-th step (1-based) is complete, skipped or not."""
     model.train()
     if config.bn_freeze_epoch is not None and epoch >= config.bn_freeze_epoch:
         freeze_bn(model)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    skip = config.nonfinite == "skip"
+    where = lambda step: f"epoch {epoch + 1}/{config.epochs}, step {step + 1}/{steps}"
     bar = tqdm(loader, total=steps, desc=f"epoch {epoch + 1}/{config.epochs}", disable=not config.progress,
                leave=False, dynamic_ncols=True)
-    loss_sum, correct, n, lr = 0.0, 0, 0, optimizer.param_groups[0]["lr"]
-    for step, (x, y) in enumerate(bar):
-        x, y = x.to(config.device), y.to(config.device)
-        logits = model(x)
-        teacher_logits = None
-        if teacher is not None:
-            with torch.no_grad():
-                teacher_logits = teacher(x)
-        loss = compute_loss(model, logits, y, teacher_logits, config, error_penalty)
-        loss_value = loss.item()
-        if not math.isfinite(loss_value):
-            bar.close()
-            raise QatkitError(f"training diverged: loss = {loss_value} at epoch {epoch + 1}/{config.epochs}, "
-                              f"step {step + 1}/{steps}; allowed: a finite loss. Fix: lower --lr (now {config.lr:g}) "
-                              "or --scale-lr, add --warmup-epochs, or check the inputs for NaN/Inf")
-        lr = optimizer.param_groups[0]["lr"]
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        loss_sum += loss_value * y.shape[0]
-        correct += (logits.argmax(1) == y).sum().item()
-        n += y.shape[0]
-        bar.set_postfix(loss=f"{loss_value:.4f}", acc=f"{correct / n:.3f}", lr=f"{lr:.2e}", refresh=False)
-    bar.close()
-    if n == 0:
+    loss_sum, correct, n, skipped, lr = 0.0, 0, 0, 0, optimizer.param_groups[0]["lr"]
+    try:
+        for step, (x, y) in enumerate(bar):
+            x, y = x.to(config.device), y.to(config.device)
+            buffers = [b.detach().clone() for b in model.buffers()] if skip else None  # BN stats, put back on a skip
+            logits = model(x)
+            teacher_logits = None
+            if teacher is not None:
+                with torch.no_grad():
+                    teacher_logits = teacher(x)
+            loss = compute_loss(model, logits, y, teacher_logits, config, error_penalty)
+            loss_value = loss.item()
+            lr = optimizer.param_groups[0]["lr"]
+            optimizer.zero_grad(set_to_none=True)
+            fault = allowed = None
+            if not math.isfinite(loss_value):
+                fault, allowed = f"loss = {loss_value}", "a finite loss"
+            else:
+                loss.backward()
+                if not _grads_finite(params):
+                    fault, allowed = f"gradient of {_first_nonfinite_grad(model)} is not finite", "finite gradients"
+            if fault is None:
+                optimizer.step()
+                loss_sum += loss_value * y.shape[0]
+                correct += (logits.argmax(1) == y).sum().item()
+                n += y.shape[0]
+            elif not skip:
+                raise QatkitError(f"training diverged: {fault} at {where(step)}; allowed: {allowed}. "
+                                  f"Fix: {_DIVERGED_FIX.format(lr=config.lr)}, or set train.nonfinite: skip "
+                                  "to drop such batches")
+            else:
+                skipped += 1
+                optimizer.zero_grad(set_to_none=True)
+                with torch.no_grad():
+                    for b, saved in zip(model.buffers(), buffers):
+                        b.copy_(saved)
+                if 2 * skipped > steps:
+                    raise QatkitError(f"training diverged: {skipped} of {steps} batches skipped in epoch "
+                                      f"{epoch + 1}/{config.epochs} (the last: {fault} at step {step + 1}/{steps}); "
+                                      "allowed: at most half of an epoch's batches with nonfinite = 'skip'. "
+                                      f"Fix: {_DIVERGED_FIX.format(lr=config.lr)}")
+            if fault is None:
+                scheduler.step()
+            else:  # a skipped batch still advances the schedule, so a resumed run stays exact
+                with warnings.catch_warnings():  # torch warns when the very first step is a skipped one
+                    warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
+                    scheduler.step()
+            if fault is None:
+                bar.set_postfix(loss=f"{loss_value:.4f}", acc=f"{correct / n:.3f}", lr=f"{lr:.2e}", refresh=False)
+            if on_step is not None:
+                on_step(step + 1)
+    finally:
+        bar.close()
+    if n + skipped == 0:
         raise DataError(f"train_loader yielded no batches in epoch {epoch + 1}; allowed: at least one (x, y) batch. "
                         "Fix: check the training split and --limit")
-    return {"train_loss": loss_sum / n, "train_acc": correct / n, "lr": lr}
+    row = {"train_loss": loss_sum / n if n else math.nan, "train_acc": correct / n if n else math.nan}
+    if skip:
+        row["skipped"] = skipped
+    return {**row, "lr": lr}
+
+
+def _stop_message(signum: int, epoch: int, step: int, steps: int, config: TrainConfig, ckpt_path: Path | None,
+                  saved_epoch: int | None) -> str:
+    """Where a run stopped on a signal, what its last checkpoint holds and how to go on."""
+    if step:
+        at = f"at epoch {epoch + 1}/{config.epochs}, after step {step}/{steps}"
+    else:
+        at = f"after epoch {epoch}/{config.epochs}" if epoch else f"before epoch 1/{config.epochs} began"
+    if ckpt_path is None:
+        return (f"training interrupted by {signal_name(signum)} {at}; nothing was saved (no checkpoint_dir). "
+                "Fix: pass checkpoint_dir=... to fit to make the run resumable, and run it again")
+    if saved_epoch is None:
+        return (f"training interrupted by {signal_name(signum)} {at}, before its first checkpoint {str(ckpt_path)!r}. "
+                "Fix: run it again; with --resume it starts this stage from the beginning")
+    return (f"training interrupted by {signal_name(signum)} {at}; {str(ckpt_path)!r} holds epoch "
+            f"{saved_epoch}/{config.epochs} (later steps are redone). Fix: resume with --resume (fit(..., resume=True))")
 
 
 # ---- checkpoints --------------------------------------------------------------------------------
@@ -207,6 +287,10 @@ def fit(model: nn.Module, train_loader: Iterable, config: TrainConfig, *, val_lo
     teacher: float model for distillation, used when config.distill > 0 (eval mode, no grad).
     error_penalty: {parameter glob: λ} for qatkit.regularize.quantization_error_penalty.
     checkpoint_dir: `last.ckpt` is written there after every epoch; resume=True continues from it.
+
+    A NaN/Inf loss or gradient raises QatkitError (config.nonfinite = "stop") or drops the batch ("skip",
+    counted in the history's `skipped`). SIGINT/SIGTERM (main thread) stop after the current step with
+    KeyboardInterrupt / TrainingInterrupted; last.ckpt then holds the last finished epoch.
     """
     if not isinstance(config, TrainConfig):
         raise bad_value("config", type(config).__name__, "a qatkit.config.TrainConfig",
@@ -228,26 +312,45 @@ def fit(model: nn.Module, train_loader: Iterable, config: TrainConfig, *, val_lo
     ckpt_path = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
     history, start = _restore(ckpt_path, model, optimizer, scheduler, settings) if resume else ([], 0)
 
-    for epoch in range(start, config.epochs):
-        t0 = time.perf_counter()
-        torch.manual_seed(config.seed + epoch)
-        if hasattr(train_loader, "set_epoch"):
-            train_loader.set_epoch(epoch)
-        row: dict[str, Any] = {"epoch": epoch + 1}
-        row.update(train_epoch(model, train_loader, optimizer, scheduler, config, epoch, steps, teacher, error_penalty))
-        if val_loader is not None:
-            row["val_accuracy"] = evaluate(model, val_loader, config.device)["accuracy"]
-        row["lr"] = row.pop("lr")  # keep the documented key order
-        row["seconds"] = time.perf_counter() - t0
-        history.append(row)
-        if config.progress:
-            val = f", val acc {row['val_accuracy']:.4f}" if "val_accuracy" in row else ""
-            tqdm.write(f"epoch {epoch + 1}/{config.epochs}: train loss {row['train_loss']:.4f}, "
-                       f"train acc {row['train_acc']:.4f}{val}, lr {row['lr']:.2e}, {row['seconds']:.1f}s")
-        if ckpt_path is not None:
-            save_checkpoint(ckpt_path, {
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "steps_per_epoch": steps,
-                "history": history, "config": to_dict(config), "error_penalty": error_penalty,
-            })
+    saved_epoch = start if resume else None  # the epoch last.ckpt holds, once this run has one
+    at = {"epoch": start, "step": 0}  # epoch index, steps done in it (0: at the epoch boundary)
+
+    with StopOnSignal() as stop:
+        stop.describe = lambda signum: _stop_message(signum, at["epoch"], at["step"], steps, config, ckpt_path,
+                                                     saved_epoch)
+
+        def after_step(done: int) -> None:
+            at["step"] = done
+            if stop.requested:
+                raise stop.exception()
+
+        for epoch in range(start, config.epochs):
+            at.update(epoch=epoch, step=0)
+            t0 = time.perf_counter()
+            torch.manual_seed(config.seed + epoch)
+            if hasattr(train_loader, "set_epoch"):
+                train_loader.set_epoch(epoch)
+            row: dict[str, Any] = {"epoch": epoch + 1}
+            row.update(train_epoch(model, train_loader, optimizer, scheduler, config, epoch, steps, teacher,
+                                   error_penalty, on_step=after_step))
+            if val_loader is not None:
+                row["val_accuracy"] = evaluate(model, val_loader, config.device)["accuracy"]
+            row["lr"] = row.pop("lr")  # keep the documented key order
+            row["seconds"] = time.perf_counter() - t0
+            history.append(row)
+            if config.progress:
+                val = f", val acc {row['val_accuracy']:.4f}" if "val_accuracy" in row else ""
+                skipped = f", {row['skipped']} batches skipped" if row.get("skipped") else ""
+                tqdm.write(f"epoch {epoch + 1}/{config.epochs}: train loss {row['train_loss']:.4f}, "
+                           f"train acc {row['train_acc']:.4f}{val}{skipped}, lr {row['lr']:.2e}, {row['seconds']:.1f}s")
+            if ckpt_path is not None:  # a signal meanwhile only sets the flag: the write always completes
+                save_checkpoint(ckpt_path, {
+                    "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "steps_per_epoch": steps,
+                    "history": history, "config": to_dict(config), "error_penalty": error_penalty,
+                })
+                saved_epoch = epoch + 1
+            at.update(epoch=epoch + 1, step=0)
+            if stop.requested:
+                raise stop.exception()
     return history
