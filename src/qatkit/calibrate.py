@@ -6,6 +6,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from qatkit.errors import DataError, bad_value
 from qatkit.quantizer import FakeQuantizer
 
 
@@ -20,6 +21,8 @@ def calibrate(model: nn.Module, batches: Iterable, num_batches: int = 8, device:
     Runs in eval mode (BN statistics untouched) with activation quantization off, so each quantizer
     sees the float activations; weights stay quantized. Returns the number of batches used.
     """
+    if isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1:
+        raise bad_value("num_batches", num_batches, "an integer >= 1", "pass num_batches=1 or more (TrainConfig.calib_batches)")
     quantizers = act_quantizers(model)
     was_training = model.training
     model.eval()
@@ -31,6 +34,7 @@ def calibrate(model: nn.Module, batches: Iterable, num_batches: int = 8, device:
             if used >= num_batches:
                 break
             x = batch[0] if isinstance(batch, (tuple, list)) else batch
+            _check_finite(x, used)
             model(x.to(device))
             used += 1
     finally:
@@ -38,3 +42,12 @@ def calibrate(model: nn.Module, batches: Iterable, num_batches: int = 8, device:
             q.finish_observing()
         model.train(was_training)
     return used
+
+
+def _check_finite(x, index: int) -> None:
+    """A NaN/inf input would silently turn every observed range (and so every scale) into NaN/inf."""
+    if isinstance(x, torch.Tensor) and x.is_floating_point():
+        bad = int(x.numel() - torch.isfinite(x).sum())
+        if bad:
+            raise bad_value(f"calibration batch {index} (0-based)", f"{bad} non-finite (NaN/inf) of {x.numel()} values",
+                            "finite inputs only", f"clean or drop batch {index} of the calibration data", DataError)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from qatkit.errors import ConfigError, DataError
+from qatkit.errors import ConfigError, DataError, bad_value
 
 
 @dataclass(frozen=True)
@@ -50,6 +50,34 @@ class ImageDataset:
     image_size: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        """Check what a model and a loss rely on: sizes >= 1, non-empty splits of the declared image shape,
+        labels in 0..num_classes-1, one mean/std per channel."""
+        for what in ("num_classes", "in_channels", "image_size"):
+            value = getattr(self, what)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise bad_value(f"dataset {self.name!r} {what}", value, "an integer >= 1",
+                                f"build the ImageDataset with a positive integer {what}", DataError)
+        expected = (self.in_channels, self.image_size, self.image_size)
+        for part in ("train", "test"):
+            split = getattr(self, part)
+            if len(split) == 0:
+                raise bad_value(f"dataset {self.name!r} {part} split size", 0, "at least one sample",
+                                f"check --data: its {part} split holds no samples", DataError)
+            if tuple(split.x.shape[1:]) != expected:
+                raise bad_value(f"dataset {self.name!r} {part} image shape (C, H, W)", tuple(split.x.shape[1:]),
+                                f"{expected} (in_channels, image_size, image_size)",
+                                "give every image the declared channel count and square size", DataError)
+            lo, hi = int(split.y.min()), int(split.y.max())
+            if lo < 0 or hi >= self.num_classes:
+                raise bad_value(f"dataset {self.name!r} {part} label", lo if lo < 0 else hi,
+                                f"0..{self.num_classes - 1} (num_classes = {self.num_classes})",
+                                "relabel the samples or raise num_classes to cover every label", DataError)
+        if len(self.mean) != self.in_channels or len(self.std) != self.in_channels or min(self.std) <= 0:
+            raise bad_value(f"dataset {self.name!r} mean/std", (tuple(self.mean), tuple(self.std)),
+                            f"{self.in_channels} values each (one per channel), std > 0",
+                            "compute them with channel_stats(train.x)", DataError)
 
     def head(self, limit: int) -> ImageDataset:
         """Keep the first `limit` samples of each split (mean/std stay those of the full train split)."""

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from qatkit.data.base import Split
-from qatkit.errors import ConfigError, bad_value
+from qatkit.errors import ConfigError, DataError, bad_value
 
 AUGMENTS = ("none", "crop-flip")
 PAD = 4  # crop-flip: pixels of zero padding on each side before the random crop
@@ -49,6 +49,9 @@ class BatchLoader:
             raise bad_value("augment", augment, ", ".join(AUGMENTS), "pick one of those")
         if not isinstance(seed, int) or seed < 0:
             raise bad_value("seed", seed, "an integer >= 0", "pass --seed 0 or more")
+        if len(split) == 0:
+            raise bad_value("split size", 0, "at least one sample", "check the data (and --limit) feeding the loader",
+                            DataError)
         channels = split.x.shape[1]
         if len(mean) != channels or len(std) != channels or min(std) <= 0:
             raise ConfigError(f"mean {tuple(mean)} / std {tuple(std)} do not fit {channels}-channel images; "

@@ -1,6 +1,8 @@
 """`load_dataset`: one entry point that picks the loader by name and applies `limit`."""
 from __future__ import annotations
 
+import os
+
 from qatkit.data.base import ImageDataset
 from qatkit.data.cifar import load_cifar10
 from qatkit.data.digits import load_digits
@@ -19,7 +21,9 @@ def load_dataset(name: str, path: str | None = None, *, limit: int | None = None
     """
     if name not in DATASET_NAMES:
         raise bad_value("--dataset", name, ", ".join(DATASET_NAMES), "pick one of those")
-    if limit is not None and (not isinstance(limit, int) or limit < 1):
+    if path is not None and not isinstance(path, (str, os.PathLike)):
+        raise bad_value("--data", path, "a path (str or os.PathLike), or unset", "pass --data as a folder or file path")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise bad_value("--limit", limit, "an integer >= 1, or unset for all samples", "pass --limit 1 or more")
     if name == "digits":
         if path is not None:

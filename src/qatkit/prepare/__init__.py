@@ -24,7 +24,10 @@ def prepare(model: nn.Module, config: QATConfig | None = None, example_inputs: t
     initialised here; activation ranges by `qatkit.calibrate` (or from the first batch). When
     `example_inputs` are given, one forward checks that they fit the model.
     """
-    config = config or QATConfig()
+    config = QATConfig() if config is None else config
+    if not isinstance(config, QATConfig):
+        raise bad_value("config", type(config).__name__, "a qatkit.QATConfig (or None for the defaults)",
+                        "build it with QATConfig(...) or qat_config_from_dict(...)")
     if not isinstance(model, nn.Module):
         raise bad_value("model", type(model).__name__, "a torch.nn.Module", "pass the float model itself")
     model = copy.deepcopy(model)
@@ -67,7 +70,7 @@ def check_inputs(model: nn.Module, example_inputs) -> None:
     try:
         with torch.no_grad():
             model(*args)
-    except (RuntimeError, ValueError, IndexError) as e:
+    except (RuntimeError, ValueError, IndexError, TypeError, AttributeError) as e:
         shapes = ", ".join(str(tuple(a.shape)) if isinstance(a, torch.Tensor) else type(a).__name__ for a in args)
         raise DataError(f"input of shape {shapes} does not fit the model ({str(e).splitlines()[0]}). "
                         "Fix: pass inputs shaped as the model expects (check --dataset/--model)") from None
