@@ -289,3 +289,13 @@ def test_errors_name_the_problem(tmp_path):
         IntegerReference(oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)]))
     with pytest.raises(ConfigError, match="requant"):
         IntegerReference(oh.make_model(graph), requant="int8")
+
+
+def test_single_rounding_is_half_to_even_on_the_exact_product():
+    x = np.array([5, 7, -5, -7, 3, -3, 1, -1, 6, 2**30 + 1])
+    # M0 = 2^30, n = 0: multiply by exactly 0.5; ties go to the even neighbour, as rint does
+    assert multiply_by_quantized_multiplier(x, 2**30, 0).tolist() == np.rint(x / 2).astype(np.int64).tolist()
+    m0, n = quantize_multiplier(np.float32(0.3))
+    acc = np.arange(-(2**20), 2**20, 7)
+    exact = acc.astype(object) * int(m0) / 2 ** (31 + int(n))  # rational, via Python ints/floats of small size
+    assert np.all(np.abs(multiply_by_quantized_multiplier(acc, m0, n) - np.array(exact, dtype=np.float64)) <= 0.5)

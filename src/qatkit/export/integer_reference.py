@@ -86,13 +86,16 @@ def rounding_divide_by_pot(x, n) -> np.ndarray:
 
 
 def multiply_by_quantized_multiplier(x, m0, n, single_rounding: bool = True) -> np.ndarray:
-    """x·M0·2^-(31+n) in integers. Single rounding (TFLite's TFLITE_SINGLE_ROUNDING, CMSIS-NN): one
-    round-half-up of the 64-bit product, (x·M0 + 2^(30+n)) >> (31+n). Double rounding (gemmlowp, TFLite's
+    """x·M0·2^-(31+n) in integers. Single rounding (as TFLite's TFLITE_SINGLE_ROUNDING and CMSIS-NN, but half to
+    even like every other rounding in qatkit): one rounding of the exact 64-bit product. Double rounding (gemmlowp, TFLite's
     default MultiplyByQuantizedMultiplier): RDBP(SRDHM(x << left, M0), right), left/right = max(-n, 0)/max(n, 0)."""
     x, n = np.asarray(x, i64), np.asarray(n, i64)
-    if single_rounding:
+    if single_rounding:  # exact product, one rounding half to even (qatkit's rule everywhere, as ONNX's)
         shift = 31 + n
-        return (x * np.asarray(m0, i64) + (np.int64(1) << (shift - 1))) >> shift
+        p = x * np.asarray(m0, i64)
+        q, r = p >> shift, p & ((np.int64(1) << shift) - 1)  # floor quotient, remainder in [0, 2^shift)
+        half = np.int64(1) << (shift - 1)
+        return q + ((r > half) | ((r == half) & (q & 1 == 1)))
     return rounding_divide_by_pot(srdhm(wrap_int32(x << np.maximum(-n, 0)), m0), np.maximum(n, 0))
 
 
