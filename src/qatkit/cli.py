@@ -22,6 +22,14 @@ from qatkit.errors import ConfigError, DataError, ModelFileError, QatkitError, b
 _RUN_KEYS = ("dataset", "data", "model", "weight_bits", "act_bits", "limit", "float_epochs", "float_lr", "qat", "train")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's own usage errors in qatkit's form: one line, exit code 2."""
+
+    def error(self, message: str):
+        message = " ".join(message.split())
+        self.exit(2, f"{self.prog}: error: {message}. Fix: see {self.prog} --help\n")
+
+
 def _common(p: argparse.ArgumentParser, *, many_bits: bool) -> None:
     nargs = "+" if many_bits else None
     p.add_argument("--config", help="YAML file with run options (keys: %s)" % ", ".join(_RUN_KEYS))
@@ -39,8 +47,8 @@ def _common(p: argparse.ArgumentParser, *, many_bits: bool) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="qatkit", description="Quantization-aware training to a packed integer model.")
-    sub = parser.add_subparsers(dest="command", metavar="{run,train,convert,export,verify,bench,eval}")
+    parser = _Parser(prog="qatkit", description="Quantization-aware training to a packed integer model.")
+    sub = parser.add_subparsers(dest="command", metavar="{run,train,convert,export,verify,bench,eval}", parser_class=_Parser)
     p = sub.add_parser("run", help="float → PTQ and QAT per bit-width → integer models, results.json, report.md")
     _common(p, many_bits=True)
     p.add_argument("--out", help="output folder (default: runs/<time>-<model>-<dataset>); must be new or empty")
@@ -77,14 +85,18 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run_config_from(args: argparse.Namespace):
-    """Defaults ← YAML ← flags, validated into a RunConfig."""
+def run_config_from(args: argparse.Namespace, default_bits: tuple[int, ...] | None = None):
+    """Defaults ← YAML ← flags, validated into a RunConfig; `default_bits` replaces RunConfig's default
+    bit-widths when neither the flags nor the YAML give any."""
     from qatkit.pipeline import RunConfig
 
     data = load_yaml(args.config) if args.config else {}
-    unknown = sorted(set(data) - set(_RUN_KEYS))
+    unknown = sorted(set(data) - set(_RUN_KEYS), key=str)
     if unknown:
         raise bad_value("--config key", unknown[0], ", ".join(_RUN_KEYS), "remove or correct the key")
+    for key in ("train", "qat"):
+        if data.get(key) is not None and not isinstance(data[key], dict):
+            raise bad_value(f"--config {key}", data[key], f"a mapping of {key} options", f"write {key}: as key: value pairs")
     default = RunConfig()
     train = {**to_dict(default.train), **(data.get("train") or {})}
     qat = {**to_dict(default.qat), **(data.get("qat") or {})}
@@ -103,6 +115,8 @@ def run_config_from(args: argparse.Namespace):
             top[flag] = value if isinstance(value, list) else [value]
         elif flag in top and isinstance(top[flag], int):
             top[flag] = [top[flag]]
+    if default_bits is not None and "weight_bits" not in top and "act_bits" not in top:
+        top["weight_bits"] = top["act_bits"] = list(default_bits)
     if "weight_bits" in top and "act_bits" not in top:
         top["act_bits"] = top["weight_bits"]
     if "act_bits" in top and "weight_bits" not in top:
@@ -122,12 +136,13 @@ def _cmd_run(args) -> int:
 
 def _cmd_train(args) -> int:
     from qatkit.data import load_dataset
-    from qatkit.pipeline import quantize, train_float
+    from qatkit.pipeline import check_out_folder, quantize, train_float
 
-    config = run_config_from(args)
+    config = run_config_from(args, default_bits=(8,))
     if len(config.weight_bits) != 1:
         raise bad_value("--weight-bits", list(config.weight_bits), "one bit-width for train", "pass one value, or use qatkit run")
     out = Path(args.out)
+    check_out_folder(out)
     if out.exists() and any(out.iterdir()) and not args.resume:
         raise ConfigError(f"--out {str(out)!r} exists and is not empty; allowed: a new folder, or --resume. "
                           "Fix: pass another --out or add --resume")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,8 @@ from qatkit.primitives.qparams import INIT_METHODS
 from qatkit.primitives.ranges import check_bits, qrange
 
 T = TypeVar("T")
+AUGMENTS = ("none", "crop-flip")  # training-time augmentation (qatkit.data.loader.BatchLoader)
+MAX_SEED = 2**63 - 1  # torch.manual_seed's range (seed + epoch stays below 2**64)
 
 
 def _check_choice(what: str, value: object, allowed: tuple[str, ...]) -> None:
@@ -34,9 +37,16 @@ def _check_bool(what: str, value: object, optional: bool = False) -> None:
 
 def _check_number(what: str, value: object, lo: float, hi: float = math.inf, integer: bool = False) -> None:
     kind = int if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kind) or not lo <= value <= hi:
+    if isinstance(value, bool) or not isinstance(value, kind) or not lo <= value <= hi or not (integer or _finite(value)):
         span = f"{'an integer' if integer else 'a number'} in [{lo}, {hi}]"
         raise bad_value(what, value, span, f"set {what} within that range")
+
+
+def _finite(value: float) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int beyond float range
+        return False
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -55,6 +65,8 @@ class QuantSpec:
     def __post_init__(self) -> None:
         check_bits(self.bits)
         _check_choice("init", self.init, INIT_METHODS)
+        if isinstance(self.axis, bool) or not isinstance(self.axis, int):
+            raise bad_value("axis", self.axis, "an integer (the channel dimension)", "set axis to e.g. 0")
         for what in ("symmetric", "signed", "per_channel", "narrow", "learnable"):
             _check_bool(what, getattr(self, what))
 
@@ -180,8 +192,11 @@ class TrainConfig:
             _check_number("bn_freeze_epoch", self.bn_freeze_epoch, 0, integer=True)
         _check_number("calib_batches", self.calib_batches, 1, integer=True)
         _check_number("seed", self.seed, 0, integer=True)
+        if self.seed > MAX_SEED:
+            raise bad_value("seed", self.seed, "an integer in [0, 2**63 - 1] (torch.manual_seed's range)", "pass a smaller --seed")
         _check_choice("nonfinite", self.nonfinite, NONFINITE)
-        if not isinstance(self.device, str) or not (self.device == "cpu" or self.device.startswith("cuda")):
+        _check_choice("augment", self.augment, AUGMENTS)
+        if not isinstance(self.device, str) or not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
             raise bad_value("device", self.device, "'cpu', 'cuda' or 'cuda:N'", "pass --device cpu or cuda")
 
 
@@ -191,14 +206,14 @@ def _from_mapping(cls: type[T], data: object, where: str) -> T:
         raise bad_value(where, data, f"a mapping of {cls.__name__} fields", "write it as key: value pairs")
     hints = get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(data) - set(names))
+    unknown = sorted(set(data) - set(names), key=str)
     if unknown:
         raise bad_value(f"{where} key", unknown[0], ", ".join(names), "remove or correct the key")
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
         hint = str(hints[key])
         if "float" in hint and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)  # YAML writes 1 for 1.0
+            value = float(value) if _finite(value) else value  # YAML writes 1 for 1.0; 10**400 is refused below
         if hint == "<class 'bool'>" and not isinstance(value, bool):
             raise bad_value(f"{where}.{key}", value, "true or false", f"write {key}: true or {key}: false")
         if hint == "<class 'str'>" and not isinstance(value, str):
@@ -232,6 +247,9 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         data = yaml.safe_load(p.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise ConfigError(f"--config {str(p)!r} is not valid YAML ({str(e).splitlines()[0]}). Fix: correct the file") from None
+    except RecursionError:
+        raise ConfigError(f"--config {str(p)!r} is not valid YAML (nested too deeply); allowed: a few hundred levels "
+                          "of nesting at most. Fix: correct the file") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

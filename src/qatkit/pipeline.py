@@ -19,7 +19,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from qatkit.calibrate import calibrate
-from qatkit.config import QATConfig, TrainConfig, qat_config_from_dict, to_dict
+from qatkit.config import QATConfig, TrainConfig, _check_number, qat_config_from_dict, to_dict
+from qatkit.primitives.ranges import check_bits
 from qatkit.convert import convert, load, save
 from qatkit.data import BatchLoader, ImageDataset, load_dataset
 from qatkit.errors import ConfigError, ModelFileError, bad_value
@@ -52,12 +53,13 @@ class RunConfig:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=12, lr=3e-4, distill=0.5, bn_freeze_epoch=8))
 
     def __post_init__(self) -> None:
-        w, a = tuple(self.weight_bits), tuple(self.act_bits)
+        w, a = (tuple(check_bits(b, name) for b in (v if isinstance(v, (list, tuple)) else [v]))
+                for name, v in (("weight_bits", self.weight_bits), ("act_bits", self.act_bits)))
         if len(w) != len(a) or not w:
             raise bad_value("act_bits", list(a), f"one value per weight bit-width ({len(w)} values)",
                             "pass as many --act-bits as --weight-bits")
-        for bits in w + a:  # QATConfig validates the range
-            QATConfig(weight_bits=bits)
+        _check_number("float_epochs", self.float_epochs, 0, integer=True)
+        _check_number("float_lr", self.float_lr, 0.0)
         object.__setattr__(self, "weight_bits", w)
         object.__setattr__(self, "act_bits", a)
         if self.limit is not None and (not isinstance(self.limit, int) or self.limit < 1):
@@ -148,9 +150,17 @@ def _row(method: str, w: int, a: int, accuracy: float, path: Path, seconds: floa
             "model_bytes": path.stat().st_size, "file": path.name, "seconds": round(seconds, 2), **extra}
 
 
+def check_out_folder(out: Path) -> None:
+    """--out may be a folder or not exist; an existing file is refused."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {str(out)!r} exists and is not a folder; allowed: a new or empty folder. "
+                          "Fix: pass another --out")
+
+
 def run(config: RunConfig, out: str | os.PathLike, *, log=print) -> dict:
     """The whole pipeline; returns results.json's content. `out` must not exist or be empty."""
     final = Path(out)
+    check_out_folder(final)
     if final.exists() and any(final.iterdir()):
         raise ConfigError(f"--out {str(final)!r} exists and is not empty; allowed: a new or empty folder. "
                           "Fix: pass another --out or remove the folder")

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from qatkit.config import QuantSpec
+from qatkit.errors import bad_value
 from qatkit.primitives import (
     fake_quantize,
     lsq_grad_scale,
@@ -79,6 +80,7 @@ class FakeQuantizer(nn.Module):
         if self.observing:
             self._observe(x)
             return x
+        self._check_axis(x)
         if not self.initialized:  # weights, or activations never calibrated: initialise from this tensor
             self.init_from(x)
         scale, zp = self._scale_zp()
@@ -104,9 +106,16 @@ class FakeQuantizer(nn.Module):
         clamped = (codes < qmin) | (codes > qmax)
         return x - (torch.clamp(codes, qmin, qmax) - torch.where(clamped, z, z.detach())) * s
 
+    def _check_axis(self, x: torch.Tensor) -> None:
+        """A per-channel quantizer's axis must exist in x and hold as many channels as it has scales."""
+        if self.axis is not None and not (-x.ndim <= self.axis < x.ndim and x.shape[self.axis] == self.scale.numel()):
+            raise bad_value("axis", self.axis, f"a dimension of the {x.ndim}-D {self.kind} of shape {tuple(x.shape)} "
+                            f"with {self.scale.numel()} channels", "set QuantSpec.axis to the channel dimension (0 for weights)")
+
     # ---- range initialisation -------------------------------------------------------------------
     @torch.no_grad()
     def init_from(self, x: torch.Tensor) -> None:
+        self._check_axis(x)
         scale, zp = qparams_from_tensor(
             x.float(), *self.qrange, symmetric=self.spec.symmetric, axis=self.axis, method=self.spec.init
         )

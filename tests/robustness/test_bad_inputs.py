@@ -2,7 +2,8 @@
 what is allowed and how to fix it (exit code 2, no traceback, nothing half-written), or the documented exception.
 
 Cases already in tests/cli, tests/config, tests/convert and tests/data are not repeated here. Inputs that still
-crash are kept as xfail(strict=True, reason="BUG ...") tests at the end: each names the file that needs the fix.
+crash are kept as xfail(strict=True, reason="BUG ...") tests at the end, each naming the file that needs the fix
+(none now: the tests at the end reproduce crashes that were fixed).
 """
 from __future__ import annotations
 
@@ -304,13 +305,13 @@ def test_verify_refuses_a_missing_reference(capsys, tmp_path):
 
 
 def test_float_bits_flag_is_an_argparse_usage_error(capsys, tmp_path):
-    """argparse refuses it (exit 2, the value named, no traceback, nothing written); see the xfail below for
-    the one-line rule it breaks."""
+    """argparse refuses it (exit 2, the value named, one line, no traceback, nothing written)."""
     with pytest.raises(SystemExit) as e:
         main(["run", "--weight-bits", "4.5", "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert e.value.code == 2 and "Traceback" not in err
-    assert err.strip().splitlines()[-1] == "qatkit run: error: argument --weight-bits: invalid int value: '4.5'"
+    assert err.strip().splitlines() == ["qatkit run: error: argument --weight-bits: invalid int value: '4.5'. "
+                                        "Fix: see qatkit run --help"]
     assert not (tmp_path / "o").exists()
 
 
@@ -441,54 +442,36 @@ def test_load_yaml_of_a_pickle(tmp_path):
         load_yaml(path)
 
 
-# ---- known bugs: inputs that still crash or are accepted; each test passes once the named file is fixed ----------
+# ---- inputs that once crashed or were accepted (fixed): each must give the clear error ----------------------
 def _crash_free_usage_error(capsys, tmp_path, argv: list[str]) -> str:
-    """The CLI contract, for the xfail cases: exit 2 and one line (an uncaught exception fails the test)."""
+    """The CLI contract, for the cases below: exit 2 and one line (an uncaught exception fails the test)."""
     out = tmp_path / "out"
     line = usage_error(capsys, [*argv, "--quiet", "--out", str(out)], r"is not allowed|allowed:",
                        leftovers=(out, tmp_path / "out.partial"))
     return line
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError, reason=(
-    "BUG cli.py run_config_from / pipeline.py RunConfig.__post_init__: YAML `weight_bits: 4.0` (or act_bits: 4.5) is "
-    "neither wrapped in a list nor refused, and tuple(4.0) raises TypeError: 'float' object is not iterable"))
 def test_bug_yaml_float_bits_crash(capsys, tmp_path):
     _crash_free_usage_error(capsys, tmp_path, ["run", *_yaml(tmp_path, "weight_bits: 4.0\n")])
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError, reason=(
-    "BUG cli.py run_config_from: `{**to_dict(default.qat), **(data.get('qat') or {})}` raises TypeError: 'list' object "
-    "is not a mapping for YAML `qat: [1, 2]` (same for `train: 5`); check isinstance(..., dict) first"))
 @pytest.mark.parametrize("text", ["qat: [1, 2]\n", "train: 5\n"], ids=["qat-list", "train-int"])
 def test_bug_yaml_section_not_a_mapping_crash(capsys, tmp_path, text):
     _crash_free_usage_error(capsys, tmp_path, ["run", *_yaml(tmp_path, text)])
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError, reason=(
-    "BUG cli.py run_config_from (and config.py _from_mapping): sorted(set(data) - set(keys)) raises TypeError: '<' not "
-    "supported between instances of 'str' and 'int' when YAML keys mix ints and strings (`1: a` + `foo: b`)"))
 def test_bug_yaml_mixed_key_types_crash(capsys, tmp_path):
     _crash_free_usage_error(capsys, tmp_path, ["run", *_yaml(tmp_path, "1: a\nfoo: b\n")])
 
 
-@pytest.mark.xfail(strict=True, raises=OverflowError, reason=(
-    "BUG config.py _from_mapping: float(value) of a 400-digit YAML integer (`lr: 999...`) raises OverflowError "
-    "(also QATConfig error_penalty float(lam))"))
 def test_bug_yaml_huge_integer_crash(capsys, tmp_path):
     _crash_free_usage_error(capsys, tmp_path, ["run", *_yaml(tmp_path, "train:\n  lr: " + "9" * 400 + "\n")])
 
 
-@pytest.mark.xfail(strict=True, raises=RecursionError, reason=(
-    "BUG config.py load_yaml: yaml.safe_load raises RecursionError (not a YAMLError) for ~1000 nested flow lists; "
-    "catch RecursionError with the YAML errors"))
 def test_bug_yaml_deep_nesting_crash(capsys, tmp_path):
     _crash_free_usage_error(capsys, tmp_path, ["run", *_yaml(tmp_path, "a: " + "[" * 1000 + "]" * 1000 + "\n")])
 
 
-@pytest.mark.xfail(strict=True, raises=NotADirectoryError, reason=(
-    "BUG pipeline.py run (and cli.py _cmd_train): `final.exists() and any(final.iterdir())` raises NotADirectoryError "
-    "when --out names an existing file"))
 @pytest.mark.parametrize("command", ["run", "train"])
 def test_bug_out_is_an_existing_file_crash(capsys, tmp_path, command):
     target = tmp_path / "results.txt"
@@ -497,58 +480,36 @@ def test_bug_out_is_an_existing_file_crash(capsys, tmp_path, command):
     assert code == 2 and "--out" in capsys.readouterr().err and target.read_text() == "mine"
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason=(
-    "BUG config.py TrainConfig.__post_init__: device 'cuda:x' passes device.startswith('cuda'); the run then fails "
-    "with RuntimeError: Invalid device string: 'cuda:x' (validate with re.fullmatch(r'cpu|cuda(:\\d+)?', device))"))
 def test_bug_invalid_device_string_crash(capsys, tmp_path):
     _crash_free_usage_error(capsys, tmp_path, ["run", "--device", "cuda:x", "--limit", "16", "--float-epochs", "1"])
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason=(
-    "BUG config.py TrainConfig.__post_init__: seed has no upper bound; seed = 2**64 passes, then torch.manual_seed raises "
-    "ValueError: Overflow when unpacking long long (bound it to [0, 2**63 - 1])"))
 def test_bug_seed_too_large_crash(capsys, tmp_path):
     _crash_free_usage_error(capsys, tmp_path, ["run", "--seed", str(2**64), "--limit", "16", "--float-epochs", "1"])
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "BUG pipeline.py RunConfig.__post_init__: act_bits are checked with QATConfig(weight_bits=bits), so `--act-bits 12` "
-    "is reported as 'weight_bits = 12'; check each list with check_bits(bits, 'act_bits')"))
 def test_bug_act_bits_error_names_weight_bits(capsys, tmp_path):
     line = _crash_free_usage_error(capsys, tmp_path, ["run", "--weight-bits", "8", "--act-bits", "12"])
     assert "act_bits = 12" in line, line
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "BUG pipeline.py RunConfig: float_epochs is not validated; `--float-epochs -2` is refused only later, by "
-    "TrainConfig via float_train, as 'epochs = -2' (wrong field name)"))
 def test_bug_float_epochs_error_names_epochs(capsys, tmp_path):
     line = _crash_free_usage_error(capsys, tmp_path, ["run", "--float-epochs", "-2", "--limit", "16"])
     assert "float_epochs = -2" in line, line
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "BUG cli.py _parser: argparse's own errors (`--weight-bits 4.5`) print the usage block before the error, "
-    "several stderr lines instead of one; override ArgumentParser.error to print one line and exit 2"))
 def test_bug_argparse_errors_are_not_one_line(capsys, tmp_path):
     with pytest.raises(SystemExit):
         main(["run", "--weight-bits", "4.5", "--out", str(tmp_path / "o")])
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
 
 
-@pytest.mark.xfail(strict=True, raises=IndexError, reason=(
-    "BUG quantizer.py FakeQuantizer (check missing; config.py QuantSpec cannot know the rank): QuantSpec(per_channel=True, "
-    "axis=5) on a 4-D weight raises IndexError: Dimension out of range from qparams; check "
-    "-x.ndim <= axis < x.ndim and x.shape[axis] == channels in init_from/forward and raise ConfigError naming axis"))
 def test_bug_per_channel_axis_out_of_range():
     q = FakeQuantizer(QuantSpec(per_channel=True, axis=5), kind="weight", channels=4)
     with pytest.raises(ConfigError, match=r"axis = 5 is not allowed; allowed: .*4-D"):
         q(torch.randn(4, 3, 3, 3))
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "BUG config.py TrainConfig: _check_number's upper bound is inclusive of inf, so lr = inf and temperature = inf are "
-    "accepted (training then produces NaN weights); require math.isfinite"))
 @pytest.mark.parametrize("field", ["lr", "temperature", "weight_decay", "warmup_epochs"])
 def test_bug_infinite_numbers_are_accepted(field):
     try:
@@ -558,12 +519,21 @@ def test_bug_infinite_numbers_are_accepted(field):
     raise AssertionError(f"TrainConfig({field}=inf) was accepted")
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "BUG config.py TrainConfig: augment is not validated (only BatchLoader checks it, after the data is loaded); "
-    "add _check_choice('augment', self.augment, AUGMENTS)"))
 def test_bug_unknown_augment_accepted_by_train_config():
     try:
         train_config_from_dict({"augment": "mixup"})
     except ConfigError:
         return
     raise AssertionError("augment 'mixup' was accepted")
+
+
+def test_train_without_bits_uses_one_8_bit_width(capsys, tmp_path):
+    """`qatkit train` with no bit-width anywhere trains W8A8 (RunConfig's default (8, 4) is for run); the existing
+    --out file stops it before any training, after the bits were accepted."""
+    from qatkit.cli import _parser, run_config_from
+
+    config = run_config_from(_parser().parse_args(["train", "--out", str(tmp_path / "t")]), default_bits=(8,))
+    assert (config.weight_bits, config.act_bits) == ((8,), (8,))
+    target = tmp_path / "file.txt"
+    target.write_text("mine")
+    usage_error(capsys, ["train", "--quiet", "--out", str(target)], r"--out '.*file\.txt' exists and is not a folder")

@@ -3,8 +3,8 @@
 (a) the integer model file loader `qatkit.convert.load`, on mutated bytes of a valid file and on valid files whose
     qatkit graph JSON was mutated or replaced by random structures (random ops, fn names, tensor/node references,
     wrong types). Allowed: ModelFileError, or a model that loads; a loaded model, run on a fixed input, either
-    returns or raises an ordinary Exception of the kinds listed in RUN_RAISES (the runtime does not validate
-    graph fields: see the BUG xfail below). Never anything else, and never code execution (a marker file).
+    returns or raises an ordinary Exception of the kinds listed in RUN_RAISES (the loader checks the fields the
+    runtime reads, not their values). Never anything else, and never code execution (a marker file).
 (b) the checkpoint loader `qatkit.train.load_checkpoint` on mutated bytes (raw, and re-sealed with a valid
     checksum so torch.load sees them), random pickles and crafted ones: ModelFileError or a dict, nothing else.
 (c) the config parser: `load_yaml` on random text and YAML-like documents, then what `qatkit run --config` does
@@ -12,9 +12,9 @@
     ConfigError or a valid config that round-trips through to_dict, nothing else.
 
 Crashes found in files this suite may not fix are recognised by their exception type and the qatkit function that
-raised them (KNOWN_BUGS); each has a deterministic xfail(strict=True, reason="BUG ...") test at the end of this
-file, so the fuzzers pass today and the xfail turns into a failure once the bug is fixed (drop its KNOWN_BUGS
-entry then). Any other exception fails the fuzzer.
+raised them (KNOWN_BUGS, empty now); each gets a deterministic xfail(strict=True, reason="BUG ...") test at the end
+of this file, so the fuzzers pass meanwhile and the xfail turns into a failure once the bug is fixed (drop its
+KNOWN_BUGS entry then). Any other exception fails the fuzzer. The tests at the end reproduce the crashes fixed so far.
 
 Time: each target runs rounds of `max_examples` examples (sized to a few seconds per round on the 2-core dev
 machine) until its share of the budget is spent; the module fixture asserts the total is >= 60 s.
@@ -123,21 +123,7 @@ class _Timer:
 
 
 # ---- known bugs: (exception type, qatkit file, qatkit function) -> bug id ---------------------------------------
-KNOWN_BUGS = {
-    (TypeError, "io.py", "load"): "io-unhashable-or-wrong-type-field",  # op/fn as list, getattr args as int
-    (KeyError, "io.py", "load"): "io-getattr-args-mapping",  # getattr node with args {"a": .., "b": ..}
-    (TypeError, "io.py", "_check_refs"): "io-unhashable-reference",  # {"tensor": [..]} / {"node": {..}}
-    (RecursionError, "io.py", "load"): "io-deep-json",  # json.loads of deeply nested metadata
-    (RecursionError, "io.py", "_check_refs"): "io-deep-json",
-    (TypeError, "runtime.py", "__init__"): "io-meta-not-a-mapping",  # IntegerModel: dict(meta) of 5 / [1, 2]
-    (ValueError, "runtime.py", "__init__"): "io-meta-not-a-mapping",  # dict("ab")
-    (TypeError, "config.py", "_from_mapping"): "config-mixed-key-types",  # sorted() of int and str keys
-    (OverflowError, "config.py", "_from_mapping"): "config-huge-int",  # float(10**400)
-    (OverflowError, "config.py", "__post_init__"): "config-huge-int",  # error_penalty float(10**400)
-    (RecursionError, "config.py", "load_yaml"): "config-deep-yaml",
-    (TypeError, "cli.py", "run_config_from"): "cli-section-not-a-mapping",  # {**defaults, **[1, 2]}; sorted() keys
-    (TypeError, "pipeline.py", "__post_init__"): "cli-bits-not-a-list",  # tuple(4.0), tuple(None)
-}
+KNOWN_BUGS: dict[tuple[type, str, str], str] = {}
 
 
 def _qatkit_frame(exc: BaseException) -> tuple[str, str]:
@@ -665,7 +651,7 @@ def test_fuzz_config_dicts(record_property):
 
 
 # ================================================================================================================
-# the crashes the fuzzers tolerate as KNOWN_BUGS, one deterministic reproducer each
+# the crashes the fuzzers once tolerated as KNOWN_BUGS (now fixed), one deterministic reproducer each
 # ================================================================================================================
 def _graph_file(tmp_path: Path, edit_header, raw: str | None = None) -> Path:
     header = copy.deepcopy(VALID_HEADER)
@@ -679,12 +665,6 @@ def _insert(node):
     return lambda h: h["nodes"].insert(1, node)
 
 
-@pytest.mark.xfail(strict=True, raises=(TypeError, KeyError), reason=(
-    "BUG convert/io.py load: fields are used before their type is checked: `node.get('op') not in _NODE_OPS` and "
-    "`fn in ops.FUNCTIONS` raise TypeError (unhashable type: 'list') for op/fn given as a list; the getattr check "
-    "`len(node.get('args', [])) != 2 or node['args'][1]` raises TypeError (object of type 'int' has no len()) for "
-    "args = 5 and KeyError: 1 for args = {'a': 1, 'b': 2}. Check isinstance(op, str), isinstance(fn, str) and "
-    "isinstance(args, list) first and raise _fail(...)"))
 @pytest.mark.parametrize("edit_header", [
     lambda h: h["nodes"][1].__setitem__("op", ["quantize"]),
     lambda h: h["nodes"][3].__setitem__("fn", ["torch.flatten"]),
@@ -696,39 +676,24 @@ def test_bug_load_field_of_the_wrong_type(tmp_path, edit_header):
         qatkit.load(_graph_file(tmp_path, edit_header))
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError, reason=(
-    "BUG convert/io.py _check_refs: `value['tensor'] not in tensors` / `value['node'] not in defined` raise TypeError "
-    "(unhashable type) for {'tensor': ['a']} or {'node': {'a': 1}}; require str references"))
 @pytest.mark.parametrize("ref", [{"tensor": ["quant_x.scale"]}, {"node": {"a": 1}}], ids=["tensor-list", "node-dict"])
 def test_bug_load_unhashable_reference(tmp_path, ref):
     with pytest.raises(ModelFileError):
         qatkit.load(_graph_file(tmp_path, lambda h: h["nodes"][1].__setitem__("args", [ref])))
 
 
-@pytest.mark.xfail(strict=True, raises=(TypeError, ValueError), reason=(
-    "BUG convert/io.py load -> convert/runtime.py IntegerModel.__init__: `dict(meta or {})` raises TypeError for "
-    "meta = 5 or [1, 2] and ValueError (dictionary update sequence...) for meta = 'ab'; check isinstance(meta, dict) "
-    "in load"))
 @pytest.mark.parametrize("meta", [5, [1, 2], "ab"], ids=["int", "list", "str"])
 def test_bug_load_meta_not_a_mapping(tmp_path, meta):
     with pytest.raises(ModelFileError):
         qatkit.load(_graph_file(tmp_path, lambda h: h.__setitem__("meta", meta)))
 
 
-@pytest.mark.xfail(strict=True, raises=RecursionError, reason=(
-    "BUG convert/io.py load: json.loads raises RecursionError (not JSONDecodeError) for metadata nested ~1000 deep; "
-    "catch RecursionError with the JSON errors"))
 def test_bug_load_deeply_nested_metadata(tmp_path):
     raw = '{"format": "qatkit-integer-model", "version": 1, "nodes": ' + "[" * 5000 + "]" * 5000 + "}"
     with pytest.raises(ModelFileError):
         qatkit.load(_graph_file(tmp_path, lambda h: None, raw=raw))
 
 
-@pytest.mark.xfail(strict=True, raises=(KeyError, StopIteration, AssertionError, IndexError), reason=(
-    "BUG convert/io.py load / convert/runtime.py IntegerModel.values: a graph the loader accepts is not checked for "
-    "the fields the runtime needs, so running it raises KeyError: 'args' (a call node without args), "
-    "StopIteration (two input nodes), AssertionError (no output node) or IndexError (output with args [])"
-    " instead of a ModelFileError at load time"))
 @pytest.mark.parametrize("edit_header", [
     lambda h: h["nodes"][1].pop("args"),
     _insert({"name": "y", "op": "input"}),
@@ -744,17 +709,11 @@ def test_bug_loaded_graph_crashes_when_run(tmp_path, edit_header):
     model(X)
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError, reason=(
-    "BUG config.py _from_mapping: sorted(set(data) - set(names)) raises TypeError ('<' not supported between "
-    "'str' and 'int') for a mapping with unknown keys of mixed types, e.g. {1: 0, 'x': 0}; sort by repr"))
 def test_bug_config_mixed_key_types():
     with pytest.raises(ConfigError):
         train_config_from_dict({1: 0, "x": 0})
 
 
-@pytest.mark.xfail(strict=True, raises=OverflowError, reason=(
-    "BUG config.py _from_mapping (float(value) for float fields) and QATConfig.__post_init__ (float(lam)): "
-    "an integer beyond float range (10**400, which YAML reads from 400 digits) raises OverflowError"))
 @pytest.mark.parametrize("parse, data", [(train_config_from_dict, {"lr": 10**400}),
                                          (qat_config_from_dict, {"error_penalty": {"*.weight": 10**400}})],
                          ids=["lr", "error_penalty"])
@@ -763,9 +722,6 @@ def test_bug_config_huge_integer(parse, data):
         parse(data)
 
 
-@pytest.mark.xfail(strict=True, raises=RecursionError, reason=(
-    "BUG config.py load_yaml: yaml.safe_load raises RecursionError for deeply nested flow collections; "
-    "catch it with yaml.YAMLError"))
 def test_bug_load_yaml_deep_nesting(tmp_path):
     path = tmp_path / "deep.yaml"
     path.write_text("qat: " + "[" * 2000 + "]" * 2000 + "\n")
@@ -773,9 +729,6 @@ def test_bug_load_yaml_deep_nesting(tmp_path):
         load_yaml(path)
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError, reason=(
-    "BUG cli.py run_config_from: a YAML section that is not a mapping (`train: [1]`), int and str keys mixed at the "
-    "top level, or a float bit-width (`weight_bits: 4.0`, TypeError in pipeline.py RunConfig) crash with TypeError"))
 @pytest.mark.parametrize("text", ["train: [1]\n", "qat: 3\n", "1: a\nfoo: b\n", "act_bits: 4.0\n"],
                          ids=["train-list", "qat-int", "mixed-keys", "float-bits"])
 def test_bug_run_config_from_crashes(tmp_path, text):

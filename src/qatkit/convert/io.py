@@ -18,7 +18,31 @@ from qatkit.errors import ModelFileError
 from qatkit.fileio import atomic_file
 
 FORMAT, VERSION = "qatkit-integer-model", 1
-_NODE_OPS = {"input", "output", "constant", "quantize", "qlayer", "qadd", "qpool", "call"}
+# The fields the runtime (runtime.py IntegerModel) reads, per op: a type, a tuple of alternatives, None, a dict
+# (a nested mapping with these fields), a one-item list (a list of such items) or _REF (a {"tensor": str} reference).
+_REF = object()
+_Q = {"scale": _REF, "zero_point": int, "qmin": int, "qmax": int}
+_NODE_FIELDS = {
+    "input": {}, "output": {"args": list}, "constant": {"value": object}, "quantize": {"args": list, **_Q},
+    "qlayer": {"args": list, "kind": str, "input": _Q, "output": (_Q, None), "weight": _REF, "weight_scale": _REF,
+               "bias": (_REF, None)},
+    "qadd": {"args": list, "inputs": [_Q], "output": _Q}, "qpool": {"args": list, "inputs": [_Q], "output": _Q},
+    "call": {"fn": str, "args": list, "kwargs": dict},
+}
+_NODE_OPS = set(_NODE_FIELDS)
+
+
+def _fits(value, spec) -> bool:
+    """Whether `value` has the shape `spec` describes (see _NODE_FIELDS)."""
+    if spec is None or spec is _REF:
+        return value is None if spec is None else isinstance(value, dict) and isinstance(value.get("tensor"), str)
+    if isinstance(spec, tuple):
+        return any(_fits(value, s) for s in spec)
+    if isinstance(spec, dict):
+        return isinstance(value, dict) and all(k in value and _fits(value[k], s) for k, s in spec.items())
+    if isinstance(spec, list):
+        return isinstance(value, list) and all(_fits(v, spec[0]) for v in value)
+    return isinstance(value, spec)
 
 
 def save(model: IntegerModel, path: str | os.PathLike) -> Path:
@@ -36,9 +60,9 @@ def _fail(path, what: str) -> ModelFileError:
 def _check_refs(value, tensors, defined: set[str], path) -> None:
     """Every tensor reference names a stored tensor; every node reference an earlier node."""
     if isinstance(value, dict):
-        if "tensor" in value and value["tensor"] not in tensors:
+        if "tensor" in value and (not isinstance(value["tensor"], str) or value["tensor"] not in tensors):
             raise _fail(path, f"refers to tensor {value['tensor']!r}, which it does not contain")
-        if "node" in value and value["node"] not in defined:
+        if "node" in value and (not isinstance(value["node"], str) or value["node"] not in defined):
             raise _fail(path, f"refers to node {value['node']!r} before defining it")
         for v in value.values():
             _check_refs(v, tensors, defined, path)
@@ -62,27 +86,49 @@ def load(path: str | os.PathLike) -> IntegerModel:
         header = json.loads(metadata["qatkit"])
     except (KeyError, json.JSONDecodeError):
         raise _fail(path, "has no qatkit graph in its metadata") from None
+    except RecursionError:
+        raise _fail(path, "has a qatkit graph nested too deeply") from None
+    try:
+        meta = _check_header(header, tensors, path)
+    except RecursionError:
+        raise _fail(path, "has a qatkit graph nested too deeply") from None
+    return IntegerModel(header["nodes"], tensors, meta)
+
+
+def _check_header(header, tensors, path) -> dict:
+    """Check the graph against the format, the op table and the fields the runtime reads; returns the meta."""
     if not isinstance(header, dict) or header.get("format") != FORMAT:
         raise _fail(path, f"has format {header.get('format') if isinstance(header, dict) else header!r}, not {FORMAT!r}")
     if header.get("version") != VERSION:
         raise _fail(path, f"has version {header.get('version')!r}; this qatkit reads version {VERSION}")
-    nodes = header.get("nodes")
+    nodes, meta = header.get("nodes"), header.get("meta")
     if not isinstance(nodes, list) or not nodes:
         raise _fail(path, "has no graph nodes")
+    if meta is not None and not isinstance(meta, dict):
+        raise _fail(path, f"has meta of type {type(meta).__name__}, not a mapping")
     defined: set[str] = set()
     for node in nodes:
-        if not isinstance(node, dict) or node.get("op") not in _NODE_OPS or not isinstance(node.get("name"), str):
+        op = node.get("op") if isinstance(node, dict) else None
+        if not isinstance(op, str) or op not in _NODE_OPS or not isinstance(node.get("name"), str):
             raise _fail(path, f"has a node {str(node)[:80]!r} of unknown kind")
+        bad = [k for k, spec in _NODE_FIELDS[op].items() if k not in node or not _fits(node[k], spec)]
+        if bad:
+            raise _fail(path, f"has a {op} node {node['name']!r} without a valid {bad[0]!r} field")
+        if op in ("output", "quantize", "qlayer", "qpool") and not node["args"] or op == "qadd" and len(node["args"]) != 2:
+            raise _fail(path, f"has a {op} node {node['name']!r} with args {node['args']!r:.80}")
         fn = node.get("fn")
-        if node["op"] == "call" and not (fn == "identity" or fn in (ops.METHODS if node.get("method") else ops.FUNCTIONS)):
+        if op == "call" and not (fn == "identity" or fn in (ops.METHODS if node.get("method") else ops.FUNCTIONS)):
             raise _fail(path, f"calls {fn!r}, which is not an operation qatkit runs")
-        if fn == ops.GETATTR and (len(node.get("args", [])) != 2 or node["args"][1] != "shape"):
-            attr = node.get("args", [None, None])[1:]
-            raise _fail(path, f"calls {fn!r} for attribute {attr!r}; only 'shape' may be read")
-        node_fields = {k: v for k, v in node.items() if k != "name"}
-        _check_refs(node_fields, tensors, defined, path)
+        if op == "call" and fn == ops.GETATTR and (len(node["args"]) != 2 or node["args"][1] != "shape"):
+            raise _fail(path, f"calls {fn!r} for attribute {node['args'][1:]!r:.80}; only 'shape' may be read")
+        _check_refs({k: v for k, v in node.items() if k != "name"}, tensors, defined, path)
         defined.add(node["name"])
-    return IntegerModel(nodes, tensors, header.get("meta"))
+    ops_in_order = [node["op"] for node in nodes]
+    if ops_in_order.count("input") != 1:
+        raise _fail(path, f"has {ops_in_order.count('input')} input nodes; this qatkit runs graphs with exactly one")
+    if ops_in_order.count("output") != 1 or ops_in_order[-1] != "output":
+        raise _fail(path, "does not end with its one output node")
+    return meta or {}
 
 
 def model_bytes(path: str | os.PathLike) -> int:

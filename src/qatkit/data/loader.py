@@ -11,10 +11,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from qatkit.config import AUGMENTS
 from qatkit.data.base import Split
 from qatkit.errors import ConfigError, DataError, bad_value
 
-AUGMENTS = ("none", "crop-flip")
 PAD = 4  # crop-flip: pixels of zero padding on each side before the random crop
 
 
