@@ -40,6 +40,10 @@ def prepare(model: nn.Module, config: QATConfig | None = None, example_inputs: t
             + ". Their own code runs in float; their Conv/Linear layers are quantized at their inputs (module swap).",
             stacklevel=2,
         )
+    if info.float_ops:
+        shown = ", ".join(info.float_ops[:8]) + (f" and {len(info.float_ops) - 8} more" if len(info.float_ops) > 8 else "")
+        warnings.warn(f"qatkit: {len(info.float_ops)} ops have no integer kernel and stay float: {shown} "
+                      "(qatkit.describe lists them all)", stacklevel=2)
     if example_inputs is not None:
         check_inputs(qat, example_inputs)
     return qat

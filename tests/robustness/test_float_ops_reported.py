@@ -1,0 +1,42 @@
+"""Ops qatkit cannot quantize stay float: a listed warning at prepare, the report names them, nothing crashes."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import qatkit
+from qatkit.convert import convert
+
+
+class Odd(nn.Module):
+    """A conv net with ops that have no integer kernel: GroupNorm, a transposed conv, a custom elementwise op."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.norm = nn.GroupNorm(2, 4)
+        self.up = nn.ConvTranspose2d(4, 4, 2, stride=2)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        x = self.up(self.norm(self.conv(x)))
+        x = torch.tanh(x) * x  # no integer kernel either
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+def test_unquantizable_ops_are_listed_and_stay_float():
+    torch.manual_seed(0)
+    x = torch.randn(4, 1, 8, 8)
+    model = Odd().eval()
+    with pytest.warns(UserWarning, match=r"qatkit: \d+ ops have no integer kernel and stay float: .*norm \(GroupNorm\).*up \(ConvTranspose2d\)"):
+        qat = qatkit.prepare(model, qatkit.QATConfig(), x)
+    qatkit.calibrate(qat, [x])
+    qat.eval()
+    report = qatkit.describe(qat)
+    assert "norm (GroupNorm)" in report and "up (ConvTranspose2d)" in report and "tanh" in report
+    assert {r["name"] for r in qat.qat_info.layers} == {"conv", "fc"}  # the quantizable layers are quantized
+    y = qat(x)
+    assert torch.isfinite(y).all() and (y - model(x)).abs().max() < 0.5  # runs, close to float
+    with pytest.raises(qatkit.QatkitError, match=r"module 'norm' \(GroupNorm\) has no integer-model form\. Fix:"):
+        convert(qat)  # converting needs every op in the integer op table: a clear error, not a crash
