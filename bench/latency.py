@@ -1,0 +1,41 @@
+"""Latency of ResNet-20 (CIFAR-10 layout) in four runtimes, interleaved in one process: float PyTorch, float ONNX
+Runtime, qatkit's int8 QDQ export, and ONNX Runtime's quantize_static model from the same float weights.
+Latency does not depend on the weights' values, so the float model is random-initialised; both int8 models are
+calibrated on the same 8 batches of CIFAR-10 training images.
+
+    python bench/latency.py [--data ../shared/data/cifar10] [--out bench/results/latency_resnet20.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+import qatkit
+from qatkit.data import BatchLoader, load_dataset
+from qatkit.export.bench import bench, format_table
+from qatkit.models import build_model
+
+
+def main() -> None:
+    root = Path(__file__).resolve().parents[1]
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default=str(root.parent / "shared" / "data" / "cifar10"))
+    parser.add_argument("--out", default=str(root / "bench" / "results" / "latency_resnet20.json"))
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    ds = load_dataset("cifar10", args.data)
+    loader = BatchLoader(ds.train, batch_size=32, mean=ds.mean, std=ds.std, shuffle=True, seed=0)
+    calib = [x for x, _ in zip((b[0] for b in loader), range(8))]
+    model = build_model("resnet20", num_classes=10, in_channels=3, image_size=32).eval()
+    qat = qatkit.prepare(model, qatkit.QATConfig(), calib[0][:2])
+    qatkit.calibrate(qat, calib, num_batches=8)
+    result = bench(model, qat.eval(), calib[0][:1], calib, batches=(1, 32), threads=2, rounds=15)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    print(format_table(result))
+
+
+if __name__ == "__main__":
+    main()
