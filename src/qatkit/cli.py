@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -262,6 +264,10 @@ def _cmd_bench(args) -> int:
     return 0
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"{signal.Signals(signum).name} received")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
@@ -270,6 +276,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     handler = {"run": _cmd_run, "train": _cmd_train, "convert": _cmd_convert, "export": _cmd_export,
                "verify": _cmd_verify, "bench": _cmd_bench, "eval": _cmd_eval}[args.command]
+    in_main = threading.current_thread() is threading.main_thread()
+    # SIGTERM outside training (which stops gracefully itself) unwinds like Ctrl-C: `run` removes its .partial folder
+    previous = signal.signal(signal.SIGTERM, _interrupt) if in_main else None
     try:
         return handler(args)
     except (ConfigError, DataError, ModelFileError) as e:
@@ -281,6 +290,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as e:
         print(f"qatkit {args.command}: interrupted{f': {e}' if str(e) else ''}", file=sys.stderr)
         return 130
+    finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":
