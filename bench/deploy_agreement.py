@@ -6,6 +6,7 @@ Training uses the first N training samples and few epochs (the check is about ag
 each finished task is cached in the results file, so an interrupted run resumes.
 
     python bench/deploy_agreement.py [--data ../shared/data] [--out bench/results/deploy_agreement.json]
+    python bench/deploy_agreement.py --bits 4,8 --tasks cifar10-resnet20 --out bench/results/deploy_agreement_w4a8.json
 """
 from __future__ import annotations
 
@@ -63,7 +64,7 @@ def reference_agreement(path: Path, loader, limit: int | None = None) -> dict:
     return {k: {"equal": eq / n, "values": n, "max_steps": round(w, 3)} for k, (eq, n, w) in stats.items()}
 
 
-def run_task(name: str, data_root: Path) -> dict:
+def run_task(name: str, data_root: Path, pairs: list[tuple[int, int]]) -> dict:
     dataset, folder, model, n_train, float_epochs, qat_epochs, augment = TASKS[name]
     ds = load_dataset(dataset, str(data_root / folder))
     ds = dataclasses.replace(ds, train=ds.train.head(n_train))
@@ -76,14 +77,14 @@ def run_task(name: str, data_root: Path) -> dict:
         t0 = time.perf_counter()
         float_model = train_float(config, ds, out)
         float_acc = evaluate(float_model, test_loader)["accuracy"]
-        for bits in (8, 4):
+        for w_bits, a_bits in pairs:
             t = time.perf_counter()
-            qat = quantize(config, ds, float_model, bits, bits, out, train=True)
-            path = out / f"w{bits}a{bits}.onnx"
+            qat = quantize(config, ds, float_model, w_bits, a_bits, out, train=True)
+            path = out / f"w{w_bits}a{a_bits}.onnx"
             integer = convert(qat)
             notes = export_onnx(integer, path, torch.zeros(1, ds.in_channels, ds.image_size, ds.image_size))
             check = verify(path, integer, test_loader)
-            rows.append({"weight_bits": bits, "act_bits": bits, "qat_accuracy": evaluate(integer, test_loader)["accuracy"],
+            rows.append({"weight_bits": w_bits, "act_bits": a_bits, "qat_accuracy": evaluate(integer, test_loader)["accuracy"],
                          **{k: check[k] for k in ("n", "top1_agreement", "within_one_step", "max_step_diff")},
                          "per_layer": check["per_layer"], "onnx_bytes": path.stat().st_size, "notes": notes,
                          "integer_reference": reference_agreement(path, test_loader, REFERENCE_SAMPLES[name]),
@@ -97,13 +98,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=str(Path(__file__).resolve().parents[1].parent / "shared" / "data"))
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "deploy_agreement.json"))
+    parser.add_argument("--bits", nargs="+", default=["8,8", "4,4"], help="weight,activation bit pairs (default 8,8 4,4)")
+    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     args = parser.parse_args()
+    pairs = [tuple(int(b) for b in pair.split(",")) for pair in args.bits]
     out = Path(args.out)
     results = json.loads(out.read_text()) if out.exists() else {"tasks": {}}
     results.update(torch=torch.__version__, threads=torch.get_num_threads())
-    for name in TASKS:
+    for name in args.tasks:
         if name not in results["tasks"]:
-            results["tasks"][name] = run_task(name, Path(args.data))
+            results["tasks"][name] = run_task(name, Path(args.data), pairs)
             out.write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))
 
