@@ -19,8 +19,13 @@ from safetensors.torch import save_file
 from torch import nn
 
 from qatkit.calibrate import calibrate
-from qatkit.config import QATConfig, TrainConfig, _check_number, qat_config_from_dict, to_dict
-from qatkit.primitives.ranges import check_bits
+from qatkit.config import (
+    QATConfig,
+    TrainConfig,
+    _check_number,
+    qat_config_from_dict,
+    to_dict,
+)
 from qatkit.convert import convert, load, save
 from qatkit.data import BatchLoader, ImageDataset, load_dataset
 from qatkit.errors import ConfigError, ModelFileError, bad_value
@@ -28,6 +33,7 @@ from qatkit.export import verify
 from qatkit.fileio import atomic_file
 from qatkit.models import build_model
 from qatkit.prepare import prepare
+from qatkit.primitives.ranges import check_bits
 from qatkit.report import describe, results_table, write_report
 from qatkit.report.plots import plot_accuracy_vs_bits
 from qatkit.train import evaluate, fit, load_checkpoint, save_checkpoint

@@ -15,6 +15,7 @@ from torch import nn
 from qatkit import kernels
 from qatkit.convert import ops
 from qatkit.convert.pack import unpack
+from qatkit.primitives import quantize_codes
 
 _CONV = {1: F.conv1d, 2: F.conv2d}
 
@@ -96,9 +97,8 @@ class IntegerModel(nn.Module):
         raise AssertionError("graph has no output node")
 
     def _quantize(self, node, x: torch.Tensor) -> QValue:
-        scale = self.tensor(node["scale"]["tensor"])
-        codes = torch.clamp(torch.round(x / scale) + node["zero_point"], node["qmin"], node["qmax"])
-        return QValue(codes, scale, node["zero_point"])
+        scale, zp = self.tensor(node["scale"]["tensor"]), node["zero_point"]
+        return QValue(quantize_codes(x, scale, torch.tensor(float(zp)), node["qmin"], node["qmax"]), scale, zp)
 
     def _weight_codes(self, node) -> torch.Tensor:
         name = node["name"]
