@@ -59,9 +59,10 @@ class FakeQuantizer(nn.Module):
     def _scale_zp(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Scale |s| (an optimizer step past zero flips its sign instead of killing its gradient, as a
         clamp would); zero point rounded to an integer with a straight-through gradient."""
-        qmin, qmax = self.qrange
         scale = torch.clamp(self.scale.abs(), min=MIN_SCALE)
-        zp = torch.clamp(self.zero_point, qmin, qmax)
+        if not isinstance(self.zero_point, nn.Parameter):
+            return scale, self.zero_point  # a buffer: set by range init to an integer in range
+        zp = torch.clamp(self.zero_point, *self.qrange)
         return scale, zp + (torch.round(zp) - zp).detach()
 
     def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:

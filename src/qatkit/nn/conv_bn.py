@@ -2,7 +2,7 @@
 
 Deployed, BN disappears into the conv: w_f = w·γ/σ, b_f = β + (b - μ)·γ/σ with running μ, σ.
 While BN still learns (training, before `bn_frozen`), the weight is quantized folded with the running
-σ, the conv output is scaled back and BN normalises with batch statistics, so the statistics keep
+σ, scaled back (the conv output with it) and BN normalises with batch statistics, so the statistics keep
 adapting to the quantized weights. After freezing, training and eval use the folded layer as deployed.
 """
 from __future__ import annotations
@@ -36,9 +36,8 @@ class QConvBn(QConv):
     def fake_quant_forward(self, x: torch.Tensor, in_q: FakeQuantizer | None) -> torch.Tensor:
         if not self.training or bool(self.bn_frozen):
             return super().fake_quant_forward(x, in_q)
-        g = self._gamma_over_sigma()
-        y = self.op(x, self.weight_quant(self.weight * per_channel_view(g, self.weight, 0)), None)
-        y = y / per_channel_view(g, y, 1)  # undo the running-σ fold; BN applies batch statistics
-        if self.bias is not None:
-            y = y + per_channel_view(self.bias, y, 1)
-        return self.bn(y)
+        g = per_channel_view(self._gamma_over_sigma(), self.weight, 0)
+        # conv(x, q(w·g)/g) = conv(x, q(w·g))/g: undoing the running-σ fold on the weight costs a weight-sized op
+        # (the output-sized division and its backward cost as much as the convolution); BN then applies
+        # batch statistics
+        return self.bn(self.op(x, self.weight_quant(self.weight * g) / g, self.bias))

@@ -33,7 +33,12 @@ class QLayer(nn.Module):
         self.out_quant = FakeQuantizer(out_spec, kind="act") if out_spec else None
         self.input_quant = FakeQuantizer(input_spec, kind="act") if input_spec else None
         self.act = act
-        self.last_input_scale: torch.Tensor | None = None  # for the bias term of the error regulariser
+        self._last_input_quant: tuple[FakeQuantizer, ...] = ()  # a tuple, so that it is no submodule
+
+    @property
+    def last_input_scale(self) -> torch.Tensor | None:
+        """Scale of the quantized input of the last forward (None if it was float), for the error regulariser."""
+        return self._last_input_quant[0].qparams()[0] if self._last_input_quant else None
 
     def op(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError
@@ -46,7 +51,7 @@ class QLayer(nn.Module):
         if self.input_quant is not None:
             x, in_q = self.input_quant(x), self.input_quant
         quantized = in_q is not None and in_q.active and bool(self.weight_quant.enabled)
-        self.last_input_scale = in_q.qparams()[0] if quantized else None
+        self._last_input_quant = (in_q,) if quantized else ()
         if quantized and not self.training and bool(self.weight_quant.initialized):
             return self.integer_forward(x, in_q)
         y = self.fake_quant_forward(x, in_q if quantized else None)

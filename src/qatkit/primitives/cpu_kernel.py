@@ -1,0 +1,186 @@
+"""A fused CPU kernel for per-tensor fake quantization of float32 activations.
+
+Eager PyTorch spends a dozen element-wise passes (and their allocations) on one fake-quantized
+activation in forward and backward; this kernel does one vectorised pass each way on torch's thread
+count. It computes what primitives.fake_quant's eager formulas do: the same IEEE division x/s, round
+half to even (nearbyintf in the default rounding mode), clamp and product, so forward outputs and input
+gradients are the eager ones bit for bit. The scale and zero-point gradients are sums: per block of
+4096 values in float vector lanes, then in double in block order, so they do not depend on the thread
+count (their last bits differ from torch's own sum, which uses another order).
+
+The C source below is compiled once per machine with the system C compiler into a cache folder
+($QATKIT_CACHE, else ~/.cache/qatkit) and loaded with ctypes; its OpenMP threads are torch's own pool
+(torch's libgomp.so.1 is the one loaded in the process). Where it cannot be built (no compiler,
+unwritable cache) `load()` returns None with a warning, once, and fake quantization stays on eager
+PyTorch ops: same results, slower training. QATKIT_KERNEL=0 turns the kernel off.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+_SOURCE = r"""
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define CLONES
+#endif
+
+#define BLOCK 4096
+
+CLONES static void forward_block(const float *restrict x, float *restrict y, int64_t n, float s, float z, float qmin,
+                                 float qmax) {
+    for (int64_t i = 0; i < n; i++) {
+        float q = nearbyintf(x[i] / s) + z;
+        q = q < qmin ? qmin : q;
+        q = q > qmax ? qmax : q;
+        y[i] = (q - z) * s;
+    }
+}
+
+/* One block: gradient of x, and the block's sums of g·dx̂/ds and of g where clamped (in float vector lanes). */
+CLONES static void backward_block(const float *restrict x, const float *restrict g, float *restrict gx, int64_t n,
+                                  float s, float z, float qmin, float qmax, double *sum_s, double *sum_c) {
+    float ss = 0.0f, sc = 0.0f;
+    #pragma omp simd reduction(+ : ss, sc)
+    for (int64_t i = 0; i < n; i++) {
+        float xs = x[i] / s;
+        float r = nearbyintf(xs) + z;
+        float q = r < qmin ? qmin : r;
+        q = q > qmax ? qmax : q;
+        int inside = (r >= qmin) & (r <= qmax);
+        gx[i] = inside ? g[i] : 0.0f;
+        ss += g[i] * (inside ? (q - z) - xs : q - z);
+        sc += inside ? 0.0f : g[i];
+    }
+    *sum_s = ss;
+    *sum_c = sc;
+}
+
+/* Blocks run in parallel on the OpenMP pool (torch's own: the same libgomp.so.1 is loaded once per process);
+   the per-block sums are added in block order, so the result does not depend on the thread count. */
+void qatkit_fq_forward(const float *x, float *y, int64_t n, float s, float z, float qmin, float qmax, int threads) {
+    int64_t blocks = (n + BLOCK - 1) / BLOCK;
+    #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+    for (int64_t b = 0; b < blocks; b++) {
+        int64_t i0 = b * BLOCK, len = n - i0 < BLOCK ? n - i0 : BLOCK;
+        forward_block(x + i0, y + i0, len, s, z, qmin, qmax);
+    }
+}
+
+int qatkit_fq_backward(const float *x, const float *g, float *gx, int64_t n, float s, float z, float qmin,
+                       float qmax, int threads, double *sums) {
+    int64_t blocks = (n + BLOCK - 1) / BLOCK;
+    double *part = malloc(2 * blocks * sizeof(double));
+    if (!part) return 1;
+    #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+    for (int64_t b = 0; b < blocks; b++) {
+        int64_t i0 = b * BLOCK, len = n - i0 < BLOCK ? n - i0 : BLOCK;
+        backward_block(x + i0, g + i0, gx + i0, len, s, z, qmin, qmax, &part[2 * b], &part[2 * b + 1]);
+    }
+    sums[0] = sums[1] = 0.0;
+    for (int64_t b = 0; b < blocks; b++) {
+        sums[0] += part[2 * b];
+        sums[1] += part[2 * b + 1];
+    }
+    free(part);
+    return 0;
+}
+"""
+
+# Below this many values a second thread costs more than it saves.
+_PARALLEL_MIN = 1 << 16
+_FLAGS = ["-O3", "-shared", "-fPIC", "-fno-math-errno"]
+# OpenMP threads and simd; where the compiler has no OpenMP runtime, simd only (one thread), else neither
+_OPENMP = (["-fopenmp"], ["-fopenmp-simd"], [])
+
+_lib: ctypes.CDLL | None = None
+_tried = False
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("QATKIT_CACHE") or Path.home() / ".cache" / "qatkit")
+
+
+def _compile() -> ctypes.CDLL:
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if compiler is None:
+        raise OSError("no C compiler found (cc, gcc or clang on PATH, or $CC)")
+    key = hashlib.sha256("\0".join([_SOURCE, compiler, *_FLAGS, platform.machine(), sys.platform]).encode()).hexdigest()
+    path = _cache_dir() / f"fake_quant_{key[:16]}.so"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+            src, lib = Path(tmp) / "fake_quant.c", Path(tmp) / "fake_quant.so"
+            src.write_text(_SOURCE)
+            for extra in _OPENMP:
+                done = subprocess.run([compiler, *_FLAGS, *extra, str(src), "-o", str(lib), "-lm"],
+                                      capture_output=True, text=True, check=False)
+                if done.returncode == 0:
+                    break
+            else:
+                raise OSError(f"{compiler} failed: {(done.stderr or done.stdout).strip().splitlines()[-1:]}")
+            os.replace(lib, path)  # atomic: another process may be compiling the same file
+    lib = ctypes.CDLL(str(path))
+    f32, i64, ptr = ctypes.c_float, ctypes.c_int64, ctypes.c_void_p
+    lib.qatkit_fq_forward.argtypes = [ptr, ptr, i64, f32, f32, f32, f32, ctypes.c_int]
+    lib.qatkit_fq_backward.argtypes = [ptr, ptr, ptr, i64, f32, f32, f32, f32, ctypes.c_int, ptr]
+    lib.qatkit_fq_forward.restype, lib.qatkit_fq_backward.restype = None, ctypes.c_int
+    return lib
+
+
+def load() -> ctypes.CDLL | None:
+    """The compiled kernel library, or None (eager PyTorch) where it cannot be built; tried once."""
+    global _lib, _tried
+    if not _tried:
+        _tried = True
+        if os.environ.get("QATKIT_KERNEL", "1") != "0":
+            try:
+                _lib = _compile()
+            except (OSError, subprocess.SubprocessError) as e:
+                warnings.warn(f"qatkit: fused fake-quant CPU kernel unavailable ({e}); using eager PyTorch ops "
+                              "(same results, slower training). Fix: install a C compiler (cc/gcc/clang), or set "
+                              "QATKIT_KERNEL=0 to silence this", RuntimeWarning, stacklevel=3)
+    return _lib
+
+
+def usable(x: torch.Tensor, scale: torch.Tensor) -> bool:
+    """Whether the kernel can take this call: per-tensor, float32, on the CPU, dense."""
+    return (scale.dim() == 0 and x.dtype == torch.float32 and x.device.type == "cpu"
+            and scale.dtype == torch.float32 and x.numel() > 0 and load() is not None)
+
+
+def _threads(n: int) -> int:
+    return torch.get_num_threads() if n >= _PARALLEL_MIN else 1
+
+
+def forward(x: torch.Tensor, s: float, z: float, qmin: int, qmax: int) -> torch.Tensor:
+    """(clamp(round(x/s) + z, qmin, qmax) - z)·s of a contiguous float32 tensor."""
+    y = torch.empty_like(x)
+    _lib.qatkit_fq_forward(x.data_ptr(), y.data_ptr(), x.numel(), s, z, qmin, qmax, _threads(x.numel()))
+    return y
+
+
+def backward(x: torch.Tensor, grad: torch.Tensor, s: float, z: float, qmin: int, qmax: int,
+             ) -> tuple[torch.Tensor, float, float]:
+    """(dL/dx, Σ dL/dx̂·dx̂/ds, Σ dL/dx̂ where clamped) for contiguous float32 x and grad of the same size."""
+    grad_x = torch.empty_like(x)
+    sums = (ctypes.c_double * 2)()
+    if _lib.qatkit_fq_backward(x.data_ptr(), grad.data_ptr(), grad_x.data_ptr(), x.numel(), s, z, qmin, qmax,
+                               _threads(x.numel()), sums):
+        raise MemoryError(f"fake-quant backward: no memory for the block sums of {x.numel()} values")
+    return grad_x, sums[0], sums[1]

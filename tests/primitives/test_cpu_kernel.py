@@ -1,0 +1,115 @@
+"""The fused CPU fake-quant kernel against the eager formulas and the float64 references.
+
+Forward outputs and input gradients must be the eager ones bit for bit (same IEEE operations); the
+scale/zero-point gradient sums are checked against float64 sums, and must not depend on the thread count.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from qatkit.primitives import cpu_kernel, fake_quantize
+from qatkit.primitives.fake_quant import _backward, _forward
+from qatkit.primitives.reference import ref_fake_quantize
+
+pytestmark = pytest.mark.skipif(cpu_kernel.load() is None, reason="no C compiler: the eager path is what runs")
+
+SIZES = [1, 17, 4095, 4096, 4097, 70_001, 300_000]  # block edges, and above the threading threshold
+RANGES = [(0, 255, 0.0), (0, 15, 3.0), (-128, 127, 0.0), (-2, 1, 0.0), (-8, 7, -3.0)]
+
+
+def _data(n: int, s: float, seed: int = 0) -> torch.Tensor:
+    """Values over and beyond the range, with exact .5 ties (k + 0.5)·s for a power-of-two s mixed in."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, generator=g) * 200 * s
+    ties = (torch.randint(-300, 300, (n,), generator=g) + 0.5) * s
+    return torch.where(torch.rand(n, generator=g) < 0.2, ties, x).float()
+
+
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("qmin,qmax,z", RANGES)
+@pytest.mark.parametrize("s", [0.25, 0.0371])
+def test_forward_bitexact(n, qmin, qmax, z, s):
+    x = _data(n, s)
+    got = cpu_kernel.forward(x, s, z, qmin, qmax)
+    st, zt = torch.tensor(s), torch.tensor(z)
+    assert torch.equal(got, _forward(x, st, zt, qmin, qmax))
+    want = ref_fake_quantize(x.numpy(), np.float32(s), z, qmin, qmax, dtype=np.float32).astype(np.float32)
+    assert torch.equal(got, torch.from_numpy(want))
+
+
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("qmin,qmax,z", RANGES)
+def test_backward_matches_eager_and_float64(n, qmin, qmax, z):
+    s = 0.0371
+    x, grad = _data(n, s), torch.randn(n, generator=torch.Generator().manual_seed(1))
+    grad_x, sum_s, sum_clamped = cpu_kernel.backward(x, grad, s, z, qmin, qmax)
+    eager_x, _, _ = _backward(x, grad, torch.tensor(s), torch.tensor(z), qmin, qmax, (0,))
+    assert torch.equal(grad_x, eager_x)
+    # the per-value terms as float32 arithmetic gives them, summed in float64
+    xs = x / np.float32(s)
+    codes = torch.clamp(torch.round(xs) + z, qmin, qmax)
+    inside = codes == torch.round(xs) + z
+    ref_s = (grad.double() * torch.where(inside, codes - z - xs, codes - z).double()).sum().item()
+    ref_clamped = torch.where(inside, 0.0, grad.double()).sum().item()
+    bound = 1e-6 * grad.abs().sum().item() * (qmax - qmin + 1)
+    assert abs(sum_s - ref_s) <= bound and abs(sum_clamped - ref_clamped) <= bound
+
+
+def test_sums_do_not_depend_on_thread_count():
+    x, grad = _data(300_000, 0.0371), torch.randn(300_000)
+    before = torch.get_num_threads()
+    try:
+        results = []
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            results.append(cpu_kernel.backward(x, grad, 0.0371, 3.0, 0, 15))
+    finally:
+        torch.set_num_threads(before)
+    for grad_x, sum_s, sum_clamped in results[1:]:
+        assert torch.equal(grad_x, results[0][0]) and (sum_s, sum_clamped) == results[0][1:]
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided", "expanded"])
+def test_fake_quantize_layouts_match_eager(layout):
+    """fake_quantize sees any layout as one flat run (or a copy): the result keeps a dense input's layout,
+    and output and gradients equal the eager formulas applied to the tensor as it is."""
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(4, 6, 5, 7, generator=g)
+    x = {"contiguous": base, "channels_last": base.contiguous(memory_format=torch.channels_last),
+         "strided": base[:, ::2, :, 1:], "expanded": base[:1].expand(4, 6, 5, 7)}[layout].detach().requires_grad_()
+    s, z = torch.tensor(0.07, requires_grad=True), torch.tensor(2.0, requires_grad=True)
+    out = fake_quantize(x, s, z, 0, 15, None, 0.5)
+    if layout in ("contiguous", "channels_last"):
+        assert out.stride() == x.stride()
+    upstream = torch.randn(out.shape, generator=g)
+    got_x, got_s, got_z = torch.autograd.grad(out, (x, s, z), upstream)
+    sd, zd = s.detach(), z.detach()
+    assert torch.equal(out, _forward(x.detach(), sd, zd, 0, 15))
+    want_x, want_s, want_clamped = _backward(x.detach(), upstream, sd, zd, 0, 15, (0, 1, 2, 3))
+    assert torch.equal(got_x, want_x)
+    assert got_s.item() == pytest.approx(0.5 * want_s.item(), rel=1e-5)
+    assert got_z.item() == pytest.approx(-0.5 * 0.07 * want_clamped.item(), rel=1e-5)
+
+
+def test_no_compiler_falls_back_to_eager_with_one_warning(monkeypatch, tmp_path):
+    monkeypatch.setattr(cpu_kernel, "_tried", False)
+    monkeypatch.setattr(cpu_kernel, "_lib", None)
+    monkeypatch.setenv("QATKIT_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    with pytest.warns(RuntimeWarning, match=r"fused fake-quant CPU kernel unavailable .*Fix: install a C compiler"):
+        assert cpu_kernel.load() is None
+    assert cpu_kernel.load() is None  # tried once: no second warning (pytest's filter would turn one into an error)
+    x = _data(1000, 0.25)
+    out = fake_quantize(x, torch.tensor(0.25), torch.tensor(0.0), -128, 127)
+    assert torch.equal(out, _forward(x, torch.tensor(0.25), torch.tensor(0.0), -128, 127))
+    assert list(tmp_path.iterdir()) == []  # nothing half-written in the cache
+
+
+def test_kernel_off_by_environment(monkeypatch):
+    monkeypatch.setattr(cpu_kernel, "_tried", False)
+    monkeypatch.setattr(cpu_kernel, "_lib", None)
+    monkeypatch.setenv("QATKIT_KERNEL", "0")
+    assert cpu_kernel.load() is None
+    assert not cpu_kernel.usable(torch.zeros(3), torch.tensor(1.0))
