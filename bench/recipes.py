@@ -1,0 +1,50 @@
+"""The benchmark tasks and their training recipes, shared by bench/pretrain.py and bench/suite.py.
+
+A task is a dataset, a zoo model and two recipes: the float pretraining whose checkpoints the project
+produces itself (bench/pretrain.py, committed in bench/checkpoints/) and the QAT fine-tune from them.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+from qatkit.config import TrainConfig
+from qatkit.data import ImageDataset, load_dataset
+
+BENCH = Path(__file__).resolve().parent
+CHECKPOINTS = BENCH / "checkpoints"  # committed float weights (small)
+WORK = BENCH / "work"  # resumable state of runs in progress (not committed)
+DEFAULT_DATA = BENCH.parent.parent / "shared" / "data"
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    dataset: str
+    folder: str  # under --data
+    model: str
+    float_train: TrainConfig
+    seeds: tuple[int, ...]  # float checkpoints (and QAT rows) per seed
+
+    def load(self, data_root: Path, limit: int | None = None) -> ImageDataset:
+        return load_dataset(self.dataset, str(data_root / self.folder), limit=limit)
+
+    def checkpoint(self, seed: int) -> Path:
+        return CHECKPOINTS / f"{self.name}-s{seed}.safetensors"
+
+
+TASKS = {
+    # SmallCNN (4 conv-BN-ReLU, 65 k params) on MNIST: AdamW, cosine, no augmentation.
+    "mnist-small-cnn": Task("mnist-small-cnn", "mnist", "mnist", "small-cnn", seeds=(0, 1, 2), float_train=TrainConfig(
+        epochs=12, batch_size=128, lr=3e-3, weight_decay=5e-4, optimizer="adamw", warmup_epochs=0.5, progress=False)),
+    # ResNet-20 (He et al. 2016, 0.27 M params) on CIFAR-10: the usual SGD recipe (momentum 0.9, lr 0.1 at
+    # batch 128, weight decay 5e-4, random crop + flip) with a cosine schedule instead of step decays.
+    "cifar10-resnet20": Task("cifar10-resnet20", "cifar10", "cifar10", "resnet20", seeds=(0,), float_train=TrainConfig(
+        epochs=120, batch_size=128, lr=0.1, weight_decay=5e-4, optimizer="sgd", momentum=0.9, warmup_epochs=1,
+        augment="crop-flip", progress=False)),
+}
+
+
+def float_recipe(task: Task, seed: int, epochs: int | None = None) -> TrainConfig:
+    return dataclasses.replace(task.float_train, seed=seed, **({} if epochs is None else {"epochs": epochs}))
