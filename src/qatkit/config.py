@@ -174,6 +174,10 @@ class TrainConfig:
     # A NaN/Inf loss or gradient: "stop" raises QatkitError naming epoch, step (and parameter); "skip" drops
     # the batch (no optimizer step, the schedule still advances) and stops only if > half an epoch is dropped.
     nonfinite: str = "stop"
+    # Progressive precision: the epochs split into len(progressive_bits) equal stages, stage k training every
+    # quantizer at max(progressive_bits[k], its own bit-width), the last stage (with the last epoch) at its own
+    # bit-width: (8, 4, 2) takes a W2A2 model 8 → 4 → 2 bits, a W4A4 one 8 → 4 → 4.
+    progressive_bits: tuple[int, ...] = ()
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -196,6 +200,12 @@ class TrainConfig:
             raise bad_value("seed", self.seed, "an integer in [0, 2**63 - 1] (torch.manual_seed's range)", "pass a smaller --seed")
         _check_choice("nonfinite", self.nonfinite, NONFINITE)
         _check_choice("augment", self.augment, AUGMENTS)
+        stages = self.progressive_bits
+        if not isinstance(stages, (tuple, list)) or any(isinstance(b, bool) or not isinstance(b, int) for b in stages) \
+                or any(b < 2 or b > 8 for b in stages) or list(stages) != sorted(stages, reverse=True):
+            raise bad_value("progressive_bits", stages, "bit-widths in 2..8, highest first, e.g. [8, 4, 2] (or [] for off)",
+                            "list the stages from high to low precision")
+        object.__setattr__(self, "progressive_bits", tuple(stages))
         if not isinstance(self.device, str) or not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
             raise bad_value("device", self.device, "'cpu', 'cuda' or 'cuda:N'", "pass --device cpu or cuda")
 
@@ -218,7 +228,7 @@ def _from_mapping(cls: type[T], data: object, where: str) -> T:
             raise bad_value(f"{where}.{key}", value, "true or false", f"write {key}: true or {key}: false")
         if hint == "<class 'str'>" and not isinstance(value, str):
             raise bad_value(f"{where}.{key}", value, "a string", f"quote the value of {key}")
-        kwargs[key] = tuple(value) if key == "rules" and isinstance(value, list) else value
+        kwargs[key] = tuple(value) if key in ("rules", "progressive_bits") and isinstance(value, list) else value
     try:
         return cls(**kwargs)
     except TypeError as e:  # a value of a type the dataclass cannot take at all

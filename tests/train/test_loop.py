@@ -19,12 +19,15 @@ from qatkit.nn import QConvBn
 from qatkit.prepare import prepare
 from qatkit.quantizer import FakeQuantizer
 from qatkit.train import evaluate, fit, load_checkpoint
+from qatkit.config import train_config_from_dict
 from qatkit.train.loop import (
     CHECKPOINT_NAME,
     build_optimizer,
     build_scheduler,
     compute_loss,
     quantizer_parameters,
+    set_stage_bits,
+    stage_bits,
 )
 
 try:
@@ -179,16 +182,19 @@ class _Loader:
             self.inner.set_epoch(epoch)
 
 
-@pytest.mark.parametrize("kind", ["float-dataloader", "qat-batchloader"])
+@pytest.mark.parametrize("kind", ["float-dataloader", "qat-batchloader", "qat-progressive"])
 def test_resume_is_bit_exact(digits, tmp_path, kind):
     """3 epochs straight == 2 epochs, killed, then resume=True for the 3rd: every tensor equal."""
     train, test = loaders(digits, batch_size=32, limit=256)
     if kind == "float-dataloader":  # shuffled by the global RNG, which fit seeds per epoch
         train = DataLoader(TensorDataset(digits[0][:256], digits[1][:256]), batch_size=32, shuffle=True)
     def make(seed):
+        if kind == "qat-progressive":  # W2A2, 8 -> 4 -> 2 bits: the resumed epoch starts a new stage
+            return prepare(small_cnn(seed=seed), QATConfig(weight_bits=2, act_bits=2), digits[0][:64])
         return small_cnn(seed=seed) if kind.startswith("float") else qat_model(digits, seed=seed)
 
-    config = cfg(epochs=3, warmup_epochs=0.5, weight_decay=1e-3, bn_freeze_epoch=1 if kind.startswith("qat") else None)
+    config = cfg(epochs=3, warmup_epochs=0.5, weight_decay=1e-3, bn_freeze_epoch=1 if kind.startswith("qat") else None,
+                 progressive_bits=(8, 4, 2) if kind == "qat-progressive" else ())
 
     full = make(0)
     full_history = fit(full, _Loader(train), config, val_loader=test, checkpoint_dir=tmp_path / "full")
@@ -317,3 +323,62 @@ def test_plain_dataloader_and_list_of_batches(digits, tmp_path):
     assert len(fit(small_cnn(), batches, cfg())) == 1
     with pytest.raises(ConfigError, match="train_loader"):
         fit(small_cnn(), iter(batches), cfg())
+
+
+# ---- progressive precision ----------------------------------------------------------------------
+@pytest.mark.parametrize("epochs,stages,want", [
+    (6, (8, 4, 2), [8, 8, 4, 4, None, None]), (4, (8, 4, 2), [8, 8, 4, None]), (2, (8, 4, 2), [8, None]),
+    (3, (8, 4), [8, 8, None]), (3, (4,), [None, None, None]),
+])
+def test_stage_bits_split_the_epochs(epochs, stages, want):
+    """None: the last stage, at the model's own bit-widths; it always holds the last epoch."""
+    config = cfg(epochs=epochs, progressive_bits=stages)
+    assert [stage_bits(config, e) for e in range(epochs)] == want
+
+
+@pytest.mark.parametrize("bad", [(4, 8), (9, 4), (8, 1), (8.0, 4), (True,), "842"])
+def test_progressive_bits_refused(bad):
+    with pytest.raises(ConfigError, match=r"progressive_bits.*highest first"):
+        cfg(progressive_bits=bad)
+
+
+def test_progressive_bits_from_yaml_list():
+    assert train_config_from_dict({"progressive_bits": [8, 4, 2]}).progressive_bits == (8, 4, 2)
+
+
+def test_fit_progressive_lowers_bits_per_stage(digits):
+    """W2A2 with the first and last layers at 8 bits: the 2-bit quantizers train at 8, 4, then 2 bits;
+    the 8-bit ones stay; a weight quantizer entering a stage is initialised again at the new width."""
+    train, _ = loaders(digits, batch_size=64, limit=128)
+    model = prepare(small_cnn(), QATConfig(weight_bits=2, act_bits=2), digits[0][:64])
+    calibrate(model, train, 1)
+    quantizers = {name: m for name, m in model.named_modules() if isinstance(m, FakeQuantizer)}
+    targets = {name: int(q.bits) for name, q in quantizers.items()}
+    assert sorted(set(targets.values())) == [2, 8]
+    seen: dict[str, list[int]] = {name: [] for name in quantizers}
+    for name, q in quantizers.items():
+        q.register_forward_hook(lambda m, i, o, name=name: seen[name].append(int(m.bits)))
+    fit(model, train, cfg(epochs=3, progressive_bits=(8, 4, 2)))
+    per_epoch = len(train)
+    for name, bits in seen.items():
+        stages = [bits[0], bits[per_epoch], bits[2 * per_epoch]]
+        assert stages == ([8, 4, 2] if targets[name] == 2 else [8, 8, 8]), name
+        assert int(quantizers[name].bits) == targets[name]
+
+
+def test_set_stage_bits_reinitialises_weights_and_keeps_activation_ranges(digits):
+    model = prepare(small_cnn(), QATConfig(weight_bits=2, act_bits=2), digits[0][:64])
+    calibrate(model, loaders(digits, limit=128)[0], 1)
+    targets = {m: int(m.bits) for m in model.modules() if isinstance(m, FakeQuantizer)}
+    layer = next(m for m in model.modules() if isinstance(m, QConvBn) and int(m.weight_quant.bits) == 2)
+    act = next(q for q, bits in targets.items() if bits == 2 and q.kind == "act" and q.qrange[0] == 0)
+    act_scale, (act_lo, act_hi) = act.qparams()[0].clone(), act.qrange
+    set_stage_bits(model, 4, targets)
+    assert int(layer.weight_quant.bits) == 4 and int(act.bits) == 4
+    fresh = copy.deepcopy(layer.weight_quant)
+    fresh.init_from(layer.folded()[0].detach())  # the weight's own 4-bit range (MSE), not the 2-bit one widened
+    assert torch.equal(layer.weight_quant.scale, fresh.scale)
+    lo, hi = act.qrange
+    torch.testing.assert_close(act.qparams()[0], act_scale * (act_hi - act_lo) / (hi - lo))
+    set_stage_bits(model, None, targets)  # the last stage: every quantizer back at its own width
+    assert all(int(q.bits) == bits for q, bits in targets.items())

@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from qatkit.config import TrainConfig, to_dict
 from qatkit.errors import ConfigError, DataError, ModelFileError, QatkitError, bad_value
-from qatkit.nn import QConvBn
+from qatkit.nn import QConvBn, QLayer
 from qatkit.quantizer import FakeQuantizer
 from qatkit.regularize import quantization_error_penalty
 from qatkit.train.checkpoint import load_checkpoint, save_checkpoint
@@ -104,6 +104,29 @@ def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, steps
         return 0.5 * (1.0 + math.cos(math.pi * progress))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+# ---- progressive precision ----------------------------------------------------------------------
+def stage_bits(config: TrainConfig, epoch: int) -> int | None:
+    """Progressive precision: the bit-width of epoch index `epoch`'s stage, or None in the last stage, which
+    trains every quantizer at its own bit-width (and always holds the last epoch)."""
+    stages, epochs = config.progressive_bits, config.epochs
+    stage = len(stages) - 1 if epoch >= epochs - 1 else min(len(stages) - 1, epoch * len(stages) // epochs)
+    return None if stage == len(stages) - 1 else stages[stage]
+
+
+def set_stage_bits(model: nn.Module, bits: int | None, targets: Mapping[FakeQuantizer, int]) -> None:
+    """Every quantizer to max(bits, its target bit-width) (bits None: the target). A weight quantizer whose width changes is
+    initialised again from its weight (the best range at 4 bits is not the 8-bit one, clipped); an activation
+    quantizer keeps its range and learns from there."""
+    weights = {m.weight_quant: m for m in model.modules() if isinstance(m, QLayer)}
+    for quantizer, target in targets.items():
+        want = target if bits is None else max(bits, target)
+        if int(quantizer.bits) == want:
+            continue
+        quantizer.set_bits(want)
+        if quantizer in weights and bool(quantizer.initialized):
+            quantizer.init_from(weights[quantizer].folded()[0].detach())
 
 
 # ---- one epoch ----------------------------------------------------------------------------------
@@ -306,6 +329,9 @@ def fit(model: nn.Module, train_loader: Iterable, config: TrainConfig, *, val_lo
         teacher.to(config.device).eval()
     else:
         teacher = None
+    # the bit-widths the model holds now are the targets of a progressive schedule (a resumed run's model is
+    # built afresh, so it holds them too before its checkpoint is loaded)
+    targets = {m: int(m.bits) for m in model.modules() if isinstance(m, FakeQuantizer)}
     optimizer = build_optimizer(model, config)
     scheduler = build_scheduler(optimizer, config, steps)
     settings = _run_settings(config, error_penalty, steps)
@@ -328,6 +354,8 @@ def fit(model: nn.Module, train_loader: Iterable, config: TrainConfig, *, val_lo
             at.update(epoch=epoch, step=0)
             t0 = time.perf_counter()
             torch.manual_seed(config.seed + epoch)
+            if config.progressive_bits:
+                set_stage_bits(model, stage_bits(config, epoch), targets)
             if hasattr(train_loader, "set_epoch"):
                 train_loader.set_epoch(epoch)
             row: dict[str, Any] = {"epoch": epoch + 1}
