@@ -28,7 +28,7 @@ from recipes import DEFAULT_DATA, TASKS, WORK, float_recipe
 
 
 def pretrain(task_name: str, seed: int, data_root: Path, epochs: int | None = None, limit: int | None = None,
-             out: Path | None = None) -> dict:
+             out: Path | None = None, work: Path = WORK) -> dict:
     task = TASKS[task_name]
     out = out or task.checkpoint(seed)
     config = float_recipe(task, seed, epochs)
@@ -37,7 +37,7 @@ def pretrain(task_name: str, seed: int, data_root: Path, epochs: int | None = No
     model = build_model(task.model, num_classes=ds.num_classes, in_channels=ds.in_channels, image_size=ds.image_size)
     model = model.to(memory_format=torch.channels_last)  # ~1.5x faster convolutions on CPU
     train_loader, _, test_loader = _loaders(ds, config)
-    work = WORK / "pretrain" / out.stem
+    work = work / "pretrain" / out.stem
     t0 = time.perf_counter()
     history = fit(model, train_loader, config, val_loader=test_loader, checkpoint_dir=work,
                   resume=(work / CHECKPOINT_NAME).exists())

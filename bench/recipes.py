@@ -9,7 +9,7 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from qatkit.config import TrainConfig
+from qatkit.config import QATConfig, TrainConfig
 from qatkit.data import ImageDataset, load_dataset
 
 BENCH = Path(__file__).resolve().parent
@@ -25,7 +25,9 @@ class Task:
     folder: str  # under --data
     model: str
     float_train: TrainConfig
+    qat_train: TrainConfig  # QAT fine-tune from the float checkpoint (also PTQ's calibration batches)
     seeds: tuple[int, ...]  # float checkpoints (and QAT rows) per seed
+    qat: QATConfig = QATConfig()  # bit-widths set per row
 
     def load(self, data_root: Path, limit: int | None = None) -> ImageDataset:
         return load_dataset(self.dataset, str(data_root / self.folder), limit=limit)
@@ -34,15 +36,24 @@ class Task:
         return CHECKPOINTS / f"{self.name}-s{seed}.safetensors"
 
 
+# The QAT recipe (Nagel et al. 2021's, with LSQ's first/last layers at 8 bits): qatkit's defaults — symmetric
+# per-channel weights, asymmetric activations, MSE range init, learnable scales and zero points (AdamW, scales
+# at lr/100), BN folded and frozen for the last third, distillation from the float model.
 TASKS = {
     # SmallCNN (4 conv-BN-ReLU, 65 k params) on MNIST: AdamW, cosine, no augmentation.
-    "mnist-small-cnn": Task("mnist-small-cnn", "mnist", "mnist", "small-cnn", seeds=(0, 1, 2), float_train=TrainConfig(
-        epochs=12, batch_size=128, lr=3e-3, weight_decay=5e-4, optimizer="adamw", warmup_epochs=0.5, progress=False)),
+    "mnist-small-cnn": Task(
+        "mnist-small-cnn", "mnist", "mnist", "small-cnn", seeds=(0, 1, 2),
+        float_train=TrainConfig(epochs=12, batch_size=128, lr=3e-3, weight_decay=5e-4, optimizer="adamw",
+                                warmup_epochs=0.5, progress=False),
+        qat_train=TrainConfig(epochs=4, batch_size=128, lr=3e-4, distill=0.5, bn_freeze_epoch=3, progress=False)),
     # ResNet-20 (He et al. 2016, 0.27 M params) on CIFAR-10: the usual SGD recipe (momentum 0.9, lr 0.1 at
     # batch 128, weight decay 5e-4, random crop + flip) with a cosine schedule instead of step decays.
-    "cifar10-resnet20": Task("cifar10-resnet20", "cifar10", "cifar10", "resnet20", seeds=(0,), float_train=TrainConfig(
-        epochs=120, batch_size=128, lr=0.1, weight_decay=5e-4, optimizer="sgd", momentum=0.9, warmup_epochs=1,
-        augment="crop-flip", progress=False)),
+    "cifar10-resnet20": Task(
+        "cifar10-resnet20", "cifar10", "cifar10", "resnet20", seeds=(0,),
+        float_train=TrainConfig(epochs=120, batch_size=128, lr=0.1, weight_decay=5e-4, optimizer="sgd", momentum=0.9,
+                                warmup_epochs=1, augment="crop-flip", progress=False),
+        qat_train=TrainConfig(epochs=15, batch_size=128, lr=5e-4, distill=0.5, bn_freeze_epoch=10, augment="crop-flip",
+                              progress=False)),
 }
 
 

@@ -1,0 +1,524 @@
+"""BENCHMARKS.md from the benchmark suite's results: per-task tables, the acceptance checklist against the
+project's targets, published anchors, step times, plots and the commands that reproduce it all.
+
+    python bench/report.py [RESULTS.json ...] [--out BENCHMARKS.md] [--plots bench/results/plots]
+
+Several results files may be given (e.g. one per task); their rows are merged by task, a later file's row
+replacing an earlier one with the same task, method, schedule and bits.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from qatkit.fileio import atomic_file  # noqa: E402
+
+BENCH = Path(__file__).resolve().parent
+DEFAULT_RESULTS = BENCH / "results" / "suite.json"
+DEFAULT_OUT = BENCH.parent / "BENCHMARKS.md"
+DEFAULT_PLOTS = BENCH / "results" / "plots"
+DEFAULT_COMMANDS = ["python bench/pretrain.py cifar10-resnet20", "python bench/pretrain.py mnist-small-cnn",
+                    "python bench/suite.py", "python bench/report.py"]
+
+METHOD_ORDER = ["float", "ptq-minmax", "ptq-mse", "qat", "torch.ao-qat"]
+EPS = 1e-12  # float-representation slack only (0.992 - 0.001 != 0.991 exactly); far below one test sample
+
+
+@dataclass(frozen=True)
+class Targets:
+    float_min: float
+    drops: dict[tuple[int, int], float]  # (weight bits, act bits) -> allowed drop of QAT (direct) below float
+    qat_beats_ptq: tuple[tuple[int, int], float] | None = None  # bits, margin of QAT over the best PTQ row
+    step_ratio_max: float | None = None  # largest QAT step / float step
+    verify_min: float = 0.999  # W8A8 rows: top-1 agreement and within-one-step fractions
+
+
+TARGETS = {
+    "mnist-small-cnn": Targets(0.992, {(8, 8): 0.001, (4, 4): 0.002, (2, 2): 0.006}),
+    "cifar10-resnet20": Targets(0.91, {(8, 8): 0.002, (4, 4): 0.008, (3, 3): 0.015, (2, 2): 0.04},
+                                qat_beats_ptq=((4, 4), 0.05), step_ratio_max=1.3),
+}
+
+# Copied from ../shared/REFERENCES.md (top-1 %, float -> quantized).
+ANCHORS = [
+    ("ResNet-18 / ImageNet", "4/4, 3/3, 2/2", "70.5", "71.1, 70.2, 67.6", "LSQ, Esser et al. 2019"),
+    ("ResNet-18 / ImageNet", "8/8, 4/8, 4/4 (per-channel)", "69.68", "70.43, 70.01, 68.83",
+     "QAT, Nagel et al. 2021 white paper"),
+    ("VGG-Small / CIFAR-10", "4/4, 3/3, 2/2", "93.34", "94.26, 93.89, 93.42", "LSQ re-implementation"),
+    ("ResNet-20 / CIFAR-10", "4/32, 2/32", "92.13", "91.46, 91.05", "DoReFa re-implementation (weights only)"),
+    ("SFC MLP / MNIST", "2/2", "—", "98.66", "Brevitas examples"),
+    ("2-bit CNN / MNIST", "2/—", "—", "99.53", "BitNetMCU"),
+]
+
+
+# ---------------------------------------------------------------- merging
+
+
+def _schedule(row: dict) -> str | None:
+    if row.get("method") == "qat":
+        return row.get("schedule") or "direct"
+    return row.get("schedule")
+
+
+def _key(row: dict) -> tuple:
+    return (row["method"], _schedule(row), int(row["weight_bits"]), int(row["act_bits"]))
+
+
+def merge(results: dict | list[dict]) -> dict:
+    """One view of several results dicts: task order of first appearance; per task, rows keyed by
+    (method, schedule, bits) with later files winning; step_times and task info per task, later winning."""
+    results = [results] if isinstance(results, dict) else list(results)
+    tasks: dict[str, dict] = {}
+    rows: dict[str, dict[tuple, dict]] = {}
+    steps: dict[str, dict] = {}
+    machines: list[tuple[dict, list[str]]] = []  # distinct machines and the tasks measured on them
+    quick = False
+    for res in results:
+        quick = quick or bool(res.get("quick"))
+        file_tasks: list[str] = []
+        for name, info in (res.get("tasks") or {}).items():
+            tasks[name] = info
+            file_tasks.append(name)
+        for row in res.get("rows") or []:
+            tasks.setdefault(row["task"], {})
+            rows.setdefault(row["task"], {})[_key(row)] = row
+            if row["task"] not in file_tasks:
+                file_tasks.append(row["task"])
+        for name, st in (res.get("step_times") or {}).items():
+            tasks.setdefault(name, {})
+            steps[name] = st
+        machine = res.get("machine")
+        if machine:
+            for m, names in machines:
+                if m == machine:
+                    names.extend(t for t in file_tasks if t not in names)
+                    break
+            else:
+                machines.append((machine, list(file_tasks)))
+    return {"tasks": tasks, "rows": {t: sorted(r.values(), key=_row_order) for t, r in rows.items()},
+            "step_times": steps, "machines": machines, "quick": quick}
+
+
+def _row_order(row: dict) -> tuple:
+    method = row["method"]
+    rank = METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER)
+    progressive = _schedule(row) not in (None, "direct")
+    return (rank, method, -int(row["weight_bits"]), -int(row["act_bits"]), progressive, _schedule(row) or "")
+
+
+# ---------------------------------------------------------------- formatting
+
+
+def _pct(x: float, nd: int = 2) -> str:
+    return f"{x * 100:.{nd}f}"
+
+
+def _signed(x: float, nd: int = 2) -> str:
+    return f"{x:+.{nd}f}"
+
+
+def _pair(value: float, limit: float, scale: float = 100.0, nd: int = 2, signed: bool = False) -> tuple[str, str]:
+    """value and limit printed with enough decimals that they read differently whenever they differ."""
+    fmt = (lambda v, d: f"{v * scale:+.{d}f}") if signed else (lambda v, d: f"{v * scale:.{d}f}")
+    while nd < 6 and fmt(value, nd) == fmt(limit, nd) and abs(value - limit) > EPS:
+        nd += 1
+    return fmt(value, nd), fmt(limit, nd)
+
+
+def _bits(row: dict) -> str:
+    return f"{row['weight_bits']}/{row['act_bits']}"
+
+
+def _accuracy(row: dict) -> str:
+    seeds = row.get("seeds") or []
+    text = _pct(row["accuracy"])
+    if len(seeds) > 1:
+        text += f" ± {_pct(row.get('accuracy_std') or 0.0)}"
+    return text
+
+
+def _seeds(row: dict) -> str:
+    seeds = row.get("seeds") or []
+    if len(seeds) == 1:
+        return "(1 seed)"
+    return f"{len(seeds)} ({', '.join(map(str, seeds))})" if seeds else "—"
+
+
+def _verify(v: dict | None) -> str:
+    if not v:
+        return "—"
+    return f"{_pct(v['top1_agreement'], 3)}% / {_pct(v['within_one_step'], 3)}% (n={v['n']:,})"
+
+
+def _table(header: list[str], body: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(cells) + " |" for cells in body]
+    return "\n".join(lines)
+
+
+def _family(row: dict) -> str:
+    """Short name of a row in prose: method, schedule for progressive QAT, bits."""
+    sched = _schedule(row)
+    extra = f" ({sched})" if row["method"] == "qat" and sched else ""
+    return f"{row['method']}{extra} W{row['weight_bits']}A{row['act_bits']}"
+
+
+def results_table(rows: list[dict]) -> str:
+    base = next((r for r in rows if r["method"] == "float"), None)
+    body = []
+    for r in rows:
+        delta = "—" if base is None or r is base else _signed((r["accuracy"] - base["accuracy"]) * 100)
+        lat, ratio = r.get("latency_ms"), r.get("step_time_ratio")
+        body.append([r["method"], _schedule(r) or "—", _bits(r), _accuracy(r), _seeds(r), delta,
+                     f"{r['model_bytes']:,}" if r.get("model_bytes") is not None else "—",
+                     f"{lat:.2f}" if lat is not None else "—", f"{ratio:.2f}" if ratio is not None else "—",
+                     _verify(r.get("verify"))])
+    return _table(["method", "schedule", "W/A bits", "accuracy %", "seeds", "Δ vs float (pp)", "model bytes",
+                   "int8 ORT latency ms (batch 32)", "QAT step / float step", "verify (top-1 / within one step)"],
+                  body)
+
+
+# ---------------------------------------------------------------- acceptance
+
+
+@dataclass
+class Check:
+    name: str
+    status: str  # "pass", "fail" or "not measured"
+    detail: str
+
+    def line(self) -> str:
+        if self.status == "not measured":
+            return f"- ○ {self.name}: not measured ({self.detail})"
+        return f"- {'✔' if self.status == 'pass' else '✘'} {self.name}: {self.detail}"
+
+
+def _ok(value: float, limit: float, strict: bool = False) -> str:
+    if strict:
+        return "pass" if value < limit else "fail"
+    return "pass" if value >= limit - EPS else "fail"
+
+
+def _find(rows: list[dict], method: str, bits: tuple[int, int], schedule: str | None = None) -> dict | None:
+    for r in rows:
+        if r["method"] == method and (r["weight_bits"], r["act_bits"]) == bits and \
+                (schedule is None or _schedule(r) == schedule):
+            return r
+    return None
+
+
+def _qat_step_ratios(step_times: dict | None) -> tuple[tuple[str, float] | None, tuple[str, float] | None]:
+    """(largest qatkit QAT ratio, torch.ao's ratio) from a task's step_times, each as (key, ratio)."""
+    ratios = (step_times or {}).get("ratio_to_float") or {}
+    ours = [(k, v) for k, v in ratios.items() if k.startswith("qat") and v is not None]
+    theirs = [(k, v) for k, v in ratios.items() if k.startswith("torch.ao") and v is not None]
+    return (max(ours, key=lambda kv: kv[1]) if ours else None,
+            min(theirs, key=lambda kv: kv[1]) if theirs else None)
+
+
+def acceptance(task: str, rows: list[dict], step_times: dict | None) -> list[Check]:
+    """The task's targets checked against its rows (unrounded numbers); [] for a task without targets."""
+    t = TARGETS.get(task)
+    if t is None:
+        return []
+    checks: list[Check] = []
+    base = _find(rows, "float", (32, 32)) or next((r for r in rows if r["method"] == "float"), None)
+
+    name = f"float ≥ {_pct(t.float_min)}%"
+    if base is None:
+        checks.append(Check(name, "not measured", "no float row"))
+    else:
+        v, lim = _pair(base["accuracy"], t.float_min)
+        checks.append(Check(name, _ok(base["accuracy"], t.float_min), f"{v}% (target ≥ {lim}%)"))
+
+    for bits, drop in t.drops.items():
+        name = f"QAT W{bits[0]}A{bits[1]} (direct) ≥ float − {drop * 100:.2f} pp"
+        row = _find(rows, "qat", bits, "direct")
+        if row is None or base is None:
+            checks.append(Check(name, "not measured", "no float row" if base is None else
+                                f"no qat direct W{bits[0]}A{bits[1]} row"))
+            continue
+        delta = row["accuracy"] - base["accuracy"]
+        d, lim = _pair(delta, -drop, signed=True, nd=3)
+        checks.append(Check(name, _ok(delta, -drop), f"{_pct(row['accuracy'])}% vs float {_pct(base['accuracy'])}% "
+                                                     f"(Δ {d} pp, limit {lim} pp)"))
+
+    if t.qat_beats_ptq is not None:
+        bits, margin = t.qat_beats_ptq
+        name = f"QAT W{bits[0]}A{bits[1]} beats the best PTQ W{bits[0]}A{bits[1]} by ≥ {margin * 100:.2f} pp"
+        qat = _find(rows, "qat", bits, "direct")
+        ptq = [r for r in (_find(rows, "ptq-minmax", bits), _find(rows, "ptq-mse", bits)) if r is not None]
+        if qat is None or not ptq:
+            missing = "qat direct" if qat is None else "ptq-minmax or ptq-mse"
+            checks.append(Check(name, "not measured", f"no {missing} W{bits[0]}A{bits[1]} row"))
+        else:
+            best = max(ptq, key=lambda r: r["accuracy"])
+            gap = qat["accuracy"] - best["accuracy"]
+            g, lim = _pair(gap, margin, signed=True, nd=3)
+            checks.append(Check(name, _ok(gap, margin), f"{_pct(qat['accuracy'])}% vs {best['method']} "
+                                                        f"{_pct(best['accuracy'])}% (gap {g} pp, needs ≥ {lim} pp)"))
+
+    ours, theirs = _qat_step_ratios(step_times)
+    if t.step_ratio_max is not None:
+        name = f"QAT step / float step ≤ {t.step_ratio_max:g}"
+        if ours is None:
+            checks.append(Check(name, "not measured", "no qat step time"))
+        else:
+            v, lim = _pair(ours[1], t.step_ratio_max, scale=1.0)
+            status = "pass" if ours[1] <= t.step_ratio_max + EPS else "fail"
+            checks.append(Check(name, status, f"{v} ({ours[0]}, the largest QAT ratio; limit {lim})"))
+    name = "QAT step / float step below torch.ao's"
+    if ours is None or theirs is None:
+        checks.append(Check(name, "not measured", "no qat step time" if ours is None else "no torch.ao step time"))
+    else:
+        v, lim = _pair(ours[1], theirs[1], scale=1.0)
+        checks.append(Check(name, _ok(ours[1], theirs[1], strict=True), f"{v} ({ours[0]}) vs {lim} ({theirs[0]})"))
+
+    w8a8 = [r for r in rows if (r["weight_bits"], r["act_bits"]) == (8, 8) and r["method"] != "torch.ao-qat"]
+    if _find(w8a8, "qat", (8, 8), "direct") is None:
+        checks.append(Check("qat direct W8A8 deployment verify", "not measured", "no qat direct W8A8 row"))
+    pct_min = _pct(t.verify_min, 1)
+    for r in w8a8:
+        name = f"{_family(r)} deployment verify (top-1 agreement and within one step ≥ {pct_min}%)"
+        v = r.get("verify")
+        if not v:
+            checks.append(Check(name, "not measured", "no verify result"))
+            continue
+        top1, lim = _pair(v["top1_agreement"], t.verify_min, nd=3)
+        within, lim2 = _pair(v["within_one_step"], t.verify_min, nd=3)
+        ok = v["top1_agreement"] >= t.verify_min - EPS and v["within_one_step"] >= t.verify_min - EPS
+        checks.append(Check(name, "pass" if ok else "fail",
+                            f"top-1 {top1}% (≥ {lim}%), within one step {within}% (≥ {lim2}%), "
+                            f"max step diff {v.get('max_step_diff', '—')}, n={v['n']:,}"))
+    return checks
+
+
+# ---------------------------------------------------------------- plots
+
+
+def _save(fig, path: Path) -> Path:
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    return path
+
+
+def plot_accuracy_vs_bits(task: str, rows: list[dict], path: Path) -> Path:
+    """Accuracy per W/A bit-width (high to low precision) per method family, float as a dashed line."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    base = next((r for r in rows if r["method"] == "float"), None)
+    quant = [r for r in rows if r["method"] != "float"]
+    labels = [f"{w}/{a}" for w, a in sorted({(r["weight_bits"], r["act_bits"]) for r in quant},
+                                             key=lambda b: (-b[0], -b[1]))]
+    xpos = {lab: i for i, lab in enumerate(labels)}
+    accs = [r["accuracy"] * 100 for r in rows]
+    floor = None  # keep the plot readable when low-bit PTQ collapses to chance: clip far-below points
+    if base is not None and accs and min(accs) < base["accuracy"] * 100 - 15:
+        floor = base["accuracy"] * 100 - 15
+    families: list[tuple[str, list[dict], dict]] = [
+        ("PTQ min/max", [r for r in quant if r["method"] == "ptq-minmax"], {"marker": "s", "linestyle": "-"}),
+        ("PTQ MSE", [r for r in quant if r["method"] == "ptq-mse"], {"marker": "D", "linestyle": "-"}),
+        ("QAT direct", [r for r in quant if r["method"] == "qat" and _schedule(r) == "direct"],
+         {"marker": "o", "linestyle": "-"}),
+    ]
+    for sched in sorted({_schedule(r) for r in quant if r["method"] == "qat" and _schedule(r) != "direct"}):
+        families.append((f"QAT progressive {sched}", [r for r in quant if r["method"] == "qat" and
+                                                      _schedule(r) == sched], {"marker": "^", "linestyle": ":"}))
+    families.append(("torch.ao QAT", [r for r in quant if r["method"] == "torch.ao-qat"],
+                     {"marker": "*", "linestyle": "none", "markersize": 12}))
+    for label, fam, style in families:
+        fam = sorted(fam, key=lambda r: xpos[_bits(r)])
+        if not fam:
+            continue
+        xs = [xpos[_bits(r)] for r in fam]
+        ys = [r["accuracy"] * 100 for r in fam]
+        errs = [(r.get("accuracy_std") or 0.0) * 100 for r in fam]
+        shown = [max(y, floor - 1) if floor is not None else y for y in ys]
+        line = ax.errorbar(xs, shown, yerr=errs, capsize=3, label=label, **style)
+        if floor is not None:
+            for x, y in zip(xs, ys):
+                if y < floor - 1:
+                    ax.annotate(f"↓ {y:.1f}", (x, floor - 1), textcoords="offset points", xytext=(4, 4),
+                                fontsize=7, color=line[0].get_color())
+    if base is not None:
+        ax.axhline(base["accuracy"] * 100, color="k", linestyle="--", label=f"float {_pct(base['accuracy'])}%")
+    if floor is not None:
+        ax.set_ylim(bottom=floor - 2)
+    if labels:
+        ax.set_xticks(range(len(labels)), labels)
+    else:
+        ax.text(0.5, 0.5, "no quantized rows", transform=ax.transAxes, ha="center")
+    ax.set_xlabel("weight / activation bits")
+    ax.set_ylabel("test accuracy %")
+    ax.set_title(task)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_size_vs_latency(rows_by_task: dict[str, list[dict]], path: Path) -> Path:
+    """One marker per row with an ORT latency: model bytes (log) against latency, labelled task/method/bits."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    markers = {"float": "x", "ptq-minmax": "s", "ptq-mse": "D", "qat": "o", "torch.ao-qat": "*"}
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    n = 0
+    for i, (task, rows) in enumerate(rows_by_task.items()):
+        for r in rows:
+            if r.get("latency_ms") is None or not r.get("model_bytes"):
+                continue
+            n += 1
+            ax.scatter(r["model_bytes"], r["latency_ms"], marker=markers.get(r["method"], "o"),
+                       color=colors[i % len(colors)])
+            sched = _schedule(r)
+            label = f"{task}/{r['method']}{'/' + sched if sched not in (None, 'direct') else ''}/{_bits(r)}"
+            ax.annotate(label, (r["model_bytes"], r["latency_ms"]), textcoords="offset points", xytext=(3, 3),
+                        fontsize=6)
+    if n:
+        ax.set_xscale("log")
+    else:
+        ax.text(0.5, 0.5, "no latency measured", transform=ax.transAxes, ha="center")
+    ax.set_xlabel("model bytes (log)")
+    ax.set_ylabel("ONNX Runtime latency ms (batch 32, 2 threads)")
+    ax.set_title("size vs latency")
+    ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+# ---------------------------------------------------------------- the document
+
+
+def _machine_line(m: dict) -> str:
+    return (f"{m.get('cpu', '?')}, {m.get('threads', '?')} threads, torch {m.get('torch', '?')}, "
+            f"ONNX Runtime {m.get('onnxruntime', '?')}, Python {m.get('python', '?')}")
+
+
+def _task_line(info: dict, rows: list[dict]) -> str:
+    parts = []
+    if info.get("dataset") or info.get("model"):
+        parts.append(f"{info.get('model', '?')} on {info.get('dataset', '?')}")
+    if info.get("train_samples") is not None:
+        parts.append(f"{info['train_samples']:,} training / {info.get('test_samples', 0):,} test samples")
+    qat = info.get("qat_recipe") or {}
+    recipe = ", ".join(f"{k} {qat[k]}" for k in ("epochs", "batch_size", "optimizer", "lr", "weight_decay")
+                       if k in qat)
+    if recipe:
+        parts.append(f"QAT fine-tune: {recipe}")
+    return "; ".join(parts) + "." if parts else ""
+
+
+def _step_table(st: dict) -> str:
+    med, ratio = st.get("median_ms") or {}, st.get("ratio_to_float") or {}
+    keys = sorted(dict.fromkeys([*med, *ratio]), key=lambda k: k != "float")
+    body = [[k, f"{med[k]:.2f}" if med.get(k) is not None else "—",
+             f"{ratio[k]:.2f}" if ratio.get(k) is not None else "—"] for k in keys]
+    head = (f"Batch {st.get('batch', '?')}, {st.get('threads', '?')} threads, {st.get('rounds', '?')} interleaved "
+            f"rounds; the ratio is the median of the per-round ratios.\n\n")
+    return head + _table(["variant", "median step ms", "ratio to float"], body)
+
+
+def _rel(path: Path, start: Path) -> str:
+    return Path(os.path.relpath(path.resolve(), start.resolve())).as_posix()
+
+
+def write_benchmarks(results: dict | list[dict], out_md: Path, plots_dir: Path,
+                     commands: list[str] | None = None, sources: list[str] | None = None) -> Path:
+    """Write BENCHMARKS.md at out_md and its plots under plots_dir; return out_md."""
+    out_md, plots_dir = Path(out_md), Path(plots_dir)
+    plots_dir.mkdir(parents=True, exist_ok=True)
+    data = merge(results)
+    tasks = list(data["tasks"])
+    rows_by_task = {t: data["rows"].get(t, []) for t in tasks}
+    md: list[str] = ["# Benchmarks", ""]
+    md.append("qatkit's quantization-aware training against the float model, post-training quantization (min/max "
+              "and MSE ranges) and torch.ao QAT: accuracy, size, ONNX Runtime int8 latency and training step cost"
+              + (f", generated by `bench/report.py` from {', '.join(f'`{s}`' for s in sources)}." if sources else
+                 ", generated by `bench/report.py`."))
+    md.append("")
+    for m, names in data["machines"]:
+        which = f" ({', '.join(names)})" if len(data["machines"]) > 1 and names else ""
+        md.append(f"**Machine**{which}: {_machine_line(m)}")
+        md.append("")
+    if data["quick"]:
+        md += ["> ⚠ Quick smoke run (tiny subsets, few steps): these numbers check the pipeline, not the benchmark.",
+               ""]
+    md += [("Accuracy is top-1 on the test set in %, mean ± std over seeds; Δ is in percentage points (pp) against "
+            "the float row. Latency: ONNX Runtime, batch 32, 2 threads, median (the int8 QDQ model for quantized "
+            "rows, the float ONNX model for the float row). Verify: qatkit's model against its ONNX export "
+            "(fraction of equal top-1, fraction of logits within one quantization step)."), ""]
+
+    for task in tasks:
+        rows = rows_by_task[task]
+        md += [f"## {task}", ""]
+        line = _task_line(data["tasks"].get(task) or {}, rows)
+        if line:
+            md += [line, ""]
+        md += [results_table(rows) if rows else "_no result rows_", ""]
+        checks = acceptance(task, rows, data["step_times"].get(task))
+        if checks:
+            counts = {s: sum(c.status == s for c in checks) for s in ("pass", "fail", "not measured")}
+            md += [(f"### Acceptance ({counts['pass']} met, {counts['fail']} missed, "
+                    f"{counts['not measured']} not measured)"), ""]
+            md += [c.line() for c in checks]
+            md += ["", "QAT targets use the direct schedule; progressive rows are reported, not targeted.", ""]
+        st = data["step_times"].get(task)
+        if st:
+            md += [f"### Step time ({task})", "", _step_table(st), ""]
+        png = plot_accuracy_vs_bits(task, rows, plots_dir / f"accuracy_vs_bits_{task}.png")
+        md += [f"![accuracy vs bits, {task}]({_rel(png, out_md.parent)})", ""]
+
+    png = plot_size_vs_latency(rows_by_task, plots_dir / "size_vs_latency.png")
+    md += ["## Size vs latency", "", f"![size vs latency]({_rel(png, out_md.parent)})", ""]
+
+    md += ["## Published anchors", "",
+           ("Other models and data sets (mostly ImageNet, other architectures and recipes): context for the "
+            "size of quantization losses, **not directly comparable** with the numbers above. "
+            "Source: the project's REFERENCES.md."), ""]
+    md += [_table(["model / data", "bits W/A", "float", "quantized", "method, source"], [list(a) for a in ANCHORS]),
+           ""]
+
+    md += ["## How to reproduce", "", "From the repository root, nothing else heavy running:", "", "```bash",
+           *(commands if commands is not None else DEFAULT_COMMANDS), "```", ""]
+    out_md.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(out_md) as tmp:
+        tmp.write_text("\n".join(md), encoding="utf-8")
+    return out_md
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("results", nargs="*", type=Path, default=[DEFAULT_RESULTS], help="results JSON file(s)")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    p.add_argument("--plots", type=Path, default=DEFAULT_PLOTS)
+    args = p.parse_args(argv)
+    loaded = []
+    for path in args.results:
+        if not path.is_file():
+            print(f"error: {path} not found: run python bench/suite.py first", file=sys.stderr)
+            return 2
+        try:
+            loaded.append(json.loads(path.read_text()))
+        except json.JSONDecodeError as e:
+            print(f"error: {path} is not valid JSON ({e}): run python bench/suite.py again", file=sys.stderr)
+            return 2
+    out = write_benchmarks(loaded, args.out, args.plots, sources=[str(s) for s in args.results])
+    data = merge(loaded)
+    checks = [c for t in data["tasks"] for c in acceptance(t, data["rows"].get(t, []), data["step_times"].get(t))]
+    print(f"wrote {out}: {sum(c.status == 'pass' for c in checks)} targets met, "
+          f"{sum(c.status == 'fail' for c in checks)} missed, {sum(c.status == 'not measured' for c in checks)} "
+          f"not measured")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

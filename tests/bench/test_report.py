@@ -1,0 +1,151 @@
+"""bench/report.py on synthetic suite results: tables, acceptance verdicts, plots and the CLI's missing-file error."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+import report  # noqa: E402
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+MACHINE = {"cpu": "Test CPU", "threads": 2, "torch": "2.x", "onnxruntime": "1.x", "python": "3.x"}
+
+
+def _row(task, method, bits, acc, std=0.0, seeds=(0,), schedule=None, latency=1.5, ratio=None, verify=None):
+    row = {"task": task, "method": method, "weight_bits": bits[0], "act_bits": bits[1], "accuracy": acc,
+           "accuracy_std": std, "seeds": list(seeds), "model_bytes": 300_000 if method == "float" else 80_000,
+           "onnx_bytes": 90_000, "latency_ms": latency, "step_time_ratio": ratio, "train_seconds": 10.0,
+           "verify": verify}
+    if schedule is not None:
+        row["schedule"] = schedule
+    return row
+
+
+GOOD_VERIFY = {"n": 10000, "top1_agreement": 0.9995, "within_one_step": 1.0, "max_step_diff": 1}
+M, C = "mnist-small-cnn", "cifar10-resnet20"
+MNIST = {
+    "machine": MACHINE, "quick": False,
+    "tasks": {M: {"dataset": "mnist", "model": "small-cnn", "train_samples": 60000, "test_samples": 10000,
+                  "float_recipe": {}, "qat_recipe": {"epochs": 3, "lr": 1e-4}}},
+    "step_times": {M: {"batch": 64, "threads": 2, "rounds": 5,
+                       "median_ms": {"float": 10.0, "qat-w8a8": 14.0, "torch.ao-qat-w8a8": 17.0},
+                       "ratio_to_float": {"float": 1.0, "qat-w8a8": 1.4, "torch.ao-qat-w8a8": 1.7}}},
+    "runs": [],
+    "rows": [  # deliberately shuffled: the report orders them
+        _row(M, "qat", (4, 4), 0.9890, 0.0003, (0, 1, 2), "direct", ratio=1.4),  # -0.31 pp < -0.20 pp: fails
+        _row(M, "torch.ao-qat", (8, 8), 0.9900, 0.0, (0, 1, 2), latency=None, ratio=1.7),
+        _row(M, "qat", (2, 2), 0.9880, 0.0, (0,), "8-4-2", ratio=1.4),  # progressive only: W2A2 not measured
+        _row(M, "ptq-minmax", (8, 8), 0.9915, verify=GOOD_VERIFY),
+        _row(M, "float", (32, 32), 0.9921, 0.0004, (0, 1, 2)),
+        _row(M, "qat", (8, 8), 0.9915, 0.0002, (0, 1, 2), "direct", ratio=1.4, verify=GOOD_VERIFY),  # -0.06 pp
+    ],
+}
+CIFAR = {
+    "machine": MACHINE, "quick": False,
+    "tasks": {C: {"dataset": "cifar10", "model": "resnet20", "train_samples": 50000, "test_samples": 10000}},
+    "step_times": {C: {"batch": 64, "threads": 2, "rounds": 5,
+                       "median_ms": {"float": 100.0, "qat-w8a8": 120.0, "qat-w4a4": 135.0, "torch.ao-qat-w8a8": 177.0},
+                       "ratio_to_float": {"float": 1.0, "qat-w8a8": 1.2, "qat-w4a4": 1.35, "torch.ao-qat-w8a8": 1.77}}},
+    "runs": [],
+    "rows": [
+        _row(C, "float", (32, 32), 0.915),
+        _row(C, "ptq-minmax", (4, 4), 0.70),
+        _row(C, "ptq-mse", (4, 4), 0.80),
+        _row(C, "qat", (8, 8), 0.913, schedule="direct", verify=GOOD_VERIFY),  # exactly float - 0.002: passes
+        _row(C, "qat", (4, 4), 0.910, schedule="direct"),
+    ],
+}
+
+
+def _section(md: str, task: str) -> str:
+    start = md.index(f"## {task}")
+    end = md.find("\n## ", start + 1)
+    return md[start:end if end >= 0 else None]
+
+
+def _check_line(section: str, name: str) -> str:
+    lines = [ln for ln in section.splitlines() if ln.startswith("- ") and name in ln]
+    assert len(lines) == 1, (name, lines)
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("bench_report")
+    out = report.write_benchmarks([MNIST, CIFAR], tmp / "BENCHMARKS.md", tmp / "plots",
+                                  commands=["python bench/suite.py --quick"])
+    return out, tmp / "plots"
+
+
+def test_markdown_tables(written):
+    out, _ = written
+    assert out.is_file()
+    md = out.read_text(encoding="utf-8")
+    assert "Test CPU, 2 threads" in md
+    mnist = _section(md, M)
+    assert "| float | — | 32/32 | 99.21 ± 0.04 | 3 (0, 1, 2) | — | 300,000 |" in mnist
+    assert "| ptq-minmax | — | 8/8 | 99.15 | (1 seed) | -0.06 |" in mnist
+    assert "| qat | direct | 4/4 | 98.90 ± 0.03 | 3 (0, 1, 2) | -0.31 |" in mnist
+    assert "99.950% / 100.000% (n=10,000)" in mnist
+    # order: float, ptq, qat (8/8 direct, 4/4 direct, then 2/2 progressive), torch.ao last
+    table = [ln for ln in mnist.splitlines() if ln.startswith("| ") and "---" not in ln][1:7]
+    assert [ln.split(" | ")[0][2:] + "/" + ln.split(" | ")[1] + "/" + ln.split(" | ")[2] for ln in table] == [
+        "float/—/32/32", "ptq-minmax/—/8/8", "qat/direct/8/8", "qat/direct/4/4", "qat/8-4-2/2/2",
+        "torch.ao-qat/—/8/8"]
+    assert "| 91.50 | (1 seed) |" in _section(md, C)
+    assert "not directly comparable" in md and "Esser et al. 2019" in md and "BitNetMCU" in md
+    assert "MobileNetV2" not in md
+    assert "python bench/suite.py --quick" in md
+    assert "| torch.ao-qat-w8a8 | 177.00 | 1.77 |" in md
+
+
+def test_acceptance_verdicts(written):
+    md = written[0].read_text(encoding="utf-8")
+    mnist, cifar = _section(md, M), _section(md, C)
+    assert _check_line(mnist, "float ≥ 99.20%").startswith("- ✔") and "99.21%" in _check_line(mnist, "float ≥")
+    line = _check_line(mnist, "QAT W8A8 (direct)")
+    assert line.startswith("- ✔") and "Δ -0.060 pp" in line
+    line = _check_line(mnist, "QAT W4A4 (direct)")
+    assert line.startswith("- ✘") and "98.90% vs float 99.21%" in line and "Δ -0.310 pp, limit -0.200 pp" in line
+    line = _check_line(mnist, "QAT W2A2 (direct)")
+    assert line.startswith("- ○") and "not measured" in line  # the progressive W2A2 row is not targeted
+    line = _check_line(mnist, "below torch.ao")
+    assert line.startswith("- ✔") and "1.40 (qat-w8a8) vs 1.70 (torch.ao-qat-w8a8)" in line
+    assert _check_line(mnist, "ptq-minmax W8A8 deployment verify").startswith("- ✔")
+
+    assert _check_line(cifar, "QAT W8A8 (direct)").startswith("- ✔")  # exactly at the limit, unrounded
+    line = _check_line(cifar, "beats the best PTQ W4A4")
+    assert line.startswith("- ✔") and "vs ptq-mse 80.00%" in line and "+11.000 pp" in line
+    line = _check_line(cifar, "QAT step / float step ≤ 1.3")
+    assert line.startswith("- ✘") and "1.35 (qat-w4a4" in line
+    assert _check_line(cifar, "QAT W3A3 (direct)").startswith("- ○")
+    assert "### Acceptance (6 met, 1 missed, 2 not measured)" in cifar
+    checks = report.acceptance(C, report.merge(CIFAR)["rows"][C], CIFAR["step_times"][C])
+    assert [c.name for c in checks if c.status == "fail"] == ["QAT step / float step ≤ 1.3"]
+
+
+def test_plots_are_pngs(written):
+    out, plots = written
+    md = out.read_text(encoding="utf-8")
+    for name in (f"accuracy_vs_bits_{M}.png", f"accuracy_vs_bits_{C}.png", "size_vs_latency.png"):
+        png = plots / name
+        assert png.is_file() and png.stat().st_size > 1000
+        assert png.read_bytes()[:8] == PNG_MAGIC
+        assert f"](plots/{name})" in md
+
+
+def test_later_file_replaces_same_row():
+    newer = dict(CIFAR, rows=[_row(C, "float", (32, 32), 0.92)])
+    rows = report.merge([CIFAR, newer])["rows"][C]
+    assert [r["accuracy"] for r in rows if r["method"] == "float"] == [0.92]
+    assert len(rows) == len(CIFAR["rows"])
+
+
+def test_missing_results_file(tmp_path, capsys):
+    missing = tmp_path / "suite.json"
+    assert report.main([str(missing), "--out", str(tmp_path / "B.md")]) == 2
+    err = capsys.readouterr().err
+    assert str(missing) in err and "run python bench/suite.py first" in err
+    assert not (tmp_path / "B.md").exists()

@@ -1,0 +1,99 @@
+"""bench/suite.py --quick end to end on MNIST and CIFAR-10 subsets (the pipeline, not the accuracy): every
+planned row with the documented fields, W8A8 exports that ONNX Runtime runs as qatkit computes, timing
+sections, a second call that resumes without redoing a run, and BENCHMARKS.md written from the results."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import shared_data
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+import report  # noqa: E402
+import suite  # noqa: E402
+
+FIELDS = {"task", "method", "weight_bits", "act_bits", "accuracy", "accuracy_std", "seeds", "model_bytes",
+          "step_time_ratio", "schedule", "onnx_bytes", "latency_ms", "train_seconds", "verify"}
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    data = shared_data("mnist").parent
+    shared_data("cifar10")
+    work = tmp_path_factory.mktemp("suite")
+    out = work / "quick.json"
+    threads = torch.get_num_threads()
+    try:
+        assert suite.main(["--quick", "--data", str(data), "--work", str(work), "--out", str(out)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    return work, out, json.loads(out.read_text())
+
+
+def test_every_planned_row_is_there(quick):
+    _, _, results = quick
+    assert results["quick"] is True
+    for task in suite.TASKS:
+        rows = [r for r in results["rows"] if r["task"] == task]
+        want = {(m, w, a, s) for m, w, a, s, _ in suite.planned_runs(suite.TASKS[task], [0])}
+        assert {(r["method"], r["weight_bits"], r["act_bits"], r["schedule"]) for r in rows} == want
+        for r in rows:
+            assert FIELDS <= set(r), r
+            assert 0.0 <= r["accuracy"] <= 1.0 and r["seeds"] == [0] and r["accuracy_std"] == 0.0
+            assert r["model_bytes"] > 0
+            if r["method"] not in ("torch.ao-qat",):
+                assert r["latency_ms"] > 0 and r["onnx_bytes"] > 0
+            if r["method"] in ("qat", "torch.ao-qat"):
+                assert r["step_time_ratio"] > 0 and r["train_seconds"] > 0
+            else:
+                assert r["step_time_ratio"] is None
+        by = {(r["method"], r["weight_bits"], r["act_bits"]): r for r in rows if r["schedule"] in (None, "direct")}
+        # integer models shrink with the bit-width; the float row is the float safetensors file
+        assert by[("qat", 2, 2)]["model_bytes"] < by[("qat", 4, 4)]["model_bytes"] < by[("qat", 8, 8)]["model_bytes"] \
+            < by[("float", 32, 32)]["model_bytes"]
+
+
+def test_w8a8_exports_compute_what_qatkit_computes(quick):
+    _, _, results = quick
+    for r in results["rows"]:
+        if (r["weight_bits"], r["act_bits"]) == (8, 8) and r["method"] != "torch.ao-qat":
+            assert r["verify"]["n"] == suite.QUICK["test"]
+            assert r["verify"]["top1_agreement"] == 1.0 and r["verify"]["within_one_step"] == 1.0, r
+
+
+def test_timing_sections(quick):
+    _, _, results = quick
+    for task in suite.TASKS:
+        steps = results["step_times"][task]
+        assert steps["batch"] == 64 and steps["threads"] == 2
+        assert set(steps["ratio_to_float"]) == {f"qat-w{w}a{a}" for w, a in suite.PAIRS} | {"torch.ao-qat-w8a8"}
+        assert all(ms > 0 for ms in steps["median_ms"].values())
+        assert len(results["latency_ms"][task]) == len([r for r in results["rows"] if r["task"] == task and r["onnx_bytes"]])
+
+
+def test_second_call_resumes_without_rerunning(quick, capsys):
+    work, out, results = quick
+    assert suite.main(["--quick", "--tasks", "mnist-small-cnn", "--no-timing", "--data", str(shared_data("mnist").parent),
+                       "--work", str(work), "--out", str(out)]) == 0
+    again = json.loads(out.read_text())
+    assert again["runs"] == results["runs"]
+    assert "accuracy" not in capsys.readouterr().out  # no run was logged: all came from the file
+
+
+def test_quick_and_full_results_do_not_mix(quick):
+    work, out, _ = quick
+    with pytest.raises(SystemExit) as e:
+        suite.main(["--tasks", "mnist-small-cnn", "--work", str(work), "--out", str(out)])
+    assert e.value.code == 2
+
+
+def test_report_from_quick_results(quick):
+    work, out, _ = quick
+    md = report.write_benchmarks(json.loads(out.read_text()), work / "BENCHMARKS.md", work / "plots")
+    text = md.read_text()
+    assert "Quick smoke run" in text and "## cifar10-resnet20" in text and "## mnist-small-cnn" in text
+    assert (work / "plots" / "size_vs_latency.png").stat().st_size > 1000
