@@ -216,10 +216,10 @@ def write(path: Path, results: dict) -> None:
 
 
 def run_task(task: Task, results: dict, out: Path, data_root: Path, quick: bool, timing: bool, work: Path,
-             log=print) -> None:
+             seeds: list[int] | None = None, log=print) -> None:
     limit = QUICK["train"] if quick else None
     ds = task.load(data_root, limit)
-    seeds = list(task.seeds[:1] if quick else task.seeds)
+    seeds = seeds or list(task.seeds[:1] if quick else task.seeds)
     results["tasks"][task.name] = {"dataset": task.dataset, "model": task.model, "train_samples": len(ds.train),
                                    "test_samples": len(ds.test), "seeds": seeds,
                                    "float_recipe": to_dict(task.float_train), "qat_recipe": to_dict(task.qat_train),
@@ -260,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
                                                              "--quick: WORK/suite-quick.json)")
     p.add_argument("--quick", action="store_true", help=f"smoke run: first {QUICK['train']} samples, "
                                                         f"{QUICK['epochs']} epoch, {QUICK['rounds']} timing rounds")
+    p.add_argument("--seeds", help="comma-separated seeds (default: each task's; --quick: its first)")
     p.add_argument("--work", type=Path, default=WORK, help="resumable state of runs in progress (default bench/work)")
     p.add_argument("--no-timing", dest="timing", action="store_false", help="accuracy runs only (timing needs a quiet machine)")
     args = p.parse_args(argv)
@@ -276,7 +277,8 @@ def main(argv: list[str] | None = None) -> int:
                "runs": [], "rows": [], **results}
     torch.set_num_threads(int(os.environ.get("QATKIT_BENCH_THREADS", THREADS)))
     for name in tasks:
-        run_task(TASKS[name], results, out, args.data, args.quick, args.timing, args.work)
+        seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
+        run_task(TASKS[name], results, out, args.data, args.quick, args.timing, args.work, seeds)
     print(f"[suite] results: {out}")
     return 0
 
