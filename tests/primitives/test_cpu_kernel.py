@@ -32,7 +32,7 @@ def _data(n: int, s: float, seed: int = 0) -> torch.Tensor:
 @pytest.mark.parametrize("s", [0.25, 0.0371])
 def test_forward_bitexact(n, qmin, qmax, z, s):
     x = _data(n, s)
-    got = cpu_kernel.forward(x, s, z, qmin, qmax)
+    got = cpu_kernel.forward(x, torch.tensor(s), torch.tensor(z), qmin, qmax)
     st, zt = torch.tensor(s), torch.tensor(z)
     assert torch.equal(got, _forward(x, st, zt, qmin, qmax))
     want = ref_fake_quantize(x.numpy(), np.float32(s), z, qmin, qmax, dtype=np.float32).astype(np.float32)
@@ -44,7 +44,8 @@ def test_forward_bitexact(n, qmin, qmax, z, s):
 def test_backward_matches_eager_and_float64(n, qmin, qmax, z):
     s = 0.0371
     x, grad = _data(n, s), torch.randn(n, generator=torch.Generator().manual_seed(1))
-    grad_x, sum_s, sum_clamped = cpu_kernel.backward(x, grad, s, z, qmin, qmax)
+    grad_x, sum_s, sum_clamped = cpu_kernel.backward(x, grad, torch.tensor(s), torch.tensor(z), qmin, qmax)
+    sum_s, sum_clamped = sum_s.item(), sum_clamped.item()
     eager_x, _, _ = _backward(x, grad, torch.tensor(s), torch.tensor(z), qmin, qmax, (0,))
     assert torch.equal(grad_x, eager_x)
     # the per-value terms as float32 arithmetic gives them, summed in float64
@@ -64,11 +65,12 @@ def test_sums_do_not_depend_on_thread_count():
         results = []
         for threads in (1, 2, 3):
             torch.set_num_threads(threads)
-            results.append(cpu_kernel.backward(x, grad, 0.0371, 3.0, 0, 15))
+            results.append(cpu_kernel.backward(x, grad, torch.tensor(0.0371), torch.tensor(3.0), 0, 15))
     finally:
         torch.set_num_threads(before)
     for grad_x, sum_s, sum_clamped in results[1:]:
-        assert torch.equal(grad_x, results[0][0]) and (sum_s, sum_clamped) == results[0][1:]
+        assert torch.equal(grad_x, results[0][0])
+        assert torch.equal(sum_s, results[0][1]) and torch.equal(sum_clamped, results[0][2])
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided", "expanded"])
@@ -112,4 +114,55 @@ def test_kernel_off_by_environment(monkeypatch):
     monkeypatch.setattr(cpu_kernel, "_lib", None)
     monkeypatch.setenv("QATKIT_KERNEL", "0")
     assert cpu_kernel.load() is None
-    assert not cpu_kernel.usable(torch.zeros(3), torch.tensor(1.0))
+    assert not cpu_kernel.usable(torch.zeros(3), torch.tensor(1.0), torch.tensor(0.0))
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "axis1"])
+def test_per_channel_matches_eager(layout):
+    """Per-channel weights (axis 0 outermost in memory, also channels-last): bit-exact output and input gradient,
+    per-channel sums against the eager ones; an axis that is not outermost takes the eager path."""
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(16, 8, 3, 3, generator=g)
+    axis = 0
+    if layout == "channels_last":
+        w = w.contiguous(memory_format=torch.channels_last)
+    if layout == "axis1":
+        axis = 1
+    w.requires_grad_()
+    channels = w.shape[axis]
+    s = (torch.rand(channels, generator=g) * 0.05 + 0.01).requires_grad_()
+    z = torch.zeros(channels)
+    out = fake_quantize(w, s, z, -8, 7, axis, 0.25)
+    upstream = torch.randn(out.shape, generator=g)
+    got_w, got_s = torch.autograd.grad(out, (w, s), upstream)
+    sv, zv = (t.detach().view([-1 if d == axis else 1 for d in range(4)]) for t in (s, z))
+    assert torch.equal(out, _forward(w.detach(), sv, zv, -8, 7))
+    dims = tuple(d for d in range(4) if d != axis)
+    want_w, want_s, _ = _backward(w.detach(), upstream, sv, zv, -8, 7, dims)
+    assert torch.equal(got_w, want_w)
+    torch.testing.assert_close(got_s, 0.25 * want_s, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_fused_relu_equals_relu_then_fake_quant(layout):
+    """fake_quantize(x, relu=True) on the kernel = relu then the eager fake quantization: same output bits, same
+    input gradient (relu's mask included, NaN and ±0 too), same scale and zero-point gradients."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(4, 6, 9, 9, generator=g) * 0.3
+    x[0, 0, 0, :4] = torch.tensor([0.0, -0.0, -0.01, float("nan")])
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    s, z = torch.tensor(0.02, requires_grad=True), torch.tensor(3.0, requires_grad=True)
+    fused = fake_quantize(x, s, z, 0, 255, None, 0.5, relu=True)
+    upstream = torch.randn(fused.shape, generator=g)
+    got = torch.autograd.grad(fused, (x, s, z), upstream)
+    xe, se, ze = (t.detach().clone().requires_grad_() for t in (x, s, z))
+    r = torch.relu(xe)
+    ref = _forward(r, se, ze, 0, 255)  # eager formulas, autograd through relu
+    assert torch.equal(fused.nan_to_num(7.0), ref.detach().nan_to_num(7.0))
+    want_x, want_s, want_clamped = _backward(r.detach(), upstream, se.detach(), ze.detach(), 0, 255, (0, 1, 2, 3))
+    want_x = torch.where(xe.detach() > 0, want_x, 0.0)  # relu's own gradient
+    assert torch.equal(got[0], want_x)
+    torch.testing.assert_close(got[1], 0.5 * want_s, rtol=1e-5, atol=1e-6, equal_nan=True)  # NaN input: NaN on both
+    torch.testing.assert_close(got[2], -0.5 * 0.02 * want_clamped, rtol=1e-5, atol=1e-6, equal_nan=True)

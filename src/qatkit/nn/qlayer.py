@@ -55,6 +55,8 @@ class QLayer(nn.Module):
         if quantized and not self.training and bool(self.weight_quant.initialized):
             return self.integer_forward(x, in_q)
         y = self.fake_quant_forward(x, in_q if quantized else None)
+        if self.act == "relu" and self.out_quant is not None:
+            return self.out_quant(y, relu=True)  # one fused pass where the fake-quant kernel runs
         y = {"relu": F.relu, "relu6": F.relu6}[self.act](y) if self.act else y
         return self.out_quant(y) if self.out_quant is not None else y
 

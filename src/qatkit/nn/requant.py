@@ -5,7 +5,6 @@ initialised: the runtime's own integer arithmetic from `qatkit.kernels`, as the 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from qatkit import kernels
@@ -30,7 +29,7 @@ class QAdd(nn.Module):
         if not self.training and _integer(qa, qb, self.out_quant):
             return self.integer_forward(a, b, qa, qb)
         y = a + b
-        return self.out_quant(F.relu(y) if self.act else y)
+        return self.out_quant(y, relu=bool(self.act))
 
     @torch.no_grad()
     def integer_forward(self, a, b, qa: FakeQuantizer, qb: FakeQuantizer):

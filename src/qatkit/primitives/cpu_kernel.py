@@ -42,10 +42,12 @@ _SOURCE = r"""
 
 #define BLOCK 4096
 
+/* relu: quantize max(x, 0) (NaN stays NaN, as torch's relu keeps it), with relu's gradient mask x > 0. */
 CLONES static void forward_block(const float *restrict x, float *restrict y, int64_t n, float s, float z, float qmin,
-                                 float qmax) {
+                                 float qmax, int relu) {
     for (int64_t i = 0; i < n; i++) {
-        float q = nearbyintf(x[i] / s) + z;
+        float v = (relu & (x[i] < 0.0f)) ? 0.0f : x[i];
+        float q = nearbyintf(v / s) + z;
         q = q < qmin ? qmin : q;
         q = q > qmax ? qmax : q;
         y[i] = (q - z) * s;
@@ -54,16 +56,17 @@ CLONES static void forward_block(const float *restrict x, float *restrict y, int
 
 /* One block: gradient of x, and the block's sums of g·dx̂/ds and of g where clamped (in float vector lanes). */
 CLONES static void backward_block(const float *restrict x, const float *restrict g, float *restrict gx, int64_t n,
-                                  float s, float z, float qmin, float qmax, double *sum_s, double *sum_c) {
+                                  float s, float z, float qmin, float qmax, int relu, double *sum_s, double *sum_c) {
     float ss = 0.0f, sc = 0.0f;
     #pragma omp simd reduction(+ : ss, sc)
     for (int64_t i = 0; i < n; i++) {
-        float xs = x[i] / s;
+        float v = (relu & (x[i] < 0.0f)) ? 0.0f : x[i];
+        float xs = v / s;
         float r = nearbyintf(xs) + z;
         float q = r < qmin ? qmin : r;
         q = q > qmax ? qmax : q;
         int inside = (r >= qmin) & (r <= qmax);
-        gx[i] = inside ? g[i] : 0.0f;
+        gx[i] = (inside & ((relu == 0) | (x[i] > 0.0f))) ? g[i] : 0.0f;
         ss += g[i] * (inside ? (q - z) - xs : q - z);
         sc += inside ? 0.0f : g[i];
     }
@@ -71,31 +74,38 @@ CLONES static void backward_block(const float *restrict x, const float *restrict
     *sum_c = sc;
 }
 
-/* Blocks run in parallel on the OpenMP pool (torch's own: the same libgomp.so.1 is loaded once per process);
-   the per-block sums are added in block order, so the result does not depend on the thread count. */
-void qatkit_fq_forward(const float *x, float *y, int64_t n, float s, float z, float qmin, float qmax, int threads) {
-    int64_t blocks = (n + BLOCK - 1) / BLOCK;
+/* x holds `channels` runs of k values (channel c: x[c*k .. c*k+k), scale s[c], zero point z[c]; one channel for
+   per-tensor). Blocks of at most BLOCK values of one channel run in parallel on the OpenMP pool (torch's own:
+   the same libgomp.so.1 is loaded once per process); each channel's block sums are added in block order, so the
+   result does not depend on the thread count. */
+void qatkit_fq_forward(const float *x, float *y, int64_t channels, int64_t k, const float *s, const float *z,
+                       float qmin, float qmax, int relu, int threads) {
+    int64_t per = (k + BLOCK - 1) / BLOCK, blocks = channels * per;
     #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
     for (int64_t b = 0; b < blocks; b++) {
-        int64_t i0 = b * BLOCK, len = n - i0 < BLOCK ? n - i0 : BLOCK;
-        forward_block(x + i0, y + i0, len, s, z, qmin, qmax);
+        int64_t c = b / per, i0 = c * k + (b % per) * BLOCK, len = c * k + k - i0 < BLOCK ? c * k + k - i0 : BLOCK;
+        forward_block(x + i0, y + i0, len, s[c], z[c], qmin, qmax, relu);
     }
 }
 
-int qatkit_fq_backward(const float *x, const float *g, float *gx, int64_t n, float s, float z, float qmin,
-                       float qmax, int threads, double *sums) {
-    int64_t blocks = (n + BLOCK - 1) / BLOCK;
+int qatkit_fq_backward(const float *x, const float *g, float *gx, int64_t channels, int64_t k, const float *s,
+                       const float *z, float qmin, float qmax, int relu, int threads, double *sum_s, double *sum_c) {
+    int64_t per = (k + BLOCK - 1) / BLOCK, blocks = channels * per;
     double *part = malloc(2 * blocks * sizeof(double));
     if (!part) return 1;
     #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
     for (int64_t b = 0; b < blocks; b++) {
-        int64_t i0 = b * BLOCK, len = n - i0 < BLOCK ? n - i0 : BLOCK;
-        backward_block(x + i0, g + i0, gx + i0, len, s, z, qmin, qmax, &part[2 * b], &part[2 * b + 1]);
+        int64_t c = b / per, i0 = c * k + (b % per) * BLOCK, len = c * k + k - i0 < BLOCK ? c * k + k - i0 : BLOCK;
+        backward_block(x + i0, g + i0, gx + i0, len, s[c], z[c], qmin, qmax, relu, &part[2 * b], &part[2 * b + 1]);
     }
-    sums[0] = sums[1] = 0.0;
-    for (int64_t b = 0; b < blocks; b++) {
-        sums[0] += part[2 * b];
-        sums[1] += part[2 * b + 1];
+    for (int64_t c = 0; c < channels; c++) {
+        double ds = 0.0, dc = 0.0;
+        for (int64_t j = c * per; j < (c + 1) * per; j++) {
+            ds += part[2 * j];
+            dc += part[2 * j + 1];
+        }
+        sum_s[c] = ds;
+        sum_c[c] = dc;
     }
     free(part);
     return 0;
@@ -137,8 +147,8 @@ def _compile() -> ctypes.CDLL:
             os.replace(lib, path)  # atomic: another process may be compiling the same file
     lib = ctypes.CDLL(str(path))
     f32, i64, ptr = ctypes.c_float, ctypes.c_int64, ctypes.c_void_p
-    lib.qatkit_fq_forward.argtypes = [ptr, ptr, i64, f32, f32, f32, f32, ctypes.c_int]
-    lib.qatkit_fq_backward.argtypes = [ptr, ptr, ptr, i64, f32, f32, f32, f32, ctypes.c_int, ptr]
+    lib.qatkit_fq_forward.argtypes = [ptr, ptr, i64, i64, ptr, ptr, f32, f32, ctypes.c_int, ctypes.c_int]
+    lib.qatkit_fq_backward.argtypes = [ptr, ptr, ptr, i64, i64, ptr, ptr, f32, f32, ctypes.c_int, ctypes.c_int, ptr, ptr]
     lib.qatkit_fq_forward.restype, lib.qatkit_fq_backward.restype = None, ctypes.c_int
     return lib
 
@@ -158,29 +168,41 @@ def load() -> ctypes.CDLL | None:
     return _lib
 
 
-def usable(x: torch.Tensor, scale: torch.Tensor) -> bool:
-    """Whether the kernel can take this call: per-tensor, float32, on the CPU, dense."""
-    return (scale.dim() == 0 and x.dtype == torch.float32 and x.device.type == "cpu"
-            and scale.dtype == torch.float32 and x.numel() > 0 and load() is not None)
+def usable(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> bool:
+    """Whether the kernel can take this call: float32 on the CPU, per-tensor or per-channel with float32 parameters."""
+    return (x.dtype == torch.float32 and x.device.type == "cpu" and x.numel() > 0 and x.dim() >= 1
+            and scale.dtype == torch.float32 and zero_point.dtype == torch.float32
+            and scale.device.type == "cpu" and zero_point.device.type == "cpu" and load() is not None)
 
 
 def _threads(n: int) -> int:
     return torch.get_num_threads() if n >= _PARALLEL_MIN else 1
 
 
-def forward(x: torch.Tensor, s: float, z: float, qmin: int, qmax: int) -> torch.Tensor:
-    """(clamp(round(x/s) + z, qmin, qmax) - z)·s of a contiguous float32 tensor."""
+def _params(scale: torch.Tensor, zero_point: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return scale.detach().reshape(-1).contiguous(), zero_point.detach().reshape(-1).contiguous()
+
+
+def forward(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int,
+            relu: bool = False) -> torch.Tensor:
+    """(clamp(round(x/s) + z, qmin, qmax) - z)·s of a contiguous float32 tensor whose first dimension holds the
+    channels of a (C,) scale and zero point (or any shape, for 0-d ones); of relu(x) with relu=True."""
+    s, z = _params(scale, zero_point)
     y = torch.empty_like(x)
-    _lib.qatkit_fq_forward(x.data_ptr(), y.data_ptr(), x.numel(), s, z, qmin, qmax, _threads(x.numel()))
+    _lib.qatkit_fq_forward(x.data_ptr(), y.data_ptr(), s.numel(), x.numel() // s.numel(), s.data_ptr(), z.data_ptr(),
+                           qmin, qmax, relu, _threads(x.numel()))
     return y
 
 
-def backward(x: torch.Tensor, grad: torch.Tensor, s: float, z: float, qmin: int, qmax: int,
-             ) -> tuple[torch.Tensor, float, float]:
-    """(dL/dx, Σ dL/dx̂·dx̂/ds, Σ dL/dx̂ where clamped) for contiguous float32 x and grad of the same size."""
+def backward(x: torch.Tensor, grad: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int,
+             qmax: int, relu: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dL/dx, Σ dL/dx̂·dx̂/ds, Σ dL/dx̂ where clamped), the sums per channel (float64, shaped like the scale), for
+    contiguous x and grad laid out as in `forward`."""
+    s, z = _params(scale, zero_point)
     grad_x = torch.empty_like(x)
-    sums = (ctypes.c_double * 2)()
-    if _lib.qatkit_fq_backward(x.data_ptr(), grad.data_ptr(), grad_x.data_ptr(), x.numel(), s, z, qmin, qmax,
-                               _threads(x.numel()), sums):
+    sums = torch.empty(2, s.numel(), dtype=torch.float64)
+    if _lib.qatkit_fq_backward(x.data_ptr(), grad.data_ptr(), grad_x.data_ptr(), s.numel(), x.numel() // s.numel(),
+                               s.data_ptr(), z.data_ptr(), qmin, qmax, relu, _threads(x.numel()), sums[0].data_ptr(),
+                               sums[1].data_ptr()):
         raise MemoryError(f"fake-quant backward: no memory for the block sums of {x.numel()} values")
-    return grad_x, sums[0], sums[1]
+    return grad_x, sums[0].view(scale.shape), sums[1].view(scale.shape)

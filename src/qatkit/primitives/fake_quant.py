@@ -3,7 +3,7 @@
     q  = clamp(round(x / s) + z, qmin, qmax)      round half to even (ONNX QuantizeLinear's rule)
     x̂ = (q - z) * s
 
-Gradients (one autograd Function; per-tensor float32 on the CPU: one fused loop each way, see cpu_kernel):
+Gradients (one autograd Function; float32 on the CPU: one fused loop each way, see cpu_kernel):
     dx̂/dx = 1 inside the clamp range, 0 outside              (straight-through estimator)
     dx̂/ds = round(x/s) - x/s inside, qmin - z below, qmax - z above      (LSQ, Esser et al. 2019)
     dx̂/dz = 0 inside, -s outside                              (learnable zero point, LSQ+)
@@ -13,8 +13,6 @@ The scale and zero-point gradients are multiplied by `grad_scale` (LSQ: 1/sqrt(N
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-
 import torch
 
 from qatkit.primitives import cpu_kernel
@@ -46,29 +44,43 @@ def _backward(x: torch.Tensor, grad: torch.Tensor, s: torch.Tensor, z: torch.Ten
     return grad_x, grad_s, grad_clamped
 
 
-def _flat(t: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
-    """t as one flat run in the memory order of `like` (a view when t is laid out as `like` is dense,
-    e.g. channels-last), and the function that gives a flat result like's shape and layout back."""
-    if like.is_contiguous():
-        return t.reshape(-1), lambda flat: flat.view(like.shape)
-    order = sorted(range(like.dim()), key=lambda d: -like.stride(d))
-    inverse = [order.index(d) for d in range(like.dim())]
-    permuted = t.permute(order)
-    return permuted.reshape(-1), lambda flat: flat.view(permuted.shape).permute(inverse)
+def _memory_order(x: torch.Tensor) -> list[int]:
+    """x's dimensions from the largest stride to the smallest (the identity for a contiguous tensor)."""
+    return list(range(x.dim())) if x.is_contiguous() else sorted(range(x.dim()), key=lambda d: -x.stride(d))
+
+
+def _kernel_order(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, axis: int | None) -> list[int] | None:
+    """The order in which the fused kernel reads x (one flat run; per-channel: channel by channel), or None
+    where it cannot (not float32 on the CPU, or a per-channel axis that is not x's outermost in memory)."""
+    if not cpu_kernel.usable(x, scale, zero_point):
+        return None
+    order = _memory_order(x)
+    return order if scale.dim() == 0 or order[0] == axis % x.dim() else None
+
+
+def _flatten(t: torch.Tensor, order: list[int]) -> torch.Tensor:
+    """t read in `order` as one contiguous run (a view when t is laid out that way)."""
+    return t.permute(order).reshape(-1)
+
+
+def _unflatten(flat: torch.Tensor, like: torch.Tensor, order: list[int]) -> torch.Tensor:
+    """The inverse of _flatten: like's shape, in like's layout."""
+    return flat.view([like.shape[d] for d in order]).permute([order.index(d) for d in range(like.dim())])
 
 
 class _FakeQuantize(torch.autograd.Function):
-    """Per-tensor float32 on the CPU (activations): the fused kernel of primitives.cpu_kernel, x seen as one
-    flat run of memory whatever its shape and layout; otherwise the eager formulas above."""
+    """Float32 on the CPU: the fused kernel of primitives.cpu_kernel, reading x in memory order (per-tensor: any
+    shape and layout; per-channel: the channel axis outermost, as for weights); otherwise the eager formulas."""
 
     @staticmethod
-    def forward(ctx, x, scale, zero_point, qmin, qmax, axis, grad_scale):
+    def forward(ctx, x, scale, zero_point, qmin, qmax, axis, grad_scale, relu=False):
+        """relu=True (kernel path only): fake-quantize relu(x), with relu's gradient, in the same pass."""
         ctx.save_for_backward(x, scale, zero_point)
-        ctx.qrange, ctx.axis, ctx.grad_scale = (qmin, qmax), axis, grad_scale
-        if cpu_kernel.usable(x, scale):
-            z = float(zero_point)
-            flat, restore = _flat(x, x)
-            return restore(cpu_kernel.forward(flat, float(scale), z, qmin, qmax))
+        ctx.qrange, ctx.axis, ctx.grad_scale, ctx.relu = (qmin, qmax), axis, grad_scale, relu
+        order = _kernel_order(x, scale, zero_point, axis)
+        if order is not None:
+            return _unflatten(cpu_kernel.forward(_flatten(x, order), scale, zero_point, qmin, qmax, relu), x, order)
+        assert not relu, "relu is fused on the kernel path only"
         s, z = per_channel_view(scale, x, axis), per_channel_view(zero_point, x, axis)
         return _forward(x, s, z, qmin, qmax)
 
@@ -76,18 +88,18 @@ class _FakeQuantize(torch.autograd.Function):
     def backward(ctx, grad):
         x, scale, zero_point = ctx.saved_tensors
         (qmin, qmax), axis = ctx.qrange, ctx.axis
-        if cpu_kernel.usable(x, scale) and grad.dtype == x.dtype:
-            z = float(zero_point)
-            (flat_x, restore), (flat_grad, _) = _flat(x, x), _flat(grad, x)
-            grad_x, sum_s, sum_clamped = cpu_kernel.backward(flat_x, flat_grad, float(scale), z, qmin, qmax)
-            grad_x, grad_s, grad_clamped = restore(grad_x), scale.new_tensor(sum_s), scale.new_tensor(sum_clamped)
+        order = _kernel_order(x, scale, zero_point, axis) if grad.dtype == x.dtype else None
+        if order is not None:
+            grad_x, grad_s, grad_clamped = cpu_kernel.backward(_flatten(x, order), _flatten(grad, order), scale,
+                                                               zero_point, qmin, qmax, ctx.relu)
+            grad_x, grad_s, grad_clamped = _unflatten(grad_x, x, order), grad_s.to(scale.dtype), grad_clamped.to(scale.dtype)
         else:
             s, z = per_channel_view(scale, x, axis), per_channel_view(zero_point, x, axis)
             dims = tuple(range(x.dim())) if scale.dim() == 0 else tuple(d for d in range(x.dim()) if d != axis % x.dim())
             grad_x, grad_s, grad_clamped = _backward(x, grad, s, z, qmin, qmax, dims)
         grad_s = grad_s * ctx.grad_scale if ctx.needs_input_grad[1] else None
         grad_z = grad_clamped * -scale * ctx.grad_scale if ctx.needs_input_grad[2] else None
-        return grad_x if ctx.needs_input_grad[0] else None, grad_s, grad_z, None, None, None, None
+        return grad_x if ctx.needs_input_grad[0] else None, grad_s, grad_z, None, None, None, None, None
 
 
 def fake_quantize(
@@ -98,9 +110,13 @@ def fake_quantize(
     qmax: int,
     axis: int | None = None,
     grad_scale: float = 1.0,
+    relu: bool = False,
 ) -> torch.Tensor:
-    """x̂ = (clamp(round(x/s) + z, qmin, qmax) - z) * s with STE/LSQ gradients (see module doc)."""
-    return _FakeQuantize.apply(x, scale, zero_point, qmin, qmax, axis, grad_scale)
+    """x̂ = (clamp(round(x/s) + z, qmin, qmax) - z) * s with STE/LSQ gradients (see module doc); of relu(x)
+    with relu=True (fused into the kernel where it runs: no relu tensor, no second pass)."""
+    if relu and _kernel_order(x, scale, zero_point, axis) is None:
+        x, relu = torch.relu(x), False
+    return _FakeQuantize.apply(x, scale, zero_point, qmin, qmax, axis, grad_scale, relu)
 
 
 def quantize_codes(
