@@ -437,7 +437,7 @@ def write_benchmarks(results: dict | list[dict], out_md: Path, plots_dir: Path,
     out_md, plots_dir = Path(out_md), Path(plots_dir)
     plots_dir.mkdir(parents=True, exist_ok=True)
     data = merge(results)
-    tasks = list(data["tasks"])
+    tasks = list(data["tasks"]) + [t for t in TARGETS if t not in data["tasks"]]  # a task not run yet: "not measured"
     rows_by_task = {t: data["rows"].get(t, []) for t in tasks}
     md: list[str] = ["# Benchmarks", ""]
     md.append("qatkit's quantization-aware training against the float model, post-training quantization (min/max "
@@ -474,8 +474,9 @@ def write_benchmarks(results: dict | list[dict], out_md: Path, plots_dir: Path,
         st = data["step_times"].get(task)
         if st:
             md += [f"### Step time ({task})", "", _step_table(st), ""]
-        png = plot_accuracy_vs_bits(task, rows, plots_dir / f"accuracy_vs_bits_{task}.png")
-        md += [f"![accuracy vs bits, {task}]({_rel(png, out_md.parent)})", ""]
+        if rows:
+            png = plot_accuracy_vs_bits(task, rows, plots_dir / f"accuracy_vs_bits_{task}.png")
+            md += [f"![accuracy vs bits, {task}]({_rel(png, out_md.parent)})", ""]
 
     png = plot_size_vs_latency(rows_by_task, plots_dir / "size_vs_latency.png")
     md += ["## Size vs latency", "", f"![size vs latency]({_rel(png, out_md.parent)})", ""]
@@ -511,9 +512,12 @@ def main(argv: list[str] | None = None) -> int:
         except json.JSONDecodeError as e:
             print(f"error: {path} is not valid JSON ({e}): run python bench/suite.py again", file=sys.stderr)
             return 2
-    out = write_benchmarks(loaded, args.out, args.plots, sources=[str(s) for s in args.results])
+    root = BENCH.parent
+    out = write_benchmarks(loaded, args.out, args.plots, sources=[
+        str(r.resolve().relative_to(root)) if r.resolve().is_relative_to(root) else str(r) for r in args.results])
     data = merge(loaded)
-    checks = [c for t in data["tasks"] for c in acceptance(t, data["rows"].get(t, []), data["step_times"].get(t))]
+    tasks = list(data["tasks"]) + [t for t in TARGETS if t not in data["tasks"]]
+    checks = [c for t in tasks for c in acceptance(t, data["rows"].get(t, []), data["step_times"].get(t))]
     print(f"wrote {out}: {sum(c.status == 'pass' for c in checks)} targets met, "
           f"{sum(c.status == 'fail' for c in checks)} missed, {sum(c.status == 'not measured' for c in checks)} "
           f"not measured")
