@@ -1,12 +1,13 @@
-"""A fused CPU kernel for per-tensor fake quantization of float32 activations.
+"""A fused CPU kernel for fake quantization of float32 tensors (per-tensor activations, per-channel weights).
 
-Eager PyTorch spends a dozen element-wise passes (and their allocations) on one fake-quantized
-activation in forward and backward; this kernel does one vectorised pass each way on torch's thread
-count. It computes what primitives.fake_quant's eager formulas do: the same IEEE division x/s, round
-half to even (nearbyintf in the default rounding mode), clamp and product, so forward outputs and input
-gradients are the eager ones bit for bit. The scale and zero-point gradients are sums: per block of
-4096 values in float vector lanes, then in double in block order, so they do not depend on the thread
-count (their last bits differ from torch's own sum, which uses another order).
+Eager PyTorch spends a dozen element-wise passes (and their allocations) on one fake-quantized tensor in
+forward and backward; this kernel does one vectorised pass each way on torch's thread count, optionally
+with the ReLU before it fused in (relu(x) quantized, relu's gradient mask applied: no relu tensor). It
+computes what primitives.fake_quant's eager formulas do: the same IEEE division x/s, round half to even
+(nearbyintf in the default rounding mode), clamp and product, so forward outputs and input gradients are
+the eager ones bit for bit. The scale and zero-point gradients are sums: per block of 4096 values in float
+vector lanes, then in double in block order, so they do not depend on the thread count (their last bits
+differ from torch's own sum, which uses another order).
 
 The C source below is compiled once per machine with the system C compiler into a cache folder
 ($QATKIT_CACHE, else ~/.cache/qatkit) and loaded with ctypes; its OpenMP threads are torch's own pool
