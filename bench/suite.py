@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import hashlib
 import json
 import os
 import platform
@@ -54,6 +55,12 @@ LATENCY_BATCH, STEP_BATCH, THREADS = 32, 64, 2
 
 
 # ---- one run ------------------------------------------------------------------------------------
+def recipe_id(task: Task) -> str:
+    """Changes with the task's recipes: runs made with another recipe are stale and run again."""
+    recipes = {"float": to_dict(task.float_train), "qat_train": to_dict(task.qat_train), "qat": to_dict(task.qat)}
+    return hashlib.sha256(json.dumps(recipes, sort_keys=True).encode()).hexdigest()[:12]
+
+
 def _key(method: str, w: int, a: int, schedule: str | None, seed: int) -> str:
     return f"{method}-w{w}a{a}" + (f"-{schedule}" if schedule and schedule != "direct" else "") + f"-s{seed}"
 
@@ -110,7 +117,7 @@ def run_one(task: Task, spec: tuple, model_f: torch.nn.Module, float_path: Path,
     if method == "qat":
         if schedule != "direct":
             train_cfg = dataclasses.replace(train_cfg, progressive_bits=tuple(int(b) for b in schedule.split("-")))
-        ckpt = work / "checkpoints" / _key(method, w, a, schedule, seed)
+        ckpt = work / "checkpoints" / recipe_id(task) / _key(method, w, a, schedule, seed)
         fit(model, train_loader, train_cfg, teacher=model_f, error_penalty=qcfg.error_penalty, checkpoint_dir=ckpt,
             resume=(ckpt / CHECKPOINT_NAME).exists())
     seconds = time.perf_counter() - t0
@@ -226,6 +233,8 @@ def run_task(task: Task, results: dict, out: Path, data_root: Path, quick: bool,
                                    "qat_config": to_dict(task.qat)}
     work = work / ("suite-quick" if quick else "suite") / task.name
     work.mkdir(parents=True, exist_ok=True)
+    rid = recipe_id(task)  # runs of an earlier recipe are dropped and run again
+    results["runs"] = [r for r in results["runs"] if r["task"] != task.name or r.get("recipe") == rid]
     done = {r["key"] for r in results["runs"] if r["task"] == task.name}
     floats = {}
     for spec in planned_runs(task, seeds):
@@ -236,7 +245,7 @@ def run_task(task: Task, results: dict, out: Path, data_root: Path, quick: bool,
         if seed not in floats:
             floats[seed] = float_model(task, seed, data_root, quick, ds, work)
         t0 = time.perf_counter()
-        row = {"key": key, **run_one(task, spec, *floats[seed], ds, work, quick)}
+        row = {"key": key, "recipe": rid, **run_one(task, spec, *floats[seed], ds, work, quick)}
         results["runs"].append(row)
         write(out, results)
         log(f"[suite] {task.name} {key}: accuracy {row['accuracy']:.4f} ({time.perf_counter() - t0:.0f} s)")

@@ -3,6 +3,7 @@ planned row with the documented fields, W8A8 exports that ONNX Runtime runs as q
 sections, a second call that resumes without redoing a run, and BENCHMARKS.md written from the results."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -82,6 +83,20 @@ def test_second_call_resumes_without_rerunning(quick, capsys):
     again = json.loads(out.read_text())
     assert again["runs"] == results["runs"]
     assert "accuracy" not in capsys.readouterr().out  # no run was logged: all came from the file
+
+
+def test_changed_recipe_runs_again(quick, monkeypatch, capsys):
+    """Runs made with another recipe are stale: dropped and run again (and their QAT checkpoints not resumed)."""
+    work, out, results = quick
+    task = suite.TASKS["mnist-small-cnn"]
+    monkeypatch.setitem(suite.TASKS, task.name, dataclasses.replace(task, qat_train=dataclasses.replace(task.qat_train, lr=1e-4)))
+    assert suite.main(["--quick", "--tasks", task.name, "--no-timing", "--data", str(shared_data("mnist").parent),
+                       "--work", str(work), "--out", str(out)]) == 0
+    again = json.loads(out.read_text())
+    new = {r["key"] for r in again["runs"] if r["task"] == task.name}
+    old = {r["key"] for r in results["runs"] if r["task"] == task.name}
+    assert new == old and capsys.readouterr().out.count("accuracy") == len(old)
+    assert {r["recipe"] for r in again["runs"] if r["task"] == task.name} == {suite.recipe_id(suite.TASKS[task.name])}
 
 
 def test_quick_and_full_results_do_not_mix(quick):
