@@ -348,7 +348,7 @@ def test_progressive_bits_from_yaml_list():
 
 def test_fit_progressive_lowers_bits_per_stage(digits):
     """W2A2 with the first and last layers at 8 bits: the 2-bit quantizers train at 8, 4, then 2 bits;
-    the 8-bit ones stay; a weight quantizer entering a stage is initialised again at the new width."""
+    the 8-bit ones stay at 8."""
     train, _ = loaders(digits, batch_size=64, limit=128)
     model = prepare(small_cnn(), QATConfig(weight_bits=2, act_bits=2), digits[0][:64])
     calibrate(model, train, 1)
