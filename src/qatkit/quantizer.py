@@ -77,17 +77,16 @@ class FakeQuantizer(nn.Module):
     # ---- forward --------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, relu: bool = False) -> torch.Tensor:
         """Fake-quantized x; of relu(x) with relu=True (fused with the quantization where the kernel runs)."""
-        if not self.enabled or self.observing or not self.initialized:
-            x = torch.relu(x) if relu else x
-            if not self.enabled:
-                return x
-            if self.observing:
-                self._observe(x)
-                return x
+        if relu and not self.active:  # no fake quantization to fuse the relu into
+            x, relu = torch.relu(x), False
+        if not self.enabled:
+            return x
+        if self.observing:
+            self._observe(x)
+            return x
         self._check_axis(x)
         if not self.initialized:  # weights, or activations never calibrated: initialise from this tensor
             self.init_from(x)
-            relu = False  # applied above
         scale, zp = self._scale_zp()
         qmin, qmax = self.qrange
         per_scale = x.numel() // (scale.numel() if self.kind == "weight" else max(x.shape[0], 1))
