@@ -18,7 +18,7 @@ from qatkit.models import SmallCNN, build_model
 from qatkit.nn import QConvBn
 from qatkit.prepare import prepare
 from qatkit.quantizer import FakeQuantizer
-from qatkit.train import evaluate, fit, load_checkpoint
+from qatkit.train import evaluate, fit, load_checkpoint, save_checkpoint
 from qatkit.config import train_config_from_dict
 from qatkit.train.loop import (
     CHECKPOINT_NAME,
@@ -231,6 +231,21 @@ def test_resume_refuses_changed_settings_and_missing_file(digits, tmp_path):
         fit(small_cnn(), train, cfg(), checkpoint_dir=tmp_path / "empty", resume=True)
     with pytest.raises(ModelFileError, match="does not fit this model"):
         fit(SmallCNN(1, 10, width=4), train, cfg(epochs=2, lr=1e-3), checkpoint_dir=tmp_path, resume=True)
+
+
+def test_resume_checkpoint_from_before_a_config_field_existed(digits, tmp_path):
+    """A field missing from an older checkpoint's config counts as its default, not as a change."""
+    train, _ = loaders(digits, batch_size=64, limit=128)
+    fit(small_cnn(), train, cfg(epochs=2, lr=1e-3), checkpoint_dir=tmp_path)
+    path = tmp_path / CHECKPOINT_NAME
+    state = load_checkpoint(path)
+    del state["config"]["progressive_bits"]  # as written before progressive precision existed
+    save_checkpoint(path, state)
+    history = fit(small_cnn(), train, cfg(epochs=2, lr=1e-3), checkpoint_dir=tmp_path, resume=True)
+    assert [row["epoch"] for row in history] == [1, 2]
+    with pytest.raises(ConfigError, match=r"resume: progressive_bits = \(8, 4\) differs from \(\)"):
+        fit(small_cnn(), train, cfg(epochs=2, lr=1e-3, progressive_bits=(8, 4)), checkpoint_dir=tmp_path,
+            resume=True)
 
 
 def test_distillation_runs_with_finite_loss(digits, trained):

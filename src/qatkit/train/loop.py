@@ -269,7 +269,8 @@ def _run_settings(config: TrainConfig, error_penalty: Mapping[str, float], steps
 def _restore(path: Path, model: nn.Module, optimizer, scheduler, settings: dict[str, Any]) -> tuple[list[dict], int]:
     """Load `path` into model, optimizer and scheduler; return (history, next epoch index)."""
     state = load_checkpoint(path)
-    saved = {**state.get("config", {}), "error_penalty": state.get("error_penalty"),
+    # a field added to TrainConfig after the checkpoint was written holds its default there
+    saved = {**to_dict(TrainConfig()), **state.get("config", {}), "error_penalty": state.get("error_penalty"),
              "steps_per_epoch": state.get("steps_per_epoch")}
     for key, value in settings.items():
         if saved.get(key) != value:
