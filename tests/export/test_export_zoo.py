@@ -54,13 +54,22 @@ def test_w8a8_export_runs_integer_kernels_and_equals_qatkit(name, tmp_path):
 
 
 @pytest.mark.parametrize("name", ["small-cnn", "resnet20"])
-def test_w4a4_export_stores_int8_and_agrees(name, tmp_path):
+def test_w4a4_export_runs_int8_kernels_and_equals_qatkit(name, tmp_path):
+    """4-bit weights in int8, 4-bit activations as uint8 codes clamped by an integer Clip after each Q: ONNX Runtime
+    keeps its integer kernels and computes the same integers as the QAT model."""
     qat, x = _prepared(name, 4, channels=3, size=16)
     path = tmp_path / "m.onnx"
     notes = export_onnx(qat, path, x[:1])
     assert any("4-bit weights are stored as int8" in n for n in notes)
-    result = verify(path, qat, [x])
-    assert result["top1_agreement"] >= 0.999 and result["within_one_step"] >= 0.999
+    assert any("16-level activations" in n and "clamped to [0, 15]" in n for n in notes)
+    result = verify(path, qat, [x[:16], x[16:]])
+    assert result["top1_agreement"] == 1.0 and result["within_one_step"] == 1.0 and result["max_step_diff"] == 0.0
+    ops = _optimized_ops(path, tmp_path)
+    assert "QLinearConv" in ops and "Clip" in ops and ops <= INTEGER_OPS | {"Clip", "QLinearAdd"}, ops
+    graph = onnx.load(str(path)).graph
+    consts = {t.name: onnx.numpy_helper.to_array(t) for t in graph.initializer}
+    bounds = {(int(consts[n.input[1]]), int(consts[n.input[2]])) for n in graph.node if n.op_type == "Clip"}
+    assert bounds == {(0, 15)}
 
 
 def test_resnet18_int8_onnx_is_under_27_percent_of_float(tmp_path):

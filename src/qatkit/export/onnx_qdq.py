@@ -61,16 +61,18 @@ class _Exporter:
         return v.dq
 
     def quantize(self, x: str, fields: dict, hint: str) -> Value:
-        """Q(x); a range narrower than the 8-bit container (4-bit codes) is enforced by a Clip first."""
+        """Q(x); codes narrower than the 8-bit container (4-bit codes) are clamped to their range by a Clip
+        on the integer tensor after the Q, so that the Q stays fused into the producing integer kernel."""
         scale, zp = self.qparams(fields, hint)
-        lo, hi, z = fields["qmin"], fields["qmax"], fields["zero_point"]
+        codes = self.op("QuantizeLinear", [x, scale, zp], f"{hint}_q")
+        lo, hi = fields["qmin"], fields["qmax"]
         if (lo, hi) not in ((0, 255), (-128, 127)):
-            s = self.model.tensor(fields["scale"]["tensor"]).float()
-            bounds = [self.const("clip", ((torch.tensor(float(b)) - z) * s).numpy().astype(np.float32)) for b in (lo, hi)]
-            x = self.op("Clip", [x, *bounds], "clip")
-            self.note(f"{hi - lo + 1}-level activations are held in 8-bit tensors, their range enforced by Clip "
-                      "(ONNX Runtime has no kernels for narrower activations)")
-        return Value(self.op("QuantizeLinear", [x, scale, zp], f"{hint}_q"), "quant", scale, zp)
+            dtype = np.uint8 if lo >= 0 else np.int8
+            codes = self.op("Clip", [codes, self.const("lo", np.array(lo, dtype)), self.const("hi", np.array(hi, dtype))],
+                            f"{hint}_clip")
+            self.note(f"{hi - lo + 1}-level activations are held in 8-bit tensors, clamped to [{lo}, {hi}] by an "
+                      "integer Clip (ONNX Runtime has no kernels for narrower activations)")
+        return Value(codes, "quant", scale, zp)
 
     def note(self, text: str) -> None:
         if text not in self.notes:
