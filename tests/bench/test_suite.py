@@ -58,12 +58,16 @@ def test_every_planned_row_is_there(quick):
             < by[("float", 32, 32)]["model_bytes"]
 
 
-def test_w8a8_exports_compute_what_qatkit_computes(quick):
+def test_qat_and_w8a8_exports_compute_what_qatkit_computes(quick):
+    """Every QAT row (2 to 8 bits) and every W8A8 row: ONNX Runtime computes qatkit's integers."""
     _, _, results = quick
-    for r in results["rows"]:
-        if (r["weight_bits"], r["act_bits"]) == (8, 8) and r["method"] != "torch.ao-qat":
-            assert r["verify"]["n"] == suite.QUICK["test"]
-            assert r["verify"]["top1_agreement"] == 1.0 and r["verify"]["within_one_step"] == 1.0, r
+    verified = [r for r in results["rows"] if r["method"] == "qat"
+                or ((r["weight_bits"], r["act_bits"]) == (8, 8) and r["method"] != "torch.ao-qat")]
+    assert len(verified) == len(suite.TASKS) * (len(suite.QAT_ORDER) + len(suite.PROGRESSIVE) + 2)
+    for r in verified:
+        assert r["verify"]["n"] == suite.QUICK["test"]
+        assert r["verify"]["top1_agreement"] == 1.0 and r["verify"]["within_one_step"] == 1.0, r
+        assert r["verify"]["max_step_diff"] == 0.0, r
 
 
 def test_timing_sections(quick):
