@@ -248,18 +248,25 @@ def run_task(task: Task, results: dict, out: Path, data_root: Path, quick: bool,
         t0 = time.perf_counter()
         row = {"key": key, "recipe": rid, **run_one(task, spec, *floats[seed], ds, work, quick)}
         results["runs"].append(row)
+        update_rows(results, task.name)  # the file's rows always match its runs, also when the suite is cut off
         write(out, results)
         log(f"[suite] {task.name} {key}: accuracy {row['accuracy']:.4f} ({time.perf_counter() - t0:.0f} s)")
-    runs = [r for r in results["runs"] if r["task"] == task.name]
     if timing:
+        runs = [r for r in results["runs"] if r["task"] == task.name]
         rounds = QUICK["rounds"] if quick else 15
         results["latency_ms"][task.name] = latency(runs, work, rounds, (ds.in_channels, ds.image_size, ds.image_size))
         model_f = float_model(task, seeds[0], data_root, quick, ds, work)[0]
         results["step_times"][task.name] = step_times(task, model_f, ds, rounds)
         log(f"[suite] {task.name} step time / float: {results['step_times'][task.name]['ratio_to_float']}")
-    results["rows"] = [r for r in results["rows"] if r["task"] != task.name] + aggregate(
-        runs, results["step_times"].get(task.name), results["latency_ms"].get(task.name))
+    update_rows(results, task.name)
     write(out, results)
+
+
+def update_rows(results: dict, task_name: str) -> None:
+    """Re-aggregate `task_name`'s rows from its runs and the timing sections."""
+    runs = [r for r in results["runs"] if r["task"] == task_name]
+    results["rows"] = [r for r in results["rows"] if r["task"] != task_name] + aggregate(
+        runs, results["step_times"].get(task_name), results["latency_ms"].get(task_name))
 
 
 def main(argv: list[str] | None = None) -> int:

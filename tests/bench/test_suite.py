@@ -116,3 +116,26 @@ def test_report_from_quick_results(quick):
     text = md.read_text()
     assert "Quick smoke run" in text and "## cifar10-resnet20" in text and "## mnist-small-cnn" in text
     assert (work / "plots" / "size_vs_latency.png").stat().st_size > 1000
+
+
+def test_rows_follow_the_runs_of_a_suite_cut_off(tmp_path, monkeypatch):
+    """After each run the results file holds the rows aggregated from the runs so far."""
+    done = []
+
+    def fake_run(task, spec, *_):
+        if len(done) == 3:
+            raise KeyboardInterrupt
+        done.append(spec)
+        method, w, a, schedule, seed = spec
+        return {"task": task.name, "method": method, "schedule": schedule, "weight_bits": w, "act_bits": a,
+                "seed": seed, "accuracy": 0.5, "model_bytes": 1, "onnx_bytes": 1, "onnx": None, "train_seconds": None,
+                "verify": None}
+
+    monkeypatch.setattr(suite, "run_one", fake_run)
+    monkeypatch.setattr(suite, "float_model", lambda *_: (None, None))
+    out = tmp_path / "cut.json"
+    with pytest.raises(KeyboardInterrupt):
+        suite.main(["--quick", "--tasks", "mnist-small-cnn", "--no-timing", "--data", str(shared_data("mnist").parent),
+                    "--work", str(tmp_path), "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["method"], r["weight_bits"], r["act_bits"]) for r in rows] == [(m, w, a) for m, w, a, _, _ in done]
