@@ -1,0 +1,68 @@
+"""One suite run with a changed recipe, for trying a recipe change before it goes into recipes.py.
+
+Runs what bench/suite.py runs for one (task, method, bits, schedule, seed), with recipe fields overridden, and
+writes the row (accuracy, sizes, ORT verify) with the overrides to bench/results/experiments/NAME.json.
+
+    python bench/experiment.py mnist-small-cnn --bits 2 2 --set qat.error_penalty='{"*.weight": 100}' \\
+        --name mnist-w2a2-qat-8epochs-dampen100-s0
+    python bench/experiment.py cifar10-resnet20 --bits 2 2 --set qat_train.epochs=30 --name cifar-w2a2-30epochs-s0
+
+--set takes RECIPE.FIELD=JSON with RECIPE one of qat (QATConfig) or qat_train (TrainConfig).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+
+import torch
+
+import suite
+from recipes import BENCH, DEFAULT_DATA, TASKS, WORK
+
+RECIPES = ("qat", "qat_train")
+
+
+def override(task, assignment: str):
+    what, _, value = assignment.partition("=")
+    recipe, dot, field = what.partition(".")
+    if recipe not in RECIPES or not dot or not value:
+        raise SystemExit(f"--set {assignment!r}: allowed: RECIPE.FIELD=JSON with RECIPE one of {', '.join(RECIPES)}. "
+                         "Fix: e.g. --set qat_train.epochs=30")
+    config = getattr(task, recipe)
+    if field not in {f.name for f in dataclasses.fields(config)}:
+        raise SystemExit(f"--set {assignment!r}: {type(config).__name__} has no field {field!r}. "
+                         f"Fix: one of {', '.join(f.name for f in dataclasses.fields(config))}")
+    return dataclasses.replace(task, **{recipe: dataclasses.replace(config, **{field: json.loads(value)})})
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("task", choices=list(TASKS))
+    p.add_argument("--name", required=True, help="results file name (bench/results/experiments/NAME.json)")
+    p.add_argument("--bits", type=int, nargs=2, default=(2, 2), metavar=("W", "A"))
+    p.add_argument("--method", default="qat", choices=("qat", "ptq-minmax", "ptq-mse"))
+    p.add_argument("--schedule", default="direct", help="direct, or progressive bits such as 8-4-2")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--set", action="append", default=[], metavar="RECIPE.FIELD=JSON")
+    p.add_argument("--data", default=DEFAULT_DATA)
+    args = p.parse_args()
+    task = TASKS[args.task]
+    for assignment in args.set:
+        task = override(task, assignment)
+    torch.set_num_threads(suite.THREADS)
+    ds = task.load(args.data)
+    work = WORK / "exp" / args.name
+    work.mkdir(parents=True, exist_ok=True)
+    model_f, path = suite.float_model(task, args.seed, args.data, False, ds, work)
+    t0 = time.perf_counter()
+    row = suite.run_one(task, (args.method, *args.bits, args.schedule, args.seed), model_f, path, ds, work, False)
+    row |= {"overrides": args.set, "seconds": round(time.perf_counter() - t0, 1)}
+    out = BENCH / "results" / "experiments" / f"{args.name}.json"
+    out.write_text(json.dumps(row, indent=1) + "\n")
+    print(f"{args.name}: accuracy {row['accuracy']:.4f} -> {out}")
+
+
+if __name__ == "__main__":
+    main()
