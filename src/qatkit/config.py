@@ -113,6 +113,9 @@ class QATConfig:
     learnable: bool = True
     first_last_bits: int | None = 8  # None: first/last layers follow weight_bits/act_bits
     output_bits: int | None = 8  # the model's output (logits) as integers, as an int8 runtime returns it; None: float
+    # Inputs of residual adds and average pools (the skip path, which no layer multiplies); every layer's input
+    # is requantized to its act bits. None: act_bits everywhere.
+    residual_bits: int | None = 8
     fold_bn: bool = True
     rules: tuple[LayerRule, ...] = ()
     # Quantization-error regulariser Σ_k λ_k·mean((x_k - x̂_k)²): {parameter-name glob: λ}, e.g.
@@ -122,7 +125,7 @@ class QATConfig:
     def __post_init__(self) -> None:
         check_bits(self.weight_bits, "weight_bits")
         check_bits(self.act_bits, "act_bits")
-        for what in ("first_last_bits", "output_bits"):
+        for what in ("first_last_bits", "output_bits", "residual_bits"):
             if getattr(self, what) is not None:
                 check_bits(getattr(self, what), what)
         _check_choice("weight_init", self.weight_init, INIT_METHODS)

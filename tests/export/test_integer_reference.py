@@ -206,6 +206,21 @@ def test_fixed_point_against_float32_mode_resnet20(zoo, mode):
         assert np.mean(e2e == 0) >= 0.5 and e2e.max() <= 2
 
 
+def test_fixed_point_requantizes_the_skip_path_in_integers(zoo):
+    """At W4A4 each block's 4-bit conv input is read off the 8-bit skip path (DQ -> Q, which ORT runs in float32):
+    fixed point computes it as one integer requantization, y = MBQM(q - z, s_x / s_y) + z_y. Per kernel on
+    float32 mode's input codes: ≥ 99.99% equal, the rest one step."""
+    plain, _, (c, s) = zoo("resnet20", 4)
+    r32, rfx = IntegerReference(plain, "float32"), IntegerReference(plain, "fixed-point")
+    requant = [f.out for f in rfx.fused.values() if f.kind == "Requantize"]
+    assert len(requant) == 7 and not any(f.kind == "Requantize" for f in r32.fused.values())
+    x = _inputs(c, s, n=64, seed=7).numpy()
+    ref = r32.run_codes(x)
+    forced = rfx.run_codes(x, force=ref)
+    diff = np.concatenate([np.abs(forced[k].astype(int) - ref[k].astype(int)).ravel() for k in requant])
+    assert diff.max() <= 1 and np.mean(diff == 0) >= 0.9999, np.mean(diff == 0)
+
+
 def test_quantize_multiplier_against_float64():
     rng = np.random.default_rng(0)
     m = np.concatenate([10.0 ** rng.uniform(-9, 0, 20000), 2.0 ** -np.arange(1, 40), [1 - 2**-40, 0.5 - 2**-45]])

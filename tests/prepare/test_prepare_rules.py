@@ -10,6 +10,7 @@ import qatkit
 from qatkit import LayerRule, QATConfig
 from qatkit.models import build_model
 from qatkit.nn import QConv, QConvBn, QLayer, QLinear
+from qatkit.quantizer import FakeQuantizer
 
 
 def resnet20() -> nn.Module:
@@ -57,14 +58,23 @@ def test_later_rules_win():
     assert bits["layer3.2.conv2"] == bits["layer3.0.downsample.0"] == 6
 
 
-def test_rule_act_bits_widen_the_shared_input_quantizer():
-    """layer2.0.conv1 and layer2.0.downsample.0 read the same quantizer: it takes the wider demand."""
+def test_rule_act_bits_a_shared_input_takes_the_wider_width_and_requantizes_for_the_narrower():
+    """layer2.0.conv1 (6 bits by rule) and layer2.0.downsample.0 (4) read the same value: its quantizer is
+    6 bits wide and the downsample conv reads a 4-bit requantization of it."""
     cfg = QATConfig(weight_bits=4, act_bits=4, rules=[LayerRule(pattern="layer2.0.conv1", act_bits=6)])
     qat = qatkit.prepare(resnet20(), cfg)
-    shared = input_quantizer_of(qat, "layer2.0.conv1")
-    assert input_quantizer_of(qat, "layer2.0.downsample.0") is shared
-    assert int(shared.bits) == 6
+    wide, narrow = input_quantizer_of(qat, "layer2.0.conv1"), input_quantizer_of(qat, "layer2.0.downsample.0")
+    assert (int(wide.bits), int(narrow.bits)) == (6, 4)
+    nodes = {n.target: n for n in qat.graph.nodes if n.op == "call_module"}
+    conv1_x, requant = nodes["layer2.0.conv1"].args[0], nodes["layer2.0.downsample.0"].args[0]
+    assert requant.op == "call_module" and qat.get_submodule(requant.target) is narrow and requant.args[0] is conv1_x
     assert int(input_quantizer_of(qat, "layer1.0.conv1").bits) == 4
+
+
+def test_residual_bits_none_quantizes_the_skip_path_at_act_bits():
+    qat = qatkit.prepare(resnet20(), QATConfig(weight_bits=4, act_bits=4, residual_bits=None))
+    assert {int(m.bits) for n, m in qat.named_modules() if isinstance(m, FakeQuantizer) and m.kind == "act"} == {4, 8}
+    assert not [n for n in qat.graph.nodes if n.op == "call_module" and n.target.endswith("_a4")]  # no requantizers
 
 
 @pytest.mark.parametrize("pattern", ["layer1.0.conv1", "Conv2d"])

@@ -108,7 +108,27 @@ def test_resnet20_quantizes_the_input_and_every_residual_add(prepared):
     (placeholder,) = [n for n in qat.graph.nodes if n.op == "placeholder"]
     (first,) = placeholder.users
     assert first.target == "quant_x" and isinstance(modules["quant_x"], FakeQuantizer)
-    assert aq == ["quant_x"] + [f"qadd_add{'' if i == 0 else f'_{i}'}.out_quant" for i in range(9)] + ["qpool_avgpool.out_quant"]
+    adds_out = [f"qadd_add{'' if i == 0 else f'_{i}'}.out_quant" for i in range(9)]
+    # the skip path stays 8-bit (residual_bits): the stem's output and the adds that feed the next block's add are
+    # requantized to 4 bits for that block's conv1 (the adds before a downsampling block feed convs only)
+    requant = [f"quant_{x}_a4" for x in ("conv1", "qadd_add", "qadd_add_1", "qadd_add_3", "qadd_add_4", "qadd_add_6", "qadd_add_7")]
+    assert aq == ["quant_x", *adds_out, "qpool_avgpool.out_quant", *requant]
+    assert [int(modules[q].bits) for q in adds_out] == [8, 8, 4, 8, 8, 4, 8, 8, 8]
+    assert all(int(modules[q].bits) == 4 for q in requant)
+
+
+@pytest.mark.parametrize("name", ["resnet20", "mobilenetv2"])
+def test_layers_read_their_act_bits_and_residual_adds_8_bits(prepared, name):
+    _, _, qat = prepared[name]
+    modules = dict(qat.named_modules())
+    plans = {r["name"]: r["act_bits"] for r in qat.qat_info.layers}
+    for node in qat.graph.nodes:
+        if node.op != "call_module":
+            continue
+        if node.target in plans:
+            assert int(modules[node.args[1].target].bits) == plans[node.target], node.target
+        elif isinstance(modules[node.target], QAdd):
+            assert [int(modules[q.target].bits) for q in node.args[2:]] == [8, 8], node.target
 
 
 def test_mobilenetv2_quantizes_every_residual_add(prepared):
@@ -118,7 +138,9 @@ def test_mobilenetv2_quantizes_every_residual_add(prepared):
     adds = [n for n in qat.graph.nodes if n.op == "call_module" and isinstance(modules[n.target], QAdd)]
     assert len(adds) == n_res == 10
     assert all(modules[a.target].act is None for a in adds)  # linear bottlenecks: no ReLU after the add
-    assert len(qat.qat_info.act_quantizers) == 1 + n_res + 1  # input, adds, avgpool
+    requant = [q for q in qat.qat_info.act_quantizers if q.endswith("_a4")]  # skip path 8-bit, expand convs 4-bit
+    assert len(qat.qat_info.act_quantizers) == 1 + n_res + 1 + len(requant)  # input, adds, avgpool, requantizers
+    assert len(requant) == n_res  # each residual block's input feeds its expand conv and its add
 
 
 @pytest.mark.parametrize("name", ZOO)
@@ -196,7 +218,11 @@ def test_describe_lists_every_layer(prepared, name):
     for layer, m in model.named_modules():
         if isinstance(m, (nn.Conv2d, nn.Linear)):
             assert any(line.startswith(f"| {layer} ") for line in lines), layer
-    assert f"activation quantizers added: {', '.join(qat.qat_info.act_quantizers)}" in text
+    added = ", ".join(f"{q} (A{int(qat.get_submodule(q).bits)})" for q in qat.qat_info.act_quantizers)
+    assert f"activation quantizers added: {added}" in text
+    if name == "resnet20":  # the skip path at 8 bits, each block's conv input requantized to 4
+        assert "qadd_add.out_quant (A8)" in text and "quant_qadd_add_a4 (A4)" in text
+        assert any(line.startswith("| layer1.0.conv2 ") and line.rstrip(" |").endswith("A8") for line in lines)
     if name == "seed-mlp":
         assert "float ops (no integer kernel, run on dequantized values): act (Sigmoid)" in text
 

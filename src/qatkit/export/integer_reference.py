@@ -29,6 +29,8 @@ requant="fixed-point" / "fixed-point-gemmlowp": integer-only hardware arithmetic
     add (TFLite)      t = 2 max(s_a, s_b): a' = MBQM((q_a - z_a) << 20, s_a / t), b' = MBQM((q_b - z_b) << 20, s_b / t),
                       y = sat(MBQM(a' + b', t / (2^20 s_y)) + z_y)
     global avg pool   y = sat(MBQM(sum(q - z_x), s_x / (s_y * HW)) + z_y)
+    requantize        DQ(x) -> Q to another scale (a narrower layer input read off the 8-bit skip path):
+                      y = sat(MBQM(q_x - z_x, s_x / s_y) + z_y), where ORT (float32 mode) runs the two ops in float
   MBQM is one rounding of x·M0 / 2^(31+n) ("fixed-point": TFLite's single-rounding build, CMSIS-NN) or gemmlowp's
   SRDHM then RDBP ("fixed-point-gemmlowp"), whose double rounding differs from a single rounding of acc·M on about
   2^-(n+1) of the outputs. Every Relu / Clip(a, b) before the Q folds into the output clamp [Q(a), Q(b)] (exact, as
@@ -227,7 +229,7 @@ _OPS = {  # op_type -> handler(inputs, attributes) -> output(s); float ops compu
 
 @dataclass
 class _Fused:
-    kind: str  # one of _CORES
+    kind: str  # one of _CORES, or "Requantize" (fixed point: a Q of a DQ)
     node: onnx.NodeProto  # the core op
     out: str  # the Q output (codes), or the core output for a float-output Gemm / MatMul
     xs: list  # activation inputs [(codes tensor, scale, zero point)]
@@ -267,7 +269,8 @@ class IntegerReference:
                 cons.setdefault(i, []).append(n)
         self.fused = {}  # core op output -> _Fused
         for n in nodes:
-            f = self._match(n, prod, cons, set(self.output_names)) if n.op_type in _CORES else None
+            f = (self._match(n, prod, cons, set(self.output_names)) if n.op_type in _CORES
+                 else self._match_requant(n, prod) if n.op_type == "QuantizeLinear" and requant != "float32" else None)
             self.fused.update({n.output[0]: f} if f is not None else {})
         absorbed = {id(m) for f in self.fused.values() for m in f.absorbed}
         self.steps = self._prune_and_fold([self.fused.get(n.output[0], n) for n in nodes
@@ -309,6 +312,8 @@ class IntegerReference:
         if f.kind == "Add":  # broadcasting, as numpy
             args = (a, s_a, z_a, *rest[0], s_y, z_y)
             v = _fx_add(*args, single) if fixed else on.qlinear_add(*args, *_qrange(f.dtype))
+        elif f.kind == "Requantize":
+            v = _mbqm(a - z_a, f.mult, single) + z_y
         elif f.kind == "GlobalAveragePool" and not fixed:  # (N,C,*S) -> (N,C,1..)
             v = on.qlinear_global_avgpool(a, s_a, z_a, s_y, z_y, *_qrange(f.dtype))
         elif f.kind == "GlobalAveragePool":
@@ -334,6 +339,17 @@ class IntegerReference:
                 or (zp is not None and zp not in self.consts):
             return None
         return node.input[0], self.consts[node.input[1]], self.consts[zp] if zp else np.uint8(0)
+
+    def _match_requant(self, n, prod) -> _Fused | None:
+        """A QuantizeLinear with constant per-tensor parameters of a DequantizeLinear output (fixed point only)."""
+        x = self._dq(prod.get(n.input[0]))
+        s_y, z_y = self.consts.get(n.input[1]), self.consts.get(n.input[2]) if len(n.input) > 2 else np.uint8(0)
+        if x is None or np.ndim(x[1]) != 0 or s_y is None or z_y is None or np.ndim(s_y) != 0:
+            return None
+        f = _Fused("Requantize", n, n.output[0], [x], [n], {}, y=(s_y, z_y), dtype=z_y.dtype.type)
+        f.lo, f.hi = _qrange(z_y.dtype)
+        f.mult = f64(x[1]) / f64(s_y)
+        return f
 
     def _match(self, n, prod, cons, graph_outputs) -> _Fused | None:
         acts, t, q = [], n.output[0], None  # the single-consumer chain [Relu | Clip]* -> Q

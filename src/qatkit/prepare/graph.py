@@ -7,7 +7,10 @@
    output of every quantized layer that does not feed the graph output directly, and at the output
    of residual adds, concatenations and average pools whose inputs are all integer. Ops that keep
    values on the integer grid (max pool, ReLU, reshapes) pass quantization through.
-3. A quantized layer is called as `layer(x, in_q)`, `in_q` being the quantizer that produced x, so
+3. Bit-widths: a layer's input has the layer's act bits; the inputs of residual adds and average pools
+   (the skip path) have `residual_bits`. A value that feeds both is quantized at the wider width and
+   requantized for the narrower layers (an integer runtime's DequantizeLinear → QuantizeLinear).
+4. A quantized layer is called as `layer(x, in_q)`, `in_q` being the quantizer that produced x, so
    it knows the input scale for its int32 bias and its integer forward.
 """
 from __future__ import annotations
@@ -100,7 +103,7 @@ class _Rewriter:
         for node in list(self.graph.nodes):
             if node not in self.erased:
                 self._place_quantizers(node)
-        self._apply_input_bits()
+        self._assign_bits()
         self.gm.delete_all_unused_submodules()
         self.graph.lint()
         self.gm.recompile()
@@ -227,17 +230,48 @@ class _Rewriter:
             in_q = self.graph.get_attr(self.quantized[x])
         node.args = (x, in_q) + tuple(node.args[1:])
 
-    def _apply_input_bits(self) -> None:
-        """A quantizer feeding layers is as wide as the widest input those layers ask for."""
-        demand: dict[str, int] = {}
-        for node, plan in self.wrapped.items():
-            path = node.args[1].target
-            demand[path] = max(demand.get(path, 0), plan.act_bits)
-        for path, bits in demand.items():
+    def _assign_bits(self) -> None:
+        """Bits of the activation quantizers, from what their consumers do. A quantized layer multiplies its
+        input, which has the layer's input bits; residual adds and average pools only add, and take
+        `residual_bits` (None: act_bits), as LSQ and PACT keep the skip path unquantized. A quantizer is as wide as
+        its widest consumer; a layer asking for fewer bits gets its own requantizer (one per width)."""
+        layers: dict[str, dict[int, list[fx.Node]]] = {}  # quantizer path -> input bits -> layers
+        widths: dict[str, int] = {}  # quantizer path -> bits it is set to
+        residual = self.config.residual_bits or self.config.act_bits
+        for node in self.graph.nodes:
+            if node in self.wrapped:
+                path = node.args[1].target
+                layers.setdefault(path, {}).setdefault(self.wrapped[node].act_bits, []).append(node)
+                widths[path] = max(widths.get(path, 0), self.wrapped[node].act_bits)
+            elif node.op == "call_module" and isinstance(self.gm.get_submodule(node.target), (QAdd, QGlobalAvgPool)):
+                n_in = 2 if isinstance(self.gm.get_submodule(node.target), QAdd) else 1  # (*inputs, *their quantizers)
+                for q in node.args[n_in:]:
+                    widths[q.target] = max(widths.get(q.target, 0), residual)
+        for path, bits in widths.items():
             quantizer = self.gm.get_submodule(path)
             if int(quantizer.bits) != bits:
                 quantizer.set_bits(bits)
+            for narrow, consumers in layers.get(path, {}).items():
+                if narrow < bits:
+                    self._requantize_for(consumers, narrow, unsigned=quantizer.spec.symmetric and not quantizer.spec.signed)
+        for row in self.info.layers:  # the output widths are final now
+            out_q = self.gm.get_submodule(row["name"]).out_quant
+            row["output"] = "float" if out_q is None else f"A{int(out_q.bits)}"
 
+    def _requantize_for(self, consumers: list[fx.Node], bits: int, unsigned: bool) -> None:
+        """One `bits`-wide quantizer between the (shared) input of `consumers` and them."""
+        x = consumers[0].args[0]
+        path = f"quant_{x.name}_a{bits}"
+        self.gm.add_submodule(path, FakeQuantizer(self.config.act_spec(bits, unsigned=unsigned), kind="act"))
+        with self.graph.inserting_after(x):
+            qnode = self.graph.call_module(path, (x,))
+        self.info.act_quantizers.append(path)
+        for node in consumers:
+            old = node.args[1]
+            with self.graph.inserting_before(node):
+                node.args = (qnode, self.graph.get_attr(path), *node.args[2:])
+            if not old.users:
+                self.graph.erase_node(old)
 
 def prepare_graph(gm: fx.GraphModule, config: QATConfig, plans: dict[str, LayerPlan]) -> PrepareInfo:
     """Rewrite `gm` in place into its QAT form; returns what was done."""

@@ -19,7 +19,8 @@ def describe(qat_model: nn.Module) -> str:
     rows = [[r["name"], r["type"], f"W{r['weight_bits']}", "per-channel" if r["per_channel"] else "per-tensor",
              f"A{r['act_bits']}", "yes" if r["bn_folded"] else "no", r["act"] or "-", r["output"]] for r in info.layers]
     text = _table(["layer", "type", "weight", "granularity", "input", "BN folded", "fused act", "output"], rows)
-    text += f"\n\nactivation quantizers added: {', '.join(info.act_quantizers) or 'none'}"
+    added = [f"{path} (A{int(qat_model.get_submodule(path).bits)})" for path in info.act_quantizers]
+    text += f"\n\nactivation quantizers added: {', '.join(added) or 'none'}"
     text += f"\nfloat ops (no integer kernel, run on dequantized values): {', '.join(info.float_ops) or 'none'}"
     if info.untraced:
         text += f"\nnot traced (own code in float, layers quantized by module swap): {'; '.join(info.untraced)}"
