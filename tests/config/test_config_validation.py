@@ -23,7 +23,7 @@ BAD_BITS = [1, 9, "8", 4.5, True, -4, 0]
 
 # ---- bits ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("bits", BAD_BITS)
-@pytest.mark.parametrize("field", ["weight_bits", "act_bits", "first_last_bits"])
+@pytest.mark.parametrize("field", ["weight_bits", "act_bits", "first_last_bits", "output_bits", "residual_bits"])
 def test_qat_config_rejects_bad_bits_naming_field_and_value(field, bits):
     with pytest.raises(ConfigError, match=rf"^{field} = {re.escape(repr(bits))} is not allowed; allowed: an integer from 2 to 8"):
         QATConfig(**{field: bits})
@@ -49,8 +49,9 @@ def test_every_valid_bit_width_is_accepted(bits):
     assert QuantSpec(bits=bits, signed=False, narrow=True).qrange == (0, 2**bits - 2)
 
 
-def test_first_last_bits_none_is_allowed():
-    assert QATConfig(first_last_bits=None).first_last_bits is None
+@pytest.mark.parametrize("field", ["first_last_bits", "output_bits", "residual_bits"])
+def test_optional_bits_none_is_allowed(field):
+    assert getattr(QATConfig(**{field: None}), field) is None
 
 
 # ---- init methods, choices, numbers ---------------------------------------------------------------
