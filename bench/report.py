@@ -410,10 +410,14 @@ def _task_line(info: dict, rows: list[dict]) -> str:
     if info.get("train_samples") is not None:
         parts.append(f"{info['train_samples']:,} training / {info.get('test_samples', 0):,} test samples")
     qat = info.get("qat_recipe") or {}
-    recipe = ", ".join(f"{k} {qat[k]}" for k in ("epochs", "batch_size", "optimizer", "lr", "weight_decay")
-                       if k in qat)
+    recipe = ", ".join(f"{k} {qat[k]}" for k in ("epochs", "batch_size", "optimizer", "lr", "weight_decay", "distill",
+                                                  "bn_freeze_epoch") if k in qat)
     if recipe:
         parts.append(f"QAT fine-tune: {recipe}")
+    cfg = info.get("qat_config") or {}
+    scheme = ", ".join(f"{k} {cfg[k]}" for k in ("weight_init", "act_init", "first_last_bits", "residual_bits") if k in cfg)
+    if scheme:
+        parts.append(f"quantization: {scheme}")
     return "; ".join(parts) + "." if parts else ""
 
 
@@ -455,7 +459,10 @@ def write_benchmarks(results: dict | list[dict], out_md: Path, plots_dir: Path,
     md += [("Accuracy is top-1 on the test set in %, mean ± std over seeds; Δ is in percentage points (pp) against "
             "the float row. Latency: ONNX Runtime, batch 32, 2 threads, median (the int8 QDQ model for quantized "
             "rows, the float ONNX model for the float row). Verify: qatkit's model against its ONNX export "
-            "(fraction of equal top-1, fraction of logits within one quantization step)."), ""]
+            "(fraction of equal top-1, fraction of logits within one quantization step). W/A bits: W of every "
+            "weight, A of every quantized layer's input; the first and last layer stay at `first_last_bits` and the "
+            "skip path (residual adds, the global pool's input) at `residual_bits`, as LSQ and PACT keep the skip "
+            "path in float."), ""]
 
     for task in tasks:
         rows = rows_by_task[task]
