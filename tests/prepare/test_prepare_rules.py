@@ -77,6 +77,34 @@ def test_residual_bits_none_quantizes_the_skip_path_at_act_bits():
     assert not [n for n in qat.graph.nodes if n.op == "call_module" and n.target.endswith("_a4")]  # no requantizers
 
 
+class SkipReaders(nn.Module):
+    """r feeds a residual add (8-bit skip path), conv2 directly and conv3 through a max pool."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv0, self.conv1 = nn.Conv2d(1, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+        self.conv2, self.conv3 = nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        h = F.relu(self.conv0(x))
+        r = h + self.conv1(h)
+        return r + self.conv2(r), self.conv3(F.max_pool2d(r, 2))
+
+
+def test_each_reader_of_the_skip_path_gets_a_requantizer_of_its_own_input():
+    x = torch.randn(2, 1, 8, 8)
+    qat = qatkit.prepare(SkipReaders(), QATConfig(weight_bits=4, act_bits=4, first_last_bits=None), x)
+    nodes = {n.target: n for n in qat.graph.nodes if n.op == "call_module"}
+    for layer, read in (("conv2", "qadd_add"), ("conv3", "max_pool2d")):
+        requant = nodes[layer].args[0]
+        assert requant.args[0].name == read and int(qat.get_submodule(requant.target).bits) == 4, layer
+        assert qat.get_submodule(nodes[layer].args[1].target) is qat.get_submodule(requant.target)
+    assert int(qat.conv0.out_quant.bits) == 8 and int(input_quantizer_of(qat, "conv1").bits) == 4  # h feeds the add
+    qatkit.calibrate(qat, [x])
+    s, t = qat.eval()(x)
+    assert s.shape == (2, 4, 8, 8) and t.shape == (2, 2, 4, 4)
+
+
 @pytest.mark.parametrize("pattern", ["layer1.0.conv1", "Conv2d"])
 def test_skip_leaves_a_plain_float_layer(pattern):
     model = resnet20()

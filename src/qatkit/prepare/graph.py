@@ -235,13 +235,13 @@ class _Rewriter:
         input, which has the layer's input bits; residual adds and average pools only add, and take
         `residual_bits` (None: act_bits), as LSQ and PACT keep the skip path unquantized. A quantizer is as wide as
         its widest consumer; a layer asking for fewer bits gets its own requantizer (one per width)."""
-        layers: dict[str, dict[int, list[fx.Node]]] = {}  # quantizer path -> input bits -> layers
+        layers: dict[str, dict[tuple[int, fx.Node], list[fx.Node]]] = {}  # quantizer path -> (bits, input) -> layers
         widths: dict[str, int] = {}  # quantizer path -> bits it is set to
         residual = self.config.residual_bits or self.config.act_bits
         for node in self.graph.nodes:
             if node in self.wrapped:
                 path = node.args[1].target
-                layers.setdefault(path, {}).setdefault(self.wrapped[node].act_bits, []).append(node)
+                layers.setdefault(path, {}).setdefault((self.wrapped[node].act_bits, node.args[0]), []).append(node)
                 widths[path] = max(widths.get(path, 0), self.wrapped[node].act_bits)
             elif node.op == "call_module" and isinstance(self.gm.get_submodule(node.target), (QAdd, QGlobalAvgPool)):
                 n_in = 2 if isinstance(self.gm.get_submodule(node.target), QAdd) else 1  # (*inputs, *their quantizers)
@@ -251,16 +251,16 @@ class _Rewriter:
             quantizer = self.gm.get_submodule(path)
             if int(quantizer.bits) != bits:
                 quantizer.set_bits(bits)
-            for narrow, consumers in layers.get(path, {}).items():
+            unsigned = quantizer.spec.symmetric and not quantizer.spec.signed
+            for (narrow, x), consumers in layers.get(path, {}).items():
                 if narrow < bits:
-                    self._requantize_for(consumers, narrow, unsigned=quantizer.spec.symmetric and not quantizer.spec.signed)
+                    self._requantize_for(x, consumers, narrow, unsigned)
         for row in self.info.layers:  # the output widths are final now
             out_q = self.gm.get_submodule(row["name"]).out_quant
             row["output"] = "float" if out_q is None else f"A{int(out_q.bits)}"
 
-    def _requantize_for(self, consumers: list[fx.Node], bits: int, unsigned: bool) -> None:
-        """One `bits`-wide quantizer between the (shared) input of `consumers` and them."""
-        x = consumers[0].args[0]
+    def _requantize_for(self, x: fx.Node, consumers: list[fx.Node], bits: int, unsigned: bool) -> None:
+        """One `bits`-wide quantizer between x and the layers `consumers` that read it."""
         path = f"quant_{x.name}_a{bits}"
         self.gm.add_submodule(path, FakeQuantizer(self.config.act_spec(bits, unsigned=unsigned), kind="act"))
         with self.graph.inserting_after(x):
@@ -272,6 +272,7 @@ class _Rewriter:
                 node.args = (qnode, self.graph.get_attr(path), *node.args[2:])
             if not old.users:
                 self.graph.erase_node(old)
+
 
 def prepare_graph(gm: fx.GraphModule, config: QATConfig, plans: dict[str, LayerPlan]) -> PrepareInfo:
     """Rewrite `gm` in place into its QAT form; returns what was done."""
