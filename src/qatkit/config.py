@@ -152,6 +152,7 @@ class QATConfig:
 
 
 OPTIMIZERS = ("adamw", "sgd")
+PENALTY_SCHEDULES = ("constant", "cosine")
 NONFINITE = ("stop", "skip")  # what fit does with a batch whose loss or gradient is NaN/Inf
 
 
@@ -181,6 +182,13 @@ class TrainConfig:
     # quantizer at max(progressive_bits[k], its own bit-width), the last stage (with the last epoch) at its own
     # bit-width: (8, 4, 2) takes a W2A2 model 8 → 4 → 2 bits, a W4A4 one 8 → 4 → 4.
     progressive_bits: tuple[int, ...] = ()
+    # λ of QATConfig.error_penalty over training: "constant", or "cosine", rising from 0 at the first step to λ at
+    # the last (as Nagel et al. 2022 anneal their oscillation-dampening weight): weights move freely early on and
+    # are pulled onto their grid points late, where oscillating weights would otherwise flip to the end.
+    penalty_schedule: str = "constant"
+    # Each epoch's history row gets "oscillating": the share of sub-8-bit weights whose integer code moved against
+    # its previous move at least once (Nagel et al. 2022's oscillations); costs one weight quantization per step.
+    track_oscillations: bool = False
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -203,6 +211,8 @@ class TrainConfig:
             raise bad_value("seed", self.seed, "an integer in [0, 2**63 - 1] (torch.manual_seed's range)", "pass a smaller --seed")
         _check_choice("nonfinite", self.nonfinite, NONFINITE)
         _check_choice("augment", self.augment, AUGMENTS)
+        _check_choice("penalty_schedule", self.penalty_schedule, PENALTY_SCHEDULES)
+        _check_bool("track_oscillations", self.track_oscillations)
         stages = self.progressive_bits
         if not isinstance(stages, (tuple, list)) or any(isinstance(b, bool) or not isinstance(b, int) for b in stages) \
                 or any(b < 2 or b > 8 for b in stages) or list(stages) != sorted(stages, reverse=True):

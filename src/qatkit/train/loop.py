@@ -33,6 +33,7 @@ from qatkit.errors import ConfigError, DataError, ModelFileError, QatkitError, b
 from qatkit.nn import QConvBn, QLayer
 from qatkit.quantizer import FakeQuantizer
 from qatkit.regularize import quantization_error_penalty
+from qatkit.train.oscillation import OscillationTracker
 from qatkit.train.checkpoint import load_checkpoint, save_checkpoint
 from qatkit.train.signals import StopOnSignal, TrainingInterrupted, signal_name  # noqa: F401 (re-exported)
 
@@ -168,9 +169,18 @@ def _grads_finite(params: list[nn.Parameter]) -> bool:
     return bool(torch.isfinite(torch.stack(torch._foreach_norm(grads, ord=math.inf))).all())
 
 
+def penalty_scale(config: TrainConfig, epoch: int, step: int, steps: int) -> float:
+    """The factor on the error penalty's λ at a step: 1, or the cosine ramp from 0 (first step) to 1 (last)."""
+    if config.penalty_schedule == "constant":
+        return 1.0
+    t = min((epoch * steps + step) / max(config.epochs * steps - 1, 1), 1.0)
+    return 0.5 * (1.0 - math.cos(math.pi * t))
+
+
 def train_epoch(model: nn.Module, loader: Iterable, optimizer, scheduler, config: TrainConfig, epoch: int,
                 steps: int, teacher: nn.Module | None, error_penalty: Mapping[str, float],
-                on_step: Callable[[int], None] | None = None) -> dict[str, float]:
+                on_step: Callable[[int], None] | None = None,
+                tracker: OscillationTracker | None = None) -> dict[str, float]:
     """One epoch; on_step(k) runs after the k-th step (1-based) is complete, skipped or not."""
     model.train()
     if config.bn_freeze_epoch is not None and epoch >= config.bn_freeze_epoch:
@@ -190,7 +200,9 @@ def train_epoch(model: nn.Module, loader: Iterable, optimizer, scheduler, config
             if teacher is not None:
                 with torch.no_grad():
                     teacher_logits = teacher(x)
-            loss = compute_loss(model, logits, y, teacher_logits, config, error_penalty)
+            scale = penalty_scale(config, epoch, step, steps)
+            loss = compute_loss(model, logits, y, teacher_logits, config,
+                                {glob: lam * scale for glob, lam in error_penalty.items()})
             loss_value = loss.item()
             lr = optimizer.param_groups[0]["lr"]
             optimizer.zero_grad(set_to_none=True)
@@ -203,6 +215,8 @@ def train_epoch(model: nn.Module, loader: Iterable, optimizer, scheduler, config
                     fault, allowed = f"gradient of {_first_nonfinite_grad(model)} is not finite", "finite gradients"
             if fault is None:
                 optimizer.step()
+                if tracker is not None:
+                    tracker.update()
                 loss_sum += loss_value * y.shape[0]
                 correct += (logits.argmax(1) == y).sum().item()
                 n += y.shape[0]
@@ -239,7 +253,7 @@ def train_epoch(model: nn.Module, loader: Iterable, optimizer, scheduler, config
     row = {"train_loss": loss_sum / n if n else math.nan, "train_acc": correct / n if n else math.nan}
     if skip:
         row["skipped"] = skipped
-    return {**row, "lr": lr}
+    return {**row, **(tracker.epoch_stats() if tracker is not None else {}), "lr": lr}
 
 
 def _stop_message(signum: int, epoch: int, step: int, steps: int, config: TrainConfig, ckpt_path: Path | None,
@@ -309,7 +323,8 @@ def fit(model: nn.Module, train_loader: Iterable, config: TrainConfig, *, val_lo
 
     train_loader: re-iterable (x, y) batches with len(); its set_epoch(e) is called when it has one.
     teacher: float model for distillation, used when config.distill > 0 (eval mode, no grad).
-    error_penalty: {parameter glob: λ} for qatkit.regularize.quantization_error_penalty.
+    error_penalty: {parameter glob: λ} for qatkit.regularize.quantization_error_penalty (over training as
+    config.penalty_schedule says).
     checkpoint_dir: `last.ckpt` is written there after every epoch; resume=True continues from it.
 
     A NaN/Inf loss or gradient raises QatkitError (config.nonfinite = "stop") or drops the batch ("skip",
@@ -339,6 +354,7 @@ def fit(model: nn.Module, train_loader: Iterable, config: TrainConfig, *, val_lo
     ckpt_path = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
     history, start = _restore(ckpt_path, model, optimizer, scheduler, settings) if resume else ([], 0)
 
+    tracker = OscillationTracker(model) if config.track_oscillations else None
     saved_epoch = start if resume else None  # the epoch last.ckpt holds, once this run has one
     at = {"epoch": start, "step": 0}  # epoch index, steps done in it (0: at the epoch boundary)
 
@@ -361,7 +377,7 @@ def fit(model: nn.Module, train_loader: Iterable, config: TrainConfig, *, val_lo
                 train_loader.set_epoch(epoch)
             row: dict[str, Any] = {"epoch": epoch + 1}
             row.update(train_epoch(model, train_loader, optimizer, scheduler, config, epoch, steps, teacher,
-                                   error_penalty, on_step=after_step))
+                                   error_penalty, on_step=after_step, tracker=tracker))
             if val_loader is not None:
                 row["val_accuracy"] = evaluate(model, val_loader, config.device)["accuracy"]
             row["lr"] = row.pop("lr")  # keep the documented key order
@@ -370,8 +386,9 @@ def fit(model: nn.Module, train_loader: Iterable, config: TrainConfig, *, val_lo
             if config.progress:
                 val = f", val acc {row['val_accuracy']:.4f}" if "val_accuracy" in row else ""
                 skipped = f", {row['skipped']} batches skipped" if row.get("skipped") else ""
+                osc = f", {row['oscillating']:.2%} of weights oscillated" if "oscillating" in row else ""
                 tqdm.write(f"epoch {epoch + 1}/{config.epochs}: train loss {row['train_loss']:.4f}, "
-                           f"train acc {row['train_acc']:.4f}{val}{skipped}, lr {row['lr']:.2e}, {row['seconds']:.1f}s")
+                           f"train acc {row['train_acc']:.4f}{val}{skipped}{osc}, lr {row['lr']:.2e}, {row['seconds']:.1f}s")
             if ckpt_path is not None:  # a signal meanwhile only sets the flag: the write always completes
                 save_checkpoint(ckpt_path, {
                     "model": model.state_dict(), "optimizer": optimizer.state_dict(),

@@ -1,0 +1,43 @@
+"""Weight oscillations in QAT (Nagel et al. 2022): a latent weight next to a rounding boundary flips its integer code
+back and forth, step after step. A weight oscillates at a step where its code moves opposite to its previous move.
+The tracker follows every quantized weight below 8 bits (first/last layers at 8 bits are left out) after each
+optimizer step and reports per epoch the share of weights that oscillated at least once and the mean count."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from qatkit.nn import QLayer
+
+
+class OscillationTracker:
+    def __init__(self, model: nn.Module):
+        self.layers = {name: m for name, m in model.named_modules()
+                       if isinstance(m, QLayer) and bool(m.weight_quant.enabled) and int(m.weight_quant.bits) < 8}
+        self.codes: dict[str, torch.Tensor] = {}
+        self.last_move: dict[str, torch.Tensor] = {}  # -1, 0 (none yet), +1
+        self.count: dict[str, torch.Tensor] = {}  # oscillations this epoch
+
+    @torch.no_grad()
+    def update(self) -> None:
+        """After an optimizer step: compare every tracked weight's integer code with the one before."""
+        for name, layer in self.layers.items():
+            codes = layer.weight_quant.codes(layer.folded()[0])
+            if name in self.codes:
+                move = torch.sign(codes - self.codes[name])
+                self.count[name] += (move * self.last_move[name] < 0).to(self.count[name].dtype)
+                self.last_move[name] = torch.where(move != 0, move, self.last_move[name])
+            else:
+                self.last_move[name] = torch.zeros_like(codes)
+                self.count[name] = torch.zeros_like(codes, dtype=torch.int32)
+            self.codes[name] = codes
+
+    def epoch_stats(self) -> dict[str, float]:
+        """{"oscillating": share of tracked weights with an oscillation this epoch, "oscillations_per_weight": mean
+        count}, and the counts start again; {} when no weight is tracked (every layer at 8 bits)."""
+        if not self.count:
+            return {}
+        counts = torch.cat([c.flatten() for c in self.count.values()])
+        for c in self.count.values():
+            c.zero_()
+        return {"oscillating": float((counts > 0).double().mean()), "oscillations_per_weight": float(counts.double().mean())}
