@@ -119,8 +119,9 @@ def run_one(task: Task, spec: tuple, model_f: torch.nn.Module, float_path: Path,
         if schedule != "direct":
             train_cfg = dataclasses.replace(train_cfg, progressive_bits=tuple(int(b) for b in schedule.split("-")))
         ckpt = work / "checkpoints" / recipe_id(task) / _key(method, w, a, schedule, seed)
-        fit(model, train_loader, train_cfg, teacher=model_f, error_penalty=qcfg.error_penalty, checkpoint_dir=ckpt,
-            resume=(ckpt / CHECKPOINT_NAME).exists())
+        history = fit(model, train_loader, train_cfg, teacher=model_f, error_penalty=qcfg.error_penalty,
+                      checkpoint_dir=ckpt, resume=(ckpt / CHECKPOINT_NAME).exists())
+        row["oscillating"] = history[-1].get("oscillating")  # share of sub-8-bit weights, last epoch
     seconds = time.perf_counter() - t0
     name = _key(method, w, a, schedule, seed)
     save(convert(model), work / f"{name}.safetensors")
@@ -195,6 +196,7 @@ def aggregate(runs: list[dict], step: dict | None, lat: dict | None) -> list[dic
         rs = sorted(rs, key=lambda r: r["seed"])
         accs = [r["accuracy"] for r in rs]
         verifies = [r["verify"] for r in rs if r.get("verify")]
+        osc = [r["oscillating"] for r in rs if r.get("oscillating") is not None]  # QAT below 8 bits
         step_key = {"qat": f"qat-w{w}a{a}", "torch.ao-qat": "torch.ao-qat-w8a8"}.get(method)
         ratios = (step or {}).get("ratio_to_float", {})
         rows.append({
@@ -204,6 +206,7 @@ def aggregate(runs: list[dict], step: dict | None, lat: dict | None) -> list[dic
             "onnx_bytes": rs[0]["onnx_bytes"], "latency_ms": (lat or {}).get(rs[0].get("onnx") or ""),
             "step_time_ratio": ratios.get(step_key) if step_key else None,
             "train_seconds": statistics.fmean(r["train_seconds"] for r in rs) if rs[0]["train_seconds"] else None,
+            "oscillating": statistics.fmean(osc) if osc else None,
             "verify": None if not verifies else {
                 "n": verifies[0]["n"], "top1_agreement": min(v["top1_agreement"] for v in verifies),
                 "within_one_step": min(v["within_one_step"] for v in verifies),

@@ -52,6 +52,10 @@ def test_every_planned_row_is_there(quick):
                 assert r["step_time_ratio"] > 0 and r["train_seconds"] > 0
             else:
                 assert r["step_time_ratio"] is None
+            if r["method"] == "qat" and r["weight_bits"] < 8:  # the recipe tracks oscillating weights
+                assert 0.0 <= r["oscillating"] <= 1.0, r
+            else:
+                assert r["oscillating"] is None, r
         by = {(r["method"], r["weight_bits"], r["act_bits"]): r for r in rows if r["schedule"] in (None, "direct")}
         # integer models shrink with the bit-width; the float row is the float safetensors file
         assert by[("qat", 2, 2)]["model_bytes"] < by[("qat", 4, 4)]["model_bytes"] < by[("qat", 8, 8)]["model_bytes"] \
