@@ -33,8 +33,8 @@ from qatkit.errors import ConfigError, DataError, ModelFileError, QatkitError, b
 from qatkit.nn import QConvBn, QLayer
 from qatkit.quantizer import FakeQuantizer
 from qatkit.regularize import quantization_error_penalty
-from qatkit.train.oscillation import OscillationTracker
 from qatkit.train.checkpoint import load_checkpoint, save_checkpoint
+from qatkit.train.oscillation import OscillationTracker
 from qatkit.train.signals import StopOnSignal, TrainingInterrupted, signal_name  # noqa: F401 (re-exported)
 
 CHECKPOINT_NAME = "last.ckpt"
