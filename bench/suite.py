@@ -50,7 +50,8 @@ from recipes import BENCH, DEFAULT_DATA, TASKS, WORK, Task
 
 PAIRS = ((8, 8), (4, 8), (4, 4), (3, 3), (2, 2))
 PROGRESSIVE = {(2, 2): (8, 4, 2)}  # progressive-precision rows, beside the direct ones at the same bits
-QAT_ORDER = ((4, 4), (2, 2), (3, 3), (8, 8), (4, 8))  # targeted rows first, those most at risk first
+QAT_ORDER = ((4, 4), (2, 2), (3, 3), (8, 8), (4, 8))  # targeted rows first, those most at risk first; then the
+# progressive rows (compared, not targeted) and torch.ao's
 QUICK = {"train": 256, "test": 256, "epochs": 1, "rounds": 2}
 LATENCY_BATCH, STEP_BATCH, THREADS = 32, 64, 2
 
@@ -71,10 +72,8 @@ def planned_runs(task: Task, seeds: list[int]) -> list[tuple[str, int, int, str 
     for seed in seeds:
         runs.append(("float", 32, 32, None, seed))
         runs += [(m, w, a, None, seed) for m in ("ptq-minmax", "ptq-mse") for w, a in PAIRS]
-        for w, a in QAT_ORDER:
-            runs.append(("qat", w, a, "direct", seed))
-            if (w, a) in PROGRESSIVE:
-                runs.append(("qat", w, a, "-".join(map(str, PROGRESSIVE[(w, a)])), seed))
+        runs += [("qat", w, a, "direct", seed) for w, a in QAT_ORDER]
+        runs += [("qat", w, a, "-".join(map(str, stages)), seed) for (w, a), stages in PROGRESSIVE.items()]
         runs.append(("torch.ao-qat", 8, 8, None, seed))
     return runs
 
