@@ -480,10 +480,9 @@ def write_benchmarks(results: dict | list[dict], out_md: Path, plots_dir: Path,
             md += ["", "QAT targets use the direct schedule; progressive rows are reported, not targeted.", ""]
         osc = [r for r in rows if r.get("oscillating") is not None]
         if osc:
-            md += [f"Weights oscillating in the last QAT epoch (share of sub-8-bit weights whose integer code moved "
-                   f"back against its previous move, Nagel et al. 2022): " + ", ".join(
-                       f"W{r['weight_bits']}A{r['act_bits']}{'' if r.get('schedule') in (None, 'direct') else ' ' + r['schedule']} "
-                       f"{100 * r['oscillating']:.2f}%" for r in osc) + ".", ""]
+            md += ["Weights oscillating in the last QAT epoch (share of sub-8-bit weights whose integer code moved "
+                   "back against its previous move, Nagel et al. 2022): "
+                   + ", ".join(f"{_family(r)} {100 * r['oscillating']:.2f}%" for r in osc) + ".", ""]
         st = data["step_times"].get(task)
         if st:
             md += [f"### Step time ({task})", "", _step_table(st), ""]
