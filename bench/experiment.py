@@ -34,7 +34,12 @@ def override(task, assignment: str):
     if field not in {f.name for f in dataclasses.fields(config)}:
         raise SystemExit(f"--set {assignment!r}: {type(config).__name__} has no field {field!r}. "
                          f"Fix: one of {', '.join(f.name for f in dataclasses.fields(config))}")
-    return dataclasses.replace(task, **{recipe: dataclasses.replace(config, **{field: json.loads(value)})})
+    try:
+        value = json.loads(value)
+    except ValueError:
+        raise SystemExit(f"--set {assignment!r}: the value is not JSON. Fix: quote strings, e.g. "
+                         "--set qat_train.penalty_schedule='\"cosine\"'") from None
+    return dataclasses.replace(task, **{recipe: dataclasses.replace(config, **{field: value})})
 
 
 def main() -> None:
@@ -60,7 +65,7 @@ def main() -> None:
     row = suite.run_one(task, (args.method, *args.bits, args.schedule, args.seed), model_f, path, ds, work, False)
     row |= {"overrides": args.set, "seconds": round(time.perf_counter() - t0, 1)}
     out = BENCH / "results" / "experiments" / f"{args.name}.json"
-    out.write_text(json.dumps(row, indent=1) + "\n")
+    suite.write(out, row)  # atomic: an interrupted write leaves no half file
     print(f"{args.name}: accuracy {row['accuracy']:.4f} -> {out}")
 
 

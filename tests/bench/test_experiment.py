@@ -26,6 +26,7 @@ def test_override_sets_one_field_and_keeps_the_rest():
     ("float_train.epochs=3", "RECIPE one of qat, qat_train"),
     ("qat_train.epochs", "RECIPE one of qat, qat_train"),
     ("qat.nope=1", "QATConfig has no field 'nope'"),
+    ("qat_train.penalty_schedule=cosine", "the value is not JSON"),
 ])
 def test_bad_override_is_refused_with_the_fix(assignment, message):
     with pytest.raises(SystemExit, match=message):
