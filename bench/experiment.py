@@ -42,6 +42,13 @@ def override(task, assignment: str):
     return dataclasses.replace(task, **{recipe: dataclasses.replace(config, **{field: value})})
 
 
+def at_bits(task, method: str, w: int, a: int):
+    """The task with the fine-tune the suite runs for (method, w, a) as its qat_train: the one --set changes."""
+    if method != "qat":
+        return task
+    return dataclasses.replace(task, qat_train=task.qat_recipe(w, a), qat_train_at={})
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("task", choices=list(TASKS))
@@ -53,7 +60,7 @@ def main() -> None:
     p.add_argument("--set", action="append", default=[], metavar="RECIPE.FIELD=JSON")
     p.add_argument("--data", default=DEFAULT_DATA)
     args = p.parse_args()
-    task = TASKS[args.task]
+    task = at_bits(TASKS[args.task], args.method, *args.bits)
     for assignment in args.set:
         task = override(task, assignment)
     torch.set_num_threads(suite.THREADS)

@@ -414,6 +414,8 @@ def _task_line(info: dict, rows: list[dict]) -> str:
                                                   "bn_freeze_epoch") if k in qat)
     if recipe:
         parts.append(f"QAT fine-tune: {recipe}")
+    for bits, changes in (info.get("qat_recipe_at") or {}).items():
+        parts.append(f"at {bits.upper()}: " + ", ".join(f"{k} {v}" for k, v in changes.items()))
     cfg = info.get("qat_config") or {}
     scheme = ", ".join(f"{k} {cfg[k]}" for k in ("weight_init", "act_init", "first_last_bits", "residual_bits") if k in cfg)
     if scheme:

@@ -50,16 +50,18 @@ from recipes import BENCH, DEFAULT_DATA, TASKS, WORK, Task
 
 PAIRS = ((8, 8), (4, 8), (4, 4), (3, 3), (2, 2))
 PROGRESSIVE = {(2, 2): (8, 4, 2)}  # progressive-precision rows, beside the direct ones at the same bits
-QAT_ORDER = ((4, 4), (2, 2), (3, 3), (8, 8), (4, 8))  # targeted rows first, those most at risk first; then the
-# progressive rows (compared, not targeted) and torch.ao's
+QAT_ORDER = ((4, 4), (3, 3), (8, 8), (4, 8), (2, 2))  # W2A2, the longest fine-tune (recipes.py), last; then
+# torch.ao's row, then the progressive rows (compared, not targeted)
 QUICK = {"train": 256, "test": 256, "epochs": 1, "rounds": 2}
 LATENCY_BATCH, STEP_BATCH, THREADS = 32, 64, 2
 
 
 # ---- one run ------------------------------------------------------------------------------------
-def recipe_id(task: Task) -> str:
-    """Changes with the task's recipes: runs made with another recipe are stale and run again."""
-    recipes = {"float": to_dict(task.float_train), "qat_train": to_dict(task.qat_train), "qat": to_dict(task.qat)}
+def recipe_id(task: Task, method: str, w: int, a: int) -> str:
+    """Changes with the recipes a run uses: runs made with another recipe are stale and run again. A QAT run's
+    fine-tune is the one at its bits (Task.qat_recipe), so a change made at some bits reruns only those rows."""
+    train = task.qat_recipe(w, a) if method == "qat" else task.qat_train
+    recipes = {"float": to_dict(task.float_train), "qat_train": to_dict(train), "qat": to_dict(task.qat)}
     return hashlib.sha256(json.dumps(recipes, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -73,8 +75,8 @@ def planned_runs(task: Task, seeds: list[int]) -> list[tuple[str, int, int, str 
         runs.append(("float", 32, 32, None, seed))
         runs += [(m, w, a, None, seed) for m in ("ptq-minmax", "ptq-mse") for w, a in PAIRS]
         runs += [("qat", w, a, "direct", seed) for w, a in QAT_ORDER]
-        runs += [("qat", w, a, "-".join(map(str, stages)), seed) for (w, a), stages in PROGRESSIVE.items()]
         runs.append(("torch.ao-qat", 8, 8, None, seed))
+        runs += [("qat", w, a, "-".join(map(str, stages)), seed) for (w, a), stages in PROGRESSIVE.items()]
     return runs
 
 
@@ -94,7 +96,8 @@ def float_model(task: Task, seed: int, data_root: Path, quick: bool, ds, work: P
 
 def run_one(task: Task, spec: tuple, model_f: torch.nn.Module, float_path: Path, ds, work: Path, quick: bool) -> dict:
     method, w, a, schedule, seed = spec
-    train_cfg = dataclasses.replace(task.qat_train, seed=seed, **({"epochs": QUICK["epochs"]} if quick else {}))
+    train_cfg = task.qat_recipe(w, a) if method == "qat" else task.qat_train
+    train_cfg = dataclasses.replace(train_cfg, seed=seed, **({"epochs": QUICK["epochs"]} if quick else {}))
     train_loader, calib_loader, test_loader = _loaders(ds, train_cfg)
     example = next(iter(test_loader))[0][:1]
     row = {"task": task.name, "method": method, "schedule": schedule, "weight_bits": w, "act_bits": a, "seed": seed}
@@ -117,7 +120,7 @@ def run_one(task: Task, spec: tuple, model_f: torch.nn.Module, float_path: Path,
     if method == "qat":
         if schedule != "direct":
             train_cfg = dataclasses.replace(train_cfg, progressive_bits=tuple(int(b) for b in schedule.split("-")))
-        ckpt = work / "checkpoints" / recipe_id(task) / _key(method, w, a, schedule, seed)
+        ckpt = work / "checkpoints" / recipe_id(task, method, w, a) / _key(method, w, a, schedule, seed)
         history = fit(model, train_loader, train_cfg, teacher=model_f, error_penalty=qcfg.error_penalty,
                       checkpoint_dir=ckpt, resume=(ckpt / CHECKPOINT_NAME).exists())
         row["oscillating"] = history[-1].get("oscillating")  # share of sub-8-bit weights, last epoch
@@ -233,11 +236,12 @@ def run_task(task: Task, results: dict, out: Path, data_root: Path, quick: bool,
     results["tasks"][task.name] = {"dataset": task.dataset, "model": task.model, "train_samples": len(ds.train),
                                    "test_samples": len(ds.test), "seeds": seeds,
                                    "float_recipe": to_dict(task.float_train), "qat_recipe": to_dict(task.qat_train),
+                                   "qat_recipe_at": task.qat_train_at,
                                    "qat_config": to_dict(task.qat)}
     work = work / ("suite-quick" if quick else "suite") / task.name
     work.mkdir(parents=True, exist_ok=True)
-    rid = recipe_id(task)  # runs of an earlier recipe are dropped and run again
-    results["runs"] = [r for r in results["runs"] if r["task"] != task.name or r.get("recipe") == rid]
+    results["runs"] = [r for r in results["runs"] if r["task"] != task.name  # runs of an earlier recipe run again
+                       or r.get("recipe") == recipe_id(task, r["method"], r["weight_bits"], r["act_bits"])]
     done = {r["key"] for r in results["runs"] if r["task"] == task.name}
     floats = {}
     for spec in planned_runs(task, seeds):
@@ -248,7 +252,7 @@ def run_task(task: Task, results: dict, out: Path, data_root: Path, quick: bool,
         if seed not in floats:
             floats[seed] = float_model(task, seed, data_root, quick, ds, work)
         t0 = time.perf_counter()
-        row = {"key": key, "recipe": rid, **run_one(task, spec, *floats[seed], ds, work, quick)}
+        row = {"key": key, "recipe": recipe_id(task, *spec[:3]), **run_one(task, spec, *floats[seed], ds, work, quick)}
         results["runs"].append(row)
         update_rows(results, task.name)  # the file's rows always match its runs, also when the suite is cut off
         write(out, results)

@@ -93,6 +93,25 @@ def test_second_call_resumes_without_rerunning(quick, capsys):
     assert "accuracy" not in capsys.readouterr().out  # no run was logged: all came from the file
 
 
+def test_recipe_changed_at_some_bits_reruns_only_their_qat_rows(quick, monkeypatch, capsys):
+    """A fine-tune changed at W2A2 (Task.qat_train_at) reruns the W2A2 QAT rows, direct and progressive, only."""
+    work, out, results = quick
+    task = suite.TASKS["mnist-small-cnn"]
+    changed = dataclasses.replace(task, qat_train_at={"w2a2": {"lr": 2e-4}})
+    assert changed.qat_recipe(2, 2).lr == 2e-4 and changed.qat_recipe(4, 4) == task.qat_train
+    monkeypatch.setitem(suite.TASKS, task.name, changed)
+    assert suite.main(["--quick", "--tasks", task.name, "--no-timing", "--data", str(shared_data("mnist").parent),
+                       "--work", str(work), "--out", str(out)]) == 0
+    again = json.loads(out.read_text())
+    before = {r["key"]: r for r in results["runs"] if r["task"] == task.name}
+    after = {r["key"]: r for r in again["runs"] if r["task"] == task.name}
+    rerun = {k for k in after if after[k]["recipe"] != before[k]["recipe"]}
+    assert rerun == {"qat-w2a2-s0", "qat-w2a2-8-4-2-s0"}
+    assert capsys.readouterr().out.count("accuracy") == len(rerun)
+    assert all(after[k] == before[k] for k in after.keys() - rerun)
+    assert again["tasks"][task.name]["qat_recipe_at"] == {"w2a2": {"lr": 2e-4}}
+
+
 def test_changed_recipe_runs_again(quick, monkeypatch, capsys):
     """Runs made with another recipe are stale: dropped and run again (and their QAT checkpoints not resumed)."""
     work, out, results = quick
@@ -104,7 +123,10 @@ def test_changed_recipe_runs_again(quick, monkeypatch, capsys):
     new = {r["key"] for r in again["runs"] if r["task"] == task.name}
     old = {r["key"] for r in results["runs"] if r["task"] == task.name}
     assert new == old and capsys.readouterr().out.count("accuracy") == len(old)
-    assert {r["recipe"] for r in again["runs"] if r["task"] == task.name} == {suite.recipe_id(suite.TASKS[task.name])}
+    changed = suite.TASKS[task.name]
+    assert all(r["recipe"] == suite.recipe_id(changed, r["method"], r["weight_bits"], r["act_bits"])
+               for r in again["runs"] if r["task"] == task.name)
+    assert len({r["recipe"] for r in again["runs"] if r["task"] == task.name}) == 1  # no per-bits changes here
 
 
 def test_quick_and_full_results_do_not_mix(quick):
