@@ -9,6 +9,7 @@ time of QAT vs the float model and torch.ao's QAT (batch 64, interleaved rounds,
 
     python bench/suite.py                       # full suite (hours; float checkpoints from bench/pretrain.py)
     python bench/suite.py --tasks mnist-small-cnn --no-timing    # accuracy runs only
+    python bench/suite.py --timing-only         # timing phases only (stop a suite running beside it first)
     python bench/suite.py --quick --out /tmp/quick.json          # CI smoke run: tiny subsets, 1 epoch
     python bench/report.py                      # BENCHMARKS.md and plots from the results
 """
@@ -229,7 +230,7 @@ def write(path: Path, results: dict) -> None:
 
 
 def run_task(task: Task, results: dict, out: Path, data_root: Path, quick: bool, timing: bool, work: Path,
-             seeds: list[int] | None = None, log=print) -> None:
+             seeds: list[int] | None = None, log=print, runs: bool = True) -> None:
     limit = QUICK["train"] if quick else None
     ds = task.load(data_root, limit)
     seeds = seeds or list(task.seeds[:1] if quick else task.seeds)
@@ -240,11 +241,12 @@ def run_task(task: Task, results: dict, out: Path, data_root: Path, quick: bool,
                                    "qat_config": to_dict(task.qat)}
     work = work / ("suite-quick" if quick else "suite") / task.name
     work.mkdir(parents=True, exist_ok=True)
-    results["runs"] = [r for r in results["runs"] if r["task"] != task.name  # runs of an earlier recipe run again
-                       or r.get("recipe") == recipe_id(task, r["method"], r["weight_bits"], r["act_bits"])]
+    if runs:  # runs of an earlier recipe run again
+        results["runs"] = [r for r in results["runs"] if r["task"] != task.name
+                           or r.get("recipe") == recipe_id(task, r["method"], r["weight_bits"], r["act_bits"])]
     done = {r["key"] for r in results["runs"] if r["task"] == task.name}
     floats = {}
-    for spec in planned_runs(task, seeds):
+    for spec in planned_runs(task, seeds) if runs else []:
         key = _key(spec[0], *spec[1:4], spec[4])
         if key in done:
             continue
@@ -285,7 +287,9 @@ def main(argv: list[str] | None = None) -> int:
                                                         f"{QUICK['epochs']} epoch, {QUICK['rounds']} timing rounds")
     p.add_argument("--seeds", help="comma-separated seeds (default: each task's; --quick: its first)")
     p.add_argument("--work", type=Path, default=WORK, help="resumable state of runs in progress (default bench/work)")
-    p.add_argument("--no-timing", dest="timing", action="store_false", help="accuracy runs only (timing needs a quiet machine)")
+    phase = p.add_mutually_exclusive_group()
+    phase.add_argument("--no-timing", dest="timing", action="store_false", help="accuracy runs only (timing needs a quiet machine)")
+    phase.add_argument("--timing-only", action="store_true", help="timing phases only, of the runs the results file holds")
     args = p.parse_args(argv)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     unknown = [t for t in tasks if t not in TASKS]
@@ -301,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(int(os.environ.get("QATKIT_BENCH_THREADS", THREADS)))
     for name in tasks:
         seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
-        run_task(TASKS[name], results, out, args.data, args.quick, args.timing, args.work, seeds)
+        run_task(TASKS[name], results, out, args.data, args.quick, args.timing, args.work, seeds, runs=not args.timing_only)
     print(f"[suite] results: {out}")
     return 0
 

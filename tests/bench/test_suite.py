@@ -93,6 +93,20 @@ def test_second_call_resumes_without_rerunning(quick, capsys):
     assert "accuracy" not in capsys.readouterr().out  # no run was logged: all came from the file
 
 
+def test_timing_only_measures_and_runs_nothing(quick, monkeypatch, capsys):
+    """--timing-only: the timing sections measured again, the runs left as they are (also those of a changed recipe)."""
+    work, out, results = quick
+    task = suite.TASKS["mnist-small-cnn"]
+    monkeypatch.setitem(suite.TASKS, task.name, dataclasses.replace(task, qat_train_at={"w4a4": {"lr": 3e-4}}))
+    assert suite.main(["--quick", "--tasks", task.name, "--timing-only", "--data", str(shared_data("mnist").parent),
+                       "--work", str(work), "--out", str(out)]) == 0
+    again = json.loads(out.read_text())
+    assert again["runs"] == results["runs"] and "accuracy" not in capsys.readouterr().out
+    for section in ("latency_ms", "step_times"):  # measured again: new figures, the same models
+        assert again[section][task.name] != results[section][task.name]
+    assert again["latency_ms"][task.name].keys() == results["latency_ms"][task.name].keys()
+
+
 def test_recipe_changed_at_some_bits_reruns_only_their_qat_rows(quick, monkeypatch, capsys):
     """A fine-tune changed at W2A2 (Task.qat_train_at) reruns the W2A2 QAT rows, direct and progressive, only."""
     work, out, results = quick
