@@ -141,6 +141,8 @@ def run_one(task: Task, spec: tuple, model_f: torch.nn.Module, float_path: Path,
 # ---- timing -------------------------------------------------------------------------------------
 def latency(runs: list[dict], work: Path, rounds: int, example_shape: tuple) -> dict[str, float]:
     """ONNX Runtime median ms per batch of LATENCY_BATCH for every exported model of the first seed, interleaved."""
+    if not runs:
+        return {}
     seed = min(r["seed"] for r in runs)
     files = {r["onnx"]: work / r["onnx"] for r in runs if r["seed"] == seed and r.get("onnx") and (work / r["onnx"]).exists()}
     fns = {}
