@@ -14,7 +14,7 @@ from torch import nn
 from qatkit.config import QuantSpec
 from qatkit.errors import bad_value
 from qatkit.primitives import (
-    fake_quantize,
+    learned_fake_quantize,
     lsq_grad_scale,
     qparams_from_minmax,
     qparams_from_tensor,
@@ -87,10 +87,11 @@ class FakeQuantizer(nn.Module):
         self._check_axis(x)
         if not self.initialized:  # weights, or activations never calibrated: initialise from this tensor
             self.init_from(x)
-        scale, zp = self._scale_zp()
         qmin, qmax = self.qrange
-        per_scale = x.numel() // (scale.numel() if self.kind == "weight" else max(x.shape[0], 1))
-        return fake_quantize(x, scale, zp, qmin, qmax, self.axis, lsq_grad_scale(per_scale, qmax), relu)
+        per_scale = x.numel() // (self.scale.numel() if self.kind == "weight" else max(x.shape[0], 1))
+        # the mapping of _scale_zp, inside the fake-quant's autograd node (cheaper than its small ops' own)
+        return learned_fake_quantize(x, self.scale, self.zero_point, qmin, qmax, self.axis, lsq_grad_scale(per_scale, qmax),
+                                     relu, round_zero_point=isinstance(self.zero_point, nn.Parameter))
 
     def codes(self, x: torch.Tensor) -> torch.Tensor:
         """Integer codes of x (as float values) under the current parameters."""

@@ -1,7 +1,7 @@
 """The fused CPU fake-quant kernel against the eager formulas and the float64 references.
 
 Forward outputs and input gradients must be the eager ones bit for bit (same IEEE operations); the
-scale/zero-point gradient sums are checked against float64 sums, and must not depend on the thread count.
+scale/zero-point gradients are checked against float64 sums, and must not depend on the thread count.
 """
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from qatkit.primitives import cpu_kernel, fake_quantize
+from qatkit.primitives import cpu_kernel, fake_quantize, learned_fake_quantize
 from qatkit.primitives.fake_quant import _backward, _forward
 from qatkit.primitives.reference import ref_fake_quantize
 
@@ -44,8 +44,8 @@ def test_forward_bitexact(n, qmin, qmax, z, s):
 def test_backward_matches_eager_and_float64(n, qmin, qmax, z):
     s = 0.0371
     x, grad = _data(n, s), torch.randn(n, generator=torch.Generator().manual_seed(1))
-    grad_x, sum_s, sum_clamped = cpu_kernel.backward(x, grad, torch.tensor(s), torch.tensor(z), qmin, qmax)
-    sum_s, sum_clamped = sum_s.item(), sum_clamped.item()
+    grad_x, grad_s, grad_z = cpu_kernel.backward(x, grad, torch.tensor(s), torch.tensor(z), qmin, qmax)
+    sum_s, sum_clamped = grad_s.item(), grad_z.item() / -np.float32(s)
     eager_x, _, _ = _backward(x, grad, torch.tensor(s), torch.tensor(z), qmin, qmax, (0,))
     assert torch.equal(grad_x, eager_x)
     # the per-value terms as float32 arithmetic gives them, summed in float64
@@ -68,9 +68,9 @@ def test_sums_do_not_depend_on_thread_count():
             results.append(cpu_kernel.backward(x, grad, torch.tensor(0.0371), torch.tensor(3.0), 0, 15))
     finally:
         torch.set_num_threads(before)
-    for grad_x, sum_s, sum_clamped in results[1:]:
+    for grad_x, grad_s, grad_z in results[1:]:
         assert torch.equal(grad_x, results[0][0])
-        assert torch.equal(sum_s, results[0][1]) and torch.equal(sum_clamped, results[0][2])
+        assert torch.equal(grad_s, results[0][1]) and torch.equal(grad_z, results[0][2])
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided", "expanded"])
@@ -166,3 +166,27 @@ def test_fused_relu_equals_relu_then_fake_quant(layout):
     assert torch.equal(got[0], want_x)
     torch.testing.assert_close(got[1], 0.5 * want_s, rtol=1e-5, atol=1e-6, equal_nan=True)  # NaN input: NaN on both
     torch.testing.assert_close(got[2], -0.5 * 0.02 * want_clamped, rtol=1e-5, atol=1e-6, equal_nan=True)
+
+
+@pytest.mark.parametrize("raw_s, raw_z", [(0.05, 2.3), (-0.05, 2.7), (0.0, 0.0), (1e-9, -1.2), (0.03, 300.0), (-0.2, 15.0)])
+@pytest.mark.parametrize("axis", [None, 0])
+def test_learned_parameters_mapped_in_the_kernel_as_autograd_would(raw_s, raw_z, axis):
+    """learned_fake_quantize maps the raw parameters (|s| floored at MIN_SCALE, z clamped and rounded) and applies
+    their chain rule inside the kernel: output and every gradient equal those of the same mapping written as
+    autograd ops before fake_quantize, bit for bit (also for a negative, zero or tiny scale, a zero point out of
+    range), per tensor and per channel."""
+    g = torch.Generator().manual_seed(7)
+    x = (torch.randn(6, 5, 4, generator=g) * 0.4).requires_grad_()
+    shape = () if axis is None else (6,)
+    scale = torch.full(shape, raw_s).requires_grad_()
+    zp = torch.full(shape, raw_z).requires_grad_()
+    out = learned_fake_quantize(x, scale, zp, 0, 15, axis, 0.3, round_zero_point=True)
+    upstream = torch.randn(out.shape, generator=g)
+    got = torch.autograd.grad(out, (x, scale, zp), upstream)
+    s = torch.clamp(scale.abs(), min=1e-8)
+    zc = torch.clamp(zp, 0, 15)
+    ref = fake_quantize(x, s, zc + (torch.round(zc) - zc).detach(), 0, 15, axis, 0.3)
+    want = torch.autograd.grad(ref, (x, scale, zp), upstream)
+    assert torch.equal(out, ref)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b), (a, b)

@@ -30,6 +30,8 @@ from pathlib import Path
 
 import torch
 
+from qatkit.primitives.qparams import MIN_SCALE
+
 _SOURCE = r"""
 #include <math.h>
 #include <stdint.h>
@@ -75,29 +77,45 @@ CLONES static void backward_block(const float *restrict x, const float *restrict
     *sum_c = sc;
 }
 
+/* A quantizer's raw parameters to the scale and zero point it applies (map = 0: as they are):
+   s = max(|raw|, floor), z = round(clamp(raw, qmin, qmax)); NaN stays NaN, as in torch's clamp. */
+static float mapped_scale(float raw, float floor, int map) {
+    float a = fabsf(raw);
+    return !map ? raw : a < floor ? floor : a;
+}
+static float mapped_zero_point(float raw, float qmin, float qmax, int map) {
+    return !map ? raw : nearbyintf(raw < qmin ? qmin : raw > qmax ? qmax : raw);
+}
+
 /* x holds `channels` runs of k values (channel c: x[c*k .. c*k+k), scale s[c], zero point z[c]; one channel for
    per-tensor). Blocks of at most BLOCK values of one channel run in parallel on the OpenMP pool (torch's own:
    the same libgomp.so.1 is loaded once per process); each channel's block sums are added in block order, so the
    result does not depend on the thread count. */
 void qatkit_fq_forward(const float *x, float *y, int64_t channels, int64_t k, const float *s, const float *z,
-                       float qmin, float qmax, int relu, int threads) {
+                       float qmin, float qmax, int relu, int map_s, int map_z, float floor, int threads) {
     int64_t per = (k + BLOCK - 1) / BLOCK, blocks = channels * per;
     #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
     for (int64_t b = 0; b < blocks; b++) {
         int64_t c = b / per, i0 = c * k + (b % per) * BLOCK, len = c * k + k - i0 < BLOCK ? c * k + k - i0 : BLOCK;
-        forward_block(x + i0, y + i0, len, s[c], z[c], qmin, qmax, relu);
+        forward_block(x + i0, y + i0, len, mapped_scale(s[c], floor, map_s), mapped_zero_point(z[c], qmin, qmax, map_z),
+                      qmin, qmax, relu);
     }
 }
 
+/* Also the gradients of s and z (of the raw parameters with map_s / map_z: the chain rule through |.| and the
+   floor, the clamp and round, with torch's masks), each float32 operation as torch does it in eager mode:
+   grad_s = f32(sum_s)·grad_scale, grad_z = f32(sum_c)·(-s)·grad_scale. */
 int qatkit_fq_backward(const float *x, const float *g, float *gx, int64_t channels, int64_t k, const float *s,
-                       const float *z, float qmin, float qmax, int relu, int threads, double *sum_s, double *sum_c) {
+                       const float *z, float qmin, float qmax, int relu, int map_s, int map_z, float floor,
+                       float grad_scale, int threads, float *grad_s, float *grad_z) {
     int64_t per = (k + BLOCK - 1) / BLOCK, blocks = channels * per;
     double *part = malloc(2 * blocks * sizeof(double));
     if (!part) return 1;
     #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
     for (int64_t b = 0; b < blocks; b++) {
         int64_t c = b / per, i0 = c * k + (b % per) * BLOCK, len = c * k + k - i0 < BLOCK ? c * k + k - i0 : BLOCK;
-        backward_block(x + i0, g + i0, gx + i0, len, s[c], z[c], qmin, qmax, relu, &part[2 * b], &part[2 * b + 1]);
+        backward_block(x + i0, g + i0, gx + i0, len, mapped_scale(s[c], floor, map_s),
+                       mapped_zero_point(z[c], qmin, qmax, map_z), qmin, qmax, relu, &part[2 * b], &part[2 * b + 1]);
     }
     for (int64_t c = 0; c < channels; c++) {
         double ds = 0.0, dc = 0.0;
@@ -105,8 +123,15 @@ int qatkit_fq_backward(const float *x, const float *g, float *gx, int64_t channe
             ds += part[2 * j];
             dc += part[2 * j + 1];
         }
-        sum_s[c] = ds;
-        sum_c[c] = dc;
+        float gs = (float)ds * grad_scale, gz = (float)dc * -mapped_scale(s[c], floor, map_s) * grad_scale;
+        if (map_s) {  /* where(|raw| >= floor, gs, 0) * sgn(raw) */
+            float sign = s[c] > 0.0f ? 1.0f : s[c] < 0.0f ? -1.0f : s[c];
+            gs = (fabsf(s[c]) >= floor ? gs : 0.0f) * sign;
+        }
+        if (map_z)
+            gz = (z[c] >= qmin) & (z[c] <= qmax) ? gz : 0.0f;
+        grad_s[c] = gs;
+        grad_z[c] = gz;
     }
     free(part);
     return 0;
@@ -148,8 +173,9 @@ def _compile() -> ctypes.CDLL:
             os.replace(lib, path)  # atomic: another process may be compiling the same file
     lib = ctypes.CDLL(str(path))
     f32, i64, ptr = ctypes.c_float, ctypes.c_int64, ctypes.c_void_p
-    lib.qatkit_fq_forward.argtypes = [ptr, ptr, i64, i64, ptr, ptr, f32, f32, ctypes.c_int, ctypes.c_int]
-    lib.qatkit_fq_backward.argtypes = [ptr, ptr, ptr, i64, i64, ptr, ptr, f32, f32, ctypes.c_int, ctypes.c_int, ptr, ptr]
+    flag = ctypes.c_int
+    lib.qatkit_fq_forward.argtypes = [ptr, ptr, i64, i64, ptr, ptr, f32, f32, flag, flag, flag, f32, flag]
+    lib.qatkit_fq_backward.argtypes = [ptr, ptr, ptr, i64, i64, ptr, ptr, f32, f32, flag, flag, flag, f32, f32, flag, ptr, ptr]
     lib.qatkit_fq_forward.restype, lib.qatkit_fq_backward.restype = None, ctypes.c_int
     return lib
 
@@ -181,29 +207,33 @@ def _threads(n: int) -> int:
 
 
 def _params(scale: torch.Tensor, zero_point: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return scale.detach().reshape(-1).contiguous(), zero_point.detach().reshape(-1).contiguous()
+    contiguous = (t if t.is_contiguous() else t.contiguous() for t in (scale, zero_point))
+    return tuple(contiguous)
 
 
 def forward(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int,
-            relu: bool = False) -> torch.Tensor:
+            relu: bool = False, map_scale: bool = False, map_zero_point: bool = False) -> torch.Tensor:
     """(clamp(round(x/s) + z, qmin, qmax) - z)·s of a contiguous float32 tensor whose first dimension holds the
-    channels of a (C,) scale and zero point (or any shape, for 0-d ones); of relu(x) with relu=True."""
+    channels of a (C,) scale and zero point (or any shape, for 0-d ones); of relu(x) with relu=True.
+    map_scale: s = max(|scale|, MIN_SCALE); map_zero_point: z = round(clamp(zero_point, qmin, qmax))."""
     s, z = _params(scale, zero_point)
     y = torch.empty_like(x)
     _lib.qatkit_fq_forward(x.data_ptr(), y.data_ptr(), s.numel(), x.numel() // s.numel(), s.data_ptr(), z.data_ptr(),
-                           qmin, qmax, relu, _threads(x.numel()))
+                           qmin, qmax, relu, map_scale, map_zero_point, MIN_SCALE, _threads(x.numel()))
     return y
 
 
 def backward(x: torch.Tensor, grad: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int,
-             qmax: int, relu: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dL/dx, Σ dL/dx̂·dx̂/ds, Σ dL/dx̂ where clamped), the sums per channel (float64, shaped like the scale), for
-    contiguous x and grad laid out as in `forward`."""
+             qmax: int, relu: bool = False, map_scale: bool = False, map_zero_point: bool = False,
+             grad_scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dL/dx, dL/dscale, dL/dzero_point) for contiguous x and grad laid out as in `forward`; the parameter
+    gradients (LSQ, times grad_scale; float32, shaped like the scale) come from per-channel sums of float32
+    block sums in float64, in block order."""
     s, z = _params(scale, zero_point)
     grad_x = torch.empty_like(x)
-    sums = torch.empty(2, s.numel(), dtype=torch.float64)
+    grad_s, grad_z = torch.empty(scale.shape), torch.empty(scale.shape)
     if _lib.qatkit_fq_backward(x.data_ptr(), grad.data_ptr(), grad_x.data_ptr(), s.numel(), x.numel() // s.numel(),
-                               s.data_ptr(), z.data_ptr(), qmin, qmax, relu, _threads(x.numel()), sums[0].data_ptr(),
-                               sums[1].data_ptr()):
+                               s.data_ptr(), z.data_ptr(), qmin, qmax, relu, map_scale, map_zero_point, MIN_SCALE,
+                               grad_scale, _threads(x.numel()), grad_s.data_ptr(), grad_z.data_ptr()):
         raise MemoryError(f"fake-quant backward: no memory for the block sums of {x.numel()} values")
-    return grad_x, sums[0].view(scale.shape), sums[1].view(scale.shape)
+    return grad_x, grad_s, grad_z

@@ -9,6 +9,11 @@ Gradients (one autograd Function; float32 on the CPU: one fused loop each way, s
     dx̂/dz = 0 inside, -s outside                              (learnable zero point, LSQ+)
 The scale and zero-point gradients are multiplied by `grad_scale` (LSQ: 1/sqrt(N * qmax)).
 `s` and `z` are per-tensor (0-d) or per-channel (1-d, length x.shape[axis]); `z` holds integers.
+
+`learned_fake_quantize` takes a quantizer's raw parameters instead: s = max(|scale|, MIN_SCALE) and
+z = round(clamp(zero_point, qmin, qmax)) (straight through the rounding), mapped and differentiated inside
+the same autograd node: the same values and gradients as those small ops in autograd, without the per-call
+cost of their nodes (a dozen per quantizer, as much time as fake-quantizing a small activation).
 """
 from __future__ import annotations
 
@@ -16,6 +21,7 @@ import math
 import torch
 
 from qatkit.primitives import cpu_kernel
+from qatkit.primitives.qparams import MIN_SCALE
 
 
 def per_channel_view(t: torch.Tensor, x: torch.Tensor, axis: int | None) -> torch.Tensor:
@@ -60,11 +66,15 @@ def _kernel_order(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
 
 def _flatten(t: torch.Tensor, order: list[int]) -> torch.Tensor:
     """t read in `order` as one contiguous run (a view when t is laid out that way)."""
+    if t.is_contiguous() and order == sorted(order):
+        return t.view(-1)
     return t.permute(order).reshape(-1)
 
 
 def _unflatten(flat: torch.Tensor, like: torch.Tensor, order: list[int]) -> torch.Tensor:
     """The inverse of _flatten: like's shape, in like's layout."""
+    if order == sorted(order):
+        return flat.view(like.shape)
     return flat.view([like.shape[d] for d in order]).permute([order.index(d) for d in range(like.dim())])
 
 
@@ -73,33 +83,45 @@ class _FakeQuantize(torch.autograd.Function):
     shape and layout; per-channel: the channel axis outermost, as for weights); otherwise the eager formulas."""
 
     @staticmethod
-    def forward(ctx, x, scale, zero_point, qmin, qmax, axis, grad_scale, relu=False):
-        """relu=True (kernel path only): fake-quantize relu(x), with relu's gradient, in the same pass."""
+    def forward(ctx, x, scale, zero_point, qmin, qmax, axis, grad_scale, relu=False, map_scale=False, map_zero_point=False):
+        """relu=True (kernel path only): fake-quantize relu(x), with relu's gradient, in the same pass.
+        map_scale / map_zero_point: `scale` / `zero_point` are raw parameters (see learned_fake_quantize)."""
         ctx.save_for_backward(x, scale, zero_point)
-        ctx.qrange, ctx.axis, ctx.grad_scale, ctx.relu = (qmin, qmax), axis, grad_scale, relu
+        ctx.qrange, ctx.axis, ctx.grad_scale, ctx.relu, ctx.maps = (qmin, qmax), axis, grad_scale, relu, (map_scale, map_zero_point)
         order = _kernel_order(x, scale, zero_point, axis)
         if order is not None:
-            return _unflatten(cpu_kernel.forward(_flatten(x, order), scale, zero_point, qmin, qmax, relu), x, order)
+            y = cpu_kernel.forward(_flatten(x, order), scale, zero_point, qmin, qmax, relu, map_scale, map_zero_point)
+            return _unflatten(y, x, order)
         assert not relu, "relu is fused on the kernel path only"
-        s, z = per_channel_view(scale, x, axis), per_channel_view(zero_point, x, axis)
-        return _forward(x, s, z, qmin, qmax)
+        s, z = _mapped(scale, zero_point, qmin, qmax, map_scale, map_zero_point)
+        return _forward(x, per_channel_view(s, x, axis), per_channel_view(z, x, axis), qmin, qmax)
 
     @staticmethod
     def backward(ctx, grad):
         x, scale, zero_point = ctx.saved_tensors
-        (qmin, qmax), axis = ctx.qrange, ctx.axis
+        (qmin, qmax), axis, (map_s, map_z), needs = ctx.qrange, ctx.axis, ctx.maps, ctx.needs_input_grad
         order = _kernel_order(x, scale, zero_point, axis) if grad.dtype == x.dtype else None
-        if order is not None:
-            grad_x, grad_s, grad_clamped = cpu_kernel.backward(_flatten(x, order), _flatten(grad, order), scale,
-                                                               zero_point, qmin, qmax, ctx.relu)
-            grad_x, grad_s, grad_clamped = _unflatten(grad_x, x, order), grad_s.to(scale.dtype), grad_clamped.to(scale.dtype)
+        if order is not None:  # the parameter gradients, chain rule and LSQ scale included, come from the kernel
+            grad_x, grad_s, grad_z = cpu_kernel.backward(_flatten(x, order), _flatten(grad, order), scale, zero_point,
+                                                         qmin, qmax, ctx.relu, map_s, map_z, ctx.grad_scale)
+            grad_x = _unflatten(grad_x, x, order)
         else:
-            s, z = per_channel_view(scale, x, axis), per_channel_view(zero_point, x, axis)
-            dims = tuple(range(x.dim())) if scale.dim() == 0 else tuple(d for d in range(x.dim()) if d != axis % x.dim())
-            grad_x, grad_s, grad_clamped = _backward(x, grad, s, z, qmin, qmax, dims)
-        grad_s = grad_s * ctx.grad_scale if ctx.needs_input_grad[1] else None
-        grad_z = grad_clamped * -scale * ctx.grad_scale if ctx.needs_input_grad[2] else None
-        return grad_x if ctx.needs_input_grad[0] else None, grad_s, grad_z, None, None, None, None, None
+            s, z = _mapped(scale, zero_point, qmin, qmax, map_s, map_z)
+            dims = tuple(range(x.dim())) if s.dim() == 0 else tuple(d for d in range(x.dim()) if d != axis % x.dim())
+            grad_x, grad_s, grad_clamped = _backward(x, grad, per_channel_view(s, x, axis), per_channel_view(z, x, axis),
+                                                     qmin, qmax, dims)
+            grad_s, grad_z = grad_s * ctx.grad_scale, grad_clamped * -s * ctx.grad_scale
+            if map_s:  # the chain rule through |.|, the floor (clamp_min), the clamp and round (1): autograd's masks
+                grad_s = torch.where(scale.abs() >= MIN_SCALE, grad_s, 0.0) * scale.sgn()
+            if map_z:
+                grad_z = torch.where((zero_point >= qmin) & (zero_point <= qmax), grad_z, 0.0)
+        return (grad_x if needs[0] else None, grad_s if needs[1] else None, grad_z if needs[2] else None,
+                None, None, None, None, None, None, None)
+
+
+def _mapped(scale, zero_point, qmin: int, qmax: int, map_scale: bool, map_zero_point: bool):
+    s = scale.abs().clamp_min(MIN_SCALE) if map_scale else scale
+    return s, zero_point.clamp(qmin, qmax).round() if map_zero_point else zero_point
 
 
 def fake_quantize(
@@ -114,9 +136,26 @@ def fake_quantize(
 ) -> torch.Tensor:
     """x̂ = (clamp(round(x/s) + z, qmin, qmax) - z) * s with STE/LSQ gradients (see module doc); of relu(x)
     with relu=True (fused into the kernel where it runs: no relu tensor, no second pass)."""
+    return learned_fake_quantize(x, scale, zero_point, qmin, qmax, axis, grad_scale, relu, map_scale=False)
+
+
+def learned_fake_quantize(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    qmin: int,
+    qmax: int,
+    axis: int | None = None,
+    grad_scale: float = 1.0,
+    relu: bool = False,
+    round_zero_point: bool = False,
+    map_scale: bool = True,
+) -> torch.Tensor:
+    """fake_quantize with s = max(|scale|, MIN_SCALE) and, with round_zero_point, z = round(clamp(zero_point,
+    qmin, qmax)); the gradients go to the raw `scale` and `zero_point` (see module doc)."""
     if relu and _kernel_order(x, scale, zero_point, axis) is None:
         x, relu = torch.relu(x), False
-    return _FakeQuantize.apply(x, scale, zero_point, qmin, qmax, axis, grad_scale, relu)
+    return _FakeQuantize.apply(x, scale, zero_point, qmin, qmax, axis, grad_scale, relu, map_scale, round_zero_point)
 
 
 def quantize_codes(
