@@ -236,11 +236,11 @@ def run_task(task: Task, results: dict, out: Path, data_root: Path, quick: bool,
     limit = QUICK["train"] if quick else None
     ds = task.load(data_root, limit)
     seeds = seeds or list(task.seeds[:1] if quick else task.seeds)
-    results["tasks"][task.name] = {"dataset": task.dataset, "model": task.model, "train_samples": len(ds.train),
-                                   "test_samples": len(ds.test), "seeds": seeds,
-                                   "float_recipe": to_dict(task.float_train), "qat_recipe": to_dict(task.qat_train),
-                                   "qat_recipe_at": task.qat_train_at,
-                                   "qat_config": to_dict(task.qat)}
+    if runs or task.name not in results["tasks"]:  # the recipes of the runs in the file (--timing-only runs none)
+        results["tasks"][task.name] = {"dataset": task.dataset, "model": task.model, "train_samples": len(ds.train),
+                                       "test_samples": len(ds.test), "seeds": seeds,
+                                       "float_recipe": to_dict(task.float_train), "qat_recipe": to_dict(task.qat_train),
+                                       "qat_recipe_at": task.qat_train_at, "qat_config": to_dict(task.qat)}
     work = work / ("suite-quick" if quick else "suite") / task.name
     work.mkdir(parents=True, exist_ok=True)
     if runs:  # runs of an earlier recipe run again

@@ -102,6 +102,7 @@ def test_timing_only_measures_and_runs_nothing(quick, monkeypatch, capsys):
                        "--work", str(work), "--out", str(out)]) == 0
     again = json.loads(out.read_text())
     assert again["runs"] == results["runs"] and "accuracy" not in capsys.readouterr().out
+    assert again["tasks"] == results["tasks"]  # the recipes of the runs, not the changed one
     for section in ("latency_ms", "step_times"):  # measured again: new figures, the same models
         assert again[section][task.name] != results[section][task.name]
     assert again["latency_ms"][task.name].keys() == results["latency_ms"][task.name].keys()
