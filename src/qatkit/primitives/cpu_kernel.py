@@ -78,10 +78,10 @@ CLONES static void backward_block(const float *restrict x, const float *restrict
 }
 
 /* A quantizer's raw parameters to the scale and zero point it applies (map = 0: as they are):
-   s = max(|raw|, floor), z = round(clamp(raw, qmin, qmax)); NaN stays NaN, as in torch's clamp. */
-static float mapped_scale(float raw, float floor, int map) {
+   s = max(|raw|, min_scale), z = round(clamp(raw, qmin, qmax)); NaN stays NaN, as in torch's clamp. */
+static float mapped_scale(float raw, float min_scale, int map) {
     float a = fabsf(raw);
-    return !map ? raw : a < floor ? floor : a;
+    return !map ? raw : a < min_scale ? min_scale : a;
 }
 static float mapped_zero_point(float raw, float qmin, float qmax, int map) {
     return !map ? raw : nearbyintf(raw < qmin ? qmin : raw > qmax ? qmax : raw);
@@ -92,21 +92,21 @@ static float mapped_zero_point(float raw, float qmin, float qmax, int map) {
    the same libgomp.so.1 is loaded once per process); each channel's block sums are added in block order, so the
    result does not depend on the thread count. */
 void qatkit_fq_forward(const float *x, float *y, int64_t channels, int64_t k, const float *s, const float *z,
-                       float qmin, float qmax, int relu, int map_s, int map_z, float floor, int threads) {
+                       float qmin, float qmax, int relu, int map_s, int map_z, float min_scale, int threads) {
     int64_t per = (k + BLOCK - 1) / BLOCK, blocks = channels * per;
     #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
     for (int64_t b = 0; b < blocks; b++) {
         int64_t c = b / per, i0 = c * k + (b % per) * BLOCK, len = c * k + k - i0 < BLOCK ? c * k + k - i0 : BLOCK;
-        forward_block(x + i0, y + i0, len, mapped_scale(s[c], floor, map_s), mapped_zero_point(z[c], qmin, qmax, map_z),
+        forward_block(x + i0, y + i0, len, mapped_scale(s[c], min_scale, map_s), mapped_zero_point(z[c], qmin, qmax, map_z),
                       qmin, qmax, relu);
     }
 }
 
 /* Also the gradients of s and z (of the raw parameters with map_s / map_z: the chain rule through |.| and the
-   floor, the clamp and round, with torch's masks), each float32 operation as torch does it in eager mode:
+   floor at min_scale, the clamp and round, with torch's masks), each float32 operation as torch does it in eager mode:
    grad_s = f32(sum_s)·grad_scale, grad_z = f32(sum_c)·(-s)·grad_scale. */
 int qatkit_fq_backward(const float *x, const float *g, float *gx, int64_t channels, int64_t k, const float *s,
-                       const float *z, float qmin, float qmax, int relu, int map_s, int map_z, float floor,
+                       const float *z, float qmin, float qmax, int relu, int map_s, int map_z, float min_scale,
                        float grad_scale, int threads, float *grad_s, float *grad_z) {
     int64_t per = (k + BLOCK - 1) / BLOCK, blocks = channels * per;
     double *part = malloc(2 * blocks * sizeof(double));
@@ -114,7 +114,7 @@ int qatkit_fq_backward(const float *x, const float *g, float *gx, int64_t channe
     #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
     for (int64_t b = 0; b < blocks; b++) {
         int64_t c = b / per, i0 = c * k + (b % per) * BLOCK, len = c * k + k - i0 < BLOCK ? c * k + k - i0 : BLOCK;
-        backward_block(x + i0, g + i0, gx + i0, len, mapped_scale(s[c], floor, map_s),
+        backward_block(x + i0, g + i0, gx + i0, len, mapped_scale(s[c], min_scale, map_s),
                        mapped_zero_point(z[c], qmin, qmax, map_z), qmin, qmax, relu, &part[2 * b], &part[2 * b + 1]);
     }
     for (int64_t c = 0; c < channels; c++) {
@@ -123,10 +123,10 @@ int qatkit_fq_backward(const float *x, const float *g, float *gx, int64_t channe
             ds += part[2 * j];
             dc += part[2 * j + 1];
         }
-        float gs = (float)ds * grad_scale, gz = (float)dc * -mapped_scale(s[c], floor, map_s) * grad_scale;
-        if (map_s) {  /* where(|raw| >= floor, gs, 0) * sgn(raw) */
+        float gs = (float)ds * grad_scale, gz = (float)dc * -mapped_scale(s[c], min_scale, map_s) * grad_scale;
+        if (map_s) {  /* where(|raw| >= min_scale, gs, 0) * sgn(raw) */
             float sign = s[c] > 0.0f ? 1.0f : s[c] < 0.0f ? -1.0f : s[c];
-            gs = (fabsf(s[c]) >= floor ? gs : 0.0f) * sign;
+            gs = (fabsf(s[c]) >= min_scale ? gs : 0.0f) * sign;
         }
         if (map_z)
             gz = (z[c] >= qmin) & (z[c] <= qmax) ? gz : 0.0f;
