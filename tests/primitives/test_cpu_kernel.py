@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from qatkit.primitives import cpu_kernel, fake_quantize, learned_fake_quantize
+from qatkit.primitives import cpu_kernel, fake_quantize
 from qatkit.primitives.fake_quant import _backward, _forward
 from qatkit.primitives.reference import ref_fake_quantize
 
@@ -171,7 +171,7 @@ def test_fused_relu_equals_relu_then_fake_quant(layout):
 @pytest.mark.parametrize("raw_s, raw_z", [(0.05, 2.3), (-0.05, 2.7), (0.0, 0.0), (1e-9, -1.2), (0.03, 300.0), (-0.2, 15.0)])
 @pytest.mark.parametrize("axis", [None, 0])
 def test_learned_parameters_mapped_in_the_kernel_as_autograd_would(raw_s, raw_z, axis):
-    """learned_fake_quantize maps the raw parameters (|s| floored at MIN_SCALE, z clamped and rounded) and applies
+    """fake_quantize(map_scale=True, map_zero_point=True) maps the raw parameters (|s| floored at MIN_SCALE, z clamped and rounded) and applies
     their chain rule inside the kernel: output and every gradient equal those of the same mapping written as
     autograd ops before fake_quantize, bit for bit (also for a negative, zero or tiny scale, a zero point out of
     range), per tensor and per channel."""
@@ -180,7 +180,7 @@ def test_learned_parameters_mapped_in_the_kernel_as_autograd_would(raw_s, raw_z,
     shape = () if axis is None else (6,)
     scale = torch.full(shape, raw_s).requires_grad_()
     zp = torch.full(shape, raw_z).requires_grad_()
-    out = learned_fake_quantize(x, scale, zp, 0, 15, axis, 0.3, round_zero_point=True)
+    out = fake_quantize(x, scale, zp, 0, 15, axis, 0.3, map_scale=True, map_zero_point=True)
     upstream = torch.randn(out.shape, generator=g)
     got = torch.autograd.grad(out, (x, scale, zp), upstream)
     s = torch.clamp(scale.abs(), min=1e-8)

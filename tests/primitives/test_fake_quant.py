@@ -18,7 +18,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qatkit.primitives import fake_quantize, learned_fake_quantize, lsq_grad_scale, qrange, quantize_codes
+from qatkit.primitives import fake_quantize, lsq_grad_scale, qrange, quantize_codes
 from qatkit.primitives.fake_quant import per_channel_view
 from qatkit.primitives.reference import ref_codes, ref_fake_quantize, ref_lsq_grads
 
@@ -181,7 +181,7 @@ def test_learned_parameters_equal_the_mapping_in_autograd(raw_s, raw_z, axis):
     shape = () if axis is None else (SHAPE[axis],)
     scale = torch.full(shape, raw_s, dtype=torch.float64, requires_grad=True)
     zp = torch.full(shape, raw_z, dtype=torch.float64, requires_grad=True)
-    out = learned_fake_quantize(x, scale, zp, 0, 15, axis, 0.3, round_zero_point=True)
+    out = fake_quantize(x, scale, zp, 0, 15, axis, 0.3, map_scale=True, map_zero_point=True)
     upstream = torch.randn(out.shape, generator=g, dtype=torch.float64)
     got = torch.autograd.grad(out, (x, scale, zp), upstream)
     zc = torch.clamp(zp, 0, 15)

@@ -10,7 +10,7 @@ Gradients (one autograd Function; float32 on the CPU: one fused loop each way, s
 The scale and zero-point gradients are multiplied by `grad_scale` (LSQ: 1/sqrt(N * qmax)).
 `s` and `z` are per-tensor (0-d) or per-channel (1-d, length x.shape[axis]); `z` holds integers.
 
-`learned_fake_quantize` takes a quantizer's raw parameters instead: s = max(|scale|, MIN_SCALE) and
+With map_scale / map_zero_point, fake_quantize takes a quantizer's raw parameters instead: s = max(|scale|, MIN_SCALE) and
 z = round(clamp(zero_point, qmin, qmax)) (straight through the rounding), mapped and differentiated inside
 the same autograd node: the same values and gradients as those small ops in autograd, without the per-call
 cost of their nodes (a dozen per quantizer, as much time as fake-quantizing a small activation).
@@ -85,7 +85,7 @@ class _FakeQuantize(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, scale, zero_point, qmin, qmax, axis, grad_scale, relu=False, map_scale=False, map_zero_point=False):
         """relu=True (kernel path only): fake-quantize relu(x), with relu's gradient, in the same pass.
-        map_scale / map_zero_point: `scale` / `zero_point` are raw parameters (see learned_fake_quantize)."""
+        map_scale / map_zero_point: `scale` / `zero_point` are raw parameters (see fake_quantize)."""
         ctx.save_for_backward(x, scale, zero_point)
         ctx.qrange, ctx.axis, ctx.grad_scale, ctx.relu, ctx.maps = (qmin, qmax), axis, grad_scale, relu, (map_scale, map_zero_point)
         order = _kernel_order(x, scale, zero_point, axis)
@@ -133,29 +133,17 @@ def fake_quantize(
     axis: int | None = None,
     grad_scale: float = 1.0,
     relu: bool = False,
+    *,
+    map_scale: bool = False,
+    map_zero_point: bool = False,
 ) -> torch.Tensor:
     """x̂ = (clamp(round(x/s) + z, qmin, qmax) - z) * s with STE/LSQ gradients (see module doc); of relu(x)
-    with relu=True (fused into the kernel where it runs: no relu tensor, no second pass)."""
-    return learned_fake_quantize(x, scale, zero_point, qmin, qmax, axis, grad_scale, relu, map_scale=False)
-
-
-def learned_fake_quantize(
-    x: torch.Tensor,
-    scale: torch.Tensor,
-    zero_point: torch.Tensor,
-    qmin: int,
-    qmax: int,
-    axis: int | None = None,
-    grad_scale: float = 1.0,
-    relu: bool = False,
-    round_zero_point: bool = False,
-    map_scale: bool = True,
-) -> torch.Tensor:
-    """fake_quantize with s = max(|scale|, MIN_SCALE) and, with round_zero_point, z = round(clamp(zero_point,
-    qmin, qmax)); the gradients go to the raw `scale` and `zero_point` (see module doc)."""
+    with relu=True (fused into the kernel where it runs: no relu tensor, no second pass). A quantizer's raw
+    parameters: map_scale takes s = max(|scale|, MIN_SCALE), map_zero_point z = round(clamp(zero_point, qmin,
+    qmax)); the gradients then go to the raw `scale` and `zero_point`."""
     if relu and _kernel_order(x, scale, zero_point, axis) is None:
         x, relu = torch.relu(x), False
-    return _FakeQuantize.apply(x, scale, zero_point, qmin, qmax, axis, grad_scale, relu, map_scale, round_zero_point)
+    return _FakeQuantize.apply(x, scale, zero_point, qmin, qmax, axis, grad_scale, relu, map_scale, map_zero_point)
 
 
 def quantize_codes(
