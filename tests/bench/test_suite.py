@@ -62,6 +62,17 @@ def test_every_planned_row_is_there(quick):
             < by[("float", 32, 32)]["model_bytes"]
 
 
+def test_planned_runs_train_the_targeted_rows_of_every_seed_first():
+    runs = suite.planned_runs(suite.TASKS["mnist-small-cnn"], [0, 1, 2])
+    assert len(runs) == len(set(runs)) == 3 * (1 + 2 * len(suite.PAIRS) + len(suite.QAT_ORDER) + 1
+                                               + len(suite.PROGRESSIVE))
+    trained = [r for r in runs if r[0] in ("qat", "torch.ao-qat")]
+    assert all(r[0] not in ("qat", "torch.ao-qat") for r in runs[:len(runs) - len(trained)])  # float and PTQ first
+    # every seed's W4A4, W8A8 and W2A2 (the rows both tasks target) before any other training run
+    assert {(r[1], r[2], r[4]) for r in trained[:9]} == {(b, b, s) for b in (4, 8, 2) for s in (0, 1, 2)}
+    assert [r[4] for r in trained[:3]] == [0, 1, 2]
+
+
 def test_qat_and_w8a8_exports_compute_what_qatkit_computes(quick):
     """Every QAT row (2 to 8 bits) and every W8A8 row: ONNX Runtime computes qatkit's integers."""
     _, _, results = quick
