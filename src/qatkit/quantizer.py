@@ -90,8 +90,8 @@ class FakeQuantizer(nn.Module):
         qmin, qmax = self.qrange
         per_scale = x.numel() // (self.scale.numel() if self.kind == "weight" else max(x.shape[0], 1))
         # the mapping of _scale_zp, inside the fake-quant's autograd node (cheaper than its small ops' own)
-        return fake_quantize(x, self.scale, self.zero_point, qmin, qmax, self.axis, lsq_grad_scale(per_scale, qmax), relu,
-                             map_scale=True, map_zero_point=isinstance(self.zero_point, nn.Parameter))
+        return fake_quantize(x, self.scale, self.zero_point, qmin, qmax, self.axis, lsq_grad_scale(per_scale, qmax),
+                             relu, map_scale=True, map_zero_point=isinstance(self.zero_point, nn.Parameter))
 
     def codes(self, x: torch.Tensor) -> torch.Tensor:
         """Integer codes of x (as float values) under the current parameters."""

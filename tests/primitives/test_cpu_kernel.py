@@ -171,8 +171,8 @@ def test_fused_relu_equals_relu_then_fake_quant(layout):
 @pytest.mark.parametrize("raw_s, raw_z", [(0.05, 2.3), (-0.05, 2.7), (0.0, 0.0), (1e-9, -1.2), (0.03, 300.0), (-0.2, 15.0)])
 @pytest.mark.parametrize("axis", [None, 0])
 def test_learned_parameters_mapped_in_the_kernel_as_autograd_would(raw_s, raw_z, axis):
-    """fake_quantize(map_scale=True, map_zero_point=True) maps the raw parameters (|s| floored at MIN_SCALE, z clamped and rounded) and applies
-    their chain rule inside the kernel: output and every gradient equal those of the same mapping written as
+    """fake_quantize(map_scale=True, map_zero_point=True) maps the raw parameters (|s| floored at MIN_SCALE, z
+    clamped and rounded) and applies their chain rule inside the kernel: output and every gradient equal those of the same mapping written as
     autograd ops before fake_quantize, bit for bit (also for a negative, zero or tiny scale, a zero point out of
     range), per tensor and per channel."""
     g = torch.Generator().manual_seed(7)

@@ -10,9 +10,9 @@ Gradients (one autograd Function; float32 on the CPU: one fused loop each way, s
 The scale and zero-point gradients are multiplied by `grad_scale` (LSQ: 1/sqrt(N * qmax)).
 `s` and `z` are per-tensor (0-d) or per-channel (1-d, length x.shape[axis]); `z` holds integers.
 
-With map_scale / map_zero_point, fake_quantize takes a quantizer's raw parameters instead: s = max(|scale|, MIN_SCALE) and
-z = round(clamp(zero_point, qmin, qmax)) (straight through the rounding), mapped and differentiated inside
-the same autograd node: the same values and gradients as those small ops in autograd, without the per-call
+With map_scale / map_zero_point, fake_quantize takes a quantizer's raw parameters instead:
+s = max(|scale|, MIN_SCALE) and z = round(clamp(zero_point, qmin, qmax)) (straight through the rounding),
+mapped and differentiated inside the same autograd node: the same values and gradients as those small ops in autograd, without the per-call
 cost of their nodes (a dozen per quantizer, as much time as fake-quantizing a small activation).
 """
 from __future__ import annotations
@@ -87,7 +87,8 @@ class _FakeQuantize(torch.autograd.Function):
         """relu=True (kernel path only): fake-quantize relu(x), with relu's gradient, in the same pass.
         map_scale / map_zero_point: `scale` / `zero_point` are raw parameters (see fake_quantize)."""
         ctx.save_for_backward(x, scale, zero_point)
-        ctx.qrange, ctx.axis, ctx.grad_scale, ctx.relu, ctx.maps = (qmin, qmax), axis, grad_scale, relu, (map_scale, map_zero_point)
+        ctx.qrange, ctx.axis, ctx.grad_scale, ctx.relu = (qmin, qmax), axis, grad_scale, relu
+        ctx.maps = map_scale, map_zero_point
         order = _kernel_order(x, scale, zero_point, axis)
         if order is not None:
             y = cpu_kernel.forward(_flatten(x, order), scale, zero_point, qmin, qmax, relu, map_scale, map_zero_point)
