@@ -1,115 +1,121 @@
-"""Deploy check of issue 3: models trained W8A8 (and W4A4) by qatkit, exported to ONNX, run by ONNX Runtime
-on the whole test set and compared with qatkit's own model (`qatkit verify`), and the integer-only reference
-executor's float32 and fixed-point modes against ONNX Runtime on the same test set.
+"""Deploy check of issue 3 on the suite's trained QAT models: the integer-only reference executor against ONNX Runtime.
 
-Training uses the first N training samples and few epochs (the check is about agreement, not accuracy);
-each finished task is cached in the results file, so an interrupted run resumes.
+For each (task, bits, seed) it takes the ONNX file bench/suite.py exported for that QAT row (the fully trained model;
+the row's `verify` already holds ONNX Runtime against qatkit's own model on the whole test set) and measures on the
+test set (CIFAR-10: the first 2,000 images, the numpy reference is slow):
+  - ort_vs_float32: ONNX Runtime's output against the reference in float32-multiplier mode (ORT's arithmetic);
+  - for each fixed-point mode, against float32 mode:
+      end_to_end  the graph's output values, each mode running on its own integers (differences compound: a flip
+                  in one layer moves the accumulators of the next);
+      per_kernel  every integer kernel's output codes with its inputs forced to float32 mode's codes, by op kind
+                  (what the requantization rule itself changes).
+Each entry reports `equal` (fraction of equal values), `values` and `max_steps` (largest difference, in steps).
+Results are cached per model, so an interrupted run resumes.
 
-    python bench/deploy_agreement.py [--data ../shared/data] [--out bench/results/deploy_agreement.json]
-    python bench/deploy_agreement.py --bits 4,8 --tasks cifar10-resnet20 --out bench/results/deploy_agreement_w4a8.json
+    python bench/suite.py --no-timing        # first: trains and exports the QAT rows
+    python bench/deploy_agreement.py [--bits 8,8 4,4] [--tasks mnist-small-cnn cifar10-resnet20]
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
-import tempfile
 import time
+from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from qatkit.config import TrainConfig
-from qatkit.convert import convert
-from qatkit.data import load_dataset
-from qatkit.export import export_onnx, verify
+from qatkit.data.loader import BatchLoader
 from qatkit.export.integer_reference import REQUANT_MODES, IntegerReference
 from qatkit.export.ort import session
-from qatkit.pipeline import RunConfig, _loaders, quantize, train_float
-from qatkit.train import evaluate
+from recipes import BENCH, DEFAULT_DATA, TASKS, WORK
+from suite import recipe_id, write
 
-TASKS = {  # name: dataset, data folder, model, train samples, float epochs, QAT epochs, augment
-    "mnist-small-cnn": ("mnist", "mnist", "small-cnn", 20000, 2, 1, "none"),
-    "cifar10-resnet20": ("cifar10", "cifar10", "resnet20", 10000, 4, 1, "crop-flip"),
-}
+LIMIT = {"mnist-small-cnn": None, "cifar10-resnet20": 2000}  # test images (None: all)
+BATCH = 250
 
 
-REFERENCE_SAMPLES = {"mnist-small-cnn": None, "cifar10-resnet20": 2000}  # numpy reference is slow: a subset for CIFAR
+class Tally:
+    """Equal fraction and largest difference (in steps) over many arrays."""
+
+    def __init__(self):
+        self.equal, self.values, self.max_steps = 0, 0, 0.0
+
+    def add(self, a: np.ndarray, b: np.ndarray, step: float = 1.0) -> None:
+        d = np.abs(a.astype(np.float64) - b.astype(np.float64)) / step
+        self.equal += int((d < 1e-3).sum())
+        self.values += d.size
+        self.max_steps = max(self.max_steps, float(d.max(initial=0.0)))
+
+    def result(self) -> dict:
+        return {"equal": self.equal / max(self.values, 1), "values": self.values, "max_steps": round(self.max_steps, 3)}
 
 
-def reference_agreement(path: Path, loader, limit: int | None = None) -> dict:
-    """The integer-only reference on the whole test set: float32-multiplier mode against ONNX Runtime's output,
-    and each fixed-point mode against float32 mode (fraction of equal output values, largest difference in
-    output steps)."""
+def agreement(path: Path, loader, limit: int | None) -> dict:
     sess = session(path, threads=1)
     modes = {m: IntegerReference(path, m) for m in REQUANT_MODES}
-    graph = modes["float32"].model.graph
-    nodes = {n.output[0]: n for n in graph.node}
-    step = float(modes["float32"].consts[nodes[nodes["output"].input[0]].input[1]])  # output = Identity(DQ(q, s, z))
-    stats = {key: [0, 0, 0.0] for key in ["ort_vs_float32"] + [f"{m}_vs_float32" for m in REQUANT_MODES[1:]]}
+    ref = modes["float32"]
+    nodes = {n.output[0]: n for n in ref.model.graph.node}
+    out_dq = nodes[nodes[ref.output_names[0]].input[0]] if nodes[ref.output_names[0]].op_type == "Identity" \
+        else nodes[ref.output_names[0]]
+    out_q, step = out_dq.input[0], ref.consts[out_dq.input[1]]  # the output's codes and DequantizeLinear scale
+    zero = ref.consts[out_dq.input[2]] if len(out_dq.input) > 2 and out_dq.input[2] else 0
+    ort = Tally()
+    end_to_end = {m: Tally() for m in REQUANT_MODES[1:]}
+    per_kernel = {m: defaultdict(Tally) for m in REQUANT_MODES[1:]}
     seen = 0
     for x, _ in loader:
-        if limit is not None and seen >= limit:
-            break
         x = x.numpy()[: None if limit is None else limit - seen]
+        if x.shape[0] == 0:
+            break
         seen += x.shape[0]
-        ref = modes["float32"].run(x)
-        pairs = {"ort_vs_float32": sess.run(["output"], {sess.get_inputs()[0].name: x})[0]}
-        pairs |= {f"{m}_vs_float32": modes[m].run(x) for m in REQUANT_MODES[1:]}
-        for key, other in pairs.items():
-            d = np.abs(other - ref) / step
-            eq, n, worst = stats[key]
-            stats[key] = [eq + int((d < 1e-3).sum()), n + d.size, max(worst, float(d.max()))]
-    return {k: {"equal": eq / n, "values": n, "max_steps": round(w, 3)} for k, (eq, n, w) in stats.items()}
-
-
-def run_task(name: str, data_root: Path, pairs: list[tuple[int, int]]) -> dict:
-    dataset, folder, model, n_train, float_epochs, qat_epochs, augment = TASKS[name]
-    ds = load_dataset(dataset, str(data_root / folder))
-    ds = dataclasses.replace(ds, train=ds.train.head(n_train))
-    config = RunConfig(dataset=dataset, model=model, float_epochs=float_epochs, float_lr=3e-3,
-                       train=TrainConfig(epochs=qat_epochs, lr=3e-4, distill=0.5, augment=augment, progress=False))
-    _, _, test_loader = _loaders(ds, config.train)
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp)
-        t0 = time.perf_counter()
-        float_model = train_float(config, ds, out)
-        float_acc = evaluate(float_model, test_loader)["accuracy"]
-        for w_bits, a_bits in pairs:
-            t = time.perf_counter()
-            qat = quantize(config, ds, float_model, w_bits, a_bits, out, train=True)
-            path = out / f"w{w_bits}a{a_bits}.onnx"
-            integer = convert(qat)
-            notes = export_onnx(integer, path, torch.zeros(1, ds.in_channels, ds.image_size, ds.image_size))
-            check = verify(path, integer, test_loader)
-            rows.append({"weight_bits": w_bits, "act_bits": a_bits, "qat_accuracy": evaluate(integer, test_loader)["accuracy"],
-                         **{k: check[k] for k in ("n", "top1_agreement", "within_one_step", "max_step_diff")},
-                         "per_layer": check["per_layer"], "onnx_bytes": path.stat().st_size, "notes": notes,
-                         "integer_reference": reference_agreement(path, test_loader, REFERENCE_SAMPLES[name]),
-                         "seconds": round(time.perf_counter() - t, 1)})
-            print(name, rows[-1], flush=True)
-    return {"task": name, "train_samples": n_train, "float_epochs": float_epochs, "qat_epochs": qat_epochs,
-            "float_accuracy": float_acc, "rows": rows, "seconds": round(time.perf_counter() - t0, 1)}
+        codes = ref.run_codes(x)
+        y = (codes[out_q].astype(np.float32) - np.float32(zero)) * step  # DequantizeLinear, in float32 as ORT
+        ort.add(sess.run(None, {sess.get_inputs()[0].name: x})[0], y, float(step))
+        for m in REQUANT_MODES[1:]:
+            end_to_end[m].add(modes[m].run_codes(x)[out_q], codes[out_q])
+            kinds = {f.out: f.kind for f in modes[m].fused.values()}
+            for name, v in modes[m].run_codes(x, force=codes).items():
+                per_kernel[m][kinds.get(name, "QuantizeLinear")].add(v, codes[name])
+    return {"images": seen, "ort_vs_float32": ort.result(),
+            **{f"{m}_vs_float32": {"end_to_end": end_to_end[m].result(),
+                                   "per_kernel": {k: t.result() for k, t in sorted(per_kernel[m].items())}}
+               for m in REQUANT_MODES[1:]}}
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default=str(Path(__file__).resolve().parents[1].parent / "shared" / "data"))
-    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "deploy_agreement.json"))
-    parser.add_argument("--bits", nargs="+", default=["8,8", "4,4"], help="weight,activation bit pairs (default 8,8 4,4)")
-    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
-    args = parser.parse_args()
-    pairs = [tuple(int(b) for b in pair.split(",")) for pair in args.bits]
-    out = Path(args.out)
-    results = json.loads(out.read_text()) if out.exists() else {"tasks": {}}
-    results.update(torch=torch.__version__, threads=torch.get_num_threads())
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    p.add_argument("--out", type=Path, default=BENCH / "results" / "deploy_agreement.json")
+    p.add_argument("--suite", type=Path, default=BENCH / "results" / "suite.json", help="the suite's results file")
+    p.add_argument("--bits", nargs="+", default=["8,8", "4,4"], help="weight,activation bit pairs (default 8,8 4,4)")
+    p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+    suite_runs = {(r["task"], r["key"]): r for r in json.loads(args.suite.read_text())["runs"]}
+    results = json.loads(args.out.read_text()) if args.out.exists() else {}
+    results = {"source": "the suite's QAT rows (bench/suite.py), their exported ONNX files", "models": [],
+               **{k: v for k, v in results.items() if k != "tasks"}}  # "tasks": the pre-suite format, dropped
     for name in args.tasks:
-        if name not in results["tasks"]:
-            results["tasks"][name] = run_task(name, Path(args.data), pairs)
-            out.write_text(json.dumps(results, indent=2))
-    print(json.dumps(results, indent=2))
+        task = TASKS[name]
+        for w, a in (tuple(int(b) for b in pair.split(",")) for pair in args.bits):
+            key = f"qat-w{w}a{a}-s{args.seed}"
+            run = suite_runs.get((name, key))
+            if run is None or run["recipe"] != recipe_id(task, "qat", w, a):
+                raise SystemExit(f"{name} {key}: no run of the current recipe in {args.suite}. "
+                                 f"Fix: python bench/suite.py --tasks {name} --no-timing")
+            if any(m["task"] == name and m["key"] == key and m["recipe"] == run["recipe"] for m in results["models"]):
+                continue
+            ds = task.load(args.data)
+            loader = BatchLoader(ds.test, batch_size=BATCH, shuffle=False, mean=ds.mean, std=ds.std)
+            t0 = time.perf_counter()
+            row = {"task": name, "key": key, "recipe": run["recipe"], "weight_bits": w, "act_bits": a,
+                   "qat_accuracy": run["accuracy"], "verify": run["verify"],
+                   **agreement(WORK / "suite" / name / run["onnx"], loader, LIMIT[name]),
+                   "seconds": round(time.perf_counter() - t0, 1)}
+            results["models"] = [m for m in results["models"] if (m["task"], m["key"]) != (name, key)] + [row]
+            write(args.out, results)
+            print(json.dumps(row), flush=True)
 
 
 if __name__ == "__main__":
