@@ -56,8 +56,8 @@ def agreement(path: Path, loader, limit: int | None) -> dict:
     modes = {m: IntegerReference(path, m) for m in REQUANT_MODES}
     ref = modes["float32"]
     nodes = {n.output[0]: n for n in ref.model.graph.node}
-    out_dq = nodes[nodes[ref.output_names[0]].input[0]] if nodes[ref.output_names[0]].op_type == "Identity" \
-        else nodes[ref.output_names[0]]
+    out = nodes[ref.output_names[0]]
+    out_dq = nodes[out.input[0]] if out.op_type == "Identity" else out
     out_q, step = out_dq.input[0], ref.consts[out_dq.input[1]]  # the output's codes and DequantizeLinear scale
     zero = ref.consts[out_dq.input[2]] if len(out_dq.input) > 2 and out_dq.input[2] else 0
     ort = Tally()
@@ -93,17 +93,17 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     suite_runs = {(r["task"], r["key"]): r for r in json.loads(args.suite.read_text())["runs"]}
-    results = json.loads(args.out.read_text()) if args.out.exists() else {}
-    results = {"source": "the suite's QAT rows (bench/suite.py), their exported ONNX files", "models": [],
-               **{k: v for k, v in results.items() if k != "tasks"}}  # "tasks": the pre-suite format, dropped
+    results = json.loads(args.out.read_text()) if args.out.exists() else \
+        {"source": "the suite's QAT rows (bench/suite.py), their exported ONNX files", "models": []}
     for name in args.tasks:
         task = TASKS[name]
         for w, a in (tuple(int(b) for b in pair.split(",")) for pair in args.bits):
             key = f"qat-w{w}a{a}-s{args.seed}"
             run = suite_runs.get((name, key))
             if run is None or run["recipe"] != recipe_id(task, "qat", w, a):
-                raise SystemExit(f"{name} {key}: no run of the current recipe in {args.suite}. "
-                                 f"Fix: python bench/suite.py --tasks {name} --no-timing")
+                held = sorted(k for t, k in suite_runs if t == name and k.startswith("qat-w"))
+                raise SystemExit(f"{name} {key}: no run of the current recipe in {args.suite} (it holds {held}). "
+                                 f"Fix: python bench/suite.py --tasks {name} --no-timing, or --bits of those")
             if any(m["task"] == name and m["key"] == key and m["recipe"] == run["recipe"] for m in results["models"]):
                 continue
             ds = task.load(args.data)
