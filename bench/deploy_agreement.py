@@ -63,6 +63,7 @@ def agreement(path: Path, loader, limit: int | None) -> dict:
     ort = Tally()
     end_to_end = {m: Tally() for m in REQUANT_MODES[1:]}
     per_kernel = {m: defaultdict(Tally) for m in REQUANT_MODES[1:]}
+    kinds = {m: {f.out: f.kind for f in modes[m].fused.values()} for m in REQUANT_MODES[1:]}  # output -> op kind
     seen = 0
     for x, _ in loader:
         x = x.numpy()[: None if limit is None else limit - seen]
@@ -74,9 +75,8 @@ def agreement(path: Path, loader, limit: int | None) -> dict:
         ort.add(sess.run(None, {sess.get_inputs()[0].name: x})[0], y, float(step))
         for m in REQUANT_MODES[1:]:
             end_to_end[m].add(modes[m].run_codes(x)[out_q], codes[out_q])
-            kinds = {f.out: f.kind for f in modes[m].fused.values()}
             for name, v in modes[m].run_codes(x, force=codes).items():
-                per_kernel[m][kinds.get(name, "QuantizeLinear")].add(v, codes[name])
+                per_kernel[m][kinds[m].get(name, "QuantizeLinear")].add(v, codes[name])
     return {"images": seen, "ort_vs_float32": ort.result(),
             **{f"{m}_vs_float32": {"end_to_end": end_to_end[m].result(),
                                    "per_kernel": {k: t.result() for k, t in sorted(per_kernel[m].items())}}
@@ -96,7 +96,7 @@ def main() -> None:
     results = json.loads(args.out.read_text()) if args.out.exists() else \
         {"source": "the suite's QAT rows (bench/suite.py), their exported ONNX files", "models": []}
     for name in args.tasks:
-        task = TASKS[name]
+        task, ds = TASKS[name], None
         for w, a in (tuple(int(b) for b in pair.split(",")) for pair in args.bits):
             key = f"qat-w{w}a{a}-s{args.seed}"
             run = suite_runs.get((name, key))
@@ -106,7 +106,7 @@ def main() -> None:
                                  f"Fix: python bench/suite.py --tasks {name} --no-timing, or --bits of those")
             if any(m["task"] == name and m["key"] == key and m["recipe"] == run["recipe"] for m in results["models"]):
                 continue
-            ds = task.load(args.data)
+            ds = ds or task.load(args.data)  # once per task, and only if a model needs it
             loader = BatchLoader(ds.test, batch_size=BATCH, shuffle=False, mean=ds.mean, std=ds.std)
             t0 = time.perf_counter()
             row = {"task": name, "key": key, "recipe": run["recipe"], "weight_bits": w, "act_bits": a,

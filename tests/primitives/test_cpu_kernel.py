@@ -172,9 +172,9 @@ def test_fused_relu_equals_relu_then_fake_quant(layout):
 @pytest.mark.parametrize("axis", [None, 0])
 def test_learned_parameters_mapped_in_the_kernel_as_autograd_would(raw_s, raw_z, axis):
     """fake_quantize(map_scale=True, map_zero_point=True) maps the raw parameters (|s| floored at MIN_SCALE, z
-    clamped and rounded) and applies their chain rule inside the kernel: output and every gradient equal those of the same mapping written as
-    autograd ops before fake_quantize, bit for bit (also for a negative, zero or tiny scale, a zero point out of
-    range), per tensor and per channel."""
+    clamped and rounded) and applies their chain rule inside the kernel: output and every gradient equal those of
+    the same mapping written as autograd ops before fake_quantize, bit for bit (also for a negative, zero or tiny
+    scale, a zero point out of range), per tensor and per channel."""
     g = torch.Generator().manual_seed(7)
     x = (torch.randn(6, 5, 4, generator=g) * 0.4).requires_grad_()
     shape = () if axis is None else (6,)

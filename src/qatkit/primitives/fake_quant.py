@@ -12,8 +12,9 @@ The scale and zero-point gradients are multiplied by `grad_scale` (LSQ: 1/sqrt(N
 
 With map_scale / map_zero_point, fake_quantize takes a quantizer's raw parameters instead:
 s = max(|scale|, MIN_SCALE) and z = round(clamp(zero_point, qmin, qmax)) (straight through the rounding),
-mapped and differentiated inside the same autograd node: the same values and gradients as those small ops in autograd, without the per-call
-cost of their nodes (a dozen per quantizer, as much time as fake-quantizing a small activation).
+mapped and differentiated inside the same autograd node: the same values and gradients as those small ops in
+autograd, without the per-call cost of their nodes (a dozen per quantizer, as much time as fake-quantizing a small
+activation).
 """
 from __future__ import annotations
 
