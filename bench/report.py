@@ -9,6 +9,7 @@ replacing an earlier one with the same task, method, schedule and bits.
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import sys
@@ -335,20 +336,23 @@ def plot_accuracy_vs_bits(task: str, rows: list[dict], path: Path) -> Path:
                                                       _schedule(r) == sched], {"marker": "^", "linestyle": ":"}))
     families.append(("torch.ao QAT", [r for r in quant if r["method"] == "torch.ao-qat"],
                      {"marker": "*", "linestyle": "none", "markersize": 12}))
+    clipped_at = collections.Counter()  # labels of clipped points already placed at each x, to stack the next one
     for label, fam, style in families:
         fam = sorted(fam, key=lambda r: xpos[_bits(r)])
         if not fam:
             continue
         xs = [xpos[_bits(r)] for r in fam]
         ys = [r["accuracy"] * 100 for r in fam]
-        errs = [(r.get("accuracy_std") or 0.0) * 100 for r in fam]
         shown = [max(y, floor - 1) if floor is not None else y for y in ys]
+        errs = [(r.get("accuracy_std") or 0.0) * 100 if v == y else 0.0  # a clipped point's label gives its value
+                for r, v, y in zip(fam, shown, ys)]
         line = ax.errorbar(xs, shown, yerr=errs, capsize=3, label=label, **style)
         if floor is not None:
             for x, y in zip(xs, ys):
                 if y < floor - 1:
-                    ax.annotate(f"↓ {y:.1f}", (x, floor - 1), textcoords="offset points", xytext=(4, 4),
-                                fontsize=7, color=line[0].get_color())
+                    ax.annotate(f"↓ {y:.1f}", (x, floor - 1), textcoords="offset points",
+                                xytext=(4, 4 + 9 * clipped_at[x]), fontsize=7, color=line[0].get_color())
+                    clipped_at[x] += 1
     if base is not None:
         ax.axhline(base["accuracy"] * 100, color="k", linestyle="--", label=f"float {_pct(base['accuracy'])}%")
     if floor is not None:
