@@ -343,16 +343,15 @@ def plot_accuracy_vs_bits(task: str, rows: list[dict], path: Path) -> Path:
             continue
         xs = [xpos[_bits(r)] for r in fam]
         ys = [r["accuracy"] * 100 for r in fam]
-        shown = [max(y, floor - 1) if floor is not None else y for y in ys]
-        errs = [(r.get("accuracy_std") or 0.0) * 100 if v == y else 0.0  # a clipped point's label gives its value
-                for r, v, y in zip(fam, shown, ys)]
+        clipped = [floor is not None and y < floor - 1 for y in ys]  # drawn at floor - 1, labelled with the value
+        shown = [floor - 1 if c else y for c, y in zip(clipped, ys)]
+        errs = [0.0 if c else (r.get("accuracy_std") or 0.0) * 100 for c, r in zip(clipped, fam)]
         line = ax.errorbar(xs, shown, yerr=errs, capsize=3, label=label, **style)
-        if floor is not None:
-            for x, y in zip(xs, ys):
-                if y < floor - 1:
-                    ax.annotate(f"↓ {y:.1f}", (x, floor - 1), textcoords="offset points",
-                                xytext=(4, 4 + 9 * clipped_at[x]), fontsize=7, color=line[0].get_color())
-                    clipped_at[x] += 1
+        for x, y, c in zip(xs, ys, clipped):
+            if c:
+                ax.annotate(f"↓ {y:.1f}", (x, floor - 1), textcoords="offset points",
+                            xytext=(4, 4 + 9 * clipped_at[x]), fontsize=7, color=line[0].get_color())
+                clipped_at[x] += 1
     if base is not None:
         ax.axhline(base["accuracy"] * 100, color="k", linestyle="--", label=f"float {_pct(base['accuracy'])}%")
     if floor is not None:
