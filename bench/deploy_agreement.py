@@ -1,7 +1,8 @@
 """Deploy check of issue 3 on the suite's trained QAT models: the integer-only reference executor against ONNX Runtime.
 
 For each (task, bits, seed) it takes the ONNX file bench/suite.py exported for that QAT row (the fully trained model;
-the row's `verify` already holds ONNX Runtime against qatkit's own model on the whole test set) and measures on the
+the row's `verify` already holds ONNX Runtime against qatkit's own model on the whole test set), or with --experiments
+the ONNX file of a bench/experiment.py run (e.g. a recipe with power-of-two scales), and measures on the
 test set (CIFAR-10: the first 2,000 images, the numpy reference is slow):
   - ort_vs_float32: ONNX Runtime's output against the reference in float32-multiplier mode (ORT's arithmetic);
   - for each fixed-point mode, against float32 mode:
@@ -14,6 +15,7 @@ Results are cached per model, so an interrupted run resumes.
 
     python bench/suite.py --no-timing        # first: trains and exports the QAT rows
     python bench/deploy_agreement.py [--bits 8,8 4,4] [--tasks mnist-small-cnn cifar10-resnet20]
+    python bench/deploy_agreement.py --experiments cifar-w8a8-po2-s0   # models of bench/experiment.py instead
 """
 from __future__ import annotations
 
@@ -83,6 +85,39 @@ def agreement(path: Path, loader, limit: int | None) -> dict:
                for m in REQUANT_MODES[1:]}}
 
 
+def suite_models(args) -> list[dict]:
+    """The suite's QAT rows at --bits of --tasks: what each measurement starts from, and its ONNX path."""
+    suite_runs = {(r["task"], r["key"]): r for r in json.loads(args.suite.read_text())["runs"]}
+    models = []
+    for name in args.tasks:
+        for w, a in (tuple(int(b) for b in pair.split(",")) for pair in args.bits):
+            key = f"qat-w{w}a{a}-s{args.seed}"
+            run = suite_runs.get((name, key))
+            if run is None or run["recipe"] != recipe_id(TASKS[name], "qat", w, a):
+                held = sorted(k for t, k in suite_runs if t == name and k.startswith("qat-w"))
+                raise SystemExit(f"{name} {key}: no run of the current recipe in {args.suite} (it holds {held}). "
+                                 f"Fix: python bench/suite.py --tasks {name} --no-timing, or --bits of those")
+            models.append({"task": name, "key": key, "recipe": run["recipe"], "weight_bits": w, "act_bits": a,
+                           "qat_accuracy": run["accuracy"], "verify": run["verify"],
+                           "path": WORK / "suite" / name / run["onnx"]})
+    return models
+
+
+def experiment_models(names: list[str]) -> list[dict]:
+    """The QAT models bench/experiment.py trained under these names (their rows in bench/results/experiments/)."""
+    models = []
+    for name in names:
+        row_file = BENCH / "results" / "experiments" / f"{name}.json"
+        if not row_file.exists():
+            raise SystemExit(f"--experiments {name}: {row_file} does not exist. Fix: run bench/experiment.py "
+                             f"--name {name} first, or name one of {sorted(p.stem for p in row_file.parent.glob('*.json'))}")
+        row = json.loads(row_file.read_text())
+        models.append({"task": row["task"], "key": f"experiment:{name}", "recipe": row["overrides"],
+                       "weight_bits": row["weight_bits"], "act_bits": row["act_bits"], "qat_accuracy": row["accuracy"],
+                       "verify": row["verify"], "path": WORK / "exp" / name / row["onnx"]})
+    return models
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", type=Path, default=DEFAULT_DATA)
@@ -91,32 +126,27 @@ def main() -> None:
     p.add_argument("--bits", nargs="+", default=["8,8", "4,4"], help="weight,activation bit pairs (default 8,8 4,4)")
     p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--experiments", nargs="+", metavar="NAME",
+                   help="measure these bench/experiment.py models instead of the suite's rows")
     args = p.parse_args()
-    suite_runs = {(r["task"], r["key"]): r for r in json.loads(args.suite.read_text())["runs"]}
+    models = experiment_models(args.experiments) if args.experiments else suite_models(args)
     results = json.loads(args.out.read_text()) if args.out.exists() else \
-        {"source": "the suite's QAT rows (bench/suite.py), their exported ONNX files", "models": []}
-    for name in args.tasks:
-        task, ds = TASKS[name], None
-        for w, a in (tuple(int(b) for b in pair.split(",")) for pair in args.bits):
-            key = f"qat-w{w}a{a}-s{args.seed}"
-            run = suite_runs.get((name, key))
-            if run is None or run["recipe"] != recipe_id(task, "qat", w, a):
-                held = sorted(k for t, k in suite_runs if t == name and k.startswith("qat-w"))
-                raise SystemExit(f"{name} {key}: no run of the current recipe in {args.suite} (it holds {held}). "
-                                 f"Fix: python bench/suite.py --tasks {name} --no-timing, or --bits of those")
-            if any(m["task"] == name and m["key"] == key and m["recipe"] == run["recipe"] for m in results["models"]):
-                continue
-            ds = ds or task.load(args.data)  # once per task, and only if a model needs it
-            loader = BatchLoader(ds.test, batch_size=BATCH, shuffle=False, mean=ds.mean, std=ds.std)
-            t0 = time.perf_counter()
-            row = {"task": name, "key": key, "recipe": run["recipe"], "weight_bits": w, "act_bits": a,
-                   "qat_accuracy": run["accuracy"], "verify": run["verify"],
-                   **agreement(WORK / "suite" / name / run["onnx"], loader, LIMIT[name]),
-                   "seconds": round(time.perf_counter() - t0, 1)}
-            results["models"] = [m for m in results["models"] if (m["task"], m["key"]) != (name, key)] + [row]
-            write(args.out, results)
-            print(json.dumps(row), flush=True)
-
+        {"source": "QAT models the suite (bench/suite.py) or bench/experiment.py trained, their exported ONNX files",
+         "models": []}
+    datasets = {}
+    for model in models:
+        name, key, path = model["task"], model["key"], model.pop("path")
+        if any(m["task"] == name and m["key"] == key and m["recipe"] == model["recipe"] for m in results["models"]):
+            continue
+        if name not in datasets:  # once per task, and only if a model needs it
+            datasets[name] = TASKS[name].load(args.data)
+        ds = datasets[name]
+        loader = BatchLoader(ds.test, batch_size=BATCH, shuffle=False, mean=ds.mean, std=ds.std)
+        t0 = time.perf_counter()
+        row = {**model, **agreement(path, loader, LIMIT[name]), "seconds": round(time.perf_counter() - t0, 1)}
+        results["models"] = [m for m in results["models"] if (m["task"], m["key"]) != (name, key)] + [row]
+        write(args.out, results)
+        print(json.dumps(row), flush=True)
 
 if __name__ == "__main__":
     main()

@@ -61,13 +61,14 @@ class QuantSpec:
     narrow: bool = False  # one code fewer: [-127, 127] for int8 (symmetric), [0, 2^b - 2] unsigned
     init: str = "mse"  # range initialisation: minmax | percentile | mse
     learnable: bool = True  # scale (and asymmetric zero point) trained by LSQ
+    power_of_two: bool = False  # s = 2^k: learned as 2^round(log2 s), straight through the rounding
 
     def __post_init__(self) -> None:
         check_bits(self.bits)
         _check_choice("init", self.init, INIT_METHODS)
         if isinstance(self.axis, bool) or not isinstance(self.axis, int):
             raise bad_value("axis", self.axis, "an integer (the channel dimension)", "set axis to e.g. 0")
-        for what in ("symmetric", "signed", "per_channel", "narrow", "learnable"):
+        for what in ("symmetric", "signed", "per_channel", "narrow", "learnable", "power_of_two"):
             _check_bool(what, getattr(self, what))
 
     @property
@@ -117,6 +118,9 @@ class QATConfig:
     # is requantized to its act bits. None: act_bits everywhere.
     residual_bits: int | None = 8
     fold_bn: bool = True
+    # Every scale a power of two: each requantization multiplier is then 2^-n, which the runtime's float32
+    # multiply and integer-only hardware's fixed-point multiply-and-shift compute identically.
+    power_of_two_scales: bool = False
     rules: tuple[LayerRule, ...] = ()
     # Quantization-error regulariser Σ_k λ_k·mean((x_k - x̂_k)²): {parameter-name glob: λ}, e.g.
     # {"*.weight": 1e-4}; given as a mapping, kept as a tuple of (glob, λ) pairs so the config stays frozen.
@@ -132,7 +136,7 @@ class QATConfig:
         _check_choice("act_init", self.act_init, INIT_METHODS)
         rules = tuple(r if isinstance(r, LayerRule) else _from_mapping(LayerRule, r, "rules[]") for r in self.rules)
         object.__setattr__(self, "rules", rules)
-        for what in ("per_channel", "act_symmetric", "learnable", "fold_bn"):
+        for what in ("per_channel", "act_symmetric", "learnable", "fold_bn", "power_of_two_scales"):
             _check_bool(what, getattr(self, what))
         penalty = self.error_penalty
         pairs = list(penalty.items()) if isinstance(penalty, Mapping) else penalty
@@ -143,12 +147,14 @@ class QATConfig:
         object.__setattr__(self, "error_penalty", tuple((str(g), float(lam)) for g, lam in pairs))
 
     def weight_spec(self, bits: int, per_channel: bool) -> QuantSpec:
-        return QuantSpec(bits=bits, symmetric=True, signed=True, per_channel=per_channel, init=self.weight_init, learnable=self.learnable)
+        return QuantSpec(bits=bits, symmetric=True, signed=True, per_channel=per_channel, init=self.weight_init,
+                         learnable=self.learnable, power_of_two=self.power_of_two_scales)
 
     def act_spec(self, bits: int, unsigned: bool = False) -> QuantSpec:
         """Activations: asymmetric uint by default; after a ReLU, unsigned with zero point fixed at 0."""
         symmetric = self.act_symmetric or unsigned
-        return QuantSpec(bits=bits, symmetric=symmetric, signed=symmetric and not unsigned, init=self.act_init, learnable=self.learnable)
+        return QuantSpec(bits=bits, symmetric=symmetric, signed=symmetric and not unsigned, init=self.act_init,
+                         learnable=self.learnable, power_of_two=self.power_of_two_scales)
 
 
 OPTIMIZERS = ("adamw", "sgd")

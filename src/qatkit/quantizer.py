@@ -21,8 +21,8 @@ from qatkit.primitives import (
     qrange,
     quantize_codes,
 )
-from qatkit.primitives.fake_quant import per_channel_view
-from qatkit.primitives.qparams import MIN_SCALE
+from qatkit.primitives.fake_quant import POWER_OF_TWO, per_channel_view
+from qatkit.primitives.qparams import MIN_SCALE, power_of_two_ceil, power_of_two_nearest
 from qatkit.primitives.ranges import check_bits
 
 _SAMPLES_PER_BATCH = 4096  # values kept per observed batch for percentile / MSE activation init
@@ -58,8 +58,13 @@ class FakeQuantizer(nn.Module):
 
     def _scale_zp(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Scale |s| (an optimizer step past zero flips its sign instead of killing its gradient, as a
-        clamp would); zero point rounded to an integer with a straight-through gradient."""
+        clamp would), with spec.power_of_two its nearest power of two 2^round(log2 |s|), straight through the
+        rounding (gradient 2^round(log2 |s|) / |s|); zero point rounded to an integer with a straight-through
+        gradient."""
         scale = torch.clamp(self.scale.abs(), min=MIN_SCALE)
+        if self.spec.power_of_two:
+            pow2 = power_of_two_nearest(scale.detach())
+            scale = pow2 + (scale - scale.detach()) * (pow2 / scale.detach())  # the value: pow2 exactly
         if not isinstance(self.zero_point, nn.Parameter):
             return scale, self.zero_point  # a buffer: set by range init to an integer in range
         zp = torch.clamp(self.zero_point, *self.qrange)
@@ -90,8 +95,9 @@ class FakeQuantizer(nn.Module):
         qmin, qmax = self.qrange
         per_scale = x.numel() // (self.scale.numel() if self.kind == "weight" else max(x.shape[0], 1))
         # the mapping of _scale_zp, inside the fake-quant's autograd node (cheaper than its small ops' own)
-        return fake_quantize(x, self.scale, self.zero_point, qmin, qmax, self.axis, lsq_grad_scale(per_scale, qmax),
-                             relu, map_scale=True, map_zero_point=isinstance(self.zero_point, nn.Parameter))
+        return fake_quantize(x, self.scale, self.zero_point, qmin, qmax, self.axis, lsq_grad_scale(per_scale, qmax), relu,
+                             map_scale=POWER_OF_TWO if self.spec.power_of_two else 1,
+                             map_zero_point=isinstance(self.zero_point, nn.Parameter))
 
     def codes(self, x: torch.Tensor) -> torch.Tensor:
         """Integer codes of x (as float values) under the current parameters."""
@@ -121,9 +127,8 @@ class FakeQuantizer(nn.Module):
     @torch.no_grad()
     def init_from(self, x: torch.Tensor) -> None:
         self._check_axis(x)
-        scale, zp = qparams_from_tensor(
-            x.float(), *self.qrange, symmetric=self.spec.symmetric, axis=self.axis, method=self.spec.init
-        )
+        scale, zp = qparams_from_tensor(x.float(), *self.qrange, symmetric=self.spec.symmetric, axis=self.axis,
+                                        method=self.spec.init, power_of_two=self.spec.power_of_two)
         self._set(scale, zp)
 
     @torch.no_grad()
@@ -158,11 +163,13 @@ class FakeQuantizer(nn.Module):
         if self._min is None:
             return  # never reached by the calibration data: stays uninitialised, set at first use
         qmin, qmax = self.qrange
+        po2 = self.spec.power_of_two
         if self.spec.init == "minmax":
-            self._set(*qparams_from_minmax(self._min, self._max, qmin, qmax, self.spec.symmetric))
+            self._set(*qparams_from_minmax(self._min, self._max, qmin, qmax, self.spec.symmetric, po2))
         else:
             sample = torch.cat(self._samples + [self._min.view(1), self._max.view(1)])
-            self._set(*qparams_from_tensor(sample, qmin, qmax, symmetric=self.spec.symmetric, method=self.spec.init))
+            self._set(*qparams_from_tensor(sample, qmin, qmax, symmetric=self.spec.symmetric, method=self.spec.init,
+                                           power_of_two=po2))
         self._reset_observer()
 
     @torch.no_grad()
@@ -176,12 +183,15 @@ class FakeQuantizer(nn.Module):
             return
         if self.spec.symmetric:  # z stays 0: keep the largest representable magnitude
             self.scale.mul_(old_max / qmax)
-            return
-        ratio = (old_max - old_min) / (qmax - qmin)
-        self.scale.mul_(ratio)
-        self.zero_point.copy_(torch.clamp(torch.round(qmin + (self.zero_point - old_min) / ratio), qmin, qmax))
+        else:
+            ratio = (old_max - old_min) / (qmax - qmin)
+            self.scale.mul_(ratio)
+            self.zero_point.copy_(torch.clamp(torch.round(qmin + (self.zero_point - old_min) / ratio), qmin, qmax))
+        if self.spec.power_of_two:  # up to a power of two: the range stays representable
+            self.scale.copy_(power_of_two_ceil(self.scale.abs()))
 
     def extra_repr(self) -> str:
         s = self.spec
         gran = f"per-channel(axis={self.axis})" if s.per_channel else "per-tensor"
-        return f"{self.kind}, bits={int(self.bits)}, {'sym' if s.symmetric else 'asym'}, {'int' if s.signed else 'uint'}, {gran}"
+        return (f"{self.kind}, bits={int(self.bits)}, {'sym' if s.symmetric else 'asym'}, {'int' if s.signed else 'uint'}, "
+                f"{gran}{', power-of-two' if s.power_of_two else ''}")

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from qatkit.primitives import cpu_kernel, fake_quantize
-from qatkit.primitives.fake_quant import _backward, _forward
+from qatkit.primitives.fake_quant import POWER_OF_TWO, _backward, _forward
+from qatkit.primitives.qparams import power_of_two_nearest
 from qatkit.primitives.reference import ref_fake_quantize
 
 pytestmark = pytest.mark.skipif(cpu_kernel.load() is None, reason="no C compiler: the eager path is what runs")
@@ -168,22 +169,29 @@ def test_fused_relu_equals_relu_then_fake_quant(layout):
     torch.testing.assert_close(got[2], -0.5 * 0.02 * want_clamped, rtol=1e-5, atol=1e-6, equal_nan=True)
 
 
-@pytest.mark.parametrize("raw_s, raw_z", [(0.05, 2.3), (-0.05, 2.7), (0.0, 0.0), (1e-9, -1.2), (0.03, 300.0), (-0.2, 15.0)])
+@pytest.mark.parametrize("raw_s, raw_z", [(0.05, 2.3), (-0.05, 2.7), (0.0, 0.0), (1e-9, -1.2), (0.03, 300.0), (-0.2, 15.0),
+                                          (0.7071067 / 16, 3.0), (0.7071068 / 16, 3.0)])
 @pytest.mark.parametrize("axis", [None, 0])
-def test_learned_parameters_mapped_in_the_kernel_as_autograd_would(raw_s, raw_z, axis):
-    """fake_quantize(map_scale=True, map_zero_point=True) maps the raw parameters (|s| floored at MIN_SCALE, z
-    clamped and rounded) and applies their chain rule inside the kernel: output and every gradient equal those of
-    the same mapping written as autograd ops before fake_quantize, bit for bit (also for a negative, zero or tiny
-    scale, a zero point out of range), per tensor and per channel."""
+@pytest.mark.parametrize("map_scale", [1, POWER_OF_TWO], ids=["abs", "power-of-two"])
+def test_learned_parameters_mapped_in_the_kernel_as_autograd_would(raw_s, raw_z, axis, map_scale):
+    """fake_quantize(map_scale=1 | POWER_OF_TWO, map_zero_point=True) maps the raw parameters (|s| floored at
+    MIN_SCALE, to its nearest power of two with POWER_OF_TWO; z clamped and rounded) and applies their chain rule
+    inside the kernel: output and every gradient equal those of the same mapping written as autograd ops before
+    fake_quantize, bit for bit (also for a negative, zero or tiny scale, a zero point out of range, a scale either
+    side of 2^-4.5, where the power of two changes), per tensor and per channel."""
     g = torch.Generator().manual_seed(7)
     x = (torch.randn(6, 5, 4, generator=g) * 0.4).requires_grad_()
     shape = () if axis is None else (6,)
     scale = torch.full(shape, raw_s).requires_grad_()
     zp = torch.full(shape, raw_z).requires_grad_()
-    out = fake_quantize(x, scale, zp, 0, 15, axis, 0.3, map_scale=True, map_zero_point=True)
+    out = fake_quantize(x, scale, zp, 0, 15, axis, 0.3, map_scale=map_scale, map_zero_point=True)
     upstream = torch.randn(out.shape, generator=g)
     got = torch.autograd.grad(out, (x, scale, zp), upstream)
     s = torch.clamp(scale.abs(), min=1e-8)
+    if map_scale == POWER_OF_TWO:  # straight through 2^round(log2 s): gradient 2^round(log2 s) / s
+        pow2 = torch.exp2(torch.round(torch.log2(s.detach().double()))).float()
+        assert torch.equal(pow2, power_of_two_nearest(s.detach()))
+        s = pow2 + (s - s.detach()) * (pow2 / s.detach())
     zc = torch.clamp(zp, 0, 15)
     ref = fake_quantize(x, s, zc + (torch.round(zc) - zc).detach(), 0, 15, axis, 0.3)
     want = torch.autograd.grad(ref, (x, scale, zp), upstream)

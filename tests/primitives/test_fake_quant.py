@@ -19,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qatkit.primitives import fake_quantize, lsq_grad_scale, qrange, quantize_codes
-from qatkit.primitives.fake_quant import per_channel_view
+from qatkit.primitives.fake_quant import POWER_OF_TWO, per_channel_view
 from qatkit.primitives.reference import ref_codes, ref_fake_quantize, ref_lsq_grads
 
 BITS = list(range(2, 9))
@@ -173,19 +173,25 @@ def test_backward_only_needed_inputs():
 
 @pytest.mark.parametrize("raw_s, raw_z", [(0.05, 2.3), (-0.05, 2.7), (0.0, 0.0), (1e-9, -1.2), (0.03, 300.0)])
 @pytest.mark.parametrize("axis", [None, 1])
-def test_learned_parameters_equal_the_mapping_in_autograd(raw_s, raw_z, axis):
-    """Raw quantizer parameters (float64: the eager path): s = max(|scale|, 1e-8), z = round(clamp(zp)) mapped
-    inside fake quantization give the output and gradients of the same mapping as autograd ops, exactly."""
+@pytest.mark.parametrize("map_scale", [1, POWER_OF_TWO], ids=["abs", "power-of-two"])
+def test_learned_parameters_equal_the_mapping_in_autograd(raw_s, raw_z, axis, map_scale):
+    """Raw quantizer parameters (float64: the eager path): s = max(|scale|, 1e-8) (with POWER_OF_TWO: 2^round(log2 s),
+    straight through), z = round(clamp(zp)) mapped inside fake quantization give the output and gradients of the
+    same mapping as autograd ops, exactly."""
     g = torch.Generator().manual_seed(2)
     x = (torch.randn(SHAPE, generator=g, dtype=torch.float64) * 0.4).requires_grad_()
     shape = () if axis is None else (SHAPE[axis],)
     scale = torch.full(shape, raw_s, dtype=torch.float64, requires_grad=True)
     zp = torch.full(shape, raw_z, dtype=torch.float64, requires_grad=True)
-    out = fake_quantize(x, scale, zp, 0, 15, axis, 0.3, map_scale=True, map_zero_point=True)
+    out = fake_quantize(x, scale, zp, 0, 15, axis, 0.3, map_scale=map_scale, map_zero_point=True)
     upstream = torch.randn(out.shape, generator=g, dtype=torch.float64)
     got = torch.autograd.grad(out, (x, scale, zp), upstream)
     zc = torch.clamp(zp, 0, 15)
-    ref = fake_quantize(x, torch.clamp(scale.abs(), min=1e-8), zc + (torch.round(zc) - zc).detach(), 0, 15, axis, 0.3)
+    s = torch.clamp(scale.abs(), min=1e-8)
+    if map_scale == POWER_OF_TWO:
+        pow2 = torch.exp2(torch.round(torch.log2(s.detach())))
+        s = pow2 + (s - s.detach()) * (pow2 / s.detach())
+    ref = fake_quantize(x, s, zc + (torch.round(zc) - zc).detach(), 0, 15, axis, 0.3)
     want = torch.autograd.grad(ref, (x, scale, zp), upstream)
     assert torch.equal(out, ref) and all(torch.equal(a, b) for a, b in zip(got, want))
 

@@ -186,3 +186,50 @@ def test_unknown_method_rejected(bad):
         qparams_from_tensor(torch.randn(10), -128, 127, symmetric=True, method=bad)
     for name in INIT_METHODS:
         assert name in str(info.value)
+
+
+# ---- power-of-two scales ------------------------------------------------------------------------
+def _is_power_of_two(s: np.ndarray) -> bool:
+    return bool(np.all(np.frexp(s)[0] == 0.5))
+
+
+@pytest.mark.parametrize("bits,signed,symmetric", CASES)
+def test_power_of_two_minmax_is_the_next_power_of_two_up(bits, signed, symmetric):
+    """min/max with power_of_two: the smallest 2^k ≥ the min/max scale (the range stays representable)."""
+    qmin, qmax = qrange(bits, signed)
+    lo, hi = random_bounds(3)
+    s, z = qparams_from_minmax(torch.from_numpy(lo), torch.from_numpy(hi), qmin, qmax, symmetric, power_of_two=True)
+    rs, _ = ref_qparams_minmax(lo, hi, qmin, qmax, symmetric)
+    want = 2.0 ** np.ceil(np.log2(rs))
+    np.testing.assert_array_equal(s.numpy(), want)
+    rz = np.clip(np.rint(qmin - np.minimum(lo, 0.0) / want), qmin, qmax)
+    np.testing.assert_array_equal(z.numpy(), np.zeros_like(rz) if symmetric else rz)
+
+
+@pytest.mark.parametrize("bits,signed,symmetric", CASES)
+def test_power_of_two_mse_finds_the_best_power_of_two(bits, signed, symmetric):
+    """MSE with power_of_two: per channel, a power of two, and no candidate in a window around the min/max one has a
+    lower float64 MSE: 2^k / 2^j for j = -3..6 (coarser never wins; finer than 1/64 is not searched), each with
+    z = 0 (symmetric) or the zero point of [min, max] shrunk to the width 2^k covers (both ends clipped alike, as the
+    free-scale search's α)."""
+    qmin, qmax = qrange(bits, signed)
+    rng = np.random.default_rng(bits * 4 + signed * 2 + symmetric + 100)
+    for dist in ("normal", "laplace"):
+        x = getattr(rng, dist)(size=(3, 400)) + rng.normal(size=(3, 1))
+        if symmetric and not signed:
+            x = np.abs(x)
+        s, z = qparams_from_tensor(torch.from_numpy(x), qmin, qmax, symmetric=symmetric, axis=0, method="mse",
+                                   power_of_two=True)
+        s, z = s.numpy(), z.numpy()
+        assert _is_power_of_two(s) and np.all((z >= qmin) & (z <= qmax)) and np.array_equal(z, np.round(z))
+        got = channel_mse(x, s, z, qmin, qmax)
+        lo, hi = np.minimum(x.min(1), 0.0), np.maximum(x.max(1), 0.0)
+        top = 2.0 ** np.ceil(np.log2(ref_qparams_minmax(lo, hi, qmin, qmax, symmetric)[0]))
+        for j in range(-3, 7):
+            cand = top / 2.0**j
+            zc = np.zeros(3) if symmetric else \
+                np.clip(np.rint(qmin - np.minimum((qmax - qmin) * cand / (hi - lo), 1.0) * lo / cand), qmin, qmax)
+            assert np.all(got <= channel_mse(x, cand, zc, qmin, qmax) * (1 + 1e-9)), (dist, j)
+        minmax = qparams_from_tensor(torch.from_numpy(x), qmin, qmax, symmetric=symmetric, axis=0, method="minmax",
+                                     power_of_two=True)
+        assert np.all(got <= channel_mse(x, *(t.numpy() for t in minmax), qmin, qmax) * (1 + 1e-9))

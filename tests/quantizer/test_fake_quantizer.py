@@ -308,3 +308,62 @@ def test_quant_error_zero_point_gradient_is_exact():
     _, _, gz = ref_lsq_grads(x, s, z, *q.qrange, None, np.ones(x.shape), 1.0)
     assert 0 < -float(gz) < float(s) * x.numel() / 2
     assert float(q.zero_point.grad) == pytest.approx(-float(gz), rel=1e-12)
+
+
+# ---- power-of-two scales --------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "make,shape",
+    [
+        (lambda: weight_q(4, per_channel=True, channels=5, power_of_two=True), (5, 3, 2, 2)),
+        (lambda: act_q(8, symmetric=False, power_of_two=True), (4, 6, 5)),
+        (lambda: act_q(4, symmetric=True, signed=False, power_of_two=True), (4, 6, 5)),
+    ],
+    ids=["weight-per-channel", "act-asym", "act-unsigned"],
+)
+def test_power_of_two_scale_values_and_straight_through_gradient(make, shape):
+    """The scale in use is 2^round(log2 |s|) of the raw parameter: the forward is fake quantization at that scale
+    (float64 oracle), and the raw scale's gradient is LSQ's at that scale times d2^round(log2 s)/ds taken straight
+    through the rounding, 2^round(log2 s) / s."""
+    q = make().to(torch.float64)
+    x0 = torch.randn(shape, generator=gen(21), dtype=torch.float64)
+    q(x0)  # initialise: a power of two
+    s0, _ = q.qparams()
+    assert torch.equal(s0, q.scale.abs()) and np.all(np.frexp(s0.numpy())[0] == 0.5)
+    with torch.no_grad():
+        q.scale.mul_(0.8)  # between powers of two, rounding (in log2) back to the same one: 0.8 > 2^-0.5
+    assert torch.equal(q.qparams()[0], s0)
+    x = (x0 * 1.7).requires_grad_(True)  # some values clamp
+    g = torch.randn(shape, generator=gen(22), dtype=torch.float64)
+    y = q(x)
+    y.backward(g)
+    s, z = q.qparams()
+    qmin, qmax = q.qrange
+    assert np.array_equal(y.detach().numpy(), ref_fake_quantize(x, s, z, qmin, qmax, q.axis))
+    n = x.numel() // s.numel() if q.kind == "weight" else x.numel() // x.shape[0]
+    gx, gs, _ = ref_lsq_grads(x, s, z, qmin, qmax, q.axis, g, 1.0 / math.sqrt(n * qmax))
+    np.testing.assert_allclose(x.grad.numpy(), gx, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(q.scale.grad.numpy(), gs * (s / q.scale.detach()).numpy(), rtol=1e-12, atol=1e-12)
+    with torch.no_grad():
+        q.scale.mul_(0.8)  # 0.64 < 2^-0.5: the next power of two down
+    assert torch.equal(q.qparams()[0], s0 / 2)
+
+
+def test_power_of_two_calibration_and_repr():
+    q = act_q(8, symmetric=False, power_of_two=True)
+    q.start_observing()
+    for seed in range(3):
+        q(torch.randn(16, 10, generator=gen(seed)) * 3 + 1)
+    q.finish_observing()
+    s, z = q.qparams()
+    assert np.frexp(s.item())[0] == 0.5 and float(z) == round(float(z))
+    assert "power-of-two" in repr(q) and "power-of-two" not in repr(act_q(8))
+
+
+def test_power_of_two_set_bits_keeps_the_range_representable():
+    """Lowering the bit-width of a power-of-two quantizer: the new scale is the power of two at or above the one
+    that keeps the range, so the old range stays representable (8 → 4 bits: 127/7 · s → 32 s, not 16 s)."""
+    q = weight_q(8, per_channel=False, power_of_two=True)
+    q(torch.randn(6, 5, generator=gen(30)))
+    s8 = q.qparams()[0]
+    q.set_bits(4)
+    assert torch.equal(q.qparams()[0], s8 * 32) and q.qparams()[0] * 7 >= s8 * 127

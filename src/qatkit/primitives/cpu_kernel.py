@@ -78,10 +78,21 @@ CLONES static void backward_block(const float *restrict x, const float *restrict
 }
 
 /* A quantizer's raw parameters to the scale and zero point it applies (map = 0: as they are):
-   s = max(|raw|, min_scale), z = round(clamp(raw, qmin, qmax)); NaN stays NaN, as in torch's clamp. */
-static float mapped_scale(float raw, float min_scale, int map) {
+   s = max(|raw|, min_scale), with map = 2 then its nearest power of two 2^round(log2 s) (s = m·2^e, m in [0.5, 1):
+   2^e where m >= sqrt(1/2), else 2^(e-1)); z = round(clamp(raw, qmin, qmax)); NaN stays NaN, as in torch's clamp. */
+static float floored_abs(float raw, float min_scale) {
     float a = fabsf(raw);
-    return !map ? raw : a < min_scale ? min_scale : a;
+    return a < min_scale ? min_scale : a;
+}
+static float mapped_scale(float raw, float min_scale, int map) {
+    if (!map)
+        return raw;
+    float a = floored_abs(raw, min_scale);
+    if (map != 2 || !isfinite(a))
+        return a;
+    int e;
+    float m = frexpf(a, &e);
+    return ldexpf(1.0f, m >= 0.70710678118654752f ? e : e - 1);
 }
 static float mapped_zero_point(float raw, float qmin, float qmax, int map) {
     return !map ? raw : nearbyintf(raw < qmin ? qmin : raw > qmax ? qmax : raw);
@@ -124,8 +135,10 @@ int qatkit_fq_backward(const float *x, const float *g, float *gx, int64_t channe
             dc += part[2 * j + 1];
         }
         float gs = (float)ds * grad_scale, gz = (float)dc * -mapped_scale(s[c], min_scale, map_s) * grad_scale;
-        if (map_s) {  /* where(|raw| >= min_scale, gs, 0) * sgn(raw) */
+        if (map_s) {  /* where(|raw| >= min_scale, gs [* 2^k / |raw|: power of two, straight through], 0) * sgn(raw) */
             float sign = s[c] > 0.0f ? 1.0f : s[c] < 0.0f ? -1.0f : s[c];
+            if (map_s == 2)
+                gs = gs * (mapped_scale(s[c], min_scale, map_s) / floored_abs(s[c], min_scale));
             gs = (fabsf(s[c]) >= min_scale ? gs : 0.0f) * sign;
         }
         if (map_z)
@@ -212,10 +225,11 @@ def _params(scale: torch.Tensor, zero_point: torch.Tensor) -> tuple[torch.Tensor
 
 
 def forward(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int,
-            relu: bool = False, map_scale: bool = False, map_zero_point: bool = False) -> torch.Tensor:
+            relu: bool = False, map_scale: int = 0, map_zero_point: bool = False) -> torch.Tensor:
     """(clamp(round(x/s) + z, qmin, qmax) - z)·s of a contiguous float32 tensor whose first dimension holds the
     channels of a (C,) scale and zero point (or any shape, for 0-d ones); of relu(x) with relu=True.
-    map_scale: s = max(|scale|, MIN_SCALE); map_zero_point: z = round(clamp(zero_point, qmin, qmax))."""
+    map_scale: 1, s = max(|scale|, MIN_SCALE); 2, its nearest power of two; map_zero_point: z = round(clamp(
+    zero_point, qmin, qmax))."""
     s, z = _params(scale, zero_point)
     y = torch.empty_like(x)
     _lib.qatkit_fq_forward(x.data_ptr(), y.data_ptr(), s.numel(), x.numel() // s.numel(), s.data_ptr(), z.data_ptr(),
@@ -224,7 +238,7 @@ def forward(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin
 
 
 def backward(x: torch.Tensor, grad: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int,
-             qmax: int, relu: bool = False, map_scale: bool = False, map_zero_point: bool = False,
+             qmax: int, relu: bool = False, map_scale: int = 0, map_zero_point: bool = False,
              grad_scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dL/dx, dL/dscale, dL/dzero_point) for contiguous x and grad laid out as in `forward`; the parameter
     gradients (LSQ, times grad_scale; float32, shaped like the scale) come from per-channel sums of float32

@@ -11,7 +11,8 @@ The scale and zero-point gradients are multiplied by `grad_scale` (LSQ: 1/sqrt(N
 `s` and `z` are per-tensor (0-d) or per-channel (1-d, length x.shape[axis]); `z` holds integers.
 
 With map_scale / map_zero_point, fake_quantize takes a quantizer's raw parameters instead:
-s = max(|scale|, MIN_SCALE) and z = round(clamp(zero_point, qmin, qmax)) (straight through the rounding),
+s = max(|scale|, MIN_SCALE) (map_scale=POWER_OF_TWO: then its nearest power of two, straight through the rounding)
+and z = round(clamp(zero_point, qmin, qmax)) (straight through the rounding),
 mapped and differentiated inside the same autograd node: the same values and gradients as those small ops in
 autograd, without the per-call cost of their nodes (a dozen per quantizer, as much time as fake-quantizing a small
 activation).
@@ -22,7 +23,9 @@ import math
 import torch
 
 from qatkit.primitives import cpu_kernel
-from qatkit.primitives.qparams import MIN_SCALE
+from qatkit.primitives.qparams import MIN_SCALE, power_of_two_nearest
+
+POWER_OF_TWO = 2  # map_scale: s = 2^round(log2 max(|scale|, MIN_SCALE)) (True / 1: s = max(|scale|, MIN_SCALE))
 
 
 def per_channel_view(t: torch.Tensor, x: torch.Tensor, axis: int | None) -> torch.Tensor:
@@ -114,6 +117,8 @@ class _FakeQuantize(torch.autograd.Function):
                                                      qmin, qmax, dims)
             grad_s, grad_z = grad_s * ctx.grad_scale, grad_clamped * -s * ctx.grad_scale
             if map_s:  # the chain rule through |.|, the floor (clamp_min), the clamp and round (1): autograd's masks
+                if map_s == POWER_OF_TWO:  # d 2^round(log2 a) / da straight through the rounding: 2^round(log2 a) / a
+                    grad_s = grad_s * (s / scale.abs().clamp_min(MIN_SCALE))
                 grad_s = torch.where(scale.abs() >= MIN_SCALE, grad_s, 0.0) * scale.sgn()
             if map_z:
                 grad_z = torch.where((zero_point >= qmin) & (zero_point <= qmax), grad_z, 0.0)
@@ -121,8 +126,9 @@ class _FakeQuantize(torch.autograd.Function):
                 None, None, None, None, None, None, None)
 
 
-def _mapped(scale, zero_point, qmin: int, qmax: int, map_scale: bool, map_zero_point: bool):
+def _mapped(scale, zero_point, qmin: int, qmax: int, map_scale: int, map_zero_point: bool):
     s = scale.abs().clamp_min(MIN_SCALE) if map_scale else scale
+    s = power_of_two_nearest(s) if map_scale == POWER_OF_TWO else s
     return s, zero_point.clamp(qmin, qmax).round() if map_zero_point else zero_point
 
 
@@ -136,13 +142,14 @@ def fake_quantize(
     grad_scale: float = 1.0,
     relu: bool = False,
     *,
-    map_scale: bool = False,
+    map_scale: int = 0,
     map_zero_point: bool = False,
 ) -> torch.Tensor:
     """x̂ = (clamp(round(x/s) + z, qmin, qmax) - z) * s with STE/LSQ gradients (see module doc); of relu(x)
     with relu=True (fused into the kernel where it runs: no relu tensor, no second pass). A quantizer's raw
-    parameters: map_scale takes s = max(|scale|, MIN_SCALE), map_zero_point z = round(clamp(zero_point, qmin,
-    qmax)); the gradients then go to the raw `scale` and `zero_point`."""
+    parameters: map_scale takes s = max(|scale|, MIN_SCALE) (POWER_OF_TWO: its nearest power of two),
+    map_zero_point z = round(clamp(zero_point, qmin, qmax)); the gradients then go to the raw `scale` and
+    `zero_point`."""
     if relu and _kernel_order(x, scale, zero_point, axis) is None:
         x, relu = torch.relu(x), False
     return _FakeQuantize.apply(x, scale, zero_point, qmin, qmax, axis, grad_scale, relu, map_scale, map_zero_point)

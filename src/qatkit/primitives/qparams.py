@@ -1,6 +1,8 @@
 """Scale and zero point from data: min/max, percentile, or an MSE-optimal clipping search.
 
 Per-tensor results are 0-d tensors; per-channel results have shape (C,) for C = x.shape[axis].
+With power_of_two, scales are powers of two: min/max and percentile round the scale up (the range stays
+representable); MSE searches the powers of two themselves.
 """
 from __future__ import annotations
 
@@ -13,21 +15,42 @@ MIN_SCALE = 1e-8  # an all-zero tensor still gets a usable, positive scale
 _MAX_QUANTILE_ELEMENTS = 1 << 22  # torch.quantile refuses very large inputs; subsample above this
 
 
+def power_of_two_ceil(scale: torch.Tensor) -> torch.Tensor:
+    """The smallest power of two ≥ scale (scale > 0)."""
+    return torch.exp2(torch.ceil(torch.log2(scale)))
+
+
+SQRT_HALF = 0.7071067811865476  # float32: 0.70710677, as the C kernel's constant
+
+
+def power_of_two_nearest(scale: torch.Tensor) -> torch.Tensor:
+    """2^round(log2 s) for s > 0, without a log: s = m·2^e with m in [0.5, 1) goes to 2^e where m ≥ √½, else
+    2^(e-1) (exact in any float type, and the fused kernel's rule bit for bit)."""
+    mantissa, exponent = torch.frexp(scale)
+    pow2 = torch.ldexp(torch.ones_like(scale), exponent - 1 + (mantissa >= SQRT_HALF).to(exponent.dtype))
+    return torch.where(torch.isfinite(scale), pow2, scale)  # inf and NaN stay
+
+
+def _zero_point(xmin: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
+    return torch.clamp(torch.round(qmin - xmin / scale), qmin, qmax)
+
+
 def qparams_from_minmax(
-    xmin: torch.Tensor, xmax: torch.Tensor, qmin: int, qmax: int, symmetric: bool
+    xmin: torch.Tensor, xmax: torch.Tensor, qmin: int, qmax: int, symmetric: bool, power_of_two: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(scale, zero_point) that map [xmin, xmax] (widened to include 0) onto [qmin, qmax].
 
     Symmetric: z = 0 and s = max(|xmin|, |xmax|) / qmax, so the largest magnitude is representable.
     Asymmetric: s = (xmax - xmin) / (qmax - qmin), z = round(qmin - xmin / s), so 0.0 is exact.
+    power_of_two: s rounded up to a power of two.
     """
     xmin, xmax = torch.clamp(xmin, max=0.0), torch.clamp(xmax, min=0.0)
     if symmetric:
         scale = torch.clamp(torch.maximum(-xmin, xmax) / qmax, min=MIN_SCALE)
-        return scale, torch.zeros_like(scale)
-    scale = torch.clamp((xmax - xmin) / (qmax - qmin), min=MIN_SCALE)
-    zero_point = torch.clamp(torch.round(qmin - xmin / scale), qmin, qmax)
-    return scale, zero_point
+    else:
+        scale = torch.clamp((xmax - xmin) / (qmax - qmin), min=MIN_SCALE)
+    scale = power_of_two_ceil(scale) if power_of_two else scale
+    return scale, torch.zeros_like(scale) if symmetric else _zero_point(xmin, scale, qmin, qmax)
 
 
 def _rows(x: torch.Tensor, axis: int | None) -> torch.Tensor:
@@ -36,15 +59,33 @@ def _rows(x: torch.Tensor, axis: int | None) -> torch.Tensor:
     return x.reshape(1, -1) if axis is None else x.movedim(axis, 0).reshape(x.shape[axis], -1)
 
 
+def _candidates(lo: torch.Tensor, hi: torch.Tensor, qmin: int, qmax: int, symmetric: bool, grid: int,
+                power_of_two: bool):
+    """The (scale, zero point) pairs the MSE search tries: [min, max] shrunk by factors α ∈ (0, 1] on a grid of
+    `grid`; with power_of_two, the powers of two from min/max's (rounded up) down to 1/grid of it."""
+    if not power_of_two:
+        for alpha in torch.linspace(1.0, 1.0 / grid, grid).tolist():
+            yield qparams_from_minmax(lo * alpha, hi * alpha, qmin, qmax, symmetric)
+        return
+    top, _ = qparams_from_minmax(lo, hi, qmin, qmax, symmetric, power_of_two=True)
+    lo, width = torch.clamp(lo, max=0.0), torch.clamp(hi, min=0.0) - torch.clamp(lo, max=0.0)
+    for k in range(grid.bit_length()):
+        scale = top / 2**k
+        if symmetric:
+            yield scale, torch.zeros_like(scale)
+        else:  # the zero point of [min, max] shrunk to the width this scale covers: both ends clipped alike
+            alpha = torch.clamp((qmax - qmin) * scale / width, max=1.0)
+            yield scale, _zero_point(lo * alpha, scale, qmin, qmax)
+
+
 def _mse_search(
-    rows: torch.Tensor, qmin: int, qmax: int, symmetric: bool, grid: int
+    rows: torch.Tensor, qmin: int, qmax: int, symmetric: bool, grid: int, power_of_two: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Shrink [min, max] by factors α ∈ (0, 1] and keep, per row, the α of least quantization MSE."""
+    """Keep, per row, the candidate (scale, zero point) of least quantization MSE (see _candidates)."""
     lo, hi = rows.amin(dim=1), rows.amax(dim=1)
     best_err = torch.full_like(lo, float("inf"))
-    best_s, best_z = qparams_from_minmax(lo, hi, qmin, qmax, symmetric)
-    for alpha in torch.linspace(1.0, 1.0 / grid, grid).tolist():
-        s, z = qparams_from_minmax(lo * alpha, hi * alpha, qmin, qmax, symmetric)
+    best_s, best_z = qparams_from_minmax(lo, hi, qmin, qmax, symmetric, power_of_two)
+    for s, z in _candidates(lo, hi, qmin, qmax, symmetric, grid, power_of_two):
         q = torch.clamp(torch.round(rows / s[:, None]) + z[:, None], qmin, qmax)
         err = ((q - z[:, None]) * s[:, None] - rows).pow_(2).mean(dim=1)
         better = err < best_err
@@ -63,13 +104,15 @@ def qparams_from_tensor(
     method: str = "mse",
     percentile: float = 99.99,
     grid: int = 64,
+    power_of_two: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scale, zero_point) for x by `method` ("minmax", "percentile" or "mse")."""
+    """(scale, zero_point) for x by `method` ("minmax", "percentile" or "mse"); power-of-two scales with
+    power_of_two."""
     if method not in INIT_METHODS:
         raise bad_value("range init method", method, ", ".join(INIT_METHODS), "pick one of these")
     rows = _rows(x, axis)
     if method == "minmax":
-        scale, zp = qparams_from_minmax(rows.amin(dim=1), rows.amax(dim=1), qmin, qmax, symmetric)
+        scale, zp = qparams_from_minmax(rows.amin(dim=1), rows.amax(dim=1), qmin, qmax, symmetric, power_of_two)
     elif method == "percentile":
         if not 50.0 < percentile <= 100.0:
             raise bad_value("percentile", percentile, "a number in (50, 100]", "use e.g. 99.99")
@@ -78,9 +121,9 @@ def qparams_from_tensor(
         rows = rows.float()
         lo = torch.quantile(rows, 1.0 - percentile / 100.0, dim=1)
         hi = torch.quantile(rows, percentile / 100.0, dim=1)
-        scale, zp = qparams_from_minmax(lo, hi, qmin, qmax, symmetric)
+        scale, zp = qparams_from_minmax(lo, hi, qmin, qmax, symmetric, power_of_two)
     else:
-        scale, zp = _mse_search(rows, qmin, qmax, symmetric, grid)
+        scale, zp = _mse_search(rows, qmin, qmax, symmetric, grid, power_of_two)
     if axis is None:
         return scale[0], zp[0]
     return scale, zp
