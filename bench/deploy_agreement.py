@@ -109,8 +109,9 @@ def experiment_models(names: list[str]) -> list[dict]:
     for name in names:
         row_file = BENCH / "results" / "experiments" / f"{name}.json"
         if not row_file.exists():
+            held = sorted(p.stem for p in row_file.parent.glob("*.json"))
             raise SystemExit(f"--experiments {name}: {row_file} does not exist. Fix: run bench/experiment.py "
-                             f"--name {name} first, or name one of {sorted(p.stem for p in row_file.parent.glob('*.json'))}")
+                             f"--name {name} first, or name one of {held}")
         row = json.loads(row_file.read_text())
         models.append({"task": row["task"], "key": f"experiment:{name}", "recipe": row["overrides"],
                        "weight_bits": row["weight_bits"], "act_bits": row["act_bits"], "qat_accuracy": row["accuracy"],

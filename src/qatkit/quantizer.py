@@ -21,7 +21,7 @@ from qatkit.primitives import (
     qrange,
     quantize_codes,
 )
-from qatkit.primitives.fake_quant import POWER_OF_TWO, per_channel_view
+from qatkit.primitives.fake_quant import ABS, POWER_OF_TWO, per_channel_view
 from qatkit.primitives.qparams import MIN_SCALE, power_of_two_ceil, power_of_two_nearest
 from qatkit.primitives.ranges import check_bits
 
@@ -95,8 +95,8 @@ class FakeQuantizer(nn.Module):
         qmin, qmax = self.qrange
         per_scale = x.numel() // (self.scale.numel() if self.kind == "weight" else max(x.shape[0], 1))
         # the mapping of _scale_zp, inside the fake-quant's autograd node (cheaper than its small ops' own)
-        return fake_quantize(x, self.scale, self.zero_point, qmin, qmax, self.axis, lsq_grad_scale(per_scale, qmax), relu,
-                             map_scale=POWER_OF_TWO if self.spec.power_of_two else 1,
+        return fake_quantize(x, self.scale, self.zero_point, qmin, qmax, self.axis, lsq_grad_scale(per_scale, qmax),
+                             relu, map_scale=POWER_OF_TWO if self.spec.power_of_two else ABS,
                              map_zero_point=isinstance(self.zero_point, nn.Parameter))
 
     def codes(self, x: torch.Tensor) -> torch.Tensor:
@@ -193,5 +193,5 @@ class FakeQuantizer(nn.Module):
     def extra_repr(self) -> str:
         s = self.spec
         gran = f"per-channel(axis={self.axis})" if s.per_channel else "per-tensor"
-        return (f"{self.kind}, bits={int(self.bits)}, {'sym' if s.symmetric else 'asym'}, {'int' if s.signed else 'uint'}, "
-                f"{gran}{', power-of-two' if s.power_of_two else ''}")
+        return (f"{self.kind}, bits={int(self.bits)}, {'sym' if s.symmetric else 'asym'}, "
+                f"{'int' if s.signed else 'uint'}, {gran}{', power-of-two' if s.power_of_two else ''}")

@@ -229,10 +229,12 @@ def test_fixed_point_requantizes_the_skip_path_in_integers(zoo):
 def test_power_of_two_scales_make_fixed_point_equal_onnxruntime(name, bits, zoo):
     """With every scale a power of two, every multiplier is 2^-n: ORT's float32 product acc·M is exact, so the
     fixed-point mode (one rounding of the exact product, half to even) computes ORT's outputs bit for bit, end to end.
-    (The default, free scales: ≥ 99.99 % per kernel, end to end less, test_fixed_point_against_float32_mode_resnet20.)"""
+    (The default, free scales: ≥ 99.99 % per kernel, end to end less: test_fixed_point_against_float32_mode_resnet20.)
+    """
     plain, _, (c, s) = zoo(name, bits, power_of_two=True)
     ref = IntegerReference(plain)
-    scales = [ref.consts[n.input[1]] for n in ref.model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    qdq = ("QuantizeLinear", "DequantizeLinear")
+    scales = [ref.consts[n.input[1]] for n in ref.model.graph.node if n.op_type in qdq]
     assert len(scales) > 4 and all(np.all(np.frexp(v)[0] == 0.5) for v in scales)  # every scale 2^k
     x = _inputs(c, s, n=64, seed=5)
     theirs = qort.run(qort.session(plain, threads=1), x)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from qatkit.primitives import cpu_kernel, fake_quantize
-from qatkit.primitives.fake_quant import POWER_OF_TWO, _backward, _forward
+from qatkit.primitives.fake_quant import ABS, POWER_OF_TWO, _backward, _forward
 from qatkit.primitives.qparams import power_of_two_nearest
 from qatkit.primitives.reference import ref_fake_quantize
 
@@ -169,16 +169,16 @@ def test_fused_relu_equals_relu_then_fake_quant(layout):
     torch.testing.assert_close(got[2], -0.5 * 0.02 * want_clamped, rtol=1e-5, atol=1e-6, equal_nan=True)
 
 
-@pytest.mark.parametrize("raw_s, raw_z", [(0.05, 2.3), (-0.05, 2.7), (0.0, 0.0), (1e-9, -1.2), (0.03, 300.0), (-0.2, 15.0),
-                                          (0.7071067 / 16, 3.0), (0.7071068 / 16, 3.0)])
+@pytest.mark.parametrize("raw_s, raw_z", [(0.05, 2.3), (-0.05, 2.7), (0.0, 0.0), (1e-9, -1.2), (0.03, 300.0),
+                                          (-0.2, 15.0), (0.7071067690849304 / 16, 3.0), (0.7071068286895752 / 16, 3.0)])
 @pytest.mark.parametrize("axis", [None, 0])
-@pytest.mark.parametrize("map_scale", [1, POWER_OF_TWO], ids=["abs", "power-of-two"])
+@pytest.mark.parametrize("map_scale", [ABS, POWER_OF_TWO], ids=["abs", "power-of-two"])
 def test_learned_parameters_mapped_in_the_kernel_as_autograd_would(raw_s, raw_z, axis, map_scale):
-    """fake_quantize(map_scale=1 | POWER_OF_TWO, map_zero_point=True) maps the raw parameters (|s| floored at
+    """fake_quantize(map_scale=ABS | POWER_OF_TWO, map_zero_point=True) maps the raw parameters (|s| floored at
     MIN_SCALE, to its nearest power of two with POWER_OF_TWO; z clamped and rounded) and applies their chain rule
     inside the kernel: output and every gradient equal those of the same mapping written as autograd ops before
     fake_quantize, bit for bit (also for a negative, zero or tiny scale, a zero point out of range, a scale either
-    side of 2^-4.5, where the power of two changes), per tensor and per channel."""
+    side of 2^-4.5, the float32 values next to it, where the power of two changes), per tensor and per channel."""
     g = torch.Generator().manual_seed(7)
     x = (torch.randn(6, 5, 4, generator=g) * 0.4).requires_grad_()
     shape = () if axis is None else (6,)

@@ -19,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qatkit.primitives import fake_quantize, lsq_grad_scale, qrange, quantize_codes
-from qatkit.primitives.fake_quant import POWER_OF_TWO, per_channel_view
+from qatkit.primitives.fake_quant import ABS, POWER_OF_TWO, per_channel_view
 from qatkit.primitives.reference import ref_codes, ref_fake_quantize, ref_lsq_grads
 
 BITS = list(range(2, 9))
@@ -173,7 +173,7 @@ def test_backward_only_needed_inputs():
 
 @pytest.mark.parametrize("raw_s, raw_z", [(0.05, 2.3), (-0.05, 2.7), (0.0, 0.0), (1e-9, -1.2), (0.03, 300.0)])
 @pytest.mark.parametrize("axis", [None, 1])
-@pytest.mark.parametrize("map_scale", [1, POWER_OF_TWO], ids=["abs", "power-of-two"])
+@pytest.mark.parametrize("map_scale", [ABS, POWER_OF_TWO], ids=["abs", "power-of-two"])
 def test_learned_parameters_equal_the_mapping_in_autograd(raw_s, raw_z, axis, map_scale):
     """Raw quantizer parameters (float64: the eager path): s = max(|scale|, 1e-8) (with POWER_OF_TWO: 2^round(log2 s),
     straight through), z = round(clamp(zp)) mapped inside fake quantization give the output and gradients of the

@@ -233,3 +233,23 @@ def test_power_of_two_mse_finds_the_best_power_of_two(bits, signed, symmetric):
         minmax = qparams_from_tensor(torch.from_numpy(x), qmin, qmax, symmetric=symmetric, axis=0, method="minmax",
                                      power_of_two=True)
         assert np.all(got <= channel_mse(x, *(t.numpy() for t in minmax), qmin, qmax) * (1 + 1e-9))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_power_of_two_rounding_against_float64_logs(dtype):
+    """power_of_two_nearest = 2^round(log2 s), power_of_two_ceil = 2^ceil(log2 s), exactly (frexp, no log), over
+    magnitudes from 2^-30 to 2^10, exact powers of two (their own image) and the values either side of 2^(k+1/2)."""
+    from qatkit.primitives.qparams import power_of_two_ceil, power_of_two_nearest
+    rng = np.random.default_rng(0)
+    mid = np.sqrt(0.5) * 2.0 ** np.arange(-20, 5)
+    s = np.concatenate([2.0 ** rng.uniform(-30, 10, 2000), 2.0 ** np.arange(-30, 11), mid * (1 + 1e-6),
+                        mid * (1 - 1e-6)])
+    if dtype == torch.float32:  # the float32 values next to √½·2^k, either side
+        half = np.float32(np.sqrt(0.5)) * 2.0 ** np.arange(-20, 5)
+        s = np.concatenate([s, half, np.nextafter(half.astype(np.float32), np.float32(np.inf))])
+    st = torch.from_numpy(s).to(dtype)
+    s64 = st.double().numpy()
+    assert np.array_equal(power_of_two_nearest(st).double().numpy(), 2.0 ** np.round(np.log2(s64)))
+    assert np.array_equal(power_of_two_ceil(st).double().numpy(), 2.0 ** np.ceil(np.log2(s64)))
+    edge = torch.tensor([float("inf"), float("nan")], dtype=dtype)
+    assert torch.equal(power_of_two_nearest(edge)[:1], edge[:1]) and power_of_two_nearest(edge)[1].isnan()

@@ -92,7 +92,7 @@ static float mapped_scale(float raw, float min_scale, int map) {
         return a;
     int e;
     float m = frexpf(a, &e);
-    return ldexpf(1.0f, m >= 0.70710678118654752f ? e : e - 1);
+    return ldexpf(1.0f, (double)m >= 0.70710678118654752 ? e : e - 1);  /* in double: exactly m >= sqrt(1/2) */
 }
 static float mapped_zero_point(float raw, float qmin, float qmax, int map) {
     return !map ? raw : nearbyintf(raw < qmin ? qmin : raw > qmax ? qmax : raw);

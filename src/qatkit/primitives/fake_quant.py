@@ -10,8 +10,8 @@ Gradients (one autograd Function; float32 on the CPU: one fused loop each way, s
 The scale and zero-point gradients are multiplied by `grad_scale` (LSQ: 1/sqrt(N * qmax)).
 `s` and `z` are per-tensor (0-d) or per-channel (1-d, length x.shape[axis]); `z` holds integers.
 
-With map_scale / map_zero_point, fake_quantize takes a quantizer's raw parameters instead:
-s = max(|scale|, MIN_SCALE) (map_scale=POWER_OF_TWO: then its nearest power of two, straight through the rounding)
+With map_scale (ABS or POWER_OF_TWO) / map_zero_point, fake_quantize takes a quantizer's raw parameters instead:
+s = max(|scale|, MIN_SCALE) (POWER_OF_TWO: then its nearest power of two, straight through the rounding)
 and z = round(clamp(zero_point, qmin, qmax)) (straight through the rounding),
 mapped and differentiated inside the same autograd node: the same values and gradients as those small ops in
 autograd, without the per-call cost of their nodes (a dozen per quantizer, as much time as fake-quantizing a small
@@ -25,7 +25,7 @@ import torch
 from qatkit.primitives import cpu_kernel
 from qatkit.primitives.qparams import MIN_SCALE, power_of_two_nearest
 
-POWER_OF_TWO = 2  # map_scale: s = 2^round(log2 max(|scale|, MIN_SCALE)) (True / 1: s = max(|scale|, MIN_SCALE))
+ABS, POWER_OF_TWO = 1, 2  # map_scale: s = max(|scale|, MIN_SCALE); then 2^round(log2 s)
 
 
 def per_channel_view(t: torch.Tensor, x: torch.Tensor, axis: int | None) -> torch.Tensor:

@@ -15,20 +15,25 @@ MIN_SCALE = 1e-8  # an all-zero tensor still gets a usable, positive scale
 _MAX_QUANTILE_ELEMENTS = 1 << 22  # torch.quantile refuses very large inputs; subsample above this
 
 
+SQRT_HALF = 0.7071067811865476  # compared in float64: no float32 or float64 lies between it and √½
+
+
+def _power_of_two(scale: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """s = m·2^e, m in [0.5, 1): 2^e where `up` (of m), else 2^(e-1); inf and NaN stay."""
+    mantissa, exponent = torch.frexp(scale)
+    pow2 = torch.ldexp(torch.ones_like(scale), exponent - 1 + up(mantissa).to(exponent.dtype))
+    return torch.where(torch.isfinite(scale), pow2, scale)
+
+
 def power_of_two_ceil(scale: torch.Tensor) -> torch.Tensor:
-    """The smallest power of two ≥ scale (scale > 0)."""
-    return torch.exp2(torch.ceil(torch.log2(scale)))
-
-
-SQRT_HALF = 0.7071067811865476  # float32: 0.70710677, as the C kernel's constant
+    """The smallest power of two ≥ s, for s > 0 (exact: no log)."""
+    return _power_of_two(scale, lambda m: m > 0.5)
 
 
 def power_of_two_nearest(scale: torch.Tensor) -> torch.Tensor:
-    """2^round(log2 s) for s > 0, without a log: s = m·2^e with m in [0.5, 1) goes to 2^e where m ≥ √½, else
-    2^(e-1) (exact in any float type, and the fused kernel's rule bit for bit)."""
-    mantissa, exponent = torch.frexp(scale)
-    pow2 = torch.ldexp(torch.ones_like(scale), exponent - 1 + (mantissa >= SQRT_HALF).to(exponent.dtype))
-    return torch.where(torch.isfinite(scale), pow2, scale)  # inf and NaN stay
+    """2^round(log2 s) for s > 0, without a log: 2^e where m ≥ √½, else 2^(e-1) (exact in any float type, and the
+    fused kernel's rule bit for bit)."""
+    return _power_of_two(scale, lambda m: m.double() >= SQRT_HALF)
 
 
 def _zero_point(xmin: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
