@@ -149,5 +149,6 @@ def main() -> None:
         write(args.out, results)
         print(json.dumps(row), flush=True)
 
+
 if __name__ == "__main__":
     main()
