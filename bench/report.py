@@ -2,6 +2,7 @@
 project's targets, published anchors, step times, plots and the commands that reproduce it all.
 
     python bench/report.py [RESULTS.json ...] [--out BENCHMARKS.md] [--plots bench/results/plots]
+                           [--agreement bench/results/deploy_agreement*.json]
 
 Several results files may be given (e.g. one per task); their rows are merged by task, a later file's row
 replacing an earlier one with the same task, method, schedule and bits.
@@ -27,8 +28,10 @@ BENCH = Path(__file__).resolve().parent
 DEFAULT_RESULTS = BENCH / "results" / "suite.json"
 DEFAULT_OUT = BENCH.parent / "BENCHMARKS.md"
 DEFAULT_PLOTS = BENCH / "results" / "plots"
+DEFAULT_AGREEMENT = [BENCH / "results" / "deploy_agreement.json", BENCH / "results" / "deploy_agreement_po2.json"]
 DEFAULT_COMMANDS = ["python bench/pretrain.py cifar10-resnet20", "python bench/pretrain.py mnist-small-cnn",
-                    "python bench/suite.py", "python bench/report.py"]
+                    "python bench/suite.py", "python bench/deploy_agreement.py  # the power-of-two rows: bench/README.md",
+                    "python bench/report.py"]
 
 METHOD_ORDER = ["float", "ptq-minmax", "ptq-mse", "qat", "torch.ao-qat"]
 EPS = 1e-12  # float-representation slack only (0.992 - 0.001 != 0.991 exactly); far below one test sample
@@ -436,13 +439,40 @@ def _step_table(st: dict) -> str:
     return head + _table(["variant", "median step ms", "ratio to float"], body)
 
 
+def _scales(model: dict) -> str:
+    """"power of two" for a bench/experiment.py model trained with power_of_two_scales, else "free"."""
+    overrides = model["recipe"] if isinstance(model["recipe"], list) else []
+    return "power of two" if "qat.power_of_two_scales=true" in overrides else "free"
+
+
+def _equal(entry: dict) -> str:
+    return f"{entry['equal']:.6g} ({entry['max_steps']:g})"
+
+
+def agreement_table(files: list[dict]) -> str:
+    """The integer reference against ONNX Runtime on trained models (bench/deploy_agreement.py's files)."""
+    body = []
+    for f in files:
+        for m in f["models"]:
+            fixed = m["fixed-point_vs_float32"]
+            worst = min(fixed["per_kernel"].items(), key=lambda kv: kv[1]["equal"])
+            body.append([m["task"], f"W{m['weight_bits']}A{m['act_bits']}", _scales(m), _pct(m["qat_accuracy"]),
+                         f"{m['images']:,}", _equal(m["ort_vs_float32"]), _equal(fixed["end_to_end"]),
+                         f"{worst[1]['equal']:.8g} ({worst[0] if worst[1]['equal'] < 1 else 'every kernel'})",
+                         _equal(m["fixed-point-gemmlowp_vs_float32"]["end_to_end"])])
+    return _table(["task", "bits", "scales", "QAT acc. %", "images", "ORT = float32 mode", "fixed point, end to end",
+                   "fixed point, lowest kernel", "gemmlowp, end to end"], body)
+
+
 def _rel(path: Path, start: Path) -> str:
     return Path(os.path.relpath(path.resolve(), start.resolve())).as_posix()
 
 
 def write_benchmarks(results: dict | list[dict], out_md: Path, plots_dir: Path,
-                     commands: list[str] | None = None, sources: list[str] | None = None) -> Path:
-    """Write BENCHMARKS.md at out_md and its plots under plots_dir; return out_md."""
+                     commands: list[str] | None = None, sources: list[str] | None = None,
+                     agreement: list[dict] | None = None) -> Path:
+    """Write BENCHMARKS.md at out_md and its plots under plots_dir; return out_md. `agreement`: the contents of
+    bench/deploy_agreement.py's results files, for the deploy section."""
     out_md, plots_dir = Path(out_md), Path(plots_dir)
     plots_dir.mkdir(parents=True, exist_ok=True)
     data = merge(results)
@@ -498,6 +528,16 @@ def write_benchmarks(results: dict | list[dict], out_md: Path, plots_dir: Path,
     png = plot_size_vs_latency(rows_by_task, plots_dir / "size_vs_latency.png")
     md += ["## Size vs latency", "", f"![size vs latency]({_rel(png, out_md.parent)})", ""]
 
+    if agreement:
+        md += ["## Deploy: the integer-only reference against ONNX Runtime", "",
+               ("`qatkit.export.integer_reference` on the trained QAT models' ONNX files "
+                "(`bench/deploy_agreement.py`): its float32-multiplier mode against ONNX Runtime, and its fixed-point modes (M = M0·2^-n; one "
+                "rounding of the exact product, or gemmlowp's double rounding) against float32 mode: the fraction of "
+                "equal output values (largest difference in steps), end to end and, for the kernel kind with the "
+                "fewest equal outputs, per kernel on equal inputs. Scales: free (learned) or powers of two "
+                "(`power_of_two_scales`), where every multiplier is a shift."), "",
+               agreement_table(agreement), ""]
+
     md += ["## Published anchors", "",
            ("Other models and data sets (mostly ImageNet, other architectures and recipes): context for the "
             "size of quantization losses, **not directly comparable** with the numbers above. "
@@ -518,20 +558,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("results", nargs="*", type=Path, default=[DEFAULT_RESULTS], help="results JSON file(s)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     p.add_argument("--plots", type=Path, default=DEFAULT_PLOTS)
+    p.add_argument("--agreement", type=Path, nargs="*", default=[f for f in DEFAULT_AGREEMENT if f.is_file()],
+                   help="bench/deploy_agreement.py results files (default: those of bench/results/ that exist)")
     args = p.parse_args(argv)
-    loaded = []
-    for path in args.results:
+    loaded, agreement = [], []
+    for path, into, command in [(r, loaded, "suite.py") for r in args.results] + \
+            [(a, agreement, "deploy_agreement.py") for a in args.agreement]:
         if not path.is_file():
-            print(f"error: {path} not found: run python bench/suite.py first", file=sys.stderr)
+            print(f"error: {path} not found: run python bench/{command} first", file=sys.stderr)
             return 2
         try:
-            loaded.append(json.loads(path.read_text()))
+            into.append(json.loads(path.read_text()))
         except json.JSONDecodeError as e:
-            print(f"error: {path} is not valid JSON ({e}): run python bench/suite.py again", file=sys.stderr)
+            print(f"error: {path} is not valid JSON ({e}): run python bench/{command} again", file=sys.stderr)
             return 2
     root = BENCH.parent
-    out = write_benchmarks(loaded, args.out, args.plots, sources=[
-        str(r.resolve().relative_to(root)) if r.resolve().is_relative_to(root) else str(r) for r in args.results])
+    out = write_benchmarks(loaded, args.out, args.plots, agreement=agreement, sources=[
+        str(r.resolve().relative_to(root)) if r.resolve().is_relative_to(root) else str(r)
+        for r in args.results + args.agreement])
     data = merge(loaded)
     tasks = list(data["tasks"]) + [t for t in TARGETS if t not in data["tasks"]]
     checks = [c for t in tasks for c in acceptance(t, data["rows"].get(t, []), data["step_times"].get(t))]

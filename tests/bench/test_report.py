@@ -150,3 +150,38 @@ def test_missing_results_file(tmp_path, capsys):
     err = capsys.readouterr().err
     assert str(missing) in err and "run python bench/suite.py first" in err
     assert not (tmp_path / "B.md").exists()
+
+
+def _agreement_model(task, bits, recipe, e2e, kernels):
+    per_kernel = {k: {"equal": v, "values": 1000, "max_steps": 0.0 if v == 1.0 else 1.0} for k, v in kernels.items()}
+    return {"task": task, "key": "k", "recipe": recipe, "weight_bits": bits[0], "act_bits": bits[1],
+            "qat_accuracy": 0.9190, "images": 2000, "ort_vs_float32": {"equal": 1.0, "values": 20000, "max_steps": 0.0},
+            "fixed-point_vs_float32": {"end_to_end": {"equal": e2e, "values": 20000,
+                                                      "max_steps": 0.0 if e2e == 1 else 2.0},
+                                       "per_kernel": per_kernel},
+            "fixed-point-gemmlowp_vs_float32": {"end_to_end": {"equal": 0.43, "values": 20000, "max_steps": 6.0},
+                                                "per_kernel": per_kernel}}
+
+
+def test_deploy_agreement_section(tmp_path):
+    """One row per measured model: free or power-of-two scales (from the experiment's overrides), the end-to-end
+    fixed-point agreement with its largest step difference, and the kernel kind with the fewest equal outputs."""
+    free = {"models": [_agreement_model(C, (8, 8), "qat-recipe-id", 0.99365, {"Conv": 0.99999985, "Add": 1.0})]}
+    po2 = {"models": [_agreement_model(C, (4, 4), ["qat.power_of_two_scales=true"], 1.0, {"Conv": 1.0})]}
+    md = report.write_benchmarks(CIFAR, tmp_path / "B.md", tmp_path / "plots", agreement=[free, po2]).read_text()
+    section = md.split("## Deploy: the integer-only reference against ONNX Runtime")[1].split("\n## ")[0]
+    rows = [line for line in section.splitlines() if line.startswith(f"| {C}")]
+    assert len(rows) == 2
+    assert "| W8A8 | free | 91.90 | 2,000 | 1 (0) | 0.99365 (2) | 0.99999985 (Conv) | 0.43 (6) |" in rows[0]
+    assert "| W4A4 | power of two |" in rows[1] and "| 1 (0) | 1 (0) | 1 (every kernel) |" in rows[1]
+    no_section = report.write_benchmarks(CIFAR, tmp_path / "C.md", tmp_path / "plots").read_text()
+    assert "## Deploy" not in no_section
+
+
+def test_missing_agreement_file(tmp_path, capsys):
+    missing = tmp_path / "deploy_agreement.json"
+    suite = tmp_path / "suite.json"
+    suite.write_text(__import__("json").dumps(CIFAR))
+    assert report.main([str(suite), "--agreement", str(missing), "--out", str(tmp_path / "B.md")]) == 2
+    assert "run python bench/deploy_agreement.py first" in capsys.readouterr().err
+    assert not (tmp_path / "B.md").exists()
