@@ -30,7 +30,8 @@ DEFAULT_OUT = BENCH.parent / "BENCHMARKS.md"
 DEFAULT_PLOTS = BENCH / "results" / "plots"
 DEFAULT_AGREEMENT = [BENCH / "results" / "deploy_agreement.json", BENCH / "results" / "deploy_agreement_po2.json"]
 DEFAULT_COMMANDS = ["python bench/pretrain.py cifar10-resnet20", "python bench/pretrain.py mnist-small-cnn",
-                    "python bench/suite.py", "python bench/deploy_agreement.py  # the power-of-two rows: bench/README.md",
+                    "python bench/suite.py",
+                    "python bench/deploy_agreement.py  # the power-of-two rows: bench/README.md",
                     "python bench/report.py"]
 
 METHOD_ORDER = ["float", "ptq-minmax", "ptq-mse", "qat", "torch.ao-qat"]
@@ -531,11 +532,11 @@ def write_benchmarks(results: dict | list[dict], out_md: Path, plots_dir: Path,
     if agreement:
         md += ["## Deploy: the integer-only reference against ONNX Runtime", "",
                ("`qatkit.export.integer_reference` on the trained QAT models' ONNX files "
-                "(`bench/deploy_agreement.py`): its float32-multiplier mode against ONNX Runtime, and its fixed-point modes (M = M0·2^-n; one "
-                "rounding of the exact product, or gemmlowp's double rounding) against float32 mode: the fraction of "
-                "equal output values (largest difference in steps), end to end and, for the kernel kind with the "
-                "fewest equal outputs, per kernel on equal inputs. Scales: free (learned) or powers of two "
-                "(`power_of_two_scales`), where every multiplier is a shift."), "",
+                "(`bench/deploy_agreement.py`): its float32-multiplier mode against ONNX Runtime, and its fixed-point "
+                "modes (M = M0·2^-n; one rounding of the exact product, or gemmlowp's double rounding) against "
+                "float32 mode: the fraction of equal output values (largest difference in steps), end to end and, "
+                "for the kernel kind with the fewest equal outputs, per kernel on equal inputs. Scales: free "
+                "(learned) or powers of two (`power_of_two_scales`), where every multiplier is a shift."), "",
                agreement_table(agreement), ""]
 
     md += ["## Published anchors", "",
