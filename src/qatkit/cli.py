@@ -46,6 +46,9 @@ def _common(p: argparse.ArgumentParser, *, many_bits: bool) -> None:
     p.add_argument("--device", help="cpu (default) | cuda | cuda:N")
     p.add_argument("--limit", type=int, help="use only the first N samples of each split")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--power-of-two-scales", action="store_true",
+                   help="every scale a power of two: requantization by shifts, the same integers on fixed-point "
+                        "hardware as on ONNX Runtime (YAML: qat: {power_of_two_scales: true})")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -107,6 +110,8 @@ def run_config_from(args: argparse.Namespace, default_bits: tuple[int, ...] | No
             train[key] = getattr(args, flag)
     if args.quiet:
         train["progress"] = False
+    if args.power_of_two_scales:
+        qat["power_of_two_scales"] = True
     top = {k: data[k] for k in _RUN_KEYS[:8] if k in data}
     for flag in ("dataset", "data", "model", "limit", "float_epochs"):
         if getattr(args, flag) is not None:

@@ -117,3 +117,13 @@ def test_eval_mnist_path_from_shared_data(tmp_path, capsys):
     assert all(r["integer_model_accuracy"] == r["accuracy"] for r in rows[1:])
     check = rows[2]["verify"]  # the QAT model, exported and run by ONNX Runtime on the (limited) test split
     assert check["n"] == 256 and check["top1_agreement"] == 1.0 and check["within_one_step"] == 1.0
+
+
+def test_power_of_two_scales_flag_and_yaml(tmp_path):
+    """--power-of-two-scales (or YAML qat: {power_of_two_scales: true}) reaches the QAT config; off by default."""
+    from qatkit.cli import _parser, run_config_from
+    assert not run_config_from(_parser().parse_args(["run"])).qat.power_of_two_scales
+    assert run_config_from(_parser().parse_args(["train", "--power-of-two-scales", "--out", "o"])).qat.power_of_two_scales
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("qat:\n  power_of_two_scales: true\n")
+    assert run_config_from(_parser().parse_args(["run", "--config", str(cfg)])).qat.power_of_two_scales
