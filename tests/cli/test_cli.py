@@ -123,7 +123,8 @@ def test_power_of_two_scales_flag_and_yaml(tmp_path):
     """--power-of-two-scales (or YAML qat: {power_of_two_scales: true}) reaches the QAT config; off by default."""
     from qatkit.cli import _parser, run_config_from
     assert not run_config_from(_parser().parse_args(["run"])).qat.power_of_two_scales
-    assert run_config_from(_parser().parse_args(["train", "--power-of-two-scales", "--out", "o"])).qat.power_of_two_scales
+    flagged = _parser().parse_args(["train", "--power-of-two-scales", "--out", "o"])
+    assert run_config_from(flagged).qat.power_of_two_scales
     cfg = tmp_path / "run.yaml"
     cfg.write_text("qat:\n  power_of_two_scales: true\n")
     assert run_config_from(_parser().parse_args(["run", "--config", str(cfg)])).qat.power_of_two_scales
