@@ -46,7 +46,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import qatkit
-from qatkit.cli import run_config_from
+from qatkit.cli import _parser, run_config_from
 from qatkit.config import (
     QATConfig,
     TrainConfig,
@@ -557,8 +557,8 @@ def yaml_document(draw) -> str:
 
 
 def _namespace(config: Path) -> argparse.Namespace:
-    return argparse.Namespace(config=str(config), dataset=None, data=None, model=None, weight_bits=None, act_bits=None,
-                              epochs=None, float_epochs=None, seed=None, device=None, limit=None, quiet=False)
+    """What `qatkit run --config CONFIG` parses to (the real parser: every flag at its default)."""
+    return _parser().parse_args(["run", "--config", str(config)])
 
 
 def _config_outcome(fn, data, outcome: collections.Counter, label: str):
