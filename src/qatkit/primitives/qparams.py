@@ -6,6 +6,8 @@ representable); MSE searches the powers of two themselves.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from qatkit.errors import bad_value
@@ -18,7 +20,7 @@ _MAX_QUANTILE_ELEMENTS = 1 << 22  # torch.quantile refuses very large inputs; su
 SQRT_HALF = 0.7071067811865476  # compared in float64: no float32 or float64 lies between it and √½
 
 
-def _power_of_two(scale: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+def _power_of_two(scale: torch.Tensor, up: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """s = m·2^e, m in [0.5, 1): 2^e where `up` (of m), else 2^(e-1); inf and NaN stay."""
     mantissa, exponent = torch.frexp(scale)
     pow2 = torch.ldexp(torch.ones_like(scale), exponent - 1 + up(mantissa).to(exponent.dtype))
@@ -73,7 +75,8 @@ def _candidates(lo: torch.Tensor, hi: torch.Tensor, qmin: int, qmax: int, symmet
             yield qparams_from_minmax(lo * alpha, hi * alpha, qmin, qmax, symmetric)
         return
     top, _ = qparams_from_minmax(lo, hi, qmin, qmax, symmetric, power_of_two=True)
-    lo, width = torch.clamp(lo, max=0.0), torch.clamp(hi, min=0.0) - torch.clamp(lo, max=0.0)
+    lo = torch.clamp(lo, max=0.0)
+    width = torch.clamp(hi, min=0.0) - lo
     for k in range(grid.bit_length()):
         scale = top / 2**k
         if symmetric:
