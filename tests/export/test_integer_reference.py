@@ -30,6 +30,7 @@ from qatkit.export.integer_reference import (  # noqa: E402
     rounding_divide_by_pot,
     srdhm,
 )
+from qatkit.export.ort_numerics import stored_weights, weight_zero_point  # noqa: E402
 from qatkit.models import build_model  # noqa: E402
 
 SPECS = {"seed-mlp": (1, 8), "small-cnn": (3, 32), "resnet20": (3, 32), "resnet18": (3, 16), "mobilenetv2": (3, 16),
@@ -306,9 +307,9 @@ def test_srdhm_and_rounding_divide_by_pot():
 
 # ------------------------------------------------------------------------------------- fusion rules, errors
 def _conv_graph(act: str, z_y: int, s_y: float, clip=(0.0, 6.0)) -> onnx.ModelProto:
-    rng = np.random.default_rng(2)
-    inits = {"sx": np.float32(0.02), "zx": np.uint8(100), "w": rng.integers(-127, 128, (4, 3, 3, 3)).astype(np.int8),
-             "sw": np.full(4, 0.01, np.float32), "zw": np.zeros(4, np.int8), "b": np.arange(4, dtype=np.int32) * 50,
+    w = stored_weights(np.random.default_rng(2).integers(-127, 128, (4, 3, 3, 3)))  # as qatkit's export stores them
+    inits = {"sx": np.float32(0.02), "zx": np.uint8(100), "w": w, "sw": np.full(4, 0.01, np.float32),
+             "zw": weight_zero_point(w, 4), "b": np.arange(4, dtype=np.int32) * 50,
              "sb": np.full(4, 0.0002, np.float32), "zb": np.zeros(4, np.int32), "sy": np.float32(s_y), "zy": np.uint8(z_y)}
     if act == "Clip":
         inits.update(lo=np.float32(clip[0]), hi=np.float32(clip[1]))

@@ -107,13 +107,18 @@ def test_dequantize_linear(tmp_path):
     assert np.array_equal(y.view(np.int32), on.dequantize_linear(x, f32(0.0371), 77).view(np.int32))
 
 
+def _stored(w, act):  # int8 weights as qatkit's export stores them for these activations
+    return on.stored_weights(w, act[3] if act[2] >= 0 else None)
+
+
 # ----------------------------------------------------------------------------- Conv
 def _conv_model(w, b, s_x, z_x, s_w, s_y, z_y, *, act=U8, group=1, stride=1, pads=(0, 0, 0, 0), dil=1,
                 relu=False, opset=17):
     dt, npdt, _, _ = act
     pc = np.ndim(s_w) > 0
     nodes = [_dq("xq", "sx", "zx", "xf"), _dq("w", "sw", "zw", "wf", 0 if pc else None)]
-    inits = {"sx": f32(s_x), "zx": np.array(z_x, npdt), "w": w, "sw": s_w, "zw": np.zeros(np.shape(s_w), np.int8),
+    inits = {"sx": f32(s_x), "zx": np.array(z_x, npdt), "w": _stored(w, act), "sw": s_w,
+             "zw": on.weight_zero_point(_stored(w, act), np.shape(s_w)),
              "sy": f32(s_y), "zy": np.array(z_y, npdt)}
     ins = ["xf", "wf"]
     if b is not None:
@@ -186,8 +191,12 @@ def test_requant_multiplier_order(tmp_path):
 
 
 def test_qlinear_conv_saturation_prone(tmp_path):
-    """x = 255, w = +-127: u8*s8 pair sums of 64770 would saturate a 16-bit (vpmaddubsw) kernel. Exact on
-    AVX-512 VNNI / AMX; a non-VNNI AVX2 CPU may fail this test (that is ORT's reduce_range caveat)."""
+    """x = 255, w = +-127: u8*s8 pair sums of 64770 would saturate the 16-bit (vpmaddubsw) kernel ORT runs on
+    x86 CPUs without VNNI (ORT's reduce_range caveat); stored as uint8 + 128 they run its exact u8*u8 kernel."""
+    assert on.stored_weights(np.int8([[64, -64]])).dtype == np.int8  # 2 * 255 * 64 = 32640 fits in int16
+    assert np.array_equal(on.stored_weights(np.int8([[65, -127]])), np.uint8([[193, 1]]))
+    assert on.stored_weights(np.int8([[127]]), x_max=15).dtype == np.int8  # 4-bit inputs: 2 * 15 * 127
+    assert on.stored_weights(np.int8([[127]]), x_max=None).dtype == np.int8  # int8 inputs: s8*s8 is exact
     rng = np.random.default_rng(3)
     w = np.where(rng.random((16, 32, 3, 3)) < 0.5, -127, 127).astype(np.int8)
     w[:8] = 127
@@ -204,7 +213,8 @@ def _gemm_model(w, b, s_a, z_a, s_b, s_y, z_y, act, trans_b, out_q, relu, opset=
     dt, npdt, _, _ = act
     pc = np.ndim(s_b) > 0
     nodes = [_dq("xq", "sx", "zx", "xf"), _dq("w", "sw", "zw", "wf", (0 if trans_b else 1) if pc else None)]
-    inits = {"sx": f32(s_a), "zx": np.array(z_a, npdt), "w": w, "sw": s_b, "zw": np.zeros(np.shape(s_b), np.int8)}
+    inits = {"sx": f32(s_a), "zx": np.array(z_a, npdt), "w": _stored(w, act), "sw": s_b,
+             "zw": on.weight_zero_point(_stored(w, act), np.shape(s_b))}
     ins = ["xf", "wf"]
     if b is not None:
         nodes.append(_dq("b", "sb", "zb", "bf", 0 if pc else None))
@@ -273,7 +283,8 @@ def _matmul_model(w, s_a, z_a, s_b, s_y, z_y, act, rank, out_q):
     pc = np.ndim(s_b) > 0
     nodes = [_dq("xq", "sx", "zx", "xf"), _dq("w", "sw", "zw", "wf", 1 if pc else None),
              oh.make_node("MatMul", ["xf", "wf"], ["yf"])]
-    inits = {"sx": f32(s_a), "zx": np.array(z_a, npdt), "w": w, "sw": s_b, "zw": np.zeros(np.shape(s_b), np.int8)}
+    inits = {"sx": f32(s_a), "zx": np.array(z_a, npdt), "w": _stored(w, act), "sw": s_b,
+             "zw": on.weight_zero_point(_stored(w, act), np.shape(s_b))}
     if out_q:
         nodes.append(_q("yf", "sy", "zy", "yq"))
         inits.update(sy=f32(s_y), zy=np.array(z_y, npdt))

@@ -6,6 +6,7 @@ core op whose inputs are DequantizeLinear outputs and whose only consumer chain 
     DQ(x u8) -> Conv(DQ(w i8, axis 0), DQ(b i32)) -> Q         acc = sum((q_x - z_x) * q_w) + q_b
     DQ(a u8|i8) -> Gemm(DQ(w i8), DQ(b i32)) -> Q | float out   same acc
     DQ(a u8), DQ(b) -> MatMul -> Q | float out                  acc = sum((q_a - z_a) * (q_b - z_b))
+  (w i8: int8 weights with zero point 0, or uint8 ones with zero point 128, q_w = w - 128: the same integers.)
     DQ(a), DQ(b) -> Add -> Q;   DQ(x) -> GlobalAveragePool -> Q
 Accumulators are exact integers: dot products run in float64 BLAS (exact while |acc| < 2^53, i.e. for 8-bit operands
 and fewer than 2^37 terms), are held in int64 and wrapped to int32 as the hardware register would. A float output
@@ -362,13 +363,14 @@ class IntegerReference:
         if ins[0] is None or np.ndim(ins[0][1]) != 0 or (n.op_type in ("Conv", "MatMul") and ins[0][2].dtype != np.uint8):
             return None  # ORT on x86 fuses Conv and MatMul only with uint8 activations
         f = _Fused(n.op_type, n, n.output[0], [ins[0]], [], a)
-        if n.op_type in ("Conv", "Gemm"):  # int8 constant weights with zero point 0, int32 constant bias (or none)
+        if n.op_type in ("Conv", "Gemm"):  # constant int8 weights with zero point 0 or uint8 ones with 128 (symmetric)
             w, b = ins[1], ins[2] if len(ins) > 2 else ()
-            if w is None or w[0] not in self.consts or self.consts[w[0]].dtype != np.int8 or np.any(w[2] != 0) \
-                    or b is None or (b and b[0] not in self.consts) or a.get("transA", 0) or a.get("alpha", 1.0) != 1 \
-                    or a.get("beta", 1.0) != 1:
+            zero = {np.dtype(np.int8): 0, np.dtype(np.uint8): 128}.get(self.consts[w[0]].dtype) if w and w[0] in self.consts else None
+            if zero is None or np.any(w[2] != zero) or b is None or (b and b[0] not in self.consts) \
+                    or a.get("transA", 0) or a.get("alpha", 1.0) != 1 or a.get("beta", 1.0) != 1:
                 return None
-            f.w, f.s_w, f.bias = self.consts[w[0]].astype(i64), w[1].astype(f32), self.consts[b[0]].astype(i64) if b else None
+            f.w, f.s_w = self.consts[w[0]].astype(i64) - zero, w[1].astype(f32)
+            f.bias = self.consts[b[0]].astype(i64) if b else None
             f.w = f.w.T if n.op_type == "Gemm" and a.get("transB", 0) else f.w  # Gemm weights as (K_in, N)
         elif n.op_type in ("MatMul", "Add"):
             if ins[1] is None or np.ndim(ins[1][1]) != 0:

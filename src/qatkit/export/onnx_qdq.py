@@ -3,7 +3,7 @@ around standard ops, which ONNX Runtime fuses into its integer kernels (QLinearC
 
 Integer values travel as uint8/int8 tensors: ops that keep the integer grid (max pool, reshapes,
 transposes, ReLU as Max with the zero point) run on them directly; a consumer that needs floats gets
-a DequantizeLinear. A quantized conv/linear is DQ(x) → Conv/Gemm(DQ(w int8), DQ(b int32, s_x·s_w))
+a DequantizeLinear. A quantized conv/linear is DQ(x) → Conv/Gemm(DQ(w int8 or uint8 - 128), DQ(b int32, s_x·s_w))
 → [Relu] → Q, exactly the pattern the runtime turns into one integer kernel.
 """
 from __future__ import annotations
@@ -16,6 +16,7 @@ from onnx import TensorProto, helper, numpy_helper
 from qatkit.convert.pack import unpack
 from qatkit.convert.runtime import IntegerModel, QValue
 from qatkit.export.onnx_ops import Value, export_call
+from qatkit.export.ort_numerics import stored_weights, weight_zero_point
 
 OPSET = 17
 class _Exporter:
@@ -139,8 +140,10 @@ class _Exporter:
         if node["bits"] < 8:
             self.note(f"{node['bits']}-bit weights are stored as int8 (ONNX Runtime has no 4-bit conv/gemm kernels)")
         per_channel = s_w.dim() == 1
+        # int8, or uint8 with zero point 128 where ORT's u8·s8 kernel could saturate on a CPU without VNNI
+        codes = stored_weights(codes, node["input"]["qmax"] if node["input"]["qmin"] >= 0 else None)
         w = self.op("DequantizeLinear", [self.const(f"{name}_w", codes), self.const(f"{name}_ws", s_w.numpy()),
-                                         self.const(f"{name}_wz", np.zeros(s_w.shape, np.int8))], f"{name}_wdq",
+                                         self.const(f"{name}_wz", weight_zero_point(codes, s_w.shape))], f"{name}_wdq",
                     **({"axis": 0} if per_channel else {}))
         inputs = [None, w]
         if node["bias"] is not None:

@@ -8,6 +8,7 @@ and tests/export/test_ort_numerics.py, which checks every function against ORT i
     quantize_linear         QuantizeLinear (MlasQuantizeLinear): x / s (a true division), round half to even.
     dequantize_linear       DequantizeLinear: f32(q - z) * s (what the unfused float paths start from).
     requant_multiplier      float32 (s_x * s_w[c]) / s_y, the multiplier of QLinearConv / QGemm / QLinearMatMul.
+    stored_weights          how to store int8 weight codes so that every x86 CPU computes exact accumulators.
     qlinear_conv            DQ->Conv(->Relu)->Q  => com.microsoft QLinearConv (NHWC), uint8 activations only.
     qgemm                   DQ->Gemm(->Relu)->Q  => com.microsoft QGemm.
     qgemm_float_output      DQ->Gemm (no Q)      => QGemm with float output: float32(acc) * (s_a*s_b).
@@ -62,6 +63,26 @@ def quantize_linear(x, scale, zp, qmin: int = 0, qmax: int = 255) -> np.ndarray:
 def dequantize_linear(q, scale, zp) -> np.ndarray:
     """ONNX DequantizeLinear as ORT runs it (also the unfused float paths): f32(q - zp) * f32(scale)."""
     return (np.asarray(q, np.int64) - int(zp)).astype(f32) * f32(scale)
+
+
+INT16_MAX = 2**15 - 1
+
+
+def stored_weights(q_w, x_max: int | None = 255) -> np.ndarray:
+    """Symmetric weight codes as an ONNX initializer every x86 CPU accumulates exactly: int8 (zero point 0) where no
+    pair of products with uint8 inputs in [0, x_max] can leave int16 (x_max None: int8 inputs), else uint8 q + 128
+    (zero point 128). ORT's u8*s8 kernel on CPUs without VNNI (AVX2, AVX-512F) adds pairs of products in int16
+    with saturation (vpmaddubsw); its u8*u8 and s8*s8 kernels widen to int16 first and are exact (ORT_NUMERICS.md;
+    ORT fuses int8 inputs only with int8 weights)."""
+    q_w = np.asarray(q_w, np.int64)
+    if x_max is None or 2 * int(x_max) * int(np.abs(q_w).max(initial=0)) <= INT16_MAX:
+        return q_w.astype(np.int8)
+    return (q_w + 128).astype(np.uint8)
+
+
+def weight_zero_point(stored: np.ndarray, shape) -> np.ndarray:
+    """The DequantizeLinear zero point of `stored_weights`' result: 0 for int8, 128 for uint8."""
+    return np.full(shape, 128 if stored.dtype == np.uint8 else 0, stored.dtype)
 
 
 def requant_multiplier(s_x, s_w, s_y) -> np.ndarray:
