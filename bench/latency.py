@@ -1,9 +1,12 @@
 """Latency of ResNet-20 (CIFAR-10 layout) in four runtimes, interleaved in one process: float PyTorch, float ONNX
 Runtime, qatkit's int8 QDQ export, and ONNX Runtime's quantize_static model from the same float weights.
 Latency does not depend on the weights' values, so the float model is random-initialised; both int8 models are
-calibrated on the same 8 batches of CIFAR-10 training images.
+calibrated on the same 8 batches of CIFAR-10 training images. With --reduce-range qatkit's model has 7-bit weights
+where they would be 8-bit (QATConfig(reduce_range=True)), so its export keeps ONNX Runtime's u8·s8 kernels, which
+without it are traded for exact u8·u8 ones on CPUs without VNNI (src/qatkit/export/ORT_NUMERICS.md).
 
     python bench/latency.py [--data ../shared/data/cifar10] [--out bench/results/latency_resnet20.json]
+    python bench/latency.py --reduce-range      # -> bench/results/latency_resnet20_reduce_range.json
 """
 from __future__ import annotations
 
@@ -23,17 +26,21 @@ def main() -> None:
     root = Path(__file__).resolve().parents[1]
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=str(root.parent / "shared" / "data" / "cifar10"))
-    parser.add_argument("--out", default=str(root / "bench" / "results" / "latency_resnet20.json"))
+    parser.add_argument("--reduce-range", action="store_true", help="qatkit's model with QATConfig(reduce_range=True)")
+    parser.add_argument("--out", help="results file (default: bench/results/latency_resnet20[_reduce_range].json)")
     args = parser.parse_args()
+    suffix = "_reduce_range" if args.reduce_range else ""
+    out = args.out or root / "bench" / "results" / f"latency_resnet20{suffix}.json"
     torch.manual_seed(0)
     ds = load_dataset("cifar10", args.data)
     loader = BatchLoader(ds.train, batch_size=32, mean=ds.mean, std=ds.std, shuffle=True, seed=0)
     calib = [x for x, _ in zip((b[0] for b in loader), range(8))]
     model = build_model("resnet20", num_classes=10, in_channels=3, image_size=32).eval()
-    qat = qatkit.prepare(model, qatkit.QATConfig(), calib[0][:2])
+    qat = qatkit.prepare(model, qatkit.QATConfig(reduce_range=args.reduce_range), calib[0][:2])
     qatkit.calibrate(qat, calib, num_batches=8)
     result = bench(model, qat.eval(), calib[0][:1], calib, batches=(1, 32), threads=2, rounds=15)
-    Path(args.out).write_text(json.dumps(result, indent=2))
+    result["reduce_range"] = args.reduce_range
+    Path(out).write_text(json.dumps(result, indent=2))
     print(format_table(result))
 
 

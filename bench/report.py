@@ -28,7 +28,7 @@ BENCH = Path(__file__).resolve().parent
 DEFAULT_RESULTS = BENCH / "results" / "suite.json"
 DEFAULT_OUT = BENCH.parent / "BENCHMARKS.md"
 DEFAULT_PLOTS = BENCH / "results" / "plots"
-DEFAULT_AGREEMENT = [BENCH / "results" / "deploy_agreement.json", BENCH / "results" / "deploy_agreement_po2.json"]
+DEFAULT_AGREEMENT = [BENCH / "results" / f"deploy_agreement{s}.json" for s in ("", "_po2", "_exact")]
 DEFAULT_COMMANDS = ["python bench/pretrain.py cifar10-resnet20", "python bench/pretrain.py mnist-small-cnn",
                     "python bench/suite.py",
                     "python bench/deploy_agreement.py  # the power-of-two rows: bench/README.md",
@@ -441,9 +441,11 @@ def _step_table(st: dict) -> str:
 
 
 def _scales(model: dict) -> str:
-    """"power of two" for a bench/experiment.py model trained with power_of_two_scales, else "free"."""
+    """"power of two" / "exact multipliers" for a bench/experiment.py model trained with power_of_two_scales /
+    exact_multipliers, else "free"."""
     overrides = model["recipe"] if isinstance(model["recipe"], list) else []
-    return "power of two" if "qat.power_of_two_scales=true" in overrides else "free"
+    return ("power of two" if "qat.power_of_two_scales=true" in overrides else
+            "exact multipliers" if "qat.exact_multipliers=true" in overrides else "free")
 
 
 def _equal(entry: dict) -> str:
@@ -494,11 +496,14 @@ def write_benchmarks(results: dict | list[dict], out_md: Path, plots_dir: Path,
                ""]
     md += [("Accuracy is top-1 on the test set in %, mean ± std over seeds; Δ is in percentage points (pp) against "
             "the float row. Latency: ONNX Runtime, batch 32, 2 threads, median (the int8 QDQ model for quantized "
-            "rows, the float ONNX model for the float row). Verify: qatkit's model against its ONNX export "
-            "(fraction of equal top-1, fraction of logits within one quantization step). W/A bits: W of every "
-            "weight, A of every quantized layer's input; the first and last layer stay at `first_last_bits` and the "
-            "skip path (residual adds, the global pool's input) at `residual_bits`, as LSQ and PACT keep the skip "
-            "path in float."), ""]
+            "rows, the float ONNX model for the float row), measured on an AMD EPYC with AVX-512 VNNI (Zen 4) when "
+            "the export stored every weight as int8; it now stores 8-bit weights as uint8 + 128 where ORT's u8·s8 "
+            "kernel could saturate on CPUs without VNNI (src/qatkit/export/ORT_NUMERICS.md), which these rows do "
+            "not reflect: `bench/results/latency_resnet20*.json` hold ResNet-20 on an AVX2-only EPYC (Zen 3). "
+            "Verify: qatkit's model against its ONNX export (fraction of equal top-1, fraction of logits within "
+            "one quantization step). W/A bits: W of every weight, A of every quantized layer's input; the first "
+            "and last layer stay at `first_last_bits` and the skip path (residual adds, the global pool's input) at "
+            "`residual_bits`, as LSQ and PACT keep the skip path in float."), ""]
 
     for task in tasks:
         rows = rows_by_task[task]
@@ -536,7 +541,9 @@ def write_benchmarks(results: dict | list[dict], out_md: Path, plots_dir: Path,
                 "modes (M = M0·2^-n; one rounding of the exact product, or gemmlowp's double rounding) against "
                 "float32 mode: the fraction of equal output values (largest difference in steps), end to end and, "
                 "for the kernel kind with the fewest equal outputs, per kernel on equal inputs. Scales: free "
-                "(learned) or powers of two (`power_of_two_scales`), where every multiplier is a shift."), "",
+                "(learned), powers of two (`power_of_two_scales`), where every multiplier is a shift, or free with "
+                "exact multipliers (`exact_multipliers`: each weight scale nudged so that every conv/linear "
+                "multiplier is a multiple of 2^-16, 2^-20 at 4-bit outputs, and ORT's float32 product is exact)."), "",
                agreement_table(agreement), ""]
 
     md += ["## Published anchors", "",

@@ -49,6 +49,13 @@ def _common(p: argparse.ArgumentParser, *, many_bits: bool) -> None:
     p.add_argument("--power-of-two-scales", action="store_true",
                    help="every scale a power of two: requantization by shifts, the same integers on fixed-point "
                         "hardware as on ONNX Runtime (YAML: qat: {power_of_two_scales: true})")
+    p.add_argument("--exact-multipliers", action="store_true",
+                   help="free scales, each weight scale nudged so that every conv/linear requantization multiplier "
+                        "is exact: the same integers on fixed-point hardware as on ONNX Runtime there "
+                        "(YAML: qat: {exact_multipliers: true})")
+    p.add_argument("--reduce-range", action="store_true",
+                   help="8-bit weights at 7 bits, so that ONNX Runtime runs its fast u8*s8 kernels exactly on x86 "
+                        "CPUs without VNNI (YAML: qat: {reduce_range: true})")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -110,8 +117,9 @@ def run_config_from(args: argparse.Namespace, default_bits: tuple[int, ...] | No
             train[key] = getattr(args, flag)
     if args.quiet:
         train["progress"] = False
-    if args.power_of_two_scales:
-        qat["power_of_two_scales"] = True
+    for flag in ("power_of_two_scales", "exact_multipliers", "reduce_range"):
+        if getattr(args, flag):
+            qat[flag] = True
     top = {k: data[k] for k in _RUN_KEYS[:8] if k in data}
     for flag in ("dataset", "data", "model", "limit", "float_epochs"):
         if getattr(args, flag) is not None:

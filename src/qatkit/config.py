@@ -62,14 +62,20 @@ class QuantSpec:
     init: str = "mse"  # range initialisation: minmax | percentile | mse
     learnable: bool = True  # scale (and asymmetric zero point) trained by LSQ
     power_of_two: bool = False  # s = 2^k: learned as 2^round(log2 s), straight through the rounding
+    # A layer's weights: s_w nudged so that the layer's requantization multiplier s_x·s_w/s_y is exact
+    # (QLayer.weight_scale)
+    exact_multiplier: bool = False
 
     def __post_init__(self) -> None:
         check_bits(self.bits)
         _check_choice("init", self.init, INIT_METHODS)
         if isinstance(self.axis, bool) or not isinstance(self.axis, int):
             raise bad_value("axis", self.axis, "an integer (the channel dimension)", "set axis to e.g. 0")
-        for what in ("symmetric", "signed", "per_channel", "narrow", "learnable", "power_of_two"):
+        for what in ("symmetric", "signed", "per_channel", "narrow", "learnable", "power_of_two", "exact_multiplier"):
             _check_bool(what, getattr(self, what))
+        if self.power_of_two and self.exact_multiplier:
+            raise bad_value("exact_multiplier", True, "False with power_of_two (power-of-two scales make every "
+                            "multiplier exact already)", "set one of power_of_two and exact_multiplier")
 
     @property
     def qrange(self) -> tuple[int, int]:
@@ -121,6 +127,14 @@ class QATConfig:
     # Every scale a power of two: each requantization multiplier is then 2^-n, which the runtime's float32
     # multiply and integer-only hardware's fixed-point multiply-and-shift compute identically.
     power_of_two_scales: bool = False
+    # Free scales, every conv/linear requantization multiplier s_x·s_w/s_y held on a grid (2^-16 for 8-bit outputs)
+    # where ONNX Runtime's float32 product acc·M is exact: each weight scale nudged (straight through) to the
+    # nearest such value, so integer-only hardware's fixed-point multiply-and-shift computes the runtime's integers.
+    exact_multipliers: bool = False
+    # 8-bit weights quantized at 7 bits ([-64, 63], as ORT's quantizer's reduce_range): ONNX Runtime's fast u8·s8
+    # kernels on x86 CPUs without VNNI (AVX2) cannot saturate then, so the export keeps them int8 (with full-range
+    # 8-bit weights it stores uint8 + 128, exact on every CPU but slower there; ORT_NUMERICS.md)
+    reduce_range: bool = False
     rules: tuple[LayerRule, ...] = ()
     # Quantization-error regulariser Σ_k λ_k·mean((x_k - x̂_k)²): {parameter-name glob: λ}, e.g.
     # {"*.weight": 1e-4}; given as a mapping, kept as a tuple of (glob, λ) pairs so the config stays frozen.
@@ -136,8 +150,12 @@ class QATConfig:
         _check_choice("act_init", self.act_init, INIT_METHODS)
         rules = tuple(r if isinstance(r, LayerRule) else _from_mapping(LayerRule, r, "rules[]") for r in self.rules)
         object.__setattr__(self, "rules", rules)
-        for what in ("per_channel", "act_symmetric", "learnable", "fold_bn", "power_of_two_scales"):
+        for what in ("per_channel", "act_symmetric", "learnable", "fold_bn", "power_of_two_scales", "exact_multipliers",
+                     "reduce_range"):
             _check_bool(what, getattr(self, what))
+        if self.power_of_two_scales and self.exact_multipliers:
+            raise bad_value("exact_multipliers", True, "False with power_of_two_scales (power-of-two scales make "
+                            "every multiplier exact already)", "set one of power_of_two_scales and exact_multipliers")
         penalty = self.error_penalty
         pairs = list(penalty.items()) if isinstance(penalty, Mapping) else penalty
         if not isinstance(pairs, (list, tuple)) or not all(isinstance(p, (list, tuple)) and len(p) == 2 for p in pairs):
@@ -147,8 +165,10 @@ class QATConfig:
         object.__setattr__(self, "error_penalty", tuple((str(g), float(lam)) for g, lam in pairs))
 
     def weight_spec(self, bits: int, per_channel: bool) -> QuantSpec:
+        bits = 7 if self.reduce_range and bits == 8 else bits
         return QuantSpec(bits=bits, symmetric=True, signed=True, per_channel=per_channel, init=self.weight_init,
-                         learnable=self.learnable, power_of_two=self.power_of_two_scales)
+                         learnable=self.learnable, power_of_two=self.power_of_two_scales,
+                         exact_multiplier=self.exact_multipliers)
 
     def act_spec(self, bits: int, unsigned: bool = False) -> QuantSpec:
         """Activations: asymmetric uint by default; after a ReLU, unsigned with zero point fixed at 0."""

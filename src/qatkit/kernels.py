@@ -34,6 +34,39 @@ def multiplier(s_in: torch.Tensor, s_w: torch.Tensor, s_out: torch.Tensor) -> to
     return (s_in.float() * s_w.float()) / s_out.float()
 
 
+_EXACT_STEPS = (torch.arange(-16, 17, dtype=torch.float64),  # grid steps from M, tried nearest first; the second
+                torch.cat([torch.arange(-80, -16), torch.arange(17, 81)]).double())  # window only where needed
+_EXACT_ULPS = torch.arange(-4, 5, dtype=torch.int32)  # float32 neighbours of M·s_out/s_in (an exact M is within 3)
+
+
+def exact_multiplier_scale(s_in: torch.Tensor, s_w: torch.Tensor, s_out: torch.Tensor, out_bits: int) -> torch.Tensor:
+    """The float32 weight scales s_w' nearest to s_w whose requantization multipliers M = multiplier(s_in, s_w', s_out)
+    are multiples of g = 2^-(24 - out_bits). Then float32(acc)·M is exact wherever the output is not saturated
+    (|acc·M| < 2^out_bits: acc·M/g is an integer below 2^24), so ONNX Runtime's float32 requantization and
+    integer-only hardware's M0·2^-n (one rounding of the exact product) round the same real number. The search
+    tries grid points up to 16 steps from M (then up to 80) and, for each, the float32 neighbours of
+    s_w = M·s_out/s_in: rounding the product and the quotient to float32 skips some multipliers, now and then the
+    grid points near M among them. A channel where none lands on the grid keeps s_w (about 1 in 1,000 channels
+    over random scales at 4 and 2 bits)."""
+    g = 2.0 ** -(24 - out_bits)
+    flat = s_w.float().reshape(-1)
+    best, todo = flat.clone(), torch.arange(flat.numel())
+    for steps in _EXACT_STEPS:
+        w = flat[todo]
+        targets = torch.clamp(torch.round(multiplier(s_in, w, s_out).double() / g) + steps[:, None], min=1) * g
+        base = (targets * s_out.double() / s_in.double()).float()
+        cand = (base.view(torch.int32)[None] + _EXACT_ULPS[:, None, None]).view(torch.float32).flatten(0, 1)
+        m = multiplier(s_in, cand, s_out).double()
+        on_grid = (m > 0) & (torch.remainder(m, g) == 0) & torch.isfinite(cand) & (cand > 0)
+        dist = torch.where(on_grid, (cand.double() - w.double()).abs(), torch.inf)
+        found = on_grid.any(0)
+        best[todo[found]] = cand.gather(0, dist.argmin(0, keepdim=True))[0][found]
+        todo = todo[~found]
+        if todo.numel() == 0:
+            break
+    return best.reshape(s_w.shape)
+
+
 def activation_bounds(act: str | None, s_out: torch.Tensor, z_out: torch.Tensor, qmin: int, qmax: int):
     """Integer [lo, hi] of the output codes: the quantized range narrowed by a fused ReLU / ReLU6."""
     lo, hi = torch.tensor(float(qmin)), torch.tensor(float(qmax))

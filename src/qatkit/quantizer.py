@@ -56,7 +56,7 @@ class FakeQuantizer(nn.Module):
     def qrange(self) -> tuple[int, int]:
         return qrange(int(self.bits), self.spec.signed, self.spec.narrow)
 
-    def _scale_zp(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def scale_zp(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Scale |s| (an optimizer step past zero flips its sign instead of killing its gradient, as a
         clamp would), with spec.power_of_two its nearest power of two 2^round(log2 |s|), straight through the
         rounding (gradient 2^round(log2 |s|) / |s|); zero point rounded to an integer with a straight-through
@@ -72,7 +72,7 @@ class FakeQuantizer(nn.Module):
 
     def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(scale, integer zero point) as used in the forward pass, detached."""
-        scale, zp = self._scale_zp()
+        scale, zp = self.scale_zp()
         return scale.detach(), zp.detach()
 
     @property
@@ -80,8 +80,10 @@ class FakeQuantizer(nn.Module):
         return bool(self.enabled) and not self.observing and bool(self.initialized)
 
     # ---- forward --------------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor, relu: bool = False) -> torch.Tensor:
-        """Fake-quantized x; of relu(x) with relu=True (fused with the quantization where the kernel runs)."""
+    def forward(self, x: torch.Tensor, relu: bool = False, scale: torch.Tensor | None = None) -> torch.Tensor:
+        """Fake-quantized x; of relu(x) with relu=True (fused with the quantization where the kernel runs).
+        `scale`: the scale to use instead of the quantizer's own (a layer's exact-multiplier weight scale, computed
+        from this quantizer's, whose gradient it carries back)."""
         if relu and not self.active:  # no fake quantization to fuse the relu into
             x, relu = torch.relu(x), False
         if not self.enabled:
@@ -94,23 +96,25 @@ class FakeQuantizer(nn.Module):
             self.init_from(x)
         qmin, qmax = self.qrange
         per_scale = x.numel() // (self.scale.numel() if self.kind == "weight" else max(x.shape[0], 1))
-        # the mapping of _scale_zp, inside the fake-quant's autograd node (cheaper than its small ops' own)
-        return fake_quantize(x, self.scale, self.zero_point, qmin, qmax, self.axis, lsq_grad_scale(per_scale, qmax),
-                             relu, map_scale=POWER_OF_TWO if self.spec.power_of_two else ABS,
+        # the mapping of scale_zp, inside the fake-quant's autograd node (cheaper than its small ops' own)
+        map_scale = 0 if scale is not None else POWER_OF_TWO if self.spec.power_of_two else ABS
+        return fake_quantize(x, self.scale if scale is None else scale, self.zero_point, qmin, qmax, self.axis,
+                             lsq_grad_scale(per_scale, qmax), relu, map_scale=map_scale,
                              map_zero_point=isinstance(self.zero_point, nn.Parameter))
 
-    def codes(self, x: torch.Tensor) -> torch.Tensor:
-        """Integer codes of x (as float values) under the current parameters."""
-        scale, zp = self.qparams()
-        return quantize_codes(x, scale, zp, *self.qrange, self.axis)
+    def codes(self, x: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+        """Integer codes of x (as float values) under the current parameters (`scale`: as in forward)."""
+        own, zp = self.qparams()
+        return quantize_codes(x, own if scale is None else scale.detach(), zp, *self.qrange, self.axis)
 
-    def quant_error(self, x: torch.Tensor) -> torch.Tensor:
+    def quant_error(self, x: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
         """Δ = x - x̂ with its exact almost-everywhere gradient: the integer codes are piecewise
         constant, so dΔ/dx = 1, dΔ/ds = -(q - z), and dΔ/dz = s where the codes are clamped, 0 elsewhere
-        (the STE would give dΔ/dx = 0 inside the range)."""
+        (the STE would give dΔ/dx = 0 inside the range). `scale`: as in forward."""
         if not self.initialized:
             self.init_from(x)
-        scale, zp = self._scale_zp()
+        own, zp = self.scale_zp()
+        scale = own if scale is None else scale
         qmin, qmax = self.qrange
         s, z = per_channel_view(scale, x, self.axis), per_channel_view(zp, x, self.axis)
         codes = torch.round(x.detach() / s.detach()) + z.detach()

@@ -27,9 +27,10 @@ def quantization_errors(model: nn.Module) -> dict[str, torch.Tensor]:
         if not isinstance(layer, QLayer) or not bool(layer.weight_quant.enabled):
             continue
         w, b = layer.folded()
-        errors[f"{name}.weight"] = layer.weight_quant.quant_error(w)
-        if b is not None and layer.last_input_scale is not None:
-            bias_scale = layer.last_input_scale * layer.weight_quant.qparams()[0]
+        in_q = layer.last_input_quant
+        errors[f"{name}.weight"] = layer.weight_quant.quant_error(w, layer.weight_scale(in_q))
+        if b is not None and in_q is not None:
+            bias_scale = in_q.qparams()[0] * layer.weight_qscale(in_q)
             errors[f"{name}.bias"] = b - kernels.bias_codes(b, bias_scale).to(b.dtype) * bias_scale
     return errors
 

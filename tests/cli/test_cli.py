@@ -119,10 +119,17 @@ def test_eval_mnist_path_from_shared_data(tmp_path, capsys):
     assert check["n"] == 256 and check["top1_agreement"] == 1.0 and check["within_one_step"] == 1.0
 
 
-def test_power_of_two_scales_flag_and_yaml(tmp_path):
-    """--power-of-two-scales (or YAML qat: {power_of_two_scales: true}) reaches the QAT config; off by default."""
+@pytest.mark.parametrize("key", ["power_of_two_scales", "exact_multipliers", "reduce_range"])
+def test_qat_switch_flags_and_yaml(key, tmp_path):
+    """--power-of-two-scales / --exact-multipliers / --reduce-range (or YAML qat: {KEY: true}) reach the QAT config;
+    off by default."""
     from qatkit.cli import _parser, run_config_from
-    assert not run_config_from(_parser().parse_args(["run"])).qat.power_of_two_scales
+    assert not getattr(run_config_from(_parser().parse_args(["run"])).qat, key)
+    flagged = _parser().parse_args(["train", f"--{key.replace('_', '-')}", "--out", "o"])
+    assert getattr(run_config_from(flagged).qat, key)
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"qat:\n  {key}: true\n")
+    assert getattr(run_config_from(_parser().parse_args(["run", "--config", str(cfg)])).qat, key)
     flagged = _parser().parse_args(["train", "--power-of-two-scales", "--out", "o"])
     assert run_config_from(flagged).qat.power_of_two_scales
     cfg = tmp_path / "run.yaml"

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import warnings
 
+import numpy as np
 import onnx
 import pytest
 import torch
@@ -18,11 +19,11 @@ INTEGER_OPS = {"QLinearConv", "QGemm", "QLinearAdd", "QLinearGlobalAveragePool",
                "DequantizeLinear", "Transpose", "Reshape", "MaxPool", "NhwcMaxPool", "Identity"}
 
 
-def _prepared(name: str, bits: int, channels: int = 1, size: int = 8, n: int = 32):
+def _prepared(name: str, bits: int, channels: int = 1, size: int = 8, n: int = 32, **config):
     torch.manual_seed(0)
     x = torch.randn(n, channels, size, size)
     qat = qatkit.prepare(build_model(name, num_classes=10, in_channels=channels, image_size=size),
-                         qatkit.QATConfig(weight_bits=bits, act_bits=bits), x[:2])
+                         qatkit.QATConfig(weight_bits=bits, act_bits=bits, **config), x[:2])
     qatkit.calibrate(qat, [x])
     return qat.eval(), x
 
@@ -35,6 +36,27 @@ def _optimized_ops(path, tmp_path) -> set[str]:
     so.log_severity_level = 3
     ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
     return {n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node}
+
+
+@pytest.mark.parametrize("reduce_range", [False, True])
+def test_weight_storage_keeps_the_u8s8_kernels_from_saturating(reduce_range, tmp_path):
+    """8-bit weights of layers with 8-bit inputs could overflow the int16 pair sums of ORT's u8·s8 kernel on CPUs
+    without VNNI: stored as uint8 + 128 (zero point 128). With reduce_range they are 7-bit ([-64, 63]) and stay
+    int8. Either way ORT computes qatkit's integers (on this machine, whatever its CPU)."""
+    qat, x = _prepared("resnet20", 8, channels=3, size=16, reduce_range=reduce_range)
+    path = tmp_path / "m.onnx"
+    export_onnx(qat, path, x[:1])
+    graph = onnx.load(str(path)).graph
+    consts = {t.name: onnx.numpy_helper.to_array(t) for t in graph.initializer}
+    weights = [consts[n.input[0]] for n in graph.node  # the conv/gemm weights: constant DQ inputs of rank ≥ 2
+               if n.op_type == "DequantizeLinear" and n.input[0] in consts and consts[n.input[0]].ndim >= 2]
+    assert len(weights) == 22
+    if reduce_range:
+        assert all(w.dtype == np.int8 and np.abs(w.astype(int)).max() <= 64 for w in weights)
+    else:
+        assert all(w.dtype == np.uint8 and np.abs(w.astype(int) - 128).max() > 64 for w in weights)
+    result = verify(path, qat, [x[:16], x[16:]])
+    assert result["within_one_step"] == 1.0 and result["max_step_diff"] == 0.0
 
 
 @pytest.mark.parametrize("name", MODEL_NAMES)

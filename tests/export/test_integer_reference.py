@@ -56,21 +56,22 @@ def _one_thread():
 
 @pytest.fixture(scope="module")
 def zoo(tmp_path_factory):
-    """(name, bits, power_of_two) -> (plain .onnx, debug .onnx, (channels, size)); each model is built and exported
-    on first use."""
+    """(name, bits, power_of_two, exact_multipliers) -> (plain .onnx, debug .onnx, (channels, size)); each model is
+    built and exported on first use."""
     root, cache = tmp_path_factory.mktemp("integer_reference"), {}
 
-    def get(name: str, bits: int = 8, power_of_two: bool = False):
-        key = name, bits, power_of_two
+    def get(name: str, bits: int = 8, power_of_two: bool = False, exact_multipliers: bool = False):
+        key = name, bits, power_of_two, exact_multipliers
         if key not in cache:
             c, s = SPECS[name]
             torch.manual_seed(0)
             x = torch.randn(4, c, s, s)
             qat = qatkit.prepare(build_model(name, num_classes=10, in_channels=c, image_size=s),
-                                 qatkit.QATConfig(weight_bits=bits, act_bits=bits, power_of_two_scales=power_of_two), x)
+                                 qatkit.QATConfig(weight_bits=bits, act_bits=bits, power_of_two_scales=power_of_two,
+                                                  exact_multipliers=exact_multipliers), x)
             qatkit.calibrate(qat, [x])
             qat.eval()
-            stem = f"{name}-{bits}{'-po2' if power_of_two else ''}"
+            stem = f"{name}-{bits}{'-po2' if power_of_two else ''}{'-exact' if exact_multipliers else ''}"
             plain, debug = root / f"{stem}.onnx", root / f"{stem}_debug.onnx"
             export_onnx(qat, plain, x[:1])
             export_onnx(qat, debug, x[:1], debug_outputs=True)
@@ -241,6 +242,32 @@ def test_power_of_two_scales_make_fixed_point_equal_onnxruntime(name, bits, zoo)
     theirs = qort.run(qort.session(plain, threads=1), x)
     fixed = IntegerReference(plain, "fixed-point").run(x.numpy())
     assert np.array_equal(fixed, theirs), np.mean(fixed == theirs)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("name", ["seed-mlp", "small-cnn", "resnet20", "mobilenetv2"])
+def test_exact_multipliers_make_fixed_point_conv_gemm_equal_onnxruntime(name, bits, zoo):
+    """With exact multipliers (free scales; each weight scale nudged so that the conv/gemm multiplier is a multiple
+    of 2^-(24-b)) ORT equals float32 mode, and every conv/gemm kernel of the fixed-point mode computes ORT's integers
+    on equal inputs. What else the models hold (adds, pools, requantized skip paths) keeps its own rounding."""
+    plain, _, (c, s) = zoo(name, bits, exact_multipliers=True)
+    ref, fixed = IntegerReference(plain), IntegerReference(plain, "fixed-point")
+    layers = [f for f in ref.fused.values() if f.kind in ("Conv", "Gemm") and f.y is not None]
+    assert len(layers) >= 2
+    for f in layers:  # the deployed multipliers lie on the grid: 2^-16 for 8-bit outputs, 2^-20 for 4-bit ones
+        on_grid = np.remainder(np.asarray(f.mult, np.float64), 2.0 ** -(24 - bits)) == 0
+        assert np.mean(on_grid) >= 0.98, f.node.name
+    x = _inputs(c, s, n=64, seed=5)
+    theirs = qort.run(qort.session(plain, threads=1), x)
+    assert np.array_equal(ref.run(x.numpy()), theirs)
+    codes = ref.run_codes(x.numpy())
+    kinds = {f.out: f.kind for f in fixed.fused.values()}
+    compared = 0
+    for out, v in fixed.run_codes(x.numpy(), force=codes).items():
+        if kinds.get(out) in ("Conv", "Gemm") and out in codes:
+            assert np.array_equal(v, codes[out]), out
+            compared += v.size
+    assert compared >= 500
 
 
 def test_power_of_two_scales_adds_with_a_zero_point_differ_only_at_ties(zoo):

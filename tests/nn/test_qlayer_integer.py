@@ -140,4 +140,4 @@ def test_eval_without_calibrated_input_runs_the_float_fake_quant_path():
         w_hat = layer.weight_quant(layer.weight)
         expected = torch.relu(x @ w_hat.T + layer.bias)
     torch.testing.assert_close(y, expected)
-    assert layer.last_input_scale is None
+    assert layer.last_input_quant is None

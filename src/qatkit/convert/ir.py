@@ -122,10 +122,10 @@ class _Writer:
             raise QatkitError(f"layer '{node.target}' is not calibrated or not symmetric. Fix: run qatkit.calibrate first")
         key = node.target
         w, b = m.folded()
-        codes = m.weight_quant.codes(w)
-        bits = int(m.weight_quant.bits)
         s_in, _ = in_q.qparams()
-        s_w, _ = m.weight_quant.qparams()
+        s_w = m.weight_qscale(in_q)
+        codes = m.weight_quant.codes(w, s_w)
+        bits = int(m.weight_quant.bits)
         entry = {"op": "qlayer", "kind": "conv" if isinstance(m, QConv) else "linear",
                  "args": [self.arg(node.args[0])], "act": m.act, "bits": bits, "shape": list(w.shape),
                  "weight": self.tensor(f"{key}.weight", pack(codes, bits)),

@@ -40,4 +40,4 @@ class QConvBn(QConv):
         # conv(x, q(w·g)/g) = conv(x, q(w·g))/g: undoing the running-σ fold on the weight costs a weight-sized op
         # (the output-sized division and its backward cost as much as the convolution); BN then applies
         # batch statistics
-        return self.bn(self.op(x, self.weight_quant(self.weight * g) / g, self.bias))
+        return self.bn(self.op(x, self.weight_quant(self.weight * g, scale=self.weight_scale(in_q)) / g, self.bias))

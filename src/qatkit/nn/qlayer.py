@@ -36,9 +36,28 @@ class QLayer(nn.Module):
         self._last_input_quant: tuple[FakeQuantizer, ...] = ()  # a tuple, so that it is no submodule
 
     @property
-    def last_input_scale(self) -> torch.Tensor | None:
-        """Scale of the quantized input of the last forward (None if it was float), for the error regulariser."""
-        return self._last_input_quant[0].qparams()[0] if self._last_input_quant else None
+    def last_input_quant(self) -> FakeQuantizer | None:
+        """Quantizer of the last forward's input (None if it was float), for the error regulariser and trackers."""
+        return self._last_input_quant[0] if self._last_input_quant else None
+
+    def weight_scale(self, in_q: FakeQuantizer | None) -> torch.Tensor | None:
+        """The weight scale where it is not the weight quantizer's own, else None: with exact multipliers
+        (QuantSpec.exact_multiplier) and both the input and the output quantized, s_w nudged so that the
+        requantization multiplier s_x·s_w/s_y lies on `kernels.exact_multiplier_scale`'s grid (ONNX Runtime's float32
+        requantization and integer-only hardware's fixed-point one then compute the same integers); its value that
+        scale, its gradient straight through to the quantizer's own."""
+        wq, out_q = self.weight_quant, self.out_quant
+        if not (wq.spec.exact_multiplier and bool(wq.initialized) and in_q is not None and in_q.active
+                and out_q is not None and out_q.active):
+            return None
+        s_w = wq.scale_zp()[0]
+        exact = kernels.exact_multiplier_scale(in_q.qparams()[0], s_w.detach(), out_q.qparams()[0], int(out_q.bits))
+        return exact + (s_w - s_w.detach())
+
+    def weight_qscale(self, in_q: FakeQuantizer | None) -> torch.Tensor:
+        """The weight scale the layer quantizes with (detached)."""
+        s_w = self.weight_scale(in_q)
+        return self.weight_quant.qparams()[0] if s_w is None else s_w.detach()
 
     def op(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError
@@ -62,9 +81,10 @@ class QLayer(nn.Module):
 
     def fake_quant_forward(self, x: torch.Tensor, in_q: FakeQuantizer | None) -> torch.Tensor:
         w, b = self.folded()
-        w_hat = self.weight_quant(w)
+        s_w = self.weight_scale(in_q)
+        w_hat = self.weight_quant(w, scale=s_w)
         if b is not None and in_q is not None:  # bias as int32 at scale s_x·s_w; no gradient to the scales
-            bias_scale = (in_q.qparams()[0] * self.weight_quant.qparams()[0]).detach()
+            bias_scale = in_q.qparams()[0] * (self.weight_quant.qparams()[0] if s_w is None else s_w.detach())
             b = b + (kernels.bias_codes(b, bias_scale).to(b.dtype) * bias_scale - b).detach()
         return self.op(x, w_hat, b)
 
@@ -72,9 +92,9 @@ class QLayer(nn.Module):
     def integer_forward(self, x: torch.Tensor, in_q: FakeQuantizer) -> torch.Tensor:
         s_x, z_x = in_q.qparams()
         w, b = self.folded()
-        s_w, _ = self.weight_quant.qparams()
+        s_w = self.weight_qscale(in_q)
         q_b = None if b is None else kernels.bias_codes(b, s_x * s_w)
-        acc = kernels.wrap_int32(self.op((in_q.codes(x) - z_x).double(), self.weight_quant.codes(w).double(), q_b))
+        acc = kernels.wrap_int32(self.op((in_q.codes(x) - z_x).double(), self.weight_quant.codes(w, s_w).double(), q_b))
         if self.out_quant is None:
             return kernels.dequantize_acc(acc, s_x * s_w, self.act, self.out_axis)
         s_y, z_y = self.out_quant.qparams()

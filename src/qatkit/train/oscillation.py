@@ -22,7 +22,7 @@ class OscillationTracker:
     def update(self) -> None:
         """After an optimizer step: compare every tracked weight's integer code with the one before."""
         for name, layer in self.layers.items():
-            codes = layer.weight_quant.codes(layer.folded()[0])
+            codes = layer.weight_quant.codes(layer.folded()[0], layer.weight_qscale(layer.last_input_quant))
             if name in self.codes:
                 move = torch.sign(codes - self.codes[name])
                 self.count[name] += (move * self.last_move[name] < 0).to(self.count[name].dtype)
