@@ -46,8 +46,8 @@ def exact_multiplier_scale(s_in: torch.Tensor, s_w: torch.Tensor, s_out: torch.T
     integer-only hardware's M0·2^-n (one rounding of the exact product) round the same real number. The search
     tries grid points up to 16 steps from M (then up to 80) and, for each, the float32 neighbours of
     s_w = M·s_out/s_in: rounding the product and the quotient to float32 skips some multipliers, now and then the
-    grid points near M among them. A channel where none lands on the grid keeps s_w (about 1 in 1,000 channels
-    over random scales at 4 and 2 bits)."""
+    grid points near M among them. A channel where none lands on the grid keeps s_w (6 of 38,400 channels
+    over random scales at 8, 4 and 2 bits)."""
     g = 2.0 ** -(24 - out_bits)
     flat = s_w.float().reshape(-1)
     best, todo = flat.clone(), torch.arange(flat.numel())

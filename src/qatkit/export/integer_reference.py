@@ -365,7 +365,8 @@ class IntegerReference:
         f = _Fused(n.op_type, n, n.output[0], [ins[0]], [], a)
         if n.op_type in ("Conv", "Gemm"):  # constant int8 weights with zero point 0 or uint8 ones with 128 (symmetric)
             w, b = ins[1], ins[2] if len(ins) > 2 else ()
-            zero = {np.dtype(np.int8): 0, np.dtype(np.uint8): 128}.get(self.consts[w[0]].dtype) if w and w[0] in self.consts else None
+            dtype = self.consts[w[0]].dtype if w is not None and w[0] in self.consts else None
+            zero = {np.dtype(np.int8): 0, np.dtype(np.uint8): 128}.get(dtype)
             if zero is None or np.any(w[2] != zero) or b is None or (b and b[0] not in self.consts) \
                     or a.get("transA", 0) or a.get("alpha", 1.0) != 1 or a.get("beta", 1.0) != 1:
                 return None
