@@ -6,6 +6,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from qatkit.devices import module_device
 from qatkit.errors import DataError, bad_value
 from qatkit.quantizer import FakeQuantizer
 
@@ -15,14 +16,17 @@ def act_quantizers(model: nn.Module) -> list[FakeQuantizer]:
 
 
 @torch.no_grad()
-def calibrate(model: nn.Module, batches: Iterable, num_batches: int = 8, device: str | torch.device = "cpu") -> int:
-    """Set every activation quantizer's range from `num_batches` batches (x or (x, y) items).
+def calibrate(model: nn.Module, batches: Iterable, num_batches: int = 8,
+              device: str | torch.device | None = None) -> int:
+    """Set every activation quantizer's range from `num_batches` batches (x or (x, y) items), run on `device`
+    (default: where the model's weights are).
 
     Runs in eval mode (BN statistics untouched) with activation quantization off, so each quantizer
     sees the float activations; weights stay quantized. Returns the number of batches used.
     """
     if isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1:
         raise bad_value("num_batches", num_batches, "an integer >= 1", "pass num_batches=1 or more (TrainConfig.calib_batches)")
+    device = module_device(model) if device is None else device
     quantizers = act_quantizers(model)
     was_training = model.training
     model.eval()

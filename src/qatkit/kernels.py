@@ -50,12 +50,14 @@ def exact_multiplier_scale(s_in: torch.Tensor, s_w: torch.Tensor, s_out: torch.T
     over random scales at 8, 4 and 2 bits)."""
     g = 2.0 ** -(24 - out_bits)
     flat = s_w.float().reshape(-1)
-    best, todo = flat.clone(), torch.arange(flat.numel())
+    best, todo = flat.clone(), torch.arange(flat.numel(), device=flat.device)
+    ulps = _EXACT_ULPS.to(flat.device)
     for steps in _EXACT_STEPS:
         w = flat[todo]
+        steps = steps.to(flat.device)
         targets = torch.clamp(torch.round(multiplier(s_in, w, s_out).double() / g) + steps[:, None], min=1) * g
         base = (targets * s_out.double() / s_in.double()).float()
-        cand = (base.view(torch.int32)[None] + _EXACT_ULPS[:, None, None]).view(torch.float32).flatten(0, 1)
+        cand = (base.view(torch.int32)[None] + ulps[:, None, None]).view(torch.float32).flatten(0, 1)
         m = multiplier(s_in, cand, s_out).double()
         on_grid = (m > 0) & (torch.remainder(m, g) == 0) & torch.isfinite(cand) & (cand > 0)
         dist = torch.where(on_grid, (cand.double() - w.double()).abs(), torch.inf)
@@ -69,7 +71,7 @@ def exact_multiplier_scale(s_in: torch.Tensor, s_w: torch.Tensor, s_out: torch.T
 
 def activation_bounds(act: str | None, s_out: torch.Tensor, z_out: torch.Tensor, qmin: int, qmax: int):
     """Integer [lo, hi] of the output codes: the quantized range narrowed by a fused ReLU / ReLU6."""
-    lo, hi = torch.tensor(float(qmin)), torch.tensor(float(qmax))
+    lo, hi = torch.tensor(float(qmin), device=s_out.device), torch.tensor(float(qmax), device=s_out.device)
     if act in ("relu", "relu6"):
         lo = torch.maximum(lo, z_out)
     if act == "relu6":

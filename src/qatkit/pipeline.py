@@ -99,7 +99,7 @@ def train_float(config: RunConfig, ds: ImageDataset, out: Path, resume: bool = F
     fit(model, train_loader, config.float_train, val_loader=test_loader, checkpoint_dir=ckpt_dir,
         resume=resume and (ckpt_dir / CHECKPOINT_NAME).exists())
     with atomic_file(out / FLOAT_FILE) as tmp:
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
+        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp))
     return model
 
 

@@ -11,6 +11,7 @@ import dataclasses
 import torch
 from torch import nn
 
+from qatkit.devices import HostBuffers
 from qatkit.config import QuantSpec
 from qatkit.errors import bad_value
 from qatkit.primitives import (
@@ -29,8 +30,10 @@ _SAMPLES_PER_BATCH = 4096  # values kept per observed batch for percentile / MSE
 _MAX_SAMPLE_BATCHES = 64
 
 
-class FakeQuantizer(nn.Module):
+class FakeQuantizer(HostBuffers, nn.Module):
     """Fake-quantizes a weight (`kind="weight"`, per-channel capable) or an activation (per-tensor)."""
+
+    host_buffers = ("bits", "initialized", "enabled")
 
     def __init__(self, spec: QuantSpec, *, kind: str, channels: int | None = None):
         super().__init__()

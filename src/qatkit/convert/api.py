@@ -1,10 +1,13 @@
 """`qatkit.convert`: trained QAT model → IntegerModel."""
 from __future__ import annotations
 
+import copy
+
 from torch import fx, nn
 
 from qatkit.convert.ir import to_ir
 from qatkit.convert.runtime import IntegerModel
+from qatkit.devices import module_device
 from qatkit.errors import QatkitError
 
 
@@ -15,6 +18,8 @@ def convert(qat_model: nn.Module) -> IntegerModel:
         untraced = "; ".join(getattr(getattr(qat_model, "qat_info", None), "untraced", [])) or "the model"
         raise QatkitError(f"convert needs a graph, but {untraced} could not be traced by torch.fx. Fix: remove "
                           "data-dependent control flow from forward (or mark it with torch.fx.wrap)")
+    if module_device(qat_model).type != "cpu":  # the integer model runs on the CPU; the QAT model stays where it is
+        qat_model = copy.deepcopy(qat_model).cpu()
     was_training = qat_model.training
     qat_model.eval()
     try:

@@ -11,12 +11,15 @@ import torch
 from torch import nn
 
 from qatkit.config import QuantSpec
+from qatkit.devices import HostBuffers
 from qatkit.nn.qlayer import QConv
 from qatkit.primitives.fake_quant import per_channel_view
 from qatkit.quantizer import FakeQuantizer
 
 
-class QConvBn(QConv):
+class QConvBn(HostBuffers, QConv):
+    host_buffers = ("bn_frozen",)
+
     def __init__(self, conv: nn.Conv1d | nn.Conv2d, bn: nn.BatchNorm1d | nn.BatchNorm2d, weight_spec: QuantSpec, **kw):
         super().__init__(conv, weight_spec, **kw)
         self.bn = bn

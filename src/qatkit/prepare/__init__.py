@@ -8,6 +8,7 @@ import torch
 from torch import fx, nn
 
 from qatkit.config import QATConfig
+from qatkit.devices import module_device
 from qatkit.errors import DataError, bad_value
 from qatkit.prepare.graph import WRAPPERS, PrepareInfo, prepare_graph
 from qatkit.prepare.rules import plan_layers
@@ -30,9 +31,10 @@ def prepare(model: nn.Module, config: QATConfig | None = None, example_inputs: t
                         "build it with QATConfig(...) or qat_config_from_dict(...)")
     if not isinstance(model, nn.Module):
         raise bad_value("model", type(model).__name__, "a torch.nn.Module", "pass the float model itself")
-    model = copy.deepcopy(model)
+    device = module_device(model)  # built on the CPU (new quantizers start there), then moved to the model's device
+    model = copy.deepcopy(model).cpu()
     plans = plan_layers(model, config, tuple(WRAPPERS))
-    qat = _prepare_module(model, "", config, plans, info := PrepareInfo())
+    qat = _prepare_module(model, "", config, plans, info := PrepareInfo()).to(device)
     qat.qat_info = info
     if info.untraced:
         warnings.warn(
@@ -69,6 +71,8 @@ def _prepare_module(module: nn.Module, prefix: str, config: QATConfig, plans, in
 def check_inputs(model: nn.Module, example_inputs) -> None:
     """Run one eval forward; a shape that does not fit becomes a DataError naming it."""
     args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    device = module_device(model)
+    args = tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args)
     was_training = model.training
     model.eval()
     try:

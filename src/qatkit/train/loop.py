@@ -29,6 +29,7 @@ from torch import nn
 from tqdm import tqdm
 
 from qatkit.config import TrainConfig, to_dict
+from qatkit.devices import module_device
 from qatkit.errors import ConfigError, DataError, ModelFileError, QatkitError, bad_value
 from qatkit.nn import QConvBn, QLayer
 from qatkit.quantizer import FakeQuantizer
@@ -48,8 +49,10 @@ _DIVERGED_FIX = ("lower --lr (now {lr:g}) or --scale-lr, add --warmup-epochs, or
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: Iterable, device: str | torch.device = "cpu") -> dict[str, Any]:
-    """Accuracy and mean cross-entropy of `model` over (x, y) batches, in eval mode without grad."""
+def evaluate(model: nn.Module, loader: Iterable, device: str | torch.device | None = None) -> dict[str, Any]:
+    """Accuracy and mean cross-entropy of `model` over (x, y) batches, in eval mode without grad, on `device`
+    (default: where the model's weights are)."""
+    device = module_device(model) if device is None else device
     was_training = model.training
     model.eval()
     correct, loss_sum, n = 0, 0.0, 0
