@@ -134,3 +134,16 @@ def test_session_on_a_broken_file_is_a_clear_error(tmp_path):
     bad.write_bytes(b"not an onnx model")
     with pytest.raises(qatkit.ModelFileError, match=r"cannot be loaded by ONNX Runtime.*Fix: pass a file written by qatkit export"):
         session(bad)
+
+
+def test_export_writes_the_oldest_ir_version_of_its_opset(tmp_path):
+    """The installed onnx's newest IR version (onnx 1.23: 14) is refused by older ONNX Runtimes (1.30 refused a file
+    written with it); the opset's own IR version (opset 17: 8) loads in every runtime that has the opset."""
+    qat, x = _prepared("small-cnn", 8)
+    export_onnx(qat, tmp_path / "m.onnx", x[:1])
+    proto = onnx.load(str(tmp_path / "m.onnx"))
+    assert proto.ir_version == onnx.helper.find_min_ir_version_for(proto.opset_import) == 8
+    proto.ir_version = 99  # a file newer than this runtime: the error gives ORT's reason, not its source location
+    onnx.save(proto, str(tmp_path / "future.onnx"))
+    with pytest.raises(qatkit.ModelFileError, match=r"Unsupported model IR version: 99.*pip install -U onnxruntime"):
+        session(tmp_path / "future.onnx")

@@ -119,7 +119,10 @@ class _Exporter:
         for op_name, where in self.float_ops.items():
             self.note(f"{op_name} runs on dequantized (float) values at: {', '.join(where)}")
         graph = helper.make_graph(self.nodes, "qatkit", inputs, outputs, list(self.inits.values()))
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="qatkit")
+        opset = [helper.make_opsetid("", OPSET)]
+        # the oldest IR version with this opset, not the installed onnx's newest: older runtimes load the file
+        model = helper.make_model(graph, opset_imports=opset, producer_name="qatkit",
+                                  ir_version=helper.find_min_ir_version_for(opset))
         onnx.checker.check_model(model)
         return model
 

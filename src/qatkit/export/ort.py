@@ -25,8 +25,11 @@ def session(path: str | os.PathLike, threads: int = 2) -> ort.InferenceSession:
     try:
         return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
     except Exception as e:  # ORT raises its own exception types for missing, corrupt or invalid files
-        raise ModelFileError(f"ONNX model {str(path)!r} cannot be loaded by ONNX Runtime ({str(e).splitlines()[0][:200]}). "
-                             "Fix: pass a file written by qatkit export") from None
+        reason = " ".join(str(e).split())  # ORT's message: a source location and C++ signature, then the reason
+        reason = reason if len(reason) <= 300 else "…" + reason[-300:]
+        raise ModelFileError(f"ONNX model {str(path)!r} cannot be loaded by ONNX Runtime {ort.__version__} ({reason}). "
+                             "Fix: pass a file written by qatkit export, with an onnxruntime that supports its IR "
+                             "version and opset (pip install -U onnxruntime)") from None
 
 
 def run(sess: ort.InferenceSession, x: torch.Tensor) -> np.ndarray:
