@@ -15,6 +15,7 @@ import argparse
 import dataclasses
 import json
 import time
+from pathlib import Path
 
 import torch
 
@@ -58,7 +59,7 @@ def main() -> None:
     p.add_argument("--schedule", default="direct", help="direct, or progressive bits such as 8-4-2")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--set", action="append", default=[], metavar="RECIPE.FIELD=JSON")
-    p.add_argument("--data", default=DEFAULT_DATA)
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA)
     args = p.parse_args()
     task = at_bits(TASKS[args.task], args.method, *args.bits)
     for assignment in args.set:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
@@ -19,7 +20,7 @@ from recipes import BENCH, DEFAULT_DATA, TASKS
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data", default=DEFAULT_DATA)
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA)
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--out", default=BENCH / "results" / "step_times.json")
     args = p.parse_args()
