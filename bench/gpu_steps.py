@@ -69,7 +69,8 @@ def main() -> None:
     args = p.parse_args()
     device = torch.device(args.device)
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
-    results = {"machine": {**suite.machine_info(), "gpu": gpu}, "rounds": args.rounds, "step_times": {}}
+    results = {"machine": {**suite.machine_info(), "threads": torch.get_num_threads(), "gpu": gpu},
+               "rounds": args.rounds, "step_times": {}}
     for task_name in SHAPES:
         task = TASKS[task_name]
         channels, size = SHAPES[task_name]

@@ -2,7 +2,7 @@
 project's targets, published anchors, step times, plots and the commands that reproduce it all.
 
     python bench/report.py [RESULTS.json ...] [--out BENCHMARKS.md] [--plots bench/results/plots]
-                           [--agreement bench/results/deploy_agreement*.json]
+                           [--agreement bench/results/deploy_agreement*.json] [--gpu bench/results/gpu_step_times.json]
 
 Several results files may be given (e.g. one per task); their rows are merged by task, a later file's row
 replacing an earlier one with the same task, method, schedule and bits.
@@ -29,6 +29,7 @@ DEFAULT_RESULTS = BENCH / "results" / "suite.json"
 DEFAULT_OUT = BENCH.parent / "BENCHMARKS.md"
 DEFAULT_PLOTS = BENCH / "results" / "plots"
 DEFAULT_AGREEMENT = [BENCH / "results" / f"deploy_agreement{s}.json" for s in ("", "_po2", "_exact")]
+DEFAULT_GPU = BENCH / "results" / "gpu_step_times.json"
 DEFAULT_COMMANDS = ["python bench/pretrain.py cifar10-resnet20", "python bench/pretrain.py mnist-small-cnn",
                     "python bench/suite.py",
                     "python bench/deploy_agreement.py  # the power-of-two rows: bench/README.md",
@@ -440,6 +441,17 @@ def _step_table(st: dict) -> str:
     return head + _table(["variant", "median step ms", "ratio to float"], body)
 
 
+def gpu_table(gpu: dict) -> str:
+    """bench/gpu_steps.py's results: per task and batch, each variant's median step and median ratio to float."""
+    body = []
+    for task, by_batch in gpu["step_times"].items():
+        for batch, st in by_batch.items():
+            med, ratio = st["median_ms"], st["ratio_to_float"]
+            body += [[task, batch, k, f"{med[k]:.2f}", f"{ratio[k]:.2f}" if k in ratio else "—"]
+                     for k in sorted(med, key=lambda k: k != "float")]
+    return _table(["task", "batch", "variant", "median step ms", "ratio to float"], body)
+
+
 def _scales(model: dict) -> str:
     """"power of two" / "exact multipliers" for a bench/experiment.py model trained with power_of_two_scales /
     exact_multipliers, else "free"."""
@@ -473,9 +485,9 @@ def _rel(path: Path, start: Path) -> str:
 
 def write_benchmarks(results: dict | list[dict], out_md: Path, plots_dir: Path,
                      commands: list[str] | None = None, sources: list[str] | None = None,
-                     agreement: list[dict] | None = None) -> Path:
+                     agreement: list[dict] | None = None, gpu: dict | None = None) -> Path:
     """Write BENCHMARKS.md at out_md and its plots under plots_dir; return out_md. `agreement`: the contents of
-    bench/deploy_agreement.py's results files, for the deploy section."""
+    bench/deploy_agreement.py's results files, for the deploy section; `gpu`: bench/gpu_steps.py's results."""
     out_md, plots_dir = Path(out_md), Path(plots_dir)
     plots_dir.mkdir(parents=True, exist_ok=True)
     data = merge(results)
@@ -546,6 +558,15 @@ def write_benchmarks(results: dict | list[dict], out_md: Path, plots_dir: Path,
                 "multiplier is a multiple of 2^-16, 2^-20 at 4-bit outputs, and ORT's float32 product is exact)."), "",
                agreement_table(agreement), ""]
 
+    if gpu:
+        m = gpu["machine"]
+        md += ["## Training step on a GPU", "",
+               (f"`bench/gpu_steps.py` on an {m.get('gpu')} (torch {m.get('torch')}): forward, backward and optimizer "
+                f"step on random inputs, synchronised, {gpu.get('rounds')} interleaved rounds; the ratio is the median "
+                "of the per-round ratios. The GPU runs qatkit's eager fake-quant formulas (the fused kernel is the "
+                "CPU's), so the QAT step is bound by kernel launches: its time hardly changes with the batch."), "",
+               gpu_table(gpu), ""]
+
     md += ["## Published anchors", "",
            ("Other models and data sets (mostly ImageNet, other architectures and recipes): context for the "
             "size of quantization losses, **not directly comparable** with the numbers above. "
@@ -568,10 +589,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--plots", type=Path, default=DEFAULT_PLOTS)
     p.add_argument("--agreement", type=Path, nargs="*", default=[f for f in DEFAULT_AGREEMENT if f.is_file()],
                    help="bench/deploy_agreement.py results files (default: those of bench/results/ that exist)")
+    p.add_argument("--gpu", type=Path, default=DEFAULT_GPU if DEFAULT_GPU.is_file() else None,
+                   help="bench/gpu_steps.py results file (default: bench/results/gpu_step_times.json if it exists)")
     args = p.parse_args(argv)
-    loaded, agreement = [], []
+    loaded, agreement, gpu = [], [], []
     for path, into, command in [(r, loaded, "suite.py") for r in args.results] + \
-            [(a, agreement, "deploy_agreement.py") for a in args.agreement]:
+            [(a, agreement, "deploy_agreement.py") for a in args.agreement] + \
+            [(g, gpu, "gpu_steps.py") for g in [args.gpu] if g is not None]:
         if not path.is_file():
             print(f"error: {path} not found: run python bench/{command} first", file=sys.stderr)
             return 2
@@ -581,9 +605,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {path} is not valid JSON ({e}): run python bench/{command} again", file=sys.stderr)
             return 2
     root = BENCH.parent
-    out = write_benchmarks(loaded, args.out, args.plots, agreement=agreement, sources=[
+    out = write_benchmarks(loaded, args.out, args.plots, agreement=agreement, gpu=gpu[0] if gpu else None, sources=[
         str(r.resolve().relative_to(root)) if r.resolve().is_relative_to(root) else str(r)
-        for r in args.results + args.agreement])
+        for r in args.results + args.agreement + ([args.gpu] if args.gpu else [])])
     data = merge(loaded)
     tasks = list(data["tasks"]) + [t for t in TARGETS if t not in data["tasks"]]
     checks = [c for t in tasks for c in acceptance(t, data["rows"].get(t, []), data["step_times"].get(t))]

@@ -181,6 +181,20 @@ def test_deploy_agreement_section(tmp_path):
     assert "## Deploy" not in no_section
 
 
+def test_gpu_section(tmp_path):
+    """bench/gpu_steps.py's file: one row per (task, batch, variant), float first, its ratio a dash."""
+    gpu = {"machine": {"gpu": "NVIDIA H200", "torch": "2.11.0+cu130"}, "rounds": 10, "step_times": {C: {
+        "128": {"median_ms": {"qat-w8a8": 59.27, "float": 10.74}, "ratio_to_float": {"qat-w8a8": 5.376}},
+        "512": {"median_ms": {"float": 20.55, "qat-w8a8": 57.33}, "ratio_to_float": {"qat-w8a8": 2.8}}}}}
+    md = report.write_benchmarks(CIFAR, tmp_path / "B.md", tmp_path / "plots", gpu=gpu).read_text()
+    section = md.split("## Training step on a GPU")[1].split("\n## ")[0]
+    assert "NVIDIA H200" in section and "10 interleaved rounds" in section
+    rows = [line for line in section.splitlines() if line.startswith(f"| {C}")]
+    assert rows == [f"| {C} | 128 | float | 10.74 | — |", f"| {C} | 128 | qat-w8a8 | 59.27 | 5.38 |",
+                    f"| {C} | 512 | float | 20.55 | — |", f"| {C} | 512 | qat-w8a8 | 57.33 | 2.80 |"]
+    assert "## Training step on a GPU" not in report.write_benchmarks(CIFAR, tmp_path / "C.md", tmp_path / "p").read_text()
+
+
 def test_missing_agreement_file(tmp_path, capsys):
     missing = tmp_path / "deploy_agreement.json"
     suite = tmp_path / "suite.json"
