@@ -53,6 +53,10 @@ def _common(p: argparse.ArgumentParser, *, many_bits: bool) -> None:
                    help="free scales, each weight scale nudged so that every conv/linear requantization multiplier "
                         "is exact: the same integers on fixed-point hardware as on ONNX Runtime there "
                         "(YAML: qat: {exact_multipliers: true})")
+    p.add_argument("--exact-adds", action="store_true",
+                   help="each residual add and global average pool shares one quantizer with its inputs, so they "
+                        "requantize exactly; with --exact-multipliers fixed-point hardware computes ONNX Runtime's "
+                        "integers end to end (YAML: qat: {exact_adds: true})")
     p.add_argument("--reduce-range", action="store_true",
                    help="8-bit weights at 7 bits, so that ONNX Runtime runs its fast u8*s8 kernels exactly on x86 "
                         "CPUs without VNNI (YAML: qat: {reduce_range: true})")
@@ -117,7 +121,7 @@ def run_config_from(args: argparse.Namespace, default_bits: tuple[int, ...] | No
             train[key] = getattr(args, flag)
     if args.quiet:
         train["progress"] = False
-    for flag in ("power_of_two_scales", "exact_multipliers", "reduce_range"):
+    for flag in ("power_of_two_scales", "exact_multipliers", "exact_adds", "reduce_range"):
         if getattr(args, flag):
             qat[flag] = True
     top = {k: data[k] for k in _RUN_KEYS[:8] if k in data}

@@ -131,6 +131,11 @@ class QATConfig:
     # where ONNX Runtime's float32 product acc·M is exact: each weight scale nudged (straight through) to the
     # nearest such value, so integer-only hardware's fixed-point multiply-and-shift computes the runtime's integers.
     exact_multipliers: bool = False
+    # Residual adds and global average pools requantized exactly: each one's inputs and output share one activation
+    # quantizer (scale and zero point), so the runtime's rescale factors s_in/s_out are 1 and both its float32
+    # arithmetic and integer-only hardware's compute the same integers. With exact_multipliers, fixed-point hardware
+    # then computes ONNX Runtime's integers through a whole residual network, whose skip path has one range.
+    exact_adds: bool = False
     # 8-bit weights quantized at 7 bits ([-64, 63], as ORT's quantizer's reduce_range): ONNX Runtime's fast u8·s8
     # kernels on x86 CPUs without VNNI (AVX2) cannot saturate then, so the export keeps them int8 (with full-range
     # 8-bit weights it stores uint8 + 128, exact on every CPU but slower there; ORT_NUMERICS.md)
@@ -151,7 +156,7 @@ class QATConfig:
         rules = tuple(r if isinstance(r, LayerRule) else _from_mapping(LayerRule, r, "rules[]") for r in self.rules)
         object.__setattr__(self, "rules", rules)
         for what in ("per_channel", "act_symmetric", "learnable", "fold_bn", "power_of_two_scales", "exact_multipliers",
-                     "reduce_range"):
+                     "exact_adds", "reduce_range"):
             _check_bool(what, getattr(self, what))
         if self.power_of_two_scales and self.exact_multipliers:
             raise bad_value("exact_multipliers", True, "False with power_of_two_scales (power-of-two scales make "

@@ -119,9 +119,10 @@ def test_eval_mnist_path_from_shared_data(tmp_path, capsys):
     assert check["n"] == 256 and check["top1_agreement"] == 1.0 and check["within_one_step"] == 1.0
 
 
-@pytest.mark.parametrize("key", ["power_of_two_scales", "exact_multipliers", "reduce_range"])
+@pytest.mark.parametrize("key", ["power_of_two_scales", "exact_multipliers", "exact_adds", "reduce_range"])
 def test_qat_switch_flags_and_yaml(key, tmp_path):
-    """--power-of-two-scales / --exact-multipliers / --reduce-range (or YAML qat: {KEY: true}) reach the QAT config;
+    """--power-of-two-scales / --exact-multipliers / --exact-adds / --reduce-range (or YAML qat: {KEY: true}) reach the
+    QAT config;
     off by default."""
     from qatkit.cli import _parser, run_config_from
     assert not getattr(run_config_from(_parser().parse_args(["run"])).qat, key)

@@ -145,6 +145,7 @@ def test_train_dict_type_errors(key, value, expected):
     ({"per_channel": "yes"}, r"^qat\.per_channel = 'yes' is not allowed; allowed: true or false"),
     ({"power_of_two_scales": 1}, r"^qat\.power_of_two_scales = 1 is not allowed; allowed: true or false"),
     ({"exact_multipliers": "on"}, r"^qat\.exact_multipliers = 'on' is not allowed; allowed: true or false"),
+    ({"exact_adds": 1}, r"^qat\.exact_adds = 1 is not allowed; allowed: true or false"),
     ({"reduce_range": 0}, r"^qat\.reduce_range = 0 is not allowed; allowed: true or false"),
     ({"exact_multipliers": True, "power_of_two_scales": True},
      r"^exact_multipliers = True is not allowed; allowed: False with power_of_two_scales .*Fix: set one of"),

@@ -59,6 +59,24 @@ def test_weight_storage_keeps_the_u8s8_kernels_from_saturating(reduce_range, tmp
     assert result["within_one_step"] == 1.0 and result["max_step_diff"] == 0.0
 
 
+@pytest.mark.parametrize("name", ["resnet20", "resnet18", "mobilenetv2"])
+def test_exact_adds_export_runs_integer_kernels_and_equals_qatkit(name, tmp_path):
+    """exact_adds: a ReLU fused into an output whose zero point is above qmin (the shared skip quantizer) is an
+    integer Clip after the Q, not a float Relu before it, so ORT still fuses every conv and add into its integer
+    kernel: no float islands, and ORT computes qatkit's integers."""
+    qat, x = _prepared(name, 8, exact_adds=True)
+    path = tmp_path / "m.onnx"
+    assert export_onnx(qat, path, x[:1]) == []
+    result = verify(path, qat, [x[:16], x[16:]])
+    assert result["top1_agreement"] == 1.0 and result["max_step_diff"] == 0.0
+    ops = _optimized_ops(path, tmp_path)
+    assert {"QLinearConv", "QLinearAdd"} <= ops <= INTEGER_OPS | {"Clip"}, ops - INTEGER_OPS
+    assert ("Clip" in ops) == name.startswith("resnet")  # MobileNetV2's adds have no ReLU: no such output
+    graph = onnx.load(str(path)).graph
+    quantized = {n.output[0] for n in graph.node if n.op_type == "QuantizeLinear"}
+    assert all(n.input[0] in quantized for n in graph.node if n.op_type == "Clip")  # on the codes
+
+
 @pytest.mark.parametrize("name", MODEL_NAMES)
 def test_w8a8_export_runs_integer_kernels_and_equals_qatkit(name, tmp_path):
     qat, x = _prepared(name, 8)

@@ -13,6 +13,7 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
+from qatkit import kernels
 from qatkit.convert.pack import unpack
 from qatkit.convert.runtime import IntegerModel, QValue
 from qatkit.export.onnx_ops import Value, export_call
@@ -61,19 +62,37 @@ class _Exporter:
             v.dq = self.op("DequantizeLinear", [v.name, v.scale, v.zero_point], "dq")
         return v.dq
 
-    def quantize(self, x: str, fields: dict, hint: str) -> Value:
+    def quantize(self, x: str, fields: dict, hint: str, act: str | None = None) -> Value:
         """Q(x); codes narrower than the 8-bit container (4-bit codes) are clamped to their range by a Clip
-        on the integer tensor after the Q, so that the Q stays fused into the producing integer kernel."""
+        on the integer tensor after the Q, so that the Q stays fused into the producing integer kernel. `act`:
+        a ReLU/ReLU6 fused into an output whose zero point is above qmin, clamped the same way (on the codes)."""
         scale, zp = self.qparams(fields, hint)
         codes = self.op("QuantizeLinear", [x, scale, zp], f"{hint}_q")
         lo, hi = fields["qmin"], fields["qmax"]
+        dtype = np.uint8 if lo >= 0 else np.int8
         if (lo, hi) not in ((0, 255), (-128, 127)):
-            dtype = np.uint8 if lo >= 0 else np.int8
-            codes = self.op("Clip", [codes, self.const("lo", np.array(lo, dtype)), self.const("hi", np.array(hi, dtype))],
-                            f"{hint}_clip")
             self.note(f"{hi - lo + 1}-level activations are held in 8-bit tensors, clamped to [{lo}, {hi}] by an "
                       "integer Clip (ONNX Runtime has no kernels for narrower activations)")
+        if act is not None:  # the bounds the QAT and integer models clamp to
+            bounds = kernels.activation_bounds(act, self.model.tensor(fields["scale"]["tensor"]).float(),
+                                               torch.tensor(float(fields["zero_point"])), lo, hi)
+            lo, hi = (int(b) for b in bounds)
+        if (lo, hi) not in ((0, 255), (-128, 127)):
+            codes = self.op("Clip", [codes, self.const("lo", np.array(lo, dtype)), self.const("hi", np.array(hi, dtype))],
+                            f"{hint}_clip")
         return Value(codes, "quant", scale, zp)
+
+    def fused_act(self, y: str, act: str | None, out: dict | None, name: str) -> Value:
+        """The output of a layer or add with a fused activation: float Relu/Clip before the Q where the Q's zero
+        point is qmin (ORT fuses them away) or the output stays float; otherwise the Q, then the activation as an
+        integer Clip on the codes: a float Relu between the op and its Q would keep ORT from fusing them."""
+        if out is not None and act in ("relu", "relu6") and out["zero_point"] > out["qmin"]:
+            return self.quantize(y, out, f"{name}_out", act)
+        if act == "relu" or (act == "relu6" and out is not None and self._within_six(out)):
+            y = self.op("Relu", [y], f"{name}_relu")  # relu6 whose range ends below 6: the Q saturates first
+        elif act == "relu6":
+            y = self.op("Clip", [y, self.const("lo", np.float32(0)), self.const("hi", np.float32(6))], f"{name}_relu6")
+        return Value(y, "float") if out is None else self.quantize(y, out, f"{name}_out")
 
     def note(self, text: str) -> None:
         if text not in self.notes:
@@ -172,12 +191,7 @@ class _Exporter:
             inputs[0] = self.floats(flat)
             y = self.op("Gemm", inputs, name, transB=1)
             back = self.op("Concat", [lead, self.const("o", np.array([node["shape"][0]], np.int64))], "shape", axis=0)
-        out = node["output"]
-        if node["act"] == "relu" or (node["act"] == "relu6" and out is not None and self._within_six(out)):
-            y = self.op("Relu", [y], f"{name}_relu")  # relu6 whose range ends below 6: the Q saturates first
-        elif node["act"] == "relu6":
-            y = self.op("Clip", [y, self.const("lo", np.float32(0)), self.const("hi", np.float32(6))], f"{name}_relu6")
-        value = Value(y, "float") if out is None else self.quantize(y, out, f"{name}_out")
+        value = self.fused_act(y, node["act"], node["output"], name)
         if node["kind"] == "linear" and rank != 2:
             value = Value(self.op("Reshape", [value.name, back], "unflat"), value.kind, value.scale, value.zero_point)
         return value
@@ -188,11 +202,8 @@ class _Exporter:
         xs = [self.resolve(a) for a in node["args"]]
         xs = [x if x.kind == "quant" else self.quantize(self.floats(x), f, f"{name}_in") for x, f in zip(xs, node["inputs"])]
         if node["op"] == "qadd":
-            y = self.op("Add", [self.floats(x) for x in xs], name)
-            y = self.op("Relu", [y], f"{name}_relu") if node.get("act") == "relu" else y
-        else:
-            y = self.op("GlobalAveragePool", [self.floats(xs[0])], name)
-        return self.quantize(y, node["output"], f"{name}_out")
+            return self.fused_act(self.op("Add", [self.floats(x) for x in xs], name), node.get("act"), node["output"], name)
+        return self.quantize(self.op("GlobalAveragePool", [self.floats(xs[0])], name), node["output"], f"{name}_out")
 
     def _within_six(self, fields: dict) -> bool:
         s = float(self.model.tensor(fields["scale"]["tensor"]))

@@ -65,6 +65,7 @@ def _prepare_module(module: nn.Module, prefix: str, config: QATConfig, plans, in
         info.layers.append(row)
     info.act_quantizers += [f"{prefix}.{q}" if prefix else q for q in sub_info.act_quantizers]
     info.float_ops += sub_info.float_ops
+    info.shared_quantizers += [[f"{prefix}.{q}" if prefix else q for q in group] for group in sub_info.shared_quantizers]
     return gm
 
 

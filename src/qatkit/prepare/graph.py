@@ -52,6 +52,7 @@ class PrepareInfo:
     act_quantizers: list[str] = field(default_factory=list)
     float_ops: list[str] = field(default_factory=list)
     untraced: list[str] = field(default_factory=list)
+    shared_quantizers: list[list[str]] = field(default_factory=list)  # exact_adds: paths that hold one quantizer
 
 
 def _sole_user(node: fx.Node) -> fx.Node | None:
@@ -104,6 +105,8 @@ class _Rewriter:
             if node not in self.erased:
                 self._place_quantizers(node)
         self._assign_bits()
+        if self.config.exact_adds:
+            self._share_skip_quantizers()
         self.gm.delete_all_unused_submodules()
         self.graph.lint()
         self.gm.recompile()
@@ -258,6 +261,36 @@ class _Rewriter:
         for row in self.info.layers:  # the output widths are final now
             out_q = self.gm.get_submodule(row["name"]).out_quant
             row["output"] = "float" if out_q is None else f"A{int(out_q.bits)}"
+
+    def _share_skip_quantizers(self) -> None:
+        """exact_adds: the input and output quantizers of each residual add and global average pool, and through
+        them every quantizer they connect, become one quantizer (at the widest of their bits; unsigned only if all
+        were). Calibration observes the group's values at each of its call sites; training sums their gradients."""
+        parent: dict[str, str] = {}
+
+        def root(path: str) -> str:
+            while parent.setdefault(path, path) != path:
+                path = parent[path]
+            return path
+
+        for node in self.graph.nodes:
+            module = self.gm.get_submodule(node.target) if node.op == "call_module" else None
+            if isinstance(module, (QAdd, QGlobalAvgPool)):
+                n_in = 2 if isinstance(module, QAdd) else 1  # called as (*inputs, *their quantizers)
+                paths = [q.target for q in node.args[n_in:]] + [f"{node.target}.out_quant"]
+                for path in paths:
+                    parent[root(path)] = root(paths[0])
+        groups: dict[str, list[str]] = {}
+        for path in parent:
+            groups.setdefault(root(path), []).append(path)
+        for members in groups.values():
+            quantizers = [self.gm.get_submodule(path) for path in members]
+            unsigned = all(q.spec.symmetric and not q.spec.signed for q in quantizers)
+            shared = FakeQuantizer(self.config.act_spec(max(int(q.bits) for q in quantizers), unsigned), kind="act")
+            for path in members:
+                owner, _, name = path.rpartition(".")
+                setattr(self.gm.get_submodule(owner) if owner else self.gm, name, shared)
+            self.info.shared_quantizers.append(members)
 
     def _requantize_for(self, x: fx.Node, consumers: list[fx.Node], bits: int, unsigned: bool) -> None:
         """One `bits`-wide quantizer between x and the layers `consumers` that read it."""
