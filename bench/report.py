@@ -28,7 +28,7 @@ BENCH = Path(__file__).resolve().parent
 DEFAULT_RESULTS = BENCH / "results" / "suite.json"
 DEFAULT_OUT = BENCH.parent / "BENCHMARKS.md"
 DEFAULT_PLOTS = BENCH / "results" / "plots"
-DEFAULT_AGREEMENT = [BENCH / "results" / f"deploy_agreement{s}.json" for s in ("", "_po2", "_exact")]
+DEFAULT_AGREEMENT = [BENCH / "results" / f"deploy_agreement{s}.json" for s in ("", "_po2", "_exact", "_deploy_exact")]
 DEFAULT_GPU = BENCH / "results" / "gpu_step_times.json"
 DEFAULT_COMMANDS = ["python bench/pretrain.py cifar10-resnet20", "python bench/pretrain.py mnist-small-cnn",
                     "python bench/suite.py",
@@ -453,11 +453,14 @@ def gpu_table(gpu: dict) -> str:
 
 
 def _scales(model: dict) -> str:
-    """"power of two" / "exact multipliers" for a bench/experiment.py model trained with power_of_two_scales /
-    exact_multipliers, else "free"."""
+    """The scale options of a bench/experiment.py model, from its overrides: "power of two", "exact multipliers" or
+    "free", joined by "+ exact adds" and "+ reduce range" where those were set."""
     overrides = model["recipe"] if isinstance(model["recipe"], list) else []
-    return ("power of two" if "qat.power_of_two_scales=true" in overrides else
-            "exact multipliers" if "qat.exact_multipliers=true" in overrides else "free")
+    label = ("power of two" if "qat.power_of_two_scales=true" in overrides else
+             "exact multipliers" if "qat.exact_multipliers=true" in overrides else "free")
+    extras = [name for key, name in (("qat.exact_adds=true", "exact adds"), ("qat.reduce_range=true", "reduce range"))
+              if key in overrides]
+    return " + ".join([label, *extras])
 
 
 def _equal(entry: dict) -> str:
@@ -555,7 +558,9 @@ def write_benchmarks(results: dict | list[dict], out_md: Path, plots_dir: Path,
                 "for the kernel kind with the fewest equal outputs, per kernel on equal inputs. Scales: free "
                 "(learned), powers of two (`power_of_two_scales`), where every multiplier is a shift, or free with "
                 "exact multipliers (`exact_multipliers`: each weight scale nudged so that every conv/linear "
-                "multiplier is a multiple of 2^-16, 2^-20 at 4-bit outputs, and ORT's float32 product is exact)."), "",
+                "multiplier is a multiple of 2^-16, 2^-20 at 4-bit outputs, and ORT's float32 product is exact); "
+                "+ exact adds (`exact_adds`: each residual add and global pool shares one quantizer with its inputs, "
+                "so their rescale factors are 1); + reduce range (`reduce_range`: 8-bit weights at 7 bits)."), "",
                agreement_table(agreement), ""]
 
     if gpu:

@@ -170,10 +170,14 @@ def test_deploy_agreement_section(tmp_path):
     free = {"models": [_agreement_model(C, (8, 8), "qat-recipe-id", 0.99365, {"Conv": 0.99999985, "Add": 1.0})]}
     po2 = {"models": [_agreement_model(C, (4, 4), ["qat.power_of_two_scales=true"], 1.0, {"Conv": 1.0})]}
     exact = {"models": [_agreement_model(C, (8, 8), ["qat.exact_multipliers=true"], 0.9999, {"Add": 0.9999999})]}
-    md = report.write_benchmarks(CIFAR, tmp_path / "B.md", tmp_path / "plots", agreement=[free, po2, exact]).read_text()
+    every = {"models": [_agreement_model(C, (8, 8), ["qat.exact_multipliers=true", "qat.exact_adds=true",
+                                                     "qat.reduce_range=true"], 1.0, {"Conv": 1.0})]}
+    md = report.write_benchmarks(CIFAR, tmp_path / "B.md", tmp_path / "plots",
+                                 agreement=[free, po2, exact, every]).read_text()
     section = md.split("## Deploy: the integer-only reference against ONNX Runtime")[1].split("\n## ")[0]
     rows = [line for line in section.splitlines() if line.startswith(f"| {C}")]
-    assert len(rows) == 3
+    assert len(rows) == 4
+    assert "| W8A8 | exact multipliers + exact adds + reduce range |" in rows[3]
     assert "| W8A8 | free | 91.90 | 2,000 | 1 (0) | 0.99365 (2) | 0.99999985 (Conv) | 0.43 (6) |" in rows[0]
     assert "| W4A4 | power of two |" in rows[1] and "| 1 (0) | 1 (0) | 1 (every kernel) |" in rows[1]
     assert "| W8A8 | exact multipliers |" in rows[2] and "| 0.9999 (2) | 0.9999999 (Add) |" in rows[2]
