@@ -41,7 +41,9 @@ def test_add_and_pool_inputs_and_outputs_are_one_quantizer():
         assert len({id(qat.get_submodule(path)) for path in group}) == 1
     shared = qat.get_submodule(groups[0][0])
     assert not shared.spec.symmetric  # relu'd adds share with the convs before them, which have negative outputs
+    assert f"{' = '.join(groups[0])};" in qatkit.describe(qat)
     plain, _ = _prepared()
+    assert "exact_adds" not in qatkit.describe(plain)
     count = lambda m: len({id(q) for q in m.modules() if isinstance(q, FakeQuantizer) and q.kind == "act"})  # noqa: E731
     assert count(qat) == count(plain) - sum(len(g) - 1 for g in groups)
 

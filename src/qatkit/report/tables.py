@@ -22,6 +22,9 @@ def describe(qat_model: nn.Module) -> str:
     added = [f"{path} (A{int(qat_model.get_submodule(path).bits)})" for path in info.act_quantizers]
     text += f"\n\nactivation quantizers added: {', '.join(added) or 'none'}"
     text += f"\nfloat ops (no integer kernel, run on dequantized values): {', '.join(info.float_ops) or 'none'}"
+    if info.shared_quantizers:
+        groups = "; ".join(" = ".join(group) for group in info.shared_quantizers)
+        text += f"\nshared quantizers (exact_adds; each group is one quantizer): {groups}"
     if info.untraced:
         text += f"\nnot traced (own code in float, layers quantized by module swap): {'; '.join(info.untraced)}"
     return text
