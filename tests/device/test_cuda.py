@@ -100,7 +100,7 @@ def test_qat_trains_on_cuda_and_its_integer_model_equals_it(digits, qat_options)
 
 
 @pytest.mark.parametrize("qat_options", [{}, {"power_of_two_scales": True}], ids=["free", "po2"])
-def test_qat_training_step_never_waits_for_the_gpu(digits, qat_options):
+def test_qat_training_step_never_waits_for_the_gpu(qat_options):
     """No host-device synchronisation in a QAT step's forward and backward: the host queues kernels ahead of
     the GPU (the training loop reads the loss once per step, as a float step does)."""
     torch.manual_seed(0)
