@@ -145,31 +145,42 @@ def run_config_from(args: argparse.Namespace, default_bits: tuple[int, ...] | No
 
 def _cmd_run(args) -> int:
     from qatkit.pipeline import run
+    from qatkit.train import distributed
 
     config = run_config_from(args)
+    if distributed.launched_by_torchrun() and args.out is None:
+        raise bad_value("--out", None, "a folder name under torchrun", "pass --out (the ranks' clocks may differ)")
     out = args.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}-{config.model}-{config.dataset}"
-    results = run(config, out)
-    print(f"[qatkit] wrote {out}/results.json, report.md and the model files ({results['seconds']} s)")
+    with distributed.process_group(config.train.device):
+        results = run(config, out)
+        main = distributed.is_main()
+    if main:
+        print(f"[qatkit] wrote {out}/results.json, report.md and the model files ({results['seconds']} s)")
     return 0
 
 
 def _cmd_train(args) -> int:
     from qatkit.data import load_dataset
     from qatkit.pipeline import check_out_folder, quantize, train_float
+    from qatkit.train import distributed
 
     config = run_config_from(args, default_bits=(8,))
     if len(config.weight_bits) != 1:
         raise bad_value("--weight-bits", list(config.weight_bits), "one bit-width for train", "pass one value, or use qatkit run")
     out = Path(args.out)
-    check_out_folder(out)
-    if out.exists() and any(out.iterdir()) and not args.resume:
-        raise ConfigError(f"--out {str(out)!r} exists and is not empty; allowed: a new folder, or --resume. "
-                          "Fix: pass another --out or add --resume")
-    out.mkdir(parents=True, exist_ok=True)
-    ds = load_dataset(config.dataset, config.data, limit=config.limit)
-    float_model = train_float(config, ds, out, resume=args.resume)
-    quantize(config, ds, float_model, config.weight_bits[0], config.act_bits[0], out, train=True, resume=args.resume)
-    print(f"[qatkit] wrote {out}/qat_w{config.weight_bits[0]}a{config.act_bits[0]}.ckpt")
+    with distributed.process_group(config.train.device):
+        main = distributed.is_main()
+        if main:  # the other ranks write nothing (and would see rank 0's files)
+            check_out_folder(out)
+            if out.exists() and any(out.iterdir()) and not args.resume:
+                raise ConfigError(f"--out {str(out)!r} exists and is not empty; allowed: a new folder, or --resume. "
+                                  "Fix: pass another --out or add --resume")
+            out.mkdir(parents=True, exist_ok=True)
+        ds = load_dataset(config.dataset, config.data, limit=config.limit)
+        float_model = train_float(config, ds, out, resume=args.resume)
+        quantize(config, ds, float_model, config.weight_bits[0], config.act_bits[0], out, train=True, resume=args.resume)
+    if main:
+        print(f"[qatkit] wrote {out}/qat_w{config.weight_bits[0]}a{config.act_bits[0]}.ckpt")
     return 0
 
 

@@ -36,7 +36,7 @@ from qatkit.prepare import prepare
 from qatkit.primitives.ranges import check_bits
 from qatkit.report import describe, results_table, write_report
 from qatkit.report.plots import plot_accuracy_vs_bits
-from qatkit.train import evaluate, fit, load_checkpoint, save_checkpoint
+from qatkit.train import distributed, evaluate, fit, load_checkpoint, save_checkpoint
 from qatkit.train.loop import CHECKPOINT_NAME
 
 EVAL_BATCH = 256
@@ -84,22 +84,35 @@ def _recipe(config: RunConfig, ds: ImageDataset, qat: QATConfig | None) -> dict:
             "qat": None if qat is None else to_dict(qat)}
 
 
+def _shard() -> tuple[int, int]:
+    return distributed.rank(), distributed.world_size()
+
+
 def _loaders(ds: ImageDataset, train: TrainConfig):
+    """Training, calibration and test batches. Under torchrun the training loader yields this rank's part of
+    every batch; calibration and test see whole batches (every rank calibrates alike)."""
     common = dict(mean=ds.mean, std=ds.std)
-    return (BatchLoader(ds.train, batch_size=train.batch_size, shuffle=True, seed=train.seed, augment=train.augment, **common),
+    return (BatchLoader(ds.train, batch_size=train.batch_size, shuffle=True, seed=train.seed, augment=train.augment,
+                        shard=_shard(), **common),
             BatchLoader(ds.train, batch_size=train.batch_size, shuffle=True, seed=train.seed + 1, **common),
             BatchLoader(ds.test, batch_size=EVAL_BATCH, shuffle=False, **common))
+
+
+def _val_loader(ds: ImageDataset) -> BatchLoader:
+    """The test batches fit evaluates after each epoch: under torchrun each rank its part (fit sums them)."""
+    return BatchLoader(ds.test, batch_size=EVAL_BATCH, shuffle=False, shard=_shard(), mean=ds.mean, std=ds.std)
 
 
 def train_float(config: RunConfig, ds: ImageDataset, out: Path, resume: bool = False) -> nn.Module:
     torch.manual_seed(config.train.seed)
     model = build_model(config.model, num_classes=ds.num_classes, in_channels=ds.in_channels, image_size=ds.image_size)
-    train_loader, _, test_loader = _loaders(ds, config.train)
+    train_loader = _loaders(ds, config.train)[0]
     ckpt_dir = out / "checkpoints" / "float"
-    fit(model, train_loader, config.float_train, val_loader=test_loader, checkpoint_dir=ckpt_dir,
+    fit(model, train_loader, config.float_train, val_loader=_val_loader(ds), checkpoint_dir=ckpt_dir,
         resume=resume and (ckpt_dir / CHECKPOINT_NAME).exists())
-    with atomic_file(out / FLOAT_FILE) as tmp:
-        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp))
+    if distributed.is_main():
+        with atomic_file(out / FLOAT_FILE) as tmp:
+            save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp))
     return model
 
 
@@ -113,9 +126,10 @@ def quantize(config: RunConfig, ds: ImageDataset, float_model: nn.Module, weight
     if train:
         name = f"qat_w{weight_bits}a{act_bits}"
         ckpt_dir = out / "checkpoints" / name
-        fit(model, train_loader, config.train, val_loader=test_loader, teacher=float_model, error_penalty=qcfg.error_penalty,
+        fit(model, train_loader, config.train, val_loader=_val_loader(ds), teacher=float_model, error_penalty=qcfg.error_penalty,
             checkpoint_dir=ckpt_dir, resume=resume and (ckpt_dir / CHECKPOINT_NAME).exists())
-        save_checkpoint(out / f"{name}.ckpt", {"model": model.state_dict(), "recipe": _recipe(config, ds, qcfg)})
+        if distributed.is_main():
+            save_checkpoint(out / f"{name}.ckpt", {"model": model.state_dict(), "recipe": _recipe(config, ds, qcfg)})
     return model
 
 
@@ -164,8 +178,13 @@ def check_out_folder(out: Path) -> None:
 
 
 def run(config: RunConfig, out: str | os.PathLike, *, log=print) -> dict:
-    """The whole pipeline; returns results.json's content. `out` must not exist or be empty."""
+    """The whole pipeline; returns results.json's content. `out` must not exist or be empty.
+    Under torchrun every rank trains (data-parallel) and rank 0 alone does the rest and writes; the others
+    return {}."""
     final = Path(out)
+    if not distributed.is_main():
+        _train_only(config, final.with_name(final.name + ".partial"))
+        return {}
     check_out_folder(final)
     if final.exists() and any(final.iterdir()):
         raise ConfigError(f"--out {str(final)!r} exists and is not empty; allowed: a new or empty folder. "
@@ -182,6 +201,14 @@ def run(config: RunConfig, out: str | os.PathLike, *, log=print) -> dict:
         shutil.rmtree(work, ignore_errors=True)
         raise
     return results
+
+
+def _train_only(config: RunConfig, out: Path) -> None:
+    """A rank other than 0 in `run`: its part of each training (float, then QAT per bit-width), nothing else."""
+    ds = load_dataset(config.dataset, config.data, limit=config.limit)
+    float_model = train_float(config, ds, out)
+    for w, a in zip(config.weight_bits, config.act_bits):
+        quantize(config, ds, float_model, w, a, out, train=True)
 
 
 def _run(config: RunConfig, out: Path, log) -> dict:
@@ -214,6 +241,7 @@ def _run(config: RunConfig, out: Path, log) -> dict:
             log(f"[qatkit] {method} W{w}A{a}: accuracy {accuracy:.4f} (integer model file {extra['integer_model_accuracy']:.4f})")
     results = {"model": config.model, "dataset": ds.name, "test_samples": len(ds.test), "rows": rows,
                "seconds": round(time.perf_counter() - t_start, 1), "threads": torch.get_num_threads(),
+               "world_size": distributed.world_size(),
                "config": json.loads(json.dumps(to_dict(config), default=str))}
     (out / "results.json").write_text(json.dumps(results, indent=2), encoding="utf-8")
     plot = plot_accuracy_vs_bits(rows, out / "accuracy_vs_bits.png", f"{config.model} / {ds.name}")

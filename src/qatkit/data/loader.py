@@ -18,16 +18,17 @@ from qatkit.errors import ConfigError, DataError, bad_value
 PAD = 4  # crop-flip: pixels of zero padding on each side before the random crop
 
 
-def _crop_flip(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+def _crop_flip(x: torch.Tensor, gen: torch.Generator, batch: int, part: slice) -> torch.Tensor:
     """Random crop of the zero-padded image plus random horizontal flip, per sample, in one gather.
 
-    x: (B, C, H, W) -> (B, C, H, W), same dtype.
+    x: (B, C, H, W) -> (B, C, H, W), same dtype: samples `part` of a batch of `batch` (the draws are made for the
+    whole batch, so each sample gets the same crop whatever share of the batch this process holds).
     """
     b, _, h, w = x.shape
     padded = F.pad(x, (PAD, PAD, PAD, PAD)).permute(0, 2, 3, 1)  # (B, H+2P, W+2P, C)
-    dy = torch.randint(0, 2 * PAD + 1, (b, 1), generator=gen)
-    dx = torch.randint(0, 2 * PAD + 1, (b, 1), generator=gen)
-    flip = torch.rand(b, 1, generator=gen) < 0.5
+    dy = torch.randint(0, 2 * PAD + 1, (batch, 1), generator=gen)[part]
+    dx = torch.randint(0, 2 * PAD + 1, (batch, 1), generator=gen)[part]
+    flip = (torch.rand(batch, 1, generator=gen) < 0.5)[part]
     rows = dy + torch.arange(h)  # (B, H)
     # reading the crop window right-to-left is cropping then flipping
     cols = dx + torch.where(flip, torch.arange(w - 1, -1, -1), torch.arange(w))  # (B, W)
@@ -39,16 +40,23 @@ class BatchLoader:
     """Yields (x, y) per batch: x (B, C, H, W) float32 normalised per channel, y (B,) int64.
 
     Iterating twice without set_epoch gives the same batches; call set_epoch(e) before epoch e.
+    shard=(rank, world_size): this process's part of every batch (data-parallel training; rank r of w gets
+    samples [r·B/w, (r+1)·B/w) of each batch of B, the same ones and the same augmentation a single process
+    would give them), so the batch size stays the global one; a last batch smaller than w is dropped.
     """
 
     def __init__(self, split: Split, *, batch_size: int, mean: Sequence[float], std: Sequence[float],
-                 shuffle: bool, seed: int = 0, augment: str = "none", drop_last: bool = False) -> None:
+                 shuffle: bool, seed: int = 0, augment: str = "none", drop_last: bool = False,
+                 shard: tuple[int, int] = (0, 1)) -> None:
         if not isinstance(batch_size, int) or batch_size < 1:
             raise bad_value("batch_size", batch_size, "an integer >= 1", "pass --batch-size 1 or more")
         if augment not in AUGMENTS:
             raise bad_value("augment", augment, ", ".join(AUGMENTS), "pick one of those")
         if not isinstance(seed, int) or seed < 0:
             raise bad_value("seed", seed, "an integer >= 0", "pass --seed 0 or more")
+        if (not isinstance(shard, (tuple, list)) or len(shard) != 2 or not all(isinstance(v, int) for v in shard)
+                or not 0 <= shard[0] < shard[1]):
+            raise bad_value("shard", shard, "(rank, world_size) with 0 <= rank < world_size", "pass e.g. shard=(0, 2)")
         if len(split) == 0:
             raise bad_value("split size", 0, "at least one sample", "check the data (and --limit) feeding the loader",
                             DataError)
@@ -58,6 +66,7 @@ class BatchLoader:
                               f"expected {channels} values each, std > 0. Fix: use the dataset's mean and std")
         self.split, self.batch_size, self.shuffle = split, batch_size, shuffle
         self.seed, self.augment, self.drop_last = seed, augment, drop_last
+        self.rank, self.world_size = shard
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)  # (1, C, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
         self.epoch = 0
@@ -69,12 +78,19 @@ class BatchLoader:
 
     def __len__(self) -> int:
         n, b = len(self.split), self.batch_size
-        return n // b if self.drop_last else -(-n // b)
+        full, rest = divmod(n, b)
+        return full + (0 < rest and not self.drop_last and rest >= self.world_size)
 
     @property
     def num_samples(self) -> int:
-        """Samples one epoch yields: all of them, less the dropped last partial batch if drop_last."""
-        return len(self) * self.batch_size if self.drop_last else len(self.split)
+        """Samples one epoch yields over all shards: all of them, less a dropped last partial batch."""
+        return min(len(self) * self.batch_size, len(self.split))
+
+    def _part(self, batch: int) -> slice:
+        """This shard's rows of a batch of `batch` samples (the first batch % world_size shards get one more)."""
+        base, extra = divmod(batch, self.world_size)
+        start = self.rank * base + min(self.rank, extra)
+        return slice(start, start + base + (self.rank < extra))
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         # SeedSequence mixes (seed, epoch) so neighbouring seeds or epochs give unrelated streams
@@ -84,10 +100,12 @@ class BatchLoader:
         order = torch.randperm(n, generator=gen) if self.shuffle else torch.arange(n)
         for start in range(0, self.num_samples, self.batch_size):
             idx = order[start:start + self.batch_size]
-            x = self.split.x[idx]  # (B, C, H, W), a fresh copy, so in-place ops below are safe
+            part = self._part(len(idx))
+            idx_part = idx[part]
+            x = self.split.x[idx_part]  # (B, C, H, W), a fresh copy, so in-place ops below are safe
             if self.augment == "crop-flip":
-                x = _crop_flip(x, gen)
+                x = _crop_flip(x, gen, len(idx), part)
             x = x.float()
             if self.split.x.dtype == torch.uint8:
                 x.div_(255.0)
-            yield x.sub_(self.mean).div_(self.std), self.split.y[idx]
+            yield x.sub_(self.mean).div_(self.std), self.split.y[idx_part]

@@ -16,6 +16,7 @@ finished epoch wrote it, and raise KeyboardInterrupt / TrainingInterrupted sayin
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 import warnings
@@ -34,6 +35,7 @@ from qatkit.errors import ConfigError, DataError, ModelFileError, QatkitError, b
 from qatkit.nn import QConvBn, QLayer
 from qatkit.quantizer import FakeQuantizer
 from qatkit.regularize import quantization_error_penalty
+from qatkit.train import distributed
 from qatkit.train.checkpoint import load_checkpoint, save_checkpoint
 from qatkit.train.oscillation import OscillationTracker
 from qatkit.train.signals import StopOnSignal, TrainingInterrupted, signal_name  # noqa: F401 (re-exported)
@@ -48,11 +50,16 @@ RESUME_FREE_FIELDS = ("progress", "device", "nonfinite")
 _DIVERGED_FIX = ("lower --lr (now {lr:g}) or --scale-lr, add --warmup-epochs, or check the inputs for NaN/Inf")
 
 
-@torch.no_grad()
 def evaluate(model: nn.Module, loader: Iterable, device: str | torch.device | None = None) -> dict[str, Any]:
     """Accuracy and mean cross-entropy of `model` over (x, y) batches, in eval mode without grad, on `device`
     (default: where the model's weights are)."""
-    device = module_device(model) if device is None else device
+    correct, loss_sum, n = _eval_sums(model, loader, module_device(model) if device is None else device)
+    return _eval_result(correct, loss_sum, n)
+
+
+@torch.no_grad()
+def _eval_sums(model: nn.Module, loader: Iterable, device: str | torch.device) -> tuple[int, float, int]:
+    """(correct, summed cross-entropy, samples) over the loader's batches."""
     was_training = model.training
     model.eval()
     correct, loss_sum, n = 0, 0.0, 0
@@ -65,10 +72,14 @@ def evaluate(model: nn.Module, loader: Iterable, device: str | torch.device | No
             n += y.shape[0]
     finally:
         model.train(was_training)
+    return correct, loss_sum, n
+
+
+def _eval_result(correct: float, loss_sum: float, n: float) -> dict[str, Any]:
     if n == 0:
         raise DataError("evaluation loader yielded no batches; allowed: at least one (x, y) batch. "
                         "Fix: check the test split and --limit")
-    return {"accuracy": correct / n, "loss": loss_sum / n, "n": n}
+    return {"accuracy": correct / n, "loss": loss_sum / n, "n": int(n)}
 
 
 # ---- optimizer and schedule ---------------------------------------------------------------------
@@ -185,8 +196,10 @@ def penalty_scale(config: TrainConfig, epoch: int, step: int, steps: int) -> flo
 def train_epoch(model: nn.Module, loader: Iterable, optimizer, scheduler, config: TrainConfig, epoch: int,
                 steps: int, teacher: nn.Module | None, error_penalty: Mapping[str, float],
                 on_step: Callable[[int], None] | None = None,
-                tracker: OscillationTracker | None = None) -> dict[str, float]:
-    """One epoch; on_step(k) runs after the k-th step (1-based) is complete, skipped or not."""
+                tracker: OscillationTracker | None = None, net: nn.Module | None = None) -> dict[str, float]:
+    """One epoch; on_step(k) runs after the k-th step (1-based) is complete, skipped or not. `net` runs the
+    forward pass when it is not `model` itself (DistributedDataParallel around it)."""
+    net = model if net is None else net
     model.train()
     if config.bn_freeze_epoch is not None and epoch >= config.bn_freeze_epoch:
         freeze_bn(model)
@@ -200,7 +213,7 @@ def train_epoch(model: nn.Module, loader: Iterable, optimizer, scheduler, config
         for step, (x, y) in enumerate(bar):
             x, y = x.to(config.device), y.to(config.device)
             buffers = [b.detach().clone() for b in model.buffers()] if skip else None  # BN stats, put back on a skip
-            logits = model(x)
+            logits = net(x)
             teacher_logits = None
             if teacher is not None:
                 with torch.no_grad():
@@ -212,8 +225,12 @@ def train_epoch(model: nn.Module, loader: Iterable, optimizer, scheduler, config
             lr = optimizer.param_groups[0]["lr"]
             optimizer.zero_grad(set_to_none=True)
             fault = allowed = None
-            if not math.isfinite(loss_value):
-                fault, allowed = f"loss = {loss_value}", "a finite loss"
+            finite = math.isfinite(loss_value)
+            if distributed.is_distributed():  # every rank skips the batch, or none: backward is collective
+                finite = distributed.all_sum([float(not finite)], x.device)[0] == 0
+            if not finite:
+                fault = f"loss = {loss_value}" if not math.isfinite(loss_value) else "a non-finite loss on another rank"
+                allowed = "a finite loss"
             else:
                 loss.backward()
                 if not _grads_finite(params):
@@ -252,6 +269,7 @@ def train_epoch(model: nn.Module, loader: Iterable, optimizer, scheduler, config
                 on_step(step + 1)
     finally:
         bar.close()
+    loss_sum, correct, n = distributed.all_sum([loss_sum, correct, n], torch.device(config.device))
     if n + skipped == 0:
         raise DataError(f"train_loader yielded no batches in epoch {epoch + 1}; allowed: at least one (x, y) batch. "
                         "Fix: check the training split and --limit")
@@ -308,6 +326,24 @@ def _restore(path: Path, model: nn.Module, optimizer, scheduler, settings: dict[
                              "config, or start without --resume") from None
 
 
+def _check_distributed(model: nn.Module, steps: int, device: torch.device) -> None:
+    """Before a data-parallel fit: equal batches per epoch on every rank (else a rank would wait forever for the
+    others' gradients), and no activation range left to be set from a rank's own first batch."""
+    total = distributed.all_sum([steps], device)[0]
+    if total != steps * distributed.world_size():
+        raise DataError(f"train_loader has {steps} batches per epoch on rank {distributed.rank()} but "
+                        f"{total:g} over {distributed.world_size()} ranks; allowed: the same number on every rank. "
+                        "Fix: give each rank its part of every batch (BatchLoader(..., shard=(rank, world_size)) or a "
+                        "DistributedSampler with drop_last=True)")
+    weights = {id(m.weight_quant) for m in model.modules() if isinstance(m, QLayer)}
+    unset = [name for name, m in model.named_modules() if isinstance(m, FakeQuantizer) and id(m) not in weights
+             and bool(m.enabled) and not bool(m.initialized)]
+    if unset:
+        raise ConfigError(f"activation quantizer {unset[0]!r} has no range yet ({len(unset)} such); allowed in a "
+                          "distributed fit: calibrated ranges (each rank would set its own from its first batch). "
+                          "Fix: run qatkit.calibrate(model, batches) before fit")
+
+
 def _steps_per_epoch(loader: Iterable) -> int:
     try:
         steps = len(loader)  # type: ignore[arg-type]
@@ -335,6 +371,11 @@ def fit(model: nn.Module, train_loader: Iterable, config: TrainConfig, *, val_lo
     A NaN/Inf loss or gradient raises QatkitError (config.nonfinite = "stop") or drops the batch ("skip",
     counted in the history's `skipped`). SIGINT/SIGTERM (main thread) stop after the current step with
     KeyboardInterrupt / TrainingInterrupted; last.ckpt then holds the last finished epoch.
+
+    In a process group (torchrun; qatkit.train.distributed) the model trains data-parallel: each rank's loaders
+    yield that rank's part of every batch (BatchLoader(..., shard=(rank, world_size))), the same number of
+    batches on every rank; ranges must be calibrated first; config.device "cuda" is the rank's LOCAL_RANK GPU.
+    Rank 0 writes last.ckpt and prints; the history's losses and accuracies are over all ranks.
     """
     if not isinstance(config, TrainConfig):
         raise bad_value("config", type(config).__name__, "a qatkit.config.TrainConfig",
@@ -345,7 +386,11 @@ def fit(model: nn.Module, train_loader: Iterable, config: TrainConfig, *, val_lo
         raise bad_value("resume", resume, "True only with checkpoint_dir", "pass checkpoint_dir=... or resume=False")
     error_penalty = dict(error_penalty or {})
     steps = _steps_per_epoch(train_loader)
+    config = dataclasses.replace(config, device=str(distributed.local_device(config.device)),
+                                 progress=config.progress and distributed.is_main())
     model.to(config.device)
+    if distributed.is_distributed():
+        _check_distributed(model, steps, torch.device(config.device))
     if teacher is not None and config.distill > 0:
         teacher.to(config.device).eval()
     else:
@@ -360,6 +405,7 @@ def fit(model: nn.Module, train_loader: Iterable, config: TrainConfig, *, val_lo
     history, start = _restore(ckpt_path, model, optimizer, scheduler, settings) if resume else ([], 0)
 
     tracker = OscillationTracker(model) if config.track_oscillations else None
+    net = distributed.wrap(model, torch.device(config.device)) if distributed.is_distributed() else model
     saved_epoch = start if resume else None  # the epoch last.ckpt holds, once this run has one
     at = {"epoch": start, "step": 0}  # epoch index, steps done in it (0: at the epoch boundary)
 
@@ -382,9 +428,11 @@ def fit(model: nn.Module, train_loader: Iterable, config: TrainConfig, *, val_lo
                 train_loader.set_epoch(epoch)
             row: dict[str, Any] = {"epoch": epoch + 1}
             row.update(train_epoch(model, train_loader, optimizer, scheduler, config, epoch, steps, teacher,
-                                   error_penalty, on_step=after_step, tracker=tracker))
-            if val_loader is not None:
-                row["val_accuracy"] = evaluate(model, val_loader, config.device)["accuracy"]
+                                   error_penalty, on_step=after_step, tracker=tracker, net=net))
+            distributed.average_bn_statistics(model)
+            if val_loader is not None:  # each rank its part of the batches, summed
+                sums = distributed.all_sum(list(_eval_sums(model, val_loader, config.device)), torch.device(config.device))
+                row["val_accuracy"] = _eval_result(*sums)["accuracy"]
             row["lr"] = row.pop("lr")  # keep the documented key order
             row["seconds"] = time.perf_counter() - t0
             history.append(row)
@@ -395,11 +443,12 @@ def fit(model: nn.Module, train_loader: Iterable, config: TrainConfig, *, val_lo
                 tqdm.write(f"epoch {epoch + 1}/{config.epochs}: train loss {row['train_loss']:.4f}, "
                            f"train acc {row['train_acc']:.4f}{val}{skipped}{osc}, lr {row['lr']:.2e}, {row['seconds']:.1f}s")
             if ckpt_path is not None:  # a signal meanwhile only sets the flag: the write always completes
-                save_checkpoint(ckpt_path, {
-                    "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "steps_per_epoch": steps,
-                    "history": history, "config": to_dict(config), "error_penalty": error_penalty,
-                })
+                if distributed.is_main():  # one writer; on resume every rank reads it
+                    save_checkpoint(ckpt_path, {
+                        "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "steps_per_epoch": steps,
+                        "history": history, "config": to_dict(config), "error_penalty": error_penalty,
+                    })
                 saved_epoch = epoch + 1
             at.update(epoch=epoch + 1, step=0)
             if stop.requested:
