@@ -85,14 +85,13 @@ def wrap(model: nn.Module, device: torch.device) -> nn.Module:
     """`model` in DistributedDataParallel (rank 0's weights and buffers are broadcast to every rank here).
     The flags HostBuffers keeps on the CPU are left out of DDP's buffer broadcast: nccl moves GPU tensors
     only, and they are equal on every rank anyway (set by calibration and the schedule, not by batches)."""
-    if any(isinstance(m, HostBuffers) for m in model.modules()):
-        host = [f"{name}.{b}" if name else b for name, m in model.named_modules() if isinstance(m, HostBuffers)
-                for b in m.host_buffers if m._buffers.get(b) is not None]
-        nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, host)
+    ddp = nn.parallel.DistributedDataParallel
+    host = [f"{name}.{b}" if name else b for name, m in model.named_modules() if isinstance(m, HostBuffers)
+            for b in m.host_buffers if m._buffers.get(b) is not None]
+    ddp._set_params_and_buffers_to_ignore_for_model(model, host)
     ids = [device.index] if device.type == "cuda" else None
     # buffers synced once here, not before every forward (average_bn_statistics merges BN's per epoch); torch
     # 2.13 renamed the switch
-    ddp = nn.parallel.DistributedDataParallel
     no_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(ddp).parameters
                else {"broadcast_buffers": False})
     return ddp(model, device_ids=ids, **no_sync)
@@ -119,7 +118,3 @@ def all_sum(values: list[float], device: torch.device) -> list[float]:
     dist.all_reduce(t)
     return t.tolist()
 
-
-def barrier() -> None:
-    if is_distributed():
-        dist.barrier()
