@@ -126,7 +126,7 @@ class _Writer:
         s_w = m.weight_qscale(in_q)
         codes = m.weight_quant.codes(w, s_w)
         bits = int(m.weight_quant.bits)
-        entry = {"op": "qlayer", "kind": "conv" if isinstance(m, QConv) else "linear",
+        entry = {"op": "qlayer", "kind": "conv" if isinstance(m, QConv) else "linear", "module": key,
                  "args": [self.arg(node.args[0])], "act": m.act, "bits": bits, "shape": list(w.shape),
                  "weight": self.tensor(f"{key}.weight", pack(codes, bits)),
                  "weight_scale": self.tensor(f"{key}.weight_scale", s_w.float()),

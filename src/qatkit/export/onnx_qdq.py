@@ -29,6 +29,7 @@ class _Exporter:
         self.env: dict[str, Value] = {}
         self.notes: list[str] = []
         self.float_ops: dict[str, list[str]] = {}  # op → module paths / nodes it runs in float at
+        self.uint8_weights: list[str] = []  # layers whose 8-bit weights are stored as uint8 + 128
         self.counter = 0
 
     # ---- graph building helpers ----------------------------------------------------------------
@@ -137,6 +138,11 @@ class _Exporter:
                     outputs.append(helper.make_tensor_value_info(f"debug/{ir_name}", elem, [None] * self.shapes[ir_name].dim()))
         for op_name, where in self.float_ops.items():
             self.note(f"{op_name} runs on dequantized (float) values at: {', '.join(where)}")
+        if self.uint8_weights:
+            self.note(f"8-bit weights stored as uint8 with zero point 128 at: {', '.join(self.uint8_weights)} "
+                      "(ONNX Runtime's u8·s8 kernel can saturate on x86 CPUs without VNNI; its u8·u8 kernel is "
+                      "exact, but there about as slow as float). For int8 weights and the fast kernel, train with "
+                      "reduce_range=True (--reduce-range: 7-bit weights)")
         graph = helper.make_graph(self.nodes, "qatkit", inputs, outputs, list(self.inits.values()))
         opset = [helper.make_opsetid("", OPSET)]
         # the oldest IR version with this opset, not the installed onnx's newest: older runtimes load the file
@@ -160,10 +166,13 @@ class _Exporter:
         s_in = self.model.tensor(node["input"]["scale"]["tensor"])
         s_w = self.model.tensor(node["weight_scale"]["tensor"])
         if node["bits"] < 8:
-            self.note(f"{node['bits']}-bit weights are stored as int8 (ONNX Runtime has no 4-bit conv/gemm kernels)")
+            self.note(f"{node['bits']}-bit weights are stored as int8 (ONNX Runtime has no {node['bits']}-bit "
+                      "conv/gemm kernels)")
         per_channel = s_w.dim() == 1
         # int8, or uint8 with zero point 128 where ORT's u8·s8 kernel could saturate on a CPU without VNNI
         codes = stored_weights(codes, node["input"]["qmax"] if node["input"]["qmin"] >= 0 else None)
+        if codes.dtype == np.uint8:
+            self.uint8_weights.append(node.get("module", name))
         w = self.op("DequantizeLinear", [self.const(f"{name}_w", codes), self.const(f"{name}_ws", s_w.numpy()),
                                          self.const(f"{name}_wz", weight_zero_point(codes, s_w.shape))], f"{name}_wdq",
                     **({"axis": 0} if per_channel else {}))
