@@ -7,7 +7,7 @@ without it are traded for exact u8·u8 ones on CPUs without VNNI (src/qatkit/exp
 
 --exact-multipliers and --exact-adds set those QATConfig options too (fixed-point hardware's integers = ORT's).
 
-    python bench/latency.py [--data ../shared/data/cifar10] [--out bench/results/latency_resnet20.json]
+    python bench/latency.py [--data ../shared/data/cifar10] [--out bench/results/latency_resnet20.json] [--rounds 15]
     python bench/latency.py --reduce-range      # -> bench/results/latency_resnet20_reduce_range.json
     python bench/latency.py --reduce-range --exact-multipliers --exact-adds
                                                 # -> latency_resnet20_reduce_range_exact_multipliers_exact_adds.json
@@ -36,6 +36,7 @@ def main() -> None:
         parser.add_argument(f"--{option.replace('_', '-')}", action="store_true",
                             help=f"qatkit's model with QATConfig({option}=True)")
     parser.add_argument("--out", help="results file (default: bench/results/latency_resnet20[_OPTION...].json)")
+    parser.add_argument("--rounds", type=int, default=15, help="interleaved rounds (default 15)")
     args = parser.parse_args()
     options = {option: True for option in OPTIONS if getattr(args, option)}
     out = args.out or root / "bench" / "results" / f"latency_resnet20{''.join(f'_{o}' for o in options)}.json"
@@ -46,7 +47,7 @@ def main() -> None:
     model = build_model("resnet20", num_classes=10, in_channels=3, image_size=32).eval()
     qat = qatkit.prepare(model, qatkit.QATConfig(**options), calib[0][:2])
     qatkit.calibrate(qat, calib, num_batches=8)
-    result = bench(model, qat.eval(), calib[0][:1], calib, batches=(1, 32), threads=2, rounds=15)
+    result = bench(model, qat.eval(), calib[0][:1], calib, batches=(1, 32), threads=2, rounds=args.rounds)
     result.update({option: option in options for option in OPTIONS})
     Path(out).write_text(json.dumps(result, indent=2))
     print(format_table(result))

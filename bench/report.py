@@ -3,6 +3,7 @@ project's targets, published anchors, step times, plots and the commands that re
 
     python bench/report.py [RESULTS.json ...] [--out BENCHMARKS.md] [--plots bench/results/plots]
                            [--agreement bench/results/deploy_agreement*.json] [--gpu bench/results/gpu_step_times.json]
+                           [--latency bench/results/latency_resnet20*.json]
 
 Several results files may be given (e.g. one per task); their rows are merged by task, a later file's row
 replacing an earlier one with the same task, method, schedule and bits.
@@ -30,6 +31,8 @@ DEFAULT_OUT = BENCH.parent / "BENCHMARKS.md"
 DEFAULT_PLOTS = BENCH / "results" / "plots"
 DEFAULT_AGREEMENT = [BENCH / "results" / f"deploy_agreement{s}.json" for s in ("", "_po2", "_exact", "_deploy_exact")]
 DEFAULT_GPU = BENCH / "results" / "gpu_step_times.json"
+DEFAULT_LATENCY = sorted((BENCH / "results").glob("latency_resnet20*.json"))
+LATENCY_OPTIONS = ("reduce_range", "exact_multipliers", "exact_adds")  # bench/latency.py's QATConfig switches
 DEFAULT_COMMANDS = ["python bench/pretrain.py cifar10-resnet20", "python bench/pretrain.py mnist-small-cnn",
                     "python bench/suite.py",
                     "python bench/deploy_agreement.py  # the power-of-two rows: bench/README.md",
@@ -452,6 +455,21 @@ def gpu_table(gpu: dict) -> str:
     return _table(["task", "batch", "variant", "median step ms", "ratio to float"], body)
 
 
+def latency_table(files: list[dict]) -> str:
+    """bench/latency.py's files: per QATConfig variant and batch, the medians and the medians of per-round ratios."""
+    body = []
+    for f in files:
+        variant = " + ".join(o.replace("_", " ") for o in LATENCY_OPTIONS if f.get(o)) or "defaults"
+        med = {(r["runtime"], r["batch"]): r["median_ms"] for r in f["rows"]}
+        for r in f["ratios"]:
+            b = r["batch"]
+            body.append([variant, str(b), f"{med['ort-int8-qatkit', b]:.2f}", f"{med['ort-fp32', b]:.2f}",
+                         f"{med['ort-int8-quantize_static', b]:.2f}", f"{r['qatkit_int8_vs_ort_fp32']:.3f}",
+                         f"{r['qatkit_int8_vs_quantize_static']:.3f}", str(f["rounds"])])
+    return _table(["qatkit QATConfig", "batch", "qatkit int8 ms", "float ORT ms", "quantize_static ms",
+                   "int8 / float ORT", "int8 / quantize_static", "rounds"], body)
+
+
 def _scales(model: dict) -> str:
     """The scale options of a bench/experiment.py model, from its overrides: "power of two", "exact multipliers" or
     "free", joined by "+ exact adds" and "+ reduce range" where those were set."""
@@ -488,9 +506,11 @@ def _rel(path: Path, start: Path) -> str:
 
 def write_benchmarks(results: dict | list[dict], out_md: Path, plots_dir: Path,
                      commands: list[str] | None = None, sources: list[str] | None = None,
-                     agreement: list[dict] | None = None, gpu: dict | None = None) -> Path:
+                     agreement: list[dict] | None = None, gpu: dict | None = None,
+                     latency: list[dict] | None = None) -> Path:
     """Write BENCHMARKS.md at out_md and its plots under plots_dir; return out_md. `agreement`: the contents of
-    bench/deploy_agreement.py's results files, for the deploy section; `gpu`: bench/gpu_steps.py's results."""
+    bench/deploy_agreement.py's results files, for the deploy section; `gpu`: bench/gpu_steps.py's results;
+    `latency`: bench/latency.py's results files."""
     out_md, plots_dir = Path(out_md), Path(plots_dir)
     plots_dir.mkdir(parents=True, exist_ok=True)
     data = merge(results)
@@ -563,6 +583,17 @@ def write_benchmarks(results: dict | list[dict], out_md: Path, plots_dir: Path,
                 "so their rescale factors are 1); + reduce range (`reduce_range`: 8-bit weights at 7 bits)."), "",
                agreement_table(agreement), ""]
 
+    if latency:
+        md += ["## Deploy: ResNet-20 latency in ONNX Runtime", "",
+               (f"`bench/latency.py` on {latency[0]['machine']}, ONNX Runtime {latency[0]['ort_version']}, "
+                f"{latency[0]['threads']} threads: qatkit's int8 export (random-initialised ResNet-20, calibrated on "
+                "8 CIFAR-10 batches), the float ONNX model, and ONNX Runtime's quantize_static model (QDQ, "
+                "per-channel) from the same float weights, interleaved in one process. Ratios are medians of the "
+                "per-round ratios. With the defaults, 8-bit weights beside 8-bit inputs are stored as uint8 + 128 "
+                "so that a CPU without VNNI computes them exactly (its u8·u8 kernel, about as slow as float); "
+                "reduce range trains them at 7 bits and keeps the fast u8·s8 kernel, exactly."), "",
+               latency_table(latency), ""]
+
     if gpu:
         m = gpu["machine"]
         md += ["## Training step on a GPU", "",
@@ -596,11 +627,14 @@ def main(argv: list[str] | None = None) -> int:
                    help="bench/deploy_agreement.py results files (default: those of bench/results/ that exist)")
     p.add_argument("--gpu", type=Path, default=DEFAULT_GPU if DEFAULT_GPU.is_file() else None,
                    help="bench/gpu_steps.py results file (default: bench/results/gpu_step_times.json if it exists)")
+    p.add_argument("--latency", type=Path, nargs="*", default=DEFAULT_LATENCY,
+                   help="bench/latency.py results files (default: bench/results/latency_resnet20*.json)")
     args = p.parse_args(argv)
-    loaded, agreement, gpu = [], [], []
+    loaded, agreement, gpu, latency = [], [], [], []
     for path, into, command in [(r, loaded, "suite.py") for r in args.results] + \
             [(a, agreement, "deploy_agreement.py") for a in args.agreement] + \
-            [(g, gpu, "gpu_steps.py") for g in [args.gpu] if g is not None]:
+            [(g, gpu, "gpu_steps.py") for g in [args.gpu] if g is not None] + \
+            [(lat, latency, "latency.py") for lat in args.latency]:
         if not path.is_file():
             print(f"error: {path} not found: run python bench/{command} first", file=sys.stderr)
             return 2
@@ -610,9 +644,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {path} is not valid JSON ({e}): run python bench/{command} again", file=sys.stderr)
             return 2
     root = BENCH.parent
-    out = write_benchmarks(loaded, args.out, args.plots, agreement=agreement, gpu=gpu[0] if gpu else None, sources=[
+    out = write_benchmarks(loaded, args.out, args.plots, agreement=agreement, gpu=gpu[0] if gpu else None,
+                           latency=latency, sources=[
         str(r.resolve().relative_to(root)) if r.resolve().is_relative_to(root) else str(r)
-        for r in args.results + args.agreement + ([args.gpu] if args.gpu else [])])
+        for r in args.results + args.agreement + ([args.gpu] if args.gpu else []) + args.latency])
     data = merge(loaded)
     tasks = list(data["tasks"]) + [t for t in TARGETS if t not in data["tasks"]]
     checks = [c for t in tasks for c in acceptance(t, data["rows"].get(t, []), data["step_times"].get(t))]

@@ -206,3 +206,21 @@ def test_missing_agreement_file(tmp_path, capsys):
     assert report.main([str(suite), "--agreement", str(missing), "--out", str(tmp_path / "B.md")]) == 2
     assert "run python bench/deploy_agreement.py first" in capsys.readouterr().err
     assert not (tmp_path / "B.md").exists()
+
+
+def test_latency_section(tmp_path):
+    """bench/latency.py's files: one row per (variant, batch) with the medians and the per-round ratio medians."""
+    def file(batch32_int8: float, ratio: float, **options) -> dict:
+        rows = [{"runtime": rt, "batch": 32, "median_ms": ms} for rt, ms in
+                (("ort-fp32", 26.0), ("ort-int8-qatkit", batch32_int8), ("ort-int8-quantize_static", 15.9))]
+        return {"machine": "Test CPU", "ort_version": "1.x", "threads": 2, "rounds": 61, "rows": rows,
+                "ratios": [{"batch": 32, "qatkit_int8_vs_ort_fp32": ratio, "qatkit_int8_vs_quantize_static": 0.95}],
+                **options}
+    latency = [file(29.87, 1.131), file(15.04, 0.5649, reduce_range=True, exact_adds=True)]
+    md = report.write_benchmarks(CIFAR, tmp_path / "B.md", tmp_path / "plots", latency=latency).read_text()
+    section = md.split("## Deploy: ResNet-20 latency in ONNX Runtime")[1].split("\n## ")[0]
+    assert "Test CPU" in section and "2 threads" in section
+    assert [line for line in section.splitlines() if line.startswith("| defaults") or line.startswith("| reduce")] == [
+        "| defaults | 32 | 29.87 | 26.00 | 15.90 | 1.131 | 0.950 | 61 |",
+        "| reduce range + exact adds | 32 | 15.04 | 26.00 | 15.90 | 0.565 | 0.950 | 61 |"]
+    assert "## Deploy: ResNet-20 latency" not in report.write_benchmarks(CIFAR, tmp_path / "C.md", tmp_path / "p").read_text()

@@ -16,7 +16,8 @@ from qatkit.export.ort import session
 from qatkit.models import MODEL_NAMES, build_model
 
 INTEGER_OPS = {"QLinearConv", "QGemm", "QLinearAdd", "QLinearGlobalAveragePool", "QLinearSigmoid", "QuantizeLinear",
-               "DequantizeLinear", "Transpose", "Reshape", "MaxPool", "NhwcMaxPool", "Identity"}
+               "DequantizeLinear", "Transpose", "Reshape", "MaxPool", "NhwcMaxPool", "Identity",
+               "Pad"}  # on the uint8 codes: a stem's input channels padded to 4
 
 
 def _prepared(name: str, bits: int, channels: int = 1, size: int = 8, n: int = 32, **config):
@@ -67,6 +68,29 @@ def test_weight_storage_keeps_the_u8s8_kernels_from_saturating(reduce_range, tmp
         assert "--reduce-range" in notes[0]
     result = verify(path, qat, [x[:16], x[16:]])
     assert result["within_one_step"] == 1.0 and result["max_step_diff"] == 0.0
+
+
+@pytest.mark.parametrize("name, channels", [("small-cnn", 1), ("resnet20", 3)])
+def test_stem_input_channels_are_padded_to_four_exactly(name, channels, tmp_path):
+    """A conv with 1 or 3 input channels gets zero-point channels on its integer input and zero weights for them
+    (ORT's u8·s8 kernels run 4-aligned rows faster): the sums, so the outputs, stay the same."""
+    qat, x = _prepared(name, 8, channels=channels, size=16, reduce_range=True)
+    path = tmp_path / "m.onnx"
+    export_onnx(qat, path, x[:1])
+    graph = onnx.load(str(path)).graph
+    consts = {t.name: onnx.numpy_helper.to_array(t) for t in graph.initializer}
+    pads = [n for n in graph.node if n.op_type == "Pad"]
+    assert len(pads) == 1
+    (pad,) = pads
+    quantize = next(n for n in graph.node if n.output[0] == pad.input[0])
+    assert quantize.op_type == "QuantizeLinear" and pad.input[2] == quantize.input[2]  # padded with the zero point
+    assert consts[pad.input[1]].tolist() == [0, 0, 0, 0, 0, 4 - channels, 0, 0]
+    dq = next(n for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] == pad.output[0])
+    conv = next(n for n in graph.node if n.op_type == "Conv" and n.input[0] == dq.output[0])
+    weights = consts[next(n for n in graph.node if n.output[0] == conv.input[1]).input[0]]
+    assert weights.shape[1] == 4 and not weights[:, channels:].any() and weights[:, :channels].any()
+    result = verify(path, qat, [x[:16], x[16:]])
+    assert result["top1_agreement"] == 1.0 and result["max_step_diff"] == 0.0
 
 
 @pytest.mark.parametrize("name", ["resnet20", "resnet18", "mobilenetv2"])
