@@ -21,6 +21,8 @@ from qatkit.export.ort_numerics import stored_weights, weight_zero_point
 
 OPSET = 17
 CHANNEL_ALIGN = 4  # conv input channels padded to a multiple of this (see _Exporter.align_channels)
+
+
 class _Exporter:
     def __init__(self, model: IntegerModel, example: torch.Tensor):
         self.model = model
