@@ -196,7 +196,7 @@ def _layer_norm(ins, a):  # (..., D) normalised over the axes from `axis` on, in
     return (x - mean) / np.sqrt(var + f32(a.get("epsilon", 1e-5))) * ins[1] + _opt(ins, 2, f32(0))
 
 
-def _pad(ins):
+def _pad(ins, a):
     """Pad, constant mode (the exporter's zero-point channels): pads = [begin of each axis..., end of each axis...]."""
     x, pads = ins[0], [int(p) for p in ins[1]]
     value = _opt(ins, 2, x.dtype.type(0))
@@ -212,7 +212,7 @@ _OPS = {  # op_type -> handler(inputs, attributes) -> output(s); float ops compu
     "Reshape": lambda i, a: i[0].reshape([i[0].shape[j] if v == 0 and not a.get("allowzero", 0) else int(v)
                                           for j, v in enumerate(i[1])]),
     "Transpose": lambda i, a: np.transpose(i[0], a.get("perm")),
-    "Pad": lambda i, a: _pad(i),
+    "Pad": _pad,
     "Flatten": lambda i, a: i[0].reshape(int(np.prod(i[0].shape[:a.get("axis", 1)])), -1),
     "Gather": lambda i, a: np.take(i[0], i[1], axis=a.get("axis", 0)),
     "Squeeze": lambda i, a: np.squeeze(i[0], axis=_axes(i, a)),

@@ -205,6 +205,7 @@ def train_epoch(model: nn.Module, loader: Iterable, optimizer, scheduler, config
         freeze_bn(model)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     skip = config.nonfinite == "skip"
+    collective = distributed.is_distributed()
     where = lambda step: f"epoch {epoch + 1}/{config.epochs}, step {step + 1}/{steps}"
     bar = tqdm(loader, total=steps, desc=f"epoch {epoch + 1}/{config.epochs}", disable=not config.progress,
                leave=False, dynamic_ncols=True)
@@ -226,7 +227,7 @@ def train_epoch(model: nn.Module, loader: Iterable, optimizer, scheduler, config
             optimizer.zero_grad(set_to_none=True)
             fault = allowed = None
             finite = math.isfinite(loss_value)
-            if distributed.is_distributed():  # every rank skips the batch, or none: backward is collective
+            if collective:  # every rank skips the batch, or none: backward is collective
                 finite = distributed.all_sum([float(not finite)], x.device)[0] == 0
             if not finite:
                 fault = f"loss = {loss_value}" if not math.isfinite(loss_value) else "a non-finite loss on another rank"
