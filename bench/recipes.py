@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from qatkit.config import QATConfig, TrainConfig
-from qatkit.data import ImageDataset, load_dataset
+from qatkit.data import ImageDataset, TextDataset, load_dataset
 
 BENCH = Path(__file__).resolve().parent
 CHECKPOINTS = BENCH / "checkpoints"  # committed float weights (small)
@@ -29,12 +29,14 @@ class Task:
     seeds: tuple[int, ...]  # float checkpoints (and QAT rows) per seed
     qat: QATConfig = QATConfig()  # bit-widths set per row
     qat_train_at: dict[str, dict] = field(default_factory=dict)  # qat_train fields changed at some bits: {"w2a2": {...}}
+    bits: tuple[tuple[int, int], ...] | None = None  # the (W, A) rows of PTQ and QAT; None: every pair of the suite
+    baselines: bool = True  # torch.ao's QAT and the progressive-precision rows beside qatkit's
 
     def qat_recipe(self, weight_bits: int, act_bits: int) -> TrainConfig:
         """The QAT fine-tune at these bits: qat_train with the changes qat_train_at names for them."""
         return dataclasses.replace(self.qat_train, **self.qat_train_at.get(f"w{weight_bits}a{act_bits}", {}))
 
-    def load(self, data_root: Path, limit: int | None = None) -> ImageDataset:
+    def load(self, data_root: Path, limit: int | None = None) -> ImageDataset | TextDataset:
         return load_dataset(self.dataset, str(data_root / self.folder), limit=limit)
 
     def checkpoint(self, seed: int) -> Path:
@@ -68,6 +70,14 @@ TASKS = {
         # cifar-w2a2-15ep-bnfreeze0-s0.json), 88.27 % in 40. A learning rate of 1e-3 instead of 5e-4 changed nothing
         # in 4 epochs.
         qat_train_at={"w2a2": {"epochs": 40, "bn_freeze_epoch": 0}}),
+    # TinyTransformer (2 pre-norm blocks, width 64, 4 heads; padding masked) from scratch on SST-2 (GLUE; the
+    # 872-sentence dev split is the test split, as papers report it): AdamW with weight decay, cosine.
+    "sst2-transformer": Task(
+        "sst2-transformer", "sst2", "sst2", "tiny-transformer", seeds=(0,),
+        float_train=TrainConfig(epochs=3, batch_size=64, lr=1e-3, weight_decay=0.05, optimizer="adamw",
+                                warmup_epochs=0.5, progress=False),
+        qat_train=TrainConfig(epochs=2, batch_size=64, lr=1e-4, distill=0.5, track_oscillations=True, progress=False),
+        bits=((8, 8), (4, 4)), baselines=False),
 }
 
 

@@ -26,7 +26,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from qatkit.fileio import atomic_file  # noqa: E402
 
 BENCH = Path(__file__).resolve().parent
-DEFAULT_RESULTS = BENCH / "results" / "suite.json"
+DEFAULT_RESULTS = [BENCH / "results" / f"suite{s}.json" for s in ("", "_sst2")]  # sst2: the text task, another machine
 DEFAULT_OUT = BENCH.parent / "BENCHMARKS.md"
 DEFAULT_PLOTS = BENCH / "results" / "plots"
 DEFAULT_AGREEMENT = [BENCH / "results" / f"deploy_agreement{s}.json" for s in ("", "_po2", "_exact", "_deploy_exact")]
@@ -34,7 +34,9 @@ DEFAULT_GPU = BENCH / "results" / "gpu_step_times.json"
 DEFAULT_LATENCY = sorted((BENCH / "results").glob("latency_resnet20*.json"))
 LATENCY_OPTIONS = ("reduce_range", "exact_multipliers", "exact_adds")  # bench/latency.py's QATConfig switches
 DEFAULT_COMMANDS = ["python bench/pretrain.py cifar10-resnet20", "python bench/pretrain.py mnist-small-cnn",
-                    "python bench/suite.py",
+                    "python bench/pretrain.py sst2-transformer",
+                    "python bench/suite.py --tasks mnist-small-cnn,cifar10-resnet20",
+                    "python bench/suite.py --tasks sst2-transformer --out bench/results/suite_sst2.json",
                     "python bench/deploy_agreement.py  # the power-of-two rows: bench/README.md",
                     "python bench/report.py"]
 
@@ -66,6 +68,8 @@ ANCHORS = [
     ("ResNet-20 / CIFAR-10", "4/32, 2/32", "92.13", "91.46, 91.05", "DoReFa re-implementation (weights only)"),
     ("SFC MLP / MNIST", "2/2", "—", "98.66", "Brevitas examples"),
     ("2-bit CNN / MNIST", "2/—", "—", "99.53", "BitNetMCU"),
+    ("BERT-base / SST-2 (pretrained)", "8/8", "92.36", "92.24", "Q8BERT"),
+    ("MiniLM-L6-H384 / SST-2 (pretrained)", "8/8 PTQ", "90.14", "89.91", "ONNX Runtime int8 (Intel Neural Compressor)"),
 ]
 
 
@@ -620,7 +624,8 @@ def write_benchmarks(results: dict | list[dict], out_md: Path, plots_dir: Path,
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("results", nargs="*", type=Path, default=[DEFAULT_RESULTS], help="results JSON file(s)")
+    p.add_argument("results", nargs="*", type=Path, default=[f for f in DEFAULT_RESULTS if f.is_file()] or DEFAULT_RESULTS[:1],
+                   help="results JSON file(s)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     p.add_argument("--plots", type=Path, default=DEFAULT_PLOTS)
     p.add_argument("--agreement", type=Path, nargs="*", default=[f for f in DEFAULT_AGREEMENT if f.is_file()],

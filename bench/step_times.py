@@ -13,8 +13,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from qatkit.pipeline import build_for
+
 import suite
-from qatkit.models import build_model
 from recipes import BENCH, DEFAULT_DATA, TASKS
 
 
@@ -28,7 +29,7 @@ def main() -> None:
     for name, task in TASKS.items():
         ds = task.load(args.data, limit=4096)
         torch.manual_seed(0)
-        model = build_model(task.model, num_classes=ds.num_classes, in_channels=ds.in_channels, image_size=ds.image_size)
+        model = build_for(task.model, ds)
         checkpoint = task.checkpoint(task.seeds[0])
         if checkpoint.exists():
             model.load_state_dict(load_file(str(checkpoint)))

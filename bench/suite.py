@@ -1,5 +1,6 @@
 """The accuracy benchmark suite: tasks {MNIST small CNN, CIFAR-10 ResNet-20} × methods {float, PTQ min/max,
-PTQ MSE, QAT W8A8/W4A8/W4A4/W3A3/W2A2 (and progressive 8→4→2 at W2A2), torch.ao QAT W8A8}.
+PTQ MSE, QAT W8A8/W4A8/W4A4/W3A3/W2A2 (and progressive 8→4→2 at W2A2), torch.ao QAT W8A8}, and SST-2 with the tiny
+transformer × {float, PTQ min/max, PTQ MSE, QAT} at W8A8 and W4A4.
 
 Every (task, method, bits, seed) run lands in the results file as soon as it is done, and a QAT run
 checkpoints every epoch (bench/work/suite/), so an interrupted suite resumes where it stopped when the same
@@ -42,8 +43,7 @@ from qatkit.export import export_onnx, verify
 from qatkit.export.bench import export_float, interleaved, machine
 from qatkit.export.ort import session
 from qatkit.fileio import atomic_file
-from qatkit.models import build_model
-from qatkit.pipeline import _loaders
+from qatkit.pipeline import _loaders, build_for
 from qatkit.prepare import prepare
 from qatkit.train import evaluate, fit
 from qatkit.train.loop import CHECKPOINT_NAME, build_optimizer
@@ -70,15 +70,21 @@ def _key(method: str, w: int, a: int, schedule: str | None, seed: int) -> str:
     return f"{method}-w{w}a{a}" + (f"-{schedule}" if schedule and schedule != "direct" else "") + f"-s{seed}"
 
 
+def pairs_of(task: Task) -> tuple[tuple[int, int], ...]:
+    return task.bits or PAIRS
+
+
 def planned_runs(task: Task, seeds: list[int]) -> list[tuple[str, int, int, str | None, int]]:
     """Each seed's float and PTQ runs (minutes), then each training run over all seeds in turn, so that a suite cut
     off holds the targeted rows of every seed before the rest."""
-    runs = []
+    runs, pairs = [], pairs_of(task)
     for seed in seeds:
         runs.append(("float", 32, 32, None, seed))
-        runs += [(m, w, a, None, seed) for m in ("ptq-minmax", "ptq-mse") for w, a in PAIRS]
-    trained = [("qat", w, a, "direct") for w, a in QAT_ORDER] + [("torch.ao-qat", 8, 8, None)]
-    trained += [("qat", w, a, "-".join(map(str, stages))) for (w, a), stages in PROGRESSIVE.items()]
+        runs += [(m, w, a, None, seed) for m in ("ptq-minmax", "ptq-mse") for w, a in pairs]
+    trained = [("qat", w, a, "direct") for w, a in QAT_ORDER if (w, a) in pairs]
+    if task.baselines:
+        trained += [("torch.ao-qat", 8, 8, None)]
+        trained += [("qat", w, a, "-".join(map(str, stages))) for (w, a), stages in PROGRESSIVE.items()]
     return runs + [(*spec, seed) for spec in trained for seed in seeds]
 
 
@@ -91,7 +97,7 @@ def float_model(task: Task, seed: int, data_root: Path, quick: bool, ds, work: P
         path = work / path.name
         if not path.exists():
             pretrain(task.name, seed, data_root, epochs=QUICK["epochs"], limit=QUICK["train"], out=path, work=work)
-    model = build_model(task.model, num_classes=ds.num_classes, in_channels=ds.in_channels, image_size=ds.image_size)
+    model = build_for(task.model, ds)
     model.load_state_dict(load_file(str(path)))
     return model.eval(), path
 
@@ -140,8 +146,9 @@ def run_one(task: Task, spec: tuple, model_f: torch.nn.Module, float_path: Path,
 
 
 # ---- timing -------------------------------------------------------------------------------------
-def latency(runs: list[dict], work: Path, rounds: int, example_shape: tuple) -> dict[str, float]:
-    """ONNX Runtime median ms per batch of LATENCY_BATCH for every exported model of the first seed, interleaved."""
+def latency(runs: list[dict], work: Path, rounds: int, x: np.ndarray) -> dict[str, float]:
+    """ONNX Runtime median ms per batch x (LATENCY_BATCH samples) for every exported model of the first seed,
+    interleaved."""
     if not runs:
         return {}
     seed = min(r["seed"] for r in runs)
@@ -150,7 +157,6 @@ def latency(runs: list[dict], work: Path, rounds: int, example_shape: tuple) -> 
     for name, path in files.items():
         sess = session(path, THREADS)
         fns[name] = (lambda s, i: (lambda x: s.run(None, {i: x})))(sess, sess.get_inputs()[0].name)
-    x = torch.randn(LATENCY_BATCH, *example_shape, generator=torch.Generator().manual_seed(0)).numpy()
     samples = interleaved(fns, {n: {LATENCY_BATCH: x} for n in fns}, [LATENCY_BATCH], rounds, warmup=3)
     return {name: round(float(np.median(samples[(name, LATENCY_BATCH)])), 4) for name in fns}
 
@@ -162,11 +168,12 @@ def step_times(task: Task, model_f: torch.nn.Module, ds, rounds: int) -> dict:
     _, calib_loader, _ = _loaders(ds, train_cfg)
     x, y = next(iter(_loaders(ds, dataclasses.replace(train_cfg, batch_size=STEP_BATCH))[0]))
     models = {"float": copy.deepcopy(model_f).train()}
-    for w, a in PAIRS:
+    for w, a in pairs_of(task):
         q = prepare(model_f, dataclasses.replace(task.qat, weight_bits=w, act_bits=a), x[:1])
         calibrate(q, calib_loader, 2)
         models[f"qat-w{w}a{a}"] = q.train()
-    models["torch.ao-qat-w8a8"] = torchao_qat.prepare(model_f, x[:1])
+    if task.baselines:
+        models["torch.ao-qat-w8a8"] = torchao_qat.prepare(model_f, x[:1])
     steps = {}
     for name, model in models.items():
         opt = build_optimizer(model, train_cfg) if not name.startswith("torch.ao") else torch.optim.AdamW(model.parameters(), lr=train_cfg.lr, weight_decay=0.0)
@@ -265,7 +272,8 @@ def run_task(task: Task, results: dict, out: Path, data_root: Path, quick: bool,
     if timing:
         runs = [r for r in results["runs"] if r["task"] == task.name]
         rounds = QUICK["rounds"] if quick else 15
-        results["latency_ms"][task.name] = latency(runs, work, rounds, (ds.in_channels, ds.image_size, ds.image_size))
+        x = next(iter(_loaders(ds, dataclasses.replace(task.qat_train, batch_size=LATENCY_BATCH))[2]))[0][:LATENCY_BATCH]
+        results["latency_ms"][task.name] = latency(runs, work, rounds, x.numpy())
         model_f = float_model(task, seeds[0], data_root, quick, ds, work)[0]
         results["step_times"][task.name] = step_times(task, model_f, ds, rounds)
         log(f"[suite] {task.name} step time / float: {results['step_times'][task.name]['ratio_to_float']}")

@@ -35,9 +35,11 @@ class _Parser(argparse.ArgumentParser):
 def _common(p: argparse.ArgumentParser, *, many_bits: bool) -> None:
     nargs = "+" if many_bits else None
     p.add_argument("--config", help="YAML file with run options (keys: %s)" % ", ".join(_RUN_KEYS))
-    p.add_argument("--dataset", help="digits (default, embedded) | mnist | cifar10 | folder")
-    p.add_argument("--data", help="path of the dataset (mnist, cifar10, folder)")
-    p.add_argument("--model", help="small-cnn (default) | seed-mlp | resnet20 | resnet18 | mobilenetv2 | tiny-transformer")
+    p.add_argument("--dataset", help="digits (default, embedded) | mnist | cifar10 | folder (images) | "
+                   "sst2 | tsv (text: train.tsv and test.tsv, 'text<TAB>label' lines)")
+    p.add_argument("--data", help="path of the dataset (mnist, cifar10, folder, sst2, tsv)")
+    p.add_argument("--model", help="small-cnn (default for images) | seed-mlp | resnet20 | resnet18 | mobilenetv2 | "
+                   "tiny-transformer (default for text)")
     p.add_argument("--weight-bits", type=int, nargs=nargs, help="weight bit-width(s), 2..8")
     p.add_argument("--act-bits", type=int, nargs=nargs, help="activation bit-width(s), 2..8, one per weight bit-width")
     p.add_argument("--epochs", type=int, help="QAT epochs")
@@ -206,14 +208,12 @@ def _load_model(path: Path):
 
 
 def _test_loader(args, recipe: dict, limit: int | None = None):
-    from qatkit.data import BatchLoader, load_dataset
+    from qatkit.data import BatchLoader, TextDataset
+    from qatkit.pipeline import dataset_for
 
-    dataset = args.dataset or recipe.get("dataset")
-    if dataset is None:
-        raise bad_value("--dataset", None, "a dataset name", "pass --dataset (the model file does not name one)")
-    ds = load_dataset(dataset, args.data, limit=limit)
-    mean, std = recipe.get("mean", ds.mean), recipe.get("std", ds.std)
-    return dataset, BatchLoader(ds.test, batch_size=256, mean=mean, std=std, shuffle=False)
+    ds = dataset_for(recipe, args.dataset, args.data, limit)
+    norm = {} if isinstance(ds, TextDataset) else {"mean": recipe.get("mean", ds.mean), "std": recipe.get("std", ds.std)}
+    return ds.name, BatchLoader(ds.test, batch_size=256, shuffle=False, **norm)
 
 
 def _cmd_eval(args) -> int:
@@ -263,10 +263,9 @@ def _cmd_bench(args) -> int:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from qatkit.data import BatchLoader, load_dataset
     from qatkit.export.bench import bench, format_table
-    from qatkit.models import build_model
-    from qatkit.pipeline import FLOAT_FILE, rebuild_qat
+    from qatkit.data import BatchLoader
+    from qatkit.pipeline import FLOAT_FILE, dataset_for, model_from_recipe, rebuild_qat
 
     for what in ("threads", "rounds"):
         if getattr(args, what) < 1:
@@ -276,15 +275,14 @@ def _cmd_bench(args) -> int:
     ckpt = Path(args.checkpoint)
     qat, recipe = rebuild_qat(ckpt)
     float_path = Path(args.float_weights or ckpt.with_name(FLOAT_FILE))
-    float_model = build_model(recipe["model"], num_classes=recipe["num_classes"], in_channels=recipe["in_channels"],
-                              image_size=recipe["image_size"])
+    float_model = model_from_recipe(recipe)
     try:
         float_model.load_state_dict(load_file(str(float_path)))
     except (OSError, SafetensorError, RuntimeError) as e:
         raise ModelFileError(f"float weights {str(float_path)!r} cannot be loaded ({str(e).splitlines()[0][:150]}). "
                              "Fix: pass --float with the run's float.safetensors") from None
-    ds = load_dataset(recipe["dataset"], args.data)
-    loader = BatchLoader(ds.train, batch_size=32, mean=recipe["mean"], std=recipe["std"], shuffle=False)
+    ds = dataset_for(recipe, None, args.data)
+    loader = BatchLoader(ds.train, batch_size=32, mean=recipe.get("mean"), std=recipe.get("std"), shuffle=False)
     calib = [x for x, _ in zip((b[0] for b in loader), range(8))]
     result = bench(float_model.eval(), qat.eval(), calib[0][:1], calib, batches=tuple(args.batches),
                    threads=args.threads, rounds=args.rounds)

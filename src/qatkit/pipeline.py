@@ -27,7 +27,7 @@ from qatkit.config import (
     to_dict,
 )
 from qatkit.convert import convert, load, save
-from qatkit.data import BatchLoader, ImageDataset, load_dataset
+from qatkit.data import TEXT_DATASETS, BatchLoader, ImageDataset, TextDataset, load_dataset
 from qatkit.errors import ConfigError, ModelFileError, bad_value
 from qatkit.export import verify
 from qatkit.fileio import atomic_file
@@ -49,7 +49,7 @@ class RunConfig:
 
     dataset: str = "digits"
     data: str | None = None
-    model: str = "small-cnn"
+    model: str | None = None  # None: small-cnn for images, tiny-transformer for text
     weight_bits: tuple[int, ...] = (8, 4)
     act_bits: tuple[int, ...] = (8, 4)
     limit: int | None = None  # use only the first N samples of each split (quick runs)
@@ -66,6 +66,9 @@ class RunConfig:
                             "pass as many --act-bits as --weight-bits")
         _check_number("float_epochs", self.float_epochs, 0, integer=True)
         _check_number("float_lr", self.float_lr, 0.0)
+        if self.model is None:
+            text = isinstance(self.dataset, str) and self.dataset in TEXT_DATASETS  # load_dataset checks the name
+            object.__setattr__(self, "model", "tiny-transformer" if text else "small-cnn")
         object.__setattr__(self, "weight_bits", w)
         object.__setattr__(self, "act_bits", a)
         if self.limit is not None and (not isinstance(self.limit, int) or self.limit < 1):
@@ -77,35 +80,65 @@ class RunConfig:
                                    bn_freeze_epoch=None, scale_lr=None)
 
 
-def _recipe(config: RunConfig, ds: ImageDataset, qat: QATConfig | None) -> dict:
-    """What it takes to rebuild the model from plain data (stored in checkpoints and model files)."""
-    return {"model": config.model, "dataset": ds.name, "num_classes": ds.num_classes, "in_channels": ds.in_channels,
-            "image_size": ds.image_size, "mean": list(ds.mean), "std": list(ds.std),
-            "qat": None if qat is None else to_dict(qat)}
+def _recipe(config: RunConfig, ds: ImageDataset | TextDataset, qat: QATConfig | None) -> dict:
+    """What it takes to rebuild the model and encode its inputs from plain data (stored in checkpoints and model
+    files): image shape and normalisation, or a text model's vocabulary and sequence length."""
+    return {"model": config.model, "dataset": ds.name, **_inputs(ds), "qat": None if qat is None else to_dict(qat)}
+
+
+def _inputs(ds: ImageDataset | TextDataset) -> dict:
+    if isinstance(ds, TextDataset):
+        return {"num_classes": ds.num_classes, "vocab": list(ds.vocab), "max_len": ds.max_len}
+    return {"num_classes": ds.num_classes, "in_channels": ds.in_channels, "image_size": ds.image_size,
+            "mean": list(ds.mean), "std": list(ds.std)}
+
+
+def build_for(model: str, ds: ImageDataset | TextDataset) -> nn.Module:
+    """A fresh float zoo model `model` for the samples and classes of `ds`."""
+    return model_from_recipe({"model": model, **_inputs(ds)})
+
+
+def model_from_recipe(recipe: dict) -> nn.Module:
+    """A fresh float model of the recipe's architecture and input shape."""
+    shape = ({"vocab_size": len(recipe["vocab"]), "max_len": recipe["max_len"]} if "vocab" in recipe else
+             {"in_channels": recipe["in_channels"], "image_size": recipe["image_size"]})
+    return build_model(recipe["model"], num_classes=recipe["num_classes"], **shape)
+
+
+def dataset_for(recipe: dict, name: str | None, path: str | None, limit: int | None = None):
+    """Dataset `name` (default: the recipe's), text encoded with the recipe's vocabulary and length."""
+    name = name or recipe.get("dataset")
+    if name is None:
+        raise bad_value("--dataset", None, "a dataset name", "pass --dataset (the model file does not name one)")
+    return load_dataset(name, path, limit=limit, vocab=recipe.get("vocab"), max_len=recipe.get("max_len"))
 
 
 def _shard() -> tuple[int, int]:
     return distributed.rank(), distributed.world_size()
 
 
-def _loaders(ds: ImageDataset, train: TrainConfig):
+def _norm(ds: ImageDataset | TextDataset) -> dict:
+    return {} if isinstance(ds, TextDataset) else dict(mean=ds.mean, std=ds.std)
+
+
+def _loaders(ds: ImageDataset | TextDataset, train: TrainConfig):
     """Training, calibration and test batches. Under torchrun the training loader yields this rank's part of
     every batch; calibration and test see whole batches (every rank calibrates alike)."""
-    common = dict(mean=ds.mean, std=ds.std)
+    common = _norm(ds)
     return (BatchLoader(ds.train, batch_size=train.batch_size, shuffle=True, seed=train.seed, augment=train.augment,
                         shard=_shard(), **common),
             BatchLoader(ds.train, batch_size=train.batch_size, shuffle=True, seed=train.seed + 1, **common),
             BatchLoader(ds.test, batch_size=EVAL_BATCH, shuffle=False, **common))
 
 
-def _val_loader(ds: ImageDataset) -> BatchLoader:
+def _val_loader(ds: ImageDataset | TextDataset) -> BatchLoader:
     """The test batches fit evaluates after each epoch: under torchrun each rank its part (fit sums them)."""
-    return BatchLoader(ds.test, batch_size=EVAL_BATCH, shuffle=False, shard=_shard(), mean=ds.mean, std=ds.std)
+    return BatchLoader(ds.test, batch_size=EVAL_BATCH, shuffle=False, shard=_shard(), **_norm(ds))
 
 
-def train_float(config: RunConfig, ds: ImageDataset, out: Path, resume: bool = False) -> nn.Module:
+def train_float(config: RunConfig, ds: ImageDataset | TextDataset, out: Path, resume: bool = False) -> nn.Module:
     torch.manual_seed(config.train.seed)
-    model = build_model(config.model, num_classes=ds.num_classes, in_channels=ds.in_channels, image_size=ds.image_size)
+    model = build_for(config.model, ds)
     train_loader = _loaders(ds, config.train)[0]
     ckpt_dir = out / "checkpoints" / "float"
     fit(model, train_loader, config.float_train, val_loader=_val_loader(ds), checkpoint_dir=ckpt_dir,
@@ -116,7 +149,7 @@ def train_float(config: RunConfig, ds: ImageDataset, out: Path, resume: bool = F
     return model
 
 
-def quantize(config: RunConfig, ds: ImageDataset, float_model: nn.Module, weight_bits: int, act_bits: int,
+def quantize(config: RunConfig, ds: ImageDataset | TextDataset, float_model: nn.Module, weight_bits: int, act_bits: int,
              out: Path, *, train: bool, resume: bool = False) -> nn.Module:
     """PTQ (train=False: calibration only) or QAT from the float model, at one bit-width."""
     qcfg = dataclasses.replace(config.qat, weight_bits=weight_bits, act_bits=act_bits)
@@ -139,9 +172,7 @@ def rebuild_qat(checkpoint: str | os.PathLike) -> tuple[nn.Module, dict]:
     recipe = state.get("recipe")
     if not isinstance(recipe, dict) or recipe.get("qat") is None:
         raise ModelFileError(f"checkpoint {str(checkpoint)!r} has no QAT recipe. Fix: pass a qat_*.ckpt written by qatkit train/run")
-    model = build_model(recipe["model"], num_classes=recipe["num_classes"], in_channels=recipe["in_channels"],
-                        image_size=recipe["image_size"])
-    qat = prepare(model, qat_config_from_dict(recipe["qat"]))
+    qat = prepare(model_from_recipe(recipe), qat_config_from_dict(recipe["qat"]))
     try:
         qat.load_state_dict(state["model"])
     except RuntimeError as e:
@@ -161,8 +192,14 @@ def export_model(model: nn.Module, recipe: dict, path: Path) -> list[str]:
     """ONNX (QDQ) file of a QAT or integer model, traced with one input of the recipe's shape."""
     from qatkit.export import export_onnx
 
-    example = torch.zeros(1, recipe["in_channels"], recipe["image_size"], recipe["image_size"])
-    return export_onnx(model, path, example)
+    return export_onnx(model, path, example_input(recipe))
+
+
+def example_input(recipe: dict) -> torch.Tensor:
+    """One input of the recipe's shape: a zero image, or a sequence of unknown-word ids (id 1, no padding)."""
+    if "vocab" in recipe:
+        return torch.ones(1, recipe["max_len"], dtype=torch.int64)
+    return torch.zeros(1, recipe["in_channels"], recipe["image_size"], recipe["image_size"])
 
 
 def _row(method: str, w: int, a: int, accuracy: float, path: Path, seconds: float, **extra) -> dict:

@@ -1,4 +1,4 @@
-"""bench/suite.py --quick end to end on MNIST and CIFAR-10 subsets (the pipeline, not the accuracy): every
+"""bench/suite.py --quick end to end on MNIST, CIFAR-10 and SST-2 subsets (the pipeline, not the accuracy): every
 planned row with the documented fields, W8A8 exports that ONNX Runtime runs as qatkit computes, timing
 sections, a second call that resumes without redoing a run, and BENCHMARKS.md written from the results."""
 from __future__ import annotations
@@ -25,6 +25,7 @@ FIELDS = {"task", "method", "weight_bits", "act_bits", "accuracy", "accuracy_std
 def quick(tmp_path_factory):
     data = shared_data("mnist").parent
     shared_data("cifar10")
+    shared_data("sst2")
     work = tmp_path_factory.mktemp("suite")
     out = work / "quick.json"
     threads = torch.get_num_threads()
@@ -58,8 +59,10 @@ def test_every_planned_row_is_there(quick):
                 assert r["oscillating"] is None, r
         by = {(r["method"], r["weight_bits"], r["act_bits"]): r for r in rows if r["schedule"] in (None, "direct")}
         # integer models shrink with the bit-width; the float row is the float safetensors file
-        assert by[("qat", 2, 2)]["model_bytes"] < by[("qat", 4, 4)]["model_bytes"] < by[("qat", 8, 8)]["model_bytes"] \
-            < by[("float", 32, 32)]["model_bytes"]
+        sizes = [by[("qat", b, b)]["model_bytes"] for b in (2, 4, 8) if ("qat", b, b) in by]
+        assert sizes == sorted(sizes) and len(set(sizes)) == len(sizes) and sizes[-1] < by[("float", 32, 32)]["model_bytes"]
+    text = {(r["method"], r["weight_bits"]) for r in results["rows"] if r["task"] == "sst2-transformer"}
+    assert text == {("float", 32)} | {(m, b) for m in ("ptq-minmax", "ptq-mse", "qat") for b in (8, 4)}
 
 
 def test_planned_runs_train_the_targeted_rows_of_every_seed_first():
@@ -78,7 +81,7 @@ def test_qat_and_w8a8_exports_compute_what_qatkit_computes(quick):
     _, _, results = quick
     verified = [r for r in results["rows"] if r["method"] == "qat"
                 or ((r["weight_bits"], r["act_bits"]) == (8, 8) and r["method"] != "torch.ao-qat")]
-    assert len(verified) == len(suite.TASKS) * (len(suite.QAT_ORDER) + len(suite.PROGRESSIVE) + 2)
+    assert len(verified) == sum(len(suite.pairs_of(t)) + len(suite.PROGRESSIVE) * t.baselines + 2 for t in suite.TASKS.values())
     for r in verified:
         assert r["verify"]["n"] == suite.QUICK["test"]
         assert r["verify"]["top1_agreement"] == 1.0 and r["verify"]["within_one_step"] == 1.0, r
@@ -90,7 +93,8 @@ def test_timing_sections(quick):
     for task in suite.TASKS:
         steps = results["step_times"][task]
         assert steps["batch"] == 64 and steps["threads"] == 2
-        assert set(steps["ratio_to_float"]) == {f"qat-w{w}a{a}" for w, a in suite.PAIRS} | {"torch.ao-qat-w8a8"}
+        baseline = {"torch.ao-qat-w8a8"} if suite.TASKS[task].baselines else set()
+        assert set(steps["ratio_to_float"]) == {f"qat-w{w}a{a}" for w, a in suite.pairs_of(suite.TASKS[task])} | baseline
         assert all(ms > 0 for ms in steps["median_ms"].values())
         assert len(results["latency_ms"][task]) == len([r for r in results["rows"] if r["task"] == task and r["onnx_bytes"]])
 

@@ -6,9 +6,11 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from conftest import shared_data
 
 from qatkit.cli import main
+from qatkit.convert import load
 
 
 def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
@@ -136,3 +138,49 @@ def test_qat_switch_flags_and_yaml(key, tmp_path):
     cfg = tmp_path / "run.yaml"
     cfg.write_text("qat:\n  power_of_two_scales: true\n")
     assert run_config_from(_parser().parse_args(["run", "--config", str(cfg)])).qat.power_of_two_scales
+
+
+def _sentiment_tsv(n: int, seed: int) -> str:
+    """Texts of 2..9 words; label 1 when they hold more 'good' words than 'bad' ones."""
+    import random
+
+    rng = random.Random(seed)
+    good, bad, neutral = ["fine", "great", "moving", "fun"], ["dull", "awful", "flat", "tired"], [f"w{i}" for i in range(20)]
+    lines = ["text\tlabel"]
+    for _ in range(n):
+        words = rng.choices(good + bad + neutral, k=rng.randint(2, 9))
+        score = sum(w in good for w in words) - sum(w in bad for w in words)
+        words += rng.choices(good if score >= 0 else bad, k=1) if score == 0 else []
+        lines.append(f"{' '.join(words)}\t{int(sum(w in good for w in words) > sum(w in bad for w in words))}")
+    return "\n".join(lines) + "\n"
+
+
+def test_text_run_eval_verify_chain(tmp_path, capsys):
+    """`--dataset tsv`: the tiny transformer by default, an int8 embedding table, the vocabulary in the model files."""
+    data = tmp_path / "text"
+    data.mkdir()
+    (data / "train.tsv").write_text(_sentiment_tsv(600, 0), encoding="utf-8")
+    (data / "test.tsv").write_text(_sentiment_tsv(200, 1), encoding="utf-8")
+    code, _, err = run_cli(capsys, "run", "--dataset", "tsv", "--data", str(data), "--float-epochs", "8", "--epochs", "2",
+                           "--weight-bits", "8", "--quiet", "--out", str(tmp_path / "r"))
+    assert code == 0, err
+    results = json.loads((tmp_path / "r" / "results.json").read_text())
+    assert results["model"] == "tiny-transformer" and results["dataset"] == "tsv"
+    float_row, ptq, qat = results["rows"]
+    assert float_row["accuracy"] >= 0.85  # learnt the rule, so the checks below compare a working model
+    assert all(r["integer_model_accuracy"] == r["accuracy"] for r in (ptq, qat))
+    assert qat["accuracy"] >= float_row["accuracy"] - 0.03
+    assert qat["verify"]["top1_agreement"] == 1.0 and qat["verify"]["within_one_step"] == 1.0
+    model_file = tmp_path / "r" / "qat_w8a8.safetensors"
+    integer = load(model_file)
+    table = next(n for n in integer.nodes if n["op"] == "qembed")
+    assert integer.tensor(table["weight"]["tensor"]).dtype == torch.int8  # the embedding table too
+    assert qat["model_bytes"] < 0.4 * float_row["model_bytes"]  # 1 byte per weight; the graph and vocabulary beside
+    code, printed, err = run_cli(capsys, "eval", str(model_file), "--data", str(data), "--json")
+    assert code == 0, err
+    assert json.loads(printed)["accuracy"] == qat["accuracy"]  # test text encoded with the model's vocabulary
+    code, printed, err = run_cli(capsys, "verify", str(model_file.with_suffix(".onnx")), "--data", str(data), "--json")
+    assert code == 0 and json.loads(printed)["top1_agreement"] == 1.0, err
+    code, _, err = run_cli(capsys, "run", "--dataset", "tsv", "--data", str(data), "--model", "small-cnn",
+                           "--out", str(tmp_path / "x"))
+    assert code == 2 and "model for a text dataset = 'small-cnn' is not allowed; allowed: tiny-transformer" in err

@@ -70,6 +70,21 @@ def test_tiny_transformer_token_input() -> None:
     _check_trace_and_grads(model, torch.randint(0, 50, (3, 12)))
 
 
+def test_tiny_transformer_masks_padding() -> None:
+    """Pads (id 0) take no part: neither their embedding nor their position changes a text's output."""
+    torch.manual_seed(0)
+    model = TinyTransformer(NUM_CLASSES, vocab_size=50, max_len=12).eval()
+    ids = torch.randint(1, 50, (2, 12))
+    ids[0, 5:] = 0  # a text of 5 tokens, one of 12
+    with torch.no_grad():
+        before = model(ids)
+        model.embed.weight[0].normal_()
+        model.pos_embed[0, 5:].normal_()  # positions only text 0 pads
+        after = model(ids)
+    assert torch.equal(after[0], before[0])
+    assert not torch.equal(after[1], before[1])  # its tokens sit there
+
+
 def test_parameter_counts() -> None:
     assert 260_000 <= _num_params(resnet20(10)) <= 280_000
     model = resnet18(1000)

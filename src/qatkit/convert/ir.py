@@ -4,6 +4,7 @@ Node kinds:
   input     - a graph input
   quantize  - float → integer codes at (scale, zero_point), clamped to [qmin, qmax]
   qlayer    - integer conv/linear: packed weight codes, per-channel scales, int32 bias, requantization
+  qembed    - embedding lookup of packed codes times their row's scale (float rows out)
   qadd      - integer residual add (ONNX Runtime's QLinearAdd arithmetic), optionally with ReLU
   qpool     - integer global average pooling (QLinearGlobalAveragePool arithmetic)
   call      - a function from the closed table in ops.py, on integer codes where it keeps the grid,
@@ -20,7 +21,7 @@ from qatkit import kernels
 from qatkit.convert import ops
 from qatkit.convert.pack import pack
 from qatkit.errors import QatkitError
-from qatkit.nn import QAdd, QConv, QGlobalAvgPool, QLayer
+from qatkit.nn import QAdd, QConv, QEmbedding, QGlobalAvgPool, QLayer
 from qatkit.quantizer import FakeQuantizer
 
 
@@ -96,6 +97,8 @@ class _Writer:
         m = self.modules[node.target]
         if isinstance(m, FakeQuantizer):
             return {"op": "quantize", "args": [self.arg(node.args[0])], **_quant_fields(m, self.tensors, node.target)}
+        if isinstance(m, QEmbedding):
+            return self._qembed(node, m)
         if isinstance(m, QLayer):
             return self._qlayer(node, m)
         if isinstance(m, (QAdd, QGlobalAvgPool)):
@@ -115,6 +118,15 @@ class _Writer:
         kw = {p: (None if getattr(m, p) is None else self.tensor(f"{node.target}.{p}", getattr(m, p))) for p in params}
         kw.update({k: self.arg(v) for k, v in kwargs(m).items()})
         return {"op": "call", "fn": ops.NAME_OF[fn], "args": self.arg(node.args), "kwargs": kw, "module": node.target}
+
+    def _qembed(self, node, m: QEmbedding):
+        if not bool(m.weight_quant.initialized):
+            raise QatkitError(f"embedding '{node.target}' has no weight range. Fix: build the QAT model with qatkit.prepare")
+        key, bits = node.target, int(m.weight_quant.bits)
+        scale = m.weight_quant.qparams()[0].expand(m.weight.shape[0])  # (V,): per row, or one for all
+        return {"op": "qembed", "module": key, "args": [self.arg(node.args[0])], "bits": bits, "shape": list(m.weight.shape),
+                "weight": self.tensor(f"{key}.weight", pack(m.weight_quant.codes(m.weight), bits)),
+                "weight_scale": self.tensor(f"{key}.weight_scale", scale.float())}
 
     def _qlayer(self, node, m: QLayer):
         in_q = m.input_quant or (self._resolve(node.args[1].target) if len(node.args) > 1 else None)

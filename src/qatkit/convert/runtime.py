@@ -90,6 +90,9 @@ class IntegerModel(nn.Module):
                 env[node["name"]] = self._quantize(node, _dequantize(self._arg(node["args"][0], env)))
             elif op == "qlayer":
                 env[node["name"]] = self._qlayer(node, self._arg(node["args"][0], env))
+            elif op == "qembed":
+                ids, scale = self._arg(node["args"][0], env), self.tensor(node["weight_scale"]["tensor"])
+                env[node["name"]] = F.embedding(ids, self._weight_codes(node).float()) * F.embedding(ids, scale[:, None])
             elif op in ("qadd", "qpool"):
                 env[node["name"]] = self._requant_op(node, self._arg(node["args"], env))
             else:

@@ -13,22 +13,29 @@ from qatkit.errors import ConfigError, DataError, bad_value
 class Split:
     """One split held in memory.
 
-    x: (N, C, H, W), uint8 pixels 0..255 or float32 in [0, 1]; y: (N,) int64 class indices.
+    x: images (N, C, H, W), uint8 pixels 0..255 or float32 in [0, 1], or token ids (N, L) int64;
+    y: (N,) int64 class indices.
     """
 
     x: torch.Tensor
     y: torch.Tensor
 
     def __post_init__(self) -> None:
-        if self.x.ndim != 4 or self.x.dtype not in (torch.uint8, torch.float32):
-            raise DataError(f"Split.x has shape {tuple(self.x.shape)} and dtype {self.x.dtype}; expected (N, C, H, W) "
-                            "uint8 or float32. Fix: convert the images before building the Split")
+        images = self.x.ndim == 4 and self.x.dtype in (torch.uint8, torch.float32)
+        if not (images or self.is_tokens):
+            raise DataError(f"Split.x has shape {tuple(self.x.shape)} and dtype {self.x.dtype}; expected images "
+                            "(N, C, H, W) uint8 or float32, or token ids (N, L) int64. Fix: convert the samples before "
+                            "building the Split")
         if self.y.shape != (self.x.shape[0],) or self.y.dtype != torch.int64:
             raise DataError(f"Split.y has shape {tuple(self.y.shape)} and dtype {self.y.dtype}; expected "
-                            f"({self.x.shape[0]},) int64. Fix: give one int64 label per image")
+                            f"({self.x.shape[0]},) int64. Fix: give one int64 label per sample")
 
     def __len__(self) -> int:
         return self.x.shape[0]
+
+    @property
+    def is_tokens(self) -> bool:
+        return self.x.ndim == 2 and self.x.dtype == torch.int64
 
     def head(self, n: int) -> Split:
         """The first n samples; cloned so the full tensors can be freed."""

@@ -37,7 +37,8 @@ def _crop_flip(x: torch.Tensor, gen: torch.Generator, batch: int, part: slice) -
 
 
 class BatchLoader:
-    """Yields (x, y) per batch: x (B, C, H, W) float32 normalised per channel, y (B,) int64.
+    """Yields (x, y) per batch: x (B, C, H, W) float32 normalised per channel, or for a split of token ids
+    x (B, L) int64 as stored (no mean/std, no augmentation); y (B,) int64.
 
     Iterating twice without set_epoch gives the same batches; call set_epoch(e) before epoch e.
     shard=(rank, world_size): this process's part of every batch (data-parallel training; rank r of w gets
@@ -45,7 +46,8 @@ class BatchLoader:
     would give them), so the batch size stays the global one; a last batch smaller than w is dropped.
     """
 
-    def __init__(self, split: Split, *, batch_size: int, mean: Sequence[float], std: Sequence[float],
+    def __init__(self, split: Split, *, batch_size: int, mean: Sequence[float] | None = None,
+                 std: Sequence[float] | None = None,
                  shuffle: bool, seed: int = 0, augment: str = "none", drop_last: bool = False,
                  shard: tuple[int, int] = (0, 1)) -> None:
         if not isinstance(batch_size, int) or batch_size < 1:
@@ -60,10 +62,15 @@ class BatchLoader:
         if len(split) == 0:
             raise bad_value("split size", 0, "at least one sample", "check the data (and --limit) feeding the loader",
                             DataError)
-        channels = split.x.shape[1]
-        if len(mean) != channels or len(std) != channels or min(std) <= 0:
-            raise ConfigError(f"mean {tuple(mean)} / std {tuple(std)} do not fit {channels}-channel images; "
-                              f"expected {channels} values each, std > 0. Fix: use the dataset's mean and std")
+        if split.is_tokens:
+            if augment != "none":
+                raise bad_value("augment", augment, "none for token ids", "drop --augment for text datasets")
+            mean, std = (), ()  # ids are not normalised
+        else:
+            channels = split.x.shape[1]
+            if mean is None or std is None or len(mean) != channels or len(std) != channels or min(std) <= 0:
+                raise ConfigError(f"mean {mean} / std {std} do not fit {channels}-channel images; expected "
+                                  f"{channels} values each, std > 0. Fix: use the dataset's mean and std")
         self.split, self.batch_size, self.shuffle = split, batch_size, shuffle
         self.seed, self.augment, self.drop_last = seed, augment, drop_last
         self.rank, self.world_size = shard
@@ -102,7 +109,10 @@ class BatchLoader:
             idx = order[start:start + self.batch_size]
             part = self._part(len(idx))
             idx_part = idx[part]
-            x = self.split.x[idx_part]  # (B, C, H, W), a fresh copy, so in-place ops below are safe
+            x = self.split.x[idx_part]  # (B, C, H, W) or (B, L), a fresh copy, so in-place ops below are safe
+            if self.split.is_tokens:
+                yield x, self.split.y[idx_part]
+                continue
             if self.augment == "crop-flip":
                 x = _crop_flip(x, gen, len(idx), part)
             x = x.float()

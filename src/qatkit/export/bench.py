@@ -28,7 +28,6 @@ from qatkit.export.ort import session
 
 RUNTIMES = ("torch-fp32", "ort-fp32", "ort-int8-qatkit", "ort-int8-quantize_static")
 MIN_SAMPLE_S = 0.02  # each timing sample covers at least this much work
-SEED = 0
 
 
 # ---------------------------------------------------------------------------------------------- exports
@@ -46,7 +45,8 @@ class _Batches:
     """onnxruntime.quantization.CalibrationDataReader over a list of tensors."""
 
     def __init__(self, input_name: str, batches: Sequence[torch.Tensor]):
-        self.input_name, self.batches = input_name, [b.detach().float().numpy() for b in batches]
+        self.input_name = input_name
+        self.batches = [(b.float() if b.is_floating_point() else b).detach().numpy() for b in batches]  # ids stay int64
         self.it = iter(self.batches)
 
     def get_next(self):
@@ -159,8 +159,8 @@ def bench(float_model: nn.Module, qat_model: nn.Module, example: torch.Tensor, c
         torch.set_num_threads(threads)
         fns = {"torch-fp32": _torch_fn(float_model), **{n: _ort_fn(session(p, threads)) for n, p in paths.items()}}
 
-        gen = torch.Generator().manual_seed(SEED)
-        xs = {b: torch.randn(b, *example.shape[1:], generator=gen) for b in batches}
+        pool = torch.cat(list(calib_batches))  # real samples (images or token ids), repeated up to the batch size
+        xs = {b: pool[torch.arange(b) % len(pool)] for b in batches}
         inputs = {n: (xs if n == "torch-fp32" else {b: x.numpy() for b, x in xs.items()}) for n in RUNTIMES}
 
         reference = fns["torch-fp32"](example).numpy()  # sanity only, never a gate

@@ -196,6 +196,13 @@ def _layer_norm(ins, a):  # (..., D) normalised over the axes from `axis` on, in
     return (x - mean) / np.sqrt(var + f32(a.get("epsilon", 1e-5))) * ins[1] + _opt(ins, 2, f32(0))
 
 
+def _cast(ins, a):  # qatkit casts only masks to float
+    if a["to"] != onnx.TensorProto.FLOAT:
+        raise bad_value("Cast target type", onnx.TensorProto.DataType.Name(a["to"]), "FLOAT",
+                        "export with qatkit's op set", cls=ModelFileError)
+    return ins[0].astype(f32)
+
+
 def _pad(ins, a):
     """Pad, constant mode (the exporter's zero-point channels): pads = [begin of each axis..., end of each axis...]."""
     x, pads = ins[0], [int(p) for p in ins[1]]
@@ -227,7 +234,9 @@ _OPS = {  # op_type -> handler(inputs, attributes) -> output(s); float ops compu
     "ReduceMean": lambda i, a: i[0].mean(axis=_axes(i, a), keepdims=bool(a.get("keepdims", 1)), dtype=f32),
     "Erf": lambda i, a: _erf(i[0]).astype(f32), "Sigmoid": lambda i, a: f32(1) / (f32(1) + np.exp(-i[0])),
     "Tanh": lambda i, a: np.tanh(i[0]), "Sqrt": lambda i, a: np.sqrt(i[0]), "Exp": lambda i, a: np.exp(i[0]),
-    "Neg": lambda i, a: -i[0],
+    "Neg": lambda i, a: -i[0], "Equal": lambda i, a: np.equal(i[0], i[1]), "Not": lambda i, a: np.logical_not(i[0]),
+    "Cast": _cast,
+    "ReduceSum": lambda i, a: i[0].sum(axis=_axes(i, a), keepdims=bool(a.get("keepdims", 1)), dtype=f32),
     "Gemm": lambda i, a: f32(a.get("alpha", 1.0)) * ((i[0].T if a.get("transA", 0) else i[0])
                                                      @ (i[1].T if a.get("transB", 0) else i[1]))
                     + f32(a.get("beta", 1.0)) * _opt(i, 2, f32(0)),
@@ -302,7 +311,8 @@ class IntegerReference:
 
     def _execute(self, x, force: dict | None = None) -> dict:
         env, mine = dict(self.consts), {}
-        env[self.input_name] = np.asarray(x, f32)
+        x = np.asarray(x)
+        env[self.input_name] = x if x.dtype.kind in "iu" else x.astype(f32)  # token ids stay integers
         for st in self.steps:
             if isinstance(st, _Fused):
                 env[st.out], outputs = self._kernel(st, env), [st.out]

@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from onnx import TensorProto
 
 from qatkit.errors import QatkitError
 
@@ -19,7 +20,7 @@ class Value:
     """An exported value: a float tensor, integer codes with (scale, zero point) initializers, or shape data."""
 
     name: str
-    kind: str  # "float" | "quant" | "shape" | "int"
+    kind: str  # "float" | "quant" | "shape" | "int" (dims, token ids) | "bool"
     scale: str | None = None
     zero_point: str | None = None
     dq: str | None = None  # its DequantizeLinear output, once made
@@ -63,6 +64,11 @@ def export_call(ex, node: dict) -> Value:
             else Value(shape, "shape")
     if short == "getitem":
         return _getitem(ex, x, args[1], rank)
+    if short == "ne" and x.kind == "int":  # a padding mask from token ids: integer compare, no float island
+        other = ex.const("c", np.array(args[1], np.int64))
+        return Value(ex.op("Not", [ex.op("Equal", [x.name, other], "eq")], name), "bool")
+    if short == "float" and x.kind == "bool":
+        return Value(ex.op("Cast", [x.name], name, to=TensorProto.FLOAT), "float")
     if short in ("relu",) and x.kind == "quant":  # max(q, z): ReLU on the codes
         return same_kind(ex.op("Max", [x.name, x.zero_point], name))
     if short in ("max_pool1d", "max_pool2d"):

@@ -25,7 +25,7 @@ CHANNEL_ALIGN = 4  # conv input channels padded to a multiple of this (see _Expo
 
 class _Exporter:
     def __init__(self, model: IntegerModel, example: torch.Tensor):
-        self.model = model
+        self.model, self.example = model, example
         self.shapes = {k: (v.codes if isinstance(v, QValue) else v) for k, v in model.values(example).items()}
         self.nodes: list[onnx.NodeProto] = []
         self.inits: dict[str, onnx.TensorProto] = {}
@@ -116,8 +116,10 @@ class _Exporter:
         for node in self.model.nodes:
             name, op = node["name"], node["op"]
             if op == "input":
-                inputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch", *input_shape[1:]]))
-                self.env[name] = Value(name, "float")
+                ids = not self.example.is_floating_point()  # token ids
+                elem = TensorProto.INT64 if ids else TensorProto.FLOAT
+                inputs.append(helper.make_tensor_value_info(name, elem, ["batch", *input_shape[1:]]))
+                self.env[name] = Value(name, "int" if ids else "float")
             elif op == "output":
                 out = self.floats(self.resolve(node["args"][0]))
                 self.nodes.append(helper.make_node("Identity", [out], ["output"], name="output"))
@@ -129,6 +131,8 @@ class _Exporter:
                 self.env[name] = self.quantize(self.floats(self.resolve(node["args"][0])), node, name)
             elif op == "qlayer":
                 self.env[name] = self.qlayer(node)
+            elif op == "qembed":
+                self.env[name] = self.qembed(node)
             elif op in ("qadd", "qpool"):
                 self.env[name] = self.requant_op(node)
             else:
@@ -222,6 +226,18 @@ class _Exporter:
         if node["kind"] == "linear" and rank != 2:
             value = Value(self.op("Reshape", [value.name, back], "unflat"), value.kind, value.scale, value.zero_point)
         return value
+
+    def qembed(self, node: dict) -> Value:
+        """Gather the rows' int8 codes and their scales, multiply in float32: the runtime's product, exactly."""
+        name, ids = node["name"], self.resolve(node["args"][0])
+        codes = unpack(self.model.tensor(node["weight"]["tensor"]), node["bits"], tuple(node["shape"])).numpy().astype(np.int8)
+        if node["bits"] < 8:
+            self.note(f"{node['bits']}-bit embedding codes are stored as int8 (ONNX has no {node['bits']}-bit Gather)")
+        scale = self.model.tensor(node["weight_scale"]["tensor"]).numpy().astype(np.float32)[:, None]  # (V, 1)
+        rows = self.op("Cast", [self.op("Gather", [self.const(f"{name}_w", codes), ids.name], f"{name}_codes")],
+                       f"{name}_float", to=TensorProto.FLOAT)
+        row_scales = self.op("Gather", [self.const(f"{name}_ws", scale), ids.name], f"{name}_scales")
+        return Value(self.op("Mul", [rows, row_scales], name), "float")
 
     def requant_op(self, node: dict) -> Value:
         """DQ → Add [→ Relu] / GlobalAveragePool → Q: fused into QLinearAdd / QLinearGlobalAveragePool."""

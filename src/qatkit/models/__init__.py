@@ -17,6 +17,7 @@ MODEL_NAMES = ("seed-mlp", "small-cnn", "resnet20", "resnet18", "mobilenetv2", "
 
 __all__ = [
     "MODEL_NAMES",
+    "TEXT_MODELS",
     "MobileNetV2",
     "ResNet",
     "SeedMLP",
@@ -34,11 +35,24 @@ def _patch_size(image_size: int) -> int:
     return next((p for p in (4, 2) if image_size % p == 0 and image_size // p >= 4), 1)
 
 
-def build_model(name: str, *, num_classes: int, in_channels: int, image_size: int) -> nn.Module:
-    """Build zoo model `name` for square images of shape (in_channels, image_size, image_size)."""
-    for what, value in (("num_classes", num_classes), ("in_channels", in_channels), ("image_size", image_size)):
+TEXT_MODELS = ("tiny-transformer",)  # the zoo models that take token ids
+
+
+def build_model(name: str, *, num_classes: int, in_channels: int | None = None, image_size: int | None = None,
+                vocab_size: int | None = None, max_len: int | None = None) -> nn.Module:
+    """Build zoo model `name` for square images of shape (in_channels, image_size, image_size), or for token ids
+    (B, max_len) from a vocabulary of vocab_size words."""
+    text = vocab_size is not None or max_len is not None
+    shape = {"vocab_size": vocab_size, "max_len": max_len} if text else {"in_channels": in_channels, "image_size": image_size}
+    for what, value in (("num_classes", num_classes), *shape.items()):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise bad_value(what, value, "an integer >= 1", f"pass a positive integer {what}")
+    if text:
+        if name in TEXT_MODELS:
+            return TinyTransformer(num_classes, vocab_size=vocab_size, max_len=max_len)
+        if name in MODEL_NAMES:
+            raise bad_value("model for a text dataset", name, ", ".join(TEXT_MODELS),
+                            f"pass --model {TEXT_MODELS[0]} ({name} takes images)")
     if name == "seed-mlp":
         return SeedMLP(in_channels * image_size * image_size, out_features=num_classes)
     if name == "small-cnn":

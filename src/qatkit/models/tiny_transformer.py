@@ -4,7 +4,7 @@ Built only from nn.Linear, nn.LayerNorm, nn.GELU, nn.Embedding and attention wri
 matmuls and softmax (no nn.MultiheadAttention), so a QAT tool sees every matmul it must quantize.
 All shapes come from constructor arguments and the batch size, so torch.fx can trace it:
 images must be (B, in_channels, image_size, image_size); token sequences must be (B, max_len),
-padded to max_len (the pads take part in the mean pool).
+padded with id 0 to max_len. Pads are masked: no token attends to them and the mean pool skips them.
 """
 from __future__ import annotations
 
@@ -24,11 +24,13 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, key_bias: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, N, D); key_bias (B, 1, 1, N) is added to the attention logits (-1e4 masks a key)."""
         batch, n, h, d = x.shape[0], self.num_tokens, self.heads, self.head_dim
         qkv = self.qkv(x).reshape(batch, n, 3, h, d).permute(2, 0, 3, 1, 4)  # (3, B, h, N, d)
         q, k, v = qkv[0], qkv[1], qkv[2]  # each (B, h, N, d)
-        attn = (q @ k.transpose(-2, -1) * self.scale).softmax(-1)  # (B, h, N, N)
+        logits = q @ k.transpose(-2, -1) * self.scale  # (B, h, N, N)
+        attn = (logits if key_bias is None else logits + key_bias).softmax(-1)
         out = (attn @ v).transpose(1, 2).reshape(batch, n, h * d)  # (B, N, D)
         return self.proj(out)
 
@@ -45,8 +47,8 @@ class Block(nn.Module):
         self.act = nn.GELU()
         self.fc2 = nn.Linear(mlp_ratio * dim, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, N, D) -> (B, N, D)
-        x = x + self.attn(self.norm1(x))
+    def forward(self, x: torch.Tensor, key_bias: torch.Tensor | None = None) -> torch.Tensor:  # (B, N, D) -> (B, N, D)
+        x = x + self.attn(self.norm1(x), key_bias)
         x = x + self.fc2(self.act(self.fc1(self.norm2(x))))
         return x
 
@@ -92,6 +94,7 @@ class TinyTransformer(nn.Module):
             self.in_channels, self.patch_size, self.grid = in_channels, patch_size, image_size // patch_size
             num_tokens = self.grid**2
             self.embed = nn.Linear(in_channels * patch_size**2, dim)
+        self.num_tokens = num_tokens
         self.pos_embed = nn.Parameter(torch.zeros(1, num_tokens, dim))
         self.blocks = nn.Sequential(*(Block(dim, heads, mlp_ratio, num_tokens) for _ in range(depth)))
         self.norm = nn.LayerNorm(dim)
@@ -114,8 +117,13 @@ class TinyTransformer(nn.Module):
         return x.reshape(batch, g * g, c * p * p)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # token ids (B, N) or images (B, C, H, W) -> (B, N, D)
-        x = self.embed(x) if self.token_input else self.embed(self._patchify(x))
-        x = x + self.pos_embed
-        x = self.norm(self.blocks(x))  # (B, N, D)
-        return self.head(x.mean(1))  # (B, num_classes)
+        if not self.token_input:  # images (B, C, H, W) -> (B, N, D)
+            x = self.norm(self.blocks(self.embed(self._patchify(x)) + self.pos_embed))
+            return self.head(x.mean(1))  # (B, num_classes)
+        keep = (x != 0).float().unsqueeze(-1)  # token ids (B, N) -> (B, N, 1): 1 for a token, 0 for padding
+        key_bias = (keep.reshape(x.shape[0], 1, 1, self.num_tokens) - 1.0) * 1e4  # (B, 1, 1, N)
+        x = self.embed(x) + self.pos_embed  # (B, N, D)
+        for block in self.blocks:
+            x = block(x, key_bias)
+        x = self.norm(x)
+        return self.head((x * keep).sum(1) / keep.sum(1))  # mean over the tokens (B, D) -> (B, num_classes)

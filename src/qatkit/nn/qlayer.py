@@ -1,4 +1,4 @@
-"""Quantized Conv1d/Conv2d/Linear for QAT.
+"""Quantized Conv1d/Conv2d/Linear (and Embedding, at the end) for QAT.
 
 Training forward (fake quantization, STE/LSQ gradients):
     y = op(x̂, q(w), b̂) → fused ReLU/ReLU6 → output quantizer (if the next op consumes integers)
@@ -123,3 +123,34 @@ class QConv(QLayer):
 
     def extra_repr(self) -> str:
         return f"conv{self.dim}d, stride={self.stride}, padding={self.padding}, groups={self.groups}, act={self.act}"
+
+
+class QEmbedding(QLayer):
+    """An embedding table quantized per row (one scale per token): y = codes[ids]·s[ids].
+
+    Its input is integer ids, not a quantized activation, and its output the float product, which is exact in
+    float32 and what the integer runtime computes after gathering int8 (or packed 4/2-bit) codes; training
+    looks rows up in the fake-quantized table, which holds the same values.
+    """
+
+    def __init__(self, embedding: nn.Embedding, weight_spec: QuantSpec):
+        nn.Module.__init__(self)
+        if embedding.max_norm is not None or embedding.scale_grad_by_freq or embedding.sparse:
+            raise ValueError(f"{embedding} uses max_norm, scale_grad_by_freq or sparse gradients; qatkit quantizes "
+                             "plain embeddings. Fix: build the nn.Embedding without them")
+        self.weight, self.bias, self.padding_idx = embedding.weight, None, embedding.padding_idx
+        self.weight_quant = FakeQuantizer(weight_spec, kind="weight", channels=self.weight.shape[0])
+        self.out_quant = self.input_quant = self.act = None
+        self._last_input_quant = ()
+
+    def forward(self, ids: torch.Tensor, in_q: FakeQuantizer | None = None) -> torch.Tensor:
+        if not bool(self.weight_quant.enabled):
+            return F.embedding(ids, self.weight, self.padding_idx)
+        if not self.training and bool(self.weight_quant.initialized):
+            return self.integer_forward(ids)
+        return F.embedding(ids, self.weight_quant(self.weight), self.padding_idx)
+
+    @torch.no_grad()
+    def integer_forward(self, ids: torch.Tensor, in_q: FakeQuantizer | None = None) -> torch.Tensor:
+        s_w = self.weight_quant.qparams()[0].expand(self.weight.shape[0]).reshape(-1, 1)  # (V, 1): per row or one
+        return F.embedding(ids, self.weight_quant.codes(self.weight)) * F.embedding(ids, s_w)

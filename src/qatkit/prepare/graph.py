@@ -24,11 +24,11 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from qatkit.config import QATConfig
-from qatkit.nn import QAdd, QConv, QConvBn, QGlobalAvgPool, QLinear
+from qatkit.nn import QAdd, QConv, QConvBn, QEmbedding, QGlobalAvgPool, QLinear
 from qatkit.prepare.rules import LayerPlan
 from qatkit.quantizer import FakeQuantizer
 
-WRAPPERS = {nn.Conv1d: QConv, nn.Conv2d: QConv, nn.Linear: QLinear}
+WRAPPERS = {nn.Conv1d: QConv, nn.Conv2d: QConv, nn.Linear: QLinear, nn.Embedding: QEmbedding}
 FOLDABLE_BN = {nn.Conv1d: nn.BatchNorm1d, nn.Conv2d: nn.BatchNorm2d}
 FUSABLE_ACT_MODULES = {nn.ReLU: "relu", nn.ReLU6: "relu6"}
 FUSABLE_ACT_FUNCTIONS = {F.relu: "relu", torch.relu: "relu", F.relu6: "relu6"}
@@ -120,6 +120,10 @@ class _Rewriter:
         if node.target in self.wrapped_targets:  # a second call of the same layer: same wrapper
             self.wrapped[node] = plan
             return
+        if isinstance(module, nn.Embedding):  # ids in, float rows out: no input or output quantizer
+            self._add_wrapper(node, plan, QEmbedding(module, self.config.weight_spec(plan.weight_bits, plan.per_channel)),
+                              act_bits=None, bn_folded=False, act=None, output="float")
+            return
         # A layer called more than once shares one wrapper, so it can absorb no call's BN or activation.
         single_call = self.calls[node.target] == 1
         end, bn = node, None
@@ -136,19 +140,21 @@ class _Rewriter:
         w_spec = self.config.weight_spec(plan.weight_bits, plan.per_channel)
         wrapper = (QConvBn(module, bn, w_spec, act=act, out_spec=out_spec) if bn is not None
                    else WRAPPERS[type(module)](module, w_spec, act=act, out_spec=out_spec))
-        with torch.no_grad():
-            wrapper.weight_quant.init_from(wrapper.folded()[0])
-        self.gm.add_submodule(node.target, wrapper)
         for extra in (bn_node for bn_node in (end if bn is not None else None, act_node) if bn_node is not None):
             extra.replace_all_uses_with(node)
             self.graph.erase_node(extra)
+        self._add_wrapper(node, plan, wrapper, bn_folded=bn is not None, act=act,
+                          output="float" if out_spec is None else f"A{out_bits}")
+
+    def _add_wrapper(self, node: fx.Node, plan: LayerPlan, wrapper: nn.Module, **row) -> None:
+        with torch.no_grad():
+            wrapper.weight_quant.init_from(wrapper.folded()[0])
+        self.gm.add_submodule(node.target, wrapper)
         self.wrapped[node] = plan
         self.wrapped_targets.add(node.target)
-        self.info.layers.append({
-            "name": node.target, "type": type(module).__name__, "weight_bits": plan.weight_bits,
-            "per_channel": plan.per_channel, "act_bits": plan.act_bits, "bn_folded": bn is not None,
-            "act": act, "output": "float" if out_spec is None else f"A{out_bits}",
-        })
+        self.info.layers.append({"name": node.target, "type": type(self.modules[node.target]).__name__,
+                                 "weight_bits": plan.weight_bits, "per_channel": plan.per_channel,
+                                 "act_bits": plan.act_bits, **row})  # act_bits None: the input is not quantized
 
     # ---- step 2: activation quantizers ----------------------------------------------------------
     def _new_quantizer(self, after: fx.Node, bits: int, unsigned: bool, only_for: fx.Node | None = None) -> fx.Node:
@@ -166,6 +172,8 @@ class _Rewriter:
         return qnode
 
     def _place_quantizers(self, node: fx.Node) -> None:
+        if node in self.wrapped and isinstance(self.modules[node.target], QEmbedding):
+            return  # ids in, float out
         if node in self.wrapped:
             self._quantize_layer_input(node)
             if self.modules[node.target].out_quant is not None:
@@ -242,7 +250,7 @@ class _Rewriter:
         widths: dict[str, int] = {}  # quantizer path -> bits it is set to
         residual = self.config.residual_bits or self.config.act_bits
         for node in self.graph.nodes:
-            if node in self.wrapped:
+            if node in self.wrapped and not isinstance(self.gm.get_submodule(node.target), QEmbedding):
                 path = node.args[1].target
                 layers.setdefault(path, {}).setdefault((self.wrapped[node].act_bits, node.args[0]), []).append(node)
                 widths[path] = max(widths.get(path, 0), self.wrapped[node].act_bits)

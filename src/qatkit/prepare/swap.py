@@ -21,11 +21,12 @@ def swap_layers(module: nn.Module, prefix: str, config, plans, info, prepare_chi
             if plan is None or plan.skip:
                 continue
             w_spec = config.weight_spec(plan.weight_bits, plan.per_channel)
-            wrapper = WRAPPERS[type(child)](child, w_spec, input_spec=config.act_spec(plan.act_bits))
+            ids_in = isinstance(child, nn.Embedding)  # no input quantizer
+            wrapper = WRAPPERS[type(child)](child, w_spec, **({} if ids_in else {"input_spec": config.act_spec(plan.act_bits)}))
             wrapper.weight_quant.init_from(wrapper.weight.detach())
             setattr(module, name, wrapper)
             info.layers.append({"name": path, "type": type(child).__name__, "weight_bits": plan.weight_bits,
-                                "per_channel": plan.per_channel, "act_bits": plan.act_bits, "bn_folded": False,
+                                "per_channel": plan.per_channel, "act_bits": None if ids_in else plan.act_bits, "bn_folded": False,
                                 "act": None, "output": "float"})
         elif len(list(child.children())) > 0:
             setattr(module, name, prepare_child(child, path, config, plans, info))

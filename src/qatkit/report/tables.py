@@ -17,7 +17,7 @@ def describe(qat_model: nn.Module) -> str:
     if info is None:
         return "not a qatkit QAT model (no qat_info): call qatkit.prepare first"
     rows = [[r["name"], r["type"], f"W{r['weight_bits']}", "per-channel" if r["per_channel"] else "per-tensor",
-             f"A{r['act_bits']}", "yes" if r["bn_folded"] else "no", r["act"] or "-", r["output"]] for r in info.layers]
+             f"A{r['act_bits']}" if r["act_bits"] else "-", "yes" if r["bn_folded"] else "no", r["act"] or "-", r["output"]] for r in info.layers]
     text = _table(["layer", "type", "weight", "granularity", "input", "BN folded", "fused act", "output"], rows)
     added = [f"{path} (A{int(qat_model.get_submodule(path).bits)})" for path in info.act_quantizers]
     text += f"\n\nactivation quantizers added: {', '.join(added) or 'none'}"
