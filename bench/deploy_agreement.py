@@ -125,7 +125,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=BENCH / "results" / "deploy_agreement.json")
     p.add_argument("--suite", type=Path, default=BENCH / "results" / "suite.json", help="the suite's results file")
     p.add_argument("--bits", nargs="+", default=["8,8", "4,4"], help="weight,activation bit pairs (default 8,8 4,4)")
-    p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
+    p.add_argument("--tasks", nargs="+", default=["mnist-small-cnn", "cifar10-resnet20"], choices=list(TASKS))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--experiments", nargs="+", metavar="NAME",
                    help="measure these bench/experiment.py models instead of the suite's rows")

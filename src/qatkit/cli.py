@@ -263,8 +263,8 @@ def _cmd_bench(args) -> int:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from qatkit.export.bench import bench, format_table
     from qatkit.data import BatchLoader
+    from qatkit.export.bench import bench, format_table
     from qatkit.pipeline import FLOAT_FILE, dataset_for, model_from_recipe, rebuild_qat
 
     for what in ("threads", "rounds"):

@@ -181,6 +181,11 @@ def test_text_run_eval_verify_chain(tmp_path, capsys):
     assert json.loads(printed)["accuracy"] == qat["accuracy"]  # test text encoded with the model's vocabulary
     code, printed, err = run_cli(capsys, "verify", str(model_file.with_suffix(".onnx")), "--data", str(data), "--json")
     assert code == 0 and json.loads(printed)["top1_agreement"] == 1.0, err
+    code, printed, err = run_cli(capsys, "bench", str(tmp_path / "r" / "qat_w8a8.ckpt"), "--data", str(data),
+                                 "--batches", "2", "--rounds", "2", "--threads", "1", "--json")
+    assert code == 0, err  # token ids (int64) through every runtime, quantize_static's calibration included
+    assert {r["runtime"] for r in json.loads(printed)["rows"]} == {"torch-fp32", "ort-fp32", "ort-int8-qatkit",
+                                                                  "ort-int8-quantize_static"}
     code, _, err = run_cli(capsys, "run", "--dataset", "tsv", "--data", str(data), "--model", "small-cnn",
                            "--out", str(tmp_path / "x"))
     assert code == 2 and "model for a text dataset = 'small-cnn' is not allowed; allowed: tiny-transformer" in err
