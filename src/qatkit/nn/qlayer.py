@@ -16,6 +16,7 @@ from torch import nn
 
 from qatkit import kernels
 from qatkit.config import QuantSpec
+from qatkit.errors import ConfigError
 from qatkit.quantizer import FakeQuantizer
 
 _CONV_FN = {1: F.conv1d, 2: F.conv2d}
@@ -136,19 +137,18 @@ class QEmbedding(QLayer):
     def __init__(self, embedding: nn.Embedding, weight_spec: QuantSpec):
         nn.Module.__init__(self)
         if embedding.max_norm is not None or embedding.scale_grad_by_freq or embedding.sparse:
-            raise ValueError(f"{embedding} uses max_norm, scale_grad_by_freq or sparse gradients; qatkit quantizes "
-                             "plain embeddings. Fix: build the nn.Embedding without them")
+            raise ConfigError(f"{embedding} uses max_norm, scale_grad_by_freq or sparse gradients; allowed: a plain "
+                              "nn.Embedding. Fix: build it without them, or skip it (LayerRule(pattern=..., skip=True))")
         self.weight, self.bias, self.padding_idx = embedding.weight, None, embedding.padding_idx
         self.weight_quant = FakeQuantizer(weight_spec, kind="weight", channels=self.weight.shape[0])
         self.out_quant = self.input_quant = self.act = None
         self._last_input_quant = ()
 
     def forward(self, ids: torch.Tensor, in_q: FakeQuantizer | None = None) -> torch.Tensor:
-        if not bool(self.weight_quant.enabled):
-            return F.embedding(ids, self.weight, self.padding_idx)
-        if not self.training and bool(self.weight_quant.initialized):
+        wq = self.weight_quant
+        if not self.training and bool(wq.enabled) and bool(wq.initialized):
             return self.integer_forward(ids)
-        return F.embedding(ids, self.weight_quant(self.weight), self.padding_idx)
+        return F.embedding(ids, wq(self.weight), self.padding_idx)  # a disabled quantizer passes the table through
 
     @torch.no_grad()
     def integer_forward(self, ids: torch.Tensor, in_q: FakeQuantizer | None = None) -> torch.Tensor:
