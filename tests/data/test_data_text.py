@@ -56,6 +56,13 @@ def test_bad_tsv_is_refused_naming_line_and_fix(tmp_path, body, message):
         load_tsv_folder(str(tmp_path))
 
 
+def test_byte_order_mark_and_blank_lines_are_no_samples(tmp_path):
+    (tmp_path / "train.tsv").write_bytes("\ufefftext\tlabel\nfine film\t1\n\ndull\t0\n\n".encode("utf-8"))
+    write_tsv(tmp_path, "test.tsv", [("fine", 1)])
+    ds = load_tsv_folder(str(tmp_path))
+    assert ds.train.y.tolist() == [1, 0] and ds.train.x[:, :2].tolist() == [[4, 3], [2, 0]]  # dull, film, fine
+
+
 def test_missing_split_and_foreign_vocabulary_are_refused(tmp_path):
     write_tsv(tmp_path, "train.tsv", [("ok", 0)])
     with pytest.raises(DataError, match=r"test.tsv' does not exist.*Fix"):

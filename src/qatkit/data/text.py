@@ -54,13 +54,15 @@ def read_tsv(path: Path) -> tuple[list[str], list[int]]:
         raise DataError(f"{str(path)!r} does not exist; expected a TSV file with the header 'text<TAB>label'. "
                         "Fix: point --data at the folder that holds it")
     texts, labels = [], []
-    with open(path, encoding="utf-8", newline="") as f:
+    with open(path, encoding="utf-8-sig", newline="") as f:  # -sig: a byte-order mark is not part of the header
         rows = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
         header = next(rows, None)
         if header != HEADER:
             raise bad_value(f"header of {str(path)!r}", header, "text<TAB>label",
                             "make the first line 'text', a tab, 'label'", DataError)
         for line, row in enumerate(rows, start=2):
+            if not row:  # a blank line (often the last one)
+                continue
             if len(row) != 2 or not row[1].strip().isdigit():
                 raise bad_value(f"line {line} of {str(path)!r}", "\t".join(row)[:80],
                                 "a text, one tab, and a class index 0, 1, ...", "fix or remove the line", DataError)
