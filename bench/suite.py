@@ -272,7 +272,7 @@ def run_task(task: Task, results: dict, out: Path, data_root: Path, quick: bool,
     if timing:
         runs = [r for r in results["runs"] if r["task"] == task.name]
         rounds = QUICK["rounds"] if quick else 15
-        x = next(iter(_loaders(ds, dataclasses.replace(task.qat_train, batch_size=LATENCY_BATCH))[2]))[0][:LATENCY_BATCH]
+        x = next(iter(_loaders(ds, task.qat_train)[2]))[0][:LATENCY_BATCH]  # the first test samples
         results["latency_ms"][task.name] = latency(runs, work, rounds, x.numpy())
         model_f = float_model(task, seeds[0], data_root, quick, ds, work)[0]
         results["step_times"][task.name] = step_times(task, model_f, ds, rounds)

@@ -111,14 +111,14 @@ class _Exporter:
         return self.op("Concat", parts, "shape", axis=0)
 
     # ---- IR nodes ---------------------------------------------------------------------------------
-    def run(self, input_shape: list, debug_outputs: bool = False) -> onnx.ModelProto:
+    def run(self, debug_outputs: bool = False) -> onnx.ModelProto:
         inputs, outputs = [], []
         for node in self.model.nodes:
             name, op = node["name"], node["op"]
             if op == "input":
                 ids = not self.example.is_floating_point()  # token ids
                 elem = TensorProto.INT64 if ids else TensorProto.FLOAT
-                inputs.append(helper.make_tensor_value_info(name, elem, ["batch", *input_shape[1:]]))
+                inputs.append(helper.make_tensor_value_info(name, elem, ["batch", *self.example.shape[1:]]))
                 self.env[name] = Value(name, "int" if ids else "float")
             elif op == "output":
                 out = self.floats(self.resolve(node["args"][0]))
@@ -264,7 +264,7 @@ def export_onnx(model, path, example_input: torch.Tensor, *, debug_outputs: bool
 
     integer = model if isinstance(model, IntegerModel) else convert(model)
     exporter = _Exporter(integer, example_input)
-    proto = exporter.run(list(example_input.shape), debug_outputs)
+    proto = exporter.run(debug_outputs)
     proto.metadata_props.append(onnx.StringStringEntryProto(key="qatkit_notes", value="\n".join(exporter.notes)))
     onnx.save(proto, str(path))
     return exporter.notes
