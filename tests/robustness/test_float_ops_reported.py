@@ -40,3 +40,13 @@ def test_unquantizable_ops_are_listed_and_stay_float():
     assert torch.isfinite(y).all() and (y - model(x)).abs().max() < 0.5  # runs, close to float
     with pytest.raises(qatkit.QatkitError, match=r"module 'norm' \(GroupNorm\) has no integer-model form\. Fix:"):
         convert(qat)  # converting needs every op in the integer op table: a clear error, not a crash
+
+
+def test_a_mask_from_the_input_ids_is_not_a_float_op():
+    """`(ids != 0).float()` runs on integers (ONNX Equal/Not/Cast); what is done with the mask in float is listed."""
+    from qatkit.models.tiny_transformer import TinyTransformer
+
+    qat = qatkit.prepare(TinyTransformer(2, vocab_size=50, max_len=8, depth=1), qatkit.QATConfig())
+    ops = [op.split(" (")[1].rstrip(")") for op in qat.qat_info.float_ops]
+    assert "ne" not in ops and "float" not in ops
+    assert {"sub", "softmax", "matmul", "LayerNorm", "GELU", "sum", "truediv"} <= set(ops)

@@ -38,6 +38,11 @@ GRID_PRESERVING_FUNCTIONS = {torch.flatten, torch.reshape, torch.squeeze, torch.
                              torch.permute, F.relu, torch.relu, F.max_pool1d, F.max_pool2d, F.dropout, operator.getitem}
 GRID_PRESERVING_METHODS = {"view", "reshape", "flatten", "permute", "transpose", "contiguous", "squeeze", "unsqueeze", "relu"}
 SHAPE_OPS = {getattr, "size", "dim"}  # shape arithmetic, not tensor compute
+# Masks from the graph's inputs (`ids != 0`, then `.float()`): comparisons and casts of booleans are exact,
+# and integer ops in the runtime (ONNX Equal/Not/Cast on int64 ids), not float islands.
+MASK_FUNCTIONS = {operator.eq, operator.ne, operator.lt, operator.le, operator.gt, operator.ge, operator.invert,
+                  torch.eq, torch.ne, torch.lt, torch.le, torch.gt, torch.ge, torch.logical_not}
+MASK_METHODS = {"eq", "ne", "lt", "le", "gt", "ge", "logical_not", "float", "long", "int", "bool", "to"}
 # Ops an integer runtime runs on integers and requantizes (QLinearAdd, QLinearConcat, QLinearAveragePool).
 REQUANT_MODULES = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AvgPool1d, nn.AvgPool2d)
 REQUANT_FUNCTIONS = {operator.add, operator.iadd, torch.add, torch.cat, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d,
@@ -95,6 +100,7 @@ class _Rewriter:
         self.quantized: dict[fx.Node, str] = {}  # node whose output is integer -> its quantizer's path
         self.inserted: dict[fx.Node, fx.Node] = {}  # float node -> quantizer node added after it
         self.erased: set[fx.Node] = set()
+        self.masks: set[fx.Node] = set()  # graph inputs and the exact masks computed from them
 
     def run(self) -> PrepareInfo:
         for node in list(self.graph.nodes):
@@ -180,6 +186,11 @@ class _Rewriter:
                 self.quantized[node] = f"{node.target}.out_quant"
             return
         inputs = node.all_input_nodes
+        if node.op == "placeholder" or (inputs and all(a in self.masks for a in inputs) and (
+                _is(node, self.modules, GRID_PRESERVING_MODULES, GRID_PRESERVING_FUNCTIONS, GRID_PRESERVING_METHODS)
+                or _is(node, self.modules, (), MASK_FUNCTIONS, MASK_METHODS))):
+            self.masks.add(node)
+            return
         if _is(node, self.modules, GRID_PRESERVING_MODULES, GRID_PRESERVING_FUNCTIONS, GRID_PRESERVING_METHODS):
             if inputs and inputs[0] in self.quantized:
                 self.quantized[node] = self.quantized[inputs[0]]
