@@ -48,6 +48,18 @@ class Conv1dNet(nn.Module):
         return self.fc(torch.flatten(self.pool(F.relu(self.bn(self.conv(x)))), 1))
 
 
+class SharedConvNet(nn.Module):
+    """One conv called twice: each call has its own input scale, int32 bias and requantization."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.fc = nn.Linear(3, 4)
+
+    def forward(self, x):
+        return self.fc(F.relu(self.conv(F.relu(self.conv(x)))).mean((2, 3)))
+
+
 def trained_bn(model: nn.Module, x: torch.Tensor) -> nn.Module:
     """Give the BNs non-trivial running statistics, as after float training."""
     model.train()
@@ -75,6 +87,7 @@ def qat_model(model, x, bits):
 CASES = {
     "poolnet": (PoolNet, (16, 1, 8, 8)),
     "conv1d": (Conv1dNet, (16, 2, 12)),
+    "shared-conv": (SharedConvNet, (16, 3, 8, 8)),
     "tiny-transformer": (lambda: build_model("tiny-transformer", num_classes=10, in_channels=1, image_size=8), (16, 1, 8, 8)),
 }
 
@@ -102,6 +115,10 @@ def test_integer_model_equals_qat_eval(case, bits, tmp_path):
     if case == "poolnet":
         fns = [n.get("fn") for n in integer.nodes if n["op"] == "call"]
         assert fns == [ops.NAME_OF[F.max_pool2d], ops.NAME_OF[F.avg_pool2d], ops.NAME_OF[torch.flatten]]
+    if case == "shared-conv":  # two calls, their own input scales and biases, one stored weight
+        calls = [n for n in integer.nodes if n.get("module") == "conv"]
+        assert len(calls) == 2 and calls[0]["input"]["scale"] != calls[1]["input"]["scale"]
+        assert calls[0]["weight"] == calls[1]["weight"] and calls[0]["bias"] != calls[1]["bias"]
 
 
 def test_convert_restores_training_mode():

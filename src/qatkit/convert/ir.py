@@ -55,6 +55,13 @@ class _Writer:
         self.tensors[key] = t.detach().contiguous()
         return {"tensor": key}
 
+    def shared_tensor(self, first: str, key: str, field: str, t: torch.Tensor) -> dict:
+        """A later call's tensor that equals the first call's is stored once (shared weights stay shared)."""
+        stored = self.tensors.get(f"{first}.{field}")
+        if stored is not None and stored.dtype == t.dtype and torch.equal(stored, t):
+            return {"tensor": f"{first}.{field}"}
+        return self.tensor(f"{key}.{field}", t)
+
     def write(self) -> tuple[list[dict], dict[str, torch.Tensor]]:
         for node in self.gm.graph.nodes:
             entry = getattr(self, f"_{node.op}")(node)
@@ -132,16 +139,17 @@ class _Writer:
         in_q = m.input_quant or (self._resolve(node.args[1].target) if len(node.args) > 1 else None)
         if in_q is None or not in_q.active or not m.weight_quant.spec.symmetric:
             raise QatkitError(f"layer '{node.target}' is not calibrated or not symmetric. Fix: run qatkit.calibrate first")
-        key = node.target
+        # A layer called twice (shared weights) has each call's input scale, bias and output: per-call keys
+        key = node.target if f"{node.target}.input.scale" not in self.tensors else f"{node.target}@{node.name}"
         w, b = m.folded()
         s_in, _ = in_q.qparams()
         s_w = m.weight_qscale(in_q)
         codes = m.weight_quant.codes(w, s_w)
         bits = int(m.weight_quant.bits)
-        entry = {"op": "qlayer", "kind": "conv" if isinstance(m, QConv) else "linear", "module": key,
+        entry = {"op": "qlayer", "kind": "conv" if isinstance(m, QConv) else "linear", "module": node.target,
                  "args": [self.arg(node.args[0])], "act": m.act, "bits": bits, "shape": list(w.shape),
-                 "weight": self.tensor(f"{key}.weight", pack(codes, bits)),
-                 "weight_scale": self.tensor(f"{key}.weight_scale", s_w.float()),
+                 "weight": self.shared_tensor(node.target, key, "weight", pack(codes, bits)),
+                 "weight_scale": self.shared_tensor(node.target, key, "weight_scale", s_w.float()),
                  "input": _quant_fields(in_q, self.tensors, f"{key}.input"),
                  "bias": None if b is None else self.tensor(f"{key}.bias", kernels.bias_codes(b, s_in * s_w).to(torch.int32)),
                  "output": None if m.out_quant is None else _quant_fields(m.out_quant, self.tensors, f"{key}.output")}
