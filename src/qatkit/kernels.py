@@ -11,6 +11,7 @@ with [lo, hi] narrowed by a fused ReLU/ReLU6.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from qatkit.primitives.fake_quant import per_channel_view
 
@@ -21,6 +22,35 @@ ACTIVATIONS = (None, "relu", "relu6")
 def bias_codes(bias: torch.Tensor, bias_scale: torch.Tensor) -> torch.Tensor:
     """int32 bias codes at scale s_x·s_w (as float64 integers)."""
     return torch.clamp(torch.round(bias.double() / bias_scale.double()), INT32_MIN, INT32_MAX)
+
+
+_CONV = {1: F.conv1d, 2: F.conv2d}
+PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+
+
+def conv_pads(conv: torch.nn.Conv1d | torch.nn.Conv2d) -> list[int]:
+    """A conv's padding as ONNX `pads`, [begin of each spatial axis..., end of each...]; 'same' pads an even
+    kernel's extra row at the end, as PyTorch does."""
+    k, d = conv.kernel_size, conv.dilation
+    if conv.padding == "valid":
+        return [0] * 2 * len(k)
+    if conv.padding == "same":
+        total = [di * (ki - 1) for ki, di in zip(k, d)]
+        return [t // 2 for t in total] + [t - t // 2 for t in total]
+    return list(conv.padding) * 2
+
+
+def conv(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, stride, pads: list[int], padding_mode: str,
+         dilation, groups: int) -> torch.Tensor:
+    """Conv1d/2d with ONNX-style `pads` and PyTorch's padding modes. On centred codes (x − z_x) zero padding is
+    the real 0 and reflect/replicate/circular pad copies of codes, so the integer model pads exactly as QAT did."""
+    nd = w.dim() - 2
+    begin, end = pads[:nd], pads[nd:]
+    if padding_mode == "zeros" and begin == end:
+        return _CONV[nd](x, w, b, stride, begin, dilation, groups)
+    torch_pads = [p for i in reversed(range(nd)) for p in (begin[i], end[i])]  # last axis first
+    x = F.pad(x, torch_pads, mode="constant" if padding_mode == "zeros" else padding_mode)
+    return _CONV[nd](x, w, b, stride, 0, dilation, groups)
 
 
 def wrap_int32(acc: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,7 @@ Arguments are literals, {"node": name}, {"tensor": key}, {"slice": [a, b, c]} or
 from __future__ import annotations
 
 import torch
-from torch import fx
+from torch import fx, nn
 
 from qatkit import kernels
 from qatkit.convert import ops
@@ -117,6 +117,10 @@ class _Writer:
             return {**entry, "act": m.act} if n_in == 2 else entry
         if isinstance(m, ops.IDENTITY_MODULES):
             return {"op": "call", "fn": "identity", "args": [self.arg(node.args[0])], "kwargs": {}}
+        if isinstance(m, (nn.Conv1d, nn.Conv2d)) and (m.padding_mode != "zeros" or isinstance(m.padding, str)):
+            raise QatkitError(f"float conv '{node.target}' (not quantized) has padding={m.padding!r}, padding_mode="
+                              f"{m.padding_mode!r}; a float conv in an integer model pads with zeros by numbers only. "
+                              "Fix: let qatkit quantize it (drop its skip rule), or give it numeric zero padding")
         spec = ops.MODULES.get(type(m))
         if spec is None:
             raise QatkitError(f"module '{node.target}' ({type(m).__name__}) has no integer-model form. "
@@ -154,8 +158,14 @@ class _Writer:
                  "bias": None if b is None else self.tensor(f"{key}.bias", kernels.bias_codes(b, s_in * s_w).to(torch.int32)),
                  "output": None if m.out_quant is None else _quant_fields(m.out_quant, self.tensors, f"{key}.output")}
         if isinstance(m, QConv):
-            entry.update(dim=m.dim, stride=list(m.stride), padding=list(m.padding), dilation=list(m.dilation), groups=m.groups)
+            entry.update(dim=m.dim, stride=list(m.stride), pads=list(m.pads), padding_mode=m.padding_mode,
+                         dilation=list(m.dilation), groups=m.groups)
         return entry
+
+
+def conv_pads(node: dict) -> tuple[list[int], str]:
+    """A conv node's ONNX-order pads and padding mode (files written before padding modes hold `padding`)."""
+    return node.get("pads", node.get("padding", [0] * node.get("dim", 2)) * 2), node.get("padding_mode", "zeros")
 
 
 def to_ir(gm: fx.GraphModule) -> tuple[list[dict], dict[str, torch.Tensor]]:

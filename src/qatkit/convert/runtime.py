@@ -14,10 +14,10 @@ from torch import nn
 
 from qatkit import kernels
 from qatkit.convert import ops
+from qatkit.convert.ir import conv_pads
 from qatkit.convert.pack import unpack
 from qatkit.primitives import quantize_codes
 
-_CONV = {1: F.conv1d, 2: F.conv2d}
 
 
 @dataclass
@@ -116,8 +116,8 @@ class IntegerModel(nn.Module):
         q_b = None if node["bias"] is None else self.tensor(node["bias"]["tensor"]).double()
         centered = (x.codes - x.zero_point).double()
         if node["kind"] == "conv":
-            acc = _CONV[node["dim"]](centered, self._weight_codes(node), q_b, node["stride"], node["padding"],
-                                     node["dilation"], node["groups"])
+            acc = kernels.conv(centered, self._weight_codes(node), q_b, node["stride"], *conv_pads(node),
+                               node["dilation"], node["groups"])
             axis = 1
         else:
             acc, axis = F.linear(centered, self._weight_codes(node), q_b), -1

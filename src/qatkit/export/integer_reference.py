@@ -204,10 +204,15 @@ def _cast(ins, a):  # qatkit casts only masks to float
 
 
 def _pad(ins, a):
-    """Pad, constant mode (the exporter's zero-point channels): pads = [begin of each axis..., end of each axis...]."""
+    """Pad: constant (the exporter's zero-point channels), reflect or edge (a conv's padding mode) on codes;
+    pads = [begin of each axis..., end of each axis...]."""
     x, pads = ins[0], [int(p) for p in ins[1]]
-    value = _opt(ins, 2, x.dtype.type(0))
-    return np.pad(x, list(zip(pads[:x.ndim], pads[x.ndim:])), constant_values=value)
+    widths = list(zip(pads[:x.ndim], pads[x.ndim:]))
+    mode = a.get("mode", b"constant")
+    mode = mode.decode() if isinstance(mode, bytes) else mode
+    if mode != "constant":
+        return np.pad(x, widths, mode=mode)  # numpy's reflect and edge are ONNX's
+    return np.pad(x, widths, constant_values=_opt(ins, 2, x.dtype.type(0)))
 
 
 _erf = np.vectorize(math.erf, otypes=[f64])

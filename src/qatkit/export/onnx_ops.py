@@ -141,6 +141,11 @@ def _c(ex, v) -> str:
 def _float_op(ex, node, short, args, kwargs, rank) -> Value:
     name = node["name"]
     x = args[0]
+    if short == "cat":  # DQ → Concat (→ the Q after it): ONNX Runtime's QLinearConcat where every part is integer
+        if not all(isinstance(v, Value) and v.kind == "quant" for v in x):
+            ex.float_ops.setdefault(short, []).append(node.get("module", name))
+        parts = [ex.floats(v) for v in x]
+        return Value(ex.op("Concat", parts, name, axis=_arg(args, kwargs, 1, "dim", 0)), "float")
     if not (isinstance(x, Value) and x.kind in ("shape", "int")):
         ex.float_ops.setdefault(short, []).append(node.get("module", name))
     if short in BINARY:
@@ -194,9 +199,6 @@ def _float_op(ex, node, short, args, kwargs, rank) -> Value:
             return Value(ex.op("ReduceMean", [xf], name, keepdims=keep, **({"axes": axes} if axes else {})), "float")
         extra = [ex.const("axes", np.array(axes, np.int64))] if axes else []
         return Value(ex.op("ReduceSum", [xf, *extra], name, keepdims=keep), "float")
-    if short == "cat":
-        parts = [ex.floats(v) for v in x]
-        return Value(ex.op("Concat", parts, name, axis=_arg(args, kwargs, 1, "dim", 0)), "float")
     if short in ("linear", "conv1d", "conv2d"):
         inputs = [xf, _c(ex, kwargs["weight"])] + ([_c(ex, kwargs["bias"])] if kwargs.get("bias") is not None else [])
         if short == "linear":

@@ -14,6 +14,8 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from qatkit import kernels
+from qatkit.errors import QatkitError
+from qatkit.convert.ir import conv_pads
 from qatkit.convert.pack import unpack
 from qatkit.convert.runtime import IntegerModel, QValue
 from qatkit.export.onnx_ops import Value, export_call
@@ -178,6 +180,17 @@ class _Exporter:
         codes = np.pad(codes, [(0, 0), (0, extra)] + [(0, 0)] * (rank - 2))
         return Value(padded, "quant", x.scale, x.zero_point), codes
 
+    def pad_codes(self, x: Value, pads: list[int], mode: str, name: str) -> Value:
+        """Pad the spatial axes of integer codes in a PyTorch padding mode (copies of codes: exact)."""
+        onnx_mode = {"reflect": "reflect", "replicate": "edge"}.get(mode)
+        if onnx_mode is None:
+            raise QatkitError(f"conv '{name}' pads in mode {mode!r}; ONNX opset {OPSET} pads in zeros, reflect or "
+                              "replicate only. Fix: train with one of those padding modes")
+        nd = len(pads) // 2
+        all_pads = np.array([0, 0, *pads[:nd], 0, 0, *pads[nd:]], np.int64)  # batch and channel axes unpadded
+        padded = self.op("Pad", [x.name, self.const(f"{name}_pads", all_pads)], f"{name}_pad", mode=onnx_mode)
+        return Value(padded, "quant", x.scale, x.zero_point)
+
     def qlayer(self, node: dict) -> Value:
         name, x = node["name"], self.resolve(node["args"][0])
         if x.kind != "quant":
@@ -207,9 +220,11 @@ class _Exporter:
                 f"{name}_bdq", **({"axis": 0} if per_channel else {})))
         rank = self.rank(node["args"][0]["node"])
         if node["kind"] == "conv":
-            k = node["shape"][2:]
+            pads, mode = conv_pads(node)
+            if mode != "zeros":  # reflect / edge padding of the integer codes, then the conv pads nothing
+                x, pads = self.pad_codes(x, pads, mode, name), [0] * len(pads)
             inputs[0] = self.floats(x)
-            y = self.op("Conv", inputs, name, kernel_shape=k, strides=node["stride"], pads=node["padding"] * 2,
+            y = self.op("Conv", inputs, name, kernel_shape=node["shape"][2:], strides=node["stride"], pads=pads,
                         dilations=node["dilation"], group=node["groups"])
         elif rank == 2:
             inputs[0] = self.floats(x)

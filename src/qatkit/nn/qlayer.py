@@ -19,9 +19,6 @@ from qatkit.config import QuantSpec
 from qatkit.errors import ConfigError
 from qatkit.quantizer import FakeQuantizer
 
-_CONV_FN = {1: F.conv1d, 2: F.conv2d}
-
-
 class QLayer(nn.Module):
     out_axis = 1  # axis of the output channels in the layer's output
 
@@ -112,18 +109,20 @@ class QLinear(QLayer):
 
 
 class QConv(QLayer):
-    """Conv1d / Conv2d (any groups, stride, padding, dilation; zero padding only)."""
+    """Conv1d / Conv2d (any groups, stride, padding — numbers, 'same' or 'valid' — dilation and padding mode)."""
 
     def __init__(self, conv: nn.Conv1d | nn.Conv2d, weight_spec: QuantSpec, **kw):
         super().__init__(conv, weight_spec, **kw)
         self.dim = conv.weight.dim() - 2
-        self.stride, self.padding, self.dilation, self.groups = conv.stride, conv.padding, conv.dilation, conv.groups
+        self.stride, self.dilation, self.groups = conv.stride, conv.dilation, conv.groups
+        self.pads, self.padding_mode = kernels.conv_pads(conv), conv.padding_mode  # pads: ONNX order
 
     def op(self, x, w, b):
-        return _CONV_FN[self.dim](x, w, b, self.stride, self.padding, self.dilation, self.groups)
+        return kernels.conv(x, w, b, self.stride, self.pads, self.padding_mode, self.dilation, self.groups)
 
     def extra_repr(self) -> str:
-        return f"conv{self.dim}d, stride={self.stride}, padding={self.padding}, groups={self.groups}, act={self.act}"
+        return (f"conv{self.dim}d, stride={self.stride}, pads={self.pads}, padding_mode={self.padding_mode}, "
+                f"groups={self.groups}, act={self.act}")
 
 
 class QEmbedding(QLayer):

@@ -1,0 +1,148 @@
+"""Model patterns beyond the zoo: QAT eval = integer model (torch.equal) = ONNX Runtime (0 steps).
+
+Convs with padding modes, 'same' padding (an even kernel pads one more at the end) and a layer called twice."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import qatkit
+from qatkit.errors import QatkitError
+from qatkit.export import export_onnx, ort, verify
+from qatkit.export.integer_reference import IntegerReference
+from qatkit.kernels import conv_pads
+from qatkit.config import QuantSpec
+from qatkit.nn import QConv
+
+
+class PaddedNet(nn.Module):
+    def __init__(self, mode: str):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1, padding_mode=mode)
+        self.conv2 = nn.Conv2d(8, 8, (2, 3), padding="same", padding_mode=mode)  # pads rows (0, 1), columns (1, 1)
+        self.conv3 = nn.Conv1d(8, 4, 3, padding=2, dilation=2, padding_mode=mode)
+        self.fc = nn.Linear(4, 5)
+
+    def forward(self, x):  # (B, 3, H, W)
+        x = F.relu(self.conv2(F.relu(self.conv1(x))))
+        x = F.relu(self.conv3(x.mean(2)))  # (B, 8, W) -> (B, 4, W)
+        return self.fc(x.mean(2))
+
+
+def _calibrated(model, x, bits=8):
+    qat = qatkit.prepare(model, qatkit.QATConfig(weight_bits=bits, act_bits=bits, first_last_bits=None), x[:2])
+    qatkit.calibrate(qat, [x[:8], x[8:]])
+    return qat.eval()
+
+
+@pytest.mark.parametrize("mode", ["zeros", "reflect", "replicate", "circular"])
+def test_padding_modes_and_same_padding_are_what_the_float_conv_computes(mode):
+    """QConv pads as the float conv does (float64 reference: the float conv on the same weights)."""
+    torch.manual_seed(0)
+    spec = QuantSpec(bits=8, symmetric=True, per_channel=True)
+    for conv, x in ((nn.Conv2d(3, 4, (2, 3), padding="same", padding_mode=mode), torch.randn(2, 3, 7, 6)),
+                    (nn.Conv1d(3, 4, 4, padding="same", dilation=2, padding_mode=mode), torch.randn(2, 3, 9)),
+                    (nn.Conv2d(3, 4, 3, padding=(1, 2), stride=2, padding_mode=mode), torch.randn(2, 3, 7, 6))):
+        conv = conv.double()
+        q = QConv(conv, spec)
+        assert torch.equal(q.op(x.double(), conv.weight, conv.bias), conv(x.double()))
+    assert conv_pads(nn.Conv2d(1, 1, (2, 3), padding="same")) == [0, 1, 1, 1]
+    assert conv_pads(nn.Conv2d(1, 1, 3, padding="valid")) == [0, 0, 0, 0]
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("mode", ["zeros", "reflect", "replicate", "circular"])
+def test_padding_modes_run_exactly_in_the_integer_model_and_onnx_runtime(mode, bits, tmp_path):
+    torch.manual_seed(0)
+    x = torch.randn(16, 3, 6, 7)
+    qat = _calibrated(PaddedNet(mode), x, bits)
+    with torch.no_grad():
+        expected = qat(x)
+    integer = qatkit.convert(qat)
+    assert torch.equal(integer(x), expected)
+    assert torch.equal(qatkit.load(qatkit.save(integer, tmp_path / "m.safetensors"))(x), expected)
+    qat_zeros = _calibrated(PaddedNet("zeros"), x, bits)
+    if mode != "zeros":  # the mode matters: the same weights padded with zeros compute something else
+        qat_zeros.load_state_dict(qat.state_dict())
+        with torch.no_grad():
+            assert not torch.equal(qat_zeros(x), expected)
+    path = tmp_path / "m.onnx"
+    if mode == "circular":
+        with pytest.raises(QatkitError, match=r"pads in mode 'circular'.*Fix: train with one of those padding modes"):
+            export_onnx(integer, path, x[:1])
+        return
+    export_onnx(integer, path, x[:1])
+    result = verify(path, integer, [x])
+    assert result["top1_agreement"] == 1.0 and result["max_step_diff"] == 0.0
+    ort_out = ort.run(ort.session(path, threads=1), x)  # the integer-only reference pads the codes as ORT does
+    assert np.array_equal(IntegerReference(path, requant="float32").run(x.numpy()), ort_out)
+
+
+def test_a_float_conv_with_a_padding_mode_is_refused_at_convert():
+    torch.manual_seed(0)
+    x = torch.randn(16, 3, 6, 7)
+    model = PaddedNet("reflect")
+    qat = qatkit.prepare(model, qatkit.QATConfig(rules=[qatkit.LayerRule(pattern="conv2", skip=True)]), x[:2])
+    qatkit.calibrate(qat, [x])
+    with pytest.raises(QatkitError, match=r"float conv 'conv2' \(not quantized\) has padding='same', "
+                                          r"padding_mode='reflect'.*Fix: let qatkit quantize it"):
+        qatkit.convert(qat.eval())
+
+
+class SharedConvNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.fc = nn.Linear(3, 4)
+
+    def forward(self, x):
+        return self.fc(F.relu(self.conv(F.relu(self.conv(x)))).mean((2, 3)))
+
+
+def test_a_layer_called_twice_runs_exactly_in_onnx_runtime(tmp_path):
+    torch.manual_seed(0)
+    x = torch.randn(16, 3, 8, 8)
+    qat = _calibrated(SharedConvNet(), x)
+    integer = qatkit.convert(qat)
+    with torch.no_grad():
+        assert torch.equal(integer(x), qat(x))
+    export_onnx(integer, tmp_path / "m.onnx", x[:1])
+    result = verify(tmp_path / "m.onnx", integer, [x])
+    assert result["top1_agreement"] == 1.0 and result["max_step_diff"] == 0.0
+
+
+class CatNet(nn.Module):
+    """Inception-style branches of different ranges concatenated, then a DenseNet-style cat([x, conv(x)])."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.b1 = nn.Conv2d(8, 4, 1)
+        self.b2 = nn.Conv2d(8, 4, 3, padding=1)
+        self.grow = nn.Conv2d(8, 4, 3, padding=1)
+        self.fc = nn.Linear(12, 5)
+
+    def forward(self, x):
+        x = F.relu(self.stem(x))
+        x = torch.cat([F.relu(self.b1(x)), self.b2(x)], dim=1)  # unsigned and signed parts, their own scales
+        x = torch.cat([x, F.relu(self.grow(x))], dim=1)  # (B, 12, H, W)
+        return self.fc(x.mean((2, 3)))
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_concatenation_runs_exactly_in_onnx_runtime(bits, tmp_path):
+    torch.manual_seed(0)
+    x = torch.randn(16, 3, 8, 8)
+    qat = _calibrated(CatNet(), x, bits)
+    integer = qatkit.convert(qat)
+    with torch.no_grad():
+        assert torch.equal(integer(x), qat(x))
+    path = tmp_path / "m.onnx"
+    notes = export_onnx(integer, path, x[:1])
+    assert not any(n.startswith("cat ") for n in notes)  # every part is integer: not a float op
+    result = verify(path, integer, [x])
+    assert result["top1_agreement"] == 1.0 and result["max_step_diff"] == 0.0
+    assert np.array_equal(IntegerReference(path, requant="float32").run(x.numpy()), ort.run(ort.session(path, threads=1), x))
