@@ -146,3 +146,57 @@ def test_concatenation_runs_exactly_in_onnx_runtime(bits, tmp_path):
     result = verify(path, integer, [x])
     assert result["top1_agreement"] == 1.0 and result["max_step_diff"] == 0.0
     assert np.array_equal(IntegerReference(path, requant="float32").run(x.numpy()), ort.run(ort.session(path, threads=1), x))
+
+
+class MobileDecoder(nn.Module):
+    """MobileNetV3's activations and squeeze-excite, a LeakyReLU/clamp, and a decoder's upsampling."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.act1 = nn.Hardswish()
+        self.se1, self.se2 = nn.Linear(8, 4), nn.Linear(4, 8)
+        self.gate = nn.Hardsigmoid()
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.leaky = nn.LeakyReLU(0.1)
+        self.up = nn.Upsample(scale_factor=2, mode="nearest")
+        self.conv3 = nn.Conv2d(8, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 5)
+
+    def forward(self, x):  # (B, 3, 8, 8)
+        x = self.act1(self.conv1(x))  # (B, 8, 4, 4)
+        x = x * self.gate(self.se2(F.relu(self.se1(x.mean((2, 3)))))).reshape(-1, 8, 1, 1)
+        x = self.up(self.leaky(self.conv2(x)))  # (B, 8, 8, 8)
+        x = F.interpolate(F.hardtanh(self.conv3(x), -2.0, 2.0), size=(5, 5), mode="bilinear", align_corners=False)
+        x = F.interpolate(torch.clamp(x, min=-1.5), scale_factor=2.0, mode="nearest")
+        return self.fc(x.mean((2, 3)))
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_mobile_activations_and_upsampling_convert_and_export(bits, tmp_path):
+    torch.manual_seed(0)
+    x = torch.randn(32, 3, 8, 8)
+    model = MobileDecoder()
+    with pytest.warns(UserWarning, match=r"stay float: act1 \(Hardswish\).*gate \(Hardsigmoid\).*leaky \(LeakyReLU\)"
+                                         r".*up \(Upsample\).*hardtanh.*interpolate"):
+        qat = _calibrated(model, x, bits)
+    with torch.no_grad():
+        expected = qat(x)
+        assert (expected - model(x)).abs().max() < 0.2  # the float ops run as in the float model
+    integer = qatkit.convert(qat)
+    assert torch.equal(integer(x), expected)
+    path = tmp_path / "m.onnx"
+    notes = export_onnx(integer, path, x[:1])
+    assert any(n.startswith("interpolate runs on dequantized") for n in notes)
+    result = verify(path, integer, [x])  # float islands: ORT's float kernels may round a value to the next step
+    assert result["top1_agreement"] == 1.0 and result["within_one_step"] == 1.0
+
+
+@pytest.mark.parametrize("size, scale", [(None, 2.0), ((5, 7), None), ((3, 2), None)])
+def test_the_integer_reference_upsamples_as_pytorch_nearest(size, scale):
+    from qatkit.export.integer_reference import _resize
+
+    x = np.arange(2 * 3 * 4 * 6, dtype=np.float32).reshape(2, 3, 4, 6)
+    expected = F.interpolate(torch.from_numpy(x), size=size, scale_factor=scale, mode="nearest").numpy()
+    ins = [x, None, np.array([1, 1, scale, scale], np.float32)] if scale else [x, None, None, np.array([2, 3, *size])]
+    assert np.array_equal(_resize(ins, {"mode": b"nearest"}), expected)

@@ -18,13 +18,13 @@ _FUNCTIONS = [
     torch.mean, torch.sum, torch.sqrt, torch.exp,
     F.relu, F.relu6, F.gelu, F.silu, F.sigmoid, F.softmax, F.layer_norm, F.embedding, F.batch_norm, F.linear,
     F.conv1d, F.conv2d, F.max_pool1d, F.max_pool2d, F.avg_pool1d, F.avg_pool2d, F.adaptive_avg_pool1d,
-    F.adaptive_avg_pool2d, F.dropout,
+    F.adaptive_avg_pool2d, F.dropout, F.hardswish, F.hardsigmoid, F.leaky_relu, F.hardtanh, torch.clamp, F.interpolate,
 ]
 FUNCTIONS = {f"{getattr(fn, '__module__', None) or 'builtins'}.{fn.__name__}": fn for fn in _FUNCTIONS}
 NAME_OF = {fn: name for name, fn in FUNCTIONS.items()}
 GETATTR = NAME_OF[getattr]  # allowed for `.shape` only
 METHODS = {"view", "reshape", "permute", "transpose", "flatten", "contiguous", "softmax", "mean", "sum", "size",
-           "relu", "sigmoid", "unsqueeze", "squeeze", "expand", "mul", "add", "matmul", "dim", "float"}
+           "relu", "sigmoid", "unsqueeze", "squeeze", "expand", "mul", "add", "matmul", "dim", "float", "clamp"}
 # Ops applied to integer codes directly: they keep values on the grid (ReLU handled with the zero point).
 CODE_PRESERVING = {NAME_OF[f] for f in (torch.flatten, torch.reshape, torch.transpose, torch.permute, torch.squeeze,
                                         torch.unsqueeze, F.max_pool1d, F.max_pool2d, operator.getitem)} | {
@@ -51,6 +51,12 @@ MODULES = {
     nn.Tanh: (torch.tanh, (), lambda m: {}),
     nn.SiLU: (F.silu, (), lambda m: {}),
     nn.GELU: (F.gelu, (), lambda m: dict(approximate=m.approximate)),
+    nn.Hardswish: (F.hardswish, (), lambda m: {}),
+    nn.Hardsigmoid: (F.hardsigmoid, (), lambda m: {}),
+    nn.LeakyReLU: (F.leaky_relu, (), lambda m: dict(negative_slope=m.negative_slope)),
+    nn.Hardtanh: (F.hardtanh, (), lambda m: dict(min_val=m.min_val, max_val=m.max_val)),
+    nn.Upsample: (F.interpolate, (), lambda m: dict(size=m.size, scale_factor=m.scale_factor, mode=m.mode,
+                                                    align_corners=m.align_corners)),
     nn.Softmax: (F.softmax, (), lambda m: dict(dim=m.dim)),
     nn.LayerNorm: (F.layer_norm, ("weight", "bias"), lambda m: dict(normalized_shape=m.normalized_shape, eps=m.eps)),
     nn.Embedding: (F.embedding, ("weight",), lambda m: dict(padding_idx=m.padding_idx)),

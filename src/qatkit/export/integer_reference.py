@@ -215,6 +215,24 @@ def _pad(ins, a):
     return np.pad(x, widths, constant_values=_opt(ins, 2, x.dtype.type(0)))
 
 
+def _resize(ins, a):
+    """Resize, nearest with the asymmetric floor mapping (PyTorch's 'nearest'): src = floor(dst / scale)."""
+    x = ins[0]
+    mode = a.get("mode", b"nearest")
+    if (mode.decode() if isinstance(mode, bytes) else mode) != "nearest":
+        raise bad_value("Resize mode", mode, "nearest", "the integer reference runs nearest upsampling only",
+                        cls=ModelFileError)
+    sizes, scales = _opt(ins, 3), _opt(ins, 2)
+    for axis in range(2, x.ndim):
+        n = x.shape[axis]
+        if sizes is not None and len(sizes):  # src = floor(dst · in/out)
+            src = np.floor(np.arange(int(sizes[axis])) * (n / int(sizes[axis])))
+        else:  # src = floor(dst / scale)
+            src = np.floor(np.arange(int(np.floor(n * scales[axis]))) / f32(scales[axis]))
+        x = np.take(x, np.minimum(src.astype(i64), n - 1), axis=axis)
+    return x
+
+
 _erf = np.vectorize(math.erf, otypes=[f64])
 _OPS = {  # op_type -> handler(inputs, attributes) -> output(s); float ops compute in float32
     "DequantizeLinear": _dequantize, "QuantizeLinear": _quantize, "Identity": lambda i, a: i[0],
@@ -241,6 +259,10 @@ _OPS = {  # op_type -> handler(inputs, attributes) -> output(s); float ops compu
     "Tanh": lambda i, a: np.tanh(i[0]), "Sqrt": lambda i, a: np.sqrt(i[0]), "Exp": lambda i, a: np.exp(i[0]),
     "Neg": lambda i, a: -i[0], "Equal": lambda i, a: np.equal(i[0], i[1]), "Not": lambda i, a: np.logical_not(i[0]),
     "Cast": _cast,
+    "HardSwish": lambda i, a: i[0] * np.clip(i[0] * f32(1 / 6) + f32(0.5), f32(0), f32(1)),
+    "HardSigmoid": lambda i, a: np.clip(i[0] * f32(a.get("alpha", 0.2)) + f32(a.get("beta", 0.5)), f32(0), f32(1)),
+    "LeakyRelu": lambda i, a: np.where(i[0] >= 0, i[0], i[0] * f32(a.get("alpha", 0.01))),
+    "Resize": _resize,
     "ReduceSum": lambda i, a: i[0].sum(axis=_axes(i, a), keepdims=bool(a.get("keepdims", 1)), dtype=f32),
     "Gemm": lambda i, a: f32(a.get("alpha", 1.0)) * ((i[0].T if a.get("transA", 0) else i[0])
                                                      @ (i[1].T if a.get("transB", 0) else i[1]))

@@ -165,6 +165,18 @@ def _float_op(ex, node, short, args, kwargs, rank) -> Value:
         inner = ex.op("Erf", [ex.op("Mul", [xf, ex.const("c", np.float32(1 / np.sqrt(2)))], "g")], "erf")
         half = ex.op("Mul", [xf, ex.const("c", np.float32(0.5))], "half")
         return Value(ex.op("Mul", [half, ex.op("Add", [inner, ex.const("one", np.float32(1))], "g")], name), "float")
+    if short in ("hardswish", "hardsigmoid"):  # PyTorch's: x·relu6(x + 3)/6 and relu6(x + 3)/6
+        op = "HardSwish" if short == "hardswish" else "HardSigmoid"
+        return Value(ex.op(op, [xf], name, **({} if op == "HardSwish" else {"alpha": 1 / 6, "beta": 0.5})), "float")
+    if short == "leaky_relu":
+        return Value(ex.op("LeakyRelu", [xf], name, alpha=float(_arg(args, kwargs, 1, "negative_slope", 0.01))), "float")
+    if short in ("hardtanh", "clamp"):
+        lo, hi = ((_arg(args, kwargs, 1, "min_val", -1.0), _arg(args, kwargs, 2, "max_val", 1.0)) if short == "hardtanh"
+                  else (_arg(args, kwargs, 1, "min", None), _arg(args, kwargs, 2, "max", None)))
+        bounds = ["" if v is None else ex.const("b", np.float32(v)) for v in (lo, hi)]
+        return Value(ex.op("Clip", [xf, *bounds], name), "float")
+    if short == "interpolate":
+        return Value(_resize(ex, node, xf, args, kwargs, rank), "float")
     if short == "softmax":
         return Value(ex.op("Softmax", [xf], name, axis=_arg(args, kwargs, 1, "dim", -1)), "float")
     if short == "layer_norm":
@@ -208,3 +220,31 @@ def _float_op(ex, node, short, args, kwargs, rank) -> Value:
                            group=kwargs.get("groups", 1)), "float")
     raise QatkitError(f"op {node['fn']!r} (node '{name}') has no ONNX form in qatkit. "
                       "Fix: express it with supported ops (see qatkit/export/onnx_ops.py)")
+
+
+_RESIZE_MODES = {"nearest": ("nearest", "asymmetric"), "linear": ("linear", "half_pixel"),
+                 "bilinear": ("linear", "half_pixel")}
+
+
+def _resize(ex, node, xf: str, args, kwargs, rank: int) -> str:
+    """F.interpolate / nn.Upsample as Resize: PyTorch's 'nearest' takes the floor of dst/scale (asymmetric),
+    its (bi)linear modes sample at pixel centres (half_pixel) or corners (align_corners)."""
+    mode = _arg(args, kwargs, 3, "mode", "nearest")
+    if mode not in _RESIZE_MODES:
+        raise QatkitError(f"interpolation mode {mode!r} (node '{node['name']}') has no ONNX form in qatkit; allowed: "
+                          f"{', '.join(_RESIZE_MODES)}. Fix: use one of those modes")
+    onnx_mode, coords = _RESIZE_MODES[mode]
+    if kwargs.get("align_corners"):
+        coords = "align_corners"
+    size, scale = _arg(args, kwargs, 1, "size", None), _arg(args, kwargs, 2, "scale_factor", None)
+    spatial = rank - 2
+    if size is not None:
+        lead = ex.op("Slice", [ex.op("Shape", [xf], "shp"), ex.const("s", np.array([0], np.int64)),
+                               ex.const("e", np.array([2], np.int64))], "lead")  # (batch, channels)
+        spatial_sizes = ex.const("sizes", np.array(size if isinstance(size, list) else [size] * spatial, np.int64))
+        inputs = [xf, "", "", ex.op("Concat", [lead, spatial_sizes], "sizes", axis=0)]
+    else:
+        scales = [1.0, 1.0] + (scale if isinstance(scale, list) else [scale] * spatial)
+        inputs = [xf, "", ex.const("scales", np.array(scales, np.float32))]
+    return ex.op("Resize", inputs, node["name"], mode=onnx_mode, coordinate_transformation_mode=coords,
+                 nearest_mode="floor")

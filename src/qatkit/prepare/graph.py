@@ -209,7 +209,8 @@ class _Rewriter:
             self._new_quantizer(act_node or node, self.config.act_bits, unsigned=act_node is not None)
             return
         if node.op == "call_module" or (node.op in ("call_function", "call_method") and node.target not in SHAPE_OPS):
-            self.info.float_ops.append(_describe(node, self.modules, self.plans))
+            if (described := _describe(node, self.modules, self.plans)) not in self.info.float_ops:  # a module called twice: once
+                self.info.float_ops.append(described)
 
     def _is_global_pool(self, node: fx.Node) -> bool:
         if node.op == "call_module" and isinstance(self.modules[node.target], (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)):
