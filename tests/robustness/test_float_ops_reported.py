@@ -1,6 +1,8 @@
 """Ops qatkit cannot quantize stay float: a listed warning at prepare, the report names them, nothing crashes."""
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -29,8 +31,14 @@ def test_unquantizable_ops_are_listed_and_stay_float():
     torch.manual_seed(0)
     x = torch.randn(4, 1, 8, 8)
     model = Odd().eval()
-    with pytest.warns(UserWarning, match=r"qatkit: \d+ ops have no integer kernel and stay float: .*norm \(GroupNorm\).*up \(ConvTranspose2d\)"):
+    with pytest.warns(UserWarning) as record:
         qat = qatkit.prepare(model, qatkit.QATConfig(), x)
+    messages = [str(w.message) for w in record]
+    assert any(re.match(r"qatkit: \d+ ops have no integer kernel and stay float: .*norm \(GroupNorm\).*up "
+                        r"\(ConvTranspose2d\)", m) for m in messages)
+    # said before training, not only when convert refuses: the ops without an integer-model form, tanh not among them
+    assert any(m.startswith("qatkit: QAT trains, but convert and ONNX export will refuse this model: norm (GroupNorm), "
+                            "up (ConvTranspose2d) have no integer-model form (allowed modules: ") for m in messages)
     qatkit.calibrate(qat, [x])
     qat.eval()
     report = qatkit.describe(qat)
@@ -38,7 +46,8 @@ def test_unquantizable_ops_are_listed_and_stay_float():
     assert {r["name"] for r in qat.qat_info.layers} == {"conv", "fc"}  # the quantizable layers are quantized
     y = qat(x)
     assert torch.isfinite(y).all() and (y - model(x)).abs().max() < 0.5  # runs, close to float
-    with pytest.raises(qatkit.QatkitError, match=r"module 'norm' \(GroupNorm\) has no integer-model form\. Fix:"):
+    with pytest.raises(qatkit.QatkitError, match=r"module 'norm' \(GroupNorm\) has no integer-model form; allowed: "
+                                                 r"AdaptiveAvgPool1d, .*Upsample and the layers qatkit quantizes\. Fix:"):
         convert(qat)  # converting needs every op in the integer op table: a clear error, not a crash
 
 

@@ -91,7 +91,8 @@ class _Writer:
         name = ops.NAME_OF.get(node.target)
         if name is None or (name == ops.GETATTR and node.args[1] != "shape"):
             raise QatkitError(f"function {getattr(node.target, '__name__', node.target)!r} (node '{node.name}') has no "
-                              "integer-model form. Fix: express it with torch ops such as reshape/matmul/softmax")
+                              "integer-model form; allowed: the functions of qatkit.convert.ops.FUNCTIONS. Fix: "
+                              "express it with those, or replace it by a supported module")
         return {"op": "call", "fn": name, "args": self.arg(node.args), "kwargs": {k: self.arg(v) for k, v in node.kwargs.items()}}
 
     def _call_method(self, node):
@@ -123,8 +124,9 @@ class _Writer:
                               "Fix: let qatkit quantize it (drop its skip rule), or give it numeric zero padding")
         spec = ops.MODULES.get(type(m))
         if spec is None:
-            raise QatkitError(f"module '{node.target}' ({type(m).__name__}) has no integer-model form. "
-                              "Fix: leave it out of the model or replace it by a supported layer")
+            raise QatkitError(f"module '{node.target}' ({type(m).__name__}) has no integer-model form; allowed: "
+                              f"{ops.supported_modules()} and the layers qatkit quantizes. Fix: replace it by one of "
+                              "those or leave it out of the model")
         fn, params, kwargs = spec
         kw = {p: (None if getattr(m, p) is None else self.tensor(f"{node.target}.{p}", getattr(m, p))) for p in params}
         kw.update({k: self.arg(v) for k, v in kwargs(m).items()})

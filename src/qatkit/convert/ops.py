@@ -67,3 +67,16 @@ MODULES = {
     nn.Conv2d: (F.conv2d, ("weight", "bias"), lambda m: dict(stride=m.stride, padding=m.padding, dilation=m.dilation, groups=m.groups)),
 }
 IDENTITY_MODULES = (nn.Dropout, nn.Identity)
+
+
+def convertible(node, modules: dict) -> bool:
+    """Whether a float op of a traced graph (an fx.Node) has an integer-model form; the writer refuses the rest."""
+    if node.op == "call_module":
+        return type(modules[node.target]) in MODULES or isinstance(modules[node.target], IDENTITY_MODULES)
+    if node.op == "call_function":
+        return node.target in NAME_OF
+    return node.op != "call_method" or node.target in METHODS
+
+
+def supported_modules() -> str:
+    return ", ".join(sorted({t.__name__ for t in MODULES} | {t.__name__ for t in IDENTITY_MODULES}))

@@ -8,6 +8,7 @@ import torch
 from torch import fx, nn
 
 from qatkit.config import QATConfig
+from qatkit.convert import ops
 from qatkit.devices import module_device
 from qatkit.errors import DataError, bad_value
 from qatkit.prepare.graph import WRAPPERS, PrepareInfo, prepare_graph
@@ -39,9 +40,15 @@ def prepare(model: nn.Module, config: QATConfig | None = None, example_inputs: t
     if info.untraced:
         warnings.warn(
             "qatkit: could not trace " + "; ".join(info.untraced)
-            + ". Their own code runs in float; their Conv/Linear layers are quantized at their inputs (module swap).",
+            + ". Their own code runs in float; their Conv/Linear layers are quantized at their inputs (module swap). "
+            "QAT trains; convert and ONNX export need the whole model traced: move shape checks out of forward (or "
+            "use torch._assert) and loops or ifs over tensor sizes into constructor arguments.",
             stacklevel=2,
         )
+    if info.unconvertible:
+        warnings.warn(f"qatkit: QAT trains, but convert and ONNX export will refuse this model: "
+                      f"{', '.join(info.unconvertible)} have no integer-model form (allowed modules: "
+                      f"{ops.supported_modules()}). Fix: replace them before training", stacklevel=2)
     if info.float_ops:
         shown = ", ".join(info.float_ops[:8]) + (f" and {len(info.float_ops) - 8} more" if len(info.float_ops) > 8 else "")
         warnings.warn(f"qatkit: {len(info.float_ops)} ops have no integer kernel and stay float: {shown} "
@@ -65,6 +72,7 @@ def _prepare_module(module: nn.Module, prefix: str, config: QATConfig, plans, in
         info.layers.append(row)
     info.act_quantizers += [f"{prefix}.{q}" if prefix else q for q in sub_info.act_quantizers]
     info.float_ops += sub_info.float_ops
+    info.unconvertible += sub_info.unconvertible
     info.shared_quantizers += [[f"{prefix}.{q}" if prefix else q for q in group] for group in sub_info.shared_quantizers]
     return gm
 

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from qatkit.config import QATConfig
+from qatkit.convert import ops
 from qatkit.nn import QAdd, QConv, QConvBn, QEmbedding, QGlobalAvgPool, QLinear
 from qatkit.prepare.rules import LayerPlan
 from qatkit.quantizer import FakeQuantizer
@@ -57,6 +58,7 @@ class PrepareInfo:
     act_quantizers: list[str] = field(default_factory=list)
     float_ops: list[str] = field(default_factory=list)
     untraced: list[str] = field(default_factory=list)
+    unconvertible: list[str] = field(default_factory=list)  # float ops that convert will refuse
     shared_quantizers: list[list[str]] = field(default_factory=list)  # exact_adds: paths that hold one quantizer
 
 
@@ -211,6 +213,8 @@ class _Rewriter:
         if node.op == "call_module" or (node.op in ("call_function", "call_method") and node.target not in SHAPE_OPS):
             if (described := _describe(node, self.modules, self.plans)) not in self.info.float_ops:  # a module called twice: once
                 self.info.float_ops.append(described)
+                if not ops.convertible(node, self.modules):
+                    self.info.unconvertible.append(described)
 
     def _is_global_pool(self, node: fx.Node) -> bool:
         if node.op == "call_module" and isinstance(self.modules[node.target], (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)):
