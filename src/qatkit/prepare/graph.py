@@ -1,7 +1,8 @@
 """Graph rewrite of a torch.fx-traced model into its QAT form.
 
 1. Conv/Linear (per the layer plan) become QAT wrappers; a BatchNorm right after a conv is folded
-   into it and a ReLU/ReLU6 right after is fused into its output range.
+   into it and a ReLU/ReLU6 right after is fused into its output range. F.dropout calls become
+   nn.Dropout modules (tracing froze their `training` argument to the mode at prepare time).
 2. Activation quantizers go exactly where an integer runtime quantizes: before every quantized
    layer whose input is not already integer (the graph input, a sigmoid, a LayerNorm...), at the
    output of every quantized layer that does not feed the graph output directly, and at the output
@@ -106,7 +107,9 @@ class _Rewriter:
 
     def run(self) -> PrepareInfo:
         for node in list(self.graph.nodes):
-            if node.op == "call_module" and type(self.modules[node.target]) in WRAPPERS:
+            if node.op == "call_function" and node.target is F.dropout:
+                self._dropout_module(node)
+            elif node.op == "call_module" and type(self.modules[node.target]) in WRAPPERS:
                 self._wrap(node)
         self.modules = dict(self.gm.named_modules())
         for node in list(self.graph.nodes):
@@ -119,6 +122,17 @@ class _Rewriter:
         self.graph.lint()
         self.gm.recompile()
         return self.info
+
+    def _dropout_module(self, node: fx.Node) -> None:
+        """F.dropout(x, p, self.training): tracing froze `training` to the mode at prepare time; an nn.Dropout
+        follows the QAT model's train()/eval() instead."""
+        p = node.args[1] if len(node.args) > 1 else node.kwargs.get("p", 0.5)
+        path = f"dropout_{node.name}"
+        self.gm.add_submodule(path, nn.Dropout(p))
+        with self.graph.inserting_before(node):
+            new = self.graph.call_module(path, (node.args[0],))
+        node.replace_all_uses_with(new)
+        self.graph.erase_node(node)
 
     # ---- step 1: wrap, fold BN, fuse activation -------------------------------------------------
     def _wrap(self, node: fx.Node) -> None:
