@@ -17,7 +17,8 @@ def convert(qat_model: nn.Module) -> IntegerModel:
     if not isinstance(qat_model, fx.GraphModule):
         untraced = "; ".join(getattr(getattr(qat_model, "qat_info", None), "untraced", [])) or "the model"
         raise QatkitError(f"convert needs a graph, but {untraced} could not be traced by torch.fx. Fix: remove "
-                          "data-dependent control flow from forward (or mark it with torch.fx.wrap)")
+                          "data-dependent control flow from forward (branch on shapes, not tensor values; torch.where "
+                          "computes both ways) and pass example_inputs to qatkit.prepare")
     if module_device(qat_model).type != "cpu":  # the integer model runs on the CPU; the QAT model stays where it is
         qat_model = copy.deepcopy(qat_model).cpu()
     was_training = qat_model.training

@@ -11,6 +11,7 @@ from qatkit.config import QATConfig
 from qatkit.convert import ops
 from qatkit.devices import module_device
 from qatkit.errors import DataError, bad_value
+from qatkit.prepare.concrete import concrete_trace
 from qatkit.prepare.graph import WRAPPERS, PrepareInfo, prepare_graph
 from qatkit.prepare.rules import plan_layers
 from qatkit.prepare.swap import swap_layers
@@ -21,8 +22,9 @@ __all__ = ["PrepareInfo", "prepare"]
 def prepare(model: nn.Module, config: QATConfig | None = None, example_inputs: tuple | torch.Tensor | None = None) -> nn.Module:
     """Return the QAT form of `model` (the float model is left untouched).
 
-    The model is traced with torch.fx; a submodule that cannot be traced keeps its own code in float
-    and its Conv/Linear children are quantized by module swap (a warning names it). Weight ranges are
+    The model is traced with torch.fx; one whose forward branches on its input is traced along
+    `example_inputs` (see prepare/concrete.py); a submodule that still cannot be traced keeps its own
+    code in float and its Conv/Linear children are quantized by module swap (a warning names it). Weight ranges are
     initialised here; activation ranges by `qatkit.calibrate` (or from the first batch). When
     `example_inputs` are given, one forward checks that they fit the model.
     """
@@ -35,19 +37,23 @@ def prepare(model: nn.Module, config: QATConfig | None = None, example_inputs: t
     device = module_device(model)  # built on the CPU (new quantizers start there), then moved to the model's device
     model = copy.deepcopy(model).cpu()
     plans = plan_layers(model, config, tuple(WRAPPERS))
-    qat = _prepare_module(model, "", config, plans, info := PrepareInfo()).to(device)
+    args = None if example_inputs is None else example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    args = None if args is None else tuple(a.cpu() if isinstance(a, torch.Tensor) else a for a in args)
+    qat = _prepare_module(model, "", config, plans, info := PrepareInfo(), args).to(device)
     qat.qat_info = info
     if info.untraced:
         warnings.warn(
             "qatkit: could not trace " + "; ".join(info.untraced)
             + ". Their own code runs in float; their Conv/Linear layers are quantized at their inputs (module swap). "
-            "QAT trains; convert and ONNX export need the whole model traced: move shape checks out of forward (or "
-            "use torch._assert) and loops or ifs over tensor sizes into constructor arguments.",
+            "QAT trains; convert and ONNX export need the whole model traced: branch on shapes, not tensor values "
+            "(torch.where computes both ways), and pass example_inputs to qatkit.prepare.",
             stacklevel=2,
         )
+    if info.traced_along_example:
+        warnings.warn(info.traced_along_example, stacklevel=2)
     if info.unconvertible:
         warnings.warn(f"qatkit: QAT trains, but convert and ONNX export will refuse this model: "
-                      f"{', '.join(info.unconvertible)} have no integer-model form (allowed modules: "
+                      f"{', '.join(info.unconvertible)} {'has' if len(info.unconvertible) == 1 else 'have'} no integer-model form (allowed modules: "
                       f"{ops.supported_modules()}). Fix: replace them before training", stacklevel=2)
     if info.float_ops:
         shown = ", ".join(info.float_ops[:8]) + (f" and {len(info.float_ops) - 8} more" if len(info.float_ops) > 8 else "")
@@ -58,13 +64,30 @@ def prepare(model: nn.Module, config: QATConfig | None = None, example_inputs: t
     return qat
 
 
-def _prepare_module(module: nn.Module, prefix: str, config: QATConfig, plans, info: PrepareInfo) -> nn.Module:
-    """Trace and rewrite `module`; where tracing fails, recurse into its children."""
+def _prepare_module(module: nn.Module, prefix: str, config: QATConfig, plans, info: PrepareInfo,
+                    example_inputs: tuple | None = None) -> nn.Module:
+    """Trace and rewrite `module` (the root, given example inputs, along them if it branches on its
+    input); where tracing fails, recurse into its children."""
     try:
         gm = fx.symbolic_trace(module)
     except Exception as e:  # fx raises many types (TraceError, TypeError, NotImplementedError...)
-        info.untraced.append(f"'{prefix or type(module).__name__}' ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
-        return swap_layers(module, prefix, config, plans, info, _prepare_module)
+        why = f"'{prefix or type(module).__name__}' ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
+        if prefix:  # a submodule: no example input of its own
+            info.untraced.append(why)
+            return swap_layers(module, prefix, config, plans, info, _prepare_module)
+        try:
+            if example_inputs is None:
+                raise ValueError("no example_inputs were given to prepare to trace it along")
+            gm, decisions = concrete_trace(module, example_inputs)
+        except Exception as concrete_error:  # the model's own code may raise anything on proxies
+            info.untraced.append(f"{why}, nor along the example input ({str(concrete_error).splitlines()[0][:200]})")
+            return swap_layers(module, prefix, config, plans, info, _prepare_module)
+        shapes = ", ".join(str(tuple(a.shape)) for a in example_inputs if isinstance(a, torch.Tensor))
+        info.traced_along_example = (f"qatkit: torch.fx could not trace {why}; traced along the example input "
+                                     f"instead: {decisions} Python branches, asserts or loop counts follow the "
+                                     f"example's shapes ({shapes}); the graph equals the model on batches of "
+                                     f"{len(example_inputs[0])}, 1 and {2 * len(example_inputs[0])}. Keep inputs "
+                                     "shaped as the example (the batch size may change)")
     sub_plans = {k[len(prefix) + 1:] if prefix else k: v for k, v in plans.items() if not prefix or k.startswith(prefix + ".")}
     sub_info = prepare_graph(gm, config, sub_plans)
     for row in sub_info.layers:

@@ -60,6 +60,7 @@ class PrepareInfo:
     float_ops: list[str] = field(default_factory=list)
     untraced: list[str] = field(default_factory=list)
     unconvertible: list[str] = field(default_factory=list)  # float ops that convert will refuse
+    traced_along_example: str = ""  # how the root was traced when torch.fx alone could not
     shared_quantizers: list[list[str]] = field(default_factory=list)  # exact_adds: paths that hold one quantizer
 
 

@@ -1,0 +1,140 @@
+"""Tracing a model whose forward branches on its input: torch.fx with the example input running alongside.
+
+`torch.fx.symbolic_trace` cannot decide `assert x.dim() == 4`, `if x.shape[1] != self.channels:` or
+`for i in range(x.size(1))`: its values are symbols. Here every traced value also carries what the model
+computes on the example input, so such Python control flow takes the example's way and the graph records
+the tensor ops that way leads to (sizes used as tensor arguments stay symbolic: a reshape by x.size(0) keeps
+any batch size). A graph is only accepted when it computes what the model computes on the example and on
+other batch sizes; control flow that depends on tensor values elsewhere would still be frozen, so prepare
+says that it traced this way.
+"""
+from __future__ import annotations
+
+import copy
+import functools
+import inspect
+
+import torch
+from torch import fx, nn
+from torch.fx import _symbolic_trace
+
+
+_SHAPE_METHODS = {"size", "dim", "numel", "ndimension"}
+_SHAPE_ATTRIBUTES = {"shape", "ndim", "dtype", "device", "is_cuda"}
+
+
+class _Concrete:
+    """Python conversions of a proxy use the example's value."""
+
+    def __len__(self) -> int:  # of a tensor: its first size
+        return len(self.tracer.decide(self, shape_only=False))
+
+    def __index__(self) -> int:
+        return int(self.tracer.decide(self))
+
+    def __int__(self) -> int:
+        return int(self.tracer.decide(self))
+
+    def __float__(self) -> float:
+        return float(self.tracer.decide(self))
+
+    def __getattr__(self, k: str) -> fx.proxy.Attribute:  # x.shape: its len() is a decision too
+        return _ShadowAttribute(self, k)
+
+
+class _ShadowProxy(_Concrete, fx.Proxy):
+    pass
+
+
+class _ShadowAttribute(_Concrete, fx.proxy.Attribute):
+    pass
+
+
+class ConcreteTracer(fx.Tracer):
+    def __init__(self, shadow: nn.Module, example: dict[str, object]):
+        super().__init__()
+        self.shadow, self.example = shadow, example  # a copy of the root that computes the example's values
+        self.values: dict[fx.Node, object] = {}
+        self.static: set[fx.Node] = set()  # nodes computed from shapes, sizes, dtypes and constants only
+        self.decisions = 0  # Python branches, asserts and loop counts taken from the example
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _ShadowProxy(node, self)
+
+    def decide(self, proxy: fx.Proxy, shape_only: bool = True):
+        """The example's value where Python needs one (a branch, an assert, a loop count, a length): only
+        values computed from shapes, sizes and types; a branch on tensor values would freeze one input's way."""
+        if shape_only and proxy.node not in self.static:
+            raise fx.proxy.TraceError(f"Python control flow on tensor values (node '{proxy.node.name}') would follow "
+                                      "the example's way on every input; branch on shapes, or use torch.where")
+        self.decisions += 1
+        return self.values[proxy.node]
+
+    def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, proxy_factory_fn=None):
+        proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
+        proxies = []
+        real = fx.node.map_aggregate((args, kwargs), lambda a: (proxies.append(a), self.values[a.node])[1]
+                                     if isinstance(a, fx.Proxy) else a)
+        if ((kind == "call_method" and target in _SHAPE_METHODS)
+                or (kind == "call_function" and target is getattr and args[1] in _SHAPE_ATTRIBUTES)
+                or (kind in ("call_function", "call_method") and proxies and all(p.node in self.static for p in proxies))):
+            self.static.add(proxy.node)
+        patched = nn.Module.__call__, nn.Module.__getattr__
+        # the trace patches every module's call and attribute access; the example's values come from plain calls
+        nn.Module.__call__, nn.Module.__getattr__ = _symbolic_trace._orig_module_call, _symbolic_trace._orig_module_getattr
+        try:
+            with torch.no_grad():
+                self.values[proxy.node] = self._compute(kind, target, *real)
+        finally:
+            nn.Module.__call__, nn.Module.__getattr__ = patched
+        return proxy
+
+    def _compute(self, kind: str, target, args, kwargs):
+        if kind == "placeholder":
+            return self.example[target]
+        if kind == "get_attr":
+            return functools.reduce(getattr, target.split("."), self.shadow)
+        if kind == "call_module":
+            return self.shadow.get_submodule(target)(*args, **kwargs)
+        if kind == "call_method":
+            return getattr(args[0], target)(*args[1:], **kwargs)
+        return target(*args, **kwargs)
+
+    def to_bool(self, obj: fx.Proxy) -> bool:
+        return bool(self.decide(obj))
+
+    def iter(self, obj: fx.Proxy):
+        return iter([obj[i] for i in range(len(self.decide(obj, shape_only=False)))])
+
+
+def concrete_trace(module: nn.Module, example_inputs: tuple) -> tuple[fx.GraphModule, int]:
+    """The module's graph along the example's control flow, and how many decisions the example made.
+
+    Raises ValueError when the graph does not compute what the module does on the example, on its first
+    sample alone and on the example twice over (a branch on the batch size, or on tensor values)."""
+    names = list(inspect.signature(module.forward).parameters)[:len(example_inputs)]
+    tracer = ConcreteTracer(copy.deepcopy(module), dict(zip(names, example_inputs)))
+    graph = tracer.trace(module)
+    gm = fx.GraphModule(module, graph, type(module).__name__)
+    gm.graph.eliminate_dead_code()  # the size arithmetic that only fed decisions
+    gm.recompile()
+    for args in (example_inputs, tuple(a[:1] for a in example_inputs), tuple(torch.cat([a, a]) for a in example_inputs)):
+        with torch.no_grad(), torch.random.fork_rng():
+            torch.manual_seed(0)
+            expected = copy.deepcopy(module)(*args)
+            torch.manual_seed(0)
+            got = copy.deepcopy(gm)(*args)
+        if not _same(got, expected):
+            raise ValueError(f"the graph traced along the example input differs from the model on a batch of "
+                             f"{len(args[0])} (its forward branches on the batch size or on tensor values)")
+    return gm, tracer.decisions
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    return a == b

@@ -1,0 +1,118 @@
+"""A forward that branches on its input's shapes is traced along the example input, so it converts and exports;
+branches on the batch size or on tensor values are not frozen into a graph (module swap, as before)."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+import qatkit
+from qatkit.export import export_onnx, verify
+from qatkit.prepare.concrete import concrete_trace
+
+
+class ShapeChecks(nn.Module):
+    """What user code does: asserts on the input, a branch on the channel count, a loop over a size, len()."""
+
+    def __init__(self):
+        super().__init__()
+        self.gray = nn.Conv2d(1, 8, 3, padding=1)
+        self.rgb = nn.Conv2d(3, 8, 3, padding=1)
+        self.blocks = nn.ModuleList(nn.Conv2d(8, 8, 3, padding=1) for _ in range(3))
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        assert x.dim() == 4, f"expected (B, C, H, W), got {x.dim()} dims"
+        x = F.relu(self.rgb(x) if x.shape[1] == 3 else self.gray(x))
+        for i in range(x.size(2) // 4):  # 2 blocks for 8×8 inputs
+            x = F.relu(self.blocks[i](x))
+        if len(x.shape) == 4 and x.shape[-1] > 1:
+            x = x.mean((2, 3))
+        return self.fc(x.view(x.size(0), -1))
+
+
+def test_shape_branches_follow_the_example_and_the_model_converts_and_exports(tmp_path):
+    torch.manual_seed(0)
+    model = ShapeChecks().eval()
+    x = torch.randn(16, 3, 8, 8)
+    with pytest.raises(fx.proxy.TraceError):
+        fx.symbolic_trace(model)  # what plain torch.fx makes of it
+    with pytest.warns(UserWarning, match=r"could not trace 'ShapeChecks' .*; traced along the example input instead: "
+                                         r"\d+ Python branches.*\(\(2, 3, 8, 8\)\); the graph equals the model on "
+                                         r"batches of 2, 1 and 4"):
+        qat = qatkit.prepare(model, qatkit.QATConfig(), x[:2])
+    assert isinstance(qat, fx.GraphModule) and not qat.qat_info.untraced
+    assert sorted(r["name"] for r in qat.qat_info.layers) == ["blocks.0", "blocks.1", "fc", "rgb"]  # the example's way
+    qatkit.calibrate(qat, [x])
+    qat.eval()
+    with torch.no_grad():
+        y = qat(x)
+    assert (y - model(x)).abs().max() < 0.05 * (model(x).abs().max())
+    integer = qatkit.convert(qat)
+    assert torch.equal(integer(x), y)  # any batch size: x.size(0) stayed symbolic
+    export_onnx(integer, tmp_path / "m.onnx", x[:1])
+    result = verify(tmp_path / "m.onnx", integer, [x])
+    assert result["top1_agreement"] == 1.0 and result["max_step_diff"] == 0.0
+
+
+class BatchBranch(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.fc(x * 2 if x.shape[0] > 1 else x)  # a batch of one goes another way
+
+
+class ValueBranch(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.fc(x * 2 if x.sum() > 0 else x)
+
+
+@pytest.mark.parametrize("model, why", [
+    (BatchBranch(), r"differs from the model on a batch of 1 \(its forward branches on the batch size"),
+    (ValueBranch(), r"Python control flow on tensor values \(node 'gt'\) would follow the example's way"),
+])
+def test_branches_on_the_batch_size_or_on_values_are_not_frozen(model, why):
+    x = torch.ones(4, 4)
+    with pytest.raises((ValueError, fx.proxy.TraceError), match=why):
+        concrete_trace(model, (x,))
+    with pytest.warns(UserWarning, match=rf"could not trace '{type(model).__name__}' .*nor along the example input "
+                                         rf"\(.*{why}.*module swap"):
+        qat = qatkit.prepare(model, qatkit.QATConfig(), x)
+    assert qat.qat_info.untraced and not isinstance(qat, fx.GraphModule)
+
+
+def test_without_example_inputs_the_model_falls_back_to_module_swap():
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        qat = qatkit.prepare(ShapeChecks(), qatkit.QATConfig())
+    assert any("nor along the example input (no example_inputs were given to prepare to trace it along)" in str(w.message) for w in record)
+    assert not isinstance(qat, fx.GraphModule)
+
+
+def test_tracing_along_the_example_leaves_the_model_untouched():
+    """The example's values come from a copy: BN statistics and parameters of the model do not move."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).train()
+    wrapped = BatchNormFirst(model)
+    before = {k: v.clone() for k, v in wrapped.state_dict().items()}
+    gm, decisions = concrete_trace(wrapped, (torch.randn(2, 3, 8, 8),))
+    assert decisions == 1
+    assert all(torch.equal(before[k], v) for k, v in wrapped.state_dict().items())
+
+
+class BatchNormFirst(nn.Module):
+    def __init__(self, body):
+        super().__init__()
+        self.body = body
+
+    def forward(self, x):
+        assert x.shape[1] == 3
+        return self.body(x)
