@@ -12,7 +12,7 @@ from torch import nn
 
 _FUNCTIONS = [
     operator.add, operator.sub, operator.mul, operator.truediv, operator.matmul, operator.getitem, operator.neg,
-    operator.iadd, operator.ne, getattr,
+    operator.iadd, operator.ne, operator.eq, getattr,
     torch.add, torch.sub, torch.mul, torch.matmul, torch.cat, torch.flatten, torch.reshape, torch.transpose,
     torch.permute, torch.squeeze, torch.unsqueeze, torch.relu, torch.sigmoid, torch.tanh, torch.softmax,
     torch.mean, torch.sum, torch.sqrt, torch.exp,
@@ -24,7 +24,8 @@ FUNCTIONS = {f"{getattr(fn, '__module__', None) or 'builtins'}.{fn.__name__}": f
 NAME_OF = {fn: name for name, fn in FUNCTIONS.items()}
 GETATTR = NAME_OF[getattr]  # allowed for `.shape` only
 METHODS = {"view", "reshape", "permute", "transpose", "flatten", "contiguous", "softmax", "mean", "sum", "size",
-           "relu", "sigmoid", "unsqueeze", "squeeze", "expand", "mul", "add", "matmul", "dim", "float", "clamp"}
+           "relu", "sigmoid", "unsqueeze", "squeeze", "expand", "mul", "add", "matmul", "dim", "float", "clamp",
+           "masked_fill"}
 # Ops applied to integer codes directly: they keep values on the grid (ReLU handled with the zero point).
 CODE_PRESERVING = {NAME_OF[f] for f in (torch.flatten, torch.reshape, torch.transpose, torch.permute, torch.squeeze,
                                         torch.unsqueeze, F.max_pool1d, F.max_pool2d, operator.getitem)} | {

@@ -6,6 +6,7 @@ two compute the same integers. Float ops (softmax, LayerNorm, ...) see dequantiz
 """
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -159,4 +160,6 @@ class IntegerModel(nn.Module):
             return getattr(args[0], node["fn"])(*args[1:], **kwargs)
         if node["fn"] == ops.NAME_OF[torch.nn.functional.dropout]:
             return args[0]
+        if node["fn"] == ops.NAME_OF[operator.getitem] and isinstance(args[1], list):  # x[:, 0]: a tuple index
+            args = [args[0], tuple(args[1])]
         return ops.FUNCTIONS[node["fn"]](*args, **kwargs)

@@ -262,7 +262,7 @@ _OPS = {  # op_type -> handler(inputs, attributes) -> output(s); float ops compu
     "HardSwish": lambda i, a: i[0] * np.clip(i[0] * f32(1 / 6) + f32(0.5), f32(0), f32(1)),
     "HardSigmoid": lambda i, a: np.clip(i[0] * f32(a.get("alpha", 0.2)) + f32(a.get("beta", 0.5)), f32(0), f32(1)),
     "LeakyRelu": lambda i, a: np.where(i[0] >= 0, i[0], i[0] * f32(a.get("alpha", 0.01))),
-    "Resize": _resize,
+    "Resize": _resize, "Where": lambda i, a: np.where(i[0], i[1], i[2]).astype(i[2].dtype),
     "ReduceSum": lambda i, a: i[0].sum(axis=_axes(i, a), keepdims=bool(a.get("keepdims", 1)), dtype=f32),
     "Gemm": lambda i, a: f32(a.get("alpha", 1.0)) * ((i[0].T if a.get("transA", 0) else i[0])
                                                      @ (i[1].T if a.get("transB", 0) else i[1]))

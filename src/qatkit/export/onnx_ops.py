@@ -64,9 +64,9 @@ def export_call(ex, node: dict) -> Value:
             else Value(shape, "shape")
     if short == "getitem":
         return _getitem(ex, x, args[1], rank)
-    if short == "ne" and x.kind == "int":  # a padding mask from token ids: integer compare, no float island
-        other = ex.const("c", np.array(args[1], np.int64))
-        return Value(ex.op("Not", [ex.op("Equal", [x.name, other], "eq")], name), "bool")
+    if short in ("eq", "ne") and x.kind == "int":  # a padding mask from token ids: integer compare, no float island
+        equal = ex.op("Equal", [x.name, ex.const("c", np.array(args[1], np.int64))], "eq" if short == "ne" else name)
+        return Value(equal if short == "eq" else ex.op("Not", [equal], name), "bool")
     if short == "float" and x.kind == "bool":
         return Value(ex.op("Cast", [x.name], name, to=TensorProto.FLOAT), "float")
     if short in ("relu",) and x.kind == "quant":  # max(q, z): ReLU on the codes
@@ -106,6 +106,8 @@ def export_call(ex, node: dict) -> Value:
 def _resolve(ex, a):
     if isinstance(a, list):
         return [_resolve(ex, v) for v in a]
+    if isinstance(a, dict) and "slice" in a:
+        return slice(*a["slice"])
     return ex.resolve(a)
 
 
@@ -121,14 +123,19 @@ def _getitem(ex, x: Value, index, rank) -> Value:
         kind = "int" if x.kind == "shape" else x.kind
         return Value(out, kind, x.scale, x.zero_point)
     items = index if isinstance(index, list) else [index]
-    if all(isinstance(i, slice) for i in items) and all(s.step in (None, 1) for s in items):
-        starts = [s.start or 0 for s in items]
-        ends = [np.iinfo(np.int64).max if s.stop is None else s.stop for s in items]
-        axes = list(range(len(items)))
-        out = ex.op("Slice", [x.name, ex.const("st", np.array(starts, np.int64)), ex.const("en", np.array(ends, np.int64)),
-                              ex.const("ax", np.array(axes, np.int64))], "slice")
-        return Value(out, x.kind, x.scale, x.zero_point)
-    raise QatkitError(f"indexing with {index!r} has no ONNX form in qatkit. Fix: index with an int or plain slices")
+    if not all(isinstance(i, int) or (isinstance(i, slice) and i.step in (None, 1)) for i in items):
+        raise QatkitError(f"indexing with {index!r} has no ONNX form in qatkit. Fix: index with ints and plain slices")
+    # x[a:b, c:d, i, ...]: one Slice over the sliced axes, then a Gather per int (its axis then drops out)
+    sliced = [(axis, s) for axis, s in enumerate(items) if isinstance(s, slice)]
+    out = x.name
+    if any(s.start is not None or s.stop is not None for _, s in sliced):
+        starts = [s.start or 0 for _, s in sliced]
+        ends = [np.iinfo(np.int64).max if s.stop is None else s.stop for _, s in sliced]
+        out = ex.op("Slice", [out, ex.const("st", np.array(starts, np.int64)), ex.const("en", np.array(ends, np.int64)),
+                              ex.const("ax", np.array([a for a, _ in sliced], np.int64))], "slice")
+    for dropped, (axis, i) in enumerate((a, i) for a, i in enumerate(items) if isinstance(i, int)):
+        out = ex.op("Gather", [out, ex.const("i", np.array(i, np.int64))], "item", axis=axis - dropped)
+    return Value(out, x.kind, x.scale, x.zero_point)
 
 
 def _c(ex, v) -> str:
@@ -175,6 +182,11 @@ def _float_op(ex, node, short, args, kwargs, rank) -> Value:
                   else (_arg(args, kwargs, 1, "min", None), _arg(args, kwargs, 2, "max", None)))
         bounds = ["" if v is None else ex.const("b", np.float32(v)) for v in (lo, hi)]
         return Value(ex.op("Clip", [xf, *bounds], name), "float")
+    if short == "masked_fill":  # Where(mask, value, x)
+        mask = args[1] if args[1].kind == "bool" else ex.op("Cast", [args[1].name], "mask", to=TensorProto.BOOL)
+        mask = mask.name if isinstance(mask, Value) else mask
+        value = ex.const("fill", np.array(_arg(args, kwargs, 2, "value", 0.0), np.float32))
+        return Value(ex.op("Where", [mask, value, xf], name), "float")
     if short == "interpolate":
         return Value(_resize(ex, node, xf, args, kwargs, rank), "float")
     if short == "softmax":

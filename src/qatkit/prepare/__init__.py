@@ -12,6 +12,7 @@ from qatkit.convert import ops
 from qatkit.devices import module_device
 from qatkit.errors import DataError, bad_value
 from qatkit.prepare.concrete import concrete_trace
+from qatkit.prepare.decompose import decompose
 from qatkit.prepare.graph import WRAPPERS, PrepareInfo, prepare_graph
 from qatkit.prepare.rules import plan_layers
 from qatkit.prepare.swap import swap_layers
@@ -35,7 +36,7 @@ def prepare(model: nn.Module, config: QATConfig | None = None, example_inputs: t
     if not isinstance(model, nn.Module):
         raise bad_value("model", type(model).__name__, "a torch.nn.Module", "pass the float model itself")
     device = module_device(model)  # built on the CPU (new quantizers start there), then moved to the model's device
-    model = copy.deepcopy(model).cpu()
+    model = decompose(copy.deepcopy(model).cpu())  # nn.MultiheadAttention & co. as Linear layers and tensor ops
     plans = plan_layers(model, config, tuple(WRAPPERS))
     args = None if example_inputs is None else example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     args = None if args is None else tuple(a.cpu() if isinstance(a, torch.Tensor) else a for a in args)

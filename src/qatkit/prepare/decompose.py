@@ -1,0 +1,122 @@
+"""torch.nn's attention blocks, rewritten with nn.Linear layers and tensor ops before tracing.
+
+nn.MultiheadAttention, nn.TransformerEncoderLayer and nn.TransformerEncoder are leaves to torch.fx and run
+fused kernels: their projections would stay float. Replaced by these modules (same parameters, the same
+computation as PyTorch's non-fused path), every projection is an nn.Linear that prepare quantizes, and
+the matmuls, softmax and masks are ops the integer model and ONNX export know.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qatkit.errors import ConfigError
+
+
+def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+        if bias is not None:
+            layer.bias.copy_(bias)
+    return layer
+
+
+class MultiheadAttention(nn.Module):
+    """nn.MultiheadAttention as q/k/v/out nn.Linear layers, batched matmuls and a softmax."""
+
+    def __init__(self, mha: nn.MultiheadAttention):
+        super().__init__()
+        if mha.bias_k is not None or mha.add_zero_attn:
+            raise ConfigError(f"{mha} uses add_bias_kv or add_zero_attn; allowed: neither. Fix: build it without "
+                              "them, or skip its layers with a LayerRule")
+        e, self.num_heads, self.batch_first = mha.embed_dim, mha.num_heads, mha.batch_first
+        self.head_dim = e // mha.num_heads
+        if mha._qkv_same_embed_dim:
+            w_q, w_k, w_v = mha.in_proj_weight.detach().chunk(3)
+        else:
+            w_q, w_k, w_v = (w.detach() for w in (mha.q_proj_weight, mha.k_proj_weight, mha.v_proj_weight))
+        b_q, b_k, b_v = (None,) * 3 if mha.in_proj_bias is None else mha.in_proj_bias.detach().chunk(3)
+        self.q_proj, self.k_proj, self.v_proj = _linear(w_q, b_q), _linear(w_k, b_k), _linear(w_v, b_v)
+        self.out_proj = _linear(mha.out_proj.weight.detach(), None if mha.out_proj.bias is None else mha.out_proj.bias.detach())
+        self.dropout = nn.Dropout(mha.dropout)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:  # (B, L, E) -> (B, h, L, d)
+        return x.reshape(x.shape[0], x.shape[1], self.num_heads, self.head_dim).transpose(1, 2)
+
+    def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
+                average_attn_weights=True, is_causal=False):
+        if not self.batch_first:  # (L, B, E) -> (B, L, E)
+            query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
+        q = self._heads(self.q_proj(query)) * self.head_dim**-0.5
+        k, v = self._heads(self.k_proj(key)), self._heads(self.v_proj(value))
+        logits = q @ k.transpose(-2, -1)  # (B, h, L, S)
+        if attn_mask is not None:  # (L, S) or (B·h, L, S); True or -inf: not attended
+            mask = attn_mask.reshape(-1, self.num_heads, attn_mask.shape[-2], attn_mask.shape[-1]) \
+                if attn_mask.dim() == 3 else attn_mask
+            logits = logits.masked_fill(mask, float("-inf")) if attn_mask.dtype == torch.bool else logits + mask
+        if key_padding_mask is not None:  # (B, S); True: a padding key
+            pad = key_padding_mask.reshape(key_padding_mask.shape[0], 1, 1, key_padding_mask.shape[1])
+            logits = logits.masked_fill(pad, float("-inf")) if key_padding_mask.dtype == torch.bool else logits + pad
+        weights = logits.softmax(-1)
+        out = self.dropout(weights) @ v  # (B, h, L, d)
+        out = self.out_proj(out.transpose(1, 2).reshape(out.shape[0], out.shape[2], self.num_heads * self.head_dim))
+        if not self.batch_first:
+            out = out.transpose(0, 1)
+        if not need_weights:
+            return out, None
+        return out, weights.mean(1) if average_attn_weights else weights
+
+
+class TransformerEncoderLayer(nn.Module):
+    """nn.TransformerEncoderLayer's non-fused path, with the attention above."""
+
+    def __init__(self, layer: nn.TransformerEncoderLayer):
+        super().__init__()
+        self.self_attn = MultiheadAttention(layer.self_attn)
+        self.linear1, self.dropout, self.linear2 = layer.linear1, layer.dropout, layer.linear2
+        self.norm1, self.norm2, self.dropout1, self.dropout2 = layer.norm1, layer.norm2, layer.dropout1, layer.dropout2
+        self.norm_first = layer.norm_first
+        act = layer.activation
+        self.activation = act if isinstance(act, nn.Module) else {F.relu: nn.ReLU(), F.gelu: nn.GELU()}.get(act, act)
+
+    def forward(self, src, src_mask=None, src_key_padding_mask=None, is_causal=False):
+        x = src
+        if self.norm_first:
+            x = x + self._sa_block(self.norm1(x), src_mask, src_key_padding_mask)
+            return x + self._ff_block(self.norm2(x))
+        x = self.norm1(x + self._sa_block(x, src_mask, src_key_padding_mask))
+        return self.norm2(x + self._ff_block(x))
+
+    def _sa_block(self, x, attn_mask, key_padding_mask):
+        x = self.self_attn(x, x, x, attn_mask=attn_mask, key_padding_mask=key_padding_mask, need_weights=False)[0]
+        return self.dropout1(x)
+
+    def _ff_block(self, x):
+        return self.dropout2(self.linear2(self.dropout(self.activation(self.linear1(x)))))
+
+
+class TransformerEncoder(nn.Module):
+    def __init__(self, encoder: nn.TransformerEncoder):
+        super().__init__()
+        self.layers = nn.ModuleList(TransformerEncoderLayer(layer) for layer in encoder.layers)
+        self.norm = encoder.norm
+
+    def forward(self, src, mask=None, src_key_padding_mask=None, is_causal=None):
+        for layer in self.layers:
+            src = layer(src, src_mask=mask, src_key_padding_mask=src_key_padding_mask)
+        return src if self.norm is None else self.norm(src)
+
+
+DECOMPOSE = {nn.TransformerEncoder: TransformerEncoder, nn.TransformerEncoderLayer: TransformerEncoderLayer,
+             nn.MultiheadAttention: MultiheadAttention}
+
+
+def decompose(module: nn.Module) -> nn.Module:
+    """Replace torch.nn's attention blocks in `module` (in place; the root too) by the modules above."""
+    if type(module) in DECOMPOSE:
+        return DECOMPOSE[type(module)](module)
+    for name, child in module.named_children():
+        setattr(module, name, decompose(child))
+    return module

@@ -1,0 +1,102 @@
+"""torch.nn's attention blocks become nn.Linear layers and tensor ops: the same float outputs, every
+projection quantized, and the model converts and exports (it stayed float and unconvertible before)."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import qatkit
+from qatkit.errors import ConfigError
+from qatkit.export import export_onnx, verify
+from qatkit.prepare.decompose import MultiheadAttention, TransformerEncoder, decompose
+
+
+def _masks(b: int, l: int, heads: int) -> list[dict]:
+    torch.manual_seed(1)
+    pad = torch.rand(b, l) > 0.6
+    pad[:, 0] = False  # every query keeps a key: no all -inf row
+    causal = torch.triu(torch.ones(l, l, dtype=torch.bool), 1)
+    return [{}, {"key_padding_mask": pad}, {"key_padding_mask": pad.float() * -1e4}, {"attn_mask": causal},
+            {"attn_mask": torch.randn(b * heads, l, l), "key_padding_mask": pad, "average_attn_weights": False},
+            {"need_weights": False, "attn_mask": causal}]
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("kv_dims", [None, (12, 20)])
+def test_multihead_attention_computes_what_torch_computes(batch_first, kv_dims):
+    torch.manual_seed(0)
+    kdim, vdim = kv_dims or (None, None)
+    mha = nn.MultiheadAttention(16, 4, batch_first=batch_first, kdim=kdim, vdim=vdim).double()
+    mine = MultiheadAttention(mha)
+    b, l = 3, 5
+    shape = (b, l) if batch_first else (l, b)
+    q = torch.randn(*shape, 16, dtype=torch.float64)
+    k, v = torch.randn(*shape, kdim or 16, dtype=torch.float64), torch.randn(*shape, vdim or 16, dtype=torch.float64)
+    for kwargs in _masks(b, l, 4):
+        kwargs = {key: m.double() if m.is_floating_point() else m for key, m in kwargs.items() if torch.is_tensor(m)} | \
+                 {key: m for key, m in kwargs.items() if not torch.is_tensor(m)}
+        theirs, ours = mha(q, k, v, **kwargs), mine(q, k, v, **kwargs)
+        torch.testing.assert_close(ours[0], theirs[0], rtol=0, atol=1e-12)
+        if theirs[1] is None:
+            assert ours[1] is None
+        else:
+            torch.testing.assert_close(ours[1], theirs[1], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("norm_first, activation", [(False, "relu"), (True, "gelu")])
+def test_transformer_encoder_computes_what_torch_computes(norm_first, activation):
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, activation=activation, batch_first=True,
+                                       norm_first=norm_first)
+    encoder = nn.TransformerEncoder(layer, 2, norm=nn.LayerNorm(16), enable_nested_tensor=False).double()
+    mine = TransformerEncoder(copy.deepcopy(encoder))
+    x = torch.randn(3, 5, 16, dtype=torch.float64)
+    pad = torch.tensor([[False] * 5, [False] * 3 + [True] * 2, [False] * 4 + [True]])
+    for mode in ("train", "eval"):
+        encoder.train(mode == "train"), mine.train(mode == "train")
+        torch.testing.assert_close(mine(x, src_key_padding_mask=pad), encoder(x, src_key_padding_mask=pad),
+                                   rtol=0, atol=1e-12)
+
+
+def test_bias_kv_is_refused_with_the_fix():
+    with pytest.raises(ConfigError, match=r"uses add_bias_kv or add_zero_attn; allowed: neither\. Fix:"):
+        decompose(nn.MultiheadAttention(8, 2, add_bias_kv=True))
+
+
+class TextEncoder(nn.Module):
+    """A text classifier from torch.nn blocks: padding masked by key_padding_mask, the first token's output."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(50, 32, padding_idx=0)
+        layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.1, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(32, 3)
+
+    def forward(self, ids):  # (B, L) int64, 0 = padding
+        return self.head(self.encoder(self.embed(ids), src_key_padding_mask=ids == 0)[:, 0])
+
+
+def test_a_torch_nn_transformer_is_quantized_converted_and_exported(tmp_path):
+    torch.manual_seed(0)
+    model = TextEncoder().eval()
+    ids = torch.randint(1, 50, (32, 10))
+    ids[:16, 6:] = 0
+    qat = qatkit.prepare(model, qatkit.QATConfig(), ids[:2])
+    layers = {r["name"] for r in qat.qat_info.layers}
+    for i in (0, 1):
+        assert {f"encoder.layers.{i}.self_attn.{p}_proj" for p in "qkvo" if p != "o"} | \
+               {f"encoder.layers.{i}.self_attn.out_proj", f"encoder.layers.{i}.linear1", f"encoder.layers.{i}.linear2"} <= layers
+    qatkit.calibrate(qat, [ids])
+    qat.eval()
+    with torch.no_grad():
+        y = qat(ids)
+        assert (y - model(ids)).abs().max() < 0.1 * model(ids).abs().max()
+    integer = qatkit.convert(qat)
+    assert torch.equal(integer(ids), y)
+    export_onnx(integer, tmp_path / "m.onnx", ids[:1])
+    result = verify(tmp_path / "m.onnx", integer, [ids])
+    assert result["top1_agreement"] == 1.0 and result["within_one_step"] == 1.0
