@@ -200,3 +200,51 @@ def test_the_integer_reference_upsamples_as_pytorch_nearest(size, scale):
     expected = F.interpolate(torch.from_numpy(x), size=size, scale_factor=scale, mode="nearest").numpy()
     ins = [x, None, np.array([1, 1, scale, scale], np.float32)] if scale else [x, None, None, np.array([2, 3, *size])]
     assert np.array_equal(_resize(ins, {"mode": b"nearest"}), expected)
+
+
+class TwoHeads(nn.Module):
+    """A detector-like model: class logits and box regressions from one trunk."""
+
+    def __init__(self):
+        super().__init__()
+        self.trunk = nn.Conv2d(3, 8, 3, padding=1)
+        self.cls, self.box = nn.Linear(8, 5), nn.Linear(8, 4)
+
+    def forward(self, x):
+        h = F.relu(self.trunk(x)).mean((2, 3))
+        return self.cls(h), self.box(h)
+
+
+def test_a_tuple_of_outputs_converts_and_exports_as_several_outputs(tmp_path):
+    torch.manual_seed(0)
+    x = torch.randn(16, 3, 8, 8)
+    qat = _calibrated(TwoHeads(), x)
+    integer = qatkit.convert(qat)
+    with torch.no_grad():
+        expected = qat(x)
+    got = integer(x)
+    assert isinstance(got, tuple) and len(got) == 2 and all(torch.equal(a, b) for a, b in zip(got, expected))
+    export_onnx(integer, tmp_path / "m.onnx", x[:1])
+    sess = ort.session(tmp_path / "m.onnx")
+    assert [o.name for o in sess.get_outputs()] == ["output_0", "output_1"]
+    assert all(np.array_equal(a, b.numpy()) for a, b in zip(ort.run_all(sess, x), expected))
+    result = verify(tmp_path / "m.onnx", integer, [x[:8], x[8:]])
+    assert result["top1_agreement"] == 1.0 and result["within_one_step"] == 1.0 and result["max_step_diff"] == 0.0
+
+
+class DictOut(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return {"logits": self.fc(x)}
+
+
+def test_a_dict_of_outputs_is_refused_with_the_fix():
+    x = torch.randn(8, 4)
+    qat = _calibrated(DictOut(), torch.randn(16, 4))
+    with pytest.raises(QatkitError, match=r"the model returns .*\{'logits': fc\}; an integer model returns a tensor or a "
+                                          r"tuple of tensors\. Fix: return a tuple of tensors"):
+        qatkit.convert(qat)
+    assert qat(x)["logits"].shape == (8, 2)

@@ -13,7 +13,7 @@ import qatkit
 from qatkit.config import QATConfig
 from qatkit.export import export_onnx
 from qatkit.export.integer_reference import IntegerReference
-from qatkit.export.ort import output_step, run, session
+from qatkit.export.ort import output_steps, run, session
 from qatkit.models import TinyTransformer
 from qatkit.nn import QEmbedding
 
@@ -93,7 +93,7 @@ def test_token_transformer_file_onnxruntime_and_reference_agree(tmp_path, bits):
     assert sess.get_inputs()[0].type == "tensor(int64)"
     assert np.array_equal(run(sess, ids), expected.numpy())
     # the reference runs the float islands (attention, LayerNorm) in numpy float32: within one output step
-    step = output_step(integer, ids)
+    (step,) = output_steps(integer, ids)
     diff = np.abs(IntegerReference(tmp_path / "m.onnx").run(ids.numpy()) - expected.numpy()) / step
     assert diff.max() <= 1.0 + 1e-4
     assert (bits < 8) == any("embedding codes are stored as int8" in n for n in notes)

@@ -73,7 +73,12 @@ class _Writer:
         return {"op": "input"}
 
     def _output(self, node):
-        return {"op": "output", "args": [self.arg(node.args[0])]}
+        out = node.args[0]
+        if isinstance(out, dict) or (isinstance(out, (list, tuple)) and not all(isinstance(o, fx.Node) for o in out)):
+            raise QatkitError(f"the model returns {type(out).__name__} {out}; an integer model returns a tensor or a "
+                              "tuple of tensors. Fix: return a tuple of tensors (wrap the model in a module whose "
+                              "forward returns, e.g., tuple(outputs.values()))")
+        return {"op": "output", "args": [self.arg(out)]}
 
     def _get_attr(self, node):
         value = self._resolve(node.target)

@@ -83,7 +83,8 @@ class IntegerModel(nn.Module):
             if op == "input":
                 env[node["name"]] = next(feed)
             elif op == "output":
-                env["output"] = _dequantize(self._arg(node["args"][0], env))
+                out = _dequantize(self._arg(node["args"][0], env))
+                env["output"] = tuple(out) if isinstance(out, list) else out  # several outputs: a tuple, as trained
                 return env
             elif op == "constant":
                 env[node["name"]] = self._arg(node["value"], env)

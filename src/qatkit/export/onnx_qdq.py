@@ -122,11 +122,15 @@ class _Exporter:
                 elem = TensorProto.INT64 if ids else TensorProto.FLOAT
                 inputs.append(helper.make_tensor_value_info(name, elem, ["batch", *self.example.shape[1:]]))
                 self.env[name] = Value(name, "int" if ids else "float")
-            elif op == "output":
-                out = self.floats(self.resolve(node["args"][0]))
-                self.nodes.append(helper.make_node("Identity", [out], ["output"], name="output"))
-                shape = ["batch", *self.shapes["output"].shape[1:]]
-                outputs.append(helper.make_tensor_value_info("output", TensorProto.FLOAT, shape))
+            elif op == "output":  # one output "output", or a tuple's as "output_0", "output_1", ...
+                several = isinstance(node["args"][0], list)
+                results = node["args"][0] if several else [node["args"][0]]
+                values = self.shapes["output"] if several else [self.shapes["output"]]
+                for i, (result, value) in enumerate(zip(results, values)):
+                    out_name = f"output_{i}" if several else "output"
+                    self.nodes.append(helper.make_node("Identity", [self.floats(self.resolve(result))], [out_name],
+                                                       name=out_name))
+                    outputs.append(helper.make_tensor_value_info(out_name, TensorProto.FLOAT, ["batch", *value.shape[1:]]))
             elif op == "constant":
                 self.env[name] = Value(self.const(name, self.model.tensor(node["value"]["tensor"]).numpy()), "float")
             elif op == "quantize":

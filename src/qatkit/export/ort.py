@@ -32,15 +32,22 @@ def session(path: str | os.PathLike, threads: int = 2) -> ort.InferenceSession:
                              "version and opset (pip install -U onnxruntime)") from None
 
 
+def run_all(sess: ort.InferenceSession, x: torch.Tensor) -> list[np.ndarray]:
+    """Every output of the model, in order ("output", or a tuple's "output_0", "output_1", ...)."""
+    return sess.run(None, {sess.get_inputs()[0].name: x.numpy()})
+
+
 def run(sess: ort.InferenceSession, x: torch.Tensor) -> np.ndarray:
-    return sess.run(["output"], {sess.get_inputs()[0].name: x.numpy()})[0]
+    """The (first) output."""
+    return run_all(sess, x)[0]
 
 
-def output_step(integer: IntegerModel, x: torch.Tensor) -> float | None:
-    """The output's quantization step (its scale), or None for a float output."""
-    out_node = next(n for n in integer.nodes if n["op"] == "output")
-    value = integer.values(x[:1])[out_node["args"][0]["node"]]
-    return float(value.scale) if isinstance(value, QValue) and value.scale.numel() == 1 else None
+def output_steps(integer: IntegerModel, x: torch.Tensor) -> list[float | None]:
+    """Each output's quantization step (its scale), or None for a float output."""
+    result = next(n for n in integer.nodes if n["op"] == "output")["args"][0]
+    values = integer.values(x[:1])
+    return [float(v.scale) if isinstance(v := values[r["node"]], QValue) and v.scale.numel() == 1 else None
+            for r in (result if isinstance(result, list) else [result])]
 
 
 def _sqnr_db(ref: np.ndarray, other: np.ndarray) -> float:
@@ -76,28 +83,31 @@ def per_layer(integer: IntegerModel, x: torch.Tensor) -> list[dict]:
 def verify(onnx_path: str | os.PathLike, model, batches: Iterable, *, threads: int = 2) -> dict:
     """Run ONNX Runtime and qatkit's model (QAT or IntegerModel) on the same inputs and compare outputs.
 
-    Returns n (samples), top1_agreement, within_one_step (fraction of output values within one
-    output quantization step), max_step_diff, and per_layer (where any integer tensor differs).
+    Returns n (samples), top1_agreement (of the first output), within_one_step (fraction of output values,
+    all outputs, within one output quantization step), max_step_diff, and per_layer (where any integer
+    tensor differs).
     """
     from qatkit.convert import convert
 
     integer = model if isinstance(model, IntegerModel) else convert(model)
     sess = session(onnx_path, threads)
     n = agree = within = total = 0
-    max_diff, step, first_x = 0.0, None, None
+    max_diff, steps, first_x = 0.0, None, None
     for batch in batches:
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
         if first_x is None:
-            first_x, step = x, output_step(integer, x)
-        mine, theirs = integer(x).numpy(), run(sess, x)
-        scale = step if step is not None else float(np.abs(mine).max() or 1.0) * 2.0**-23
-        diff = np.abs(mine - theirs) / scale
+            first_x, steps = x, output_steps(integer, x)
+        mine = integer(x)
+        mine = [m.numpy() for m in mine] if isinstance(mine, tuple) else [mine.numpy()]
+        theirs = run_all(sess, x)
         n += x.shape[0]
-        agree += int((mine.argmax(-1) == theirs.argmax(-1)).sum())
-        within += int((diff <= 1.0 + 1e-4).sum())
-        total += diff.size
-        max_diff = max(max_diff, float(diff.max()))
+        agree += int((mine[0].argmax(-1) == theirs[0].argmax(-1)).sum())  # top-1 of the first output
+        for m, t, step in zip(mine, theirs, steps):
+            diff = np.abs(m - t) / (step if step is not None else float(np.abs(m).max() or 1.0) * 2.0**-23)
+            within += int((diff <= 1.0 + 1e-4).sum())
+            total += diff.size
+            max_diff = max(max_diff, float(diff.max()))
     result = {"n": n, "top1_agreement": agree / max(n, 1), "within_one_step": within / max(total, 1),
-              "max_step_diff": round(max_diff, 4), "output_step": step}
+              "max_step_diff": round(max_diff, 4), "output_step": steps[0] if steps else None}
     result["per_layer"] = per_layer(integer, first_x) if max_diff > 0 and first_x is not None else []
     return result
