@@ -248,3 +248,34 @@ def test_a_dict_of_outputs_is_refused_with_the_fix():
                                           r"tuple of tensors\. Fix: return a tuple of tensors"):
         qatkit.convert(qat)
     assert qat(x)["logits"].shape == (8, 2)
+
+
+class UpDown(nn.Module):
+    """A transposed conv (kept float) and an adaptive average pool to 2×2."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.up = nn.ConvTranspose2d(8, 8, 3, stride=2, padding=1, output_padding=1)
+        self.conv2 = nn.Conv2d(8, 4, 3, padding=1)
+        self.pool = nn.AdaptiveAvgPool2d(2)
+        self.fc = nn.Linear(16, 5)
+
+    def forward(self, x):  # (B, 3, 8, 8) -> (B, 8, 4, 4) -> (B, 8, 8, 8) -> (B, 4, 2, 2)
+        x = self.pool(F.relu(self.conv2(F.relu(self.up(F.relu(self.conv1(x)))))))
+        return self.fc(torch.flatten(x, 1))
+
+
+def test_a_float_transposed_conv_and_an_adaptive_pool_export(tmp_path):
+    torch.manual_seed(0)
+    x = torch.randn(32, 3, 8, 8)
+    with pytest.warns(UserWarning, match=r"stay float: up \(ConvTranspose2d\)"):
+        qat = _calibrated(UpDown(), x)
+    integer = qatkit.convert(qat)
+    with torch.no_grad():
+        assert torch.equal(integer(x), qat(x))
+    path = tmp_path / "m.onnx"
+    notes = export_onnx(integer, path, x[:1])
+    assert any(n.startswith("conv_transpose2d runs on dequantized") for n in notes)
+    result = verify(path, integer, [x])  # the transposed conv is a float island: ORT may round to the next step
+    assert result["top1_agreement"] == 1.0 and result["within_one_step"] == 1.0

@@ -19,6 +19,7 @@ _FUNCTIONS = [
     F.relu, F.relu6, F.gelu, F.silu, F.sigmoid, F.softmax, F.layer_norm, F.embedding, F.batch_norm, F.linear,
     F.conv1d, F.conv2d, F.max_pool1d, F.max_pool2d, F.avg_pool1d, F.avg_pool2d, F.adaptive_avg_pool1d,
     F.adaptive_avg_pool2d, F.dropout, F.hardswish, F.hardsigmoid, F.leaky_relu, F.hardtanh, torch.clamp, F.interpolate,
+    F.conv_transpose1d, F.conv_transpose2d,
 ]
 FUNCTIONS = {f"{getattr(fn, '__module__', None) or 'builtins'}.{fn.__name__}": fn for fn in _FUNCTIONS}
 NAME_OF = {fn: name for name, fn in FUNCTIONS.items()}
@@ -35,6 +36,10 @@ RELU = {NAME_OF[torch.relu], NAME_OF[F.relu], "relu"}
 
 def _pool_kwargs(m):
     return dict(kernel_size=m.kernel_size, stride=m.stride, padding=m.padding)
+
+
+def _transpose_kwargs(m):
+    return dict(stride=m.stride, padding=m.padding, output_padding=m.output_padding, groups=m.groups, dilation=m.dilation)
 
 
 # Module type -> (function, parameter/buffer names passed as keywords of the same name, other keywords).
@@ -66,6 +71,8 @@ MODULES = {
     nn.Linear: (F.linear, ("weight", "bias"), lambda m: {}),
     nn.Conv1d: (F.conv1d, ("weight", "bias"), lambda m: dict(stride=m.stride, padding=m.padding, dilation=m.dilation, groups=m.groups)),
     nn.Conv2d: (F.conv2d, ("weight", "bias"), lambda m: dict(stride=m.stride, padding=m.padding, dilation=m.dilation, groups=m.groups)),
+    nn.ConvTranspose1d: (F.conv_transpose1d, ("weight", "bias"), lambda m: _transpose_kwargs(m)),
+    nn.ConvTranspose2d: (F.conv_transpose2d, ("weight", "bias"), lambda m: _transpose_kwargs(m)),
 }
 IDENTITY_MODULES = (nn.Dropout, nn.Identity)
 

@@ -201,11 +201,18 @@ def _float_op(ex, node, short, args, kwargs, rank) -> Value:
         inputs = [xf] + [_c(ex, kwargs[k]) for k in ("weight", "bias", "running_mean", "running_var")]
         return Value(ex.op("BatchNormalization", inputs, name, epsilon=kwargs.get("eps", 1e-5)), "float")
     if short in ("adaptive_avg_pool1d", "adaptive_avg_pool2d"):
+        n = 1 if short == "adaptive_avg_pool1d" else 2
         size = _arg(args, kwargs, 1, "output_size", None)
-        if set(_ints(size)) != {1}:
-            raise QatkitError(f"adaptive average pooling to {size} (node '{name}') has no ONNX form in qatkit. "
-                              "Fix: pool to 1 (global average pooling)")
-        return Value(ex.op("GlobalAveragePool", [xf], name), "float")
+        size = [size] * n if isinstance(size, int) else list(size)
+        if set(size) == {1}:
+            return Value(ex.op("GlobalAveragePool", [xf], name), "float")
+        spatial = list(ex.shapes[node["args"][0]["node"]].shape[2:])  # fixed by the model; only the batch varies
+        size = [s_in if s is None else s for s, s_in in zip(size, spatial)]
+        if any(s_in % s for s, s_in in zip(size, spatial)):
+            raise QatkitError(f"adaptive average pooling of {tuple(spatial)} to {tuple(size)} (node '{name}') has no ONNX "
+                              "form in qatkit: its windows overlap unevenly. Fix: pool to a size that divides the input")
+        k = [s_in // s for s, s_in in zip(size, spatial)]  # equal windows: an average pool with kernel = stride
+        return Value(ex.op("AveragePool", [xf], name, kernel_shape=k, strides=k), "float")
     if short in ("avg_pool1d", "avg_pool2d"):
         n = 1 if short == "avg_pool1d" else 2
         k = _arg(args, kwargs, 1, "kernel_size", None)
@@ -230,6 +237,14 @@ def _float_op(ex, node, short, args, kwargs, rank) -> Value:
         return Value(ex.op("Conv", inputs, name, strides=_ints(kwargs.get("stride", 1)),
                            pads=_ints(kwargs.get("padding", 0)) * 2, dilations=_ints(kwargs.get("dilation", 1)),
                            group=kwargs.get("groups", 1)), "float")
+    if short in ("conv_transpose1d", "conv_transpose2d"):  # a float transposed conv (not quantized by qatkit)
+        n = 1 if short == "conv_transpose1d" else 2
+        inputs = [xf, _c(ex, kwargs["weight"])] + ([_c(ex, kwargs["bias"])] if kwargs.get("bias") is not None else [])
+        attrs = {k: (v if isinstance(v, list) else [v] * n) for k, v in
+                 (("strides", kwargs.get("stride", 1)), ("pads", kwargs.get("padding", 0)),
+                  ("output_padding", kwargs.get("output_padding", 0)), ("dilations", kwargs.get("dilation", 1)))}
+        attrs["pads"] = attrs["pads"] * 2
+        return Value(ex.op("ConvTranspose", inputs, name, group=kwargs.get("groups", 1), **attrs), "float")
     raise QatkitError(f"op {node['fn']!r} (node '{name}') has no ONNX form in qatkit. "
                       "Fix: express it with supported ops (see qatkit/export/onnx_ops.py)")
 
