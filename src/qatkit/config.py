@@ -123,6 +123,9 @@ class QATConfig:
     # Inputs of residual adds and average pools (the skip path, which no layer multiplies); every layer's input
     # is requantized to its act bits. None: act_bits everywhere.
     residual_bits: int | None = 8
+    # A matmul of two activations (attention's Q·Kᵀ and weights·V): both inputs and the output as integers at these
+    # bits, as ONNX Runtime's QLinearMatMul computes it. None: such matmuls stay float.
+    matmul_bits: int | None = 8
     fold_bn: bool = True
     # Every scale a power of two: each requantization multiplier is then 2^-n, which the runtime's float32
     # multiply and integer-only hardware's fixed-point multiply-and-shift compute identically.
@@ -148,7 +151,7 @@ class QATConfig:
     def __post_init__(self) -> None:
         check_bits(self.weight_bits, "weight_bits")
         check_bits(self.act_bits, "act_bits")
-        for what in ("first_last_bits", "output_bits", "residual_bits"):
+        for what in ("first_last_bits", "output_bits", "residual_bits", "matmul_bits"):
             if getattr(self, what) is not None:
                 check_bits(getattr(self, what), what)
         _check_choice("weight_init", self.weight_init, INIT_METHODS)

@@ -147,6 +147,13 @@ def add_requant(q_a, z_a, s_a, q_b, z_b, s_b, s_out, z_out, lo, hi) -> torch.Ten
     return torch.clamp(torch.round(fma_f32(q_a, r_a, fma_f32(q_b, r_b, fixed))), lo, hi)
 
 
+def matmul_requant(q_a, z_a, s_a, q_b, z_b, s_b, s_out, z_out, lo, hi) -> torch.Tensor:
+    """Output codes of a matmul of two activations as QLinearMatMul computes them: the integer products
+    acc = (q_a − z_a) @ (q_b − z_b) (exact in float64), then rint(float32(acc)·M) + z_y with M = s_a·s_b/s_y."""
+    acc = (q_a.double() - float(z_a)) @ (q_b.double() - float(z_b))
+    return requantize(acc, multiplier(s_a, s_b, s_out), torch.as_tensor(z_out, dtype=torch.float32), lo, hi, -1)
+
+
 def global_avgpool_requant(q_x, z_x, s_x, s_out, z_out, lo, hi) -> torch.Tensor:
     """Output codes of global average pooling as QLinearGlobalAveragePool computes them: the integer sum
     S = Σq - z_x·HW, then rint(float32(S)·k) + z_y with k = s_x / (s_y·HW) in float32. (N, C, *) → (N, C, 1...)."""

@@ -279,3 +279,28 @@ def test_a_float_transposed_conv_and_an_adaptive_pool_export(tmp_path):
     assert any(n.startswith("conv_transpose2d runs on dequantized") for n in notes)
     result = verify(path, integer, [x])  # the transposed conv is a float island: ORT may round to the next step
     assert result["top1_agreement"] == 1.0 and result["within_one_step"] == 1.0
+
+
+class Padded(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, stride=2)
+        self.conv2 = nn.Conv2d(8, 4, 3)
+        self.fc = nn.Linear(4, 5)
+
+    def forward(self, x):
+        x = F.relu(self.conv1(F.pad(x, (0, 1, 0, 1))))  # TF-style 'same' for a stride-2 conv: pad right/bottom
+        x = F.relu(self.conv2(F.pad(x, (1, 2, 1, 0), mode="reflect")))
+        return self.fc(F.pad(x, (1, 1, 0, 2), mode="replicate").mean((2, 3)))
+
+
+def test_functional_pad_converts_and_exports(tmp_path):
+    torch.manual_seed(0)
+    x = torch.randn(16, 3, 9, 9)
+    qat = _calibrated(Padded(), x)
+    integer = qatkit.convert(qat)
+    with torch.no_grad():
+        assert torch.equal(integer(x), qat(x))
+    export_onnx(integer, tmp_path / "m.onnx", x[:1])
+    result = verify(tmp_path / "m.onnx", integer, [x])
+    assert result["top1_agreement"] == 1.0 and result["max_step_diff"] == 0.0

@@ -139,21 +139,21 @@ def test_float32_mode_equals_onnxruntime(name, bits, zoo, tmp_path):
 
 
 def test_tiny_transformer_integer_kernels_exact_float_islands_close(zoo, tmp_path):
-    """Float islands (LayerNorm, softmax, GELU's erf, the float MatMul, ReduceMean) run in float32 numpy, and ORT's
-    MLAS kernels can round them differently in the last bit. So: every integer kernel (10 QGemm, 2
-    MatMulIntegerToFloat) is exact when fed ORT's own input codes; a Q after a float island differs by at most one
+    """Float islands (LayerNorm, softmax, GELU's erf, ReduceMean) run in float32 numpy, and ORT's MLAS kernels can
+    round them differently in the last bit. So: every integer kernel (10 QGemm, 4 QLinearMatMul: attention's Q·Kᵀ
+    and weights·V) is exact when fed ORT's own input codes; a Q after a float island differs by at most one
     step on at most 1 code in 10^3 (measured: about 1 in 10^6); and end to end, the integer layers before the first island are exact while the
     output agrees exactly on most values and within one output step on all."""
     plain, debug, (c, s) = zoo("tiny-transformer")
     x = _inputs(c, s, n=32)
     ref = IntegerReference(debug)
-    assert _ref_fused_kernels(ref) == _ort_fused_kernels(debug, tmp_path) == {"QGemm": 10, "MatMulIntegerToFloat": 2}
+    assert _ref_fused_kernels(ref) == _ort_fused_kernels(debug, tmp_path) == {"QGemm": 10, "QLinearMatMul": 4}
     outs, debug_of = _ort_outputs(debug, x), _debug_map(debug)
     force = {k: outs[v] for k, v in debug_of.items()}
     codes = ref.run_codes(x.numpy(), force=force)  # each value computed from ORT's inputs
     kernel_outs = {f.out for f in ref.fused.values() if f.y is not None}
     unflat = {n.input[0]: n.output[0] for n in onnx.load(str(debug)).graph.node if n.op_type == "Reshape"}
-    assert len(kernel_outs) == 10
+    assert len(kernel_outs) == 14
     for k in kernel_outs:  # a linear layer on (N, T, D) is Reshape -> Gemm -> Q -> Reshape: ORT shows the last
         theirs = force[k] if k in force else force[unflat[k]].reshape(codes[k].shape)
         assert np.array_equal(codes[k], theirs), k

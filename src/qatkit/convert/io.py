@@ -28,6 +28,7 @@ _NODE_FIELDS = {
                "bias": (_REF, None)},
     "qembed": {"args": list, "bits": int, "shape": list, "weight": _REF, "weight_scale": _REF},
     "qadd": {"args": list, "inputs": [_Q], "output": _Q}, "qpool": {"args": list, "inputs": [_Q], "output": _Q},
+    "qmatmul": {"args": list, "inputs": [_Q], "output": _Q},
     "call": {"fn": str, "args": list, "kwargs": dict},
 }
 _NODE_OPS = set(_NODE_FIELDS)
@@ -115,7 +116,7 @@ def _check_header(header, tensors, path) -> dict:
         bad = [k for k, spec in _NODE_FIELDS[op].items() if k not in node or not _fits(node[k], spec)]
         if bad:
             raise _fail(path, f"has a {op} node {node['name']!r} without a valid {bad[0]!r} field")
-        if op in ("output", "quantize", "qlayer", "qembed", "qpool") and not node["args"] or op == "qadd" and len(node["args"]) != 2:
+        if op in ("output", "quantize", "qlayer", "qembed", "qpool") and not node["args"] or op in ("qadd", "qmatmul") and len(node["args"]) != 2:
             raise _fail(path, f"has a {op} node {node['name']!r} with args {node['args']!r:.80}")
         fn = node.get("fn")
         if op == "call" and not (fn == "identity" or fn in (ops.METHODS if node.get("method") else ops.FUNCTIONS)):

@@ -7,6 +7,7 @@ Node kinds:
   qembed    - embedding lookup of packed codes times their row's scale (float rows out)
   qadd      - integer residual add (ONNX Runtime's QLinearAdd arithmetic), optionally with ReLU
   qpool     - integer global average pooling (QLinearGlobalAveragePool arithmetic)
+  qmatmul   - integer matmul of two activations (QLinearMatMul arithmetic)
   call      - a function from the closed table in ops.py, on integer codes where it keeps the grid,
               else on dequantized values
   output
@@ -21,7 +22,7 @@ from qatkit import kernels
 from qatkit.convert import ops
 from qatkit.convert.pack import pack
 from qatkit.errors import QatkitError
-from qatkit.nn import QAdd, QConv, QEmbedding, QGlobalAvgPool, QLayer
+from qatkit.nn import QAdd, QConv, QEmbedding, QGlobalAvgPool, QLayer, QMatMul
 from qatkit.quantizer import FakeQuantizer
 
 
@@ -114,13 +115,14 @@ class _Writer:
             return self._qembed(node, m)
         if isinstance(m, QLayer):
             return self._qlayer(node, m)
-        if isinstance(m, (QAdd, QGlobalAvgPool)):
-            n_in = 2 if isinstance(m, QAdd) else 1
+        if isinstance(m, (QAdd, QGlobalAvgPool, QMatMul)):
+            n_in = 1 if isinstance(m, QGlobalAvgPool) else 2
             in_qs = [self._resolve(a.target) for a in node.args[n_in:]]
-            entry = {"op": "qadd" if n_in == 2 else "qpool", "args": [self.arg(a) for a in node.args[:n_in]],
+            op = {QAdd: "qadd", QGlobalAvgPool: "qpool", QMatMul: "qmatmul"}[type(m)]
+            entry = {"op": op, "args": [self.arg(a) for a in node.args[:n_in]],
                      "inputs": [_quant_fields(q, self.tensors, f"{node.target}.input{i}") for i, q in enumerate(in_qs)],
                      "output": _quant_fields(m.out_quant, self.tensors, f"{node.target}.output")}
-            return {**entry, "act": m.act} if n_in == 2 else entry
+            return {**entry, "act": m.act} if op == "qadd" else entry
         if isinstance(m, ops.IDENTITY_MODULES):
             return {"op": "call", "fn": "identity", "args": [self.arg(node.args[0])], "kwargs": {}}
         if isinstance(m, (nn.Conv1d, nn.Conv2d)) and (m.padding_mode != "zeros" or isinstance(m.padding, str)):

@@ -95,7 +95,7 @@ class IntegerModel(nn.Module):
             elif op == "qembed":
                 ids, scale = self._arg(node["args"][0], env), self.tensor(node["weight_scale"]["tensor"])
                 env[node["name"]] = F.embedding(ids, self._weight_codes(node).float()) * F.embedding(ids, scale[:, None])
-            elif op in ("qadd", "qpool"):
+            elif op in ("qadd", "qpool", "qmatmul"):
                 env[node["name"]] = self._requant_op(node, self._arg(node["args"], env))
             else:
                 env[node["name"]] = self._call(node, self._arg(node["args"], env), self._arg(node["kwargs"], env))
@@ -136,9 +136,10 @@ class IntegerModel(nn.Module):
         out = node["output"]
         s_out, z_out = self.tensor(out["scale"]["tensor"]), torch.tensor(float(out["zero_point"]))
         lo, hi = kernels.activation_bounds(node.get("act"), s_out, z_out, out["qmin"], out["qmax"])
-        if node["op"] == "qadd":
+        if node["op"] in ("qadd", "qmatmul"):
             a, b = xs
-            codes = kernels.add_requant(a.codes, a.zero_point, a.scale, b.codes, b.zero_point, b.scale, s_out, z_out, lo, hi)
+            requant = kernels.add_requant if node["op"] == "qadd" else kernels.matmul_requant
+            codes = requant(a.codes, a.zero_point, a.scale, b.codes, b.zero_point, b.scale, s_out, z_out, lo, hi)
         else:
             codes = kernels.global_avgpool_requant(xs[0].codes, xs[0].zero_point, xs[0].scale, s_out, z_out, lo, hi)
         return QValue(codes, s_out, out["zero_point"])

@@ -187,6 +187,17 @@ def _float_op(ex, node, short, args, kwargs, rank) -> Value:
         mask = mask.name if isinstance(mask, Value) else mask
         value = ex.const("fill", np.array(_arg(args, kwargs, 2, "value", 0.0), np.float32))
         return Value(ex.op("Where", [mask, value, xf], name), "float")
+    if short == "pad":  # PyTorch's pads run from the last axis backwards: (left, right, top, bottom, ...)
+        torch_pads, mode = _arg(args, kwargs, 1, "pad", None), _arg(args, kwargs, 2, "mode", "constant")
+        if mode not in ("constant", "reflect", "replicate"):
+            raise QatkitError(f"F.pad mode {mode!r} (node '{name}') has no ONNX form in opset 17; allowed: constant, "
+                              "reflect, replicate. Fix: use one of those modes")
+        begin, end = [0] * rank, [0] * rank
+        for i in range(len(torch_pads) // 2):
+            begin[rank - 1 - i], end[rank - 1 - i] = torch_pads[2 * i], torch_pads[2 * i + 1]
+        value = ex.const("v", np.array(_arg(args, kwargs, 3, "value", None) or 0.0, np.float32))
+        return Value(ex.op("Pad", [xf, ex.const("pads", np.array(begin + end, np.int64)), value], name,
+                           mode={"replicate": "edge"}.get(mode, mode)), "float")
     if short == "interpolate":
         return Value(_resize(ex, node, xf, args, kwargs, rank), "float")
     if short == "softmax":

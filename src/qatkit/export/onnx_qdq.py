@@ -139,7 +139,7 @@ class _Exporter:
                 self.env[name] = self.qlayer(node)
             elif op == "qembed":
                 self.env[name] = self.qembed(node)
-            elif op in ("qadd", "qpool"):
+            elif op in ("qadd", "qpool", "qmatmul"):
                 self.env[name] = self.requant_op(node)
             else:
                 self.env[name] = self.call(node)
@@ -259,12 +259,15 @@ class _Exporter:
         return Value(self.op("Mul", [rows, row_scales], name), "float")
 
     def requant_op(self, node: dict) -> Value:
-        """DQ → Add [→ Relu] / GlobalAveragePool → Q: fused into QLinearAdd / QLinearGlobalAveragePool."""
+        """DQ → Add [→ Relu] / GlobalAveragePool / MatMul → Q: fused into QLinearAdd / QLinearGlobalAveragePool /
+        QLinearMatMul."""
         name = node["name"]
         xs = [self.resolve(a) for a in node["args"]]
         xs = [x if x.kind == "quant" else self.quantize(self.floats(x), f, f"{name}_in") for x, f in zip(xs, node["inputs"])]
         if node["op"] == "qadd":
             return self.fused_act(self.op("Add", [self.floats(x) for x in xs], name), node.get("act"), node["output"], name)
+        if node["op"] == "qmatmul":
+            return self.quantize(self.op("MatMul", [self.floats(x) for x in xs], name), node["output"], f"{name}_out")
         return self.quantize(self.op("GlobalAveragePool", [self.floats(xs[0])], name), node["output"], f"{name}_out")
 
     def _within_six(self, fields: dict) -> bool:

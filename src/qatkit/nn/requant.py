@@ -1,6 +1,7 @@
-"""Integer ops an int8 runtime requantizes: residual add (QLinearAdd) and global average pooling
-(QLinearGlobalAveragePool). Training: float op → output quantizer; eval, once the input quantizers are
-initialised: the runtime's own integer arithmetic from `qatkit.kernels`, as the integer model runs it.
+"""Integer ops an int8 runtime requantizes: residual add (QLinearAdd), global average pooling
+(QLinearGlobalAveragePool) and the matmul of two activations (QLinearMatMul: attention's Q·Kᵀ, weights·V).
+Training: float op → output quantizer; eval, once the input quantizers are initialised: the runtime's own
+integer arithmetic from `qatkit.kernels`, as the integer model runs it.
 """
 from __future__ import annotations
 
@@ -56,4 +57,24 @@ class QGlobalAvgPool(nn.Module):
         (s_x, z_x), (s_y, z_y) = in_q.qparams(), self.out_quant.qparams()
         lo, hi = kernels.activation_bounds(None, s_y, z_y, *self.out_quant.qrange)
         codes = kernels.global_avgpool_requant(in_q.codes(x), z_x, s_x, s_y, z_y, lo, hi)
+        return (codes - z_y) * s_y
+
+
+class QMatMul(nn.Module):
+    """a @ b of two activations (neither a weight) → output quantizer."""
+
+    def __init__(self, out_spec: QuantSpec):
+        super().__init__()
+        self.out_quant = FakeQuantizer(out_spec, kind="act")
+
+    def forward(self, a, b, qa: FakeQuantizer | None = None, qb: FakeQuantizer | None = None):
+        if not self.training and _integer(qa, qb, self.out_quant):
+            return self.integer_forward(a, b, qa, qb)
+        return self.out_quant(a @ b)
+
+    @torch.no_grad()
+    def integer_forward(self, a, b, qa: FakeQuantizer, qb: FakeQuantizer):
+        (s_a, z_a), (s_b, z_b), (s_y, z_y) = qa.qparams(), qb.qparams(), self.out_quant.qparams()
+        lo, hi = kernels.activation_bounds(None, s_y, z_y, *self.out_quant.qrange)
+        codes = kernels.matmul_requant(qa.codes(a), z_a, s_a, qb.codes(b), z_b, s_b, s_y, z_y, lo, hi)
         return (codes - z_y) * s_y

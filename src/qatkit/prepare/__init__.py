@@ -53,8 +53,9 @@ def prepare(model: nn.Module, config: QATConfig | None = None, example_inputs: t
     if info.traced_along_example:
         warnings.warn(info.traced_along_example, stacklevel=2)
     if info.unconvertible:
+        verb = "has" if len(info.unconvertible) == 1 else "have"
         warnings.warn(f"qatkit: QAT trains, but convert and ONNX export will refuse this model: "
-                      f"{', '.join(info.unconvertible)} {'has' if len(info.unconvertible) == 1 else 'have'} no integer-model form (allowed modules: "
+                      f"{', '.join(info.unconvertible)} {verb} no integer-model form (allowed modules: "
                       f"{ops.supported_modules()}). Fix: replace them before training", stacklevel=2)
     if info.float_ops:
         shown = ", ".join(info.float_ops[:8]) + (f" and {len(info.float_ops) - 8} more" if len(info.float_ops) > 8 else "")

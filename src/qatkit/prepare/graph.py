@@ -6,10 +6,11 @@
 2. Activation quantizers go exactly where an integer runtime quantizes: before every quantized
    layer whose input is not already integer (the graph input, a sigmoid, a LayerNorm...), at the
    output of every quantized layer that does not feed the graph output directly, and at the output
-   of residual adds, concatenations and average pools whose inputs are all integer. Ops that keep
+   of residual adds, concatenations and average pools whose inputs are all integer, and at both inputs and
+   the output of a matmul of two activations (attention; `matmul_bits`). Ops that keep
    values on the integer grid (max pool, ReLU, reshapes) pass quantization through.
 3. Bit-widths: a layer's input has the layer's act bits; the inputs of residual adds and average pools
-   (the skip path) have `residual_bits`. A value that feeds both is quantized at the wider width and
+   (the skip path) have `residual_bits`, a matmul's inputs `matmul_bits`. A value that feeds both is quantized at the wider width and
    requantized for the narrower layers (an integer runtime's DequantizeLinear → QuantizeLinear).
 4. A quantized layer is called as `layer(x, in_q)`, `in_q` being the quantizer that produced x, so
    it knows the input scale for its int32 bias and its integer forward.
@@ -26,7 +27,7 @@ from torch import fx, nn
 
 from qatkit.config import QATConfig
 from qatkit.convert import ops
-from qatkit.nn import QAdd, QConv, QConvBn, QEmbedding, QGlobalAvgPool, QLinear
+from qatkit.nn import QAdd, QConv, QConvBn, QEmbedding, QGlobalAvgPool, QLinear, QMatMul
 from qatkit.prepare.rules import LayerPlan
 from qatkit.quantizer import FakeQuantizer
 
@@ -212,6 +213,12 @@ class _Rewriter:
             if inputs and inputs[0] in self.quantized:
                 self.quantized[node] = self.quantized[inputs[0]]
             return  # computes nothing new: never a float island of its own
+        if self._is_activation_matmul(node):  # both inputs integer (quantized here where they are not): QLinearMatMul
+            for a in node.args:
+                if a not in self.quantized:
+                    self._new_quantizer(a, self.config.matmul_bits, unsigned=False, only_for=node)
+            self._requant_module(node, QMatMul, list(node.args))
+            return
         is_add = node.target in (operator.add, operator.iadd, torch.add)
         if is_add and len(node.args) == 2 and len(inputs) == 2 and all(a in self.quantized for a in inputs):
             self._requant_module(node, QAdd, list(node.args))
@@ -231,6 +238,13 @@ class _Rewriter:
                 if not ops.convertible(node, self.modules):
                     self.info.unconvertible.append(described)
 
+    def _is_activation_matmul(self, node: fx.Node) -> bool:
+        """a @ b of two computed tensors (not a parameter, not a mask), with matmul_bits set."""
+        is_matmul = (node.op == "call_function" and node.target in (operator.matmul, torch.matmul)) or (
+            node.op == "call_method" and node.target == "matmul")
+        return (is_matmul and self.config.matmul_bits is not None and len(node.args) == 2 and not node.kwargs
+                and all(isinstance(a, fx.Node) and a.op != "get_attr" and a not in self.masks for a in node.args))
+
     def _is_global_pool(self, node: fx.Node) -> bool:
         if node.op == "call_module" and isinstance(self.modules[node.target], (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)):
             size = self.modules[node.target].output_size
@@ -244,8 +258,9 @@ class _Rewriter:
         """Replace `node` (and a ReLU after an add) by `cls`, which holds the output quantizer and runs
         the runtime's integer arithmetic in eval mode; called as cls(*inputs, *their quantizers)."""
         act_node = _sole_user(node) if cls is QAdd and _fusable_act(_sole_user(node), self.modules) == "relu" else None
-        spec = self.config.act_spec(self.config.act_bits, unsigned=act_node is not None)
-        path = f"{'qadd' if cls is QAdd else 'qpool'}_{node.name}"
+        bits = self.config.matmul_bits if cls is QMatMul else self.config.act_bits
+        spec = self.config.act_spec(bits, unsigned=act_node is not None)
+        path = f"{ {QAdd: 'qadd', QGlobalAvgPool: 'qpool', QMatMul: 'qmatmul'}[cls]}_{node.name}"
         self.gm.add_submodule(path, cls(spec, act="relu" if act_node else None) if cls is QAdd else cls(spec))
         last = act_node or node
         with self.graph.inserting_before(node):
@@ -285,10 +300,12 @@ class _Rewriter:
                 path = node.args[1].target
                 layers.setdefault(path, {}).setdefault((self.wrapped[node].act_bits, node.args[0]), []).append(node)
                 widths[path] = max(widths.get(path, 0), self.wrapped[node].act_bits)
-            elif node.op == "call_module" and isinstance(self.gm.get_submodule(node.target), (QAdd, QGlobalAvgPool)):
-                n_in = 2 if isinstance(self.gm.get_submodule(node.target), QAdd) else 1  # (*inputs, *their quantizers)
+            elif node.op == "call_module" and isinstance(self.gm.get_submodule(node.target), (QAdd, QGlobalAvgPool, QMatMul)):
+                module = self.gm.get_submodule(node.target)
+                n_in = 1 if isinstance(module, QGlobalAvgPool) else 2  # (*inputs, *their quantizers)
                 for q in node.args[n_in:]:
-                    widths[q.target] = max(widths.get(q.target, 0), residual)
+                    bits = self.config.matmul_bits if isinstance(module, QMatMul) else residual
+                    widths[q.target] = max(widths.get(q.target, 0), bits)
         for path, bits in widths.items():
             quantizer = self.gm.get_submodule(path)
             if int(quantizer.bits) != bits:
