@@ -100,3 +100,60 @@ def test_a_torch_nn_transformer_is_quantized_converted_and_exported(tmp_path):
     export_onnx(integer, tmp_path / "m.onnx", ids[:1])
     result = verify(tmp_path / "m.onnx", integer, [ids])
     assert result["top1_agreement"] == 1.0 and result["within_one_step"] == 1.0
+
+
+def _flat(out):
+    return [out[0], *(out[1] if isinstance(out[1], tuple) else [out[1]])]
+
+
+@pytest.mark.parametrize("cls", [nn.LSTM, nn.GRU])
+@pytest.mark.parametrize("kwargs", [{"batch_first": True}, {"num_layers": 2, "bidirectional": True},
+                                    {"num_layers": 2, "batch_first": True, "bias": False, "dropout": 0.0}])
+def test_recurrent_layers_compute_what_torch_computes(cls, kwargs):
+    torch.manual_seed(0)
+    rnn = cls(6, 5, **kwargs).double()
+    mine = decompose(copy.deepcopy(rnn))
+    x = torch.randn(3, 7, 6, dtype=torch.float64)
+    x = x if kwargs.get("batch_first") else x.transpose(0, 1)
+    for theirs, ours in zip(_flat(rnn(x)), _flat(mine(x))):  # output, h_n (and c_n)
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-12)
+
+
+def test_unsupported_recurrent_options_are_refused_with_the_fix():
+    with pytest.raises(ConfigError, match=r"uses proj_size; allowed: 0\. Fix:"):
+        decompose(nn.LSTM(4, 8, proj_size=2))
+    with pytest.raises(ValueError, match=r"initial state \(hx\) is not supported; allowed: None"):
+        decompose(nn.GRU(4, 8))(torch.randn(5, 2, 4), torch.zeros(1, 2, 8))
+
+
+class Tagger(nn.Module):
+    """Token ids → embedding → a recurrent layer → the last step's state → classes."""
+
+    def __init__(self, cls):
+        super().__init__()
+        self.embed = nn.Embedding(40, 16)
+        self.rnn = cls(16, 12, num_layers=2, batch_first=True, bidirectional=cls is nn.GRU)
+        self.head = nn.Linear(12 * (2 if cls is nn.GRU else 1), 3)
+
+    def forward(self, ids):
+        return self.head(self.rnn(self.embed(ids))[0][:, -1])
+
+
+@pytest.mark.parametrize("cls", [nn.LSTM, nn.GRU])
+def test_a_recurrent_model_is_quantized_converted_and_exported(cls, tmp_path):
+    torch.manual_seed(0)
+    model = Tagger(cls).eval()
+    ids = torch.randint(0, 40, (32, 6))
+    qat = qatkit.prepare(model, qatkit.QATConfig(), ids[:2])
+    layers = {r["name"] for r in qat.qat_info.layers}
+    assert {"rnn.ih.0", "rnn.hh.0", "rnn.ih.1", "rnn.hh.1"} <= layers  # every gate projection quantized
+    qatkit.calibrate(qat, [ids])
+    qat.eval()
+    with torch.no_grad():
+        y = qat(ids)
+        assert (y - model(ids)).abs().max() < 0.1 * model(ids).abs().max()
+    integer = qatkit.convert(qat)
+    assert torch.equal(integer(ids), y)
+    export_onnx(integer, tmp_path / "m.onnx", ids[:1])
+    result = verify(tmp_path / "m.onnx", integer, [ids])  # sigmoid/tanh islands: ORT may round to the next step
+    assert result["top1_agreement"] == 1.0 and result["within_one_step"] == 1.0

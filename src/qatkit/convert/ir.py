@@ -85,7 +85,8 @@ class _Writer:
         value = self._resolve(node.target)
         if isinstance(value, FakeQuantizer):
             return None  # a quantizer handed to a layer: its parameters are written with the layer
-        return {"op": "constant", "value": self.tensor(node.target, value)}
+        # its own key space: a layer's int32 bias is stored as "<layer>.bias", where a float read of that bias lives
+        return {"op": "constant", "value": self.tensor(f"constant/{node.target}", value)}
 
     def _resolve(self, target: str):
         obj = self.gm

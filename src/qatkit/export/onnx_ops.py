@@ -153,6 +153,11 @@ def _float_op(ex, node, short, args, kwargs, rank) -> Value:
             ex.float_ops.setdefault(short, []).append(node.get("module", name))
         parts = [ex.floats(v) for v in x]
         return Value(ex.op("Concat", parts, name, axis=_arg(args, kwargs, 1, "dim", 0)), "float")
+    if short == "stack":  # Unsqueeze each part at dim, Concat
+        dim = _arg(args, kwargs, 1, "dim", 0)
+        dim = dim if dim >= 0 else dim + ex.rank(node["args"][0][0]["node"]) + 1
+        axes = ex.const("axes", np.array([dim], np.int64))
+        return Value(ex.op("Concat", [ex.op("Unsqueeze", [ex.floats(v), axes], "part") for v in x], name, axis=dim), "float")
     if not (isinstance(x, Value) and x.kind in ("shape", "int")):
         ex.float_ops.setdefault(short, []).append(node.get("module", name))
     if short in BINARY:

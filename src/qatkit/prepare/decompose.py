@@ -1,7 +1,7 @@
-"""torch.nn's attention blocks, rewritten with nn.Linear layers and tensor ops before tracing.
+"""torch.nn's attention and recurrent blocks, rewritten with nn.Linear layers and tensor ops before tracing.
 
-nn.MultiheadAttention, nn.TransformerEncoderLayer and nn.TransformerEncoder are leaves to torch.fx and run
-fused kernels: their projections would stay float. Replaced by these modules (same parameters, the same
+nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerEncoder, nn.LSTM and nn.GRU are leaves to
+torch.fx and run fused kernels: their projections would stay float. Replaced by these modules (same parameters, the same
 computation as PyTorch's non-fused path), every projection is an nn.Linear that prepare quantizes, and
 the matmuls, softmax and masks are ops the integer model and ONNX export know.
 """
@@ -109,14 +109,81 @@ class TransformerEncoder(nn.Module):
         return src if self.norm is None else self.norm(src)
 
 
-DECOMPOSE = {nn.TransformerEncoder: TransformerEncoder, nn.TransformerEncoderLayer: TransformerEncoderLayer,
-             nn.MultiheadAttention: MultiheadAttention}
-
-
 def decompose(module: nn.Module) -> nn.Module:
-    """Replace torch.nn's attention blocks in `module` (in place; the root too) by the modules above."""
+    """Replace torch.nn's attention and recurrent blocks in `module` (in place; the root too) by the modules here."""
     if type(module) in DECOMPOSE:
         return DECOMPOSE[type(module)](module)
     for name, child in module.named_children():
         setattr(module, name, decompose(child))
     return module
+
+
+class Recurrent(nn.Module):
+    """nn.LSTM / nn.GRU as nn.Linear gate projections stepped over time, PyTorch's equations (zero initial state).
+
+    The input projections of all steps are one Linear call; the hidden projection runs once per step. The loop
+    over time follows the input's length, so prepare traces it along the example input (it unrolls)."""
+
+    def __init__(self, rnn: nn.LSTM | nn.GRU):
+        super().__init__()
+        if getattr(rnn, "proj_size", 0):
+            raise ConfigError(f"{rnn} uses proj_size; allowed: 0. Fix: build it without a projection, or skip its "
+                              "layers with a LayerRule")
+        self.lstm, self.hidden, self.num_layers = isinstance(rnn, nn.LSTM), rnn.hidden_size, rnn.num_layers
+        self.directions, self.batch_first = 2 if rnn.bidirectional else 1, rnn.batch_first
+        self.dropout = nn.Dropout(rnn.dropout)
+        self.ih, self.hh = nn.ModuleList(), nn.ModuleList()  # index layer * directions + direction
+        for layer in range(rnn.num_layers):
+            for suffix in ("", "_reverse")[:self.directions]:
+                w_ih, w_hh = (getattr(rnn, f"weight_{k}_l{layer}{suffix}").detach() for k in ("ih", "hh"))
+                b_ih, b_hh = ((getattr(rnn, f"bias_{k}_l{layer}{suffix}").detach() for k in ("ih", "hh")) if rnn.bias
+                              else (None, None))
+                if self.lstm and rnn.bias:  # an LSTM adds both biases to every gate: one bias, on the input side
+                    b_ih, b_hh = b_ih + b_hh, None
+                self.ih.append(_linear(w_ih, b_ih))
+                self.hh.append(_linear(w_hh, b_hh))
+
+    def forward(self, x, hx=None):
+        if hx is not None:
+            raise ValueError("a given initial state (hx) is not supported; allowed: None (zeros). Fix: start from zeros")
+        x = x if self.batch_first else x.transpose(0, 1)  # (B, T, I)
+        steps, finals = x.shape[1], []
+        for layer in range(self.num_layers):
+            outputs = []
+            for direction in range(self.directions):
+                i = layer * self.directions + direction
+                xs, seq, state = self.ih[i](x), [], None  # xs (B, T, G·H): every step's input projection
+                for t in (range(steps) if direction == 0 else range(steps - 1, -1, -1)):
+                    state = self._step(xs[:, t], state, self.hh[i])
+                    seq.append(state[0])
+                outputs.append(torch.stack(seq if direction == 0 else seq[::-1], 1))  # (B, T, H)
+                finals.append(state)
+            x = outputs[0] if self.directions == 1 else torch.cat(outputs, -1)
+            if layer < self.num_layers - 1:
+                x = self.dropout(x)
+        out = x if self.batch_first else x.transpose(0, 1)
+        h_n = torch.stack([s[0] for s in finals], 0)  # (layers · directions, B, H)
+        return (out, (h_n, torch.stack([s[1] for s in finals], 0))) if self.lstm else (out, h_n)
+
+    def _step(self, gx, state, hh: nn.Linear):
+        """One step from the input projection gx (B, G·H) and the state (h, c) (None: zeros)."""
+        n = self.hidden
+        if self.lstm:
+            gates = gx if state is None else gx + hh(state[0])
+            i, f = torch.sigmoid(gates[:, :n]), torch.sigmoid(gates[:, n:2 * n])
+            g, o = torch.tanh(gates[:, 2 * n:3 * n]), torch.sigmoid(gates[:, 3 * n:])
+            c = i * g if state is None else f * state[1] + i * g
+            return o * torch.tanh(c), c
+        if state is not None:
+            gh = hh(state[0])
+        else:  # the first step: W_h·0 + b_h
+            gh = gx * 0.0 if hh.bias is None else hh.bias.unsqueeze(0)
+        r = torch.sigmoid(gx[:, :n] + gh[:, :n])
+        z = torch.sigmoid(gx[:, n:2 * n] + gh[:, n:2 * n])
+        cand = torch.tanh(gx[:, 2 * n:] + r * gh[:, 2 * n:])
+        h = (1 - z) * cand if state is None else (1 - z) * cand + z * state[0]
+        return h, h
+
+
+DECOMPOSE = {nn.TransformerEncoder: TransformerEncoder, nn.TransformerEncoderLayer: TransformerEncoderLayer,
+             nn.MultiheadAttention: MultiheadAttention, nn.LSTM: Recurrent, nn.GRU: Recurrent}
