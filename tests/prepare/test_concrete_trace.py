@@ -42,7 +42,7 @@ def test_shape_branches_follow_the_example_and_the_model_converts_and_exports(tm
         fx.symbolic_trace(model)  # what plain torch.fx makes of it
     with pytest.warns(UserWarning, match=r"could not trace 'ShapeChecks' .*; traced along the example input instead: "
                                          r"\d+ Python branches.*\(\(2, 3, 8, 8\)\); the graph equals the model on "
-                                         r"batches of 2, 1 and 4"):
+                                         r"batches of 2, 1, 4\."):
         qat = qatkit.prepare(model, qatkit.QATConfig(), x[:2])
     assert isinstance(qat, fx.GraphModule) and not qat.qat_info.untraced
     assert sorted(r["name"] for r in qat.qat_info.layers) == ["blocks.0", "blocks.1", "fc", "rgb"]  # the example's way
@@ -103,8 +103,8 @@ def test_tracing_along_the_example_leaves_the_model_untouched():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).train()
     wrapped = BatchNormFirst(model)
     before = {k: v.clone() for k, v in wrapped.state_dict().items()}
-    gm, decisions = concrete_trace(wrapped, (torch.randn(2, 3, 8, 8),))
-    assert decisions == 1
+    gm, decisions, checked = concrete_trace(wrapped, (torch.randn(2, 3, 8, 8),))
+    assert decisions == 1 and checked == [2, 1, 4]
     assert all(torch.equal(before[k], v) for k, v in wrapped.state_dict().items())
 
 
@@ -116,3 +116,23 @@ class BatchNormFirst(nn.Module):
     def forward(self, x):
         assert x.shape[1] == 3
         return self.body(x)
+
+
+class PooledBatchNorm(nn.Module):
+    """BatchNorm1d on pooled features: in training mode PyTorch refuses a batch of one sample."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.fc = nn.Conv2d(3, 8, 3), nn.BatchNorm1d(8), nn.Linear(8, 2)
+
+    def forward(self, x):
+        assert x.shape[1] == 3
+        return self.fc(self.bn(self.conv(x).mean((2, 3))))
+
+
+def test_a_batch_the_model_itself_refuses_is_not_checked():
+    model = PooledBatchNorm().train()
+    gm, decisions, checked = concrete_trace(model, (torch.randn(4, 3, 8, 8),))
+    assert checked == [4, 8] and decisions == 1
+    with pytest.warns(UserWarning, match=r"traced along the example input instead: .*on batches of 4, 8\."):
+        qatkit.prepare(model, qatkit.QATConfig(), torch.randn(4, 3, 8, 8))

@@ -80,7 +80,7 @@ def _prepare_module(module: nn.Module, prefix: str, config: QATConfig, plans, in
         try:
             if example_inputs is None:
                 raise ValueError("no example_inputs were given to prepare to trace it along")
-            gm, decisions = concrete_trace(module, example_inputs)
+            gm, decisions, checked = concrete_trace(module, example_inputs)
         except Exception as concrete_error:  # the model's own code may raise anything on proxies
             info.untraced.append(f"{why}, nor along the example input ({str(concrete_error).splitlines()[0][:200]})")
             return swap_layers(module, prefix, config, plans, info, _prepare_module)
@@ -88,8 +88,8 @@ def _prepare_module(module: nn.Module, prefix: str, config: QATConfig, plans, in
         info.traced_along_example = (f"qatkit: torch.fx could not trace {why}; traced along the example input "
                                      f"instead: {decisions} Python branches, asserts or loop counts follow the "
                                      f"example's shapes ({shapes}); the graph equals the model on batches of "
-                                     f"{len(example_inputs[0])}, 1 and {2 * len(example_inputs[0])}. Keep inputs "
-                                     "shaped as the example (the batch size may change)")
+                                     f"{', '.join(map(str, checked))}. Keep inputs shaped as the example (the batch "
+                                     "size may change)")
     sub_plans = {k[len(prefix) + 1:] if prefix else k: v for k, v in plans.items() if not prefix or k.startswith(prefix + ".")}
     sub_info = prepare_graph(gm, config, sub_plans)
     for row in sub_info.layers:

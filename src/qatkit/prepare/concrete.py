@@ -107,27 +107,34 @@ class ConcreteTracer(fx.Tracer):
         return iter([obj[i] for i in range(len(self.decide(obj, shape_only=False)))])
 
 
-def concrete_trace(module: nn.Module, example_inputs: tuple) -> tuple[fx.GraphModule, int]:
-    """The module's graph along the example's control flow, and how many decisions the example made.
+def concrete_trace(module: nn.Module, example_inputs: tuple) -> tuple[fx.GraphModule, int, list[int]]:
+    """The module's graph along the example's control flow, how many decisions the example made, and the
+    batch sizes it was checked on.
 
     Raises ValueError when the graph does not compute what the module does on the example, on its first
-    sample alone and on the example twice over (a branch on the batch size, or on tensor values)."""
+    sample alone and on the example twice over (a branch on the batch size, or on tensor values); a batch
+    the model itself refuses (BatchNorm on one sample in training mode) is not checked."""
     names = list(inspect.signature(module.forward).parameters)[:len(example_inputs)]
     tracer = ConcreteTracer(copy.deepcopy(module), dict(zip(names, example_inputs)))
     graph = tracer.trace(module)
     gm = fx.GraphModule(module, graph, type(module).__name__)
     gm.graph.eliminate_dead_code()  # the size arithmetic that only fed decisions
     gm.recompile()
+    checked = []
     for args in (example_inputs, tuple(a[:1] for a in example_inputs), tuple(torch.cat([a, a]) for a in example_inputs)):
         with torch.no_grad(), torch.random.fork_rng():
             torch.manual_seed(0)
-            expected = copy.deepcopy(module)(*args)
+            try:
+                expected = copy.deepcopy(module)(*args)
+            except Exception:  # noqa: BLE001 - the model's own refusal of this batch size: nothing to compare
+                continue
             torch.manual_seed(0)
             got = copy.deepcopy(gm)(*args)
         if not _same(got, expected):
             raise ValueError(f"the graph traced along the example input differs from the model on a batch of "
                              f"{len(args[0])} (its forward branches on the batch size or on tensor values)")
-    return gm, tracer.decisions
+        checked.append(len(args[0]))
+    return gm, tracer.decisions, checked
 
 
 def _same(a, b) -> bool:
