@@ -59,8 +59,8 @@ class MultiheadAttention(nn.Module):
         if key_padding_mask is not None:  # (B, S); True: a padding key
             pad = key_padding_mask.reshape(key_padding_mask.shape[0], 1, 1, key_padding_mask.shape[1])
             logits = logits.masked_fill(pad, float("-inf")) if key_padding_mask.dtype == torch.bool else logits + pad
-        weights = logits.softmax(-1)
-        out = self.dropout(weights) @ v  # (B, h, L, d)
+        weights = self.dropout(logits.softmax(-1))  # returned after dropout, as PyTorch returns them
+        out = weights @ v  # (B, h, L, d)
         out = self.out_proj(out.transpose(1, 2).reshape(out.shape[0], out.shape[2], self.num_heads * self.head_dim))
         if not self.batch_first:
             out = out.transpose(0, 1)
