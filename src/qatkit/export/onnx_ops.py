@@ -246,21 +246,20 @@ def _float_op(ex, node, short, args, kwargs, rank) -> Value:
             return Value(ex.op("ReduceMean", [xf], name, keepdims=keep, **({"axes": axes} if axes else {})), "float")
         extra = [ex.const("axes", np.array(axes, np.int64))] if axes else []
         return Value(ex.op("ReduceSum", [xf, *extra], name, keepdims=keep), "float")
-    if short in ("linear", "conv1d", "conv2d"):
+    if short in ("linear", "conv1d", "conv2d", "conv_transpose1d", "conv_transpose2d"):  # float layers qatkit left float
         inputs = [xf, _c(ex, kwargs["weight"])] + ([_c(ex, kwargs["bias"])] if kwargs.get("bias") is not None else [])
+        if short.startswith("conv_transpose"):
+            n = 1 if short.endswith("1d") else 2
+            attrs = {k: (v if isinstance(v, list) else [v] * n) for k, v in
+                     (("strides", kwargs.get("stride", 1)), ("pads", kwargs.get("padding", 0)),
+                      ("output_padding", kwargs.get("output_padding", 0)), ("dilations", kwargs.get("dilation", 1)))}
+            attrs["pads"] = attrs["pads"] * 2
+            return Value(ex.op("ConvTranspose", inputs, name, group=kwargs.get("groups", 1), **attrs), "float")
         if short == "linear":
             return Value(ex.op("Gemm", inputs, name, transB=1), "float")
         return Value(ex.op("Conv", inputs, name, strides=_ints(kwargs.get("stride", 1)),
                            pads=_ints(kwargs.get("padding", 0)) * 2, dilations=_ints(kwargs.get("dilation", 1)),
                            group=kwargs.get("groups", 1)), "float")
-    if short in ("conv_transpose1d", "conv_transpose2d"):  # a float transposed conv (not quantized by qatkit)
-        n = 1 if short == "conv_transpose1d" else 2
-        inputs = [xf, _c(ex, kwargs["weight"])] + ([_c(ex, kwargs["bias"])] if kwargs.get("bias") is not None else [])
-        attrs = {k: (v if isinstance(v, list) else [v] * n) for k, v in
-                 (("strides", kwargs.get("stride", 1)), ("pads", kwargs.get("padding", 0)),
-                  ("output_padding", kwargs.get("output_padding", 0)), ("dilations", kwargs.get("dilation", 1)))}
-        attrs["pads"] = attrs["pads"] * 2
-        return Value(ex.op("ConvTranspose", inputs, name, group=kwargs.get("groups", 1), **attrs), "float")
     raise QatkitError(f"op {node['fn']!r} (node '{name}') has no ONNX form in qatkit. "
                       "Fix: express it with supported ops (see qatkit/export/onnx_ops.py)")
 
