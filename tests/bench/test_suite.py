@@ -77,16 +77,19 @@ def test_planned_runs_train_the_targeted_rows_of_every_seed_first():
 
 
 def test_qat_and_w8a8_exports_compute_what_qatkit_computes(quick):
-    """Every QAT row (2 to 8 bits) and every W8A8 row: ONNX Runtime computes qatkit's integers (the transformer's
-    float attention, LayerNorm and GELU may round differently in ONNX Runtime: there one output step)."""
+    """Every QAT row (2 to 8 bits) and every W8A8 row: ONNX Runtime computes qatkit's integers. The transformer's
+    float softmax, LayerNorm and GELU may round a value differently in ONNX Runtime (its integer kernels are exact:
+    tests/export/test_integer_reference.py); a quantized attention weight one step off then moves an output by up to
+    two steps, on a few of its 512 output values at most."""
     _, _, results = quick
     verified = [r for r in results["rows"] if r["method"] == "qat"
                 or ((r["weight_bits"], r["act_bits"]) == (8, 8) and r["method"] != "torch.ao-qat")]
     assert len(verified) == sum(len(suite.pairs_of(t)) + len(suite.PROGRESSIVE) * t.baselines + 2 for t in suite.TASKS.values())
     for r in verified:
         assert r["verify"]["n"] == suite.QUICK["test"]
-        assert r["verify"]["top1_agreement"] == 1.0 and r["verify"]["within_one_step"] == 1.0, r
-        assert r["verify"]["max_step_diff"] <= (1.0 if r["task"] == "sst2-transformer" else 0.0), r
+        text = r["task"] == "sst2-transformer"
+        assert r["verify"]["top1_agreement"] == 1.0 and r["verify"]["within_one_step"] >= (0.99 if text else 1.0), r
+        assert r["verify"]["max_step_diff"] <= (2.0 if text else 0.0), r
 
 
 def test_timing_sections(quick):
