@@ -11,6 +11,7 @@ from torch import nn
 import qatkit
 from qatkit.convert import ops
 from qatkit.convert.pack import unpack
+from qatkit.export import export_onnx, verify
 from qatkit.models import build_model
 from qatkit.nn import QLayer
 
@@ -115,10 +116,13 @@ def test_integer_model_equals_qat_eval(case, bits, tmp_path):
     if case == "poolnet":
         fns = [n.get("fn") for n in integer.nodes if n["op"] == "call"]
         assert fns == [ops.NAME_OF[F.max_pool2d], ops.NAME_OF[F.avg_pool2d], ops.NAME_OF[torch.flatten]]
-    if case == "shared-conv":  # two calls, their own input scales and biases, one stored weight
+    if case == "shared-conv":  # two calls, their own input scales and biases, one stored weight; exact in ORT
         calls = [n for n in integer.nodes if n.get("module") == "conv"]
         assert len(calls) == 2 and calls[0]["input"]["scale"] != calls[1]["input"]["scale"]
         assert calls[0]["weight"] == calls[1]["weight"] and calls[0]["bias"] != calls[1]["bias"]
+        export_onnx(integer, tmp_path / "m.onnx", x_test[:1])
+        result = verify(tmp_path / "m.onnx", integer, [x_test])
+        assert result["top1_agreement"] == 1.0 and result["max_step_diff"] == 0.0
 
 
 def test_convert_restores_training_mode():

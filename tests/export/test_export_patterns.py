@@ -38,6 +38,14 @@ def _calibrated(model, x, bits=8):
     return qat.eval()
 
 
+def _exact_in_ort(integer, x: torch.Tensor, path) -> list[str]:
+    """ONNX Runtime computes the integer model's outputs exactly (0 output steps); the export's notes."""
+    notes = export_onnx(integer, path, x[:1])
+    result = verify(path, integer, [x])
+    assert result["top1_agreement"] == 1.0 and result["max_step_diff"] == 0.0
+    return notes
+
+
 @pytest.mark.parametrize("mode", ["zeros", "reflect", "replicate", "circular"])
 def test_padding_modes_and_same_padding_are_what_the_float_conv_computes(mode):
     """QConv pads as the float conv does (float64 reference: the float conv on the same weights)."""
@@ -74,9 +82,7 @@ def test_padding_modes_run_exactly_in_the_integer_model_and_onnx_runtime(mode, b
         with pytest.raises(QatkitError, match=r"pads in mode 'circular'.*Fix: train with one of those padding modes"):
             export_onnx(integer, path, x[:1])
         return
-    export_onnx(integer, path, x[:1])
-    result = verify(path, integer, [x])
-    assert result["top1_agreement"] == 1.0 and result["max_step_diff"] == 0.0
+    _exact_in_ort(integer, x, path)
     ort_out = ort.run(ort.session(path, threads=1), x)  # the integer-only reference pads the codes as ORT does
     assert np.array_equal(IntegerReference(path, requant="float32").run(x.numpy()), ort_out)
 
@@ -90,28 +96,6 @@ def test_a_float_conv_with_a_padding_mode_is_refused_at_convert():
     with pytest.raises(QatkitError, match=r"float conv 'conv2' \(not quantized\) has padding='same', "
                                           r"padding_mode='reflect'.*Fix: let qatkit quantize it"):
         qatkit.convert(qat.eval())
-
-
-class SharedConvNet(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 3, 3, padding=1)
-        self.fc = nn.Linear(3, 4)
-
-    def forward(self, x):
-        return self.fc(F.relu(self.conv(F.relu(self.conv(x)))).mean((2, 3)))
-
-
-def test_a_layer_called_twice_runs_exactly_in_onnx_runtime(tmp_path):
-    torch.manual_seed(0)
-    x = torch.randn(16, 3, 8, 8)
-    qat = _calibrated(SharedConvNet(), x)
-    integer = qatkit.convert(qat)
-    with torch.no_grad():
-        assert torch.equal(integer(x), qat(x))
-    export_onnx(integer, tmp_path / "m.onnx", x[:1])
-    result = verify(tmp_path / "m.onnx", integer, [x])
-    assert result["top1_agreement"] == 1.0 and result["max_step_diff"] == 0.0
 
 
 class CatNet(nn.Module):
@@ -141,10 +125,8 @@ def test_concatenation_runs_exactly_in_onnx_runtime(bits, tmp_path):
     with torch.no_grad():
         assert torch.equal(integer(x), qat(x))
     path = tmp_path / "m.onnx"
-    notes = export_onnx(integer, path, x[:1])
+    notes = _exact_in_ort(integer, x, path)
     assert not any(n.startswith("cat ") for n in notes)  # every part is integer: not a float op
-    result = verify(path, integer, [x])
-    assert result["top1_agreement"] == 1.0 and result["max_step_diff"] == 0.0
     assert np.array_equal(IntegerReference(path, requant="float32").run(x.numpy()), ort.run(ort.session(path, threads=1), x))
 
 
@@ -301,6 +283,4 @@ def test_functional_pad_converts_and_exports(tmp_path):
     integer = qatkit.convert(qat)
     with torch.no_grad():
         assert torch.equal(integer(x), qat(x))
-    export_onnx(integer, tmp_path / "m.onnx", x[:1])
-    result = verify(tmp_path / "m.onnx", integer, [x])
-    assert result["top1_agreement"] == 1.0 and result["max_step_diff"] == 0.0
+    _exact_in_ort(integer, x, tmp_path / "m.onnx")
