@@ -136,3 +136,39 @@ def test_a_batch_the_model_itself_refuses_is_not_checked():
     assert checked == [4, 8] and decisions == 1
     with pytest.warns(UserWarning, match=r"traced along the example input instead: .*on batches of 4, 8\."):
         qatkit.prepare(model, qatkit.QATConfig(), torch.randn(4, 3, 8, 8))
+
+
+class Positions(nn.Module):
+    """Position ids from torch.arange over the input's length, a recurrent state from torch.zeros over its batch."""
+
+    def __init__(self, dtype=None):
+        super().__init__()
+        self.embed, self.pos = nn.Embedding(30, 8), nn.Embedding(16, 8)
+        self.cell, self.fc = nn.Linear(8, 8), nn.Linear(8, 3)
+        self.dtype = dtype
+
+    def forward(self, ids):  # (B, L) int64
+        x = self.embed(ids) + self.pos(torch.arange(ids.size(1), device=ids.device, dtype=self.dtype))
+        h = torch.zeros(ids.size(0), 8, device=ids.device)
+        for t in range(ids.size(1)):
+            h = torch.tanh(self.cell(x[:, t]) + h)
+        return self.fc(h + torch.full((ids.shape[0], 8), 0.5))
+
+
+def test_tensors_made_from_the_inputs_sizes_convert_and_export(tmp_path):
+    torch.manual_seed(0)
+    ids = torch.randint(0, 30, (32, 6))
+    with pytest.warns(UserWarning, match=r"traced along the example input instead"):
+        qat = qatkit.prepare(Positions(), qatkit.QATConfig(), ids[:2])
+    qatkit.calibrate(qat, [ids])
+    qat.eval()
+    integer = qatkit.convert(qat)
+    with torch.no_grad():
+        assert torch.equal(integer(ids), qat(ids))  # a batch of 32: the sizes stayed symbolic
+    export_onnx(integer, tmp_path / "m.onnx", ids[:1])
+    result = verify(tmp_path / "m.onnx", integer, [ids])  # tanh is a float island: ORT may round to the next step
+    assert result["top1_agreement"] == 1.0 and result["within_one_step"] == 1.0
+    qat = qatkit.prepare(Positions(dtype=torch.long), qatkit.QATConfig(), ids[:2])
+    qatkit.calibrate(qat, [ids])
+    with pytest.raises(qatkit.QatkitError, match=r"a dtype argument \(torch.int64\) cannot be stored .* Fix: leave dtype"):
+        qatkit.convert(qat)

@@ -121,8 +121,8 @@ def _check_header(header, tensors, path) -> dict:
         fn = node.get("fn")
         if op == "call" and not (fn == "identity" or fn in (ops.METHODS if node.get("method") else ops.FUNCTIONS)):
             raise _fail(path, f"calls {fn!r}, which is not an operation qatkit runs")
-        if op == "call" and fn == ops.GETATTR and (len(node["args"]) != 2 or node["args"][1] != "shape"):
-            raise _fail(path, f"calls {fn!r} for attribute {node['args'][1:]!r:.80}; only 'shape' may be read")
+        if op == "call" and fn == ops.GETATTR and (len(node["args"]) != 2 or node["args"][1] not in ops.ATTRIBUTES):
+            raise _fail(path, f"calls {fn!r} for attribute {node['args'][1:]!r:.80}; only {ops.ATTRIBUTES} may be read")
         _check_refs({k: v for k, v in node.items() if k != "name"}, tensors, defined, path)
         defined.add(node["name"])
     ops_in_order = [node["op"] for node in nodes]

@@ -49,6 +49,9 @@ class _Writer:
             return {"slice": [a.start, a.stop, a.step]}
         if a is None or isinstance(a, (bool, int, float, str)):
             return a
+        if isinstance(a, torch.dtype):
+            raise QatkitError(f"a dtype argument ({a}) cannot be stored in an integer model file. Fix: leave dtype at "
+                              "its default (float32 for zeros/ones/full, int64 for arange) and cast the result")
         raise QatkitError(f"argument {a!r} of type {type(a).__name__} cannot be stored in an integer model file. "
                           "Fix: compute it inside the model from tensors and ints")
 
@@ -96,7 +99,7 @@ class _Writer:
 
     def _call_function(self, node):
         name = ops.NAME_OF.get(node.target)
-        if name is None or (name == ops.GETATTR and node.args[1] != "shape"):
+        if name is None or (name == ops.GETATTR and node.args[1] not in ops.ATTRIBUTES):
             raise QatkitError(f"function {getattr(node.target, '__name__', node.target)!r} (node '{node.name}') has no "
                               "integer-model form; allowed: the functions of qatkit.convert.ops.FUNCTIONS. Fix: "
                               "express it with those, or replace it by a supported module")

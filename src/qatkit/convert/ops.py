@@ -19,11 +19,12 @@ _FUNCTIONS = [
     F.relu, F.relu6, F.gelu, F.silu, F.sigmoid, F.softmax, F.layer_norm, F.embedding, F.batch_norm, F.linear,
     F.conv1d, F.conv2d, F.max_pool1d, F.max_pool2d, F.avg_pool1d, F.avg_pool2d, F.adaptive_avg_pool1d,
     F.adaptive_avg_pool2d, F.dropout, F.hardswish, F.hardsigmoid, F.leaky_relu, F.hardtanh, torch.clamp, F.interpolate,
-    F.conv_transpose1d, F.conv_transpose2d, F.pad, torch.stack,
+    F.conv_transpose1d, F.conv_transpose2d, F.pad, torch.stack, torch.zeros, torch.ones, torch.full, torch.arange,
 ]
 FUNCTIONS = {f"{getattr(fn, '__module__', None) or 'builtins'}.{fn.__name__}": fn for fn in _FUNCTIONS}
 NAME_OF = {fn: name for name, fn in FUNCTIONS.items()}
-GETATTR = NAME_OF[getattr]  # allowed for `.shape` only
+GETATTR = NAME_OF[getattr]  # allowed for these attributes only:
+ATTRIBUTES = ("shape", "device")
 METHODS = {"view", "reshape", "permute", "transpose", "flatten", "contiguous", "softmax", "mean", "sum", "size",
            "relu", "sigmoid", "unsqueeze", "squeeze", "expand", "mul", "add", "matmul", "dim", "float", "clamp",
            "masked_fill"}

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from onnx import TensorProto
+from onnx import helper as onnx_helper
 
 from qatkit.errors import QatkitError
 
@@ -56,8 +57,10 @@ def export_call(ex, node: dict) -> Value:
 
     if short in ("identity", "contiguous", "dropout"):
         return x
-    if short == "getattr":
-        return Value(ex.op("Shape", [x.name], "shape"), "shape")
+    if short == "getattr":  # x.shape, or x.device (which a factory's device= reads; ONNX has no devices)
+        return Value(ex.op("Shape", [x.name], "shape"), "shape") if args[1] == "shape" else Value("", "device")
+    if short in ("zeros", "ones", "full", "arange"):
+        return _factory(ex, short, args, kwargs, name)
     if short == "size":
         shape = ex.op("Shape", [x.name], "shape")
         return Value(ex.op("Gather", [shape, ex.const("i", np.array(args[1], np.int64))], "dim"), "int") if len(args) > 1 \
@@ -290,3 +293,18 @@ def _resize(ex, node, xf: str, args, kwargs, rank: int) -> str:
         inputs = [xf, "", ex.const("scales", np.array(scales, np.float32))]
     return ex.op("Resize", inputs, node["name"], mode=onnx_mode, coordinate_transformation_mode=coords,
                  nearest_mode="floor")
+
+
+def _factory(ex, short: str, args: list, kwargs: dict, name: str) -> Value:
+    """torch.zeros/ones/full(sizes) as ConstantOfShape (float32), torch.arange as Range (int64), sizes from ints or
+    the input's dims (a dtype= argument never gets here: the model file refuses it)."""
+    if short == "arange":
+        bounds = [0, args[0], 1] if len(args) == 1 else [*args, 1][:3]
+        ints = [ex.op("Cast", [b.name], "b", to=TensorProto.INT64) if isinstance(b, Value)
+                else ex.const("b", np.array(b, np.int64)) for b in bounds]
+        return Value(ex.op("Range", ints, name), "int")
+    sizes = args[:-1] if short == "full" else args
+    sizes = list(sizes[0]) if len(sizes) == 1 and isinstance(sizes[0], list) else list(sizes)
+    fill = {"zeros": 0.0, "ones": 1.0}.get(short, args[-1] if short == "full" else None)
+    value = onnx_helper.make_tensor("value", TensorProto.FLOAT, [1], [float(fill)])
+    return Value(ex.op("ConstantOfShape", [ex.shape_tensor(sizes)], name, value=value), "float")

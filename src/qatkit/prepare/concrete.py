@@ -20,6 +20,9 @@ from torch.fx import _symbolic_trace
 
 
 _SHAPE_METHODS = {"size", "dim", "numel", "ndimension"}
+# Tensor factories whose sizes may come from the input (torch.zeros(x.size(0), h), torch.arange(x.size(1))):
+# PyTorch's argument parser refuses a proxy as a size, so they are recorded as graph nodes while tracing.
+FACTORIES = ("zeros", "ones", "full", "arange")
 _SHAPE_ATTRIBUTES = {"shape", "ndim", "dtype", "device", "is_cuda"}
 
 
@@ -116,7 +119,14 @@ def concrete_trace(module: nn.Module, example_inputs: tuple) -> tuple[fx.GraphMo
     the model itself refuses (BatchNorm on one sample in training mode) is not checked."""
     names = list(inspect.signature(module.forward).parameters)[:len(example_inputs)]
     tracer = ConcreteTracer(copy.deepcopy(module), dict(zip(names, example_inputs)))
-    graph = tracer.trace(module)
+    originals = {name: getattr(torch, name) for name in FACTORIES}
+    for name, fn in originals.items():
+        setattr(torch, name, _recorded(tracer, fn))
+    try:
+        graph = tracer.trace(module)
+    finally:
+        for name, fn in originals.items():
+            setattr(torch, name, fn)
     gm = fx.GraphModule(module, graph, type(module).__name__)
     gm.graph.eliminate_dead_code()  # the size arithmetic that only fed decisions
     gm.recompile()
@@ -135,6 +145,18 @@ def concrete_trace(module: nn.Module, example_inputs: tuple) -> tuple[fx.GraphMo
                              f"{len(args[0])} (its forward branches on the batch size or on tensor values)")
         checked.append(len(args[0]))
     return gm, tracer.decisions, checked
+
+
+def _recorded(tracer: ConcreteTracer, fn):
+    """`fn` as a graph node when a size is symbolic, else `fn` itself."""
+
+    @functools.wraps(fn)
+    def factory(*args, **kwargs):
+        symbolic = []
+        fx.node.map_aggregate((args, kwargs), lambda a: symbolic.append(a) if isinstance(a, fx.Proxy) else None)
+        return tracer.create_proxy("call_function", fn, args, kwargs) if symbolic else fn(*args, **kwargs)
+
+    return factory
 
 
 def _same(a, b) -> bool:
