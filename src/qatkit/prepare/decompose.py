@@ -38,7 +38,9 @@ class MultiheadAttention(nn.Module):
         else:
             w_q, w_k, w_v = (w.detach() for w in (mha.q_proj_weight, mha.k_proj_weight, mha.v_proj_weight))
         b_q, b_k, b_v = (None,) * 3 if mha.in_proj_bias is None else mha.in_proj_bias.detach().chunk(3)
-        self.q_proj, self.k_proj, self.v_proj = _linear(w_q, b_q), _linear(w_k, b_k), _linear(w_v, b_v)
+        scale = self.head_dim**-0.5  # folded into the query projection: its output feeds the Q·Kᵀ matmul directly
+        self.q_proj = _linear(w_q * scale, None if b_q is None else b_q * scale)
+        self.k_proj, self.v_proj = _linear(w_k, b_k), _linear(w_v, b_v)
         self.out_proj = _linear(mha.out_proj.weight.detach(), None if mha.out_proj.bias is None else mha.out_proj.bias.detach())
         self.dropout = nn.Dropout(mha.dropout)
 
@@ -49,7 +51,7 @@ class MultiheadAttention(nn.Module):
                 average_attn_weights=True, is_causal=False):
         if not self.batch_first:  # (L, B, E) -> (B, L, E)
             query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
-        q = self._heads(self.q_proj(query)) * self.head_dim**-0.5
+        q = self._heads(self.q_proj(query))  # already scaled by 1/√d
         k, v = self._heads(self.k_proj(key)), self._heads(self.v_proj(value))
         logits = q @ k.transpose(-2, -1)  # (B, h, L, S)
         if attn_mask is not None:  # (L, S) or (B·h, L, S); True or -inf: not attended
