@@ -25,7 +25,6 @@ def bias_codes(bias: torch.Tensor, bias_scale: torch.Tensor) -> torch.Tensor:
 
 
 _CONV = {1: F.conv1d, 2: F.conv2d}
-PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 
 
 def conv_pads(conv: torch.nn.Conv1d | torch.nn.Conv2d) -> list[int]:

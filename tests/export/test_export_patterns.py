@@ -181,7 +181,7 @@ def test_the_integer_reference_upsamples_as_pytorch_nearest(size, scale):
     x = np.arange(2 * 3 * 4 * 6, dtype=np.float32).reshape(2, 3, 4, 6)
     expected = F.interpolate(torch.from_numpy(x), size=size, scale_factor=scale, mode="nearest").numpy()
     ins = [x, None, np.array([1, 1, scale, scale], np.float32)] if scale else [x, None, None, np.array([2, 3, *size])]
-    assert np.array_equal(_resize(ins, {"mode": b"nearest"}), expected)
+    assert np.array_equal(_resize(ins, {"mode": "nearest"}), expected)
 
 
 class TwoHeads(nn.Module):

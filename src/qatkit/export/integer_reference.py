@@ -208,8 +208,7 @@ def _pad(ins, a):
     pads = [begin of each axis..., end of each axis...]."""
     x, pads = ins[0], [int(p) for p in ins[1]]
     widths = list(zip(pads[:x.ndim], pads[x.ndim:]))
-    mode = a.get("mode", b"constant")
-    mode = mode.decode() if isinstance(mode, bytes) else mode
+    mode = a.get("mode", "constant")  # _attrs decoded it
     if mode != "constant":
         return np.pad(x, widths, mode=mode)  # numpy's reflect and edge are ONNX's
     return np.pad(x, widths, constant_values=_opt(ins, 2, x.dtype.type(0)))
@@ -218,8 +217,8 @@ def _pad(ins, a):
 def _resize(ins, a):
     """Resize, nearest with the asymmetric floor mapping (PyTorch's 'nearest'): src = floor(dst / scale)."""
     x = ins[0]
-    mode = a.get("mode", b"nearest")
-    if (mode.decode() if isinstance(mode, bytes) else mode) != "nearest":
+    mode = a.get("mode", "nearest")
+    if mode != "nearest":
         raise bad_value("Resize mode", mode, "nearest", "the integer reference runs nearest upsampling only",
                         cls=ModelFileError)
     sizes, scales = _opt(ins, 3), _opt(ins, 2)
