@@ -74,6 +74,23 @@ def test_sums_do_not_depend_on_thread_count():
         assert torch.equal(grad_s, results[0][1]) and torch.equal(grad_z, results[0][2])
 
 
+
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("n", [13, 4097, 70_001])
+def test_vector_and_portable_backward_are_the_same(monkeypatch, n, relu):
+    """The AVX2 backward (where the CPU has it) and the portable code: the same bits, sums included (same lanes),
+    with ties, values beyond the range, NaN and ±0 among the inputs; per tensor and per channel."""
+    x, grad = _data(n, 0.0371, seed=3), torch.randn(n)
+    x[:6] = torch.tensor([float("nan"), 0.0, -0.0, 1e30, -1e30, 0.5 * 0.0371])
+    for s, z in [(torch.tensor(0.0371), torch.tensor(3.0)), (torch.tensor([0.0371, 0.25]), torch.tensor([3.0, -2.0]))]:
+        k = n - n % s.numel()  # per channel: the channels split x evenly
+        results = []
+        for vector in (True, False):
+            monkeypatch.setattr(cpu_kernel, "VECTOR", vector)
+            results.append(cpu_kernel.backward(x[:k], grad[:k], s, z, -8, 7, relu=relu))
+        for a, b in zip(*results):
+            assert torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(7.0), b.nan_to_num(7.0))
+
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided", "expanded"])
 def test_fake_quantize_layouts_match_eager(layout):
     """fake_quantize sees any layout as one flat run (or a copy): the result keeps a dense input's layout,
