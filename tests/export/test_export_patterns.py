@@ -284,3 +284,94 @@ def test_functional_pad_converts_and_exports(tmp_path):
     with torch.no_grad():
         assert torch.equal(integer(x), qat(x))
     _exact_in_ort(integer, x, tmp_path / "m.onnx")
+
+
+class MaskedText(nn.Module):
+    """Masks written the usual ways: padding (ids == 0), causal (positions compared), ~, |, None and ... indexing;
+    q and k from one projection by chunk; states from x.new_zeros and torch.zeros_like."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.pos = nn.Embedding(30, 16, padding_idx=0), nn.Embedding(12, 16)
+        self.qk, self.fc = nn.Linear(16, 32), nn.Linear(16, 3)
+
+    def forward(self, ids):  # (B, L), 0 = padding
+        pad = ids == 0
+        pos = torch.arange(ids.size(1), device=ids.device)
+        causal = pos[None, :] > pos[:, None]
+        x = self.embed(ids) + self.pos(pos)[None]
+        q, k = self.qk(x).chunk(2, dim=-1)
+        scores = (q @ k.transpose(-2, -1)).masked_fill(causal | pad[:, None, :], -1e4)
+        x = scores.softmax(-1) @ x
+        valid = (~pad).float()[..., None]
+        h = x.new_zeros(ids.size(0), 16) + (x * valid).sum(1) / valid.sum(1).clamp(min=1.0)
+        return self.fc(h + torch.full_like(h, 0.25) - torch.ones_like(h) * 0.25)
+
+
+def test_masks_chunks_and_tensors_made_like_others_convert_and_export(tmp_path):
+    torch.manual_seed(0)
+    ids = torch.randint(1, 30, (64, 10))
+    ids[:, 7:], ids[::3, 4:] = 0, 0
+    qat = qatkit.prepare(MaskedText(), qatkit.QATConfig(), ids[:2])
+    info = qatkit.describe(qat)
+    for exact in ("eq", "gt", "or_", "invert", "arange", "new_zeros", "zeros_like", "chunk"):  # masks, not float ops
+        assert f"({exact})" not in info.split("float ops")[-1]
+    qatkit.calibrate(qat, [ids])
+    qat.eval()
+    integer = qatkit.convert(qat)
+    with torch.no_grad():
+        expected = qat(ids)
+        assert torch.equal(integer(ids), expected)
+        assert not torch.equal(qat(torch.where(ids > 0, ids, 5)), expected)  # the padding mask matters
+    path = tmp_path / "m.onnx"
+    export_onnx(integer, path, ids[:1])
+    result = verify(path, integer, [ids])  # softmax is a float island: ORT may round a value to the next step
+    assert result["top1_agreement"] == 1.0 and result["within_one_step"] == 1.0
+    ort_out = ort.run(ort.session(path, threads=1), ids)
+    assert np.array_equal(IntegerReference(path, requant="float32").run(ids.numpy()), ort_out)
+
+
+class Made(nn.Module):
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind, self.embed, self.fc = kind, nn.Embedding(30, 8), nn.Linear(8, 3)
+
+    def forward(self, ids):
+        x = self.embed(ids).mean(1)
+        made = {"new_ones": lambda: x.new_ones((ids.size(0), 8)), "new_full": lambda: x.new_full((x.shape[0], 8), 0.5),
+                "ids_like": lambda: torch.zeros_like(ids)[:, :1] + torch.ones_like(ids)[:, :1] * 2}[self.kind]()
+        return self.fc(x * made)
+
+
+@pytest.mark.parametrize("kind", ["new_ones", "new_full", "ids_like"])
+def test_tensors_made_from_the_inputs_sizes_keep_their_type_in_onnx(kind, tmp_path):
+    """x.new_*(…) of a float tensor are float32, torch.*_like(ids) int64 (ONNX would refuse a float · int Mul)."""
+    torch.manual_seed(0)
+    ids = torch.randint(0, 30, (16, 5))
+    qat = qatkit.prepare(Made(kind), qatkit.QATConfig(), ids[:2])
+    qatkit.calibrate(qat, [ids])
+    integer = qatkit.convert(qat.eval())
+    with torch.no_grad():
+        assert torch.equal(integer(ids), qat(ids))
+    _exact_in_ort(integer, ids, tmp_path / "m.onnx")
+
+
+class ChunkBatch(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x):
+        a, b = self.fc(x).chunk(2, dim=0)
+        return torch.cat([b, a])
+
+
+def test_chunk_along_the_batch_is_refused_at_export_with_the_fix(tmp_path):
+    torch.manual_seed(0)
+    x = torch.randn(16, 8)
+    qat = _calibrated(ChunkBatch(), x)
+    integer = qatkit.convert(qat)
+    with torch.no_grad():
+        assert torch.equal(integer(x), qat(x))
+    with pytest.raises(QatkitError, match=r"chunk along the batch axis .* Fix: chunk or split along another axis"):
+        export_onnx(integer, tmp_path / "m.onnx", x[:2])

@@ -11,7 +11,8 @@ Node kinds:
   call      - a function from the closed table in ops.py, on integer codes where it keeps the grid,
               else on dequantized values
   output
-Arguments are literals, {"node": name}, {"tensor": key}, {"slice": [a, b, c]} or lists of these.
+Arguments are literals, {"node": name}, {"tensor": key}, {"slice": [a, b, c]}, {"ellipsis": true} (x[..., 0]) or
+lists of these.
 """
 from __future__ import annotations
 
@@ -47,6 +48,8 @@ class _Writer:
             return [self.arg(x) for x in a]
         if isinstance(a, slice):
             return {"slice": [a.start, a.stop, a.step]}
+        if a is Ellipsis:
+            return {"ellipsis": True}
         if a is None or isinstance(a, (bool, int, float, str)):
             return a
         if isinstance(a, torch.dtype):
@@ -101,8 +104,8 @@ class _Writer:
         name = ops.NAME_OF.get(node.target)
         if name is None or (name == ops.GETATTR and node.args[1] not in ops.ATTRIBUTES):
             raise QatkitError(f"function {getattr(node.target, '__name__', node.target)!r} (node '{node.name}') has no "
-                              "integer-model form; allowed: the functions of qatkit.convert.ops.FUNCTIONS. Fix: "
-                              "express it with those, or replace it by a supported module")
+                              f"integer-model form; allowed: {', '.join(sorted(ops.FUNCTIONS))}. Fix: express it "
+                              "with those, or replace it by a supported module")
         return {"op": "call", "fn": name, "args": self.arg(node.args), "kwargs": {k: self.arg(v) for k, v in node.kwargs.items()}}
 
     def _call_method(self, node):

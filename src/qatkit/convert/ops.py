@@ -12,7 +12,8 @@ from torch import nn
 
 _FUNCTIONS = [
     operator.add, operator.sub, operator.mul, operator.truediv, operator.matmul, operator.getitem, operator.neg,
-    operator.iadd, operator.ne, operator.eq, getattr,
+    operator.iadd, operator.ne, operator.eq, operator.lt, operator.le, operator.gt, operator.ge, operator.and_,
+    operator.or_, operator.invert, getattr,
     torch.add, torch.sub, torch.mul, torch.matmul, torch.cat, torch.flatten, torch.reshape, torch.transpose,
     torch.permute, torch.squeeze, torch.unsqueeze, torch.relu, torch.sigmoid, torch.tanh, torch.softmax,
     torch.mean, torch.sum, torch.sqrt, torch.exp,
@@ -20,6 +21,7 @@ _FUNCTIONS = [
     F.conv1d, F.conv2d, F.max_pool1d, F.max_pool2d, F.avg_pool1d, F.avg_pool2d, F.adaptive_avg_pool1d,
     F.adaptive_avg_pool2d, F.dropout, F.hardswish, F.hardsigmoid, F.leaky_relu, F.hardtanh, torch.clamp, F.interpolate,
     F.conv_transpose1d, F.conv_transpose2d, F.pad, torch.stack, torch.zeros, torch.ones, torch.full, torch.arange,
+    torch.zeros_like, torch.ones_like, torch.full_like, torch.chunk, torch.split,
 ]
 FUNCTIONS = {f"{getattr(fn, '__module__', None) or 'builtins'}.{fn.__name__}": fn for fn in _FUNCTIONS}
 NAME_OF = {fn: name for name, fn in FUNCTIONS.items()}
@@ -27,11 +29,14 @@ GETATTR = NAME_OF[getattr]  # allowed for these attributes only:
 ATTRIBUTES = ("shape", "device")
 METHODS = {"view", "reshape", "permute", "transpose", "flatten", "contiguous", "softmax", "mean", "sum", "size",
            "relu", "sigmoid", "unsqueeze", "squeeze", "expand", "mul", "add", "matmul", "dim", "float", "clamp",
-           "masked_fill"}
-# Ops applied to integer codes directly: they keep values on the grid (ReLU handled with the zero point).
+           "masked_fill", "new_zeros", "new_ones", "new_full", "chunk", "split"}
+# Ops applied to integer codes directly: they keep values on the grid (ReLU handled with the zero point);
+# chunk and split give a tuple of pieces on the same grid.
 CODE_PRESERVING = {NAME_OF[f] for f in (torch.flatten, torch.reshape, torch.transpose, torch.permute, torch.squeeze,
-                                        torch.unsqueeze, F.max_pool1d, F.max_pool2d, operator.getitem)} | {
-    "view", "reshape", "permute", "transpose", "flatten", "contiguous", "squeeze", "unsqueeze", "identity"}
+                                        torch.unsqueeze, F.max_pool1d, F.max_pool2d, operator.getitem, torch.chunk,
+                                        torch.split)} | {
+    "view", "reshape", "permute", "transpose", "flatten", "contiguous", "squeeze", "unsqueeze", "expand", "identity",
+    "chunk", "split"}
 RELU = {NAME_OF[torch.relu], NAME_OF[F.relu], "relu"}
 
 

@@ -66,6 +66,8 @@ class IntegerModel(nn.Module):
                 return self.tensor(a["tensor"])
             if "slice" in a:
                 return slice(*a["slice"])
+            if "ellipsis" in a:
+                return Ellipsis
             return {k: self._arg(v, env) for k, v in a.items()}
         if isinstance(a, list):
             return [self._arg(x, env) for x in a]
@@ -151,7 +153,12 @@ class IntegerModel(nn.Module):
         if isinstance(x, QValue) and name in ops.RELU:
             return QValue(torch.clamp(x.codes, min=x.zero_point), x.scale, x.zero_point)
         if isinstance(x, QValue) and name in ops.CODE_PRESERVING:
-            return QValue(self._invoke(node, [x.codes, *args[1:]], kwargs), x.scale, x.zero_point)
+            out = self._invoke(node, [x.codes, *args[1:]], kwargs)
+            if isinstance(out, tuple):  # chunk, split: pieces on the same grid
+                return tuple(QValue(codes, x.scale, x.zero_point) for codes in out)
+            return QValue(out, x.scale, x.zero_point)
+        if isinstance(x, tuple) and name == ops.NAME_OF[operator.getitem]:  # a piece of chunk/split, as it is
+            return x[args[1]]
         if isinstance(x, QValue) and name == ops.GETATTR:
             return getattr(x.codes, args[1])
         return self._invoke(node, _dequantize(args), _dequantize(kwargs))

@@ -196,11 +196,14 @@ def _layer_norm(ins, a):  # (..., D) normalised over the axes from `axis` on, in
     return (x - mean) / np.sqrt(var + f32(a.get("epsilon", 1e-5))) * ins[1] + _opt(ins, 2, f32(0))
 
 
-def _cast(ins, a):  # qatkit casts only masks to float
-    if a["to"] != onnx.TensorProto.FLOAT:
-        raise bad_value("Cast target type", onnx.TensorProto.DataType.Name(a["to"]), "FLOAT",
+_CAST = {onnx.TensorProto.FLOAT: f32, onnx.TensorProto.INT64: i64, onnx.TensorProto.BOOL: np.bool_}
+
+
+def _cast(ins, a):  # qatkit casts masks to float, sizes to int64, masks to bool
+    if a["to"] not in _CAST:
+        raise bad_value("Cast target type", onnx.TensorProto.DataType.Name(a["to"]), "FLOAT, INT64, BOOL",
                         "export with qatkit's op set", cls=ModelFileError)
-    return ins[0].astype(f32)
+    return ins[0].astype(_CAST[a["to"]])
 
 
 def _pad(ins, a):
@@ -257,6 +260,12 @@ _OPS = {  # op_type -> handler(inputs, attributes) -> output(s); float ops compu
     "Erf": lambda i, a: _erf(i[0]).astype(f32), "Sigmoid": lambda i, a: f32(1) / (f32(1) + np.exp(-i[0])),
     "Tanh": lambda i, a: np.tanh(i[0]), "Sqrt": lambda i, a: np.sqrt(i[0]), "Exp": lambda i, a: np.exp(i[0]),
     "Neg": lambda i, a: -i[0], "Equal": lambda i, a: np.equal(i[0], i[1]), "Not": lambda i, a: np.logical_not(i[0]),
+    "Less": lambda i, a: np.less(i[0], i[1]), "LessOrEqual": lambda i, a: np.less_equal(i[0], i[1]),
+    "Greater": lambda i, a: np.greater(i[0], i[1]), "GreaterOrEqual": lambda i, a: np.greater_equal(i[0], i[1]),
+    "And": lambda i, a: np.logical_and(i[0], i[1]), "Or": lambda i, a: np.logical_or(i[0], i[1]),
+    "ConstantOfShape": lambda i, a: np.full(tuple(i[0]), a["value"][0]),
+    "Range": lambda i, a: np.arange(i[0], i[1], i[2], dtype=i64),
+    "Expand": lambda i, a: np.broadcast_to(i[0], np.broadcast_shapes(i[0].shape, tuple(i[1]))).copy(),
     "Cast": _cast,
     "HardSwish": lambda i, a: i[0] * np.clip(i[0] * f32(1 / 6) + f32(0.5), f32(0), f32(1)),
     "HardSigmoid": lambda i, a: np.clip(i[0] * f32(a.get("alpha", 0.2)) + f32(a.get("beta", 0.5)), f32(0), f32(1)),
@@ -468,7 +477,8 @@ class IntegerReference:
 
 def _attrs(node) -> dict:
     out = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-    return {k: (v.decode() if isinstance(v, bytes) else v) for k, v in out.items()}
+    return {k: (v.decode() if isinstance(v, bytes) else numpy_helper.to_array(v) if isinstance(v, onnx.TensorProto)
+                else v) for k, v in out.items()}
 
 
 __all__ = ["IntegerReference", "multiply_by_quantized_multiplier", "quantize_multiplier", "rounding_divide_by_pot",

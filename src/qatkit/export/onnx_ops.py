@@ -14,6 +14,11 @@ from qatkit.errors import QatkitError
 
 BINARY = {"add": "Add", "iadd": "Add", "sub": "Sub", "mul": "Mul", "truediv": "Div", "matmul": "MatMul"}
 UNARY = {"relu": "Relu", "sigmoid": "Sigmoid", "tanh": "Tanh", "sqrt": "Sqrt", "exp": "Exp", "neg": "Neg"}
+COMPARE = {"eq": "Equal", "ne": "Equal", "lt": "Less", "le": "LessOrEqual", "gt": "Greater", "ge": "GreaterOrEqual"}
+LOGICAL = {"and_": "And", "or_": "Or"}
+FACTORIES = ("zeros", "ones", "full", "arange", "zeros_like", "ones_like", "full_like", "new_zeros", "new_ones",
+             "new_full")
+_ONNX_TYPE = {"int": TensorProto.INT64, "shape": TensorProto.INT64, "bool": TensorProto.BOOL}  # else float32
 
 
 @dataclass
@@ -59,17 +64,35 @@ def export_call(ex, node: dict) -> Value:
         return x
     if short == "getattr":  # x.shape, or x.device (which a factory's device= reads; ONNX has no devices)
         return Value(ex.op("Shape", [x.name], "shape"), "shape") if args[1] == "shape" else Value("", "device")
-    if short in ("zeros", "ones", "full", "arange"):
+    if short in FACTORIES:
         return _factory(ex, short, args, kwargs, name)
     if short == "size":
         shape = ex.op("Shape", [x.name], "shape")
         return Value(ex.op("Gather", [shape, ex.const("i", np.array(args[1], np.int64))], "dim"), "int") if len(args) > 1 \
             else Value(shape, "shape")
     if short == "getitem":
-        return _getitem(ex, x, args[1], rank)
-    if short in ("eq", "ne") and x.kind == "int":  # a padding mask from token ids: integer compare, no float island
-        equal = ex.op("Equal", [x.name, ex.const("c", np.array(args[1], np.int64))], "eq" if short == "ne" else name)
-        return Value(equal if short == "eq" else ex.op("Not", [equal], name), "bool")
+        return x[args[1]] if isinstance(x, list) else _getitem(ex, x, args[1], rank)
+    if short in ("chunk", "split"):  # the pieces as Slices, their sizes the example's (fixed by the model)
+        pieces = ex.shapes[node["name"]]
+        dim = _axis(_arg(args, kwargs, 2, "dim", 0), rank)
+        if dim == 0:
+            raise QatkitError(f"{short} along the batch axis (node '{name}') has no ONNX form in qatkit: its pieces' "
+                              "sizes would change with the batch. Fix: chunk or split along another axis")
+        ends = np.cumsum([p.shape[dim] for p in pieces]).tolist()
+        axes = ex.const("ax", np.array([dim], np.int64))
+        return [_keep(ex, x, "Slice", [ex.const("st", np.array([a], np.int64)), ex.const("en", np.array([b], np.int64)),
+                                       axes], "piece") for a, b in zip([0] + ends[:-1], ends)]
+    if short in COMPARE and x.kind in ("int", "shape"):  # masks from ids, lengths, positions: integer compares
+        other = args[1].name if isinstance(args[1], Value) else ex.const("c", np.array(args[1], np.int64))
+        if isinstance(args[1], Value) and args[1].kind not in ("int", "shape"):
+            raise QatkitError(f"comparison of integers with a {args[1].kind} tensor (node '{name}') has no ONNX form "
+                              "in qatkit. Fix: compare integers with integers (ids, lengths, torch.arange)")
+        out = ex.op(COMPARE[short], [x.name, other], "eq" if short == "ne" else name)
+        return Value(out if short != "ne" else ex.op("Not", [out], name), "bool")
+    if short in LOGICAL and x.kind == "bool" and args[1].kind == "bool":
+        return Value(ex.op(LOGICAL[short], [x.name, args[1].name], name), "bool")
+    if short == "invert" and x.kind == "bool":
+        return Value(ex.op("Not", [x.name], name), "bool")
     if short == "float" and x.kind == "bool":
         return Value(ex.op("Cast", [x.name], name, to=TensorProto.FLOAT), "float")
     if short in ("relu",) and x.kind == "quant":  # max(q, z): ReLU on the codes
@@ -92,6 +115,8 @@ def export_call(ex, node: dict) -> Value:
         return _keep(ex, x, "Reshape", [shape], name)
     if short in ("reshape", "view"):
         return _keep(ex, x, "Reshape", [ex.shape_tensor(_dims(args))], name)
+    if short == "expand":  # torch's -1 keeps a size: 1 under ONNX's broadcasting
+        return _keep(ex, x, "Expand", [ex.shape_tensor([1 if d == -1 else d for d in _dims(args)])], name)
     if short == "permute":
         return _keep(ex, x, "Transpose", [], name, perm=[_axis(d, rank) for d in _dims(args)])
     if short == "transpose":
@@ -111,34 +136,51 @@ def _resolve(ex, a):
         return [_resolve(ex, v) for v in a]
     if isinstance(a, dict) and "slice" in a:
         return slice(*a["slice"])
+    if isinstance(a, dict) and "ellipsis" in a:
+        return Ellipsis
     return ex.resolve(a)
 
 
 def _keep(ex, x: Value, op: str, extra: list[str], name: str, **attrs) -> Value:
-    """Run a grid-keeping op on the codes (quantized x) or on the float tensor."""
-    src = x.name if x.kind in ("quant", "shape") else ex.floats(x)
-    return Value(ex.op(op, [src, *extra], name, **attrs), x.kind, x.scale, x.zero_point)
+    """Run a grid-keeping op on x as it is: codes (quantized x), floats, integers or a mask."""
+    return Value(ex.op(op, [x.name, *extra], name, **attrs), x.kind, x.scale, x.zero_point)
 
 
 def _getitem(ex, x: Value, index, rank) -> Value:
+    """x[i], x[a:b, i, None, ...]: one Slice over the sliced axes, a Gather per int (its axis then drops out), one
+    Unsqueeze for the new axes (None)."""
     if isinstance(index, int):
         out = ex.op("Gather", [x.name, ex.const("i", np.array(index, np.int64))], "item", axis=0)
         kind = "int" if x.kind == "shape" else x.kind
         return Value(out, kind, x.scale, x.zero_point)
     items = index if isinstance(index, list) else [index]
-    if not all(isinstance(i, int) or (isinstance(i, slice) and i.step in (None, 1)) for i in items):
-        raise QatkitError(f"indexing with {index!r} has no ONNX form in qatkit. Fix: index with ints and plain slices")
-    # x[a:b, c:d, i, ...]: one Slice over the sliced axes, then a Gather per int (its axis then drops out)
-    sliced = [(axis, s) for axis, s in enumerate(items) if isinstance(s, slice)]
+    if not all(i is None or i is Ellipsis or isinstance(i, int) or (isinstance(i, slice) and i.step in (None, 1))
+               for i in items) or items.count(Ellipsis) > 1:
+        raise QatkitError(f"indexing with {index!r} has no ONNX form in qatkit. Fix: index with ints, plain slices, "
+                          "None and one ...")
+    if Ellipsis in items:  # the axes it stands for, as full slices
+        at = items.index(Ellipsis)
+        items = items[:at] + [slice(None)] * (rank - sum(i is not None for i in items) + 1) + items[at + 1:]
+    on_axes = [i for i in items if i is not None]  # one per input axis, in order
+    sliced = [(axis, s) for axis, s in enumerate(on_axes) if isinstance(s, slice)]
     out = x.name
     if any(s.start is not None or s.stop is not None for _, s in sliced):
         starts = [s.start or 0 for _, s in sliced]
         ends = [np.iinfo(np.int64).max if s.stop is None else s.stop for _, s in sliced]
         out = ex.op("Slice", [out, ex.const("st", np.array(starts, np.int64)), ex.const("en", np.array(ends, np.int64)),
                               ex.const("ax", np.array([a for a, _ in sliced], np.int64))], "slice")
-    for dropped, (axis, i) in enumerate((a, i) for a, i in enumerate(items) if isinstance(i, int)):
+    for dropped, (axis, i) in enumerate((a, i) for a, i in enumerate(on_axes) if isinstance(i, int)):
         out = ex.op("Gather", [out, ex.const("i", np.array(i, np.int64))], "item", axis=axis - dropped)
+    kept = [i for i in items if not isinstance(i, int)]  # the output's axes: slices and new ones
+    new_axes = [axis for axis, i in enumerate(kept) if i is None]
+    if new_axes:
+        out = ex.op("Unsqueeze", [out, ex.const("axes", np.array(new_axes, np.int64))], "new_axis")
     return Value(out, x.kind, x.scale, x.zero_point)
+
+
+def _i(ex, v) -> str:
+    """An int64 input: an exported integer value or a Python int as a constant."""
+    return v.name if isinstance(v, Value) else ex.const("c", np.array(v, np.int64))
 
 
 def _c(ex, v) -> str:
@@ -164,8 +206,9 @@ def _float_op(ex, node, short, args, kwargs, rank) -> Value:
     if not (isinstance(x, Value) and x.kind in ("shape", "int")):
         ex.float_ops.setdefault(short, []).append(node.get("module", name))
     if short in BINARY:
-        if isinstance(x, Value) and x.kind in ("shape", "int"):
-            raise QatkitError(f"arithmetic on shapes (node '{name}') has no ONNX form in qatkit. Fix: use -1 in reshape")
+        integers = [a for a in (x, args[1]) if isinstance(a, Value) and a.kind in ("shape", "int") or type(a) is int]
+        if len(integers) == 2 and short in ("add", "iadd", "sub", "mul"):  # sizes, ids, positions: int64
+            return Value(ex.op(BINARY[short], [_i(ex, x), _i(ex, args[1])], name), "int")
         return Value(ex.op(BINARY[short], [_c(ex, x), _c(ex, args[1])], name), "float")
     if short in UNARY:
         return Value(ex.op(UNARY[short], [_c(ex, x)], name), "float")
@@ -296,15 +339,26 @@ def _resize(ex, node, xf: str, args, kwargs, rank: int) -> str:
 
 
 def _factory(ex, short: str, args: list, kwargs: dict, name: str) -> Value:
-    """torch.zeros/ones/full(sizes) as ConstantOfShape (float32), torch.arange as Range (int64), sizes from ints or
-    the input's dims (a dtype= argument never gets here: the model file refuses it)."""
+    """torch.zeros/ones/full(sizes) and x.new_zeros/new_ones/new_full(sizes) as ConstantOfShape (float32; x.new_*:
+    x's type), torch.zeros_like/ones_like/full_like(x) as ConstantOfShape of x's shape (x's type), torch.arange as
+    Range (int64); sizes from ints or the input's dims (a dtype= argument never gets here: the model file refuses it)."""
     if short == "arange":
         bounds = [0, args[0], 1] if len(args) == 1 else [*args, 1][:3]
         ints = [ex.op("Cast", [b.name], "b", to=TensorProto.INT64) if isinstance(b, Value)
                 else ex.const("b", np.array(b, np.int64)) for b in bounds]
         return Value(ex.op("Range", ints, name), "int")
-    sizes = args[:-1] if short == "full" else args
-    sizes = list(sizes[0]) if len(sizes) == 1 and isinstance(sizes[0], list) else list(sizes)
-    fill = {"zeros": 0.0, "ones": 1.0}.get(short, args[-1] if short == "full" else None)
-    value = onnx_helper.make_tensor("value", TensorProto.FLOAT, [1], [float(fill)])
-    return Value(ex.op("ConstantOfShape", [ex.shape_tensor(sizes)], name, value=value), "float")
+    kind, base = "float", short
+    if short.endswith("_like") or short.startswith("new_"):  # x's type; the sizes: x's shape, or the arguments
+        kind, base = {"int": "int", "shape": "int", "bool": "bool"}.get(args[0].kind, "float"), short[4:] if short.startswith("new_") else short[:-5]
+        shape = ex.op("Shape", [args[0].name], "shape") if short.endswith("_like") else None
+        args = args[1:]
+    fill = {"zeros": 0, "ones": 1}.get(base, args[-1] if base == "full" else None)
+    if base == "full":
+        args = args[:-1]
+    if not short.endswith("_like"):
+        sizes = list(args[0]) if len(args) == 1 and isinstance(args[0], list) else list(args)
+        shape = ex.shape_tensor(sizes)
+    onnx_type = _ONNX_TYPE.get(kind, TensorProto.FLOAT)
+    value = onnx_helper.make_tensor("value", onnx_type, [1], [bool(fill) if kind == "bool" else
+                                                               int(fill) if kind == "int" else float(fill)])
+    return Value(ex.op("ConstantOfShape", [shape], name, value=value), kind)

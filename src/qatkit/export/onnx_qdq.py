@@ -25,10 +25,17 @@ OPSET = 17
 CHANNEL_ALIGN = 4  # conv input channels padded to a multiple of this (see _Exporter.align_channels)
 
 
+def _codes(v):
+    """A QValue's codes (of each piece of a chunk or split)."""
+    if isinstance(v, tuple):
+        return tuple(_codes(p) for p in v)
+    return v.codes if isinstance(v, QValue) else v
+
+
 class _Exporter:
     def __init__(self, model: IntegerModel, example: torch.Tensor):
         self.model, self.example = model, example
-        self.shapes = {k: (v.codes if isinstance(v, QValue) else v) for k, v in model.values(example).items()}
+        self.shapes = {k: _codes(v) for k, v in model.values(example).items()}  # the example's values
         self.nodes: list[onnx.NodeProto] = []
         self.inits: dict[str, onnx.TensorProto] = {}
         self.env: dict[str, Value] = {}
@@ -62,10 +69,12 @@ class _Exporter:
         return self.const(f"{hint}_scale", scale), self.const(f"{hint}_zp", np.array(fields["zero_point"], zp_type))
 
     def floats(self, v: Value) -> str:
-        if v.kind != "quant":
+        """v as float32: dequantized codes, cast integers and masks (as PyTorch promotes them), or v itself."""
+        if v.kind == "float":
             return v.name
         if v.dq is None:
-            v.dq = self.op("DequantizeLinear", [v.name, v.scale, v.zero_point], "dq")
+            v.dq = (self.op("DequantizeLinear", [v.name, v.scale, v.zero_point], "dq") if v.kind == "quant"
+                    else self.op("Cast", [v.name], "f", to=TensorProto.FLOAT))
         return v.dq
 
     def quantize(self, x: str, fields: dict, hint: str, act: str | None = None) -> Value:

@@ -38,14 +38,22 @@ FUSABLE_ACT_FUNCTIONS = {F.relu: "relu", torch.relu: "relu", F.relu6: "relu6"}
 # Ops whose output stays on the input's integer grid: quantization passes through them.
 GRID_PRESERVING_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.Flatten, nn.Dropout, nn.Identity, nn.ReLU)
 GRID_PRESERVING_FUNCTIONS = {torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, torch.transpose,
-                             torch.permute, F.relu, torch.relu, F.max_pool1d, F.max_pool2d, F.dropout, operator.getitem}
-GRID_PRESERVING_METHODS = {"view", "reshape", "flatten", "permute", "transpose", "contiguous", "squeeze", "unsqueeze", "relu"}
+                             torch.permute, F.relu, torch.relu, F.max_pool1d, F.max_pool2d, F.dropout, operator.getitem,
+                             torch.chunk, torch.split}
+GRID_PRESERVING_METHODS = {"view", "reshape", "flatten", "permute", "transpose", "contiguous", "squeeze", "unsqueeze",
+                           "expand", "relu", "chunk", "split"}
 SHAPE_OPS = {getattr, "size", "dim"}  # shape arithmetic, not tensor compute
 # Masks from the graph's inputs (`ids != 0`, then `.float()`): comparisons and casts of booleans are exact,
 # and integer ops in the runtime (ONNX Equal/Not/Cast on int64 ids), not float islands.
 MASK_FUNCTIONS = {operator.eq, operator.ne, operator.lt, operator.le, operator.gt, operator.ge, operator.invert,
-                  torch.eq, torch.ne, torch.lt, torch.le, torch.gt, torch.ge, torch.logical_not}
+                  operator.and_, operator.or_, torch.eq, torch.ne, torch.lt, torch.le, torch.gt, torch.ge,
+                  torch.logical_not}
 MASK_METHODS = {"eq", "ne", "lt", "le", "gt", "ge", "logical_not", "float", "long", "int", "bool", "to"}
+# Sizes, and tensors made from sizes and constants (torch.arange(L), x.new_zeros(B, h), torch.zeros_like(x)):
+# exact like masks, whatever their inputs.
+EXACT_FUNCTIONS = {getattr, torch.zeros, torch.ones, torch.full, torch.arange, torch.zeros_like, torch.ones_like,
+                   torch.full_like}
+EXACT_METHODS = {"size", "dim", "new_zeros", "new_ones", "new_full"}
 # Ops an integer runtime runs on integers and requantizes (QLinearAdd, QLinearConcat, QLinearAveragePool).
 REQUANT_MODULES = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AvgPool1d, nn.AvgPool2d)
 REQUANT_FUNCTIONS = {operator.add, operator.iadd, torch.add, torch.cat, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d,
@@ -204,7 +212,8 @@ class _Rewriter:
                 self.quantized[node] = f"{node.target}.out_quant"
             return
         inputs = node.all_input_nodes
-        if node.op == "placeholder" or (inputs and all(a in self.masks for a in inputs) and (
+        if node.op == "placeholder" or _is(node, self.modules, (), EXACT_FUNCTIONS, EXACT_METHODS) or (
+                inputs and all(a in self.masks for a in inputs) and (
                 _is(node, self.modules, GRID_PRESERVING_MODULES, GRID_PRESERVING_FUNCTIONS, GRID_PRESERVING_METHODS)
                 or _is(node, self.modules, (), MASK_FUNCTIONS, MASK_METHODS))):
             self.masks.add(node)
