@@ -130,7 +130,7 @@ class _Writer:
                      "inputs": [_quant_fields(q, self.tensors, f"{node.target}.input{i}") for i, q in enumerate(in_qs)],
                      "output": _quant_fields(m.out_quant, self.tensors, f"{node.target}.output")}
             return {**entry, "act": m.act} if op == "qadd" else entry
-        if isinstance(m, ops.IDENTITY_MODULES):
+        if ops.identity_in_eval(m):
             return {"op": "call", "fn": "identity", "args": [self.arg(node.args[0])], "kwargs": {}}
         if isinstance(m, (nn.Conv1d, nn.Conv2d)) and (m.padding_mode != "zeros" or isinstance(m.padding, str)):
             raise QatkitError(f"float conv '{node.target}' (not quantized) has padding={m.padding!r}, padding_mode="
@@ -139,8 +139,9 @@ class _Writer:
         spec = ops.MODULES.get(type(m))
         if spec is None:
             raise QatkitError(f"module '{node.target}' ({type(m).__name__}) has no integer-model form; allowed: "
-                              f"{ops.supported_modules()} and the layers qatkit quantizes. Fix: replace it by one of "
-                              "those or leave it out of the model")
+                              f"{ops.supported_modules()}, the layers qatkit quantizes, and parameter-free modules "
+                              "that return their input in eval mode (drop path). Fix: replace it by one of those or "
+                              "leave it out of the model")
         fn, params, kwargs = spec
         kw = {p: (None if getattr(m, p) is None else self.tensor(f"{node.target}.{p}", getattr(m, p))) for p in params}
         kw.update({k: self.arg(v) for k, v in kwargs(m).items()})

@@ -4,11 +4,12 @@ A file can only call what is listed here: loading never imports or runs anything
 """
 from __future__ import annotations
 
+import copy
 import operator
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import fx, nn
 
 _FUNCTIONS = [
     operator.add, operator.sub, operator.mul, operator.truediv, operator.matmul, operator.getitem, operator.neg,
@@ -83,10 +84,25 @@ MODULES = {
 IDENTITY_MODULES = (nn.Dropout, nn.Identity)
 
 
+def identity_in_eval(module: nn.Module) -> bool:
+    """nn.Dropout and nn.Identity, and a parameter-free module outside torch.nn whose eval-mode forward returns its
+    input (drop path, stochastic depth, noise layers: training-only code); the integer model skips them."""
+    if isinstance(module, IDENTITY_MODULES):
+        return True
+    if type(module).__module__.startswith("torch.nn") or next(module.parameters(), None) is not None:
+        return False
+    try:
+        graph = fx.Tracer().trace(copy.deepcopy(module).eval())
+    except Exception:  # noqa: BLE001 - fx raises many types on code it cannot trace
+        return False
+    inputs = [n for n in graph.nodes if n.op == "placeholder"]
+    return bool(inputs) and next(n for n in graph.nodes if n.op == "output").args[0] is inputs[0]
+
+
 def convertible(node, modules: dict) -> bool:
     """Whether a float op of a traced graph (an fx.Node) has an integer-model form; the writer refuses the rest."""
     if node.op == "call_module":
-        return type(modules[node.target]) in MODULES or isinstance(modules[node.target], IDENTITY_MODULES)
+        return type(modules[node.target]) in MODULES or identity_in_eval(modules[node.target])
     if node.op == "call_function":
         return node.target in NAME_OF
     return node.op != "call_method" or node.target in METHODS

@@ -5,7 +5,7 @@ import copy
 import warnings
 
 import torch
-from torch import fx, nn
+from torch import nn
 
 from qatkit.config import QATConfig
 from qatkit.convert import ops
@@ -14,6 +14,7 @@ from qatkit.errors import DataError, bad_value
 from qatkit.prepare.concrete import concrete_trace
 from qatkit.prepare.decompose import decompose
 from qatkit.prepare.graph import WRAPPERS, PrepareInfo, prepare_graph
+from qatkit.prepare.modes import trace, train_only_ops
 from qatkit.prepare.rules import plan_layers
 from qatkit.prepare.swap import swap_layers
 
@@ -23,9 +24,11 @@ __all__ = ["PrepareInfo", "prepare"]
 def prepare(model: nn.Module, config: QATConfig | None = None, example_inputs: tuple | torch.Tensor | None = None) -> nn.Module:
     """Return the QAT form of `model` (the float model is left untouched).
 
-    The model is traced with torch.fx; one whose forward branches on its input is traced along
-    `example_inputs` (see prepare/concrete.py); a submodule that still cannot be traced keeps its own
-    code in float and its Conv/Linear children are quantized by module swap (a warning names it). Weight ranges are
+    The model is traced with torch.fx in eval mode, the graph that is deployed (parameter-free submodules that
+    behave differently in training, such as drop path, stay modules that follow train()/eval(): prepare/modes.py);
+    one whose forward branches on its input is traced along `example_inputs` (see prepare/concrete.py); a
+    submodule that still cannot be traced keeps its own code in float and its Conv/Linear children are quantized
+    by module swap (a warning names it). The QAT model is in the float model's mode. Weight ranges are
     initialised here; activation ranges by `qatkit.calibrate` (or from the first batch). When
     `example_inputs` are given, one forward checks that they fit the model.
     """
@@ -36,11 +39,12 @@ def prepare(model: nn.Module, config: QATConfig | None = None, example_inputs: t
     if not isinstance(model, nn.Module):
         raise bad_value("model", type(model).__name__, "a torch.nn.Module", "pass the float model itself")
     device = module_device(model)  # built on the CPU (new quantizers start there), then moved to the model's device
-    model = decompose(copy.deepcopy(model).cpu())  # nn.MultiheadAttention & co. as Linear layers and tensor ops
+    training = model.training
+    model = decompose(copy.deepcopy(model).cpu()).eval()  # nn.MultiheadAttention & co. as Linear layers and tensor ops
     plans = plan_layers(model, config, tuple(WRAPPERS))
     args = None if example_inputs is None else example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     args = None if args is None else tuple(a.cpu() if isinstance(a, torch.Tensor) else a for a in args)
-    qat = _prepare_module(model, "", config, plans, info := PrepareInfo(), args).to(device)
+    qat = _prepare_module(model, "", config, plans, info := PrepareInfo(), args).to(device).train(training)
     qat.qat_info = info
     if info.untraced:
         warnings.warn(
@@ -52,6 +56,11 @@ def prepare(model: nn.Module, config: QATConfig | None = None, example_inputs: t
         )
     if info.traced_along_example:
         warnings.warn(info.traced_along_example, stacklevel=2)
+    if info.train_only:
+        warnings.warn("qatkit: " + "; ".join(info.train_only) + " in train() but not in eval(); the QAT graph is "
+                      "traced in eval mode (the deployed one), so QAT leaves them out. Fix: move training-only code "
+                      "(drop path, noise) into a parameter-free submodule, as timm's DropPath: qatkit keeps such "
+                      "modules, following train()/eval()", stacklevel=2)
     if info.unconvertible:
         verb = "has" if len(info.unconvertible) == 1 else "have"
         warnings.warn(f"qatkit: QAT trains, but convert and ONNX export will refuse this model: "
@@ -71,7 +80,9 @@ def _prepare_module(module: nn.Module, prefix: str, config: QATConfig, plans, in
     """Trace and rewrite `module` (the root, given example inputs, along them if it branches on its
     input); where tracing fails, recurse into its children."""
     try:
-        gm = fx.symbolic_trace(module)
+        gm = trace(module)
+        if extra := train_only_ops(module):
+            info.train_only.append(f"'{prefix or type(module).__name__}' runs {', '.join(dict.fromkeys(extra))}")
     except Exception as e:  # fx raises many types (TraceError, TypeError, NotImplementedError...)
         why = f"'{prefix or type(module).__name__}' ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
         if prefix:  # a submodule: no example input of its own

@@ -18,6 +18,8 @@ import torch
 from torch import fx, nn
 from torch.fx import _symbolic_trace
 
+from qatkit.prepare.modes import LeafTracer
+
 
 _SHAPE_METHODS = {"size", "dim", "numel", "ndimension"}
 # Tensor factories whose sizes may come from the input (torch.zeros(x.size(0), h), torch.arange(x.size(1))):
@@ -53,7 +55,7 @@ class _ShadowAttribute(_Concrete, fx.proxy.Attribute):
     pass
 
 
-class ConcreteTracer(fx.Tracer):
+class ConcreteTracer(LeafTracer):
     def __init__(self, shadow: nn.Module, example: dict[str, object]):
         super().__init__()
         self.shadow, self.example = shadow, example  # a copy of the root that computes the example's values

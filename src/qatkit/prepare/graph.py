@@ -66,6 +66,7 @@ class PrepareInfo:
 
     layers: list[dict] = field(default_factory=list)
     act_quantizers: list[str] = field(default_factory=list)
+    train_only: list[str] = field(default_factory=list)  # modules whose inline train-mode ops QAT leaves out
     float_ops: list[str] = field(default_factory=list)
     untraced: list[str] = field(default_factory=list)
     unconvertible: list[str] = field(default_factory=list)  # float ops that convert will refuse
@@ -132,6 +133,11 @@ class _Rewriter:
         self.graph.lint()
         self.gm.recompile()
         return self.info
+
+    def _keeps_grid(self, node: fx.Node) -> bool:
+        """Moves or selects values without computing new ones (in eval mode: drop path is the identity there)."""
+        return (_is(node, self.modules, GRID_PRESERVING_MODULES, GRID_PRESERVING_FUNCTIONS, GRID_PRESERVING_METHODS)
+                or (node.op == "call_module" and ops.identity_in_eval(self.modules[node.target])))
 
     def _dropout_module(self, node: fx.Node) -> None:
         """F.dropout(x, p, self.training): tracing froze `training` to the mode at prepare time; an nn.Dropout
@@ -214,11 +220,11 @@ class _Rewriter:
         inputs = node.all_input_nodes
         if node.op == "placeholder" or _is(node, self.modules, (), EXACT_FUNCTIONS, EXACT_METHODS) or (
                 inputs and all(a in self.masks for a in inputs) and (
-                _is(node, self.modules, GRID_PRESERVING_MODULES, GRID_PRESERVING_FUNCTIONS, GRID_PRESERVING_METHODS)
+                self._keeps_grid(node)
                 or _is(node, self.modules, (), MASK_FUNCTIONS, MASK_METHODS))):
             self.masks.add(node)
             return
-        if _is(node, self.modules, GRID_PRESERVING_MODULES, GRID_PRESERVING_FUNCTIONS, GRID_PRESERVING_METHODS):
+        if self._keeps_grid(node):
             if inputs and inputs[0] in self.quantized:
                 self.quantized[node] = self.quantized[inputs[0]]
             return  # computes nothing new: never a float island of its own

@@ -1,0 +1,62 @@
+"""Code that runs only in training (drop path, stochastic depth, noise layers).
+
+torch.fx records one way through `if self.training:`: the mode the model is in when it is traced. A
+parameter-free submodule whose forward runs other ops in train() than in eval() (timm's DropPath,
+torchvision's StochasticDepth, a noise layer) therefore stays a module call in the QAT graph, running its own
+code in the current mode; convert takes it as the identity where it is one in eval mode
+(`qatkit.convert.ops.identity_in_eval`). prepare traces models in eval mode (the graph that is deployed);
+mode-dependent code written inline, beside layers, is then left out of QAT: `train_only_ops` says what.
+"""
+from __future__ import annotations
+
+import copy
+
+from torch import fx, nn
+
+
+def _ops(module: nn.Module, training: bool, tracer: type[fx.Tracer] = fx.Tracer) -> list[tuple[str, str]] | None:
+    """The (op, target) sequence of module's graph in that mode; None where it cannot be traced."""
+    try:
+        graph = tracer().trace(copy.deepcopy(module).train(training))
+    except Exception:  # noqa: BLE001 - fx raises many types on code it cannot trace
+        return None
+    return [(n.op, getattr(n.target, "__name__", str(n.target))) for n in graph.nodes]
+
+
+def mode_dependent(module: nn.Module) -> bool:
+    """A parameter-free module (outside torch.nn) whose forward runs other ops in train() than in eval()."""
+    if type(module).__module__.startswith("torch.nn") or next(module.parameters(), None) is not None:
+        return False
+    return _ops(module, True) != _ops(module, False)
+
+
+class LeafTracer(fx.Tracer):
+    """fx's tracer, keeping mode-dependent parameter-free submodules as calls (they follow train()/eval())."""
+
+    def __init__(self):
+        super().__init__()
+        self._dependent: dict[int, bool] = {}
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if super().is_leaf_module(m, qualname):
+            return True
+        if id(m) not in self._dependent:
+            self._dependent[id(m)] = mode_dependent(m)
+        return self._dependent[id(m)]
+
+
+def trace(module: nn.Module) -> fx.GraphModule:
+    """fx.symbolic_trace with LeafTracer."""
+    graph = LeafTracer().trace(module)
+    return fx.GraphModule(module, graph, type(module).__name__)
+
+
+def train_only_ops(module: nn.Module) -> list[str]:
+    """What module's own code (mode-dependent submodules kept as calls) runs in train() but not in eval(): the
+    targets of the ops only its train-mode graph has, ["code fx cannot trace"] where only eval mode traces."""
+    train, evaluation = _ops(module, True, LeafTracer), _ops(module, False, LeafTracer)
+    if evaluation is None or train == evaluation:
+        return []
+    if train is None:
+        return ["code fx cannot trace"]
+    return [target for op, target in train if (op, target) not in evaluation] or ["ops in another order"]

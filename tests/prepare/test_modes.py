@@ -1,0 +1,112 @@
+"""Training-only code: drop path as a module follows train()/eval() and converts as the identity; inline
+training-only code is left out of QAT (the graph is traced in eval mode) and said."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import qatkit
+from qatkit.convert.ops import identity_in_eval
+from qatkit.export import export_onnx, verify
+from qatkit.prepare.modes import mode_dependent, train_only_ops
+
+
+class DropPath(nn.Module):
+    """timm's: samples are dropped from the residual branch in training, the identity in eval."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = 1 - self.p
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        return x * mask / keep
+
+
+class Noise(nn.Module):
+    def forward(self, x):
+        return x + 0.1 * torch.randn_like(x) if self.training else x * 1.0
+
+
+class Block(nn.Module):
+    def __init__(self, inline_noise: bool):
+        super().__init__()
+        self.conv, self.bn, self.drop = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), DropPath(0.5)
+        self.inline_noise = inline_noise
+
+    def forward(self, x):
+        y = F.relu(self.bn(self.conv(x)))
+        if self.inline_noise and self.training:
+            y = y + 0.1 * torch.randn_like(y)
+        return x + self.drop(y)
+
+
+class Net(nn.Module):
+    def __init__(self, inline_noise: bool = False):
+        super().__init__()
+        self.stem, self.block, self.fc = nn.Conv2d(3, 8, 3, padding=1), Block(inline_noise), nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.fc(F.relu(self.block(F.relu(self.stem(x)))).mean((2, 3)))
+
+
+def test_mode_dependent_modules_are_told_apart():
+    assert mode_dependent(DropPath(0.1)) and mode_dependent(Noise())
+    assert not mode_dependent(DropPath(0.0)) and not mode_dependent(nn.Dropout(0.1)) and not mode_dependent(Block(False))
+    assert identity_in_eval(DropPath(0.1)) and identity_in_eval(nn.Dropout()) and not identity_in_eval(Noise())
+    assert not identity_in_eval(nn.Conv2d(1, 1, 1)) and not identity_in_eval(nn.ReLU())
+    assert train_only_ops(Net(inline_noise=True)) == ["randn_like", "mul"] and train_only_ops(Net()) == []
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_drop_path_follows_the_mode_in_qat_and_is_the_identity_when_deployed(mode, tmp_path):
+    torch.manual_seed(0)
+    x = torch.randn(16, 3, 8, 8)
+    model = getattr(Net(), mode)()
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        qat = qatkit.prepare(model, qatkit.QATConfig(), x[:2])
+    assert not [w for w in said if "train()" in str(w.message) or "refuse" in str(w.message)]  # it converts as it is
+    assert qat.training == (mode == "train")  # the float model's mode
+    assert isinstance(qat.get_submodule("block.drop"), DropPath)  # a module call, not traced through
+    qatkit.calibrate(qat, [x[:8], x[8:]])
+    qat.train()
+    torch.manual_seed(0)
+    first = qat(x)
+    torch.manual_seed(1)
+    assert not torch.equal(first, qat(x))  # samples dropped at random in training
+    qat.eval()
+    integer = qatkit.convert(qat)
+    with torch.no_grad():
+        expected = qat(x)
+        assert torch.equal(qat(x), expected) and torch.equal(integer(x), expected)
+    export_onnx(integer, tmp_path / "m.onnx", x[:1])
+    result = verify(tmp_path / "m.onnx", integer, [x])
+    assert result["top1_agreement"] == 1.0 and result["max_step_diff"] == 0.0
+
+
+def test_inline_training_only_code_is_left_out_and_said():
+    torch.manual_seed(0)
+    x = torch.randn(16, 3, 8, 8)
+    with pytest.warns(UserWarning, match=r"'Net' runs randn_like, mul in train\(\) but not in eval\(\).*QAT leaves "
+                                         r"them out. Fix: move training-only code .* into a parameter-free submodule"):
+        qat = qatkit.prepare(Net(inline_noise=True).train(), qatkit.QATConfig(), x[:2])
+    assert "randn_like" not in qat.code
+
+
+def test_a_mode_dependent_module_that_is_not_the_identity_in_eval_is_refused_at_convert():
+    model = nn.Sequential(nn.Linear(4, 4), Noise(), nn.Linear(4, 2))
+    x = torch.randn(16, 4)
+    with pytest.warns(UserWarning, match=r"convert and ONNX export will refuse this model: 1 \(Noise\)"):
+        qat = qatkit.prepare(model, qatkit.QATConfig(), x[:2])
+    qatkit.calibrate(qat, [x])
+    with pytest.raises(qatkit.QatkitError, match=r"module '1' \(Noise\) has no integer-model form.*parameter-free "
+                                                 r"modules that return their input in eval mode"):
+        qatkit.convert(qat.eval())
