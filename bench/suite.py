@@ -11,6 +11,7 @@ time of QAT vs the float model and torch.ao's QAT (batch 64, interleaved rounds,
     python bench/suite.py                       # full suite (hours; float checkpoints from bench/pretrain.py)
     python bench/suite.py --tasks mnist-small-cnn --no-timing    # accuracy runs only
     python bench/suite.py --timing-only         # timing phases only (stop a suite running beside it first)
+    python bench/suite.py --step-times-only     # the QAT/float step-time phase only (after a training-speed change)
     python bench/suite.py --quick --out /tmp/quick.json          # CI smoke run: tiny subsets, 1 epoch
     python bench/report.py                      # BENCHMARKS.md and plots from the results
 """
@@ -192,7 +193,7 @@ def step_times(task: Task, model_f: torch.nn.Module, ds, rounds: int) -> dict:
     finally:
         torch.set_num_threads(previous)
     per = {n: np.array(samples[(n, STEP_BATCH)]) for n in steps}
-    return {"batch": STEP_BATCH, "threads": THREADS, "rounds": rounds, "teacher": False,
+    return {"machine": machine_info(), "batch": STEP_BATCH, "threads": THREADS, "rounds": rounds, "teacher": False,
             "median_ms": {n: round(float(np.median(s)), 3) for n, s in per.items()},
             "ratio_to_float": {n: round(float(np.median(s / per["float"])), 4) for n, s in per.items() if n != "float"}}
 
@@ -240,7 +241,7 @@ def write(path: Path, results: dict) -> None:
 
 
 def run_task(task: Task, results: dict, out: Path, data_root: Path, quick: bool, timing: bool, work: Path,
-             seeds: list[int] | None = None, log=print, runs: bool = True) -> None:
+             seeds: list[int] | None = None, log=print, runs: bool = True, latency_phase: bool = True) -> None:
     limit = QUICK["train"] if quick else None
     ds = task.load(data_root, limit)
     seeds = seeds or list(task.seeds[:1] if quick else task.seeds)
@@ -272,8 +273,9 @@ def run_task(task: Task, results: dict, out: Path, data_root: Path, quick: bool,
     if timing:
         runs = [r for r in results["runs"] if r["task"] == task.name]
         rounds = QUICK["rounds"] if quick else 15
-        x = next(iter(_loaders(ds, task.qat_train)[2]))[0][:LATENCY_BATCH]  # the first test samples
-        results["latency_ms"][task.name] = latency(runs, work, rounds, x.numpy())
+        if latency_phase:
+            x = next(iter(_loaders(ds, task.qat_train)[2]))[0][:LATENCY_BATCH]  # the first test samples
+            results["latency_ms"][task.name] = latency(runs, work, rounds, x.numpy())
         model_f = float_model(task, seeds[0], data_root, quick, ds, work)[0]
         results["step_times"][task.name] = step_times(task, model_f, ds, rounds)
         log(f"[suite] {task.name} step time / float: {results['step_times'][task.name]['ratio_to_float']}")
@@ -301,6 +303,8 @@ def main(argv: list[str] | None = None) -> int:
     phase = p.add_mutually_exclusive_group()
     phase.add_argument("--no-timing", dest="timing", action="store_false", help="accuracy runs only (timing needs a quiet machine)")
     phase.add_argument("--timing-only", action="store_true", help="timing phases only, of the runs the results file holds")
+    phase.add_argument("--step-times-only", action="store_true",
+                       help="the step-time phase only (no runs, no latency: the ONNX files may be elsewhere)")
     args = p.parse_args(argv)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     unknown = [t for t in tasks if t not in TASKS]
@@ -316,7 +320,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(int(os.environ.get("QATKIT_BENCH_THREADS", THREADS)))
     for name in tasks:
         seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
-        run_task(TASKS[name], results, out, args.data, args.quick, args.timing, args.work, seeds, runs=not args.timing_only)
+        run_task(TASKS[name], results, out, args.data, args.quick, args.timing, args.work, seeds,
+                 runs=not (args.timing_only or args.step_times_only), latency_phase=not args.step_times_only)
     print(f"[suite] results: {out}")
     return 0
 

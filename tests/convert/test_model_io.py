@@ -265,3 +265,14 @@ def test_getattr_other_than_shape_is_refused(saved):
     path = rewrite(saved, header, tensors)
     with fails(path, r"calls 'builtins\.getattr'.*"):
         qatkit.load(path)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "__class__", 3])
+def test_a_dtype_outside_the_allowed_ones_is_refused(saved, dtype):
+    header, tensors = read(saved)
+    out = header["nodes"].pop()
+    header["nodes"] += [{"name": "z", "op": "call", "fn": "torch.zeros", "args": [2, 3],
+                         "kwargs": {"dtype": {"torch_dtype": dtype}}}, out]
+    path = rewrite(saved, header, tensors)
+    with fails(path, f"names dtype {dtype!r}; allowed: float32, int64, bool"):
+        qatkit.load(path)

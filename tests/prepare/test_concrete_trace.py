@@ -168,7 +168,15 @@ def test_tensors_made_from_the_inputs_sizes_convert_and_export(tmp_path):
     export_onnx(integer, tmp_path / "m.onnx", ids[:1])
     result = verify(tmp_path / "m.onnx", integer, [ids])  # tanh is a float island: ORT may round to the next step
     assert result["top1_agreement"] == 1.0 and result["within_one_step"] == 1.0
-    qat = qatkit.prepare(Positions(dtype=torch.long), qatkit.QATConfig(), ids[:2])
+    qat = qatkit.prepare(Positions(dtype=torch.long), qatkit.QATConfig(), ids[:2])  # dtype=torch.long: stored
     qatkit.calibrate(qat, [ids])
-    with pytest.raises(qatkit.QatkitError, match=r"a dtype argument \(torch.int64\) cannot be stored .* Fix: leave dtype"):
+    qat.eval()
+    integer = qatkit.load(qatkit.save(qatkit.convert(qat), tmp_path / "long.safetensors"))
+    with torch.no_grad():
+        assert torch.equal(integer(ids), qat(ids))
+    export_onnx(integer, tmp_path / "long.onnx", ids[:1])
+    qat = qatkit.prepare(Positions(dtype=torch.int32), qatkit.QATConfig(), ids[:2])
+    qatkit.calibrate(qat, [ids])
+    with pytest.raises(qatkit.QatkitError, match=r"a dtype argument \(torch.int32\) cannot be stored .*allowed: "
+                                                 r"torch.float32, torch.int64, torch.bool"):
         qatkit.convert(qat)

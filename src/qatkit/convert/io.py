@@ -66,6 +66,8 @@ def _check_refs(value, tensors, defined: set[str], path) -> None:
             raise _fail(path, f"refers to tensor {value['tensor']!r}, which it does not contain")
         if "node" in value and (not isinstance(value["node"], str) or value["node"] not in defined):
             raise _fail(path, f"refers to node {value['node']!r} before defining it")
+        if "torch_dtype" in value and (not isinstance(value["torch_dtype"], str) or value["torch_dtype"] not in ops.DTYPES):
+            raise _fail(path, f"names dtype {value['torch_dtype']!r}; allowed: {', '.join(ops.DTYPES)}")
         for v in value.values():
             _check_refs(v, tensors, defined, path)
     elif isinstance(value, list):

@@ -11,8 +11,8 @@ Node kinds:
   call      - a function from the closed table in ops.py, on integer codes where it keeps the grid,
               else on dequantized values
   output
-Arguments are literals, {"node": name}, {"tensor": key}, {"slice": [a, b, c]}, {"ellipsis": true} (x[..., 0]) or
-lists of these.
+Arguments are literals, {"node": name}, {"tensor": key}, {"slice": [a, b, c]}, {"ellipsis": true} (x[..., 0]),
+{"torch_dtype": "float32" | "int64" | "bool"} or lists of these.
 """
 from __future__ import annotations
 
@@ -53,8 +53,12 @@ class _Writer:
         if a is None or isinstance(a, (bool, int, float, str)):
             return a
         if isinstance(a, torch.dtype):
-            raise QatkitError(f"a dtype argument ({a}) cannot be stored in an integer model file. Fix: leave dtype at "
-                              "its default (float32 for zeros/ones/full, int64 for arange) and cast the result")
+            name = next((k for k, v in ops.DTYPES.items() if v == a), None)
+            if name is None:
+                raise QatkitError(f"a dtype argument ({a}) cannot be stored in an integer model file; allowed: "
+                                  f"{', '.join(f'torch.{k}' for k in ops.DTYPES)}. Fix: make the tensor in one of "
+                                  "those types and cast the result")
+            return {"torch_dtype": name}
         raise QatkitError(f"argument {a!r} of type {type(a).__name__} cannot be stored in an integer model file. "
                           "Fix: compute it inside the model from tensors and ints")
 

@@ -5,16 +5,23 @@ A file can only call what is listed here: loading never imports or runs anything
 from __future__ import annotations
 
 import copy
+import math
 import operator
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+def masked_scores(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Attention scores under F.scaled_dot_product_attention's attn_mask: a boolean mask keeps its True positions
+    (the rest become -inf), a float mask is added."""
+    return scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+
+
 _FUNCTIONS = [
     operator.add, operator.sub, operator.mul, operator.truediv, operator.matmul, operator.getitem, operator.neg,
     operator.iadd, operator.ne, operator.eq, operator.lt, operator.le, operator.gt, operator.ge, operator.and_,
-    operator.or_, operator.invert, getattr,
+    operator.or_, operator.invert, operator.floordiv, math.sqrt, getattr,
     torch.add, torch.sub, torch.mul, torch.matmul, torch.cat, torch.flatten, torch.reshape, torch.transpose,
     torch.permute, torch.squeeze, torch.unsqueeze, torch.relu, torch.sigmoid, torch.tanh, torch.softmax,
     torch.mean, torch.sum, torch.sqrt, torch.exp,
@@ -22,10 +29,11 @@ _FUNCTIONS = [
     F.conv1d, F.conv2d, F.max_pool1d, F.max_pool2d, F.avg_pool1d, F.avg_pool2d, F.adaptive_avg_pool1d,
     F.adaptive_avg_pool2d, F.dropout, F.hardswish, F.hardsigmoid, F.leaky_relu, F.hardtanh, torch.clamp, F.interpolate,
     F.conv_transpose1d, F.conv_transpose2d, F.pad, torch.stack, torch.zeros, torch.ones, torch.full, torch.arange,
-    torch.zeros_like, torch.ones_like, torch.full_like, torch.chunk, torch.split,
+    torch.zeros_like, torch.ones_like, torch.full_like, torch.chunk, torch.split, masked_scores,
 ]
 FUNCTIONS = {f"{getattr(fn, '__module__', None) or 'builtins'}.{fn.__name__}": fn for fn in _FUNCTIONS}
 NAME_OF = {fn: name for name, fn in FUNCTIONS.items()}
+DTYPES = {"float32": torch.float32, "int64": torch.int64, "bool": torch.bool}  # dtype= arguments a file may name
 GETATTR = NAME_OF[getattr]  # allowed for these attributes only:
 ATTRIBUTES = ("shape", "device")
 METHODS = {"view", "reshape", "permute", "transpose", "flatten", "contiguous", "softmax", "mean", "sum", "size",
@@ -84,16 +92,26 @@ MODULES = {
 IDENTITY_MODULES = (nn.Dropout, nn.Identity)
 
 
+def own_parameter_free(module: nn.Module) -> bool:
+    """A module of the model's own code (outside torch.nn) without parameters: drop path, noise, a helper."""
+    return not type(module).__module__.startswith("torch.nn") and next(module.parameters(), None) is None
+
+
+def graph_in_mode(module: nn.Module, training: bool, tracer: type[fx.Tracer] = fx.Tracer) -> fx.Graph | None:
+    """module's fx graph in train (True) or eval mode (a copy is traced); None where fx cannot trace it."""
+    try:
+        return tracer().trace(copy.deepcopy(module).train(training))
+    except Exception:  # noqa: BLE001 - fx raises many types on code it cannot trace
+        return None
+
+
 def identity_in_eval(module: nn.Module) -> bool:
-    """nn.Dropout and nn.Identity, and a parameter-free module outside torch.nn whose eval-mode forward returns its
-    input (drop path, stochastic depth, noise layers: training-only code); the integer model skips them."""
+    """nn.Dropout and nn.Identity, and a parameter-free module of the model's own code whose eval-mode forward
+    returns its input (drop path, stochastic depth, noise layers: training-only code); the integer model skips them."""
     if isinstance(module, IDENTITY_MODULES):
         return True
-    if type(module).__module__.startswith("torch.nn") or next(module.parameters(), None) is not None:
-        return False
-    try:
-        graph = fx.Tracer().trace(copy.deepcopy(module).eval())
-    except Exception:  # noqa: BLE001 - fx raises many types on code it cannot trace
+    graph = graph_in_mode(module, False) if own_parameter_free(module) else None
+    if graph is None:
         return False
     inputs = [n for n in graph.nodes if n.op == "placeholder"]
     return bool(inputs) and next(n for n in graph.nodes if n.op == "output").args[0] is inputs[0]

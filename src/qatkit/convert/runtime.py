@@ -68,6 +68,8 @@ class IntegerModel(nn.Module):
                 return slice(*a["slice"])
             if "ellipsis" in a:
                 return Ellipsis
+            if "torch_dtype" in a:
+                return ops.DTYPES[a["torch_dtype"]]
             return {k: self._arg(v, env) for k, v in a.items()}
         if isinstance(a, list):
             return [self._arg(x, env) for x in a]

@@ -18,7 +18,6 @@ COMPARE = {"eq": "Equal", "ne": "Equal", "lt": "Less", "le": "LessOrEqual", "gt"
 LOGICAL = {"and_": "And", "or_": "Or"}
 FACTORIES = ("zeros", "ones", "full", "arange", "zeros_like", "ones_like", "full_like", "new_zeros", "new_ones",
              "new_full")
-_ONNX_TYPE = {"int": TensorProto.INT64, "shape": TensorProto.INT64, "bool": TensorProto.BOOL}  # else float32
 
 
 @dataclass
@@ -138,6 +137,8 @@ def _resolve(ex, a):
         return slice(*a["slice"])
     if isinstance(a, dict) and "ellipsis" in a:
         return Ellipsis
+    if isinstance(a, dict) and "torch_dtype" in a:
+        return {"float32": "float", "int64": "int", "bool": "bool"}[a["torch_dtype"]]  # the kind of value it makes
     return ex.resolve(a)
 
 
@@ -154,10 +155,12 @@ def _getitem(ex, x: Value, index, rank) -> Value:
         kind = "int" if x.kind == "shape" else x.kind
         return Value(out, kind, x.scale, x.zero_point)
     items = index if isinstance(index, list) else [index]
+    lists = [i for i in items if isinstance(i, list)]  # x[:, [-1]]: a Gather that keeps the axis
     if not all(i is None or i is Ellipsis or isinstance(i, int) or (isinstance(i, slice) and i.step in (None, 1))
-               for i in items) or items.count(Ellipsis) > 1:
+               or (isinstance(i, list) and all(type(j) is int for j in i)) for i in items) \
+            or items.count(Ellipsis) > 1 or len(lists) > 1 or (lists and any(type(i) is int for i in items)):
         raise QatkitError(f"indexing with {index!r} has no ONNX form in qatkit. Fix: index with ints, plain slices, "
-                          "None and one ...")
+                          "None, one ... and at most one list of ints (without ints beside it)")
     if Ellipsis in items:  # the axes it stands for, as full slices
         at = items.index(Ellipsis)
         items = items[:at] + [slice(None)] * (rank - sum(i is not None for i in items) + 1) + items[at + 1:]
@@ -171,7 +174,9 @@ def _getitem(ex, x: Value, index, rank) -> Value:
                               ex.const("ax", np.array([a for a, _ in sliced], np.int64))], "slice")
     for dropped, (axis, i) in enumerate((a, i) for a, i in enumerate(on_axes) if isinstance(i, int)):
         out = ex.op("Gather", [out, ex.const("i", np.array(i, np.int64))], "item", axis=axis - dropped)
-    kept = [i for i in items if not isinstance(i, int)]  # the output's axes: slices and new ones
+    for axis, i in ((a, i) for a, i in enumerate(on_axes) if isinstance(i, list)):
+        out = ex.op("Gather", [out, ex.const("i", np.array(i, np.int64))], "items", axis=axis)
+    kept = [i for i in items if not isinstance(i, int)]  # the output's axes: slices, lists and new ones
     new_axes = [axis for axis, i in enumerate(kept) if i is None]
     if new_axes:
         out = ex.op("Unsqueeze", [out, ex.const("axes", np.array(new_axes, np.int64))], "new_axis")
@@ -205,10 +210,12 @@ def _float_op(ex, node, short, args, kwargs, rank) -> Value:
         return Value(ex.op("Concat", [ex.op("Unsqueeze", [ex.floats(v), axes], "part") for v in x], name, axis=dim), "float")
     if not (isinstance(x, Value) and x.kind in ("shape", "int")):
         ex.float_ops.setdefault(short, []).append(node.get("module", name))
-    if short in BINARY:
+    if short in BINARY or short == "floordiv":
         integers = [a for a in (x, args[1]) if isinstance(a, Value) and a.kind in ("shape", "int") or type(a) is int]
-        if len(integers) == 2 and short in ("add", "iadd", "sub", "mul"):  # sizes, ids, positions: int64
-            return Value(ex.op(BINARY[short], [_i(ex, x), _i(ex, args[1])], name), "int")
+        if len(integers) == 2 and short in ("add", "iadd", "sub", "mul", "floordiv"):  # sizes, ids, positions: int64
+            return Value(ex.op(BINARY.get(short, "Div"), [_i(ex, x), _i(ex, args[1])], name), "int")  # Div: sizes ≥ 0
+        if short == "floordiv":
+            return Value(ex.op("Floor", [ex.op("Div", [_c(ex, x), _c(ex, args[1])], "div")], name), "float")
         return Value(ex.op(BINARY[short], [_c(ex, x), _c(ex, args[1])], name), "float")
     if short in UNARY:
         return Value(ex.op(UNARY[short], [_c(ex, x)], name), "float")
@@ -233,6 +240,11 @@ def _float_op(ex, node, short, args, kwargs, rank) -> Value:
                   else (_arg(args, kwargs, 1, "min", None), _arg(args, kwargs, 2, "max", None)))
         bounds = ["" if v is None else ex.const("b", np.float32(v)) for v in (lo, hi)]
         return Value(ex.op("Clip", [xf, *bounds], name), "float")
+    if short == "masked_scores":  # SDPA's attn_mask: a boolean one keeps its True positions, a float one is added
+        mask = args[1]
+        if mask.kind == "bool":
+            return Value(ex.op("Where", [mask.name, xf, ex.const("ninf", np.array(-np.inf, np.float32))], name), "float")
+        return Value(ex.op("Add", [xf, ex.floats(mask)], name), "float")
     if short == "masked_fill":  # Where(mask, value, x)
         mask = args[1] if args[1].kind == "bool" else ex.op("Cast", [args[1].name], "mask", to=TensorProto.BOOL)
         mask = mask.name if isinstance(mask, Value) else mask
@@ -339,26 +351,26 @@ def _resize(ex, node, xf: str, args, kwargs, rank: int) -> str:
 
 
 def _factory(ex, short: str, args: list, kwargs: dict, name: str) -> Value:
-    """torch.zeros/ones/full(sizes) and x.new_zeros/new_ones/new_full(sizes) as ConstantOfShape (float32; x.new_*:
-    x's type), torch.zeros_like/ones_like/full_like(x) as ConstantOfShape of x's shape (x's type), torch.arange as
-    Range (int64); sizes from ints or the input's dims (a dtype= argument never gets here: the model file refuses it)."""
+    """torch.zeros/ones/full(sizes) as ConstantOfShape (float32), x.new_zeros/new_ones/new_full(sizes) the same in
+    x's type, torch.zeros_like/ones_like/full_like(x) of x's shape and type, torch.arange as Range (int64); sizes
+    from ints or the input's dims; dtype= float32, int64 or bool (the model file refuses others)."""
     if short == "arange":
         bounds = [0, args[0], 1] if len(args) == 1 else [*args, 1][:3]
         ints = [ex.op("Cast", [b.name], "b", to=TensorProto.INT64) if isinstance(b, Value)
                 else ex.const("b", np.array(b, np.int64)) for b in bounds]
-        return Value(ex.op("Range", ints, name), "int")
+        positions = Value(ex.op("Range", ints, name), "int")
+        return positions if kwargs.get("dtype") in (None, "int") else Value(ex.floats(positions), "float")
     kind, base = "float", short
-    if short.endswith("_like") or short.startswith("new_"):  # x's type; the sizes: x's shape, or the arguments
-        kind, base = {"int": "int", "shape": "int", "bool": "bool"}.get(args[0].kind, "float"), short[4:] if short.startswith("new_") else short[:-5]
-        shape = ex.op("Shape", [args[0].name], "shape") if short.endswith("_like") else None
-        args = args[1:]
-    fill = {"zeros": 0, "ones": 1}.get(base, args[-1] if base == "full" else None)
-    if base == "full":
-        args = args[:-1]
-    if not short.endswith("_like"):
-        sizes = list(args[0]) if len(args) == 1 and isinstance(args[0], list) else list(args)
-        shape = ex.shape_tensor(sizes)
-    onnx_type = _ONNX_TYPE.get(kind, TensorProto.FLOAT)
-    value = onnx_helper.make_tensor("value", onnx_type, [1], [bool(fill) if kind == "bool" else
-                                                               int(fill) if kind == "int" else float(fill)])
+    if short.startswith("new_") or short.endswith("_like"):  # the type of x, the first argument
+        kind = "int" if args[0].kind == "shape" else args[0].kind if args[0].kind in ("int", "bool") else "float"
+        base = short.removeprefix("new_").removesuffix("_like")
+    kind = kwargs.get("dtype") or kind
+    fill = {"zeros": 0, "ones": 1}.get(base, args[-1])
+    if short.endswith("_like"):
+        shape = ex.op("Shape", [args[0].name], "shape")
+    else:
+        sizes = args[1 if short.startswith("new_") else 0:len(args) - (base == "full")]
+        shape = ex.shape_tensor(list(sizes[0]) if len(sizes) == 1 and isinstance(sizes[0], list) else list(sizes))
+    onnx_type, cast = {"int": (TensorProto.INT64, int), "bool": (TensorProto.BOOL, bool)}.get(kind, (TensorProto.FLOAT, float))
+    value = onnx_helper.make_tensor("value", onnx_type, [1], [cast(fill)])
     return Value(ex.op("ConstantOfShape", [shape], name, value=value), kind)

@@ -17,6 +17,7 @@
 """
 from __future__ import annotations
 
+import math
 import operator
 from collections import Counter
 from dataclasses import dataclass, field
@@ -54,6 +55,8 @@ MASK_METHODS = {"eq", "ne", "lt", "le", "gt", "ge", "logical_not", "float", "lon
 EXACT_FUNCTIONS = {getattr, torch.zeros, torch.ones, torch.full, torch.arange, torch.zeros_like, torch.ones_like,
                    torch.full_like}
 EXACT_METHODS = {"size", "dim", "new_zeros", "new_ones", "new_full"}
+# Arithmetic on sizes (C // n_head, 1 / math.sqrt(head_dim)): shape arithmetic, exact like masks.
+SIZE_ARITHMETIC = {operator.add, operator.sub, operator.mul, operator.floordiv, operator.truediv, math.sqrt}
 # Ops an integer runtime runs on integers and requantizes (QLinearAdd, QLinearConcat, QLinearAveragePool).
 REQUANT_MODULES = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AvgPool1d, nn.AvgPool2d)
 REQUANT_FUNCTIONS = {operator.add, operator.iadd, torch.add, torch.cat, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d,
@@ -115,11 +118,14 @@ class _Rewriter:
         self.inserted: dict[fx.Node, fx.Node] = {}  # float node -> quantizer node added after it
         self.erased: set[fx.Node] = set()
         self.masks: set[fx.Node] = set()  # graph inputs and the exact masks computed from them
+        self.sizes: set[fx.Node] = set()  # x.size(), x.shape and arithmetic on them (also masks)
 
     def run(self) -> PrepareInfo:
         for node in list(self.graph.nodes):
             if node.op == "call_function" and node.target is F.dropout:
                 self._dropout_module(node)
+            elif node.op == "call_function" and node.target is F.scaled_dot_product_attention:
+                self._attention(node)
             elif node.op == "call_module" and type(self.modules[node.target]) in WRAPPERS:
                 self._wrap(node)
         self.modules = dict(self.gm.named_modules())
@@ -138,6 +144,39 @@ class _Rewriter:
         """Moves or selects values without computing new ones (in eval mode: drop path is the identity there)."""
         return (_is(node, self.modules, GRID_PRESERVING_MODULES, GRID_PRESERVING_FUNCTIONS, GRID_PRESERVING_METHODS)
                 or (node.op == "call_module" and ops.identity_in_eval(self.modules[node.target])))
+
+    def _attention(self, node: fx.Node) -> None:
+        """F.scaled_dot_product_attention as the ops it computes: softmax(q·kᵀ·scale (+ mask)) (→ dropout) · v, so
+        that both matmuls run on integers (QMatMul); a causal mask from positions (torch.arange, >), attn_mask
+        applied as SDPA does (ops.masked_scores), dropout_p as an nn.Dropout that follows train()/eval()."""
+        names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+        a = dict(zip(names, (None, None, None, None, 0.0, False, None, False)))
+        a.update(zip(names, node.args), **node.kwargs)
+        if a["enable_gqa"]:
+            return  # grouped-query attention stays the float op (listed as not convertible)
+        g, q, k = self.graph, a["query"], a["key"]
+        with g.inserting_before(node):
+            scale = a["scale"]
+            if scale is None:  # 1/√E, E = q.size(-1)
+                scale = g.call_function(operator.truediv, (1.0, g.call_function(math.sqrt, (g.call_method("size", (q, -1)),))))
+            scores = g.call_function(operator.mul, (
+                g.call_function(operator.matmul, (q, g.call_method("transpose", (k, -2, -1)))), scale))
+            if a["is_causal"]:  # position j > i is masked (the upper triangle, as SDPA's tril)
+                rows = g.call_function(torch.arange, (g.call_method("size", (q, -2)),))
+                cols = g.call_function(torch.arange, (g.call_method("size", (k, -2)),))
+                future = g.call_function(operator.gt, (g.call_function(operator.getitem, (cols, (None, slice(None)))),
+                                                       g.call_function(operator.getitem, (rows, (slice(None), None)))))
+                scores = g.call_method("masked_fill", (scores, future, float("-inf")))
+            if a["attn_mask"] is not None:
+                scores = g.call_function(ops.masked_scores, (scores, a["attn_mask"]))
+            weights = g.call_method("softmax", (scores, -1))
+            if a["dropout_p"]:
+                path = f"dropout_{node.name}"
+                self.gm.add_submodule(path, nn.Dropout(a["dropout_p"]))
+                weights = g.call_module(path, (weights,))
+            out = g.call_function(operator.matmul, (weights, a["value"]))
+        node.replace_all_uses_with(out)
+        g.erase_node(node)
 
     def _dropout_module(self, node: fx.Node) -> None:
         """F.dropout(x, p, self.training): tracing froze `training` to the mode at prepare time; an nn.Dropout
@@ -218,7 +257,10 @@ class _Rewriter:
                 self.quantized[node] = f"{node.target}.out_quant"
             return
         inputs = node.all_input_nodes
-        if node.op == "placeholder" or _is(node, self.modules, (), EXACT_FUNCTIONS, EXACT_METHODS) or (
+        if node.target in SHAPE_OPS or (inputs and all(a in self.sizes for a in inputs) and (
+                node.target is operator.getitem or _is(node, self.modules, (), SIZE_ARITHMETIC))):
+            self.sizes.add(node)
+        if node in self.sizes or node.op == "placeholder" or _is(node, self.modules, (), EXACT_FUNCTIONS, EXACT_METHODS) or (
                 inputs and all(a in self.masks for a in inputs) and (
                 self._keeps_grid(node)
                 or _is(node, self.modules, (), MASK_FUNCTIONS, MASK_METHODS))):

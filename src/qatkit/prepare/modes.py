@@ -9,25 +9,20 @@ mode-dependent code written inline, beside layers, is then left out of QAT: `tra
 """
 from __future__ import annotations
 
-import copy
-
 from torch import fx, nn
+
+from qatkit.convert.ops import graph_in_mode, own_parameter_free
 
 
 def _ops(module: nn.Module, training: bool, tracer: type[fx.Tracer] = fx.Tracer) -> list[tuple[str, str]] | None:
     """The (op, target) sequence of module's graph in that mode; None where it cannot be traced."""
-    try:
-        graph = tracer().trace(copy.deepcopy(module).train(training))
-    except Exception:  # noqa: BLE001 - fx raises many types on code it cannot trace
-        return None
-    return [(n.op, getattr(n.target, "__name__", str(n.target))) for n in graph.nodes]
+    graph = graph_in_mode(module, training, tracer)
+    return None if graph is None else [(n.op, getattr(n.target, "__name__", str(n.target))) for n in graph.nodes]
 
 
 def mode_dependent(module: nn.Module) -> bool:
-    """A parameter-free module (outside torch.nn) whose forward runs other ops in train() than in eval()."""
-    if type(module).__module__.startswith("torch.nn") or next(module.parameters(), None) is not None:
-        return False
-    return _ops(module, True) != _ops(module, False)
+    """A parameter-free module of the model's own code whose forward runs other ops in train() than in eval()."""
+    return own_parameter_free(module) and _ops(module, True) != _ops(module, False)
 
 
 class LeafTracer(fx.Tracer):
