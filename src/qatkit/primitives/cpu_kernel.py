@@ -5,9 +5,11 @@ forward and backward; this kernel does one vectorised pass each way on torch's t
 with the ReLU before it fused in (relu(x) quantized, relu's gradient mask applied: no relu tensor). It
 computes what primitives.fake_quant's eager formulas do: the same IEEE division x/s, round half to even
 (nearbyintf in the default rounding mode), clamp and product, so forward outputs and input gradients are
-the eager ones bit for bit. The scale and zero-point gradients are sums: per block of 4096 values in float
-vector lanes, then in double in block order, so they do not depend on the thread count (their last bits
-differ from torch's own sum, which uses another order).
+the eager ones bit for bit. The scale and zero-point gradients are sums: per block of 4096 values in 8 float
+lanes (value i into lane i mod 8), then in double in block order, so they depend neither on the thread count
+nor on the instruction set (their last bits differ from torch's own sum, which uses another order). The
+forward pass is vectorised by the compiler (target clones); the backward pass, whose masked sums gcc leaves
+scalar, is written in AVX2 intrinsics, with portable C elsewhere.
 
 The C source below is compiled once per machine with the system C compiler into a cache folder
 ($QATKIT_CACHE, else ~/.cache/qatkit) and loaded with ctypes; its OpenMP threads are torch's own pool
