@@ -286,6 +286,12 @@ def test_functional_pad_converts_and_exports(tmp_path):
     _exact_in_ort(integer, x, tmp_path / "m.onnx")
 
 
+def _softmax_outputs(integer, x) -> list[torch.Tensor]:
+    """The integer model's softmax outputs on x (its attention weights), in graph order."""
+    values = integer.values(x)
+    return [values[n["name"]] for n in integer.nodes if n["op"] == "call" and n["fn"].endswith("softmax")]
+
+
 class MaskedText(nn.Module):
     """Masks written the usual ways: padding (ids == 0), causal (positions compared), ~, |, None and ... indexing;
     q and k from one projection by chunk; states from x.new_zeros and torch.zeros_like."""
@@ -322,7 +328,9 @@ def test_masks_chunks_and_tensors_made_like_others_convert_and_export(tmp_path):
     with torch.no_grad():
         expected = qat(ids)
         assert torch.equal(integer(ids), expected)
-        assert not torch.equal(qat(torch.where(ids > 0, ids, 5)), expected)  # the padding mask matters
+    weights = _softmax_outputs(integer, ids)[0]  # (B, L, L): no weight on padding or on later positions
+    padded = (ids == 0)[:, None, :] | torch.ones(10, 10, dtype=torch.bool).triu(1)
+    assert (weights[padded] == 0).all() and (weights[~padded] > 0).all()
     path = tmp_path / "m.onnx"
     export_onnx(integer, path, ids[:1])
     result = verify(path, integer, [ids])  # softmax is a float island: ORT may round a value to the next step
@@ -424,3 +432,56 @@ def test_a_convnext_model_converts_and_runs_exactly_in_onnx_runtime(tmp_path):
     export_onnx(integer, tmp_path / "m.onnx", x[:1])
     result = verify(tmp_path / "m.onnx", integer, [x])  # LayerNorm and GELU are float islands: one step at most
     assert result["top1_agreement"] == 1.0 and result["within_one_step"] == 1.0
+
+
+class MaskStyles(nn.Module):
+    """Attention masks and scores written the ways one finds them: Hugging Face's extended mask (`.to(x.dtype)`,
+    torch.finfo(dtype).min), torch.where, a tril of ones compared with 0, `.type_as`, torch.einsum."""
+
+    def __init__(self, style: str):
+        super().__init__()
+        self.style, self.embed, self.qk, self.fc = style, nn.Embedding(30, 16), nn.Linear(16, 32), nn.Linear(16, 3)
+
+    def forward(self, ids):
+        x, keep = self.embed(ids), ids != 0
+        q, k = self.qk(x).chunk(2, -1)
+        scores = q @ k.transpose(1, 2)
+        if self.style == "hf":
+            scores = scores + (1.0 - keep[:, None, :].to(x.dtype)) * torch.finfo(x.dtype).min
+        elif self.style == "where":
+            scores = torch.where(keep[:, None, :], scores, torch.tensor(-1e4))
+        elif self.style == "tril":
+            t = ids.size(1)
+            scores = scores.masked_fill(torch.tril(torch.ones(t, t)) == 0, float("-inf"))
+        elif self.style == "type_as":
+            scores = scores - 1e4 * (~keep[:, None, :]).type_as(scores)
+        else:
+            scores = torch.einsum("bqd,bkd->bqk", q, k)
+        return self.fc((scores.softmax(-1) @ x).mean(1))
+
+
+@pytest.mark.parametrize("style", ["hf", "where", "tril", "type_as", "einsum"])
+def test_mask_and_score_styles_convert_and_export(style, tmp_path):
+    torch.manual_seed(0)
+    ids = torch.randint(1, 30, (32, 8))
+    ids[:, 6:] = 0
+    model = MaskStyles(style).eval()
+    qat = qatkit.prepare(model, qatkit.QATConfig(), ids[:2])
+    qatkit.calibrate(qat, [ids])
+    qat.eval()
+    with torch.no_grad():
+        expected = qat(ids)
+        assert (expected - model(ids)).abs().max() < 0.05
+    integer = qatkit.convert(qat)
+    assert torch.equal(integer(ids), expected)
+    weights = _softmax_outputs(integer, ids)[0]  # (B, L, L): the masked keys get no weight
+    if style == "tril":
+        later = torch.ones(8, 8, dtype=torch.bool).triu(1)
+        assert (weights[:, later] == 0).all() and (weights[:, ~later] > 0).all()
+    elif style != "einsum":
+        assert (weights[:, :, 6:] == 0).all() and (weights[:, :, :6] > 0).all()
+    path = tmp_path / "m.onnx"
+    export_onnx(integer, path, ids[:1])
+    result = verify(path, integer, [ids])  # softmax is a float island: one step at most
+    assert result["top1_agreement"] == 1.0 and result["within_one_step"] == 1.0
+    assert np.array_equal(IntegerReference(path, requant="float32").run(ids.numpy()), ort.run(ort.session(path, threads=1), ids))

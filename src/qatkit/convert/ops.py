@@ -29,16 +29,17 @@ _FUNCTIONS = [
     F.conv1d, F.conv2d, F.max_pool1d, F.max_pool2d, F.avg_pool1d, F.avg_pool2d, F.adaptive_avg_pool1d,
     F.adaptive_avg_pool2d, F.dropout, F.hardswish, F.hardsigmoid, F.leaky_relu, F.hardtanh, torch.clamp, F.interpolate,
     F.conv_transpose1d, F.conv_transpose2d, F.pad, torch.stack, torch.zeros, torch.ones, torch.full, torch.arange,
-    torch.zeros_like, torch.ones_like, torch.full_like, torch.chunk, torch.split, masked_scores,
+    torch.zeros_like, torch.ones_like, torch.full_like, torch.chunk, torch.split, masked_scores, torch.where,
+    torch.tril, torch.triu, torch.einsum,
 ]
 FUNCTIONS = {f"{getattr(fn, '__module__', None) or 'builtins'}.{fn.__name__}": fn for fn in _FUNCTIONS}
 NAME_OF = {fn: name for name, fn in FUNCTIONS.items()}
 DTYPES = {"float32": torch.float32, "int64": torch.int64, "bool": torch.bool}  # dtype= arguments a file may name
 GETATTR = NAME_OF[getattr]  # allowed for these attributes only:
-ATTRIBUTES = ("shape", "device")
+ATTRIBUTES = ("shape", "device", "dtype")
 METHODS = {"view", "reshape", "permute", "transpose", "flatten", "contiguous", "softmax", "mean", "sum", "size",
            "relu", "sigmoid", "unsqueeze", "squeeze", "expand", "mul", "add", "matmul", "dim", "float", "clamp",
-           "masked_fill", "new_zeros", "new_ones", "new_full", "chunk", "split"}
+           "masked_fill", "new_zeros", "new_ones", "new_full", "chunk", "split", "tril", "triu", "to", "type_as"}
 # Ops applied to integer codes directly: they keep values on the grid (ReLU handled with the zero point);
 # chunk and split give a tuple of pieces on the same grid.
 CODE_PRESERVING = {NAME_OF[f] for f in (torch.flatten, torch.reshape, torch.transpose, torch.permute, torch.squeeze,

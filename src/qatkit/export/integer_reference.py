@@ -260,6 +260,8 @@ _OPS = {  # op_type -> handler(inputs, attributes) -> output(s); float ops compu
     "Erf": lambda i, a: _erf(i[0]).astype(f32), "Sigmoid": lambda i, a: f32(1) / (f32(1) + np.exp(-i[0])),
     "Tanh": lambda i, a: np.tanh(i[0]), "Sqrt": lambda i, a: np.sqrt(i[0]), "Exp": lambda i, a: np.exp(i[0]),
     "Floor": lambda i, a: np.floor(i[0]),
+    "Trilu": lambda i, a: (np.triu if a.get("upper", 1) else np.tril)(i[0], int(_opt(i, 1, 0))),
+    "Einsum": lambda i, a: np.einsum(a["equation"], *i).astype(f32),
     "Neg": lambda i, a: -i[0], "Equal": lambda i, a: np.equal(i[0], i[1]), "Not": lambda i, a: np.logical_not(i[0]),
     "Less": lambda i, a: np.less(i[0], i[1]), "LessOrEqual": lambda i, a: np.less_equal(i[0], i[1]),
     "Greater": lambda i, a: np.greater(i[0], i[1]), "GreaterOrEqual": lambda i, a: np.greater_equal(i[0], i[1]),

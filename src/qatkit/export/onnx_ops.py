@@ -61,8 +61,21 @@ def export_call(ex, node: dict) -> Value:
 
     if short in ("identity", "contiguous", "dropout"):
         return x
-    if short == "getattr":  # x.shape, or x.device (which a factory's device= reads; ONNX has no devices)
+    if short == "getattr":  # x.shape; x.device (which a factory's device= reads; ONNX has no devices); x.dtype
+        if args[1] == "dtype":  # as the kind of value it makes (what `.to(x.dtype)` casts to)
+            return _kind(x)
         return Value(ex.op("Shape", [x.name], "shape"), "shape") if args[1] == "shape" else Value("", "device")
+    if short in ("to", "type_as"):  # a cast to a dtype (from x.dtype, torch.float32, …) or to another tensor's type
+        target = _kind(args[1]) if short == "type_as" else next((a for a in args[1:] if a in _ONNX_TYPES), None)
+        if target is None or target == _kind(x):  # .to(device) or to its own type: nothing to do
+            return x
+        if target == "float":
+            return Value(ex.floats(x), "float")
+        return Value(ex.op("Cast", [x.name], name, to=_ONNX_TYPES[target]), target)
+    if short in ("tril", "triu"):  # zeroes on codes are not zero values: a quantized x runs dequantized
+        k = _arg(args, kwargs, 1, "diagonal", 0)
+        src, kind = (ex.floats(x), "float") if x.kind == "quant" else (x.name, x.kind)
+        return Value(ex.op("Trilu", [src, ex.const("k", np.array(k, np.int64))], name, upper=int(short == "triu")), kind)
     if short in FACTORIES:
         return _factory(ex, short, args, kwargs, name)
     if short == "size":
@@ -81,12 +94,13 @@ def export_call(ex, node: dict) -> Value:
         axes = ex.const("ax", np.array([dim], np.int64))
         return [_keep(ex, x, "Slice", [ex.const("st", np.array([a], np.int64)), ex.const("en", np.array([b], np.int64)),
                                        axes], "piece") for a, b in zip([0] + ends[:-1], ends)]
-    if short in COMPARE and x.kind in ("int", "shape"):  # masks from ids, lengths, positions: integer compares
-        other = args[1].name if isinstance(args[1], Value) else ex.const("c", np.array(args[1], np.int64))
-        if isinstance(args[1], Value) and args[1].kind not in ("int", "shape"):
-            raise QatkitError(f"comparison of integers with a {args[1].kind} tensor (node '{name}') has no ONNX form "
-                              "in qatkit. Fix: compare integers with integers (ids, lengths, torch.arange)")
-        out = ex.op(COMPARE[short], [x.name, other], "eq" if short == "ne" else name)
+    if short in COMPARE and isinstance(x, Value):  # masks from ids, lengths, positions (int64) or constants (float)
+        other = args[1]
+        if _kind(x) == "int" and (type(other) is int or isinstance(other, Value) and _kind(other) == "int"):
+            pair = [x.name, _i(ex, other)]
+        else:
+            pair = [_c(ex, x), _c(ex, other)]
+        out = ex.op(COMPARE[short], pair, "eq" if short == "ne" else name)
         return Value(out if short != "ne" else ex.op("Not", [out], name), "bool")
     if short in LOGICAL and x.kind == "bool" and args[1].kind == "bool":
         return Value(ex.op(LOGICAL[short], [x.name, args[1].name], name), "bool")
@@ -128,6 +142,14 @@ def export_call(ex, node: dict) -> Value:
         axes = [] if dim is None else [ex.const("axes", np.array([dim], np.int64))]
         return _keep(ex, x, short.capitalize(), axes, name)
     return _float_op(ex, node, short, args, kwargs, rank)
+
+
+_ONNX_TYPES = {"float": TensorProto.FLOAT, "int": TensorProto.INT64, "bool": TensorProto.BOOL}
+
+
+def _kind(v: Value) -> str:
+    """The type of value v holds once dequantized: "float", "int" or "bool"."""
+    return {"int": "int", "shape": "int", "bool": "bool"}.get(v.kind, "float")
 
 
 def _resolve(ex, a):
@@ -210,6 +232,12 @@ def _float_op(ex, node, short, args, kwargs, rank) -> Value:
         return Value(ex.op("Concat", [ex.op("Unsqueeze", [ex.floats(v), axes], "part") for v in x], name, axis=dim), "float")
     if not (isinstance(x, Value) and x.kind in ("shape", "int")):
         ex.float_ops.setdefault(short, []).append(node.get("module", name))
+    if short == "einsum":  # torch.einsum(equation, a, b) or (equation, [a, b])
+        operands = args[1] if len(args) == 2 and isinstance(args[1], list) else args[1:]
+        return Value(ex.op("Einsum", [ex.floats(v) for v in operands], name, equation=x.replace(" ", "")), "float")
+    if short == "where":  # torch.where(condition, a, b)
+        cond = x.name if x.kind == "bool" else ex.op("Cast", [x.name], "cond", to=TensorProto.BOOL)
+        return Value(ex.op("Where", [cond, _c(ex, args[1]), _c(ex, args[2])], name), "float")
     if short in BINARY or short == "floordiv":
         integers = [a for a in (x, args[1]) if isinstance(a, Value) and a.kind in ("shape", "int") or type(a) is int]
         if len(integers) == 2 and short in ("add", "iadd", "sub", "mul", "floordiv"):  # sizes, ids, positions: int64
@@ -362,7 +390,7 @@ def _factory(ex, short: str, args: list, kwargs: dict, name: str) -> Value:
         return positions if kwargs.get("dtype") in (None, "int") else Value(ex.floats(positions), "float")
     kind, base = "float", short
     if short.startswith("new_") or short.endswith("_like"):  # the type of x, the first argument
-        kind = "int" if args[0].kind == "shape" else args[0].kind if args[0].kind in ("int", "bool") else "float"
+        kind = _kind(args[0])
         base = short.removeprefix("new_").removesuffix("_like")
     kind = kwargs.get("dtype") or kind
     fill = {"zeros": 0, "ones": 1}.get(base, args[-1])
@@ -371,6 +399,6 @@ def _factory(ex, short: str, args: list, kwargs: dict, name: str) -> Value:
     else:
         sizes = args[1 if short.startswith("new_") else 0:len(args) - (base == "full")]
         shape = ex.shape_tensor(list(sizes[0]) if len(sizes) == 1 and isinstance(sizes[0], list) else list(sizes))
-    onnx_type, cast = {"int": (TensorProto.INT64, int), "bool": (TensorProto.BOOL, bool)}.get(kind, (TensorProto.FLOAT, float))
-    value = onnx_helper.make_tensor("value", onnx_type, [1], [cast(fill)])
+    cast = {"int": int, "bool": bool}.get(kind, float)
+    value = onnx_helper.make_tensor("value", _ONNX_TYPES[kind], [1], [cast(fill)])
     return Value(ex.op("ConstantOfShape", [shape], name, value=value), kind)

@@ -26,6 +26,8 @@ _SHAPE_METHODS = {"size", "dim", "numel", "ndimension"}
 # PyTorch's argument parser refuses a proxy as a size, so they are recorded as graph nodes while tracing.
 FACTORIES = ("zeros", "ones", "full", "arange")
 _SHAPE_ATTRIBUTES = {"shape", "ndim", "dtype", "device", "is_cuda"}
+# torch.finfo(x.dtype).min (a mask's fill value): the example's dtype decides it, a constant in the graph.
+TYPE_INFO = ("finfo", "iinfo")
 
 
 class _Concrete:
@@ -121,9 +123,9 @@ def concrete_trace(module: nn.Module, example_inputs: tuple) -> tuple[fx.GraphMo
     the model itself refuses (BatchNorm on one sample in training mode) is not checked."""
     names = list(inspect.signature(module.forward).parameters)[:len(example_inputs)]
     tracer = ConcreteTracer(copy.deepcopy(module), dict(zip(names, example_inputs)))
-    originals = {name: getattr(torch, name) for name in FACTORIES}
+    originals = {name: getattr(torch, name) for name in FACTORIES + TYPE_INFO}
     for name, fn in originals.items():
-        setattr(torch, name, _recorded(tracer, fn))
+        setattr(torch, name, _recorded(tracer, fn) if name in FACTORIES else _decided(tracer, fn))
     try:
         graph = tracer.trace(module)
     finally:
@@ -159,6 +161,16 @@ def _recorded(tracer: ConcreteTracer, fn):
         return tracer.create_proxy("call_function", fn, args, kwargs) if symbolic else fn(*args, **kwargs)
 
     return factory
+
+
+def _decided(tracer: ConcreteTracer, fn):
+    """`fn` of the example's value where its argument is symbolic (a dtype: a decision, like a branch)."""
+
+    @functools.wraps(fn)
+    def info(*args):
+        return fn(*(tracer.decide(a) if isinstance(a, fx.Proxy) else a for a in args))
+
+    return info
 
 
 def _same(a, b) -> bool:
