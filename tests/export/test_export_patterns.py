@@ -385,55 +385,6 @@ def test_chunk_along_the_batch_is_refused_at_export_with_the_fix(tmp_path):
         export_onnx(integer, tmp_path / "m.onnx", x[:2])
 
 
-class LayerNorm2d(nn.LayerNorm):
-    """timm's channels-first LayerNorm: a subclass of nn.LayerNorm with its own forward."""
-
-    def forward(self, x):
-        return F.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias, self.eps).permute(0, 3, 1, 2)
-
-
-class DropPath(nn.Module):
-    def __init__(self, p: float):
-        super().__init__()
-        self.p = p
-
-    def forward(self, x):
-        if self.p == 0.0 or not self.training:
-            return x
-        return x * x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1 - self.p) / (1 - self.p)
-
-
-class ConvNeXtBlock(nn.Module):
-    """ConvNeXt's block: depthwise 7×7, channels-last LayerNorm and pointwise Linear layers, layer scale, drop path."""
-
-    def __init__(self, dim: int):
-        super().__init__()
-        self.dwconv = nn.Conv2d(dim, dim, 7, padding=3, groups=dim)
-        self.norm, self.pwconv1, self.act, self.pwconv2 = nn.LayerNorm(dim), nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim)
-        self.gamma = nn.Parameter(0.5 * torch.ones(dim))
-        self.drop_path = DropPath(0.1)
-
-    def forward(self, x):
-        y = self.pwconv2(self.act(self.pwconv1(self.norm(self.dwconv(x).permute(0, 2, 3, 1)))))
-        return x + self.drop_path((self.gamma * y).permute(0, 3, 1, 2))
-
-
-def test_a_convnext_model_converts_and_runs_exactly_in_onnx_runtime(tmp_path):
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 16, 4, stride=4), LayerNorm2d(16), ConvNeXtBlock(16), ConvNeXtBlock(16),
-                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5)).eval()
-    x = torch.randn(32, 3, 16, 16)
-    qat = _calibrated(model, x)
-    with torch.no_grad():
-        expected = qat(x)
-        assert (expected - model(x)).abs().max() < 0.05
-    integer = qatkit.convert(qat)
-    assert torch.equal(integer(x), expected)
-    export_onnx(integer, tmp_path / "m.onnx", x[:1])
-    result = verify(tmp_path / "m.onnx", integer, [x])  # LayerNorm and GELU are float islands: one step at most
-    assert result["top1_agreement"] == 1.0 and result["within_one_step"] == 1.0
-
-
 class MaskStyles(nn.Module):
     """Attention masks and scores written the ways one finds them: Hugging Face's extended mask (`.to(x.dtype)`,
     torch.finfo(dtype).min), torch.where, a tril of ones compared with 0, `.type_as`, torch.einsum."""

@@ -1,5 +1,5 @@
-"""Training-only code: drop path as a module follows train()/eval() and converts as the identity; inline
-training-only code is left out of QAT (the graph is traced in eval mode) and said."""
+"""Training-only code: drop path as a module follows train()/eval() and converts as the identity (a ConvNeXt
+model too); inline training-only code is left out of QAT (the graph is traced in eval mode) and said."""
 from __future__ import annotations
 
 import warnings
@@ -110,3 +110,43 @@ def test_a_mode_dependent_module_that_is_not_the_identity_in_eval_is_refused_at_
     with pytest.raises(qatkit.QatkitError, match=r"module '1' \(Noise\) has no integer-model form.*parameter-free "
                                                  r"modules that return their input in eval mode"):
         qatkit.convert(qat.eval())
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """timm's channels-first LayerNorm: a subclass of nn.LayerNorm with its own forward."""
+
+    def forward(self, x):
+        return F.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias, self.eps).permute(0, 3, 1, 2)
+
+
+class ConvNeXtBlock(nn.Module):
+    """ConvNeXt's block: depthwise 7×7, channels-last LayerNorm and pointwise Linear layers, layer scale, drop path."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.dwconv = nn.Conv2d(dim, dim, 7, padding=3, groups=dim)
+        self.norm, self.pwconv1, self.act, self.pwconv2 = nn.LayerNorm(dim), nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim)
+        self.gamma = nn.Parameter(0.5 * torch.ones(dim))
+        self.drop_path = DropPath(0.1)
+
+    def forward(self, x):
+        y = self.pwconv2(self.act(self.pwconv1(self.norm(self.dwconv(x).permute(0, 2, 3, 1)))))
+        return x + self.drop_path((self.gamma * y).permute(0, 3, 1, 2))
+
+
+def test_a_convnext_model_converts_and_exports(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 4, stride=4), LayerNorm2d(16), ConvNeXtBlock(16), ConvNeXtBlock(16),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5)).eval()
+    x = torch.randn(32, 3, 16, 16)
+    qat = qatkit.prepare(model, qatkit.QATConfig(weight_bits=8, act_bits=8, first_last_bits=None), x[:2])
+    qatkit.calibrate(qat, [x[:16], x[16:]])
+    qat.eval()
+    with torch.no_grad():
+        expected = qat(x)
+        assert (expected - model(x)).abs().max() < 0.05
+    integer = qatkit.convert(qat)
+    assert torch.equal(integer(x), expected)
+    export_onnx(integer, tmp_path / "m.onnx", x[:1])
+    result = verify(tmp_path / "m.onnx", integer, [x])  # LayerNorm and GELU are float islands: one step at most
+    assert result["top1_agreement"] == 1.0 and result["within_one_step"] == 1.0

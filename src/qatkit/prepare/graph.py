@@ -51,11 +51,11 @@ MASK_FUNCTIONS = {operator.eq, operator.ne, operator.lt, operator.le, operator.g
                   torch.logical_not, torch.tril, torch.triu, torch.where}
 MASK_METHODS = {"eq", "ne", "lt", "le", "gt", "ge", "logical_not", "float", "long", "int", "bool", "to", "type_as",
                 "tril", "triu"}
-# Sizes, and tensors made from sizes and constants (torch.arange(L), x.new_zeros(B, h), torch.zeros_like(x)):
-# exact like masks, whatever their inputs.
-EXACT_FUNCTIONS = {getattr, torch.zeros, torch.ones, torch.full, torch.arange, torch.zeros_like, torch.ones_like,
-                   torch.full_like}
-EXACT_METHODS = {"size", "dim", "new_zeros", "new_ones", "new_full"}
+# Tensors made from sizes and constants (torch.arange(L), x.new_zeros(B, h), torch.zeros_like(x)): exact like
+# masks, whatever their inputs.
+FACTORY_FUNCTIONS = {torch.zeros, torch.ones, torch.full, torch.arange, torch.zeros_like, torch.ones_like,
+                     torch.full_like}
+FACTORY_METHODS = {"new_zeros", "new_ones", "new_full"}
 # Arithmetic on sizes (C // n_head, 1 / math.sqrt(head_dim)): shape arithmetic, exact like masks.
 SIZE_ARITHMETIC = {operator.add, operator.sub, operator.mul, operator.floordiv, operator.truediv, math.sqrt}
 # Ops an integer runtime runs on integers and requantizes (QLinearAdd, QLinearConcat, QLinearAveragePool).
@@ -258,13 +258,14 @@ class _Rewriter:
                 self.quantized[node] = f"{node.target}.out_quant"
             return
         inputs = node.all_input_nodes
-        if node.target in SHAPE_OPS or (inputs and all(a in self.sizes for a in inputs) and (
-                node.target is operator.getitem or _is(node, self.modules, (), SIZE_ARITHMETIC))):
+        if (node.op in ("call_function", "call_method") and node.target in SHAPE_OPS) or (
+                inputs and all(a in self.sizes for a in inputs)
+                and (node.target is operator.getitem or _is(node, self.modules, (), SIZE_ARITHMETIC))):
             self.sizes.add(node)
-        if node in self.sizes or node.op == "placeholder" or _is(node, self.modules, (), EXACT_FUNCTIONS, EXACT_METHODS) or (
-                inputs and all(a in self.masks for a in inputs) and (
-                self._keeps_grid(node)
-                or _is(node, self.modules, (), MASK_FUNCTIONS, MASK_METHODS))):
+        if (node in self.sizes or node.op == "placeholder"
+                or _is(node, self.modules, (), FACTORY_FUNCTIONS, FACTORY_METHODS)
+                or (inputs and all(a in self.masks for a in inputs)
+                    and (self._keeps_grid(node) or _is(node, self.modules, (), MASK_FUNCTIONS, MASK_METHODS)))):
             self.masks.add(node)
             return
         if self._keeps_grid(node):
