@@ -150,3 +150,36 @@ def test_a_convnext_model_converts_and_exports(tmp_path):
     export_onnx(integer, tmp_path / "m.onnx", x[:1])
     result = verify(tmp_path / "m.onnx", integer, [x])  # LayerNorm and GELU are float islands: one step at most
     assert result["top1_agreement"] == 1.0 and result["within_one_step"] == 1.0
+
+
+class ModeArguments(nn.Module):
+    """Mode-dependent arguments, not ops: SDPA's dropout_p and a functional batch norm's `training`."""
+
+    def __init__(self, which: str):
+        super().__init__()
+        self.which, self.fc = which, nn.Linear(8, 8)
+        self.register_buffer("mean", torch.zeros(8))
+        self.register_buffer("var", torch.ones(8))
+
+    def forward(self, x):  # (B, L, 8)
+        y = self.fc(x)
+        if self.which == "sdpa":
+            return F.scaled_dot_product_attention(y, y, y, dropout_p=0.1 if self.training else 0.0)
+        if self.which == "batch_norm":
+            return F.batch_norm(y.transpose(1, 2), self.mean, self.var, training=self.training).transpose(1, 2)
+        return F.dropout(y, 0.1, self.training)  # made an nn.Dropout by prepare: nothing to say
+
+
+@pytest.mark.parametrize("which, said", [("sdpa", "scaled_dot_product_attention with other arguments"),
+                                         ("batch_norm", "batch_norm with other arguments"), ("dropout", None)])
+def test_arguments_that_depend_on_the_mode_are_said(which, said):
+    model = ModeArguments(which).train()
+    assert train_only_ops(model) == ([said] if said else [])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        qatkit.prepare(model, qatkit.QATConfig(), torch.randn(2, 5, 8))
+    messages = [str(w.message) for w in caught if "in train() but not in eval()" in str(w.message)]
+    assert messages == ([f"qatkit: 'ModeArguments' runs {said} in train() but not in eval(); the QAT graph is traced "
+                         "in eval mode (the deployed one), so QAT leaves them out. Fix: move training-only code (drop "
+                         "path, noise) into a parameter-free submodule, as timm's DropPath: qatkit keeps such modules, "
+                         "following train()/eval()"] if said else [])

@@ -9,15 +9,21 @@ mode-dependent code written inline, beside layers, is then left out of QAT: `tra
 """
 from __future__ import annotations
 
+import torch.nn.functional as F
 from torch import fx, nn
 
 from qatkit.convert.ops import graph_in_mode, own_parameter_free
 
 
-def _ops(module: nn.Module, training: bool, tracer: type[fx.Tracer] = fx.Tracer) -> list[tuple[str, str]] | None:
-    """The (op, target) sequence of module's graph in that mode; None where it cannot be traced."""
+def _ops(module: nn.Module, training: bool, tracer: type[fx.Tracer] = fx.Tracer) -> list[tuple[str, str, str]] | None:
+    """The (op, target, constant arguments) sequence of module's graph in that mode; None where it cannot be traced.
+    F.dropout's arguments are left out: prepare makes it an nn.Dropout, which follows the mode."""
     graph = graph_in_mode(module, training, tracer)
-    return None if graph is None else [(n.op, getattr(n.target, "__name__", str(n.target))) for n in graph.nodes]
+    if graph is None:
+        return None
+    return [(n.op, getattr(n.target, "__name__", str(n.target)),
+             "" if n.target is F.dropout else repr(fx.node.map_arg((n.args, n.kwargs), lambda _: "·")))
+            for n in graph.nodes]
 
 
 def mode_dependent(module: nn.Module) -> bool:
@@ -48,10 +54,14 @@ def trace(module: nn.Module) -> fx.GraphModule:
 
 def train_only_ops(module: nn.Module) -> list[str]:
     """What module's own code (mode-dependent submodules kept as calls) runs in train() but not in eval(): the
-    targets of the ops only its train-mode graph has, ["code fx cannot trace"] where only eval mode traces."""
+    targets of the ops only its train-mode graph has, else those it calls with other arguments (SDPA's dropout_p,
+    functional batch_norm's training); ["code fx cannot trace"] where only eval mode traces."""
     train, evaluation = _ops(module, True, LeafTracer), _ops(module, False, LeafTracer)
     if evaluation is None or train == evaluation:
         return []
     if train is None:
         return ["code fx cannot trace"]
-    return [target for op, target in train if (op, target) not in evaluation] or ["ops in another order"]
+    ops = {(op, target) for op, target, _ in evaluation}
+    return ([target for op, target, _ in train if (op, target) not in ops]
+            or [f"{target} with other arguments" for op, target, args in train if (op, target, args) not in evaluation]
+            or ["ops in another order"])
