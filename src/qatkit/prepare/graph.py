@@ -262,13 +262,14 @@ class _Rewriter:
                 inputs and all(a in self.sizes for a in inputs)
                 and (node.target is operator.getitem or _is(node, self.modules, (), SIZE_ARITHMETIC))):
             self.sizes.add(node)
+        keeps_grid = self._keeps_grid(node)  # traces a parameter-free module of the model's own code: once
         if (node in self.sizes or node.op == "placeholder"
                 or _is(node, self.modules, (), FACTORY_FUNCTIONS, FACTORY_METHODS)
                 or (inputs and all(a in self.masks for a in inputs)
-                    and (self._keeps_grid(node) or _is(node, self.modules, (), MASK_FUNCTIONS, MASK_METHODS)))):
+                    and (keeps_grid or _is(node, self.modules, (), MASK_FUNCTIONS, MASK_METHODS)))):
             self.masks.add(node)
             return
-        if self._keeps_grid(node):
+        if keeps_grid:
             if inputs and inputs[0] in self.quantized:
                 self.quantized[node] = self.quantized[inputs[0]]
             return  # computes nothing new: never a float island of its own
@@ -291,7 +292,7 @@ class _Rewriter:
             act_node = _sole_user(node) if _fusable_act(_sole_user(node), self.modules) == "relu" else None
             self._new_quantizer(act_node or node, self.config.act_bits, unsigned=act_node is not None)
             return
-        if node.op == "call_module" or (node.op in ("call_function", "call_method") and node.target not in SHAPE_OPS):
+        if node.op in ("call_module", "call_function", "call_method"):  # (sizes returned above, as masks)
             if (described := _describe(node, self.modules, self.plans)) not in self.info.float_ops:  # a module called twice: once
                 self.info.float_ops.append(described)
                 if not ops.convertible(node, self.modules):

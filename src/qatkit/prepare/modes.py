@@ -15,10 +15,12 @@ from torch import fx, nn
 from qatkit.convert.ops import graph_in_mode, own_parameter_free
 
 
-def _ops(module: nn.Module, training: bool, tracer: type[fx.Tracer] = fx.Tracer) -> list[tuple[str, str, str]] | None:
-    """The (op, target, constant arguments) sequence of module's graph in that mode; None where it cannot be traced.
-    F.dropout's arguments are left out: prepare makes it an nn.Dropout, which follows the mode."""
-    graph = graph_in_mode(module, training, tracer)
+def _ops(module: nn.Module, training: bool, tracer: type[fx.Tracer] = fx.Tracer,
+         graph: fx.Graph | None = None) -> list[tuple[str, str, str]] | None:
+    """The (op, target, constant arguments) sequence of module's graph in that mode (`graph`: traced already);
+    None where it cannot be traced. F.dropout's arguments are left out: prepare makes it an nn.Dropout, which
+    follows the mode."""
+    graph = graph or graph_in_mode(module, training, tracer)
     if graph is None:
         return None
     return [(n.op, getattr(n.target, "__name__", str(n.target)),
@@ -52,11 +54,12 @@ def trace(module: nn.Module) -> fx.GraphModule:
     return fx.GraphModule(module, graph, type(module).__name__)
 
 
-def train_only_ops(module: nn.Module) -> list[str]:
-    """What module's own code (mode-dependent submodules kept as calls) runs in train() but not in eval(): the
-    targets of the ops only its train-mode graph has, else those it calls with other arguments (SDPA's dropout_p,
-    functional batch_norm's training); ["code fx cannot trace"] where only eval mode traces."""
-    train, evaluation = _ops(module, True, LeafTracer), _ops(module, False, LeafTracer)
+def train_only_ops(module: nn.Module, eval_graph: fx.Graph | None = None) -> list[str]:
+    """What module's own code (mode-dependent submodules kept as calls) runs in train() but not in eval() (its
+    eval-mode graph from `trace`, where the caller has it): the targets of the ops only its train-mode graph has,
+    else those it calls with other arguments (SDPA's dropout_p, functional batch_norm's training); ["code fx cannot
+    trace"] where only eval mode traces."""
+    train, evaluation = _ops(module, True, LeafTracer), _ops(module, False, LeafTracer, eval_graph)
     if evaluation is None or train == evaluation:
         return []
     if train is None:
