@@ -16,9 +16,9 @@ from qatkit.export.integer_reference import IntegerReference
 
 
 class SDPA(nn.Module):
-    def __init__(self, causal: bool, scale: float | None, dropout: float, mask: str | None):
+    def __init__(self, causal: bool, scale: float | None, dropout: float, mask: str | None, gqa: bool = False):
         super().__init__()
-        self.causal, self.scale, self.dropout, self.mask = causal, scale, dropout, mask
+        self.causal, self.scale, self.dropout, self.mask, self.gqa = causal, scale, dropout, mask, gqa
 
     def forward(self, q, k, v):
         mask = None
@@ -27,18 +27,26 @@ class SDPA(nn.Module):
         elif self.mask == "float":
             mask = torch.linspace(-1.0, 1.0, q.size(-2) * k.size(-2), dtype=q.dtype).reshape(q.size(-2), k.size(-2))
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout, is_causal=self.causal,
-                                              scale=self.scale)
+                                              scale=self.scale, **({"enable_gqa": True} if self.gqa else {}))
 
 
-@pytest.mark.parametrize("causal, scale, mask", [(False, None, None), (True, None, None), (False, 0.3, "bool"),
-                                                 (False, None, "float")])
-def test_scaled_dot_product_attention_is_rewritten_as_the_ops_it_computes(causal, scale, mask):
+@pytest.mark.parametrize("causal, scale, mask, gqa", [(False, None, None, False), (True, None, None, False),
+                                                      (False, 0.3, "bool", False), (False, None, "float", False),
+                                                      (True, None, None, True)])
+def test_scaled_dot_product_attention_is_rewritten_as_the_ops_it_computes(causal, scale, mask, gqa):
+    """gqa: grouped-query attention (enable_gqa, torch >= 2.5): 6 query heads share 2 key/value heads."""
+    if gqa and "enable_gqa" not in F.scaled_dot_product_attention.__doc__:
+        pytest.skip("enable_gqa needs torch >= 2.5")
     torch.manual_seed(0)
-    q, k, v = (torch.randn(2, 3, 5, 4, dtype=torch.float64) for _ in range(3))
-    qat = qatkit.prepare(SDPA(causal, scale, 0.2, mask), qatkit.QATConfig(matmul_bits=None), (q, k, v))
+    q = torch.randn(2, 6 if gqa else 3, 5, 4, dtype=torch.float64)
+    k, v = (torch.randn(2, 2 if gqa else 3, 5, 4, dtype=torch.float64) for _ in range(2))
+    qat = qatkit.prepare(SDPA(causal, scale, 0.2, mask, gqa), qatkit.QATConfig(matmul_bits=None), (q, k, v))
     assert "F.scaled_dot_product_attention" not in qat.code and "matmul" in qat.code  # nothing quantized: float ops
     with torch.no_grad():
-        torch.testing.assert_close(qat.eval()(q, k, v), SDPA(causal, scale, 0.0, mask)(q, k, v), rtol=1e-12, atol=1e-12)
+        want = SDPA(causal, scale, 0.0, mask, gqa)(q, k, v)
+        torch.testing.assert_close(qat.eval()(q, k, v), want, rtol=1e-12, atol=1e-12)
+        if mask != "float":  # made by torch.linspace, which has no integer-model form
+            torch.testing.assert_close(qatkit.convert(qat)(q, k, v), want, rtol=1e-12, atol=1e-12)
     qat.train()  # dropout_p became an nn.Dropout that follows the mode (SDPA itself drops in eval too)
     torch.manual_seed(0)
     first = qat(q, k, v)
@@ -126,3 +134,66 @@ def test_nanogpt_quantizes_converts_and_runs_exactly_in_onnx_runtime(flash, tmp_
     assert result["top1_agreement"] == 1.0 and result["within_one_step"] == 1.0
     ort_out = ort.run(ort.session(path, threads=1), idx)
     assert np.array_equal(IntegerReference(path, requant="float32").run(idx.numpy()), ort_out)
+
+
+class TimmAttention(nn.Module):
+    """timm's ViT attention: one qkv projection permuted to (3, B, heads, N, head_dim) and unbound along dim 0."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads, self.head_dim = heads, dim // heads
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.q_norm, self.k_norm, self.attn_drop = nn.Identity(), nn.Identity(), nn.Dropout(0.1)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0)
+        return self.proj(x.transpose(1, 2).reshape(B, N, C))
+
+
+class ViT(nn.Module):
+    """timm's VisionTransformer in small: conv patch embedding, class token, position embedding, pre-norm blocks
+    with layer scale, the class token's features to the head."""
+
+    def __init__(self, dim: int = 48, heads: int = 3, patch: int = 8, image: int = 32, classes: int = 10):
+        super().__init__()
+        self.patch_embed = nn.Conv2d(3, dim, patch, patch)
+        self.cls_token = nn.Parameter(0.02 * torch.randn(1, 1, dim))
+        self.pos_embed = nn.Parameter(0.02 * torch.randn(1, (image // patch) ** 2 + 1, dim))
+        self.blocks = nn.ModuleList(nn.ModuleDict(dict(
+            norm1=nn.LayerNorm(dim, eps=1e-6), attn=TimmAttention(dim, heads), norm2=nn.LayerNorm(dim, eps=1e-6),
+            mlp=nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim)))) for _ in range(2))
+        self.gamma = nn.Parameter(0.1 * torch.ones(dim))
+        self.norm, self.head = nn.LayerNorm(dim, eps=1e-6), nn.Linear(dim, classes)
+
+    def forward(self, x):
+        x = self.patch_embed(x).flatten(2).transpose(1, 2)
+        x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1) + self.pos_embed
+        for b in self.blocks:
+            x = x + self.gamma * b["attn"](b["norm1"](x))
+            x = x + b["mlp"](b["norm2"](x))
+        return self.head(self.norm(x)[:, 0])
+
+
+def test_timm_vision_transformer_converts_and_runs_in_onnx_runtime(tmp_path):
+    torch.manual_seed(0)
+    model = ViT().eval()
+    x = torch.randn(16, 3, 32, 32)
+    qat = qatkit.prepare(model, qatkit.QATConfig(), x[:2])
+    assert sum(type(m).__name__ == "QMatMul" for m in qat.modules()) == 4  # q·kᵀ and weights·v of both blocks
+    qatkit.calibrate(qat, [x])
+    qat.eval()
+    integer = qatkit.convert(qat)
+    with torch.no_grad():
+        expected = qat(x)
+        assert (expected - model(x)).abs().max() < 0.1
+        assert torch.equal(integer(x), expected)
+    path = tmp_path / "vit.onnx"
+    export_onnx(integer, path, x[:1])
+    result = verify(path, integer, [x])  # LayerNorm, softmax, GELU are float islands: at most one step apart
+    assert result["top1_agreement"] == 1.0 and result["within_one_step"] == 1.0
+    ort_out = ort.run(ort.session(path, threads=1), x)
+    assert np.array_equal(IntegerReference(path, requant="float32").run(x.numpy()), ort_out)

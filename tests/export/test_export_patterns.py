@@ -381,7 +381,8 @@ def test_chunk_along_the_batch_is_refused_at_export_with_the_fix(tmp_path):
     integer = qatkit.convert(qat)
     with torch.no_grad():
         assert torch.equal(integer(x), qat(x))
-    with pytest.raises(QatkitError, match=r"chunk along the batch axis .* Fix: chunk or split along another axis"):
+    with pytest.raises(QatkitError, match=r"chunk along an axis whose size follows the batch .* Fix: split along "
+                                          r"another axis"):
         export_onnx(integer, tmp_path / "m.onnx", x[:2])
 
 
@@ -406,12 +407,16 @@ class MaskStyles(nn.Module):
             scores = scores.masked_fill(torch.tril(torch.ones(t, t)) == 0, float("-inf"))
         elif self.style == "type_as":
             scores = scores - 1e4 * (~keep[:, None, :]).type_as(scores)
+        elif self.style == "strided":  # every other key, from positions (int64 %) and a float % of them
+            pos = torch.arange(ids.size(1))
+            odd = ((pos[None, :] + 2 * pos[:, None]) % 2 == 1) | (pos.float()[None, :] % 2.0 == 1.0)
+            scores = scores.masked_fill(odd, float("-inf"))
         else:
             scores = torch.einsum("bqd,bkd->bqk", q, k)
         return self.fc((scores.softmax(-1) @ x).mean(1))
 
 
-@pytest.mark.parametrize("style", ["hf", "where", "tril", "type_as", "einsum"])
+@pytest.mark.parametrize("style", ["hf", "where", "tril", "type_as", "strided", "einsum"])
 def test_mask_and_score_styles_convert_and_export(style, tmp_path):
     torch.manual_seed(0)
     ids = torch.randint(1, 30, (32, 8))
@@ -429,6 +434,8 @@ def test_mask_and_score_styles_convert_and_export(style, tmp_path):
     if style == "tril":
         later = torch.ones(8, 8, dtype=torch.bool).triu(1)
         assert (weights[:, later] == 0).all() and (weights[:, ~later] > 0).all()
+    elif style == "strided":  # the even keys only
+        assert (weights[:, :, 1::2] == 0).all() and (weights[:, :, 0::2] > 0).all()
     elif style != "einsum":
         assert (weights[:, :, 6:] == 0).all() and (weights[:, :, :6] > 0).all()
     path = tmp_path / "m.onnx"
@@ -436,3 +443,74 @@ def test_mask_and_score_styles_convert_and_export(style, tmp_path):
     result = verify(path, integer, [ids])  # softmax is a float island: one step at most
     assert result["top1_agreement"] == 1.0 and result["within_one_step"] == 1.0
     assert np.array_equal(IntegerReference(path, requant="float32").run(ids.numpy()), ort.run(ort.session(path, threads=1), ids))
+
+
+class TinyUNet(nn.Module):
+    """A diffusion-style U-Net in small: conv → GroupNorm → SiLU blocks, a strided conv down, a residual middle,
+    nearest upsampling and the skip concatenated."""
+
+    def __init__(self):
+        super().__init__()
+        self.inc = nn.Conv2d(3, 16, 3, padding=1)
+        self.down = nn.Sequential(nn.GroupNorm(4, 16), nn.SiLU(), nn.Conv2d(16, 32, 3, 2, 1))
+        self.mid = nn.Sequential(nn.GroupNorm(8, 32, affine=False), nn.SiLU(), nn.Conv2d(32, 32, 3, padding=1))
+        self.up = nn.Upsample(scale_factor=2, mode="nearest")
+        self.out = nn.Sequential(nn.GroupNorm(4, 48), nn.SiLU(), nn.Conv2d(48, 3, 3, padding=1))
+
+    def forward(self, x):
+        h = self.inc(x)
+        d = self.down(h)
+        m = d + self.mid(d)
+        return self.out(torch.cat([self.up(m), h], 1))
+
+
+def test_group_norm_unet_converts_and_runs_in_onnx_runtime(tmp_path):
+    torch.manual_seed(0)
+    model = TinyUNet().eval()
+    for gn in (model.down[0], model.out[0]):  # affine parameters away from their initial 1 and 0
+        nn.init.normal_(gn.weight, 1.0, 0.2), nn.init.normal_(gn.bias, 0.0, 0.2)
+    x = torch.randn(16, 3, 16, 16)
+    qat = _calibrated(model, x)
+    integer = qatkit.convert(qat)
+    with torch.no_grad():
+        expected = qat(x)
+        assert (expected - model(x)).abs().max() < 0.1
+        assert torch.equal(integer(x), expected)
+    path = tmp_path / "unet.onnx"
+    export_onnx(integer, path, x[:1])
+    result = verify(path, integer, [x])  # GroupNorm and SiLU are float islands: at most one step apart
+    assert result["within_one_step"] == 1.0
+    assert np.array_equal(IntegerReference(path, requant="float32").run(x.numpy()), ort.run(ort.session(path, threads=1), x))
+
+
+class CosineHead(nn.Module):
+    """A cosine classifier over normalised embeddings (face recognition, CLIP-style heads): F.normalize of the
+    features and of the class weights, the features' length (x.norm) and an L1-normalised term beside."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.classes = nn.Linear(12, 16), nn.Parameter(torch.randn(5, 16))
+
+    def forward(self, x):
+        h = self.fc(x)
+        cosine = F.normalize(h, dim=-1) @ F.normalize(self.classes, p=2, dim=1).transpose(0, 1)
+        return 10.0 * cosine + 0.1 * h.norm(dim=-1, keepdim=True) + F.normalize(h, p=1, dim=-1).sum(-1, keepdim=True)
+
+
+def test_normalize_and_norm_convert_and_run_in_onnx_runtime(tmp_path):
+    torch.manual_seed(0)
+    model = CosineHead().eval()
+    x = torch.randn(32, 12)
+    qat = _calibrated(model, x)
+    integer = qatkit.convert(qat)
+    with torch.no_grad():
+        expected = qat(x)
+        assert (expected - model(x)).abs().max() < 0.2
+        assert torch.equal(integer(x), expected)
+    path = tmp_path / "cosine.onnx"
+    export_onnx(integer, path, x[:1])
+    result = verify(path, integer, [x])
+    assert result["top1_agreement"] == 1.0 and result["within_one_step"] == 1.0
+    # the output is a float op (no integer kernel to reproduce exactly): the reference's float32 numpy vs ORT's kernels
+    np.testing.assert_allclose(IntegerReference(path, requant="float32").run(x.numpy()),
+                               ort.run(ort.session(path, threads=1), x), rtol=1e-5, atol=1e-5)

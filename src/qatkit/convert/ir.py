@@ -47,7 +47,7 @@ class _Writer:
         if isinstance(a, (list, tuple)):
             return [self.arg(x) for x in a]
         if isinstance(a, slice):
-            return {"slice": [a.start, a.stop, a.step]}
+            return {"slice": [self.arg(a.start), self.arg(a.stop), self.arg(a.step)]}  # bounds may be sizes
         if a is Ellipsis:
             return {"ellipsis": True}
         if a is None or isinstance(a, (bool, int, float, str)):

@@ -21,7 +21,7 @@ def masked_scores(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 _FUNCTIONS = [
     operator.add, operator.sub, operator.mul, operator.truediv, operator.matmul, operator.getitem, operator.neg,
     operator.iadd, operator.ne, operator.eq, operator.lt, operator.le, operator.gt, operator.ge, operator.and_,
-    operator.or_, operator.invert, operator.floordiv, math.sqrt, getattr,
+    operator.or_, operator.invert, operator.floordiv, operator.mod, math.sqrt, getattr,
     torch.add, torch.sub, torch.mul, torch.matmul, torch.cat, torch.flatten, torch.reshape, torch.transpose,
     torch.permute, torch.squeeze, torch.unsqueeze, torch.relu, torch.sigmoid, torch.tanh, torch.softmax,
     torch.mean, torch.sum, torch.sqrt, torch.exp,
@@ -30,7 +30,9 @@ _FUNCTIONS = [
     F.adaptive_avg_pool2d, F.dropout, F.hardswish, F.hardsigmoid, F.leaky_relu, F.hardtanh, torch.clamp, F.interpolate,
     F.conv_transpose1d, F.conv_transpose2d, F.pad, torch.stack, torch.zeros, torch.ones, torch.full, torch.arange,
     torch.zeros_like, torch.ones_like, torch.full_like, torch.chunk, torch.split, masked_scores, torch.where,
-    torch.tril, torch.triu, torch.einsum,
+    torch.tril, torch.triu, torch.einsum, operator.pow, torch.pow, torch.rsqrt, torch.sin, torch.cos,
+    torch.repeat_interleave, torch.unbind, F.group_norm, F.normalize,
+    *([F.rms_norm] if hasattr(F, "rms_norm") else []),  # F.rms_norm, nn.RMSNorm: torch >= 2.4
 ]
 FUNCTIONS = {f"{getattr(fn, '__module__', None) or 'builtins'}.{fn.__name__}": fn for fn in _FUNCTIONS}
 NAME_OF = {fn: name for name, fn in FUNCTIONS.items()}
@@ -39,14 +41,15 @@ GETATTR = NAME_OF[getattr]  # allowed for these attributes only:
 ATTRIBUTES = ("shape", "device", "dtype")
 METHODS = {"view", "reshape", "permute", "transpose", "flatten", "contiguous", "softmax", "mean", "sum", "size",
            "relu", "sigmoid", "unsqueeze", "squeeze", "expand", "mul", "add", "matmul", "dim", "float", "clamp",
-           "masked_fill", "new_zeros", "new_ones", "new_full", "chunk", "split", "tril", "triu", "to", "type_as"}
+           "masked_fill", "new_zeros", "new_ones", "new_full", "chunk", "split", "tril", "triu", "to", "type_as",
+           "pow", "rsqrt", "sqrt", "exp", "neg", "sin", "cos", "repeat_interleave", "unbind", "norm"}
 # Ops applied to integer codes directly: they keep values on the grid (ReLU handled with the zero point);
-# chunk and split give a tuple of pieces on the same grid.
+# chunk, split and unbind give a tuple of pieces on the same grid.
 CODE_PRESERVING = {NAME_OF[f] for f in (torch.flatten, torch.reshape, torch.transpose, torch.permute, torch.squeeze,
                                         torch.unsqueeze, F.max_pool1d, F.max_pool2d, operator.getitem, torch.chunk,
-                                        torch.split)} | {
+                                        torch.split, torch.repeat_interleave, torch.unbind)} | {
     "view", "reshape", "permute", "transpose", "flatten", "contiguous", "squeeze", "unsqueeze", "expand", "identity",
-    "chunk", "split"}
+    "chunk", "split", "repeat_interleave", "unbind"}
 RELU = {NAME_OF[torch.relu], NAME_OF[F.relu], "relu"}
 
 
@@ -81,6 +84,9 @@ MODULES = {
                                                     align_corners=m.align_corners)),
     nn.Softmax: (F.softmax, (), lambda m: dict(dim=m.dim)),
     nn.LayerNorm: (F.layer_norm, ("weight", "bias"), lambda m: dict(normalized_shape=m.normalized_shape, eps=m.eps)),
+    **({nn.RMSNorm: (F.rms_norm, ("weight",), lambda m: dict(normalized_shape=m.normalized_shape, eps=m.eps))}
+       if hasattr(nn, "RMSNorm") else {}),
+    nn.GroupNorm: (F.group_norm, ("weight", "bias"), lambda m: dict(num_groups=m.num_groups, eps=m.eps)),
     nn.Embedding: (F.embedding, ("weight",), lambda m: dict(padding_idx=m.padding_idx)),
     nn.BatchNorm1d: (F.batch_norm, ("running_mean", "running_var", "weight", "bias"), lambda m: dict(eps=m.eps)),
     nn.BatchNorm2d: (F.batch_norm, ("running_mean", "running_var", "weight", "bias"), lambda m: dict(eps=m.eps)),

@@ -64,8 +64,8 @@ class IntegerModel(nn.Module):
                 return env[a["node"]]
             if "tensor" in a:
                 return self.tensor(a["tensor"])
-            if "slice" in a:
-                return slice(*a["slice"])
+            if "slice" in a:  # bounds: ints, or sizes computed in the graph
+                return slice(*(None if v is None else int(v) for v in self._arg(a["slice"], env)))
             if "ellipsis" in a:
                 return Ellipsis
             if "torch_dtype" in a:

@@ -259,7 +259,9 @@ _OPS = {  # op_type -> handler(inputs, attributes) -> output(s); float ops compu
     "ReduceMean": lambda i, a: i[0].mean(axis=_axes(i, a), keepdims=bool(a.get("keepdims", 1)), dtype=f32),
     "Erf": lambda i, a: _erf(i[0]).astype(f32), "Sigmoid": lambda i, a: f32(1) / (f32(1) + np.exp(-i[0])),
     "Tanh": lambda i, a: np.tanh(i[0]), "Sqrt": lambda i, a: np.sqrt(i[0]), "Exp": lambda i, a: np.exp(i[0]),
-    "Floor": lambda i, a: np.floor(i[0]),
+    "Floor": lambda i, a: np.floor(i[0]), "Sin": lambda i, a: np.sin(i[0]), "Cos": lambda i, a: np.cos(i[0]),
+    "Reciprocal": lambda i, a: f32(1) / i[0], "Pow": lambda i, a: np.power(i[0], i[1]).astype(i[0].dtype),
+    "Mod": lambda i, a: (np.fmod if a.get("fmod", 0) else np.mod)(i[0], i[1]),
     "Trilu": lambda i, a: (np.triu if a.get("upper", 1) else np.tril)(i[0], int(_opt(i, 1, 0))),
     "Einsum": lambda i, a: np.einsum(a["equation"], *i).astype(f32),
     "Neg": lambda i, a: -i[0], "Equal": lambda i, a: np.equal(i[0], i[1]), "Not": lambda i, a: np.logical_not(i[0]),
@@ -275,6 +277,8 @@ _OPS = {  # op_type -> handler(inputs, attributes) -> output(s); float ops compu
     "LeakyRelu": lambda i, a: np.where(i[0] >= 0, i[0], i[0] * f32(a.get("alpha", 0.01))),
     "Resize": _resize, "Where": lambda i, a: np.where(i[0], i[1], i[2]).astype(i[2].dtype),
     "ReduceSum": lambda i, a: i[0].sum(axis=_axes(i, a), keepdims=bool(a.get("keepdims", 1)), dtype=f32),
+    "ReduceL1": lambda i, a: _OPS["ReduceSum"]([np.abs(i[0]), *i[1:]], a),
+    "ReduceL2": lambda i, a: np.sqrt(_OPS["ReduceSum"]([np.square(i[0]), *i[1:]], a)),
     "Gemm": lambda i, a: f32(a.get("alpha", 1.0)) * ((i[0].T if a.get("transA", 0) else i[0])
                                                      @ (i[1].T if a.get("transB", 0) else i[1]))
                     + f32(a.get("beta", 1.0)) * _opt(i, 2, f32(0)),

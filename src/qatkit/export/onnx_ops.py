@@ -13,7 +13,8 @@ from onnx import helper as onnx_helper
 from qatkit.errors import QatkitError
 
 BINARY = {"add": "Add", "iadd": "Add", "sub": "Sub", "mul": "Mul", "truediv": "Div", "matmul": "MatMul"}
-UNARY = {"relu": "Relu", "sigmoid": "Sigmoid", "tanh": "Tanh", "sqrt": "Sqrt", "exp": "Exp", "neg": "Neg"}
+UNARY = {"relu": "Relu", "sigmoid": "Sigmoid", "tanh": "Tanh", "sqrt": "Sqrt", "exp": "Exp", "neg": "Neg", "sin": "Sin",
+         "cos": "Cos"}
 COMPARE = {"eq": "Equal", "ne": "Equal", "lt": "Less", "le": "LessOrEqual", "gt": "Greater", "ge": "GreaterOrEqual"}
 LOGICAL = {"and_": "And", "or_": "Or"}
 FACTORIES = ("zeros", "ones", "full", "arange", "zeros_like", "ones_like", "full_like", "new_zeros", "new_ones",
@@ -84,12 +85,16 @@ def export_call(ex, node: dict) -> Value:
             else Value(shape, "shape")
     if short == "getitem":
         return x[args[1]] if isinstance(x, list) else _getitem(ex, x, args[1], rank)
-    if short in ("chunk", "split"):  # the pieces as Slices, their sizes the example's (fixed by the model)
+    if short in ("chunk", "split", "unbind"):  # the pieces as Slices (Gathers), as many and as large as the example's
         pieces = ex.shapes[node["name"]]
-        dim = _axis(_arg(args, kwargs, 2, "dim", 0), rank)
-        if dim == 0:
-            raise QatkitError(f"{short} along the batch axis (node '{name}') has no ONNX form in qatkit: its pieces' "
-                              "sizes would change with the batch. Fix: chunk or split along another axis")
+        dim = _axis(_arg(args, kwargs, 1 if short == "unbind" else 2, "dim", 0), rank)
+        if ex.varies_with_batch(node["args"][0]["node"], dim):
+            raise QatkitError(f"{short} along an axis whose size follows the batch (node '{name}', dim {dim}) has no "
+                              "ONNX form in qatkit: its pieces would change with the batch. Fix: split along another "
+                              "axis")
+        if short == "unbind":
+            return [_keep(ex, x, "Gather", [ex.const("i", np.array(i, np.int64))], "piece", axis=dim)
+                    for i in range(len(pieces))]
         ends = np.cumsum([p.shape[dim] for p in pieces]).tolist()
         axes = ex.const("ax", np.array([dim], np.int64))
         return [_keep(ex, x, "Slice", [ex.const("st", np.array([a], np.int64)), ex.const("en", np.array([b], np.int64)),
@@ -106,7 +111,9 @@ def export_call(ex, node: dict) -> Value:
         return Value(ex.op(LOGICAL[short], [x.name, args[1].name], name), "bool")
     if short == "invert" and x.kind == "bool":
         return Value(ex.op("Not", [x.name], name), "bool")
-    if short == "float" and x.kind == "bool":
+    if short == "float":  # a mask, positions or sizes as float32; floats and codes as their float values
+        if _kind(x) == "float":
+            return Value(ex.floats(x), "float")
         return Value(ex.op("Cast", [x.name], name, to=TensorProto.FLOAT), "float")
     if short in ("relu",) and x.kind == "quant":  # max(q, z): ReLU on the codes
         return same_kind(ex.op("Max", [x.name, x.zero_point], name))
@@ -141,7 +148,26 @@ def export_call(ex, node: dict) -> Value:
         dim = _arg(args, kwargs, 1, "dim", None)
         axes = [] if dim is None else [ex.const("axes", np.array([dim], np.int64))]
         return _keep(ex, x, short.capitalize(), axes, name)
+    if short == "repeat_interleave":
+        return _repeat_interleave(ex, x, _arg(args, kwargs, 1, "repeats", None), _arg(args, kwargs, 2, "dim", None),
+                                  rank, name)
     return _float_op(ex, node, short, args, kwargs, rank)
+
+
+def _repeat_interleave(ex, x: Value, repeats, dim, rank: int, name: str) -> Value:
+    """x.repeat_interleave(r, dim) (grouped-query attention's key/value heads) on x as it is: a new axis after dim,
+    expanded r times, merged into dim."""
+    if not (type(repeats) is int or isinstance(repeats, Value) and repeats.kind == "int") or dim is None:
+        raise QatkitError(f"repeat_interleave with repeats={repeats!r}, dim={dim!r} (node '{name}') has no ONNX form in "
+                          "qatkit; allowed: one number of repeats (an int or a size) along a given dim. Fix: pass "
+                          "those")
+    dim = _axis(dim, rank)
+    times = [1] * rank
+    times[dim] = repeats
+    wide = ex.op("Unsqueeze", [x.name, ex.const("axes", np.array([dim + 1], np.int64))], "wide")
+    wide = ex.op("Expand", [wide, ex.shape_tensor(times[:dim + 1] + [repeats] + times[dim + 1:])], "repeated")
+    shape = ex.op("Mul", [ex.op("Shape", [x.name], "shape"), ex.shape_tensor(times)], "shape")
+    return _keep(ex, Value(wide, x.kind, x.scale, x.zero_point), "Reshape", [shape], name)
 
 
 _ONNX_TYPES = {"float": TensorProto.FLOAT, "int": TensorProto.INT64, "bool": TensorProto.BOOL}
@@ -155,8 +181,8 @@ def _kind(v: Value) -> str:
 def _resolve(ex, a):
     if isinstance(a, list):
         return [_resolve(ex, v) for v in a]
-    if isinstance(a, dict) and "slice" in a:
-        return slice(*a["slice"])
+    if isinstance(a, dict) and "slice" in a:  # bounds: ints, or exported sizes
+        return slice(*_resolve(ex, a["slice"]))
     if isinstance(a, dict) and "ellipsis" in a:
         return Ellipsis
     if isinstance(a, dict) and "torch_dtype" in a:
@@ -190,9 +216,9 @@ def _getitem(ex, x: Value, index, rank) -> Value:
     sliced = [(axis, s) for axis, s in enumerate(on_axes) if isinstance(s, slice)]
     out = x.name
     if any(s.start is not None or s.stop is not None for _, s in sliced):
-        starts = [s.start or 0 for _, s in sliced]
+        starts = [0 if s.start is None else s.start for _, s in sliced]
         ends = [np.iinfo(np.int64).max if s.stop is None else s.stop for _, s in sliced]
-        out = ex.op("Slice", [out, ex.const("st", np.array(starts, np.int64)), ex.const("en", np.array(ends, np.int64)),
+        out = ex.op("Slice", [out, ex.shape_tensor(starts), ex.shape_tensor(ends),
                               ex.const("ax", np.array([a for a, _ in sliced], np.int64))], "slice")
     for dropped, (axis, i) in enumerate((a, i) for a, i in enumerate(on_axes) if isinstance(i, int)):
         out = ex.op("Gather", [out, ex.const("i", np.array(i, np.int64))], "item", axis=axis - dropped)
@@ -238,15 +264,23 @@ def _float_op(ex, node, short, args, kwargs, rank) -> Value:
     if short == "where":  # torch.where(condition, a, b)
         cond = x.name if x.kind == "bool" else ex.op("Cast", [x.name], "cond", to=TensorProto.BOOL)
         return Value(ex.op("Where", [cond, _c(ex, args[1]), _c(ex, args[2])], name), "float")
-    if short in BINARY or short == "floordiv":
+    if short in BINARY or short in ("floordiv", "mod"):
         integers = [a for a in (x, args[1]) if isinstance(a, Value) and a.kind in ("shape", "int") or type(a) is int]
-        if len(integers) == 2 and short in ("add", "iadd", "sub", "mul", "floordiv"):  # sizes, ids, positions: int64
-            return Value(ex.op(BINARY.get(short, "Div"), [_i(ex, x), _i(ex, args[1])], name), "int")  # Div: sizes ≥ 0
-        if short == "floordiv":
-            return Value(ex.op("Floor", [ex.op("Div", [_c(ex, x), _c(ex, args[1])], "div")], name), "float")
+        if len(integers) == 2 and short in ("add", "iadd", "sub", "mul", "floordiv", "mod"):  # sizes, ids, positions
+            int_op = {"floordiv": "Div", "mod": "Mod"}.get(short) or BINARY[short]  # Div: sizes ≥ 0; Mod: Python's sign
+            return Value(ex.op(int_op, [_i(ex, x), _i(ex, args[1])], name), "int")
+        if short in ("floordiv", "mod"):  # floor(a / b); a - floor(a / b)·b
+            a, b = _c(ex, x), _c(ex, args[1])
+            floor = ex.op("Floor", [ex.op("Div", [a, b], "div")], name if short == "floordiv" else "floor")
+            return Value(floor if short == "floordiv" else ex.op("Sub", [a, ex.op("Mul", [floor, b], "m")], name), "float")
         return Value(ex.op(BINARY[short], [_c(ex, x), _c(ex, args[1])], name), "float")
     if short in UNARY:
         return Value(ex.op(UNARY[short], [_c(ex, x)], name), "float")
+    if short == "pow":  # x ** 2 as x·x (as torch computes it), other exponents as Pow
+        base, exponent = _c(ex, x), _c(ex, args[1])
+        return Value(ex.op("Mul", [base, base], name) if args[1] == 2 else ex.op("Pow", [base, exponent], name), "float")
+    if short == "rsqrt":
+        return Value(ex.op("Reciprocal", [ex.op("Sqrt", [_c(ex, x)], "sqrt")], name), "float")
     xf = ex.floats(x)
     if short == "relu6":
         return Value(ex.op("Clip", [xf, ex.const("lo", np.float32(0)), ex.const("hi", np.float32(6))], name), "float")
@@ -297,6 +331,40 @@ def _float_op(ex, node, short, args, kwargs, rank) -> Value:
         shape = _arg(args, kwargs, 1, "normalized_shape", None)
         inputs = [xf, _c(ex, kwargs["weight"]), _c(ex, kwargs["bias"])]
         return Value(ex.op("LayerNormalization", inputs, name, axis=-len(shape), epsilon=kwargs.get("eps", 1e-5)), "float")
+    if short == "rms_norm":  # x / sqrt(mean(x², the normalized axes) + eps) · weight; eps None: float32's eps
+        shape, eps = _arg(args, kwargs, 1, "normalized_shape", None), kwargs.get("eps")
+        eps = float(np.finfo(np.float32).eps) if eps is None else eps
+        ms = ex.op("ReduceMean", [ex.op("Mul", [xf, xf], "sq")], "ms", axes=list(range(-len(list(shape)), 0)),
+                   keepdims=1)
+        inv = ex.op("Reciprocal", [ex.op("Sqrt", [ex.op("Add", [ms, _c(ex, eps)], "ms_eps")], "rms")], "inv_rms")
+        out = ex.op("Mul", [xf, inv], "normed")
+        weight = kwargs.get("weight")
+        return Value(out if weight is None else ex.op("Mul", [out, _c(ex, weight)], name), "float")
+    if short in ("normalize", "norm"):  # F.normalize: x / max(‖x‖_p, eps) along dim; x.norm(p, dim, keepdim)
+        p = _arg(args, kwargs, 1, "p", 2.0 if short == "normalize" else "fro")
+        dim = _arg(args, kwargs, 2, "dim", 1 if short == "normalize" else None)
+        keep = short == "normalize" or _arg(args, kwargs, 3, "keepdim", False)
+        if p not in (1, 2, "fro") or dim is None:
+            raise QatkitError(f"{short} with p={p!r}, dim={dim!r} (node '{name}') has no ONNX form in qatkit; allowed: "
+                              "p = 1 or 2 along a given dim. Fix: use those")
+        reduce = "ReduceL1" if p == 1 else "ReduceL2"
+        norm = ex.op(reduce, [xf], "norm", axes=[dim] if isinstance(dim, int) else list(dim), keepdims=int(bool(keep)))
+        if short == "norm":
+            return Value(norm, "float")
+        eps = _c(ex, _arg(args, kwargs, 3, "eps", 1e-12))
+        return Value(ex.op("Div", [xf, ex.op("Max", [norm, eps], "norm_eps")], name), "float")
+    if short == "group_norm":  # (N, C, ...) normalised over each group of C/G channels and the spatial axes
+        groups, eps = _arg(args, kwargs, 1, "num_groups", None), _arg(args, kwargs, 4, "eps", 1e-5)
+        grouped = ex.op("Reshape", [xf, ex.const("shape", np.array([0, groups, -1], np.int64))], "grouped")
+        centred = ex.op("Sub", [grouped, ex.op("ReduceMean", [grouped], "mean", axes=[2], keepdims=1)], "centred")
+        var = ex.op("ReduceMean", [ex.op("Mul", [centred, centred], "sq")], "var", axes=[2], keepdims=1)
+        normed = ex.op("Div", [centred, ex.op("Sqrt", [ex.op("Add", [var, _c(ex, eps)], "var_eps")], "std")], "normed")
+        out = ex.op("Reshape", [normed, ex.op("Shape", [xf], "shape")], "ungrouped")
+        per_channel = np.array([-1] + [1] * (rank - 2), np.int64)  # (C, 1, ...): broadcast over the spatial axes
+        for key, op in (("weight", "Mul"), ("bias", "Add")):
+            if kwargs.get(key) is not None:
+                out = ex.op(op, [out, ex.op("Reshape", [_c(ex, kwargs[key]), ex.const("shape", per_channel)], key)], key)
+        return Value(out, "float")
     if short == "embedding":
         return Value(ex.op("Gather", [_c(ex, kwargs["weight"]), x.name], name, axis=0), "float")
     if short == "batch_norm":

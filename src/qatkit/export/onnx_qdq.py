@@ -36,6 +36,7 @@ class _Exporter:
     def __init__(self, model: IntegerModel, example: torch.Tensor):
         self.model, self.example = model, example
         self.shapes = {k: _codes(v) for k, v in model.values(example).items()}  # the example's values
+        self._doubled: dict | None = None  # the values at twice the example's batch, once asked for
         self.nodes: list[onnx.NodeProto] = []
         self.inits: dict[str, onnx.TensorProto] = {}
         self.env: dict[str, Value] = {}
@@ -58,6 +59,12 @@ class _Exporter:
         out = self.fresh(hint)
         self.nodes.append(helper.make_node(op_type, inputs, [out], name=out, **attrs))
         return out
+
+    def varies_with_batch(self, ir_name: str, axis: int) -> bool:
+        """Whether the size of a node's value along `axis` follows the batch (it differs at twice the example's)."""
+        if self._doubled is None:
+            self._doubled = {k: _codes(v) for k, v in self.model.values(torch.cat([self.example] * 2)).items()}
+        return self.shapes[ir_name].shape[axis] != self._doubled[ir_name].shape[axis]
 
     def rank(self, ir_name: str) -> int | None:
         value = self.shapes[ir_name]

@@ -83,7 +83,8 @@ def per_layer(integer: IntegerModel, x: torch.Tensor) -> list[dict]:
 def verify(onnx_path: str | os.PathLike, model, batches: Iterable, *, threads: int = 2) -> dict:
     """Run ONNX Runtime and qatkit's model (QAT or IntegerModel) on the same inputs and compare outputs.
 
-    Returns n (samples), top1_agreement (of the first output), within_one_step (fraction of output values,
+    Returns n (samples), top1_agreement (of the first output's predictions along its last axis: one per sample,
+    or one per position of a sequence output), within_one_step (fraction of output values,
     all outputs, within one output quantization step), max_step_diff, and per_layer (where any integer
     tensor differs).
     """
@@ -91,7 +92,7 @@ def verify(onnx_path: str | os.PathLike, model, batches: Iterable, *, threads: i
 
     integer = model if isinstance(model, IntegerModel) else convert(model)
     sess = session(onnx_path, threads)
-    n = agree = within = total = 0
+    n = agree = predictions = within = total = 0
     max_diff, steps, first_x = 0.0, None, None
     for batch in batches:
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
@@ -101,13 +102,14 @@ def verify(onnx_path: str | os.PathLike, model, batches: Iterable, *, threads: i
         mine = [m.numpy() for m in mine] if isinstance(mine, tuple) else [mine.numpy()]
         theirs = run_all(sess, x)
         n += x.shape[0]
-        agree += int((mine[0].argmax(-1) == theirs[0].argmax(-1)).sum())  # top-1 of the first output
+        same = mine[0].argmax(-1) == theirs[0].argmax(-1)  # top-1 of the first output
+        agree, predictions = agree + int(same.sum()), predictions + same.size
         for m, t, step in zip(mine, theirs, steps):
             diff = np.abs(m - t) / (step if step is not None else float(np.abs(m).max() or 1.0) * 2.0**-23)
             within += int((diff <= 1.0 + 1e-4).sum())
             total += diff.size
             max_diff = max(max_diff, float(diff.max()))
-    result = {"n": n, "top1_agreement": agree / max(n, 1), "within_one_step": within / max(total, 1),
+    result = {"n": n, "top1_agreement": agree / max(predictions, 1), "within_one_step": within / max(total, 1),
               "max_step_diff": round(max_diff, 4), "output_step": steps[0] if steps else None}
     result["per_layer"] = per_layer(integer, first_x) if max_diff > 0 and first_x is not None else []
     return result

@@ -40,9 +40,9 @@ FUSABLE_ACT_FUNCTIONS = {F.relu: "relu", torch.relu: "relu", F.relu6: "relu6"}
 GRID_PRESERVING_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.Flatten, nn.Dropout, nn.Identity, nn.ReLU)
 GRID_PRESERVING_FUNCTIONS = {torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, torch.transpose,
                              torch.permute, F.relu, torch.relu, F.max_pool1d, F.max_pool2d, F.dropout, operator.getitem,
-                             torch.chunk, torch.split}
+                             torch.chunk, torch.split, torch.unbind, torch.repeat_interleave}
 GRID_PRESERVING_METHODS = {"view", "reshape", "flatten", "permute", "transpose", "contiguous", "squeeze", "unsqueeze",
-                           "expand", "relu", "chunk", "split"}
+                           "expand", "relu", "chunk", "split", "unbind", "repeat_interleave"}
 SHAPE_OPS = {getattr, "size", "dim"}  # shape arithmetic, not tensor compute
 # Masks from the graph's inputs (`ids != 0`, then `.float()`): comparisons and casts of booleans are exact,
 # and integer ops in the runtime (ONNX Equal/Not/Cast on int64 ids), not float islands.
@@ -57,7 +57,8 @@ FACTORY_FUNCTIONS = {torch.zeros, torch.ones, torch.full, torch.arange, torch.ze
                      torch.full_like}
 FACTORY_METHODS = {"new_zeros", "new_ones", "new_full"}
 # Arithmetic on sizes (C // n_head, 1 / math.sqrt(head_dim)): shape arithmetic, exact like masks.
-SIZE_ARITHMETIC = {operator.add, operator.sub, operator.mul, operator.floordiv, operator.truediv, math.sqrt}
+SIZE_ARITHMETIC = {operator.add, operator.sub, operator.mul, operator.floordiv, operator.mod, operator.truediv,
+                   math.sqrt}
 # Ops an integer runtime runs on integers and requantizes (QLinearAdd, QLinearConcat, QLinearAveragePool).
 REQUANT_MODULES = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AvgPool1d, nn.AvgPool2d)
 REQUANT_FUNCTIONS = {operator.add, operator.iadd, torch.add, torch.cat, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d,
@@ -149,14 +150,17 @@ class _Rewriter:
     def _attention(self, node: fx.Node) -> None:
         """F.scaled_dot_product_attention as the ops it computes: softmax(q·kᵀ·scale (+ mask)) (→ dropout) · v, so
         that both matmuls run on integers (QMatMul); a causal mask from positions (torch.arange, >), attn_mask
-        applied as SDPA does (ops.masked_scores), dropout_p as an nn.Dropout that follows train()/eval()."""
+        applied as SDPA does (ops.masked_scores), dropout_p as an nn.Dropout that follows train()/eval(),
+        enable_gqa as SDPA's repeat_interleave of the key and value heads."""
         names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
         a = dict(zip(names, (None, None, None, None, 0.0, False, None, False)))
         a.update(zip(names, node.args), **node.kwargs)
-        if a["enable_gqa"]:
-            return  # grouped-query attention stays the float op (listed as not convertible)
-        g, q, k = self.graph, a["query"], a["key"]
+        g, q, k, v = self.graph, a["query"], a["key"], a["value"]
         with g.inserting_before(node):
+            if a["enable_gqa"]:  # grouped-query attention: each key/value head serves Hq / Hkv query heads, as SDPA
+                heads = (g.call_method("size", (t, -3)) for t in (q, k))
+                groups = g.call_function(operator.floordiv, tuple(heads))
+                k, v = (g.call_method("repeat_interleave", (t, groups, -3)) for t in (k, v))
             scale = a["scale"]
             if scale is None:  # 1/√E, E = q.size(-1)
                 scale = g.call_function(operator.truediv, (1.0, g.call_function(math.sqrt, (g.call_method("size", (q, -1)),))))
@@ -175,7 +179,7 @@ class _Rewriter:
                 path = f"dropout_{node.name}"
                 self.gm.add_submodule(path, nn.Dropout(a["dropout_p"]))
                 weights = g.call_module(path, (weights,))
-            out = g.call_function(operator.matmul, (weights, a["value"]))
+            out = g.call_function(operator.matmul, (weights, v))
         node.replace_all_uses_with(out)
         g.erase_node(node)
 

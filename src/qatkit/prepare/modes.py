@@ -9,21 +9,26 @@ mode-dependent code written inline, beside layers, is then left out of QAT: `tra
 """
 from __future__ import annotations
 
+import re
+
 import torch.nn.functional as F
 from torch import fx, nn
 
 from qatkit.convert.ops import graph_in_mode, own_parameter_free
+
+_TENSOR_CONSTANT = re.compile(r"^_tensor_constant\d+$")
 
 
 def _ops(module: nn.Module, training: bool, tracer: type[fx.Tracer] = fx.Tracer,
          graph: fx.Graph | None = None) -> list[tuple[str, str, str]] | None:
     """The (op, target, constant arguments) sequence of module's graph in that mode (`graph`: traced already);
     None where it cannot be traced. F.dropout's arguments are left out: prepare makes it an nn.Dropout, which
-    follows the mode."""
+    follows the mode. Tensor constants count as one target: fx numbers them after those an earlier trace left on
+    the module."""
     graph = graph or graph_in_mode(module, training, tracer)
     if graph is None:
         return None
-    return [(n.op, getattr(n.target, "__name__", str(n.target)),
+    return [(n.op, _TENSOR_CONSTANT.sub("_tensor_constant", getattr(n.target, "__name__", str(n.target))),
              "" if n.target is F.dropout else repr(fx.node.map_arg((n.args, n.kwargs), lambda _: "·")))
             for n in graph.nodes]
 
