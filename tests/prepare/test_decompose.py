@@ -115,40 +115,53 @@ def _flat(out):
 @pytest.mark.parametrize("cls", [nn.LSTM, nn.GRU])
 @pytest.mark.parametrize("kwargs", [{"batch_first": True}, {"num_layers": 2, "bidirectional": True},
                                     {"num_layers": 2, "batch_first": True, "bias": False, "dropout": 0.0}])
-def test_recurrent_layers_compute_what_torch_computes(cls, kwargs):
+@pytest.mark.parametrize("initial", [False, True], ids=["zeros", "given-state"])
+def test_recurrent_layers_compute_what_torch_computes(cls, kwargs, initial):
     torch.manual_seed(0)
     rnn = cls(6, 5, **kwargs).double()
     mine = decompose(copy.deepcopy(rnn))
     x = torch.randn(3, 7, 6, dtype=torch.float64)
     x = x if kwargs.get("batch_first") else x.transpose(0, 1)
-    for theirs, ours in zip(_flat(rnn(x)), _flat(mine(x))):  # output, h_n (and c_n)
+    states = kwargs.get("num_layers", 1) * (2 if kwargs.get("bidirectional") else 1)
+    h0, c0 = (torch.randn(states, 3, 5, dtype=torch.float64) for _ in range(2))
+    hx = ((h0, c0) if cls is nn.LSTM else h0) if initial else None
+    for theirs, ours in zip(_flat(rnn(x, hx)), _flat(mine(x, hx))):  # output, h_n (and c_n)
         torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-12)
 
 
 def test_unsupported_recurrent_options_are_refused_with_the_fix():
     with pytest.raises(ConfigError, match=r"uses proj_size; allowed: 0\. Fix:"):
         decompose(nn.LSTM(4, 8, proj_size=2))
-    with pytest.raises(ValueError, match=r"initial state \(hx\) is not supported; allowed: None"):
-        decompose(nn.GRU(4, 8))(torch.randn(5, 2, 4), torch.zeros(1, 2, 8))
+    with pytest.raises(ValueError, match=r"input of shape \(5, 4\): .* batched input .* Fix: add a batch axis"):
+        decompose(nn.GRU(4, 8))(torch.randn(5, 4))
 
 
 class Tagger(nn.Module):
-    """Token ids → embedding → a recurrent layer → the last step's state → classes."""
+    """Token ids → embedding → a recurrent layer → the last step's state → classes; learned=True: the recurrent
+    layer starts from a learned initial state (a parameter expanded to the batch)."""
 
-    def __init__(self, cls):
+    def __init__(self, cls, learned: bool = False):
         super().__init__()
         self.embed = nn.Embedding(40, 16)
         self.rnn = cls(16, 12, num_layers=2, batch_first=True, bidirectional=cls is nn.GRU)
         self.head = nn.Linear(12 * (2 if cls is nn.GRU else 1), 3)
+        states = 2 * (2 if cls is nn.GRU else 1)
+        self.h0 = nn.Parameter(0.3 * torch.randn(states, 1, 12)) if learned else None
+        self.c0 = nn.Parameter(0.3 * torch.randn(states, 1, 12)) if learned and cls is nn.LSTM else None
 
     def forward(self, ids):
-        return self.head(self.rnn(self.embed(ids))[0][:, -1])
+        x, hx = self.embed(ids), None
+        if self.h0 is not None:
+            h0 = self.h0.expand(-1, ids.shape[0], -1).contiguous()
+            hx = (h0, self.c0.expand(-1, ids.shape[0], -1).contiguous()) if self.c0 is not None else h0
+        return self.head(self.rnn(x, hx)[0][:, -1])
 
 
 @pytest.mark.parametrize("cls", [nn.LSTM, nn.GRU])
-def test_a_recurrent_model_is_quantized_converted_and_exported(cls, tmp_path):
+@pytest.mark.parametrize("learned", [False, True], ids=["zeros", "learned-state"])
+def test_a_recurrent_model_is_quantized_converted_and_exported(cls, learned, tmp_path):
     torch.manual_seed(0)
-    model = Tagger(cls).eval()
+    model = Tagger(cls, learned).eval()
     ids = torch.randint(0, 40, (32, 6))
     qat = qatkit.prepare(model, qatkit.QATConfig(), ids[:2])
     layers = {r["name"] for r in qat.qat_info.layers}

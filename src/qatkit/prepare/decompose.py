@@ -121,7 +121,8 @@ def decompose(module: nn.Module) -> nn.Module:
 
 
 class Recurrent(nn.Module):
-    """nn.LSTM / nn.GRU as nn.Linear gate projections stepped over time, PyTorch's equations (zero initial state).
+    """nn.LSTM / nn.GRU as nn.Linear gate projections stepped over time, PyTorch's equations, from zeros or from
+    a given initial state hx ((h_0, c_0) for an LSTM, h_0 for a GRU; (layers · directions, B, H) each).
 
     The input projections of all steps are one Linear call; the hidden projection runs once per step. The loop
     over time follows the input's length, so prepare traces it along the example input (it unrolls)."""
@@ -146,15 +147,18 @@ class Recurrent(nn.Module):
                 self.hh.append(_linear(w_hh, b_hh))
 
     def forward(self, x, hx=None):
-        if hx is not None:
-            raise ValueError("a given initial state (hx) is not supported; allowed: None (zeros). Fix: start from zeros")
+        if x.dim() != 3:
+            raise ValueError(f"input of shape {tuple(x.shape)}: the recurrent rewrite takes batched input (3 dims). "
+                             "Fix: add a batch axis (x.unsqueeze(1), or unsqueeze(0) with batch_first)")
         x = x if self.batch_first else x.transpose(0, 1)  # (B, T, I)
+        h0, c0 = (hx if self.lstm else (hx, None)) if hx is not None else (None, None)
         steps, finals = x.shape[1], []
         for layer in range(self.num_layers):
             outputs = []
             for direction in range(self.directions):
                 i = layer * self.directions + direction
-                xs, seq, state = self.ih[i](x), [], None  # xs (B, T, G·H): every step's input projection
+                state = None if h0 is None else (h0[i], c0[i] if self.lstm else h0[i])
+                xs, seq = self.ih[i](x), []  # xs (B, T, G·H): every step's input projection
                 for t in (range(steps) if direction == 0 else range(steps - 1, -1, -1)):
                     state = self._step(xs[:, t], state, self.hh[i])
                     seq.append(state[0])
