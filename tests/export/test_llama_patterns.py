@@ -131,7 +131,8 @@ def test_llama_style_decoder_converts_and_runs_in_onnx_runtime(norm, kv, rope, t
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         qat = qatkit.prepare(model, qatkit.QATConfig(), ids[:2])
-    assert not [str(w.message) for w in caught if "will refuse" in str(w.message) or "train()" in str(w.message)]
+    unwanted = ("will refuse", "train()", "could not")  # convert refusals, training-only code, a concrete trace
+    assert not [str(w.message) for w in caught if any(s in str(w.message) for s in unwanted)]
     assert sum(type(m).__name__ == "QMatMul" for m in qat.modules()) == 4  # q·kᵀ and weights·v of both layers
     qatkit.calibrate(qat, [ids])
     qat.eval()
@@ -140,6 +141,8 @@ def test_llama_style_decoder_converts_and_runs_in_onnx_runtime(norm, kv, rope, t
         expected = qat(ids)
         assert expected.shape == (16, 12, VOCAB) and (expected - model(ids)).abs().max() < 0.15
         assert torch.equal(integer(ids), expected)
+        short = ids[:4, :7]  # another length: fx traced the graph symbolically (the rotary cache sliced to it)
+        assert torch.equal(integer(short), qat(short)) and (qat(short) - model(short)).abs().max() < 0.15
     path = tmp_path / "decoder.onnx"
     export_onnx(integer, path, ids[:1])
     result = verify(path, integer, [ids])  # RMSNorm, rotary, softmax, SiLU are float islands: within one step

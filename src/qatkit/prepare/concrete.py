@@ -58,6 +58,8 @@ class _ShadowAttribute(_Concrete, fx.proxy.Attribute):
 
 
 class ConcreteTracer(LeafTracer):
+    proxy_buffer_attributes = False  # buffers are the model's values here (a buffer may steer Python code)
+
     def __init__(self, shadow: nn.Module, example: dict[str, object]):
         super().__init__()
         self.shadow, self.example = shadow, example  # a copy of the root that computes the example's values

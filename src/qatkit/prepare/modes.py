@@ -39,7 +39,11 @@ def mode_dependent(module: nn.Module) -> bool:
 
 
 class LeafTracer(fx.Tracer):
-    """fx's tracer, keeping mode-dependent parameter-free submodules as calls (they follow train()/eval())."""
+    """fx's tracer, keeping mode-dependent parameter-free submodules as calls (they follow train()/eval()).
+    Buffers are graph values too (get_attr), so `self.mask[:, :T]` or a rotary cache `self.cos[:T]` sliced by an
+    input's size stays symbolic: the graph takes any length."""
+
+    proxy_buffer_attributes = True
 
     def __init__(self):
         super().__init__()
