@@ -29,3 +29,25 @@ def _one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def runs_in_onnx_runtime(integer, x, path, *, top1: bool = True, float_output: bool = False) -> dict:
+    """Export the integer model (example x[:1]) and run it in ONNX Runtime on x: every output value within one output
+    step of the integer model's (its float islands, softmax, norms, may round a value to the next step), the same
+    top-1 (top1); the integer-only reference computes ONNX Runtime's outputs exactly, or to float32 rounding where
+    the output is a float op (float_output). verify's result."""
+    import numpy as np
+
+    from qatkit.export import export_onnx, ort, verify
+    from qatkit.export.integer_reference import IntegerReference
+
+    export_onnx(integer, path, x[:1])
+    result = verify(path, integer, [x])
+    assert result["within_one_step"] == 1.0 and (not top1 or result["top1_agreement"] == 1.0), result
+    reference = IntegerReference(path, requant="float32").run(x.numpy())
+    runtime = ort.run(ort.session(path, threads=1), x)
+    if float_output:
+        np.testing.assert_allclose(reference, runtime, rtol=1e-5, atol=1e-5)
+    else:
+        assert np.array_equal(reference, runtime)
+    return result

@@ -1,18 +1,17 @@
 """Attention as people write it: F.scaled_dot_product_attention (rewritten as the ops it computes, float64
-reference) and a nanoGPT model (both its flash and its explicit path): QAT eval = integer model = ONNX Runtime."""
+reference), a nanoGPT model (both its flash and its explicit path) and timm's ViT: QAT eval = integer model = ONNX
+Runtime."""
 from __future__ import annotations
 
 import math
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import runs_in_onnx_runtime
 from torch import nn
 
 import qatkit
-from qatkit.export import export_onnx, ort, verify
-from qatkit.export.integer_reference import IntegerReference
 
 
 class SDPA(nn.Module):
@@ -128,12 +127,7 @@ def test_nanogpt_quantizes_converts_and_runs_exactly_in_onnx_runtime(flash, tmp_
         expected = qat(idx)
         assert expected.shape == (32, 1, 40) and (expected - model(idx)).abs().max() < 0.1
         assert torch.equal(integer(idx), expected)
-    path = tmp_path / "gpt.onnx"
-    export_onnx(integer, path, idx[:1])
-    result = verify(path, integer, [idx])  # LayerNorm, softmax, GELU are float islands: at most one step apart
-    assert result["top1_agreement"] == 1.0 and result["within_one_step"] == 1.0
-    ort_out = ort.run(ort.session(path, threads=1), idx)
-    assert np.array_equal(IntegerReference(path, requant="float32").run(idx.numpy()), ort_out)
+    runs_in_onnx_runtime(integer, idx, tmp_path / "gpt.onnx")
 
 
 class TimmAttention(nn.Module):
@@ -191,9 +185,4 @@ def test_timm_vision_transformer_converts_and_runs_in_onnx_runtime(tmp_path):
         expected = qat(x)
         assert (expected - model(x)).abs().max() < 0.1
         assert torch.equal(integer(x), expected)
-    path = tmp_path / "vit.onnx"
-    export_onnx(integer, path, x[:1])
-    result = verify(path, integer, [x])  # LayerNorm, softmax, GELU are float islands: at most one step apart
-    assert result["top1_agreement"] == 1.0 and result["within_one_step"] == 1.0
-    ort_out = ort.run(ort.session(path, threads=1), x)
-    assert np.array_equal(IntegerReference(path, requant="float32").run(x.numpy()), ort_out)
+    runs_in_onnx_runtime(integer, x, tmp_path / "vit.onnx")

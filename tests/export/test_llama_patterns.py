@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import warnings
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import runs_in_onnx_runtime
 from torch import nn
 
 import qatkit
-from qatkit.export import export_onnx, ort, verify
-from qatkit.export.integer_reference import IntegerReference
 
 VOCAB, DIM, HEADS, KV_HEADS, MAX_LEN = 48, 32, 4, 2, 32
 
@@ -143,12 +141,7 @@ def test_llama_style_decoder_converts_and_runs_in_onnx_runtime(norm, kv, rope, t
         assert torch.equal(integer(ids), expected)
         short = ids[:4, :7]  # another length: fx traced the graph symbolically (the rotary cache sliced to it)
         assert torch.equal(integer(short), qat(short)) and (qat(short) - model(short)).abs().max() < 0.15
-    path = tmp_path / "decoder.onnx"
-    export_onnx(integer, path, ids[:1])
-    result = verify(path, integer, [ids])  # RMSNorm, rotary, softmax, SiLU are float islands: within one step
-    assert result["top1_agreement"] == 1.0 and result["within_one_step"] == 1.0  # per position of (16, 12)
-    ort_out = ort.run(ort.session(path, threads=1), ids)
-    assert np.array_equal(IntegerReference(path, requant="float32").run(ids.numpy()), ort_out)
+    runs_in_onnx_runtime(integer, ids, tmp_path / "decoder.onnx")  # top-1 of each of the (16, 12) positions
 
 
 def test_rms_norm_and_rotary_ops_match_float64_in_the_integer_model():
