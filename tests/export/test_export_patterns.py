@@ -505,3 +505,31 @@ def test_normalize_and_norm_convert_and_run_in_onnx_runtime(tmp_path):
         assert (expected - model(x)).abs().max() < 0.2
         assert torch.equal(integer(x), expected)
     runs_in_onnx_runtime(integer, x, tmp_path / "cosine.onnx", float_output=True)
+
+
+class ESPCN(nn.Module):
+    """Super-resolution as deployed on phones (Shi et al. 2016): convs to r² channels, then nn.PixelShuffle(r)."""
+
+    def __init__(self, r: int = 3):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(1, 32, 5, padding=2), nn.ReLU(), nn.Conv2d(32, 16, 3, padding=1), nn.ReLU(),
+                                  nn.Conv2d(16, r * r, 3, padding=1))
+        self.shuffle = nn.PixelShuffle(r)
+
+    def forward(self, x):
+        return self.shuffle(self.body(x))
+
+
+def test_pixel_shuffle_moves_codes_and_runs_in_onnx_runtime(tmp_path):
+    torch.manual_seed(0)
+    model = ESPCN().eval()
+    x = torch.rand(16, 1, 12, 12)
+    qat = _calibrated(model, x)
+    integer = qatkit.convert(qat)
+    assert type(integer.values(x[:1])["shuffle"]).__name__ == "QValue"  # the last conv's codes, moved
+    with torch.no_grad():
+        expected = qat(x)
+        assert expected.shape == (16, 1, 36, 36) and (expected - model(x)).abs().max() < 0.05
+        assert torch.equal(integer(x), expected)
+    result = runs_in_onnx_runtime(integer, x, tmp_path / "espcn.onnx", top1=False)
+    assert result["max_step_diff"] == 0.0  # integer convs, codes moved: exact

@@ -31,7 +31,7 @@ _FUNCTIONS = [
     F.conv_transpose1d, F.conv_transpose2d, F.pad, torch.stack, torch.zeros, torch.ones, torch.full, torch.arange,
     torch.zeros_like, torch.ones_like, torch.full_like, torch.chunk, torch.split, masked_scores, torch.where,
     torch.tril, torch.triu, torch.einsum, operator.pow, torch.pow, torch.rsqrt, torch.sin, torch.cos,
-    torch.repeat_interleave, torch.unbind, F.group_norm, F.normalize,
+    torch.repeat_interleave, torch.unbind, F.group_norm, F.normalize, F.pixel_shuffle,
     *([F.rms_norm] if hasattr(F, "rms_norm") else []),  # F.rms_norm, nn.RMSNorm: torch >= 2.4
 ]
 FUNCTIONS = {f"{getattr(fn, '__module__', None) or 'builtins'}.{fn.__name__}": fn for fn in _FUNCTIONS}
@@ -47,7 +47,7 @@ METHODS = {"view", "reshape", "permute", "transpose", "flatten", "contiguous", "
 # chunk, split and unbind give a tuple of pieces on the same grid.
 CODE_PRESERVING = {NAME_OF[f] for f in (torch.flatten, torch.reshape, torch.transpose, torch.permute, torch.squeeze,
                                         torch.unsqueeze, F.max_pool1d, F.max_pool2d, operator.getitem, torch.chunk,
-                                        torch.split, torch.repeat_interleave, torch.unbind)} | {
+                                        torch.split, torch.repeat_interleave, torch.unbind, F.pixel_shuffle)} | {
     "view", "reshape", "permute", "transpose", "flatten", "contiguous", "squeeze", "unsqueeze", "expand", "identity",
     "chunk", "split", "repeat_interleave", "unbind"}
 RELU = {NAME_OF[torch.relu], NAME_OF[F.relu], "relu"}
@@ -83,6 +83,7 @@ MODULES = {
     nn.Upsample: (F.interpolate, (), lambda m: dict(size=m.size, scale_factor=m.scale_factor, mode=m.mode,
                                                     align_corners=m.align_corners)),
     nn.Softmax: (F.softmax, (), lambda m: dict(dim=m.dim)),
+    nn.PixelShuffle: (F.pixel_shuffle, (), lambda m: dict(upscale_factor=m.upscale_factor)),
     nn.LayerNorm: (F.layer_norm, ("weight", "bias"), lambda m: dict(normalized_shape=m.normalized_shape, eps=m.eps)),
     **({nn.RMSNorm: (F.rms_norm, ("weight",), lambda m: dict(normalized_shape=m.normalized_shape, eps=m.eps))}
        if hasattr(nn, "RMSNorm") else {}),

@@ -235,6 +235,14 @@ def _resize(ins, a):
     return x
 
 
+def _depth_to_space(ins, a):  # (N, C·r², H, W) -> (N, C, H·r, W·r); CRD: PyTorch's pixel_shuffle, DCR: depth first
+    x, r = ins[0], a["blocksize"]
+    n, c, h, w = x.shape
+    if a.get("mode", "DCR") == "CRD":
+        return x.reshape(n, c // r**2, r, r, h, w).transpose(0, 1, 4, 2, 5, 3).reshape(n, c // r**2, h * r, w * r)
+    return x.reshape(n, r, r, c // r**2, h, w).transpose(0, 3, 4, 1, 5, 2).reshape(n, c // r**2, h * r, w * r)
+
+
 _erf = np.vectorize(math.erf, otypes=[f64])
 _OPS = {  # op_type -> handler(inputs, attributes) -> output(s); float ops compute in float32
     "DequantizeLinear": _dequantize, "QuantizeLinear": _quantize, "Identity": lambda i, a: i[0],
@@ -259,7 +267,7 @@ _OPS = {  # op_type -> handler(inputs, attributes) -> output(s); float ops compu
     "ReduceMean": lambda i, a: i[0].mean(axis=_axes(i, a), keepdims=bool(a.get("keepdims", 1)), dtype=f32),
     "Erf": lambda i, a: _erf(i[0]).astype(f32), "Sigmoid": lambda i, a: f32(1) / (f32(1) + np.exp(-i[0])),
     "Tanh": lambda i, a: np.tanh(i[0]), "Sqrt": lambda i, a: np.sqrt(i[0]), "Exp": lambda i, a: np.exp(i[0]),
-    "Floor": lambda i, a: np.floor(i[0]), "Sin": lambda i, a: np.sin(i[0]), "Cos": lambda i, a: np.cos(i[0]),
+    "DepthToSpace": _depth_to_space, "Floor": lambda i, a: np.floor(i[0]), "Sin": lambda i, a: np.sin(i[0]), "Cos": lambda i, a: np.cos(i[0]),
     "Reciprocal": lambda i, a: f32(1) / i[0], "Pow": lambda i, a: np.power(i[0], i[1]).astype(i[0].dtype),
     "Mod": lambda i, a: (np.fmod if a.get("fmod", 0) else np.mod)(i[0], i[1]),
     "Trilu": lambda i, a: (np.triu if a.get("upper", 1) else np.tril)(i[0], int(_opt(i, 1, 0))),

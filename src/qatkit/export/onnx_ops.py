@@ -148,6 +148,8 @@ def export_call(ex, node: dict) -> Value:
         dim = _arg(args, kwargs, 1, "dim", None)
         axes = [] if dim is None else [ex.const("axes", np.array([dim], np.int64))]
         return _keep(ex, x, short.capitalize(), axes, name)
+    if short == "pixel_shuffle":  # (N, C·r², H, W) -> (N, C, H·r, W·r): ONNX's DepthToSpace in CRD order, on x as it is
+        return _keep(ex, x, "DepthToSpace", [], name, blocksize=_arg(args, kwargs, 1, "upscale_factor", None), mode="CRD")
     if short == "repeat_interleave":
         return _repeat_interleave(ex, x, _arg(args, kwargs, 1, "repeats", None), _arg(args, kwargs, 2, "dim", None),
                                   rank, name)

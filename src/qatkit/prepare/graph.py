@@ -37,10 +37,10 @@ FOLDABLE_BN = {nn.Conv1d: nn.BatchNorm1d, nn.Conv2d: nn.BatchNorm2d}
 FUSABLE_ACT_MODULES = {nn.ReLU: "relu", nn.ReLU6: "relu6"}
 FUSABLE_ACT_FUNCTIONS = {F.relu: "relu", torch.relu: "relu", F.relu6: "relu6"}
 # Ops whose output stays on the input's integer grid: quantization passes through them.
-GRID_PRESERVING_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.Flatten, nn.Dropout, nn.Identity, nn.ReLU)
+GRID_PRESERVING_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.Flatten, nn.Dropout, nn.Identity, nn.ReLU, nn.PixelShuffle)
 GRID_PRESERVING_FUNCTIONS = {torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, torch.transpose,
                              torch.permute, F.relu, torch.relu, F.max_pool1d, F.max_pool2d, F.dropout, operator.getitem,
-                             torch.chunk, torch.split, torch.unbind, torch.repeat_interleave}
+                             torch.chunk, torch.split, torch.unbind, torch.repeat_interleave, F.pixel_shuffle}
 GRID_PRESERVING_METHODS = {"view", "reshape", "flatten", "permute", "transpose", "contiguous", "squeeze", "unsqueeze",
                            "expand", "relu", "chunk", "split", "unbind", "repeat_interleave"}
 SHAPE_OPS = {getattr, "size", "dim"}  # shape arithmetic, not tensor compute
