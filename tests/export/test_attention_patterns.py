@@ -186,3 +186,65 @@ def test_timm_vision_transformer_converts_and_runs_in_onnx_runtime(tmp_path):
         assert (expected - model(x)).abs().max() < 0.1
         assert torch.equal(integer(x), expected)
     runs_in_onnx_runtime(integer, x, tmp_path / "vit.onnx")
+
+
+class Einsum(nn.Module):
+    def __init__(self, equation: str):
+        super().__init__()
+        self.equation = equation
+
+    def forward(self, a, b):
+        return torch.einsum(self.equation, a, b)
+
+
+EINSUMS = {  # equation: (shapes of a and b, whether it is a batched matrix product)
+    "bhid,bhjd->bhij": (((2, 3, 4, 5), (2, 3, 6, 5)), True), "bhij,bhjd->bhid": (((2, 3, 4, 6), (2, 3, 6, 5)), True),
+    "b i d, b j d -> b j i": (((2, 4, 5), (2, 6, 5)), True), "hbid,bhjd->bhji": (((3, 2, 4, 5), (2, 3, 6, 5)), True),
+    "ik,kj->ij": (((4, 5), (5, 6)), True), "bi,bi->b": (((3, 4), (3, 4)), False),
+    "bid,bjd->bijd": (((2, 4, 5), (2, 6, 5)), False)}
+
+
+@pytest.mark.parametrize("equation", list(EINSUMS))
+def test_einsum_of_two_tensors_becomes_a_matmul_where_it_is_one(equation):
+    (shape_a, shape_b), is_matmul = EINSUMS[equation]
+    torch.manual_seed(0)
+    a, b = torch.randn(shape_a, dtype=torch.float64), torch.randn(shape_b, dtype=torch.float64)
+    qat = qatkit.prepare(Einsum(equation), qatkit.QATConfig(matmul_bits=None), (a, b))
+    assert ("einsum" in qat.code) != is_matmul and ("matmul" in qat.code) == is_matmul
+    want = torch.einsum(equation, a, b)
+    with torch.no_grad():
+        torch.testing.assert_close(qat.eval()(a, b), want, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(qatkit.convert(qat)(a, b), want, rtol=1e-12, atol=1e-12)
+
+
+class EinsumAttention(nn.Module):
+    """Attention written with einsum, as in many research codebases: both products run on integers."""
+
+    def __init__(self, dim: int = 32, heads: int = 4):
+        super().__init__()
+        self.heads, self.to_qkv, self.to_out = heads, nn.Linear(dim, 3 * dim, bias=False), nn.Linear(dim, dim)
+        self.head = nn.Linear(dim, 5)
+
+    def forward(self, x):
+        b, n, d = x.shape
+        q, k, v = self.to_qkv(x).chunk(3, dim=-1)
+        q, k, v = (t.reshape(b, n, self.heads, d // self.heads).transpose(1, 2) for t in (q, k, v))
+        sim = torch.einsum("b h i d, b h j d -> b h i j", q, k) * (d // self.heads) ** -0.5
+        out = torch.einsum("b h i j, b h j d -> b h i d", sim.softmax(-1), v)
+        return self.head(self.to_out(out.transpose(1, 2).reshape(b, n, d)).mean(1))
+
+
+def test_einsum_attention_runs_its_products_on_integers(tmp_path):
+    torch.manual_seed(0)
+    model = EinsumAttention().eval()
+    x = torch.randn(32, 6, 32)
+    qat = qatkit.prepare(model, qatkit.QATConfig(), x[:2])
+    assert sum(type(m).__name__ == "QMatMul" for m in qat.modules()) == 2 and "einsum" not in qat.code
+    qatkit.calibrate(qat, [x])
+    qat.eval()
+    integer = qatkit.convert(qat)
+    with torch.no_grad():
+        expected = qat(x)
+        assert (expected - model(x)).abs().max() < 0.1
+        assert torch.equal(integer(x), expected)
+    runs_in_onnx_runtime(integer, x, tmp_path / "einsum.onnx")

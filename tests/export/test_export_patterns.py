@@ -412,8 +412,8 @@ class MaskStyles(nn.Module):
             pos = torch.arange(ids.size(1))
             odd = ((pos[None, :] + 2 * pos[:, None]) % 2 == 1) | (pos.float()[None, :] % 2.0 == 1.0)
             scores = scores.masked_fill(odd, float("-inf"))
-        else:
-            scores = torch.einsum("bqd,bkd->bqk", q, k)
+        else:  # scaled as attention is (a softmax straight after an integer matmul would be ORT's QLinearSoftmax)
+            scores = torch.einsum("bqd,bkd->bqk", q, k) * 0.25
         return self.fc((scores.softmax(-1) @ x).mean(1))
 
 
@@ -533,3 +533,23 @@ def test_pixel_shuffle_moves_codes_and_runs_in_onnx_runtime(tmp_path):
         assert torch.equal(integer(x), expected)
     result = runs_in_onnx_runtime(integer, x, tmp_path / "espcn.onnx", top1=False)
     assert result["max_step_diff"] == 0.0  # integer convs, codes moved: exact
+
+
+def test_per_layer_comparison_takes_a_model_that_splits_tensors():
+    """verify's per-layer comparison (where outputs differ) exports every integer value, chunk's pieces included:
+    the exact ESPCN-like split here shows no differing tensor."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3, padding=1), nn.PixelShuffle(2))
+    x = torch.rand(16, 1, 6, 6)
+
+    class Split(nn.Module):  # the pieces of a chunk, added back: a qadd of two code pieces
+        def __init__(self):
+            super().__init__()
+            self.body = model
+
+        def forward(self, x):
+            a, b = self.body(x).chunk(2, dim=-1)
+            return a + b
+
+    integer = qatkit.convert(_calibrated(Split(), x))
+    assert ort.per_layer(integer, x) == []

@@ -18,7 +18,8 @@ requant="float32": ORT's CPU arithmetic (ORT_NUMERICS.md; ort_numerics.py's func
     global avg pool   S = sum(q) - z_x*HW,  y = sat(rint(f32(S) * f32(s_x / f32(s_y * HW))) + z_y)
   rint rounds half to even. A Relu / Clip before the Q is fused only where ORT drops it (Relu: z_y is the type's
   minimum; Clip(a, b): [s(qmin - z), s(qmax - z)] lies within [a, b] + float32 eps); otherwise the pattern runs
-  in float, as in ORT (whose float Conv/Gemm/MatMul/Softmax/... kernels are not reproduced bit for bit).
+  in float, as in ORT (whose float Conv/Gemm/MatMul/Softmax/... kernels are not reproduced bit for bit; nor is its
+  QLinearSoftmax, a lookup table that ORT fuses DQ -> Softmax -> Q into: the reference runs that softmax in float).
 
 requant="fixed-point" / "fixed-point-gemmlowp": integer-only hardware arithmetic (Jacob et al. 2018; TFLite):
     M = M0 * 2^-31 * 2^-n, M0 in [2^30, 2^31)  (M = frac * 2^e by frexp, M0 = round(frac * 2^31), n = -e); for

@@ -160,8 +160,8 @@ class _Exporter:
             else:
                 self.env[name] = self.call(node)
         if debug_outputs:  # every integer value, named after its node, for per-layer comparisons
-            for ir_name, v in self.env.items():
-                if v.kind == "quant" and ir_name in self.shapes:
+            for ir_name, v in self.env.items():  # (chunk/split/unbind pieces: as the getitem nodes that take them)
+                if isinstance(v, Value) and v.kind == "quant" and ir_name in self.shapes:
                     self.nodes.append(helper.make_node("Identity", [v.name], [f"debug/{ir_name}"]))
                     elem = TensorProto.UINT8 if self.inits[v.zero_point].data_type == TensorProto.UINT8 else TensorProto.INT8
                     outputs.append(helper.make_tensor_value_info(f"debug/{ir_name}", elem, [None] * self.shapes[ir_name].dim()))

@@ -108,6 +108,27 @@ def _describe(node: fx.Node, modules, plans) -> str:
     return f"{node.name} ({getattr(node.target, '__name__', node.target)})"
 
 
+def _matmul_plan(equation: str, operands: int) -> tuple[list[int], list[int], list[int]] | None:
+    """For an einsum equation of two operands that is a batched matrix product (the same batch letters in both,
+    one letter summed over, one kept from each, each letter once per term): the permutations of a to
+    (batch, i, k), of b to (batch, k, j) and of their product (batch, i, j) to the output; None otherwise."""
+    eq = equation.replace(" ", "")
+    if operands != 2 or "." in eq or eq.count("->") != 1 or eq.count(",") != 1:
+        return None
+    terms, out = eq.split("->")
+    a, b = terms.split(",")
+    if any(len(set(t)) != len(t) for t in (a, b, out)):
+        return None
+    batch = [c for c in out if c in a and c in b]
+    summed = [c for c in a if c in b and c not in out]
+    i, j = [c for c in a if c not in b], [c for c in b if c not in a]
+    if len(summed) != 1 or len(i) != 1 or len(j) != 1 or sorted(out) != sorted(batch + i + j):
+        return None
+    middle = batch + i + j
+    return ([a.index(c) for c in batch + i + summed], [b.index(c) for c in batch + summed + j],
+            [middle.index(c) for c in out])
+
+
 class _Rewriter:
     def __init__(self, gm: fx.GraphModule, config: QATConfig, plans: dict[str, LayerPlan]):
         self.gm, self.graph, self.config, self.plans = gm, gm.graph, config, plans
@@ -128,6 +149,8 @@ class _Rewriter:
                 self._dropout_module(node)
             elif node.op == "call_function" and node.target is F.scaled_dot_product_attention:
                 self._attention(node)
+            elif node.op == "call_function" and node.target is torch.einsum:
+                self._einsum(node)
             elif node.op == "call_module" and type(self.modules[node.target]) in WRAPPERS:
                 self._wrap(node)
         self.modules = dict(self.gm.named_modules())
@@ -180,6 +203,24 @@ class _Rewriter:
                 self.gm.add_submodule(path, nn.Dropout(a["dropout_p"]))
                 weights = g.call_module(path, (weights,))
             out = g.call_function(operator.matmul, (weights, v))
+        node.replace_all_uses_with(out)
+        g.erase_node(node)
+
+    def _einsum(self, node: fx.Node) -> None:
+        """torch.einsum of two tensors that is a batched matrix product ("bhid,bhjd->bhij"): permutes around a
+        matmul, so that it runs on integers (QMatMul) as `@` does; other equations stay einsum (a float op)."""
+        equation, *operands = node.args
+        if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
+            operands = list(operands[0])
+        plan = _matmul_plan(equation, len(operands)) if isinstance(equation, str) and not node.kwargs else None
+        if plan is None:
+            return
+        g = self.graph
+        with g.inserting_before(node):
+            a, b = (t if p == sorted(p) else g.call_method("permute", (t, *p)) for t, p in zip(operands, plan[:2]))
+            out = g.call_function(operator.matmul, (a, b))
+            if plan[2] != sorted(plan[2]):
+                out = g.call_method("permute", (out, *plan[2]))
         node.replace_all_uses_with(out)
         g.erase_node(node)
 
