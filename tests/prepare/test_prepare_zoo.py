@@ -251,3 +251,34 @@ def test_example_inputs_as_a_tuple():
 def test_prepare_needs_a_module(obj):
     with pytest.raises(qatkit.ConfigError, match=rf"^model = '{type(obj).__name__}' is not allowed; allowed: a torch.nn.Module"):
         qatkit.prepare(obj, qatkit.QATConfig())
+
+
+class OptionalMask(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x, mask=None):
+        y = self.fc(x)
+        return y if mask is None else y.masked_fill(mask, 0.0)
+
+
+class CallsWithAndWithoutMask(nn.Module):
+    """int(size / k) (as Swin's window_reverse writes it) defeats both tracers; traced alone, a submodule's optional
+    mask is a graph input, so its graph takes the masked way even where the model passes None."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = OptionalMask(), OptionalMask()
+        self.register_buffer("mask", torch.tensor([True, False, False, True]))
+
+    def forward(self, x):
+        rows = int(x.shape[0] / 1)
+        return (self.a(x) + self.b(x, self.mask)).reshape(rows, 4)
+
+
+def test_a_qat_graph_that_fails_where_the_float_model_runs_is_named_not_blamed_on_the_input():
+    with pytest.raises(qatkit.QatkitError, match=r"^the QAT model fails on the example input, which the float model "
+                                                 r"runs \(.+\): prepare's graph of 'CallsWithAndWithoutMask' .* Fix: make the "
+                                                 r"model traceable as a whole"):
+        qatkit.prepare(CallsWithAndWithoutMask(), qatkit.QATConfig(), torch.randn(2, 4))

@@ -10,7 +10,7 @@ from torch import nn
 from qatkit.config import QATConfig
 from qatkit.convert import ops
 from qatkit.devices import module_device
-from qatkit.errors import DataError, bad_value
+from qatkit.errors import DataError, QatkitError, bad_value
 from qatkit.prepare.concrete import concrete_trace
 from qatkit.prepare.decompose import decompose
 from qatkit.prepare.graph import WRAPPERS, PrepareInfo, prepare_graph
@@ -41,6 +41,8 @@ def prepare(model: nn.Module, config: QATConfig | None = None, example_inputs: t
     device = module_device(model)  # built on the CPU (new quantizers start there), then moved to the model's device
     training = model.training
     model = decompose(copy.deepcopy(model).cpu()).eval()  # nn.MultiheadAttention & co. as Linear layers and tensor ops
+    if example_inputs is not None:
+        check_inputs(model, example_inputs)  # a shape the float model refuses: the input's fault
     plans = plan_layers(model, config, tuple(WRAPPERS))
     args = None if example_inputs is None else example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     args = None if args is None else tuple(a.cpu() if isinstance(a, torch.Tensor) else a for a in args)
@@ -70,8 +72,12 @@ def prepare(model: nn.Module, config: QATConfig | None = None, example_inputs: t
         shown = ", ".join(info.float_ops[:8]) + (f" and {len(info.float_ops) - 8} more" if len(info.float_ops) > 8 else "")
         warnings.warn(f"qatkit: {len(info.float_ops)} ops have no integer kernel and stay float: {shown} "
                       "(qatkit.describe lists them all)", stacklevel=2)
-    if example_inputs is not None:
-        check_inputs(qat, example_inputs)
+    if example_inputs is not None and (error := _fails(qat, example_inputs)):
+        parts = "; ".join(info.untraced) or info.traced_along_example or "the traced graph"
+        raise QatkitError(f"the QAT model fails on the example input, which the float model runs ({error}): "
+                          f"prepare's graph of {parts} does not compute what the model does. Fix: make the model "
+                          "traceable as a whole (branch on shapes, not on values or None arguments of submodules), "
+                          "or leave the failing module out of QAT with LayerRule(pattern=..., skip=True)")
     return qat
 
 
@@ -113,8 +119,8 @@ def _prepare_module(module: nn.Module, prefix: str, config: QATConfig, plans, in
     return gm
 
 
-def check_inputs(model: nn.Module, example_inputs) -> None:
-    """Run one eval forward; a shape that does not fit becomes a DataError naming it."""
+def _fails(model: nn.Module, example_inputs) -> str | None:
+    """One eval forward on the example: None, or the first line of the error it raises."""
     args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     device = module_device(model)
     args = tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args)
@@ -124,8 +130,16 @@ def check_inputs(model: nn.Module, example_inputs) -> None:
         with torch.no_grad():
             model(*args)
     except (RuntimeError, ValueError, IndexError, TypeError, AttributeError) as e:
-        shapes = ", ".join(str(tuple(a.shape)) if isinstance(a, torch.Tensor) else type(a).__name__ for a in args)
-        raise DataError(f"input of shape {shapes} does not fit the model ({str(e).splitlines()[0]}). "
-                        "Fix: pass inputs shaped as the model expects (check --dataset/--model)") from None
+        return str(e).splitlines()[0] if str(e) else type(e).__name__
     finally:
         model.train(was_training)
+    return None
+
+
+def check_inputs(model: nn.Module, example_inputs) -> None:
+    """Run one eval forward; a shape that does not fit becomes a DataError naming it."""
+    if error := _fails(model, example_inputs):
+        args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+        shapes = ", ".join(str(tuple(a.shape)) if isinstance(a, torch.Tensor) else type(a).__name__ for a in args)
+        raise DataError(f"input of shape {shapes} does not fit the model ({error}). "
+                        "Fix: pass inputs shaped as the model expects (check --dataset/--model)")
