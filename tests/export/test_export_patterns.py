@@ -553,3 +553,37 @@ def test_per_layer_comparison_takes_a_model_that_splits_tensors():
 
     integer = qatkit.convert(_calibrated(Split(), x))
     assert ort.per_layer(integer, x) == []
+
+
+class StyleNet(nn.Module):
+    """Image-to-image blocks as style transfer and CycleGAN write them: conv → InstanceNorm → ReLU (affine or not,
+    running statistics tracked or not), a cyclic shift of the feature map (torch.roll, as Swin shifts windows)."""
+
+    def __init__(self, tracked: bool):
+        super().__init__()
+        self.conv1, self.norm1 = nn.Conv2d(3, 8, 3, padding=1), nn.InstanceNorm2d(8, affine=True, track_running_stats=tracked)
+        self.conv2, self.norm2 = nn.Conv2d(8, 8, 3, padding=1), nn.InstanceNorm2d(8)
+        self.out = nn.Conv2d(8, 3, 3, padding=1)
+
+    def forward(self, x):
+        h = torch.relu(self.norm1(self.conv1(x)))
+        h = torch.roll(h, shifts=(-2, 3), dims=(2, 3))
+        return self.out(torch.relu(self.norm2(self.conv2(h))).roll(1, -1))
+
+
+@pytest.mark.parametrize("tracked", [False, True], ids=["input-statistics", "running-statistics"])
+def test_instance_norm_and_roll_convert_and_run_in_onnx_runtime(tracked, tmp_path):
+    torch.manual_seed(0)
+    model = StyleNet(tracked)
+    if tracked:  # running statistics away from their initial 0 and 1
+        model.norm1.running_mean.normal_(0.0, 0.3), model.norm1.running_var.uniform_(0.5, 2.0)
+        nn.init.normal_(model.norm1.weight, 1.0, 0.2), nn.init.normal_(model.norm1.bias, 0.0, 0.2)
+    model.eval()
+    x = torch.randn(16, 3, 10, 10)
+    qat = _calibrated(model, x)
+    integer = qatkit.convert(qat)
+    with torch.no_grad():
+        expected = qat(x)
+        assert (expected - model(x)).abs().max() < 0.15
+        assert torch.equal(integer(x), expected)
+    runs_in_onnx_runtime(integer, x, tmp_path / "style.onnx", top1=False)  # an image out: no classes to agree on

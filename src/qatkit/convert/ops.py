@@ -31,7 +31,7 @@ _FUNCTIONS = [
     F.conv_transpose1d, F.conv_transpose2d, F.pad, torch.stack, torch.zeros, torch.ones, torch.full, torch.arange,
     torch.zeros_like, torch.ones_like, torch.full_like, torch.chunk, torch.split, masked_scores, torch.where,
     torch.tril, torch.triu, torch.einsum, operator.pow, torch.pow, torch.rsqrt, torch.sin, torch.cos,
-    torch.repeat_interleave, torch.unbind, F.group_norm, F.normalize, F.pixel_shuffle,
+    torch.repeat_interleave, torch.unbind, F.group_norm, F.normalize, F.pixel_shuffle, F.instance_norm, torch.roll,
     *([F.rms_norm] if hasattr(F, "rms_norm") else []),  # F.rms_norm, nn.RMSNorm: torch >= 2.4
 ]
 FUNCTIONS = {f"{getattr(fn, '__module__', None) or 'builtins'}.{fn.__name__}": fn for fn in _FUNCTIONS}
@@ -42,14 +42,15 @@ ATTRIBUTES = ("shape", "device", "dtype")
 METHODS = {"view", "reshape", "permute", "transpose", "flatten", "contiguous", "softmax", "mean", "sum", "size",
            "relu", "sigmoid", "unsqueeze", "squeeze", "expand", "mul", "add", "matmul", "dim", "float", "clamp",
            "masked_fill", "new_zeros", "new_ones", "new_full", "chunk", "split", "tril", "triu", "to", "type_as",
-           "pow", "rsqrt", "sqrt", "exp", "neg", "sin", "cos", "repeat_interleave", "unbind", "norm"}
+           "pow", "rsqrt", "sqrt", "exp", "neg", "sin", "cos", "repeat_interleave", "unbind", "norm", "roll"}
 # Ops applied to integer codes directly: they keep values on the grid (ReLU handled with the zero point);
 # chunk, split and unbind give a tuple of pieces on the same grid.
 CODE_PRESERVING = {NAME_OF[f] for f in (torch.flatten, torch.reshape, torch.transpose, torch.permute, torch.squeeze,
                                         torch.unsqueeze, F.max_pool1d, F.max_pool2d, operator.getitem, torch.chunk,
-                                        torch.split, torch.repeat_interleave, torch.unbind, F.pixel_shuffle)} | {
+                                        torch.split, torch.repeat_interleave, torch.unbind, F.pixel_shuffle,
+                                        torch.roll)} | {
     "view", "reshape", "permute", "transpose", "flatten", "contiguous", "squeeze", "unsqueeze", "expand", "identity",
-    "chunk", "split", "repeat_interleave", "unbind"}
+    "chunk", "split", "repeat_interleave", "unbind", "roll"}
 RELU = {NAME_OF[torch.relu], NAME_OF[F.relu], "relu"}
 
 
@@ -88,6 +89,9 @@ MODULES = {
     **({nn.RMSNorm: (F.rms_norm, ("weight",), lambda m: dict(normalized_shape=m.normalized_shape, eps=m.eps))}
        if hasattr(nn, "RMSNorm") else {}),
     nn.GroupNorm: (F.group_norm, ("weight", "bias"), lambda m: dict(num_groups=m.num_groups, eps=m.eps)),
+    **{cls: (F.instance_norm, ("running_mean", "running_var", "weight", "bias"),  # eval: running statistics if tracked
+             lambda m: dict(use_input_stats=not m.track_running_stats, eps=m.eps))
+       for cls in (nn.InstanceNorm1d, nn.InstanceNorm2d)},
     nn.Embedding: (F.embedding, ("weight",), lambda m: dict(padding_idx=m.padding_idx)),
     nn.BatchNorm1d: (F.batch_norm, ("running_mean", "running_var", "weight", "bias"), lambda m: dict(eps=m.eps)),
     nn.BatchNorm2d: (F.batch_norm, ("running_mean", "running_var", "weight", "bias"), lambda m: dict(eps=m.eps)),

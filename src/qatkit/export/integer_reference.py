@@ -236,6 +236,13 @@ def _resize(ins, a):
     return x
 
 
+def _instance_norm(ins, a):  # (N, C, ...) normalised over the spatial axes, per sample and channel, in float32
+    x, axes = ins[0], tuple(range(2, ins[0].ndim))
+    mean = x.mean(axes, keepdims=True, dtype=f32)
+    var = np.square(x - mean).mean(axes, keepdims=True, dtype=f32)
+    return (x - mean) / np.sqrt(var + f32(a.get("epsilon", 1e-5))) * _bcast(ins[1], x.ndim, 1) + _bcast(ins[2], x.ndim, 1)
+
+
 def _depth_to_space(ins, a):  # (N, C·r², H, W) -> (N, C, H·r, W·r); CRD: PyTorch's pixel_shuffle, DCR: depth first
     x, r = ins[0], a["blocksize"]
     n, c, h, w = x.shape
@@ -268,7 +275,9 @@ _OPS = {  # op_type -> handler(inputs, attributes) -> output(s); float ops compu
     "ReduceMean": lambda i, a: i[0].mean(axis=_axes(i, a), keepdims=bool(a.get("keepdims", 1)), dtype=f32),
     "Erf": lambda i, a: _erf(i[0]).astype(f32), "Sigmoid": lambda i, a: f32(1) / (f32(1) + np.exp(-i[0])),
     "Tanh": lambda i, a: np.tanh(i[0]), "Sqrt": lambda i, a: np.sqrt(i[0]), "Exp": lambda i, a: np.exp(i[0]),
-    "DepthToSpace": _depth_to_space, "Floor": lambda i, a: np.floor(i[0]), "Sin": lambda i, a: np.sin(i[0]), "Cos": lambda i, a: np.cos(i[0]),
+    "DepthToSpace": _depth_to_space, "InstanceNormalization": _instance_norm,
+    "BatchNormalization": lambda i, a: (i[0] - _bcast(i[3], i[0].ndim, 1)) / np.sqrt(_bcast(i[4], i[0].ndim, 1)
+                                        + f32(a.get("epsilon", 1e-5))) * _bcast(i[1], i[0].ndim, 1) + _bcast(i[2], i[0].ndim, 1), "Floor": lambda i, a: np.floor(i[0]), "Sin": lambda i, a: np.sin(i[0]), "Cos": lambda i, a: np.cos(i[0]),
     "Reciprocal": lambda i, a: f32(1) / i[0], "Pow": lambda i, a: np.power(i[0], i[1]).astype(i[0].dtype),
     "Mod": lambda i, a: (np.fmod if a.get("fmod", 0) else np.mod)(i[0], i[1]),
     "Trilu": lambda i, a: (np.triu if a.get("upper", 1) else np.tril)(i[0], int(_opt(i, 1, 0))),

@@ -150,6 +150,8 @@ def export_call(ex, node: dict) -> Value:
         return _keep(ex, x, short.capitalize(), axes, name)
     if short == "pixel_shuffle":  # (N, C·r², H, W) -> (N, C, H·r, W·r): ONNX's DepthToSpace in CRD order, on x as it is
         return _keep(ex, x, "DepthToSpace", [], name, blocksize=_arg(args, kwargs, 1, "upscale_factor", None), mode="CRD")
+    if short == "roll":
+        return _roll(ex, node, x, _arg(args, kwargs, 1, "shifts", None), _arg(args, kwargs, 2, "dims", None), rank)
     if short == "repeat_interleave":
         return _repeat_interleave(ex, x, _arg(args, kwargs, 1, "repeats", None), _arg(args, kwargs, 2, "dim", None),
                                   rank, name)
@@ -170,6 +172,27 @@ def _repeat_interleave(ex, x: Value, repeats, dim, rank: int, name: str) -> Valu
     wide = ex.op("Expand", [wide, ex.shape_tensor(times[:dim + 1] + [repeats] + times[dim + 1:])], "repeated")
     shape = ex.op("Mul", [ex.op("Shape", [x.name], "shape"), ex.shape_tensor(times)], "shape")
     return _keep(ex, Value(wide, x.kind, x.scale, x.zero_point), "Reshape", [shape], name)
+
+
+def _roll(ex, node: dict, x: Value, shifts, dims, rank: int) -> Value:
+    """torch.roll(x, shifts, dims) on x as it is: per dim, the last `shift` entries (mod the dim's size) moved to the
+    front with two Slices and a Concat."""
+    source = node["args"][0]["node"]
+    shifts, dims = (list(v) if isinstance(v, (list, tuple)) else [v] for v in (shifts, dims))
+    if dims == [None] or any(ex.varies_with_batch(source, _axis(d, rank)) for d in dims):
+        raise QatkitError(f"torch.roll with dims={dims} (node '{node['name']}') has no ONNX form in qatkit; allowed: "
+                          "rolls along given axes whose sizes do not follow the batch. Fix: pass dims=")
+    out = x.name
+    for shift, dim in zip(shifts, dims):
+        dim = _axis(dim, rank)
+        size = ex.shapes[source].shape[dim]
+        cut = size - shift % size  # out = x[cut:] then x[:cut] along dim
+        if cut != size:
+            parts = [ex.op("Slice", [out, *(ex.const(k, np.array([v], np.int64)) for k, v in zip(("st", "en", "ax"),
+                                                                                               (a, b, dim)))], "part")
+                     for a, b in ((cut, size), (0, cut))]
+            out = ex.op("Concat", parts, "rolled", axis=dim)
+    return Value(out, x.kind, x.scale, x.zero_point)
 
 
 _ONNX_TYPES = {"float": TensorProto.FLOAT, "int": TensorProto.INT64, "bool": TensorProto.BOOL}
@@ -355,6 +378,15 @@ def _float_op(ex, node, short, args, kwargs, rank) -> Value:
             return Value(norm, "float")
         eps = _c(ex, _arg(args, kwargs, 3, "eps", 1e-12))
         return Value(ex.op("Div", [xf, ex.op("Max", [norm, eps], "norm_eps")], name), "float")
+    if short == "instance_norm":  # per sample and channel over the spatial axes; eval with tracked running statistics:
+        channels = ex.shapes[node["args"][0]["node"]].shape[1]  # a BatchNorm on them
+        weight, bias = (_c(ex, kwargs[k]) if kwargs.get(k) is not None else ex.const(k, np.full(channels, v, np.float32))
+                        for k, v in (("weight", 1.0), ("bias", 0.0)))
+        eps = _arg(args, kwargs, 7, "eps", 1e-5)
+        if _arg(args, kwargs, 5, "use_input_stats", True):
+            return Value(ex.op("InstanceNormalization", [xf, weight, bias], name, epsilon=eps), "float")
+        stats = [_c(ex, kwargs[k]) for k in ("running_mean", "running_var")]
+        return Value(ex.op("BatchNormalization", [xf, weight, bias, *stats], name, epsilon=eps), "float")
     if short == "group_norm":  # (N, C, ...) normalised over each group of C/G channels and the spatial axes
         groups, eps = _arg(args, kwargs, 1, "num_groups", None), _arg(args, kwargs, 4, "eps", 1e-5)
         grouped = ex.op("Reshape", [xf, ex.const("shape", np.array([0, groups, -1], np.int64))], "grouped")

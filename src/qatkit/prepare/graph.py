@@ -40,9 +40,10 @@ FUSABLE_ACT_FUNCTIONS = {F.relu: "relu", torch.relu: "relu", F.relu6: "relu6"}
 GRID_PRESERVING_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.Flatten, nn.Dropout, nn.Identity, nn.ReLU, nn.PixelShuffle)
 GRID_PRESERVING_FUNCTIONS = {torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, torch.transpose,
                              torch.permute, F.relu, torch.relu, F.max_pool1d, F.max_pool2d, F.dropout, operator.getitem,
-                             torch.chunk, torch.split, torch.unbind, torch.repeat_interleave, F.pixel_shuffle}
+                             torch.chunk, torch.split, torch.unbind, torch.repeat_interleave, F.pixel_shuffle,
+                             torch.roll}
 GRID_PRESERVING_METHODS = {"view", "reshape", "flatten", "permute", "transpose", "contiguous", "squeeze", "unsqueeze",
-                           "expand", "relu", "chunk", "split", "unbind", "repeat_interleave"}
+                           "expand", "relu", "chunk", "split", "unbind", "repeat_interleave", "roll"}
 SHAPE_OPS = {getattr, "size", "dim"}  # shape arithmetic, not tensor compute
 # Masks from the graph's inputs (`ids != 0`, then `.float()`): comparisons and casts of booleans are exact,
 # and integer ops in the runtime (ONNX Equal/Not/Cast on int64 ids), not float islands.
