@@ -38,8 +38,8 @@ def test_unquantizable_ops_are_listed_and_stay_float():
                         r"\(ConvTranspose2d\)", m) for m in messages)
     # said before training, not only when convert refuses: the ops without an integer-model form (the transposed conv
     # and tanh run as float ops)
-    assert any(m.startswith("qatkit: QAT trains, but convert and ONNX export will refuse this model: norm (LocalResponseNorm) "
-                            "has no integer-model form (allowed modules: ") for m in messages)
+    assert any(m.startswith("qatkit: QAT trains, but convert and ONNX export will refuse this model: norm "
+                            "(LocalResponseNorm) has no integer-model form (allowed modules: ") for m in messages)
     qatkit.calibrate(qat, [x])
     qat.eval()
     report = qatkit.describe(qat)

@@ -243,6 +243,11 @@ def _instance_norm(ins, a):  # (N, C, ...) normalised over the spatial axes, per
     return (x - mean) / np.sqrt(var + f32(a.get("epsilon", 1e-5))) * _bcast(ins[1], x.ndim, 1) + _bcast(ins[2], x.ndim, 1)
 
 
+def _batch_norm(ins, a):  # inference: (x - mean) / sqrt(var + eps) · scale + B along axis 1, in float32
+    x, (scale, bias, mean, var) = ins[0], (_bcast(v, ins[0].ndim, 1) for v in ins[1:5])
+    return (x - mean) / np.sqrt(var + f32(a.get("epsilon", 1e-5))) * scale + bias
+
+
 def _depth_to_space(ins, a):  # (N, C·r², H, W) -> (N, C, H·r, W·r); CRD: PyTorch's pixel_shuffle, DCR: depth first
     x, r = ins[0], a["blocksize"]
     n, c, h, w = x.shape
@@ -276,8 +281,7 @@ _OPS = {  # op_type -> handler(inputs, attributes) -> output(s); float ops compu
     "Erf": lambda i, a: _erf(i[0]).astype(f32), "Sigmoid": lambda i, a: f32(1) / (f32(1) + np.exp(-i[0])),
     "Tanh": lambda i, a: np.tanh(i[0]), "Sqrt": lambda i, a: np.sqrt(i[0]), "Exp": lambda i, a: np.exp(i[0]),
     "DepthToSpace": _depth_to_space, "InstanceNormalization": _instance_norm,
-    "BatchNormalization": lambda i, a: (i[0] - _bcast(i[3], i[0].ndim, 1)) / np.sqrt(_bcast(i[4], i[0].ndim, 1)
-                                        + f32(a.get("epsilon", 1e-5))) * _bcast(i[1], i[0].ndim, 1) + _bcast(i[2], i[0].ndim, 1), "Floor": lambda i, a: np.floor(i[0]), "Sin": lambda i, a: np.sin(i[0]), "Cos": lambda i, a: np.cos(i[0]),
+    "BatchNormalization": _batch_norm, "Floor": lambda i, a: np.floor(i[0]), "Sin": lambda i, a: np.sin(i[0]), "Cos": lambda i, a: np.cos(i[0]),
     "Reciprocal": lambda i, a: f32(1) / i[0], "Pow": lambda i, a: np.power(i[0], i[1]).astype(i[0].dtype),
     "Mod": lambda i, a: (np.fmod if a.get("fmod", 0) else np.mod)(i[0], i[1]),
     "Trilu": lambda i, a: (np.triu if a.get("upper", 1) else np.tril)(i[0], int(_opt(i, 1, 0))),
