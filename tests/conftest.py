@@ -31,6 +31,21 @@ def _one_torch_thread():
     torch.set_num_threads(before)
 
 
+def converts_exactly(qat, model, x, tolerance: float):
+    """The calibrated QAT model in eval mode: its outputs within `tolerance` of the float model's, and the integer model
+    (returned) computes them bit for bit."""
+    import torch
+
+    import qatkit
+
+    integer = qatkit.convert(qat)
+    with torch.no_grad():
+        expected = qat.eval()(x)
+        assert (expected - model(x)).abs().max() < tolerance
+        assert torch.equal(integer(x), expected)
+    return integer
+
+
 def runs_in_onnx_runtime(integer, x, path, *, top1: bool = True, float_output: bool = False) -> dict:
     """Export the integer model (example x[:1]) and run it in ONNX Runtime on x: every output value within one output
     step of the integer model's (its float islands, softmax, norms, may round a value to the next step), the same

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import runs_in_onnx_runtime
+from conftest import converts_exactly, runs_in_onnx_runtime
 from torch import nn
 
 import qatkit
@@ -471,12 +471,7 @@ def test_group_norm_unet_converts_and_runs_in_onnx_runtime(tmp_path):
     for gn in (model.down[0], model.out[0]):  # affine parameters away from their initial 1 and 0
         nn.init.normal_(gn.weight, 1.0, 0.2), nn.init.normal_(gn.bias, 0.0, 0.2)
     x = torch.randn(16, 3, 16, 16)
-    qat = _calibrated(model, x)
-    integer = qatkit.convert(qat)
-    with torch.no_grad():
-        expected = qat(x)
-        assert (expected - model(x)).abs().max() < 0.1
-        assert torch.equal(integer(x), expected)
+    integer = converts_exactly(_calibrated(model, x), model, x, 0.1)
     runs_in_onnx_runtime(integer, x, tmp_path / "unet.onnx", top1=False)  # an image out: no classes to agree on
 
 
@@ -498,12 +493,7 @@ def test_normalize_and_norm_convert_and_run_in_onnx_runtime(tmp_path):
     torch.manual_seed(0)
     model = CosineHead().eval()
     x = torch.randn(32, 12)
-    qat = _calibrated(model, x)
-    integer = qatkit.convert(qat)
-    with torch.no_grad():
-        expected = qat(x)
-        assert (expected - model(x)).abs().max() < 0.2
-        assert torch.equal(integer(x), expected)
+    integer = converts_exactly(_calibrated(model, x), model, x, 0.2)
     runs_in_onnx_runtime(integer, x, tmp_path / "cosine.onnx", float_output=True)
 
 
@@ -524,13 +514,9 @@ def test_pixel_shuffle_moves_codes_and_runs_in_onnx_runtime(tmp_path):
     torch.manual_seed(0)
     model = ESPCN().eval()
     x = torch.rand(16, 1, 12, 12)
-    qat = _calibrated(model, x)
-    integer = qatkit.convert(qat)
+    integer = converts_exactly(_calibrated(model, x), model, x, 0.05)
+    assert integer(x).shape == (16, 1, 36, 36)
     assert type(integer.values(x[:1])["shuffle"]).__name__ == "QValue"  # the last conv's codes, moved
-    with torch.no_grad():
-        expected = qat(x)
-        assert expected.shape == (16, 1, 36, 36) and (expected - model(x)).abs().max() < 0.05
-        assert torch.equal(integer(x), expected)
     result = runs_in_onnx_runtime(integer, x, tmp_path / "espcn.onnx", top1=False)
     assert result["max_step_diff"] == 0.0  # integer convs, codes moved: exact
 
@@ -580,10 +566,5 @@ def test_instance_norm_and_roll_convert_and_run_in_onnx_runtime(tracked, tmp_pat
         nn.init.normal_(model.norm1.weight, 1.0, 0.2), nn.init.normal_(model.norm1.bias, 0.0, 0.2)
     model.eval()
     x = torch.randn(16, 3, 10, 10)
-    qat = _calibrated(model, x)
-    integer = qatkit.convert(qat)
-    with torch.no_grad():
-        expected = qat(x)
-        assert (expected - model(x)).abs().max() < 0.15
-        assert torch.equal(integer(x), expected)
+    integer = converts_exactly(_calibrated(model, x), model, x, 0.15)
     runs_in_onnx_runtime(integer, x, tmp_path / "style.onnx", top1=False)  # an image out: no classes to agree on

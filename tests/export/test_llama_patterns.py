@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import runs_in_onnx_runtime
+from conftest import converts_exactly, runs_in_onnx_runtime
 from torch import nn
 
 import qatkit
@@ -133,14 +133,9 @@ def test_llama_style_decoder_converts_and_runs_in_onnx_runtime(norm, kv, rope, t
     assert not [str(w.message) for w in caught if any(s in str(w.message) for s in unwanted)]
     assert sum(type(m).__name__ == "QMatMul" for m in qat.modules()) == 4  # q·kᵀ and weights·v of both layers
     qatkit.calibrate(qat, [ids])
-    qat.eval()
-    integer = qatkit.convert(qat)
-    with torch.no_grad():
-        expected = qat(ids)
-        assert expected.shape == (16, 12, VOCAB) and (expected - model(ids)).abs().max() < 0.15
-        assert torch.equal(integer(ids), expected)
-        short = ids[:4, :7]  # another length: fx traced the graph symbolically (the rotary cache sliced to it)
-        assert torch.equal(integer(short), qat(short)) and (qat(short) - model(short)).abs().max() < 0.15
+    integer = converts_exactly(qat, model, ids, 0.15)
+    assert integer(ids).shape == (16, 12, VOCAB)
+    converts_exactly(qat, model, ids[:4, :7], 0.15)  # another length: fx traced the rotary cache's slice symbolically
     runs_in_onnx_runtime(integer, ids, tmp_path / "decoder.onnx")  # top-1 of each of the (16, 12) positions
 
 
