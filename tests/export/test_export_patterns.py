@@ -568,3 +568,25 @@ def test_instance_norm_and_roll_convert_and_run_in_onnx_runtime(tracked, tmp_pat
     x = torch.randn(16, 3, 10, 10)
     integer = converts_exactly(_calibrated(model, x), model, x, 0.15)
     runs_in_onnx_runtime(integer, x, tmp_path / "style.onnx", top1=False)  # an image out: no classes to agree on
+
+
+class Focus(nn.Module):
+    """YOLOv5's Focus: the four pixel phases of a feature map (x[..., ::2, ::2], …) stacked as channels, then a conv;
+    here after a stem conv, so the strided slices move codes."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.conv, self.head = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(16, 8, 3, padding=1), nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = torch.cat([x[..., ::2, ::2], x[..., 1::2, ::2], x[..., ::2, 1::2], x[..., 1::2, 1::2]], 1)
+        return self.head(torch.relu(self.conv(x)).mean((2, 3)))
+
+
+def test_strided_slices_convert_and_run_in_onnx_runtime(tmp_path):
+    torch.manual_seed(0)
+    model = Focus().eval()
+    x = torch.randn(16, 3, 12, 12)
+    integer = converts_exactly(_calibrated(model, x), model, x, 0.1)
+    runs_in_onnx_runtime(integer, x, tmp_path / "focus.onnx")

@@ -229,22 +229,25 @@ def _getitem(ex, x: Value, index, rank) -> Value:
         return Value(out, kind, x.scale, x.zero_point)
     items = index if isinstance(index, list) else [index]
     lists = [i for i in items if isinstance(i, list)]  # x[:, [-1]]: a Gather that keeps the axis
-    if not all(i is None or i is Ellipsis or isinstance(i, int) or (isinstance(i, slice) and i.step in (None, 1))
+    if not all(i is None or i is Ellipsis or isinstance(i, int)
+               or (isinstance(i, slice) and (i.step is None or type(i.step) is int and i.step > 0))
                or (isinstance(i, list) and all(type(j) is int for j in i)) for i in items) \
             or items.count(Ellipsis) > 1 or len(lists) > 1 or (lists and any(type(i) is int for i in items)):
-        raise QatkitError(f"indexing with {index!r} has no ONNX form in qatkit. Fix: index with ints, plain slices, "
-                          "None, one ... and at most one list of ints (without ints beside it)")
+        raise QatkitError(f"indexing with {index!r} has no ONNX form in qatkit. Fix: index with ints, slices (steps "
+                          "> 0), None, one ... and at most one list of ints (without ints beside it)")
     if Ellipsis in items:  # the axes it stands for, as full slices
         at = items.index(Ellipsis)
         items = items[:at] + [slice(None)] * (rank - sum(i is not None for i in items) + 1) + items[at + 1:]
     on_axes = [i for i in items if i is not None]  # one per input axis, in order
     sliced = [(axis, s) for axis, s in enumerate(on_axes) if isinstance(s, slice)]
     out = x.name
-    if any(s.start is not None or s.stop is not None for _, s in sliced):
+    if any(s.start is not None or s.stop is not None or s.step not in (None, 1) for _, s in sliced):
         starts = [0 if s.start is None else s.start for _, s in sliced]
         ends = [np.iinfo(np.int64).max if s.stop is None else s.stop for _, s in sliced]
+        steps = [ex.const("steps", np.array([s.step or 1 for _, s in sliced], np.int64))] \
+            if any(s.step not in (None, 1) for _, s in sliced) else []
         out = ex.op("Slice", [out, ex.shape_tensor(starts), ex.shape_tensor(ends),
-                              ex.const("ax", np.array([a for a, _ in sliced], np.int64))], "slice")
+                              ex.const("ax", np.array([a for a, _ in sliced], np.int64)), *steps], "slice")
     for dropped, (axis, i) in enumerate((a, i) for a, i in enumerate(on_axes) if isinstance(i, int)):
         out = ex.op("Gather", [out, ex.const("i", np.array(i, np.int64))], "item", axis=axis - dropped)
     for axis, i in ((a, i) for a, i in enumerate(on_axes) if isinstance(i, list)):
