@@ -174,3 +174,26 @@ def test_qat_trains_the_decoder_and_the_integer_model_computes_what_it_learned()
     with torch.no_grad():
         assert torch.equal(integer(x), qat(x))
         assert (integer(x).argmax(-1) == y).float().mean() > 0.95
+
+
+class RepeatHeads(nn.Module):
+    """Two key/value heads, each serving three query heads (repeats 3 ≠ 2 heads: ONNX's Expand must not broadcast
+    the heads against the repeats)."""
+
+    def __init__(self):
+        super().__init__()
+        self.kv, self.out = nn.Linear(8, 8), nn.Linear(24, 5)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        heads = self.kv(x).view(b, t, 2, 4).transpose(1, 2).repeat_interleave(3, dim=1)  # (B, 6, T, 4)
+        return self.out(heads.transpose(1, 2).reshape(b, t, 24))
+
+
+def test_repeat_interleave_of_more_repeats_than_heads_runs_in_onnx_runtime(tmp_path):
+    torch.manual_seed(0)
+    model = RepeatHeads().eval()
+    x = torch.randn(16, 5, 8)
+    qat = qatkit.prepare(model, qatkit.QATConfig(), x[:2])
+    qatkit.calibrate(qat, [x])
+    runs_in_onnx_runtime(converts_exactly(qat, model, x, 0.1), x, tmp_path / "heads.onnx")

@@ -169,7 +169,7 @@ def _repeat_interleave(ex, x: Value, repeats, dim, rank: int, name: str) -> Valu
     times = [1] * rank
     times[dim] = repeats
     wide = ex.op("Unsqueeze", [x.name, ex.const("axes", np.array([dim + 1], np.int64))], "wide")
-    wide = ex.op("Expand", [wide, ex.shape_tensor(times[:dim + 1] + [repeats] + times[dim + 1:])], "repeated")
+    wide = ex.op("Expand", [wide, ex.shape_tensor([1] * (dim + 1) + [repeats] + [1] * (rank - dim - 1))], "repeated")
     shape = ex.op("Mul", [ex.op("Shape", [x.name], "shape"), ex.shape_tensor(times)], "shape")
     return _keep(ex, Value(wide, x.kind, x.scale, x.zero_point), "Reshape", [shape], name)
 
