@@ -44,13 +44,13 @@ METHODS = {"view", "reshape", "permute", "transpose", "flatten", "contiguous", "
            "masked_fill", "new_zeros", "new_ones", "new_full", "chunk", "split", "tril", "triu", "to", "type_as",
            "pow", "rsqrt", "sqrt", "exp", "neg", "sin", "cos", "repeat_interleave", "unbind", "norm", "roll"}
 # Ops applied to integer codes directly: they keep values on the grid (ReLU handled with the zero point);
-# chunk, split and unbind give a tuple of pieces on the same grid.
-CODE_PRESERVING = {NAME_OF[f] for f in (torch.flatten, torch.reshape, torch.transpose, torch.permute, torch.squeeze,
-                                        torch.unsqueeze, F.max_pool1d, F.max_pool2d, operator.getitem, torch.chunk,
-                                        torch.split, torch.repeat_interleave, torch.unbind, F.pixel_shuffle,
-                                        torch.roll)} | {
-    "view", "reshape", "permute", "transpose", "flatten", "contiguous", "squeeze", "unsqueeze", "expand", "identity",
-    "chunk", "split", "repeat_interleave", "unbind", "roll"}
+# chunk, split and unbind give a tuple of pieces on the same grid. prepare lets quantization pass through them.
+CODE_PRESERVING_FUNCTIONS = (torch.flatten, torch.reshape, torch.transpose, torch.permute, torch.squeeze,
+                             torch.unsqueeze, F.max_pool1d, F.max_pool2d, operator.getitem, torch.chunk, torch.split,
+                             torch.repeat_interleave, torch.unbind, F.pixel_shuffle, torch.roll)
+CODE_PRESERVING_METHODS = {"view", "reshape", "permute", "transpose", "flatten", "contiguous", "squeeze", "unsqueeze",
+                           "expand", "chunk", "split", "repeat_interleave", "unbind", "roll"}
+CODE_PRESERVING = {NAME_OF[f] for f in CODE_PRESERVING_FUNCTIONS} | CODE_PRESERVING_METHODS | {"identity"}
 RELU = {NAME_OF[torch.relu], NAME_OF[F.relu], "relu"}
 
 

@@ -190,11 +190,15 @@ def _axes(ins, a):  # axes as an input (opset 13+ / 18+) or an attribute
     return None if axes is None else tuple(axes)
 
 
-def _layer_norm(ins, a):  # (..., D) normalised over the axes from `axis` on, in float32
-    x, axes = ins[0], tuple(range(a.get("axis", -1) % ins[0].ndim, ins[0].ndim))
+def _normalized(x, axes: tuple, eps) -> np.ndarray:  # (x - mean) / sqrt(var + eps) over `axes`, in float32
     mean = x.mean(axes, keepdims=True, dtype=f32)
     var = np.square(x - mean).mean(axes, keepdims=True, dtype=f32)
-    return (x - mean) / np.sqrt(var + f32(a.get("epsilon", 1e-5))) * ins[1] + _opt(ins, 2, f32(0))
+    return (x - mean) / np.sqrt(var + f32(eps))
+
+
+def _layer_norm(ins, a):  # (..., D) normalised over the axes from `axis` on
+    axes = tuple(range(a.get("axis", -1) % ins[0].ndim, ins[0].ndim))
+    return _normalized(ins[0], axes, a.get("epsilon", 1e-5)) * ins[1] + _opt(ins, 2, f32(0))
 
 
 _CAST = {onnx.TensorProto.FLOAT: f32, onnx.TensorProto.INT64: i64, onnx.TensorProto.BOOL: np.bool_}
@@ -236,11 +240,10 @@ def _resize(ins, a):
     return x
 
 
-def _instance_norm(ins, a):  # (N, C, ...) normalised over the spatial axes, per sample and channel, in float32
-    x, axes = ins[0], tuple(range(2, ins[0].ndim))
-    mean = x.mean(axes, keepdims=True, dtype=f32)
-    var = np.square(x - mean).mean(axes, keepdims=True, dtype=f32)
-    return (x - mean) / np.sqrt(var + f32(a.get("epsilon", 1e-5))) * _bcast(ins[1], x.ndim, 1) + _bcast(ins[2], x.ndim, 1)
+def _instance_norm(ins, a):  # (N, C, ...) normalised over the spatial axes, per sample and channel
+    x = ins[0]
+    normed = _normalized(x, tuple(range(2, x.ndim)), a.get("epsilon", 1e-5))
+    return normed * _bcast(ins[1], x.ndim, 1) + _bcast(ins[2], x.ndim, 1)
 
 
 def _batch_norm(ins, a):  # inference: (x - mean) / sqrt(var + eps) · scale + B along axis 1, in float32
@@ -281,7 +284,8 @@ _OPS = {  # op_type -> handler(inputs, attributes) -> output(s); float ops compu
     "Erf": lambda i, a: _erf(i[0]).astype(f32), "Sigmoid": lambda i, a: f32(1) / (f32(1) + np.exp(-i[0])),
     "Tanh": lambda i, a: np.tanh(i[0]), "Sqrt": lambda i, a: np.sqrt(i[0]), "Exp": lambda i, a: np.exp(i[0]),
     "DepthToSpace": _depth_to_space, "InstanceNormalization": _instance_norm,
-    "BatchNormalization": _batch_norm, "Floor": lambda i, a: np.floor(i[0]), "Sin": lambda i, a: np.sin(i[0]), "Cos": lambda i, a: np.cos(i[0]),
+    "BatchNormalization": _batch_norm, "Floor": lambda i, a: np.floor(i[0]), "Sin": lambda i, a: np.sin(i[0]),
+    "Cos": lambda i, a: np.cos(i[0]),
     "Reciprocal": lambda i, a: f32(1) / i[0], "Pow": lambda i, a: np.power(i[0], i[1]).astype(i[0].dtype),
     "Mod": lambda i, a: (np.fmod if a.get("fmod", 0) else np.mod)(i[0], i[1]),
     "Trilu": lambda i, a: (np.triu if a.get("upper", 1) else np.tril)(i[0], int(_opt(i, 1, 0))),

@@ -96,9 +96,8 @@ def export_call(ex, node: dict) -> Value:
             return [_keep(ex, x, "Gather", [ex.const("i", np.array(i, np.int64))], "piece", axis=dim)
                     for i in range(len(pieces))]
         ends = np.cumsum([p.shape[dim] for p in pieces]).tolist()
-        axes = ex.const("ax", np.array([dim], np.int64))
-        return [_keep(ex, x, "Slice", [ex.const("st", np.array([a], np.int64)), ex.const("en", np.array([b], np.int64)),
-                                       axes], "piece") for a, b in zip([0] + ends[:-1], ends)]
+        return [Value(_slice_axis(ex, x.name, a, b, dim), x.kind, x.scale, x.zero_point)
+                for a, b in zip([0] + ends[:-1], ends)]
     if short in COMPARE and isinstance(x, Value):  # masks from ids, lengths, positions (int64) or constants (float)
         other = args[1]
         if _kind(x) == "int" and (type(other) is int or isinstance(other, Value) and _kind(other) == "int"):
@@ -188,11 +187,15 @@ def _roll(ex, node: dict, x: Value, shifts, dims, rank: int) -> Value:
         size = ex.shapes[source].shape[dim]
         cut = size - shift % size  # out = x[cut:] then x[:cut] along dim
         if cut != size:
-            parts = [ex.op("Slice", [out, *(ex.const(k, np.array([v], np.int64)) for k, v in zip(("st", "en", "ax"),
-                                                                                               (a, b, dim)))], "part")
-                     for a, b in ((cut, size), (0, cut))]
-            out = ex.op("Concat", parts, "rolled", axis=dim)
+            out = ex.op("Concat", [_slice_axis(ex, out, cut, size, dim), _slice_axis(ex, out, 0, cut, dim)], "rolled",
+                        axis=dim)
     return Value(out, x.kind, x.scale, x.zero_point)
+
+
+def _slice_axis(ex, src: str, start: int, end: int, axis: int) -> str:
+    """src[start:end] along one axis (ONNX Slice)."""
+    return ex.op("Slice", [src, *(ex.const(k, np.array([v], np.int64)) for k, v in (("st", start), ("en", end),
+                                                                                     ("ax", axis)))], "piece")
 
 
 _ONNX_TYPES = {"float": TensorProto.FLOAT, "int": TensorProto.INT64, "bool": TensorProto.BOOL}

@@ -38,12 +38,9 @@ FUSABLE_ACT_MODULES = {nn.ReLU: "relu", nn.ReLU6: "relu6"}
 FUSABLE_ACT_FUNCTIONS = {F.relu: "relu", torch.relu: "relu", F.relu6: "relu6"}
 # Ops whose output stays on the input's integer grid: quantization passes through them.
 GRID_PRESERVING_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.Flatten, nn.Dropout, nn.Identity, nn.ReLU, nn.PixelShuffle)
-GRID_PRESERVING_FUNCTIONS = {torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, torch.transpose,
-                             torch.permute, F.relu, torch.relu, F.max_pool1d, F.max_pool2d, F.dropout, operator.getitem,
-                             torch.chunk, torch.split, torch.unbind, torch.repeat_interleave, F.pixel_shuffle,
-                             torch.roll}
-GRID_PRESERVING_METHODS = {"view", "reshape", "flatten", "permute", "transpose", "contiguous", "squeeze", "unsqueeze",
-                           "expand", "relu", "chunk", "split", "unbind", "repeat_interleave", "roll"}
+# (those the integer model applies to codes, and ReLU and dropout)
+GRID_PRESERVING_FUNCTIONS = {*ops.CODE_PRESERVING_FUNCTIONS, F.relu, torch.relu, F.dropout}
+GRID_PRESERVING_METHODS = ops.CODE_PRESERVING_METHODS | {"relu"}
 SHAPE_OPS = {getattr, "size", "dim"}  # shape arithmetic, not tensor compute
 # Masks from the graph's inputs (`ids != 0`, then `.float()`): comparisons and casts of booleans are exact,
 # and integer ops in the runtime (ONNX Equal/Not/Cast on int64 ids), not float islands.
