@@ -590,3 +590,31 @@ def test_strided_slices_convert_and_run_in_onnx_runtime(tmp_path):
     x = torch.randn(16, 3, 12, 12)
     integer = converts_exactly(_calibrated(model, x), model, x, 0.1)
     runs_in_onnx_runtime(integer, x, tmp_path / "focus.onnx")
+
+
+class IndexedLinear(nn.Module):
+    """Channels reordered by an index buffer (x[:, order]); a weight-normalised projection computed in forward
+    (F.linear of a (B, T, C) input with a computed weight: a float op); a layer called as F.linear with its own
+    weight and bias (quantized as when called)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.fc = nn.Conv1d(4, 6, 3, padding=1), nn.Linear(6, 5)
+        self.register_buffer("order", torch.tensor([5, 3, 1, 0, 2, 4]))
+        self.v, self.g = nn.Parameter(torch.randn(6, 6)), nn.Parameter(torch.rand(6, 1) + 0.5)
+
+    def forward(self, x):
+        h = torch.relu(self.stem(x))[:, self.order].transpose(1, 2)  # (B, T, 6)
+        h = F.linear(h, self.v * (self.g / self.v.norm(dim=1, keepdim=True)))
+        return F.linear(h.mean(1), self.fc.weight, self.fc.bias)
+
+
+def test_index_tensors_and_functional_linear_convert_and_run_in_onnx_runtime(tmp_path):
+    torch.manual_seed(0)
+    model = IndexedLinear().eval()
+    x = torch.randn(16, 4, 7)
+    qat = _calibrated(model, x)
+    assert [row["name"] for row in qat.qat_info.layers] == ["stem", "fc"]
+    assert sum(type(m).__name__ == "QLinear" for m in qat.modules()) == 1
+    integer = converts_exactly(qat, model, x, 0.1)
+    runs_in_onnx_runtime(integer, x, tmp_path / "indexed.onnx")

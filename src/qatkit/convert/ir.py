@@ -110,7 +110,10 @@ class _Writer:
             raise QatkitError(f"function {getattr(node.target, '__name__', node.target)!r} (node '{node.name}') has no "
                               f"integer-model form; allowed: {', '.join(sorted(ops.FUNCTIONS))}. Fix: express it "
                               "with those, or replace it by a supported module")
-        return {"op": "call", "fn": name, "args": self.arg(node.args), "kwargs": {k: self.arg(v) for k, v in node.kwargs.items()}}
+        args, kwargs = list(node.args), dict(node.kwargs)
+        if not args and "input" in kwargs:  # F.linear(input=x, ...): the input first, as every op reads it
+            args.append(kwargs.pop("input"))
+        return {"op": "call", "fn": name, "args": self.arg(args), "kwargs": {k: self.arg(v) for k, v in kwargs.items()}}
 
     def _call_method(self, node):
         if node.target not in ops.METHODS:

@@ -225,19 +225,23 @@ def _keep(ex, x: Value, op: str, extra: list[str], name: str, **attrs) -> Value:
 
 def _getitem(ex, x: Value, index, rank) -> Value:
     """x[i], x[a:b, i, None, ...]: one Slice over the sliced axes, a Gather per int (its axis then drops out), one
-    Unsqueeze for the new axes (None)."""
+    Unsqueeze for the new axes (None). A list of ints or an integer tensor (Swin's relative_position_index) is a
+    Gather whose indices take that axis's place."""
     if isinstance(index, int):
         out = ex.op("Gather", [x.name, ex.const("i", np.array(index, np.int64))], "item", axis=0)
         kind = "int" if x.kind == "shape" else x.kind
         return Value(out, kind, x.scale, x.zero_point)
     items = index if isinstance(index, list) else [index]
-    lists = [i for i in items if isinstance(i, list)]  # x[:, [-1]]: a Gather that keeps the axis
+    lists = [i for i in items if isinstance(i, list) or isinstance(i, Value)]  # x[:, [-1]], table[index]: Gathers
     if not all(i is None or i is Ellipsis or isinstance(i, int)
                or (isinstance(i, slice) and (i.step is None or type(i.step) is int and i.step > 0))
-               or (isinstance(i, list) and all(type(j) is int for j in i)) for i in items) \
-            or items.count(Ellipsis) > 1 or len(lists) > 1 or (lists and any(type(i) is int for i in items)):
+               or (isinstance(i, list) and all(type(j) is int for j in i))
+               or (isinstance(i, Value) and i.kind in ("int", "shape")) for i in items) \
+            or items.count(Ellipsis) > 1 or len(lists) > 1 or (lists and any(type(i) is int for i in items)) \
+            or (any(isinstance(i, Value) for i in items) and None in items):
         raise QatkitError(f"indexing with {index!r} has no ONNX form in qatkit. Fix: index with ints, slices (steps "
-                          "> 0), None, one ... and at most one list of ints (without ints beside it)")
+                          "> 0), None, one ... and at most one list of ints or integer tensor (without ints beside "
+                          "it; a tensor index without None beside it); a boolean mask: use torch.where")
     if Ellipsis in items:  # the axes it stands for, as full slices
         at = items.index(Ellipsis)
         items = items[:at] + [slice(None)] * (rank - sum(i is not None for i in items) + 1) + items[at + 1:]
@@ -253,8 +257,8 @@ def _getitem(ex, x: Value, index, rank) -> Value:
                               ex.const("ax", np.array([a for a, _ in sliced], np.int64)), *steps], "slice")
     for dropped, (axis, i) in enumerate((a, i) for a, i in enumerate(on_axes) if isinstance(i, int)):
         out = ex.op("Gather", [out, ex.const("i", np.array(i, np.int64))], "item", axis=axis - dropped)
-    for axis, i in ((a, i) for a, i in enumerate(on_axes) if isinstance(i, list)):
-        out = ex.op("Gather", [out, ex.const("i", np.array(i, np.int64))], "items", axis=axis)
+    for axis, i in ((a, i) for a, i in enumerate(on_axes) if isinstance(i, (list, Value))):
+        out = ex.op("Gather", [out, _i(ex, i)], "items", axis=axis)
     kept = [i for i in items if not isinstance(i, int)]  # the output's axes: slices, lists and new ones
     new_axes = [axis for axis, i in enumerate(kept) if i is None]
     if new_axes:
@@ -352,7 +356,7 @@ def _float_op(ex, node, short, args, kwargs, rank) -> Value:
         for i in range(len(torch_pads) // 2):
             begin[rank - 1 - i], end[rank - 1 - i] = torch_pads[2 * i], torch_pads[2 * i + 1]
         value = ex.const("v", np.array(_arg(args, kwargs, 3, "value", None) or 0.0, np.float32))
-        return Value(ex.op("Pad", [xf, ex.const("pads", np.array(begin + end, np.int64)), value], name,
+        return Value(ex.op("Pad", [xf, ex.shape_tensor(begin + end), value], name,  # pads may follow sizes
                            mode={"replicate": "edge"}.get(mode, mode)), "float")
     if short == "interpolate":
         return Value(_resize(ex, node, xf, args, kwargs, rank), "float")
@@ -441,7 +445,8 @@ def _float_op(ex, node, short, args, kwargs, rank) -> Value:
         extra = [ex.const("axes", np.array(axes, np.int64))] if axes else []
         return Value(ex.op("ReduceSum", [xf, *extra], name, keepdims=keep), "float")
     if short in ("linear", "conv1d", "conv2d", "conv_transpose1d", "conv_transpose2d"):  # float layers qatkit left float
-        inputs = [xf, _c(ex, kwargs["weight"])] + ([_c(ex, kwargs["bias"])] if kwargs.get("bias") is not None else [])
+        weight, bias = _arg(args, kwargs, 1, "weight", None), _arg(args, kwargs, 2, "bias", None)
+        inputs = [xf, _c(ex, weight)] + ([_c(ex, bias)] if bias is not None else [])
         if short.startswith("conv_transpose"):
             n = 1 if short.endswith("1d") else 2
             attrs = {k: (v if isinstance(v, list) else [v] * n) for k, v in
@@ -449,8 +454,11 @@ def _float_op(ex, node, short, args, kwargs, rank) -> Value:
                       ("output_padding", kwargs.get("output_padding", 0)), ("dilations", kwargs.get("dilation", 1)))}
             attrs["pads"] = attrs["pads"] * 2
             return Value(ex.op("ConvTranspose", inputs, name, group=kwargs.get("groups", 1), **attrs), "float")
-        if short == "linear":
+        if short == "linear" and rank == 2:
             return Value(ex.op("Gemm", inputs, name, transB=1), "float")
+        if short == "linear":  # x · Wᵀ (+ b) over the last axis of a (B, T, in) input
+            y = ex.op("MatMul", [xf, ex.op("Transpose", [inputs[1]], "wT", perm=[1, 0])], name)
+            return Value(ex.op("Add", [y, inputs[2]], f"{name}_bias") if bias is not None else y, "float")
         return Value(ex.op("Conv", inputs, name, strides=_ints(kwargs.get("stride", 1)),
                            pads=_ints(kwargs.get("padding", 0)) * 2, dilations=_ints(kwargs.get("dilation", 1)),
                            group=kwargs.get("groups", 1)), "float")

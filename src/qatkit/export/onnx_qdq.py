@@ -148,7 +148,7 @@ class _Exporter:
                                                        name=out_name))
                     outputs.append(helper.make_tensor_value_info(out_name, TensorProto.FLOAT, ["batch", *value.shape[1:]]))
             elif op == "constant":
-                self.env[name] = Value(self.const(name, self.model.tensor(node["value"]["tensor"]).numpy()), "float")
+                self.env[name] = self.tensor_value(name, node["value"]["tensor"])
             elif op == "quantize":
                 self.env[name] = self.quantize(self.floats(self.resolve(node["args"][0])), node, name)
             elif op == "qlayer":
@@ -184,8 +184,14 @@ class _Exporter:
         if isinstance(a, dict) and "node" in a:
             return self.env[a["node"]]
         if isinstance(a, dict) and "tensor" in a:
-            return Value(self.const("t", self.model.tensor(a["tensor"]).numpy()), "float")
+            return self.tensor_value("t", a["tensor"])
         return a
+
+    def tensor_value(self, hint: str, key: str) -> Value:
+        """A stored tensor as a constant, of the kind its dtype holds (an int64 index buffer is "int")."""
+        array = self.model.tensor(key).numpy()
+        kind = "bool" if array.dtype == np.bool_ else "int" if np.issubdtype(array.dtype, np.integer) else "float"
+        return Value(self.const(hint, array), kind)
 
     def align_channels(self, x: Value, codes: np.ndarray, name: str) -> tuple[Value, np.ndarray]:
         """A conv whose input channels are not a multiple of CHANNEL_ALIGN (an RGB stem: 3) gets zero-point

@@ -53,7 +53,7 @@ def prepare(model: nn.Module, config: QATConfig | None = None, example_inputs: t
             "qatkit: could not trace " + "; ".join(info.untraced)
             + ". Their own code runs in float; their Conv/Linear layers are quantized at their inputs (module swap). "
             "QAT trains; convert and ONNX export need the whole model traced: branch on shapes, not tensor values "
-            "(torch.where computes both ways), and pass example_inputs to qatkit.prepare.",
+            "(torch.where computes both ways), and pass example_inputs to qatkit.prepare." + _size_hint(info.untraced),
             stacklevel=2,
         )
     if info.traced_along_example:
@@ -77,8 +77,19 @@ def prepare(model: nn.Module, config: QATConfig | None = None, example_inputs: t
         raise QatkitError(f"the QAT model fails on the example input, which the float model runs ({error}): "
                           f"prepare's graph of {parts} does not compute what the model does. Fix: make the model "
                           "traceable as a whole (branch on shapes, not on values or None arguments of submodules), "
-                          "or leave the failing module out of QAT with LayerRule(pattern=..., skip=True)")
+                          "or leave the failing module out of QAT with LayerRule(pattern=..., skip=True)"
+                          + _size_hint(info.untraced))
     return qat
+
+
+def _size_hint(untraced: list[str]) -> str:
+    """The fix for the commonest untraceable line: a size passed through int()/float(), which must return a real
+    number, so fx cannot trace it and a trace along the example freezes the example's batch into it."""
+    if not any("argument must be a string" in why and "'Proxy'" in why for why in untraced):
+        return ""
+    return (". The model converts a size with int() or float() (as old timm's window_reverse, "
+            "int(windows.shape[0] / (H * W / ws / ws))): write the size with // or let view/reshape infer it with -1 "
+            "(timm >= 0.9: windows.view(-1, H // ws, W // ws, ws, ws, C))")
 
 
 def _prepare_module(module: nn.Module, prefix: str, config: QATConfig, plans, info: PrepareInfo,
@@ -108,7 +119,7 @@ def _prepare_module(module: nn.Module, prefix: str, config: QATConfig, plans, in
                                      f"{', '.join(map(str, checked))}. Keep inputs shaped as the example (the batch "
                                      "size may change)")
     sub_plans = {k[len(prefix) + 1:] if prefix else k: v for k, v in plans.items() if not prefix or k.startswith(prefix + ".")}
-    sub_info = prepare_graph(gm, config, sub_plans)
+    sub_info = prepare_graph(gm, config, sub_plans, module)
     for row in sub_info.layers:
         row["name"] = f"{prefix}.{row['name']}" if prefix else row["name"]
         info.layers.append(row)

@@ -128,13 +128,12 @@ def _matmul_plan(equation: str, operands: int) -> tuple[list[int], list[int], li
 
 
 class _Rewriter:
-    def __init__(self, gm: fx.GraphModule, config: QATConfig, plans: dict[str, LayerPlan]):
-        self.gm, self.graph, self.config, self.plans = gm, gm.graph, config, plans
+    def __init__(self, gm: fx.GraphModule, config: QATConfig, plans: dict[str, LayerPlan], root: nn.Module):
+        self.gm, self.graph, self.config, self.plans, self.root = gm, gm.graph, config, plans, root
         self.modules = dict(gm.named_modules())
         self.info = PrepareInfo()
         self.wrapped: dict[fx.Node, LayerPlan] = {}
         self.wrapped_targets: set[str] = set()
-        self.calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
         self.quantized: dict[fx.Node, str] = {}  # node whose output is integer -> its quantizer's path
         self.inserted: dict[fx.Node, fx.Node] = {}  # float node -> quantizer node added after it
         self.erased: set[fx.Node] = set()
@@ -142,6 +141,10 @@ class _Rewriter:
         self.sizes: set[fx.Node] = set()  # x.size(), x.shape and arithmetic on them (also masks)
 
     def run(self) -> PrepareInfo:
+        for node in list(self.graph.nodes):
+            if node.op == "call_function" and node.target is F.linear:
+                self._functional_linear(node)
+        self.calls = Counter(n.target for n in self.graph.nodes if n.op == "call_module")
         for node in list(self.graph.nodes):
             if node.op == "call_function" and node.target is F.dropout:
                 self._dropout_module(node)
@@ -221,6 +224,37 @@ class _Rewriter:
                 out = g.call_method("permute", (out, *plan[2]))
         node.replace_all_uses_with(out)
         g.erase_node(node)
+
+    def _functional_linear(self, node: fx.Node) -> None:
+        """F.linear(x, self.qkv.weight, bias) with an nn.Linear's own weight (timm's Swin V2, BEiT, EVA: the qkv
+        bias concatenated from q_bias, zeros and v_bias): that layer called on x, plus the bias, so the layer is
+        quantized as when called. Other weights (computed, or not an nn.Linear's) stay a float op."""
+        names = ("input", "weight", "bias")
+        a = dict(zip(names, (None, None, None)))
+        a.update(zip(names, node.args), **node.kwargs)
+        weight = a["weight"]
+        if not (isinstance(weight, fx.Node) and weight.op == "get_attr" and weight.target.endswith(".weight")):
+            return
+        path = weight.target[: -len(".weight")]
+        try:  # the model's layer: the traced module holds only its weight, in a plain nn.Module
+            layer = self.root.get_submodule(path)
+        except AttributeError:
+            return
+        bias = a["bias"]
+        own_bias = isinstance(bias, fx.Node) and bias.op == "get_attr" and bias.target == f"{path}.bias"
+        if type(layer) is not nn.Linear or not (own_bias or layer.bias is None):
+            return
+        self.gm.add_submodule(path, layer)
+        self.modules[path] = layer
+        with self.graph.inserting_before(node):
+            out = self.graph.call_module(path, (a["input"],))
+            if bias is not None and not own_bias:
+                out = self.graph.call_function(operator.add, (out, bias))
+        node.replace_all_uses_with(out)
+        self.graph.erase_node(node)
+        for attr in (weight, bias):
+            if isinstance(attr, fx.Node) and attr.op == "get_attr" and not attr.users:
+                self.graph.erase_node(attr)
 
     def _dropout_module(self, node: fx.Node) -> None:
         """F.dropout(x, p, self.training): tracing froze `training` to the mode at prepare time; an nn.Dropout
@@ -466,6 +500,6 @@ class _Rewriter:
                 self.graph.erase_node(old)
 
 
-def prepare_graph(gm: fx.GraphModule, config: QATConfig, plans: dict[str, LayerPlan]) -> PrepareInfo:
-    """Rewrite `gm` in place into its QAT form; returns what was done."""
-    return _Rewriter(gm, config, plans).run()
+def prepare_graph(gm: fx.GraphModule, config: QATConfig, plans: dict[str, LayerPlan], root: nn.Module) -> PrepareInfo:
+    """Rewrite `gm` (traced from `root`) in place into its QAT form; returns what was done."""
+    return _Rewriter(gm, config, plans, root).run()
