@@ -12,17 +12,17 @@ from qatkit.convert import convert
 
 
 class Odd(nn.Module):
-    """A conv net with ops that have no integer kernel: LocalResponseNorm, a transposed conv, a custom elementwise op."""
+    """A conv net with ops that have no integer kernel: randomized leaky ReLU, a transposed conv, a custom elementwise op."""
 
     def __init__(self):
         super().__init__()
         self.conv = nn.Conv2d(1, 4, 3, padding=1)
-        self.norm = nn.LocalResponseNorm(2)
+        self.act = nn.RReLU()
         self.up = nn.ConvTranspose2d(4, 4, 2, stride=2)
         self.fc = nn.Linear(4, 3)
 
     def forward(self, x):
-        x = self.up(self.norm(self.conv(x)))
+        x = self.up(self.act(self.conv(x)))
         x = torch.tanh(x) * x  # no integer kernel either
         return self.fc(x.mean(dim=(2, 3)))
 
@@ -34,21 +34,21 @@ def test_unquantizable_ops_are_listed_and_stay_float():
     with pytest.warns(UserWarning) as record:
         qat = qatkit.prepare(model, qatkit.QATConfig(), x)
     messages = [str(w.message) for w in record]
-    assert any(re.match(r"qatkit: \d+ ops have no integer kernel and stay float: .*norm \(LocalResponseNorm\).*up "
+    assert any(re.match(r"qatkit: \d+ ops have no integer kernel and stay float: .*act \(RReLU\).*up "
                         r"\(ConvTranspose2d\)", m) for m in messages)
     # said before training, not only when convert refuses: the ops without an integer-model form (the transposed conv
     # and tanh run as float ops)
-    assert any(m.startswith("qatkit: QAT trains, but convert and ONNX export will refuse this model: norm "
-                            "(LocalResponseNorm) has no integer-model form (allowed modules: ") for m in messages)
+    assert any(m.startswith("qatkit: QAT trains, but convert and ONNX export will refuse this model: act "
+                            "(RReLU) has no integer-model form (allowed modules: ") for m in messages)
     qatkit.calibrate(qat, [x])
     qat.eval()
     report = qatkit.describe(qat)
-    assert "norm (LocalResponseNorm)" in report and "up (ConvTranspose2d)" in report and "tanh" in report
+    assert "act (RReLU)" in report and "up (ConvTranspose2d)" in report and "tanh" in report
     assert {r["name"] for r in qat.qat_info.layers} == {"conv", "fc"}  # the quantizable layers are quantized
     y = qat(x)
     assert torch.isfinite(y).all() and (y - model(x)).abs().max() < 0.5  # runs, close to float
-    with pytest.raises(qatkit.QatkitError, match=r"module 'norm' \(LocalResponseNorm\) has no integer-model form; allowed: "
-                                                 r"AdaptiveAvgPool1d, .*Upsample, the layers qatkit quantizes, and "
+    with pytest.raises(qatkit.QatkitError, match=r"module 'act' \(RReLU\) has no integer-model form; allowed: "
+                                                 r"AdaptiveAvgPool1d, .*ZeroPad2d, the layers qatkit quantizes, and "
                                                  r"parameter-free modules that return their input in eval mode .*Fix:"):
         convert(qat)  # converting needs every op in the integer op table: a clear error, not a crash
 

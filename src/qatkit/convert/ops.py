@@ -33,6 +33,9 @@ _FUNCTIONS = [
     torch.tril, torch.triu, torch.einsum, operator.pow, torch.pow, torch.rsqrt, torch.sin, torch.cos,
     torch.repeat_interleave, torch.unbind, F.group_norm, F.normalize, F.pixel_shuffle, F.instance_norm, torch.roll,
     *([F.rms_norm] if hasattr(F, "rms_norm") else []),  # F.rms_norm, nn.RMSNorm: torch >= 2.4
+    F.elu, F.selu, F.celu, F.softplus, F.mish, F.prelu, F.glu, F.log_softmax, F.softmin, F.logsigmoid, F.softsign,
+    F.tanhshrink, F.hardshrink, F.softshrink, F.threshold, F.local_response_norm, F.pixel_unshuffle,
+    F.channel_shuffle, torch.unflatten, F.adaptive_max_pool1d, F.adaptive_max_pool2d,
 ]
 FUNCTIONS = {f"{getattr(fn, '__module__', None) or 'builtins'}.{fn.__name__}": fn for fn in _FUNCTIONS}
 NAME_OF = {fn: name for name, fn in FUNCTIONS.items()}
@@ -42,14 +45,15 @@ ATTRIBUTES = ("shape", "device", "dtype")
 METHODS = {"view", "reshape", "permute", "transpose", "flatten", "contiguous", "softmax", "mean", "sum", "size",
            "relu", "sigmoid", "unsqueeze", "squeeze", "expand", "mul", "add", "matmul", "dim", "float", "clamp",
            "masked_fill", "new_zeros", "new_ones", "new_full", "chunk", "split", "tril", "triu", "to", "type_as",
-           "pow", "rsqrt", "sqrt", "exp", "neg", "sin", "cos", "repeat_interleave", "unbind", "norm", "roll"}
+           "pow", "rsqrt", "sqrt", "exp", "neg", "sin", "cos", "repeat_interleave", "unbind", "norm", "roll", "unflatten"}
 # Ops applied to integer codes directly: they keep values on the grid (ReLU handled with the zero point);
 # chunk, split and unbind give a tuple of pieces on the same grid. prepare lets quantization pass through them.
 CODE_PRESERVING_FUNCTIONS = (torch.flatten, torch.reshape, torch.transpose, torch.permute, torch.squeeze,
                              torch.unsqueeze, F.max_pool1d, F.max_pool2d, operator.getitem, torch.chunk, torch.split,
-                             torch.repeat_interleave, torch.unbind, F.pixel_shuffle, torch.roll)
+                             torch.repeat_interleave, torch.unbind, F.pixel_shuffle, torch.roll, F.pixel_unshuffle,
+                             F.channel_shuffle, torch.unflatten, F.adaptive_max_pool1d, F.adaptive_max_pool2d)
 CODE_PRESERVING_METHODS = {"view", "reshape", "permute", "transpose", "flatten", "contiguous", "squeeze", "unsqueeze",
-                           "expand", "chunk", "split", "repeat_interleave", "unbind", "roll"}
+                           "expand", "chunk", "split", "repeat_interleave", "unbind", "roll", "unflatten"}
 CODE_PRESERVING = {NAME_OF[f] for f in CODE_PRESERVING_FUNCTIONS} | CODE_PRESERVING_METHODS | {"identity"}
 RELU = {NAME_OF[torch.relu], NAME_OF[F.relu], "relu"}
 
@@ -101,7 +105,16 @@ MODULES = {
     nn.ConvTranspose1d: (F.conv_transpose1d, ("weight", "bias"), lambda m: _transpose_kwargs(m)),
     nn.ConvTranspose2d: (F.conv_transpose2d, ("weight", "bias"), lambda m: _transpose_kwargs(m)),
 }
-IDENTITY_MODULES = (nn.Dropout, nn.Identity)
+IDENTITY_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout,
+                    nn.Identity)
+# torch.nn modules whose forward is one call of a function above: traced through (fx records the call), not kept
+# as modules, so that the integer model and the ONNX export know them by their function.
+TRACED_THROUGH = (nn.ELU, nn.SELU, nn.CELU, nn.Softplus, nn.Mish, nn.PReLU, nn.GLU, nn.LogSoftmax, nn.Softmax2d,
+                  nn.Softmin, nn.LogSigmoid, nn.Softsign, nn.Tanhshrink, nn.Hardshrink, nn.Softshrink, nn.Threshold,
+                  nn.LocalResponseNorm, nn.PixelUnshuffle, nn.ChannelShuffle, nn.Unflatten, nn.AdaptiveMaxPool1d,
+                  nn.AdaptiveMaxPool2d, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d, nn.ZeroPad1d, nn.ZeroPad2d,
+                  nn.ConstantPad1d, nn.ConstantPad2d, nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReplicationPad1d,
+                  nn.ReplicationPad2d, *([nn.CircularPad1d, nn.CircularPad2d] if hasattr(nn, "CircularPad2d") else []))
 
 
 def own_parameter_free(module: nn.Module) -> bool:
@@ -139,4 +152,4 @@ def convertible(node, modules: dict) -> bool:
 
 
 def supported_modules() -> str:
-    return ", ".join(sorted({t.__name__ for t in MODULES} | {t.__name__ for t in IDENTITY_MODULES}))
+    return ", ".join(sorted({t.__name__ for t in (*MODULES, *IDENTITY_MODULES, *TRACED_THROUGH)}))

@@ -169,11 +169,46 @@ def _quantize(ins, a):  # sat(rint(x / s) + z), per tensor
     return on.quantize_linear(ins[0], ins[1], z, *_qrange(z.dtype))
 
 
+def _ceil_pads(sizes, a: dict) -> list[int]:
+    """The pool's pads, with the end pads grown where ceil_mode adds a partial last window (one that starts
+    before the end padding, as PyTorch and ONNX Runtime count them)."""
+    k = a["kernel_shape"]
+    nd = len(k)
+    s, d, p = a.get("strides", [1] * nd), a.get("dilations", [1] * nd), list(a.get("pads", [0] * 2 * nd))
+    if a.get("ceil_mode", 0):
+        for i, n in enumerate(sizes):
+            span = n + p[i] + p[i + nd] - d[i] * (k[i] - 1) - 1
+            out = -(-span // s[i]) + 1
+            out -= (out - 1) * s[i] >= n + p[i]
+            p[i + nd] += max((out - 1) * s[i] - span, 0)
+    return p
+
+
+def _avgpool(ins, a):
+    """AveragePool in float32, each window summed in row-major order (as ONNX Runtime's QLinearAveragePool) and
+    divided by its cells in the image, or (count_include_pad) in the padded image; a partial last window
+    (ceil_mode) counts only those."""
+    x, k = ins[0], a["kernel_shape"]
+    nd = len(k)
+    pads, p = _ceil_pads(x.shape[2:], a), list(a.get("pads", [0] * 2 * nd))
+    win = _windows(x.astype(f32), k, {**a, "pads": pads})
+    acc = np.zeros(win.shape[:2 + nd], f32)
+    for offset in np.ndindex(*k):
+        acc = acc + win[(Ellipsis, *offset)]
+    cells = np.ones((1, 1, *x.shape[2:]), f32)
+    if a.get("count_include_pad", 0):  # the padding counts, the ceil_mode extension does not
+        cells = np.pad(cells, [(0, 0), (0, 0)] + [(p[i], p[i + nd]) for i in range(nd)], constant_values=1)
+        pads = [0] * nd + [pads[i + nd] - p[i + nd] for i in range(nd)]
+    counts = _windows(cells, k, {**a, "pads": pads}).sum(axis=tuple(range(-nd, 0)))
+    return acc / counts
+
+
 def _maxpool(ins, a):  # (N,C,*S) -> (N,C,*So), on codes or floats
     x, k = ins[0], a["kernel_shape"]
-    if a.get("ceil_mode", 0) or a.get("auto_pad", "NOTSET") != "NOTSET":
-        raise bad_value("MaxPool ceil_mode/auto_pad", (a.get("ceil_mode"), a.get("auto_pad")), "0 / NOTSET", "use explicit pads")
+    if a.get("auto_pad", "NOTSET") != "NOTSET":
+        raise bad_value("MaxPool auto_pad", a.get("auto_pad"), "NOTSET", "use explicit pads")
     fill = np.iinfo(x.dtype).min if x.dtype.kind in "iu" else -np.inf
+    a = {**a, "pads": _ceil_pads(x.shape[2:], a)}
     return _windows(x, k, a, fill).max(axis=tuple(range(-len(k), 0)))
 
 
@@ -223,13 +258,13 @@ def _pad(ins, a):
 
 
 def _resize(ins, a):
-    """Resize, nearest with the asymmetric floor mapping (PyTorch's 'nearest'): src = floor(dst / scale)."""
+    """Resize, nearest with the asymmetric floor mapping (PyTorch's 'nearest'): src = floor(dst / scale); linear."""
     x = ins[0]
-    mode = a.get("mode", "nearest")
+    mode, sizes, scales = a.get("mode", "nearest"), _opt(ins, 3), _opt(ins, 2)
+    if mode == "linear":
+        return _linear_resize(x, a, sizes, scales)
     if mode != "nearest":
-        raise bad_value("Resize mode", mode, "nearest", "the integer reference runs nearest upsampling only",
-                        cls=ModelFileError)
-    sizes, scales = _opt(ins, 3), _opt(ins, 2)
+        raise bad_value("Resize mode", mode, "nearest or linear", "export with one of those", cls=ModelFileError)
     for axis in range(2, x.ndim):
         n = x.shape[axis]
         if sizes is not None and len(sizes):  # src = floor(dst · in/out)
@@ -238,6 +273,39 @@ def _resize(ins, a):
             src = np.floor(np.arange(int(np.floor(n * scales[axis]))) / f32(scales[axis]))
         x = np.take(x, np.minimum(src.astype(i64), n - 1), axis=axis)
     return x
+
+
+def _linear_resize(x, a, sizes, scales):
+    """Resize mode 'linear' (PyTorch's (bi)linear): one axis at a time, each output sample between the two input
+    samples around its source coordinate, half_pixel (clamped at the edges) or align_corners."""
+    for axis in range(2, x.ndim):
+        n = x.shape[axis]
+        m = int(sizes[axis]) if sizes is not None and len(sizes) else int(np.floor(n * scales[axis]))
+        dst = np.arange(m, dtype=f32)
+        if a.get("coordinate_transformation_mode") == "align_corners":
+            src = dst * f32((n - 1) / (m - 1)) if m > 1 else np.zeros(m, f32)
+        else:
+            src = np.maximum((dst + f32(0.5)) / f32(m / n if sizes is not None and len(sizes) else scales[axis]) - f32(0.5), f32(0))
+        lo = np.minimum(np.floor(src).astype(i64), n - 1)
+        hi, w = np.minimum(lo + 1, n - 1), _bcast((src - lo).astype(f32), x.ndim, axis)
+        x = np.take(x, lo, axis=axis) * (f32(1) - w) + np.take(x, hi, axis=axis) * w
+    return x
+
+
+def _lrn(ins, a):  # x / (bias + α/n · Σ x² over the n channels around c)^β
+    x, n = ins[0], a["size"]
+    padded = np.pad(np.square(x), [(0, 0), ((n - 1) // 2, n // 2)] + [(0, 0)] * (x.ndim - 2))
+    sums = sum(padded[:, i:i + x.shape[1]] for i in range(n))
+    return x / np.power(f32(a.get("bias", 1.0)) + f32(a.get("alpha", 1e-4) / n) * sums, f32(a.get("beta", 0.75)))
+
+
+def _shrink(ins, a):  # x - bias above λ, x + bias below -λ, 0 between
+    x, lambd, bias = ins[0], f32(a.get("lambd", 0.5)), f32(a.get("bias", 0.0))
+    return np.where(x > lambd, x - bias, np.where(x < -lambd, x + bias, f32(0))).astype(f32)
+
+
+def _softplus(x):  # log(1 + eˣ) without overflow
+    return np.where(x > 0, x + np.log1p(np.exp(-np.abs(x))), np.log1p(np.exp(np.minimum(x, 0)))).astype(f32)
 
 
 def _instance_norm(ins, a):  # (N, C, ...) normalised over the spatial axes, per sample and channel
@@ -310,6 +378,17 @@ _OPS = {  # op_type -> handler(inputs, attributes) -> output(s); float ops compu
                     + f32(a.get("beta", 1.0)) * _opt(i, 2, f32(0)),
     "Conv": lambda i, a: _conv(i[0], i[1], a, f32) + _bcast(_opt(i, 2, f32(0)), i[0].ndim, 1),
     "GlobalAveragePool": lambda i, a: i[0].mean(axis=tuple(range(2, i[0].ndim)), keepdims=True, dtype=f32),
+    "ReduceMax": lambda i, a: i[0].max(axis=_axes(i, a), keepdims=bool(a.get("keepdims", 1))),
+    "Elu": lambda i, a: np.where(i[0] >= 0, i[0], f32(a.get("alpha", 1.0)) * (np.exp(i[0]) - f32(1))),
+    "Celu": lambda i, a: (np.maximum(i[0], f32(0)) + np.minimum(f32(0), (al := f32(a.get("alpha", 1.0)))
+                                                                * (np.exp(i[0] / al) - f32(1)))),
+    "Selu": lambda i, a: f32(a.get("gamma", 1.0507009873554805)) * np.where(
+        i[0] > 0, i[0], f32(a.get("alpha", 1.6732632423543772)) * np.exp(i[0]) - f32(a.get("alpha", 1.6732632423543772))),
+    "Softplus": lambda i, a: _softplus(i[0]), "Softsign": lambda i, a: i[0] / (f32(1) + np.abs(i[0])),
+    "PRelu": lambda i, a: np.where(i[0] < 0, i[1] * i[0], i[0]).astype(f32),
+    "LogSoftmax": lambda i, a: (d := i[0] - i[0].max(a.get("axis", -1), keepdims=True))
+                               - np.log(np.exp(d).sum(a.get("axis", -1), keepdims=True)),
+    "Shrink": _shrink, "LRN": _lrn, "AveragePool": _avgpool,
 }
 
 

@@ -14,7 +14,7 @@ from qatkit.errors import QatkitError
 
 BINARY = {"add": "Add", "iadd": "Add", "sub": "Sub", "mul": "Mul", "truediv": "Div", "matmul": "MatMul"}
 UNARY = {"relu": "Relu", "sigmoid": "Sigmoid", "tanh": "Tanh", "sqrt": "Sqrt", "exp": "Exp", "neg": "Neg", "sin": "Sin",
-         "cos": "Cos"}
+         "cos": "Cos", "softsign": "Softsign", "selu": "Selu"}  # (ONNX's Selu constants are PyTorch's)
 COMPARE = {"eq": "Equal", "ne": "Equal", "lt": "Less", "le": "LessOrEqual", "gt": "Greater", "ge": "GreaterOrEqual"}
 LOGICAL = {"and_": "And", "or_": "Or"}
 FACTORIES = ("zeros", "ones", "full", "arange", "zeros_like", "ones_like", "full_like", "new_zeros", "new_ones",
@@ -149,12 +149,57 @@ def export_call(ex, node: dict) -> Value:
         return _keep(ex, x, short.capitalize(), axes, name)
     if short == "pixel_shuffle":  # (N, C·r², H, W) -> (N, C, H·r, W·r): ONNX's DepthToSpace in CRD order, on x as it is
         return _keep(ex, x, "DepthToSpace", [], name, blocksize=_arg(args, kwargs, 1, "upscale_factor", None), mode="CRD")
+    if short == "pixel_unshuffle":  # (N, C, H·r, W·r) -> (N, C·r², H, W), channel c·r² + i·r + j ← (c, h·r + i, w·r + j)
+        r, c = _arg(args, kwargs, 1, "downscale_factor", None), ex.shapes[node["args"][0]["node"]].shape[1]
+        h, w = (Value(ex.op("Div", [_size(ex, x, axis).name, _i(ex, r)], "n"), "int") for axis in (2, 3))
+        blocks = _keep(ex, x, "Reshape", [ex.shape_tensor([0, c, h, r, w, r])], "blocks")
+        moved = _keep(ex, blocks, "Transpose", [], "moved", perm=[0, 1, 3, 5, 2, 4])
+        return _keep(ex, moved, "Reshape", [ex.shape_tensor([0, c * r * r, h, w])], name)
+    if short == "channel_shuffle":  # (N, C, …): channels as (g, C/g), transposed to (C/g, g)
+        g, c = _arg(args, kwargs, 1, "groups", None), ex.shapes[node["args"][0]["node"]].shape[1]
+        grouped = _keep(ex, x, "Reshape", [ex.const("shape", np.array([0, g, c // g, -1], np.int64))], "groups")
+        moved = _keep(ex, grouped, "Transpose", [], "moved", perm=[0, 2, 1, 3])
+        return _keep(ex, moved, "Reshape", [ex.op("Shape", [x.name], "shape")], name)
+    if short == "unflatten":  # one axis as several: the axes before it copied (0), those after as the example's
+        dim = _axis(_arg(args, kwargs, 1, "dim", None), rank)
+        tail = list(ex.shapes[node["args"][0]["node"]].shape[dim + 1:])
+        return _keep(ex, x, "Reshape", [ex.shape_tensor([0] * dim + list(_arg(args, kwargs, 2, "sizes", None)) + tail)],
+                     name)
+    if short in ("adaptive_max_pool1d", "adaptive_max_pool2d"):
+        return _adaptive_max_pool(ex, node, x, args, kwargs, rank)
     if short == "roll":
         return _roll(ex, node, x, _arg(args, kwargs, 1, "shifts", None), _arg(args, kwargs, 2, "dims", None), rank)
     if short == "repeat_interleave":
         return _repeat_interleave(ex, x, _arg(args, kwargs, 1, "repeats", None), _arg(args, kwargs, 2, "dim", None),
                                   rank, name)
     return _float_op(ex, node, short, args, kwargs, rank)
+
+
+def _size(ex, x: Value, axis: int) -> Value:
+    """x.size(axis) as an int64 scalar of the graph."""
+    return Value(ex.op("Gather", [ex.op("Shape", [x.name], "shape"), ex.const("i", np.array(axis, np.int64))], "dim"),
+                 "int")
+
+
+def _adaptive_max_pool(ex, node, x: Value, args, kwargs, rank: int) -> Value:
+    """Adaptive max pooling on x as it is (codes: the max of codes is the code of the max): to size 1 a ReduceMax
+    over the spatial axes (any input size); otherwise a MaxPool whose windows tile the example's sizes."""
+    name, spatial = node["name"], rank - 2
+    size, indices = _arg(args, kwargs, 1, "output_size", None), _arg(args, kwargs, 2, "return_indices", False)
+    size = list(size) if isinstance(size, (list, tuple)) else [size] * spatial
+    src = x.name if x.kind == "quant" else ex.floats(x)
+    kind = (x.kind, x.scale, x.zero_point) if x.kind == "quant" else ("float",)
+    if indices:
+        raise QatkitError(f"adaptive max pooling with return_indices=True (node '{name}') has no ONNX form in qatkit. "
+                          "Fix: pool without the indices")
+    if set(size) == {1}:
+        return Value(ex.op("ReduceMax", [src], name, keepdims=1, axes=list(range(2, rank))), *kind)  # (opset 17)
+    sizes = list(ex.shapes[node["args"][0]["node"]].shape[2:])
+    if any(o is None or n % o for n, o in zip(sizes, size)):
+        raise QatkitError(f"adaptive max pooling of sizes {sizes} to {size} (node '{name}'): the windows overlap "
+                          "unevenly, which ONNX's MaxPool cannot express. Fix: pool to a size that divides the input's")
+    kernel = [n // o for n, o in zip(sizes, size)]
+    return Value(ex.op("MaxPool", [src], name, kernel_shape=kernel, strides=kernel), *kind)
 
 
 def _repeat_interleave(ex, x: Value, repeats, dim, rank: int, name: str) -> Value:
@@ -321,6 +366,52 @@ def _float_op(ex, node, short, args, kwargs, rank) -> Value:
         return Value(ex.op("Clip", [xf, ex.const("lo", np.float32(0)), ex.const("hi", np.float32(6))], name), "float")
     if short == "silu":
         return Value(ex.op("Mul", [xf, ex.op("Sigmoid", [xf], "sig")], name), "float")
+    if short in ("elu", "celu"):
+        alpha = float(_arg(args, kwargs, 1, "alpha", 1.0))
+        return Value(ex.op(short.capitalize(), [xf], name, alpha=alpha), "float")
+    if short in ("softplus", "mish", "log_sigmoid"):  # softplus(βx)/β, x where βx > threshold (as PyTorch)
+        if short == "log_sigmoid":  # -softplus(-x)
+            return Value(ex.op("Neg", [ex.op("Softplus", [ex.op("Neg", [xf], "neg")], "sp")], name), "float")
+        beta, threshold = ((_arg(args, kwargs, 1, "beta", 1.0), _arg(args, kwargs, 2, "threshold", 20.0))
+                           if short == "softplus" else (1.0, 20.0))
+        bx = xf if beta == 1 else ex.op("Mul", [xf, _c(ex, beta)], "bx")
+        sp = ex.op("Softplus", [bx], "sp")
+        sp = sp if beta == 1 else ex.op("Div", [sp, _c(ex, beta)], "sp")
+        sp = ex.op("Where", [ex.op("Greater", [bx, _c(ex, threshold)], "big"), xf, sp],
+                   name if short == "softplus" else "softplus")
+        return Value(sp if short == "softplus" else ex.op("Mul", [xf, ex.op("Tanh", [sp], "t")], name), "float")
+    if short == "prelu":  # one slope per channel (axis 1): shaped (C, 1, …) to broadcast from the right
+        slope = _c(ex, args[1])
+        if rank > 2:
+            slope = ex.op("Reshape", [slope, ex.const("shape", np.array([-1] + [1] * (rank - 2), np.int64))], "slope")
+        return Value(ex.op("PRelu", [xf, slope], name), "float")
+    if short == "glu":  # a · sigmoid(b), a and b the halves of x along dim
+        dim = _axis(_arg(args, kwargs, 1, "dim", -1), rank)
+        half = ex.shapes[node["args"][0]["node"]].shape[dim] // 2
+        a, b = _slice_axis(ex, xf, 0, half, dim), _slice_axis(ex, xf, half, 2 * half, dim)
+        return Value(ex.op("Mul", [a, ex.op("Sigmoid", [b], "gate")], name), "float")
+    if short in ("log_softmax", "softmin"):
+        dim = _arg(args, kwargs, 1, "dim", None)
+        if short == "softmin":
+            return Value(ex.op("Softmax", [ex.op("Neg", [xf], "neg")], name, axis=dim), "float")
+        return Value(ex.op("LogSoftmax", [xf], name, axis=dim), "float")
+    if short == "tanhshrink":
+        return Value(ex.op("Sub", [xf, ex.op("Tanh", [xf], "t")], name), "float")
+    if short in ("hardshrink", "softshrink"):  # 0 within ±λ; x (hard) or x ∓ λ (soft) outside
+        lambd = float(_arg(args, kwargs, 1, "lambd", 0.5))
+        return Value(ex.op("Shrink", [xf], name, lambd=lambd, bias=lambd if short == "softshrink" else 0.0), "float")
+    if short == "_threshold":  # x where x > threshold, else value
+        threshold, value = _arg(args, kwargs, 1, "threshold", None), _arg(args, kwargs, 2, "value", None)
+        return Value(ex.op("Where", [ex.op("Greater", [xf, _c(ex, threshold)], "above"), xf, _c(ex, value)], name),
+                     "float")
+    if short == "local_response_norm":
+        size = _arg(args, kwargs, 1, "size", None)
+        if size % 2 == 0:  # PyTorch's window is [c - n/2, c + n/2 - 1], ONNX's LRN's [c - n/2 + 1, c + n/2]
+            raise QatkitError(f"LocalResponseNorm of an even size {size} (node '{name}') sums other channels than "
+                              "ONNX's LRN. Fix: use an odd size (AlexNet's and GoogLeNet's 5)")
+        return Value(ex.op("LRN", [xf], name, size=size, alpha=float(_arg(args, kwargs, 2, "alpha", 1e-4)),
+                           beta=float(_arg(args, kwargs, 3, "beta", 0.75)), bias=float(_arg(args, kwargs, 4, "k", 1.0))),
+                     "float")
     if short == "gelu":
         if kwargs.get("approximate", "none") != "none":
             raise QatkitError(f"GELU(approximate='tanh') (node '{name}') has no ONNX form in qatkit. Fix: use approximate='none'")
@@ -433,9 +524,13 @@ def _float_op(ex, node, short, args, kwargs, rank) -> Value:
         stride = _arg(args, kwargs, 2, "stride", None) or k
         pad = _arg(args, kwargs, 3, "padding", 0)
         k, stride, pad = ([v] * n if isinstance(v, int) else list(v) for v in (k, stride, pad))
+        ceil, count_pad = bool(kwargs.get("ceil_mode", False)), bool(kwargs.get("count_include_pad", True)) and any(pad)
+        if ceil and count_pad:  # ORT's QLinearAveragePool divides a partial last window by the kernel's size, PyTorch
+            # by its cells in the padded image: the padding as zeros first, then only image cells count
+            xf = ex.op("Pad", [xf, ex.const("pads", np.array([0, 0, *pad] * 2, np.int64))], "padded")
+            pad, count_pad = [0] * n, False
         return Value(ex.op("AveragePool", [xf], name, kernel_shape=k, strides=stride, pads=pad * 2,
-                           ceil_mode=int(bool(kwargs.get("ceil_mode", False))),
-                           count_include_pad=int(bool(kwargs.get("count_include_pad", True)))), "float")
+                           ceil_mode=int(ceil), count_include_pad=int(count_pad)), "float")
     if short in ("mean", "sum"):
         dim = _arg(args, kwargs, 1, "dim", None)
         keep = int(bool(_arg(args, kwargs, 2, "keepdim", False)))

@@ -1,7 +1,7 @@
 """Graph rewrite of a torch.fx-traced model into its QAT form.
 
 1. Conv/Linear (per the layer plan) become QAT wrappers; a BatchNorm right after a conv is folded
-   into it and a ReLU/ReLU6 right after is fused into its output range. F.dropout calls become
+   into it and a ReLU/ReLU6 right after is fused into its output range. F.dropout (dropout2d, …) calls become
    nn.Dropout modules (tracing froze their `training` argument to the mode at prepare time).
 2. Activation quantizers go exactly where an integer runtime quantizes: before every quantized
    layer whose input is not already integer (the graph input, a sigmoid, a LayerNorm...), at the
@@ -40,6 +40,9 @@ FUSABLE_ACT_FUNCTIONS = {F.relu: "relu", torch.relu: "relu", F.relu6: "relu6"}
 GRID_PRESERVING_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.Flatten, nn.Dropout, nn.Identity, nn.ReLU, nn.PixelShuffle)
 # (those the integer model applies to codes, and ReLU and dropout)
 GRID_PRESERVING_FUNCTIONS = {*ops.CODE_PRESERVING_FUNCTIONS, F.relu, torch.relu, F.dropout}
+DROPOUT_FUNCTIONS = {F.dropout: nn.Dropout, F.dropout1d: nn.Dropout1d, F.dropout2d: nn.Dropout2d,
+                     F.dropout3d: nn.Dropout3d, F.alpha_dropout: nn.AlphaDropout,
+                     F.feature_alpha_dropout: nn.FeatureAlphaDropout}
 GRID_PRESERVING_METHODS = ops.CODE_PRESERVING_METHODS | {"relu"}
 SHAPE_OPS = {getattr, "size", "dim"}  # shape arithmetic, not tensor compute
 # Masks from the graph's inputs (`ids != 0`, then `.float()`): comparisons and casts of booleans are exact,
@@ -146,7 +149,7 @@ class _Rewriter:
                 self._functional_linear(node)
         self.calls = Counter(n.target for n in self.graph.nodes if n.op == "call_module")
         for node in list(self.graph.nodes):
-            if node.op == "call_function" and node.target is F.dropout:
+            if node.op == "call_function" and node.target in DROPOUT_FUNCTIONS:
                 self._dropout_module(node)
             elif node.op == "call_function" and node.target is F.scaled_dot_product_attention:
                 self._attention(node)
@@ -257,11 +260,11 @@ class _Rewriter:
                 self.graph.erase_node(attr)
 
     def _dropout_module(self, node: fx.Node) -> None:
-        """F.dropout(x, p, self.training): tracing froze `training` to the mode at prepare time; an nn.Dropout
-        follows the QAT model's train()/eval() instead."""
+        """F.dropout(x, p, self.training) (or dropout2d, alpha_dropout…): tracing froze `training` to the mode at
+        prepare time; the matching module (nn.Dropout…) follows the QAT model's train()/eval() instead."""
         p = node.args[1] if len(node.args) > 1 else node.kwargs.get("p", 0.5)
         path = f"dropout_{node.name}"
-        self.gm.add_submodule(path, nn.Dropout(p))
+        self.gm.add_submodule(path, DROPOUT_FUNCTIONS[node.target](p))
         with self.graph.inserting_before(node):
             new = self.graph.call_module(path, (node.args[0],))
         node.replace_all_uses_with(new)

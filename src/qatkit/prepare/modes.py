@@ -14,6 +14,7 @@ import re
 import torch.nn.functional as F
 from torch import fx, nn
 
+from qatkit.convert import ops
 from qatkit.convert.ops import graph_in_mode, own_parameter_free
 
 _TENSOR_CONSTANT = re.compile(r"^_tensor_constant\d+$")
@@ -50,6 +51,8 @@ class LeafTracer(fx.Tracer):
         self._dependent: dict[int, bool] = {}
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if type(m) in ops.TRACED_THROUGH:  # nn.ELU, nn.ZeroPad2d…: their one functional call
+            return False
         if super().is_leaf_module(m, qualname):
             return True
         if id(m) not in self._dependent:

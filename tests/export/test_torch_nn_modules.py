@@ -1,0 +1,90 @@
+"""torch.nn's activation, padding, pooling and shuffling modules between two quantized convs: the integer model
+computes what PyTorch does (float64, nothing quantized), QAT eval = integer model bit for bit, ONNX Runtime within
+one step and the integer-only reference = ONNX Runtime."""
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import converts_exactly, runs_in_onnx_runtime
+from torch import nn
+
+import qatkit
+from qatkit.errors import QatkitError
+
+MODULES = {
+    "ELU": lambda: nn.ELU(0.7), "SELU": nn.SELU, "CELU": lambda: nn.CELU(1.3), "Softplus": lambda: nn.Softplus(2.0, 3.0),
+    "Mish": nn.Mish, "PReLU": lambda: nn.PReLU(8, 0.2), "LogSigmoid": nn.LogSigmoid, "Softsign": nn.Softsign,
+    "Tanhshrink": nn.Tanhshrink, "Hardshrink": lambda: nn.Hardshrink(0.3), "Softshrink": lambda: nn.Softshrink(0.3),
+    "Threshold": lambda: nn.Threshold(0.1, -0.5), "GLU": lambda: nn.GLU(1), "LogSoftmax": lambda: nn.LogSoftmax(1),
+    "Softmin": lambda: nn.Softmin(1), "Softmax2d": nn.Softmax2d, "LocalResponseNorm": lambda: nn.LocalResponseNorm(3),
+    "ZeroPad2d": lambda: nn.ZeroPad2d((1, 0, 2, 1)), "ConstantPad2d": lambda: nn.ConstantPad2d(1, 0.5),
+    "ReflectionPad2d": lambda: nn.ReflectionPad2d(1), "ReplicationPad2d": lambda: nn.ReplicationPad2d((0, 1, 1, 0)),
+    "Dropout2d": lambda: nn.Dropout2d(0.1), "AlphaDropout": lambda: nn.AlphaDropout(0.1),
+    "AdaptiveMaxPool2d(1)": lambda: nn.AdaptiveMaxPool2d(1), "AdaptiveMaxPool2d(4)": lambda: nn.AdaptiveMaxPool2d(4),
+    "PixelUnshuffle": lambda: nn.PixelUnshuffle(2), "ChannelShuffle": lambda: nn.ChannelShuffle(2),
+    "Unflatten": lambda: nn.Sequential(nn.Flatten(2), nn.Unflatten(2, (8, 8))),
+    "UpsamplingNearest2d": lambda: nn.UpsamplingNearest2d(scale_factor=2),
+    "UpsamplingBilinear2d": lambda: nn.UpsamplingBilinear2d(scale_factor=2),
+    "MaxPool2d(ceil_mode)": lambda: nn.MaxPool2d(3, 2, ceil_mode=True),
+    "AvgPool2d(ceil_mode)": lambda: nn.AvgPool2d(3, 2, ceil_mode=True),
+    "AvgPool2d(ceil_mode, padding)": lambda: nn.AvgPool2d(3, 2, padding=1, ceil_mode=True),
+    "AvgPool2d(ceil_mode, padding, count_include_pad=False)":
+        lambda: nn.AvgPool2d(3, 2, padding=1, ceil_mode=True, count_include_pad=False),
+}
+# a softmax over channels: ONNX Runtime's vectorised exp and numpy's differ in the last bit, so an output on a
+# rounding boundary may take the next step there (within one step, as verify allows)
+NOT_BIT_EXACT_IN_THE_REFERENCE = {"Softmax2d"}
+
+
+class Between(nn.Module):
+    """conv → the module → conv → mean → linear (8×8 images: the pools' partial last windows are real)."""
+
+    def __init__(self, mid: nn.Module):
+        super().__init__()
+        self.c1, self.mid = nn.Conv2d(3, 8, 3, padding=1), mid
+        self.c2, self.head = nn.Conv2d(mid(torch.zeros(1, 8, 8, 8)).shape[1], 8, 3, padding=1), nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.head(self.c2(self.mid(self.c1(x))).mean((2, 3)))
+
+
+@pytest.mark.parametrize("name", list(MODULES))
+def test_the_integer_model_computes_the_module_as_pytorch_does(name):
+    torch.manual_seed(0)
+    model = Between(MODULES[name]()).double().eval()
+    x = torch.randn(4, 3, 8, 8, dtype=torch.float64)
+    config = qatkit.QATConfig(rules=(qatkit.LayerRule(pattern="*", skip=True),))  # nothing quantized
+    qat = qatkit.prepare(model, config, x)
+    with torch.no_grad():
+        torch.testing.assert_close(qatkit.convert(qat.eval())(x), model(x), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", list(MODULES))
+def test_the_module_converts_and_runs_in_onnx_runtime(name, tmp_path):
+    torch.manual_seed(0)
+    model = Between(MODULES[name]()).eval()
+    x = torch.randn(16, 3, 8, 8)
+    qat = qatkit.prepare(model, qatkit.QATConfig(), x[:2])
+    qatkit.calibrate(qat, [x])
+    integer = converts_exactly(qat, model, x, 0.5)
+    if name in NOT_BIT_EXACT_IN_THE_REFERENCE:
+        from qatkit.export import export_onnx, verify
+
+        export_onnx(integer, tmp_path / "m.onnx", x[:1])
+        result = verify(tmp_path / "m.onnx", integer, [x])
+        assert result["within_one_step"] == 1.0 and result["top1_agreement"] == 1.0, result
+    else:
+        runs_in_onnx_runtime(integer, x, tmp_path / "m.onnx")
+
+
+def test_modules_onnx_cannot_express_are_refused_at_export_with_the_fix(tmp_path):
+    from qatkit.export import export_onnx
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 8, 8)
+    for mid, fix in ((nn.LocalResponseNorm(4), "use an odd size"), (nn.AdaptiveMaxPool2d(3), "divides the input")):
+        qat = qatkit.prepare(Between(mid).eval(), qatkit.QATConfig(), x[:2])
+        qatkit.calibrate(qat, [x])
+        with pytest.raises(QatkitError, match=fix):
+            export_onnx(qatkit.convert(qat.eval()), tmp_path / "m.onnx", x[:1])
+        assert not (tmp_path / "m.onnx").exists()
