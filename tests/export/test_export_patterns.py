@@ -618,3 +618,59 @@ def test_index_tensors_and_functional_linear_convert_and_run_in_onnx_runtime(tmp
     assert sum(type(m).__name__ == "QLinear" for m in qat.modules()) == 1
     integer = converts_exactly(qat, model, x, 0.1)
     runs_in_onnx_runtime(integer, x, tmp_path / "indexed.onnx")
+
+
+class ASPPPooling(nn.Module):
+    """DeepLab's image pooling branch: pooled to 1×1, upsampled back to the input's size (x.shape[-2:])."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.b1 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=2, dilation=2)
+        self.pool, self.proj = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(8, 8, 1), nn.ReLU()), nn.Conv2d(16, 4, 1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        pooled = F.interpolate(self.pool(x), size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return self.proj(torch.cat([torch.relu(self.b1(x)), pooled], 1))
+
+
+class FPNTopDown(nn.Module):
+    """A feature pyramid's top-down step: the coarse map upsampled to the lateral's size, added."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, stride=2, padding=1)
+        self.lateral, self.out = nn.Conv2d(8, 8, 1), nn.Conv2d(8, 4, 3, padding=1)
+
+    def forward(self, x):
+        fine = self.c1(x)
+        return self.out(self.lateral(fine) + F.interpolate(self.c2(fine), size=fine.shape[-2:], mode="nearest"))
+
+
+class UNetSkip(nn.Module):
+    """U-Net's up step (milesial/Pytorch-UNet): the upsampled map padded to the skip's size by the size difference,
+    which is negative (a crop) for odd inputs; a transposed conv (float) upsamples."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, stride=2, padding=1)
+        self.up, self.out = nn.ConvTranspose2d(8, 8, 2, stride=2), nn.Conv2d(16, 4, 3, padding=1)
+
+    def forward(self, x):
+        skip = self.c1(x)
+        up = self.up(self.c2(skip))
+        dy, dx = skip.size(2) - up.size(2), skip.size(3) - up.size(3)
+        up = F.pad(up, [dx // 2, dx - dx // 2, dy // 2, dy - dy // 2])
+        return self.out(torch.cat([skip, up], 1))
+
+
+@pytest.mark.parametrize("model_class", [ASPPPooling, FPNTopDown, UNetSkip])
+@pytest.mark.parametrize("size", [8, 9])
+def test_decoders_sized_by_other_tensors_run_in_onnx_runtime(model_class, size, tmp_path):
+    """Sizes taken from other tensors at run time (interpolate's size=, pads from size differences) are graph values
+    in ONNX; at size 9 the U-Net's difference is -1, whose floor division by 2 is Python's -1 (ONNX's Div: 0)."""
+    torch.manual_seed(0)
+    model = model_class().eval()
+    x = torch.randn(16, 3, size, size)
+    integer = converts_exactly(_calibrated(model, x), model, x, 0.2)
+    runs_in_onnx_runtime(integer, x, tmp_path / "decoder.onnx", top1=False)

@@ -140,6 +140,22 @@ def _conv(x, w, a: dict, dtype=f64) -> np.ndarray:
     return out.astype(i64) if dtype == f64 else out
 
 
+def _conv_transpose(ins, a):
+    """ConvTranspose (float32) as the conv it is the gradient of: the input spread out by the stride, padded by
+    d·(k - 1) - pads (+ output_padding at the end), convolved with the kernel flipped and in/out swapped."""
+    x, w, nd, g = ins[0], ins[1], ins[1].ndim - 2, a.get("group", 1)
+    s, d = a.get("strides", [1] * nd), a.get("dilations", [1] * nd)
+    p, extra = a.get("pads", [0] * 2 * nd), a.get("output_padding", [0] * nd)
+    spread = np.zeros((*x.shape[:2], *((n - 1) * s[i] + 1 for i, n in enumerate(x.shape[2:]))), f32)
+    spread[(Ellipsis, *(slice(None, None, v) for v in s))] = x
+    c_in, c_out = w.shape[0], w.shape[1] * g
+    flipped = np.flip(w.reshape(g, c_in // g, c_out // g, *w.shape[2:]).swapaxes(1, 2), tuple(range(3, 3 + nd)))
+    pads = [d[i] * (w.shape[2 + i] - 1) - p[i] for i in range(nd)]
+    pads += [d[i] * (w.shape[2 + i] - 1) - p[nd + i] + extra[i] for i in range(nd)]
+    out = _conv(spread, flipped.reshape(c_out, c_in // g, *w.shape[2:]), {"pads": pads, "dilations": d, "group": g}, f32)
+    return out + _bcast(_opt(ins, 2, f32(0)), out.ndim, 1)
+
+
 def _qrange(dtype) -> tuple[int, int]:
     return int(np.iinfo(dtype).min), int(np.iinfo(dtype).max)
 
@@ -248,9 +264,10 @@ def _cast(ins, a):  # qatkit casts masks to float, sizes to int64, masks to bool
 
 def _pad(ins, a):
     """Pad: constant (the exporter's zero-point channels), reflect or edge (a conv's padding mode) on codes;
-    pads = [begin of each axis..., end of each axis...]."""
+    pads = [begin of each axis..., end of each axis...]; a negative pad crops (U-Net's skip alignment)."""
     x, pads = ins[0], [int(p) for p in ins[1]]
-    widths = list(zip(pads[:x.ndim], pads[x.ndim:]))
+    x = x[tuple(slice(max(-b, 0), x.shape[i] - max(-e, 0)) for i, (b, e) in enumerate(zip(pads[:x.ndim], pads[x.ndim:])))]
+    widths = [(max(b, 0), max(e, 0)) for b, e in zip(pads[:x.ndim], pads[x.ndim:])]
     mode = a.get("mode", "constant")  # _attrs decoded it
     if mode != "constant":
         return np.pad(x, widths, mode=mode)  # numpy's reflect and edge are ONNX's
@@ -388,7 +405,7 @@ _OPS = {  # op_type -> handler(inputs, attributes) -> output(s); float ops compu
     "PRelu": lambda i, a: np.where(i[0] < 0, i[1] * i[0], i[0]).astype(f32),
     "LogSoftmax": lambda i, a: (d := i[0] - i[0].max(a.get("axis", -1), keepdims=True))
                                - np.log(np.exp(d).sum(a.get("axis", -1), keepdims=True)),
-    "Shrink": _shrink, "LRN": _lrn, "AveragePool": _avgpool,
+    "Shrink": _shrink, "LRN": _lrn, "AveragePool": _avgpool, "ConvTranspose": _conv_transpose,
 }
 
 

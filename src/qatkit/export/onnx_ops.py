@@ -347,8 +347,10 @@ def _float_op(ex, node, short, args, kwargs, rank) -> Value:
     if short in BINARY or short in ("floordiv", "mod"):
         integers = [a for a in (x, args[1]) if isinstance(a, Value) and a.kind in ("shape", "int") or type(a) is int]
         if len(integers) == 2 and short in ("add", "iadd", "sub", "mul", "floordiv", "mod"):  # sizes, ids, positions
-            int_op = {"floordiv": "Div", "mod": "Mod"}.get(short) or BINARY[short]  # Div: sizes ≥ 0; Mod: Python's sign
-            return Value(ex.op(int_op, [_i(ex, x), _i(ex, args[1])], name), "int")
+            a, b = _i(ex, x), _i(ex, args[1])
+            if short == "floordiv":  # Python's a // b = (a - a mod b) / b (Div alone truncates: -1 // 2 would be 0)
+                return Value(ex.op("Div", [ex.op("Sub", [a, ex.op("Mod", [a, b], "mod")], "a"), b], name), "int")
+            return Value(ex.op({"mod": "Mod"}.get(short) or BINARY[short], [a, b], name), "int")  # Mod: Python's sign
         if short in ("floordiv", "mod"):  # floor(a / b); a - floor(a / b)·b
             a, b = _c(ex, x), _c(ex, args[1])
             floor = ex.op("Floor", [ex.op("Div", [a, b], "div")], name if short == "floordiv" else "floor")
@@ -580,7 +582,10 @@ def _resize(ex, node, xf: str, args, kwargs, rank: int) -> str:
     if size is not None:
         lead = ex.op("Slice", [ex.op("Shape", [xf], "shp"), ex.const("s", np.array([0], np.int64)),
                                ex.const("e", np.array([2], np.int64))], "lead")  # (batch, channels)
-        spatial_sizes = ex.const("sizes", np.array(size if isinstance(size, list) else [size] * spatial, np.int64))
+        if isinstance(size, Value):  # another tensor's sizes (x.shape[-2:]): an int64 vector already
+            spatial_sizes = size.name
+        else:  # ints, or sizes of the graph (FPN's lateral.shape[-2:] given as a list)
+            spatial_sizes = ex.shape_tensor(size if isinstance(size, list) else [size] * spatial)
         inputs = [xf, "", "", ex.op("Concat", [lead, spatial_sizes], "sizes", axis=0)]
     else:
         scales = [1.0, 1.0] + (scale if isinstance(scale, list) else [scale] * spatial)
