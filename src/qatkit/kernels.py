@@ -52,6 +52,13 @@ def conv(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, stride, pads:
     return _CONV[nd](x, w, b, stride, 0, dilation, groups)
 
 
+def conv_transpose(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, stride, padding, output_padding,
+                   dilation, groups: int) -> torch.Tensor:
+    """ConvTranspose1d/2d (zero padding: on centred codes the real 0)."""
+    fn = F.conv_transpose1d if w.dim() == 3 else F.conv_transpose2d
+    return fn(x, w, b, stride, padding, output_padding, groups, dilation)
+
+
 def wrap_int32(acc: torch.Tensor) -> torch.Tensor:
     """The accumulator as an int32 register holds it: sums beyond ±2^31 wrap around (only degenerate
     layers get there, e.g. a bias saturated at int32 by a near-zero input scale)."""

@@ -234,27 +234,46 @@ def test_a_dict_of_outputs_is_refused_with_the_fix():
 
 
 class UpDown(nn.Module):
-    """A transposed conv (kept float) and an adaptive average pool to 2×2."""
+    """A transposed conv → BN → ReLU (a decoder's upsampling) and an adaptive average pool to 2×2."""
 
     def __init__(self):
         super().__init__()
         self.conv1 = nn.Conv2d(3, 8, 3, stride=2, padding=1)
-        self.up = nn.ConvTranspose2d(8, 8, 3, stride=2, padding=1, output_padding=1)
+        self.up, self.bn = nn.ConvTranspose2d(8, 8, 3, stride=2, padding=1, output_padding=1), nn.BatchNorm2d(8)
         self.conv2 = nn.Conv2d(8, 4, 3, padding=1)
         self.pool = nn.AdaptiveAvgPool2d(2)
         self.fc = nn.Linear(16, 5)
+        with torch.no_grad():
+            self.bn.running_mean.uniform_(-0.2, 0.2), self.bn.running_var.uniform_(0.5, 2.0)
 
     def forward(self, x):  # (B, 3, 8, 8) -> (B, 8, 4, 4) -> (B, 8, 8, 8) -> (B, 4, 2, 2)
-        x = self.pool(F.relu(self.conv2(F.relu(self.up(F.relu(self.conv1(x)))))))
+        x = self.pool(F.relu(self.conv2(F.relu(self.bn(self.up(F.relu(self.conv1(x))))))))
         return self.fc(torch.flatten(x, 1))
 
 
-def test_a_float_transposed_conv_and_an_adaptive_pool_export(tmp_path):
+def test_a_transposed_conv_is_quantized_with_its_bn_and_runs_in_onnx_runtime(tmp_path):
+    """Int8 weights (per output channel), BN folded, ReLU fused; ONNX Runtime has no integer kernel for it and runs
+    it in float on the dequantized codes: within one step, and the integer reference computes the same."""
+    torch.manual_seed(0)
+    model, x = UpDown().eval(), torch.randn(32, 3, 8, 8)
+    qat = _calibrated(model, x)
+    assert type(qat.up).__name__ == "QConvTransposeBn" and qat.up.act == "relu"
+    assert qat.up.weight_quant.scale.numel() == 8
+    integer = converts_exactly(qat, model, x, 0.1)
+    assert next(n for n in integer.nodes if n.get("module") == "up")["kind"] == "conv_transpose"
+    notes = export_onnx(integer, tmp_path / "m.onnx", x[:1])
+    assert any(n.startswith("ConvTranspose 'up' stores int8 weights") for n in notes)
+    runs_in_onnx_runtime(integer, x, tmp_path / "m.onnx")
+
+
+def test_a_float_transposed_conv_exports_as_a_float_island(tmp_path):
     torch.manual_seed(0)
     x = torch.randn(32, 3, 8, 8)
-    with pytest.warns(UserWarning, match=r"stay float: up \(ConvTranspose2d\)"):
-        qat = _calibrated(UpDown(), x)
-    integer = qatkit.convert(qat)
+    config = qatkit.QATConfig(first_last_bits=None, rules=(qatkit.LayerRule(pattern="up", skip=True),))
+    with pytest.warns(UserWarning, match=r"stay float: up \(ConvTranspose2d, skipped by rule\)"):
+        qat = qatkit.prepare(UpDown().eval(), config, x[:2])
+    qatkit.calibrate(qat, [x])
+    integer = qatkit.convert(qat.eval())
     with torch.no_grad():
         assert torch.equal(integer(x), qat(x))
     path = tmp_path / "m.onnx"

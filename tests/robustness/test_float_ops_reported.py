@@ -12,13 +12,13 @@ from qatkit.convert import convert
 
 
 class Odd(nn.Module):
-    """A conv net with ops that have no integer kernel: randomized leaky ReLU, a transposed conv, a custom elementwise op."""
+    """A conv net with ops that have no integer kernel: randomized leaky ReLU, bilinear upsampling, a custom elementwise op."""
 
     def __init__(self):
         super().__init__()
         self.conv = nn.Conv2d(1, 4, 3, padding=1)
         self.act = nn.RReLU()
-        self.up = nn.ConvTranspose2d(4, 4, 2, stride=2)
+        self.up = nn.Upsample(scale_factor=2, mode="bilinear")
         self.fc = nn.Linear(4, 3)
 
     def forward(self, x):
@@ -35,15 +35,15 @@ def test_unquantizable_ops_are_listed_and_stay_float():
         qat = qatkit.prepare(model, qatkit.QATConfig(), x)
     messages = [str(w.message) for w in record]
     assert any(re.match(r"qatkit: \d+ ops have no integer kernel and stay float: .*act \(RReLU\).*up "
-                        r"\(ConvTranspose2d\)", m) for m in messages)
-    # said before training, not only when convert refuses: the ops without an integer-model form (the transposed conv
-    # and tanh run as float ops)
+                        r"\(Upsample\)", m) for m in messages)
+    # said before training, not only when convert refuses: the ops without an integer-model form (upsampling and
+    # tanh run as float ops)
     assert any(m.startswith("qatkit: QAT trains, but convert and ONNX export will refuse this model: act "
                             "(RReLU) has no integer-model form (allowed modules: ") for m in messages)
     qatkit.calibrate(qat, [x])
     qat.eval()
     report = qatkit.describe(qat)
-    assert "act (RReLU)" in report and "up (ConvTranspose2d)" in report and "tanh" in report
+    assert "act (RReLU)" in report and "up (Upsample)" in report and "tanh" in report
     assert {r["name"] for r in qat.qat_info.layers} == {"conv", "fc"}  # the quantizable layers are quantized
     y = qat(x)
     assert torch.isfinite(y).all() and (y - model(x)).abs().max() < 0.5  # runs, close to float

@@ -3,7 +3,7 @@
 Node kinds:
   input     - a graph input
   quantize  - float → integer codes at (scale, zero_point), clamped to [qmin, qmax]
-  qlayer    - integer conv/linear: packed weight codes, per-channel scales, int32 bias, requantization
+  qlayer    - integer conv/transposed conv/linear: packed weight codes, per-channel scales, int32 bias, requantization
   qembed    - embedding lookup of packed codes times their row's scale (float rows out)
   qadd      - integer residual add (ONNX Runtime's QLinearAdd arithmetic), optionally with ReLU
   qpool     - integer global average pooling (QLinearGlobalAveragePool arithmetic)
@@ -23,7 +23,7 @@ from qatkit import kernels
 from qatkit.convert import ops
 from qatkit.convert.pack import pack
 from qatkit.errors import QatkitError
-from qatkit.nn import QAdd, QConv, QEmbedding, QGlobalAvgPool, QLayer, QMatMul
+from qatkit.nn import QAdd, QConv, QConvTranspose, QEmbedding, QGlobalAvgPool, QLayer, QMatMul
 from qatkit.quantizer import FakeQuantizer
 
 
@@ -174,7 +174,8 @@ class _Writer:
         s_w = m.weight_qscale(in_q)
         codes = m.weight_quant.codes(w, s_w)
         bits = int(m.weight_quant.bits)
-        entry = {"op": "qlayer", "kind": "conv" if isinstance(m, QConv) else "linear", "module": node.target,
+        kind = "conv" if isinstance(m, QConv) else "conv_transpose" if isinstance(m, QConvTranspose) else "linear"
+        entry = {"op": "qlayer", "kind": kind, "module": node.target,
                  "args": [self.arg(node.args[0])], "act": m.act, "bits": bits, "shape": list(w.shape),
                  "weight": self.shared_tensor(node.target, key, "weight", pack(codes, bits)),
                  "weight_scale": self.shared_tensor(node.target, key, "weight_scale", s_w.float()),
@@ -184,6 +185,9 @@ class _Writer:
         if isinstance(m, QConv):
             entry.update(dim=m.dim, stride=list(m.stride), pads=list(m.pads), padding_mode=m.padding_mode,
                          dilation=list(m.dilation), groups=m.groups)
+        if isinstance(m, QConvTranspose):
+            entry.update(dim=m.dim, stride=list(m.stride), padding=list(m.padding),
+                         output_padding=list(m.output_padding), dilation=list(m.dilation), groups=m.groups)
         return entry
 
 

@@ -125,6 +125,10 @@ class IntegerModel(nn.Module):
             acc = kernels.conv(centered, self._weight_codes(node), q_b, node["stride"], *conv_pads(node),
                                node["dilation"], node["groups"])
             axis = 1
+        elif node["kind"] == "conv_transpose":
+            acc = kernels.conv_transpose(centered, self._weight_codes(node), q_b, node["stride"], node["padding"],
+                                         node["output_padding"], node["dilation"], node["groups"])
+            axis = 1
         else:
             acc, axis = F.linear(centered, self._weight_codes(node), q_b), -1
         acc, out = kernels.wrap_int32(acc), node["output"]

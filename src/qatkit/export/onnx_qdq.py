@@ -236,7 +236,7 @@ class _Exporter:
             self.uint8_weights.append(node.get("module", name))
         w = self.op("DequantizeLinear", [self.const(f"{name}_w", codes), self.const(f"{name}_ws", s_w.numpy()),
                                          self.const(f"{name}_wz", weight_zero_point(codes, s_w.shape))], f"{name}_wdq",
-                    **({"axis": 0} if per_channel else {}))
+                    **({"axis": 1 if node["kind"] == "conv_transpose" else 0} if per_channel else {}))
         inputs = [None, w]
         if node["bias"] is not None:
             bias_scale = (s_in.float() * s_w.float()).numpy()  # the product kernels.py uses
@@ -252,6 +252,13 @@ class _Exporter:
             inputs[0] = self.floats(x)
             y = self.op("Conv", inputs, name, kernel_shape=node["shape"][2:], strides=node["stride"], pads=pads,
                         dilations=node["dilation"], group=node["groups"])
+        elif node["kind"] == "conv_transpose":  # ONNX Runtime has no integer kernel for it: float on DQ'd codes
+            inputs[0] = self.floats(x)
+            y = self.op("ConvTranspose", inputs, name, kernel_shape=node["shape"][2:], strides=node["stride"],
+                        pads=node["padding"] * 2, output_padding=node["output_padding"], dilations=node["dilation"],
+                        group=node["groups"])
+            self.note(f"ConvTranspose '{node.get('module', name)}' stores int8 weights, but ONNX Runtime runs it in "
+                      "float on their dequantized values (it has no integer kernel for it)")
         elif rank == 2:
             inputs[0] = self.floats(x)
             y = self.op("Gemm", inputs, name, transB=1)

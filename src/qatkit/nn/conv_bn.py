@@ -12,15 +12,18 @@ from torch import nn
 
 from qatkit.config import QuantSpec
 from qatkit.devices import HostBuffers
-from qatkit.nn.qlayer import QConv
+from qatkit.nn.qlayer import QConv, QConvTranspose
 from qatkit.primitives.fake_quant import per_channel_view
 from qatkit.quantizer import FakeQuantizer
 
 
-class QConvBn(HostBuffers, QConv):
+class FoldedBn(HostBuffers):
+    """A conv (QConv, QConvTranspose) with the BatchNorm after it folded in, per output channel (the weight's
+    `weight_axis`)."""
+
     host_buffers = ("bn_frozen",)
 
-    def __init__(self, conv: nn.Conv1d | nn.Conv2d, bn: nn.BatchNorm1d | nn.BatchNorm2d, weight_spec: QuantSpec, **kw):
+    def __init__(self, conv: nn.Module, bn: nn.BatchNorm1d | nn.BatchNorm2d, weight_spec: QuantSpec, **kw):
         super().__init__(conv, weight_spec, **kw)
         self.bn = bn
         self.register_buffer("bn_frozen", torch.tensor(False))
@@ -31,7 +34,7 @@ class QConvBn(HostBuffers, QConv):
 
     def folded(self):
         g = self._gamma_over_sigma()
-        w = self.weight * per_channel_view(g, self.weight, 0)
+        w = self.weight * per_channel_view(g, self.weight, self.weight_axis)
         b = self.bias if self.bias is not None else torch.zeros_like(g)
         b = (b - self.bn.running_mean) * g
         return w, b if self.bn.bias is None else b + self.bn.bias
@@ -39,8 +42,17 @@ class QConvBn(HostBuffers, QConv):
     def fake_quant_forward(self, x: torch.Tensor, in_q: FakeQuantizer | None) -> torch.Tensor:
         if not self.training or bool(self.bn_frozen):
             return super().fake_quant_forward(x, in_q)
-        g = per_channel_view(self._gamma_over_sigma(), self.weight, 0)
+        g = per_channel_view(self._gamma_over_sigma(), self.weight, self.weight_axis)
         # conv(x, q(w·g)/g) = conv(x, q(w·g))/g: undoing the running-σ fold on the weight costs a weight-sized op
         # (the output-sized division and its backward cost as much as the convolution); BN then applies
         # batch statistics
         return self.bn(self.op(x, self.weight_quant(self.weight * g, scale=self.weight_scale(in_q)) / g, self.bias))
+
+
+class QConvBn(FoldedBn, QConv):
+    """Conv1d/Conv2d → BatchNorm."""
+
+
+class QConvTransposeBn(FoldedBn, QConvTranspose):
+    """ConvTranspose1d/2d → BatchNorm (groups = 1: with groups an output channel's weights span groups, and prepare
+    leaves BN a float op)."""

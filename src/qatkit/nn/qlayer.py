@@ -1,4 +1,4 @@
-"""Quantized Conv1d/Conv2d/Linear (and Embedding, at the end) for QAT.
+"""Quantized Conv1d/Conv2d, ConvTranspose1d/2d and Linear (and Embedding, at the end) for QAT.
 
 Training forward (fake quantization, STE/LSQ gradients):
     y = op(x̂, q(w), b̂) → fused ReLU/ReLU6 → output quantizer (if the next op consumes integers)
@@ -9,6 +9,8 @@ The layer's input quantizer belongs to whoever produced x (passed as `in_q`); a 
 module swap, with no graph to say who that is, owns one (`input_quant`).
 """
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 import torch.nn.functional as F
@@ -21,13 +23,16 @@ from qatkit.quantizer import FakeQuantizer
 
 class QLayer(nn.Module):
     out_axis = 1  # axis of the output channels in the layer's output
+    weight_axis = 0  # and in its weight (per-channel scales)
 
     def __init__(self, float_module: nn.Module, weight_spec: QuantSpec, *, act: str | None = None,
                  out_spec: QuantSpec | None = None, input_spec: QuantSpec | None = None):
         super().__init__()
         assert act in kernels.ACTIVATIONS, act
         self.weight, self.bias = float_module.weight, float_module.bias
-        self.weight_quant = FakeQuantizer(weight_spec, kind="weight", channels=self.weight.shape[0])
+        if weight_spec.per_channel and weight_spec.axis != self.weight_axis:
+            weight_spec = dataclasses.replace(weight_spec, axis=self.weight_axis)
+        self.weight_quant = FakeQuantizer(weight_spec, kind="weight", channels=self.weight.shape[self.weight_axis])
         self.out_quant = FakeQuantizer(out_spec, kind="act") if out_spec else None
         self.input_quant = FakeQuantizer(input_spec, kind="act") if input_spec else None
         self.act = act
@@ -123,6 +128,33 @@ class QConv(QLayer):
     def extra_repr(self) -> str:
         return (f"conv{self.dim}d, stride={self.stride}, pads={self.pads}, padding_mode={self.padding_mode}, "
                 f"groups={self.groups}, act={self.act}")
+
+
+class QConvTranspose(QLayer):
+    """ConvTranspose1d / ConvTranspose2d (stride, padding, output_padding, dilation; zero padding). The weight
+    (C_in, C_out/groups, *k) has its output channels on axis 1: per-channel scales there; with groups > 1 an output
+    channel's weights span groups, so its scales are per tensor."""
+
+    weight_axis = 1
+
+    def __init__(self, conv: nn.ConvTranspose1d | nn.ConvTranspose2d, weight_spec: QuantSpec, **kw):
+        if conv.padding_mode != "zeros":
+            raise ConfigError(f"{conv} pads in mode {conv.padding_mode!r}; allowed: 'zeros' (the only mode PyTorch's "
+                              "transposed convs run). Fix: build it with padding_mode='zeros'")
+        if conv.groups > 1 and weight_spec.per_channel:
+            weight_spec = dataclasses.replace(weight_spec, per_channel=False)
+        super().__init__(conv, weight_spec, **kw)
+        self.dim = conv.weight.dim() - 2
+        self.stride, self.padding, self.output_padding = conv.stride, conv.padding, conv.output_padding
+        self.dilation, self.groups = conv.dilation, conv.groups
+
+    def op(self, x, w, b):
+        return kernels.conv_transpose(x, w, b, self.stride, self.padding, self.output_padding, self.dilation,
+                                      self.groups)
+
+    def extra_repr(self) -> str:
+        return (f"conv_transpose{self.dim}d, stride={self.stride}, padding={self.padding}, "
+                f"output_padding={self.output_padding}, groups={self.groups}, act={self.act}")
 
 
 class QEmbedding(QLayer):

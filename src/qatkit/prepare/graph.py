@@ -1,6 +1,6 @@
 """Graph rewrite of a torch.fx-traced model into its QAT form.
 
-1. Conv/Linear (per the layer plan) become QAT wrappers; a BatchNorm right after a conv is folded
+1. Conv/ConvTranspose/Linear (per the layer plan) become QAT wrappers; a BatchNorm right after a conv is folded
    into it and a ReLU/ReLU6 right after is fused into its output range. F.dropout (dropout2d, …) calls become
    nn.Dropout modules (tracing froze their `training` argument to the mode at prepare time).
 2. Activation quantizers go exactly where an integer runtime quantizes: before every quantized
@@ -28,12 +28,16 @@ from torch import fx, nn
 
 from qatkit.config import QATConfig
 from qatkit.convert import ops
-from qatkit.nn import QAdd, QConv, QConvBn, QEmbedding, QGlobalAvgPool, QLinear, QMatMul
+from qatkit.nn import (QAdd, QConv, QConvBn, QConvTranspose, QConvTransposeBn, QEmbedding, QGlobalAvgPool, QLinear,
+                       QMatMul)
 from qatkit.prepare.rules import LayerPlan
 from qatkit.quantizer import FakeQuantizer
 
-WRAPPERS = {nn.Conv1d: QConv, nn.Conv2d: QConv, nn.Linear: QLinear, nn.Embedding: QEmbedding}
-FOLDABLE_BN = {nn.Conv1d: nn.BatchNorm1d, nn.Conv2d: nn.BatchNorm2d}
+WRAPPERS = {nn.Conv1d: QConv, nn.Conv2d: QConv, nn.ConvTranspose1d: QConvTranspose, nn.ConvTranspose2d: QConvTranspose,
+            nn.Linear: QLinear, nn.Embedding: QEmbedding}
+FOLDABLE_BN = {nn.Conv1d: nn.BatchNorm1d, nn.Conv2d: nn.BatchNorm2d, nn.ConvTranspose1d: nn.BatchNorm1d,
+               nn.ConvTranspose2d: nn.BatchNorm2d}
+WRAPPERS_WITH_BN = {QConv: QConvBn, QConvTranspose: QConvTransposeBn}
 FUSABLE_ACT_MODULES = {nn.ReLU: "relu", nn.ReLU6: "relu6"}
 FUSABLE_ACT_FUNCTIONS = {F.relu: "relu", torch.relu: "relu", F.relu6: "relu6"}
 # Ops whose output stays on the input's integer grid: quantization passes through them.
@@ -288,7 +292,8 @@ class _Rewriter:
         user = _sole_user(node) if single_call else None
         if (self.config.fold_bn and user is not None and user.op == "call_module"
                 and type(self.modules[user.target]) is FOLDABLE_BN.get(type(module))
-                and self.modules[user.target].track_running_stats):  # without running stats BN cannot fold
+                and self.modules[user.target].track_running_stats  # without running stats BN cannot fold
+                and (WRAPPERS[type(module)] is QConv or module.groups == 1)):  # (see QConvTransposeBn)
             bn, end = self.modules[user.target], user
         act = _fusable_act(_sole_user(end), self.modules) if single_call else None
         act_node = _sole_user(end) if act else None
@@ -296,8 +301,8 @@ class _Rewriter:
         out_bits = self.config.output_bits if feeds_output else self.config.act_bits
         out_spec = None if out_bits is None else self.config.act_spec(out_bits, unsigned=act is not None)
         w_spec = self.config.weight_spec(plan.weight_bits, plan.per_channel)
-        wrapper = (QConvBn(module, bn, w_spec, act=act, out_spec=out_spec) if bn is not None
-                   else WRAPPERS[type(module)](module, w_spec, act=act, out_spec=out_spec))
+        wrapper = (WRAPPERS_WITH_BN[WRAPPERS[type(module)]](module, bn, w_spec, act=act, out_spec=out_spec)
+                   if bn is not None else WRAPPERS[type(module)](module, w_spec, act=act, out_spec=out_spec))
         for extra in (bn_node for bn_node in (end if bn is not None else None, act_node) if bn_node is not None):
             extra.replace_all_uses_with(node)
             self.graph.erase_node(extra)

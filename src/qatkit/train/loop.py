@@ -32,7 +32,7 @@ from tqdm import tqdm
 from qatkit.config import TrainConfig, to_dict
 from qatkit.devices import module_device
 from qatkit.errors import ConfigError, DataError, ModelFileError, QatkitError, bad_value
-from qatkit.nn import QConvBn, QLayer
+from qatkit.nn import FoldedBn, QLayer
 from qatkit.quantizer import FakeQuantizer
 from qatkit.regularize import quantization_error_penalty
 from qatkit.train import distributed
@@ -148,9 +148,9 @@ def set_stage_bits(model: nn.Module, bits: int | None, targets: Mapping[FakeQuan
 
 # ---- one epoch ----------------------------------------------------------------------------------
 def freeze_bn(model: nn.Module) -> None:
-    """BN from now on uses running statistics: QConvBn trains its folded form, plain BN stays in eval."""
+    """BN from now on uses running statistics: a folded conv trains its folded form, plain BN stays in eval."""
     for m in model.modules():
-        if isinstance(m, QConvBn):
+        if isinstance(m, FoldedBn):
             m.bn_frozen.fill_(True)
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             m.eval()
