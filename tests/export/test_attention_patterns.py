@@ -232,3 +232,62 @@ def test_einsum_attention_runs_its_products_on_integers(tmp_path):
     assert sum(type(m).__name__ == "QMatMul" for m in qat.modules()) == 2 and "einsum" not in qat.code
     qatkit.calibrate(qat, [x])
     runs_in_onnx_runtime(converts_exactly(qat, model, x, 0.1), x, tmp_path / "einsum.onnx")
+
+
+class BertEmbeddings(nn.Module):
+    """Hugging Face's: position and token type ids from buffers, sliced to the length and expanded to the batch."""
+
+    def __init__(self, vocab=50, dim=32, max_len=16):
+        super().__init__()
+        self.word, self.position, self.token_type = nn.Embedding(vocab, dim, padding_idx=0), nn.Embedding(max_len, dim), nn.Embedding(2, dim)
+        self.LayerNorm = nn.LayerNorm(dim)
+        self.register_buffer("position_ids", torch.arange(max_len).expand((1, -1)), persistent=False)
+        self.register_buffer("token_type_ids", torch.zeros(self.position_ids.size(), dtype=torch.long), persistent=False)
+
+    def forward(self, input_ids):
+        seq_length = input_ids.size(1)
+        token_type_ids = self.token_type_ids[:, :seq_length].expand(input_ids.shape[0], seq_length)
+        embeddings = self.word(input_ids) + self.token_type(token_type_ids)
+        return self.LayerNorm(embeddings + self.position(self.position_ids[:, :seq_length]))
+
+
+class Bert(nn.Module):
+    """A BERT classifier written as transformers' BertModel is: `(ids != 0).long()` mask, extended to
+    (1 - mask) · finfo.min, heads by `x.size()[:-1] + (heads, head_dim)`, merged back by `view(size()[:-2] + (all,))`,
+    a tanh pooler on the first token."""
+
+    def __init__(self, dim=32, heads=4):
+        super().__init__()
+        self.embeddings, self.heads, self.head_dim = BertEmbeddings(dim=dim), heads, dim // heads
+        self.query, self.key, self.value, self.output = (nn.Linear(dim, dim) for _ in range(4))
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.intermediate, self.out = nn.Linear(dim, 64), nn.Linear(64, dim)
+        self.pooler, self.classifier = nn.Linear(dim, dim), nn.Linear(dim, 2)
+
+    def transpose_for_scores(self, x):
+        return x.view(x.size()[:-1] + (self.heads, self.head_dim)).permute(0, 2, 1, 3)
+
+    def forward(self, input_ids):
+        attention_mask = (input_ids != 0).long()
+        extended = (1.0 - attention_mask[:, None, None, :].to(torch.float32)) * torch.finfo(torch.float32).min
+        x = self.embeddings(input_ids)
+        q, k, v = (self.transpose_for_scores(layer(x)) for layer in (self.query, self.key, self.value))
+        scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(self.head_dim) + extended
+        context = torch.matmul(nn.functional.softmax(scores, dim=-1), v).permute(0, 2, 1, 3).contiguous()
+        context = context.view(context.size()[:-2] + (self.heads * self.head_dim,))
+        x = self.norm1(x + self.output(context))
+        x = self.norm2(x + self.out(F.gelu(self.intermediate(x))))
+        return self.classifier(torch.tanh(self.pooler(x[:, 0])))
+
+
+def test_hugging_face_style_bert_converts_and_runs_in_onnx_runtime(tmp_path):
+    torch.manual_seed(0)
+    model = Bert().eval()
+    ids = torch.randint(1, 50, (16, 12))
+    ids[:, 9:] = 0  # padding
+    qat = qatkit.prepare(model, qatkit.QATConfig(), ids[:2])
+    assert sum(type(m).__name__ == "QMatMul" for m in qat.modules()) == 2
+    qatkit.calibrate(qat, [ids])
+    integer = converts_exactly(qat, model, ids, 0.2)
+    converts_exactly(qat, model, ids[:3, :7], 0.2)  # another batch and length
+    runs_in_onnx_runtime(integer, ids, tmp_path / "bert.onnx")

@@ -177,4 +177,6 @@ class IntegerModel(nn.Module):
             return args[0]
         if node["fn"] == ops.NAME_OF[operator.getitem] and isinstance(args[1], list):  # x[:, 0]: a tuple index
             args = [args[0], tuple(args[1])]
+        if node["fn"] == ops.NAME_OF[operator.add] and isinstance(args[0], tuple):  # x.size()[:-2] + (C,): the file
+            args = [args[0], tuple(args[1])]  # holds tuples as lists
         return ops.FUNCTIONS[node["fn"]](*args, **kwargs)

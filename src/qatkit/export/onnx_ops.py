@@ -114,6 +114,11 @@ def export_call(ex, node: dict) -> Value:
         if _kind(x) == "float":
             return Value(ex.floats(x), "float")
         return Value(ex.op("Cast", [x.name], name, to=TensorProto.FLOAT), "float")
+    if short in ("long", "int", "bool"):  # (BERT's (ids != 0).long()); int32 and int64 values alike, as int64
+        target = "bool" if short == "bool" else "int"
+        if _kind(x) == target:
+            return x
+        return Value(ex.op("Cast", [ex.floats(x) if x.kind == "quant" else x.name], name, to=_ONNX_TYPES[target]), target)
     if short in ("relu",) and x.kind == "quant":  # max(q, z): ReLU on the codes
         return same_kind(ex.op("Max", [x.name, x.zero_point], name))
     if short in ("max_pool1d", "max_pool2d"):
@@ -133,7 +138,8 @@ def export_call(ex, node: dict) -> Value:
         shape = ex.const("shape", np.array([0] * start + [-1] + tail, np.int64))
         return _keep(ex, x, "Reshape", [shape], name)
     if short in ("reshape", "view"):
-        return _keep(ex, x, "Reshape", [ex.shape_tensor(_dims(args))], name)
+        whole = len(args) == 2 and isinstance(args[1], Value) and args[1].kind == "shape"  # x.view(y.size())
+        return _keep(ex, x, "Reshape", [args[1].name if whole else ex.shape_tensor(_dims(args))], name)
     if short == "expand":  # torch's -1 keeps a size: 1 under ONNX's broadcasting
         return _keep(ex, x, "Expand", [ex.shape_tensor([1 if d == -1 else d for d in _dims(args)])], name)
     if short == "permute":
@@ -344,6 +350,8 @@ def _float_op(ex, node, short, args, kwargs, rank) -> Value:
     if short == "where":  # torch.where(condition, a, b)
         cond = x.name if x.kind == "bool" else ex.op("Cast", [x.name], "cond", to=TensorProto.BOOL)
         return Value(ex.op("Where", [cond, _c(ex, args[1]), _c(ex, args[2])], name), "float")
+    if short == "add" and isinstance(x, Value) and x.kind == "shape" and isinstance(args[1], list):  # size + (C,)
+        return Value(ex.op("Concat", [x.name, ex.shape_tensor(args[1])], name, axis=0), "shape")
     if short in BINARY or short in ("floordiv", "mod"):
         integers = [a for a in (x, args[1]) if isinstance(a, Value) and a.kind in ("shape", "int") or type(a) is int]
         if len(integers) == 2 and short in ("add", "iadd", "sub", "mul", "floordiv", "mod"):  # sizes, ids, positions
