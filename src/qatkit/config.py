@@ -65,14 +65,21 @@ class QuantSpec:
     # A layer's weights: s_w nudged so that the layer's requantization multiplier s_x·s_w/s_y is exact
     # (QLayer.weight_scale)
     exact_multiplier: bool = False
+    # Values in [0, 1) (a softmax's output): s = 2^-bits and z = 0, fixed (neither calibrated nor learned), uint
+    # codes. ONNX Runtime's QLinearSoftmax, which it fuses DQ → Softmax → Q into, then gives the float softmax's codes.
+    unit_range: bool = False
 
     def __post_init__(self) -> None:
         check_bits(self.bits)
         _check_choice("init", self.init, INIT_METHODS)
         if isinstance(self.axis, bool) or not isinstance(self.axis, int):
             raise bad_value("axis", self.axis, "an integer (the channel dimension)", "set axis to e.g. 0")
-        for what in ("symmetric", "signed", "per_channel", "narrow", "learnable", "power_of_two", "exact_multiplier"):
+        for what in ("symmetric", "signed", "per_channel", "narrow", "learnable", "power_of_two", "exact_multiplier",
+                     "unit_range"):
             _check_bool(what, getattr(self, what))
+        if self.unit_range and (self.signed or not self.symmetric or self.per_channel or self.narrow):
+            raise bad_value("unit_range", True, "a per-tensor unsigned symmetric full-range spec (signed=False, "
+                            "symmetric=True, per_channel=False, narrow=False)", "set those fields with unit_range")
         if self.power_of_two and self.exact_multiplier:
             raise bad_value("exact_multiplier", True, "False with power_of_two (power-of-two scales make every "
                             "multiplier exact already)", "set one of power_of_two and exact_multiplier")

@@ -53,6 +53,9 @@ class FakeQuantizer(HostBuffers, nn.Module):
         self.register_buffer("enabled", torch.tensor(True))
         self.observing = False
         self._reset_observer()
+        if spec.unit_range:
+            self.scale.requires_grad_(False)
+            self._set_unit_range()
 
     # ---- integer range and effective parameters -------------------------------------------------
     @property
@@ -132,7 +135,13 @@ class FakeQuantizer(HostBuffers, nn.Module):
 
     # ---- range initialisation -------------------------------------------------------------------
     @torch.no_grad()
+    def _set_unit_range(self) -> None:  # s = 2^-bits, z = 0 (QuantSpec.unit_range)
+        self._set(torch.tensor(2.0 ** -int(self.bits)), torch.tensor(0.0))
+
+    @torch.no_grad()
     def init_from(self, x: torch.Tensor) -> None:
+        if self.spec.unit_range:
+            return
         self._check_axis(x)
         scale, zp = qparams_from_tensor(x.float(), *self.qrange, symmetric=self.spec.symmetric, axis=self.axis,
                                         method=self.spec.init, power_of_two=self.spec.power_of_two)
@@ -167,8 +176,9 @@ class FakeQuantizer(HostBuffers, nn.Module):
     def finish_observing(self) -> None:
         """Set scale/zero point from what was observed (min/max exact, percentile/MSE on samples)."""
         self.observing = False
-        if self._min is None:
-            return  # never reached by the calibration data: stays uninitialised, set at first use
+        if self._min is None or self.spec.unit_range:
+            self._reset_observer()
+            return  # never reached by the calibration data: stays uninitialised, set at first use; or fixed
         qmin, qmax = self.qrange
         po2 = self.spec.power_of_two
         if self.spec.init == "minmax":
@@ -186,6 +196,8 @@ class FakeQuantizer(HostBuffers, nn.Module):
         self.spec = dataclasses.replace(self.spec, bits=check_bits(bits))
         self.bits.fill_(bits)
         qmin, qmax = self.qrange
+        if self.spec.unit_range:
+            return self._set_unit_range()
         if not self.initialized:
             return
         if self.spec.symmetric:  # z stays 0: keep the largest representable magnitude

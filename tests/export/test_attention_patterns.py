@@ -12,6 +12,7 @@ from conftest import converts_exactly, runs_in_onnx_runtime
 from torch import nn
 
 import qatkit
+from qatkit.quantizer import FakeQuantizer
 
 
 class SDPA(nn.Module):
@@ -291,3 +292,40 @@ def test_hugging_face_style_bert_converts_and_runs_in_onnx_runtime(tmp_path):
     integer = converts_exactly(qat, model, ids, 0.2)
     converts_exactly(qat, model, ids[:3, :7], 0.2)  # another batch and length
     runs_in_onnx_runtime(integer, ids, tmp_path / "bert.onnx")
+
+
+class WhisperEncoder(nn.Module):
+    """Whisper's audio encoder, shrunk: two GELU conv1d over mel frames, a sinusoidal position buffer sliced to the
+    length, pre-norm nn.MultiheadAttention (its scores go straight from the q·kᵀ matmul into softmax)."""
+
+    def __init__(self, n_mels=8, dim=16, ctx=16):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv1d(n_mels, dim, 3, padding=1), nn.Conv1d(dim, dim, 3, stride=2, padding=1)
+        inv = torch.exp(-math.log(10000) / (dim // 2 - 1) * torch.arange(dim // 2))
+        t = torch.arange(ctx)[:, None] * inv[None, :]
+        self.register_buffer("positional_embedding", torch.cat([torch.sin(t), torch.cos(t)], 1))
+        self.attn_ln, self.attn = nn.LayerNorm(dim), nn.MultiheadAttention(dim, 2, dropout=0.1, batch_first=True)
+        self.head = nn.Linear(dim, 4)
+
+    def forward(self, mel):
+        x = F.gelu(self.conv2(F.gelu(self.conv1(mel)))).permute(0, 2, 1)
+        x = (x + self.positional_embedding[: x.shape[1]]).to(x.dtype)
+        h = self.attn_ln(x)
+        return self.head((x + self.attn(h, h, h, need_weights=False)[0]).mean(1))
+
+
+def test_a_softmax_of_integer_scores_gets_the_scale_at_which_onnx_runtime_is_exact(tmp_path):
+    """ORT fuses DQ → Softmax → Q into QLinearSoftmax, which gives the float softmax's codes only at the output scale
+    2^-8, zero point 0: prepare fixes that scale there (QuantSpec.unit_range); ORT then agrees exactly (it was two
+    steps off at the output). A softmax of float scores (nanoGPT's, scaled after the matmul) keeps a learned scale."""
+    torch.manual_seed(0)
+    model, mel = WhisperEncoder().eval(), torch.randn(16, 8, 16)
+    qat = qatkit.prepare(model, qatkit.QATConfig(), mel[:2])
+    fixed = [m for m in qat.modules() if isinstance(m, FakeQuantizer) and m.spec.unit_range]
+    assert len(fixed) == 1 and fixed[0].scale.item() == 2.0**-8
+    qatkit.calibrate(qat, [mel])
+    assert fixed[0].scale.item() == 2.0**-8
+    result = runs_in_onnx_runtime(converts_exactly(qat, model, mel, 0.2), mel, tmp_path / "whisper.onnx")
+    assert result["max_step_diff"] == 0
+    gpt = qatkit.prepare(GPT(flash=False).eval(), qatkit.QATConfig(), torch.randint(0, 40, (2, 12)))
+    assert not [m for m in gpt.modules() if isinstance(m, FakeQuantizer) and m.spec.unit_range]

@@ -431,8 +431,8 @@ class MaskStyles(nn.Module):
             pos = torch.arange(ids.size(1))
             odd = ((pos[None, :] + 2 * pos[:, None]) % 2 == 1) | (pos.float()[None, :] % 2.0 == 1.0)
             scores = scores.masked_fill(odd, float("-inf"))
-        else:  # scaled as attention is (a softmax straight after an integer matmul would be ORT's QLinearSoftmax)
-            scores = torch.einsum("bqd,bkd->bqk", q, k) * 0.25
+        else:  # a softmax straight after the integer matmul: ORT's QLinearSoftmax, exact at the output scale 2^-8
+            scores = torch.einsum("bqd,bkd->bqk", q, k)
         return self.fc((scores.softmax(-1) @ x).mean(1))
 
 

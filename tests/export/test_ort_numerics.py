@@ -474,3 +474,27 @@ def test_unfused_patterns(tmp_path):
             assert ("DequantizeLinear" not in ops) == fused, ops
             ref = fn(x) if fused else on.quantize_linear(fn(on.dequantize_linear(x, f32(0.03), 100)), s_y, z_y)
             assert np.array_equal(y, ref)
+
+
+# ----------------------------------------------------------------------------- QLinearSoftmax
+@pytest.mark.parametrize("length", [4, 16, 197])
+def test_qlinear_softmax_at_output_scale_2_to_the_minus_8_is_the_float_softmaxs_codes(length, tmp_path):
+    """ORT fuses DQ → Softmax → Q (uint8) into QLinearSoftmax, a lookup table; at s_y = 1/256, z_y = 0 (what prepare
+    gives a softmax of integers, QuantSpec.unit_range) its codes are those of the unfused float pattern, for any input
+    scale and zero point; at another output scale they are not (a step off here and there)."""
+    rng = _rng("softmax", length)
+    x = rng.integers(0, 256, (64, length)).astype(np.uint8)
+    codes = {}
+    for s_y in (1 / 256, 0.003):
+        for s_x, z_x in ((0.02, 140), (0.11, 30), (0.4, 255)):
+            inits = {"sx": f32(s_x), "zx": np.uint8(z_x), "sy": f32(s_y), "zy": np.uint8(0)}
+            m = _model([_dq("x", "sx", "zx", "d"), oh.make_node("Softmax", ["d"], ["p"], axis=-1), _q("p", "sy", "zy", "y")],
+                       [_vi("x", TP.UINT8, 2)], [_vi("y", TP.UINT8, 2)], inits, 17)
+            (fused,), ops = _run(m, {"x": x}, tmp_path)
+            assert ops == ["QLinearSoftmax"]
+            so = ort.SessionOptions()
+            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+            (plain,) = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(None, {"x": x})
+            codes[(s_y, s_x)] = (fused.astype(int), plain.astype(int))
+    assert all(np.array_equal(f, p) for (s_y, _), (f, p) in codes.items() if s_y == 1 / 256)
+    assert any(not np.array_equal(f, p) for (s_y, _), (f, p) in codes.items() if s_y != 1 / 256)

@@ -31,9 +31,6 @@ MODULES = {
     "AvgPool2d(ceil_mode, padding, count_include_pad=False)":
         lambda: nn.AvgPool2d(3, 2, padding=1, ceil_mode=True, count_include_pad=False),
 }
-# a softmax over channels: ONNX Runtime's vectorised exp and numpy's differ in the last bit, so an output on a
-# rounding boundary may take the next step there (within one step, as verify allows)
-NOT_BIT_EXACT_IN_THE_REFERENCE = {"Softmax2d"}
 
 
 class Between(nn.Module):
@@ -66,15 +63,7 @@ def test_the_module_converts_and_runs_in_onnx_runtime(name, tmp_path):
     x = torch.randn(16, 3, 8, 8)
     qat = qatkit.prepare(model, qatkit.QATConfig(), x[:2])
     qatkit.calibrate(qat, [x])
-    integer = converts_exactly(qat, model, x, 0.5)
-    if name in NOT_BIT_EXACT_IN_THE_REFERENCE:
-        from qatkit.export import export_onnx, verify
-
-        export_onnx(integer, tmp_path / "m.onnx", x[:1])
-        result = verify(tmp_path / "m.onnx", integer, [x])
-        assert result["within_one_step"] == 1.0 and result["top1_agreement"] == 1.0, result
-    else:
-        runs_in_onnx_runtime(integer, x, tmp_path / "m.onnx")
+    runs_in_onnx_runtime(converts_exactly(qat, model, x, 0.5), x, tmp_path / "m.onnx")
 
 
 def test_modules_onnx_cannot_express_are_refused_at_export_with_the_fix(tmp_path):

@@ -367,3 +367,21 @@ def test_power_of_two_set_bits_keeps_the_range_representable():
     s8 = q.qparams()[0]
     q.set_bits(4)
     assert torch.equal(q.qparams()[0], s8 * 32) and q.qparams()[0] * 7 >= s8 * 127
+
+
+def test_a_unit_range_quantizer_is_fixed_at_2_to_the_minus_bits():
+    """QuantSpec.unit_range (a softmax of integers): s = 2^-bits, z = 0 from the start, whatever calibration sees,
+    not learned, following the bit-width; x̂ = round(x·2^bits)/2^bits clamped to [0, 1 - 2^-bits]."""
+    q = FakeQuantizer(QuantSpec(bits=8, symmetric=True, signed=False, unit_range=True), kind="act")
+    assert bool(q.initialized) and q.scale.item() == 2.0**-8 and q.zero_point.item() == 0 and not q.scale.requires_grad
+    q.start_observing()
+    q(torch.rand(100) * 5)
+    q.finish_observing()
+    assert q.scale.item() == 2.0**-8
+    x = torch.tensor([0.0, 0.3, 0.5 + 2.0**-10, 0.999, 1.0], dtype=torch.float64)
+    expected = np.clip(np.rint(x.numpy() * 256), 0, 255) / 256
+    np.testing.assert_array_equal(q(x.float()).double().numpy(), expected)
+    q.set_bits(4)
+    assert q.scale.item() == 2.0**-4 and q.qrange == (0, 15)
+    with pytest.raises(Exception, match="unit_range"):
+        QuantSpec(bits=8, symmetric=True, signed=True, unit_range=True)

@@ -19,7 +19,8 @@ requant="float32": ORT's CPU arithmetic (ORT_NUMERICS.md; ort_numerics.py's func
   rint rounds half to even. A Relu / Clip before the Q is fused only where ORT drops it (Relu: z_y is the type's
   minimum; Clip(a, b): [s(qmin - z), s(qmax - z)] lies within [a, b] + float32 eps); otherwise the pattern runs
   in float, as in ORT (whose float Conv/Gemm/MatMul/Softmax/... kernels are not reproduced bit for bit; nor is its
-  QLinearSoftmax, a lookup table that ORT fuses DQ -> Softmax -> Q into: the reference runs that softmax in float).
+  QLinearSoftmax, a lookup table that ORT fuses DQ -> Softmax -> Q into: the reference runs that softmax in float,
+  which gives QLinearSoftmax's codes at the output scale 2^-8 and zero point 0 that prepare sets there).
 
 requant="fixed-point" / "fixed-point-gemmlowp": integer-only hardware arithmetic (Jacob et al. 2018; TFLite):
     M = M0 * 2^-31 * 2^-n, M0 in [2^30, 2^31)  (M = frac * 2^e by frexp, M0 = round(frac * 2^31), n = -e); for

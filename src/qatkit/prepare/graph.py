@@ -17,6 +17,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import operator
 from collections import Counter
@@ -321,9 +322,17 @@ class _Rewriter:
 
     # ---- step 2: activation quantizers ----------------------------------------------------------
     def _new_quantizer(self, after: fx.Node, bits: int, unsigned: bool, only_for: fx.Node | None = None) -> fx.Node:
-        """Add a quantizer after `after`, used by `only_for` (one consumer) or by all its users."""
+        """Add a quantizer after `after`, used by `only_for` (one consumer) or by all its users. A softmax of an
+        integer input gets s = 2^-bits, z = 0 (QuantSpec.unit_range): an integer runtime fuses DQ → Softmax → Q
+        (ONNX Runtime's QLinearSoftmax), which computes the float softmax's codes at that scale only."""
+        spec = self.config.act_spec(bits, unsigned=unsigned)
+        source = after  # (through dropout and reshapes, which the runtime moves quantization across)
+        while self._keeps_grid(source) and source.all_input_nodes:
+            source = source.all_input_nodes[0]
+        if self._is_softmax(source) and source.all_input_nodes[0] in self.quantized:
+            spec = dataclasses.replace(self.config.act_spec(bits, unsigned=True), unit_range=True)
         path = f"quant_{after.name}"
-        self.gm.add_submodule(path, FakeQuantizer(self.config.act_spec(bits, unsigned=unsigned), kind="act"))
+        self.gm.add_submodule(path, FakeQuantizer(spec, kind="act"))
         with self.graph.inserting_after(after):
             qnode = self.graph.call_module(path, (after,))
         if only_for is None:
@@ -382,6 +391,9 @@ class _Rewriter:
                 self.info.float_ops.append(described)
                 if not ops.convertible(node, self.modules):
                     self.info.unconvertible.append(described)
+
+    def _is_softmax(self, node: fx.Node) -> bool:
+        return _is(node, self.modules, (nn.Softmax, nn.Softmax2d), {F.softmax, torch.softmax}, {"softmax"})
 
     def _is_activation_matmul(self, node: fx.Node) -> bool:
         """a @ b of two computed tensors (not a parameter, not a mask), with matmul_bits set."""
