@@ -693,3 +693,37 @@ def test_decoders_sized_by_other_tensors_run_in_onnx_runtime(model_class, size, 
     x = torch.randn(16, 3, size, size)
     integer = converts_exactly(_calibrated(model, x), model, x, 0.2)
     runs_in_onnx_runtime(integer, x, tmp_path / "decoder.onnx", top1=False)
+
+
+class YoloDetect(nn.Module):
+    """YOLOv5's Detect head as exported: the anchor grid made at run time from the feature map's size
+    (torch.meshgrid of two aranges, stacked, expanded), boxes decoded from the sigmoid of the conv's outputs."""
+
+    def __init__(self, indexing: str, anchors=3, outputs=7):
+        super().__init__()
+        self.stem, self.m, self.na, self.no = nn.Conv2d(3, 8, 3, 2, 1), nn.Conv2d(8, anchors * outputs, 1), anchors, outputs
+        self.indexing = indexing
+        self.register_buffer("anchor_grid", torch.rand(1, anchors, 1, 1, 2) + 0.5)
+
+    def forward(self, x):
+        x = self.m(torch.relu(self.stem(x)))
+        bs, _, ny, nx = x.shape
+        x = x.view(bs, self.na, self.no, ny, nx).permute(0, 1, 3, 4, 2).contiguous()
+        if self.indexing == "ij":
+            yv, xv = torch.meshgrid(torch.arange(ny), torch.arange(nx), indexing="ij")
+        else:
+            xv, yv = torch.meshgrid(torch.arange(nx), torch.arange(ny), indexing="xy")
+        grid = torch.stack((xv, yv), 2).expand(1, self.na, ny, nx, 2).float()
+        y = x.sigmoid()
+        xy, wh = (y[..., :2] * 2 - 0.5 + grid) * 8, (y[..., 2:4] * 2) ** 2 * self.anchor_grid
+        return torch.cat((xy, wh, y[..., 4:]), -1).view(bs, -1, self.no)
+
+
+@pytest.mark.parametrize("indexing", ["ij", "xy"])
+def test_a_grid_made_by_meshgrid_converts_and_runs_in_onnx_runtime(indexing, tmp_path):
+    torch.manual_seed(0)
+    model, x = YoloDetect(indexing).eval(), torch.randn(16, 3, 12, 10)
+    qat = _calibrated(model, x)
+    assert not any("meshgrid" in op for op in qat.qat_info.float_ops)  # integer positions, not a float op
+    integer = converts_exactly(qat, model, x, 0.2)
+    runs_in_onnx_runtime(integer, x, tmp_path / "detect.onnx", top1=False, float_output=True)

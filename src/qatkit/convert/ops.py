@@ -35,7 +35,7 @@ _FUNCTIONS = [
     *([F.rms_norm] if hasattr(F, "rms_norm") else []),  # F.rms_norm, nn.RMSNorm: torch >= 2.4
     F.elu, F.selu, F.celu, F.softplus, F.mish, F.prelu, F.glu, F.log_softmax, F.softmin, F.logsigmoid, F.softsign,
     F.tanhshrink, F.hardshrink, F.softshrink, F.threshold, F.local_response_norm, F.pixel_unshuffle,
-    F.channel_shuffle, torch.unflatten, F.adaptive_max_pool1d, F.adaptive_max_pool2d,
+    F.channel_shuffle, torch.unflatten, F.adaptive_max_pool1d, F.adaptive_max_pool2d, torch.meshgrid,
 ]
 FUNCTIONS = {f"{getattr(fn, '__module__', None) or 'builtins'}.{fn.__name__}": fn for fn in _FUNCTIONS}
 NAME_OF = {fn: name for name, fn in FUNCTIONS.items()}

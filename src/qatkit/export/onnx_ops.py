@@ -85,6 +85,9 @@ def export_call(ex, node: dict) -> Value:
             else Value(shape, "shape")
     if short == "getitem":
         return x[args[1]] if isinstance(x, list) else _getitem(ex, x, args[1], rank)
+    if short == "meshgrid":  # YOLO's anchor grid from two aranges: each input unsqueezed and expanded to the grid
+        return _meshgrid(ex, list(args[0]) if len(args) == 1 and isinstance(args[0], list) else args,
+                         kwargs.get("indexing", "ij"), name)
     if short in ("chunk", "split", "unbind"):  # the pieces as Slices (Gathers), as many and as large as the example's
         pieces = ex.shapes[node["name"]]
         dim = _axis(_arg(args, kwargs, 1 if short == "unbind" else 2, "dim", 0), rank)
@@ -179,6 +182,24 @@ def export_call(ex, node: dict) -> Value:
         return _repeat_interleave(ex, x, _arg(args, kwargs, 1, "repeats", None), _arg(args, kwargs, 2, "dim", None),
                                   rank, name)
     return _float_op(ex, node, short, args, kwargs, rank)
+
+
+def _meshgrid(ex, tensors: list[Value], indexing: str, name: str) -> list[Value]:
+    """torch.meshgrid of 1-D tensors: the grid's axes follow the inputs ('ij'), the first two swapped ('xy')."""
+    axes = list(range(len(tensors)))
+    if indexing == "xy" and len(tensors) > 1:
+        axes[0], axes[1] = 1, 0
+    rank = len(tensors)
+    sizes = [None] * rank
+    for t, axis in zip(tensors, axes):
+        sizes[axis] = ex.op("Shape", [t.name], "n")
+    shape = ex.op("Concat", sizes, "grid", axis=0)
+    out = []
+    for t, axis in zip(tensors, axes):
+        others = ex.const("axes", np.array([a for a in range(rank) if a != axis], np.int64))
+        out.append(_keep(ex, Value(ex.op("Unsqueeze", [t.name, others], "line"), t.kind, t.scale, t.zero_point),
+                         "Expand", [shape], name))
+    return out
 
 
 def _size(ex, x: Value, axis: int) -> Value:

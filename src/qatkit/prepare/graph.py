@@ -54,7 +54,7 @@ SHAPE_OPS = {getattr, "size", "dim"}  # shape arithmetic, not tensor compute
 # and integer ops in the runtime (ONNX Equal/Not/Cast on int64 ids), not float islands.
 MASK_FUNCTIONS = {operator.eq, operator.ne, operator.lt, operator.le, operator.gt, operator.ge, operator.invert,
                   operator.and_, operator.or_, torch.eq, torch.ne, torch.lt, torch.le, torch.gt, torch.ge,
-                  torch.logical_not, torch.tril, torch.triu, torch.where}
+                  torch.logical_not, torch.tril, torch.triu, torch.where, torch.meshgrid}
 MASK_METHODS = {"eq", "ne", "lt", "le", "gt", "ge", "logical_not", "float", "long", "int", "bool", "to", "type_as",
                 "tril", "triu"}
 # Tensors made from sizes and constants (torch.arange(L), x.new_zeros(B, h), torch.zeros_like(x)): exact like
