@@ -38,7 +38,7 @@ def calibrate(model: nn.Module, batches: Iterable, num_batches: int = 8,
             if used >= num_batches:
                 break
             x = batch[0] if isinstance(batch, (tuple, list)) else batch
-            _check_finite(x, used)
+            _check_batch(x, used)
             model(x.to(device))
             used += 1
     finally:
@@ -48,8 +48,12 @@ def calibrate(model: nn.Module, batches: Iterable, num_batches: int = 8,
     return used
 
 
-def _check_finite(x, index: int) -> None:
-    """A NaN/inf input would silently turn every observed range (and so every scale) into NaN/inf."""
+def _check_batch(x, index: int) -> None:
+    """An empty batch has no range to observe; a NaN/inf input would silently turn every observed range (and so
+    every scale) into NaN/inf."""
+    if isinstance(x, torch.Tensor) and x.numel() == 0:
+        raise bad_value(f"calibration batch {index} (0-based)", f"an empty tensor of shape {tuple(x.shape)}",
+                        "batches of at least one sample", f"drop batch {index} from the calibration data", DataError)
     if isinstance(x, torch.Tensor) and x.is_floating_point():
         bad = int(x.numel() - torch.isfinite(x).sum())
         if bad:

@@ -24,7 +24,7 @@ def bias_codes(bias: torch.Tensor, bias_scale: torch.Tensor) -> torch.Tensor:
     return torch.clamp(torch.round(bias.double() / bias_scale.double()), INT32_MIN, INT32_MAX)
 
 
-_CONV = {1: F.conv1d, 2: F.conv2d}
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
 def conv_pads(conv: torch.nn.Conv1d | torch.nn.Conv2d) -> list[int]:
@@ -41,7 +41,7 @@ def conv_pads(conv: torch.nn.Conv1d | torch.nn.Conv2d) -> list[int]:
 
 def conv(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, stride, pads: list[int], padding_mode: str,
          dilation, groups: int) -> torch.Tensor:
-    """Conv1d/2d with ONNX-style `pads` and PyTorch's padding modes. On centred codes (x − z_x) zero padding is
+    """Conv1d/2d/3d with ONNX-style `pads` and PyTorch's padding modes. On centred codes (x − z_x) zero padding is
     the real 0 and reflect/replicate/circular pad copies of codes, so the integer model pads exactly as QAT did."""
     nd = w.dim() - 2
     begin, end = pads[:nd], pads[nd:]
@@ -54,8 +54,8 @@ def conv(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, stride, pads:
 
 def conv_transpose(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, stride, padding, output_padding,
                    dilation, groups: int) -> torch.Tensor:
-    """ConvTranspose1d/2d (zero padding: on centred codes the real 0)."""
-    fn = F.conv_transpose1d if w.dim() == 3 else F.conv_transpose2d
+    """ConvTranspose1d/2d/3d (zero padding: on centred codes the real 0)."""
+    fn = {3: F.conv_transpose1d, 4: F.conv_transpose2d, 5: F.conv_transpose3d}[w.dim()]
     return fn(x, w, b, stride, padding, output_padding, groups, dilation)
 
 

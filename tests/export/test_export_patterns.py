@@ -727,3 +727,49 @@ def test_a_grid_made_by_meshgrid_converts_and_runs_in_onnx_runtime(indexing, tmp
     assert not any("meshgrid" in op for op in qat.qat_info.float_ops)  # integer positions, not a float op
     integer = converts_exactly(qat, model, x, 0.2)
     runs_in_onnx_runtime(integer, x, tmp_path / "detect.onnx", top1=False, float_output=True)
+
+
+class Video(nn.Module):
+    """A video / volume net: (2+1)-D factorised 3-D convs with BN and ReLU, a grouped one, a residual add, 3-D max,
+    average and global pools, a 3-D transposed conv; an RGB stem (3 channels: padded to 4 on the codes)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv3d(3, 8, 3, padding=1), nn.BatchNorm3d(8), nn.ReLU(), nn.MaxPool3d((1, 2, 2)))
+        self.block = nn.Sequential(nn.Conv3d(8, 8, (3, 1, 1), padding=(1, 0, 0)), nn.BatchNorm3d(8), nn.ReLU(),
+                                   nn.Conv3d(8, 8, (1, 3, 3), padding=(0, 1, 1), groups=2), nn.BatchNorm3d(8))
+        self.up, self.avg, self.gap = nn.ConvTranspose3d(8, 4, 2, stride=2), nn.AvgPool3d(2), nn.AdaptiveAvgPool3d(1)
+        self.fc = nn.Linear(12, 5)
+        for m in self.modules():
+            if isinstance(m, nn.BatchNorm3d):
+                with torch.no_grad():
+                    m.running_mean.uniform_(-0.2, 0.2), m.running_var.uniform_(0.5, 1.5)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = F.relu(x + self.block(x))
+        u = self.avg(F.relu(self.up(x)))
+        return self.fc(torch.cat([self.gap(x).flatten(1), self.gap(u).flatten(1)], 1))
+
+
+def test_3d_convs_and_pools_are_quantized_and_run_exactly_in_onnx_runtime(tmp_path):
+    torch.manual_seed(0)
+    model, x = Video().eval(), torch.randn(16, 3, 4, 8, 8)
+    qat = _calibrated(model, x)
+    assert [(r["type"], r["bn_folded"]) for r in qat.qat_info.layers] == [
+        ("Conv3d", True), ("Conv3d", True), ("Conv3d", True), ("ConvTranspose3d", False), ("Linear", False)]
+    assert not qat.qat_info.float_ops
+    result = runs_in_onnx_runtime(converts_exactly(qat, model, x, 0.2), x, tmp_path / "video.onnx")
+    assert result["max_step_diff"] == 0  # ORT's QLinearConv runs the 3-D convs on integers
+
+
+def test_3d_float_ops_compute_what_pytorch_does():
+    """Unquantized (skipped) 3-D layers and pools, BatchNorm3d and InstanceNorm3d: float64 = PyTorch."""
+    torch.manual_seed(0)
+    model = nn.Sequential(Video().stem, nn.InstanceNorm3d(8, affine=True), nn.AvgPool3d(2, ceil_mode=True),
+                          nn.ConvTranspose3d(8, 2, 3, stride=2, padding=1, output_padding=1), nn.AdaptiveAvgPool3d(1))
+    model = model.double().eval()
+    x = torch.randn(2, 3, 3, 6, 6, dtype=torch.float64)
+    qat = qatkit.prepare(model, qatkit.QATConfig(rules=(qatkit.LayerRule(pattern="*", skip=True),)), x)
+    with torch.no_grad():
+        torch.testing.assert_close(qatkit.convert(qat.eval())(x), model(x), rtol=1e-12, atol=1e-12)

@@ -413,6 +413,14 @@ def test_calibration_batch_with_non_finite_values(bad_batch, value):
         assert torch.isfinite(q.scale).all()  # no NaN range was set from the bad batch
 
 
+def test_an_empty_calibration_batch_is_refused_with_the_fix():
+    model = _calibration_model()
+    batches = [torch.randn(4, 1, 4, 4), torch.randn(0, 1, 4, 4)]  # e.g. x[8:] of an 8-sample tensor
+    with pytest.raises(DataError, match=r"^calibration batch 1 \(0-based\) = 'an empty tensor of shape \(0, 1, 4, 4\)' "
+                                        r"is not allowed; allowed: batches of at least one sample\. Fix: drop batch 1"):
+        calibrate(model, batches)
+
+
 @pytest.mark.parametrize("num_batches", [0, -1, 2.5, True])
 def test_calibrate_num_batches(num_batches):
     with pytest.raises(ConfigError, match=rf"^num_batches = {re.escape(repr(num_batches))} is not allowed; allowed: an integer >= 1"):

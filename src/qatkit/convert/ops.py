@@ -36,6 +36,7 @@ _FUNCTIONS = [
     F.elu, F.selu, F.celu, F.softplus, F.mish, F.prelu, F.glu, F.log_softmax, F.softmin, F.logsigmoid, F.softsign,
     F.tanhshrink, F.hardshrink, F.softshrink, F.threshold, F.local_response_norm, F.pixel_unshuffle,
     F.channel_shuffle, torch.unflatten, F.adaptive_max_pool1d, F.adaptive_max_pool2d, torch.meshgrid,
+    F.conv3d, F.conv_transpose3d, F.max_pool3d, F.avg_pool3d, F.adaptive_avg_pool3d,
 ]
 FUNCTIONS = {f"{getattr(fn, '__module__', None) or 'builtins'}.{fn.__name__}": fn for fn in _FUNCTIONS}
 NAME_OF = {fn: name for name, fn in FUNCTIONS.items()}
@@ -50,9 +51,10 @@ METHODS = {"view", "reshape", "permute", "transpose", "flatten", "contiguous", "
 # Ops applied to integer codes directly: they keep values on the grid (ReLU handled with the zero point);
 # chunk, split and unbind give a tuple of pieces on the same grid. prepare lets quantization pass through them.
 CODE_PRESERVING_FUNCTIONS = (torch.flatten, torch.reshape, torch.transpose, torch.permute, torch.squeeze,
-                             torch.unsqueeze, F.max_pool1d, F.max_pool2d, operator.getitem, torch.chunk, torch.split,
-                             torch.repeat_interleave, torch.unbind, F.pixel_shuffle, torch.roll, F.pixel_unshuffle,
-                             F.channel_shuffle, torch.unflatten, F.adaptive_max_pool1d, F.adaptive_max_pool2d)
+                             torch.unsqueeze, F.max_pool1d, F.max_pool2d, F.max_pool3d, operator.getitem, torch.chunk,
+                             torch.split, torch.repeat_interleave, torch.unbind, F.pixel_shuffle, torch.roll,
+                             F.pixel_unshuffle, F.channel_shuffle, torch.unflatten, F.adaptive_max_pool1d,
+                             F.adaptive_max_pool2d)
 CODE_PRESERVING_METHODS = {"view", "reshape", "permute", "transpose", "flatten", "contiguous", "squeeze", "unsqueeze",
                            "expand", "chunk", "split", "repeat_interleave", "unbind", "roll", "unflatten"}
 CODE_PRESERVING = {NAME_OF[f] for f in CODE_PRESERVING_FUNCTIONS} | CODE_PRESERVING_METHODS | {"identity"}
@@ -69,12 +71,13 @@ def _transpose_kwargs(m):
 
 # Module type -> (function, parameter/buffer names passed as keywords of the same name, other keywords).
 MODULES = {
-    nn.MaxPool1d: (F.max_pool1d, (), lambda m: dict(_pool_kwargs(m), dilation=m.dilation, ceil_mode=m.ceil_mode)),
-    nn.MaxPool2d: (F.max_pool2d, (), lambda m: dict(_pool_kwargs(m), dilation=m.dilation, ceil_mode=m.ceil_mode)),
-    nn.AvgPool1d: (F.avg_pool1d, (), lambda m: dict(_pool_kwargs(m), ceil_mode=m.ceil_mode, count_include_pad=m.count_include_pad)),
-    nn.AvgPool2d: (F.avg_pool2d, (), lambda m: dict(_pool_kwargs(m), ceil_mode=m.ceil_mode, count_include_pad=m.count_include_pad)),
-    nn.AdaptiveAvgPool1d: (F.adaptive_avg_pool1d, (), lambda m: dict(output_size=m.output_size)),
-    nn.AdaptiveAvgPool2d: (F.adaptive_avg_pool2d, (), lambda m: dict(output_size=m.output_size)),
+    **{cls: (fn, (), lambda m: dict(_pool_kwargs(m), dilation=m.dilation, ceil_mode=m.ceil_mode))
+       for cls, fn in ((nn.MaxPool1d, F.max_pool1d), (nn.MaxPool2d, F.max_pool2d), (nn.MaxPool3d, F.max_pool3d))},
+    **{cls: (fn, (), lambda m: dict(_pool_kwargs(m), ceil_mode=m.ceil_mode, count_include_pad=m.count_include_pad))
+       for cls, fn in ((nn.AvgPool1d, F.avg_pool1d), (nn.AvgPool2d, F.avg_pool2d), (nn.AvgPool3d, F.avg_pool3d))},
+    **{cls: (fn, (), lambda m: dict(output_size=m.output_size))
+       for cls, fn in ((nn.AdaptiveAvgPool1d, F.adaptive_avg_pool1d), (nn.AdaptiveAvgPool2d, F.adaptive_avg_pool2d),
+                       (nn.AdaptiveAvgPool3d, F.adaptive_avg_pool3d))},
     nn.Flatten: (torch.flatten, (), lambda m: dict(start_dim=m.start_dim, end_dim=m.end_dim)),
     nn.ReLU: (F.relu, (), lambda m: {}),
     nn.ReLU6: (F.relu6, (), lambda m: {}),
@@ -96,15 +99,17 @@ MODULES = {
     nn.GroupNorm: (F.group_norm, ("weight", "bias"), lambda m: dict(num_groups=m.num_groups, eps=m.eps)),
     **{cls: (F.instance_norm, ("running_mean", "running_var", "weight", "bias"),  # eval: running statistics if tracked
              lambda m: dict(use_input_stats=not m.track_running_stats, eps=m.eps))
-       for cls in (nn.InstanceNorm1d, nn.InstanceNorm2d)},
+       for cls in (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)},
     nn.Embedding: (F.embedding, ("weight",), lambda m: dict(padding_idx=m.padding_idx)),
-    nn.BatchNorm1d: (F.batch_norm, ("running_mean", "running_var", "weight", "bias"), lambda m: dict(eps=m.eps)),
-    nn.BatchNorm2d: (F.batch_norm, ("running_mean", "running_var", "weight", "bias"), lambda m: dict(eps=m.eps)),
+    **{cls: (F.batch_norm, ("running_mean", "running_var", "weight", "bias"), lambda m: dict(eps=m.eps))
+       for cls in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)},
     nn.Linear: (F.linear, ("weight", "bias"), lambda m: {}),
     nn.Conv1d: (F.conv1d, ("weight", "bias"), lambda m: dict(stride=m.stride, padding=m.padding, dilation=m.dilation, groups=m.groups)),
     nn.Conv2d: (F.conv2d, ("weight", "bias"), lambda m: dict(stride=m.stride, padding=m.padding, dilation=m.dilation, groups=m.groups)),
+    nn.Conv3d: (F.conv3d, ("weight", "bias"), lambda m: dict(stride=m.stride, padding=m.padding, dilation=m.dilation, groups=m.groups)),
     nn.ConvTranspose1d: (F.conv_transpose1d, ("weight", "bias"), lambda m: _transpose_kwargs(m)),
     nn.ConvTranspose2d: (F.conv_transpose2d, ("weight", "bias"), lambda m: _transpose_kwargs(m)),
+    nn.ConvTranspose3d: (F.conv_transpose3d, ("weight", "bias"), lambda m: _transpose_kwargs(m)),
 }
 IDENTITY_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout,
                     nn.Identity)

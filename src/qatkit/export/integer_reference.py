@@ -267,8 +267,9 @@ def _pad(ins, a):
     """Pad: constant (the exporter's zero-point channels), reflect or edge (a conv's padding mode) on codes;
     pads = [begin of each axis..., end of each axis...]; a negative pad crops (U-Net's skip alignment)."""
     x, pads = ins[0], [int(p) for p in ins[1]]
-    x = x[tuple(slice(max(-b, 0), x.shape[i] - max(-e, 0)) for i, (b, e) in enumerate(zip(pads[:x.ndim], pads[x.ndim:])))]
-    widths = [(max(b, 0), max(e, 0)) for b, e in zip(pads[:x.ndim], pads[x.ndim:])]
+    pairs = list(zip(pads[:x.ndim], pads[x.ndim:]))
+    x = x[tuple(slice(max(-b, 0), n - max(-e, 0)) for n, (b, e) in zip(x.shape, pairs))]
+    widths = [(max(b, 0), max(e, 0)) for b, e in pairs]
     mode = a.get("mode", "constant")  # _attrs decoded it
     if mode != "constant":
         return np.pad(x, widths, mode=mode)  # numpy's reflect and edge are ONNX's
@@ -303,7 +304,8 @@ def _linear_resize(x, a, sizes, scales):
         if a.get("coordinate_transformation_mode") == "align_corners":
             src = dst * f32((n - 1) / (m - 1)) if m > 1 else np.zeros(m, f32)
         else:
-            src = np.maximum((dst + f32(0.5)) / f32(m / n if sizes is not None and len(sizes) else scales[axis]) - f32(0.5), f32(0))
+            scale = f32(m / n if sizes is not None and len(sizes) else scales[axis])
+            src = np.maximum((dst + f32(0.5)) / scale - f32(0.5), f32(0))
         lo = np.minimum(np.floor(src).astype(i64), n - 1)
         hi, w = np.minimum(lo + 1, n - 1), _bcast((src - lo).astype(f32), x.ndim, axis)
         x = np.take(x, lo, axis=axis) * (f32(1) - w) + np.take(x, hi, axis=axis) * w
@@ -320,6 +322,11 @@ def _lrn(ins, a):  # x / (bias + α/n · Σ x² over the n channels around c)^β
 def _shrink(ins, a):  # x - bias above λ, x + bias below -λ, 0 between
     x, lambd, bias = ins[0], f32(a.get("lambd", 0.5)), f32(a.get("bias", 0.0))
     return np.where(x > lambd, x - bias, np.where(x < -lambd, x + bias, f32(0))).astype(f32)
+
+
+def _selu(ins, a):  # γ·x above 0, γ·(α·eˣ - α) below
+    x, alpha, gamma = ins[0], f32(a.get("alpha", 1.6732632423543772)), f32(a.get("gamma", 1.0507009873554805))
+    return gamma * np.where(x > 0, x, alpha * np.exp(x) - alpha)
 
 
 def _softplus(x):  # log(1 + eˣ) without overflow
@@ -400,8 +407,7 @@ _OPS = {  # op_type -> handler(inputs, attributes) -> output(s); float ops compu
     "Elu": lambda i, a: np.where(i[0] >= 0, i[0], f32(a.get("alpha", 1.0)) * (np.exp(i[0]) - f32(1))),
     "Celu": lambda i, a: (np.maximum(i[0], f32(0)) + np.minimum(f32(0), (al := f32(a.get("alpha", 1.0)))
                                                                 * (np.exp(i[0] / al) - f32(1)))),
-    "Selu": lambda i, a: f32(a.get("gamma", 1.0507009873554805)) * np.where(
-        i[0] > 0, i[0], f32(a.get("alpha", 1.6732632423543772)) * np.exp(i[0]) - f32(a.get("alpha", 1.6732632423543772))),
+    "Selu": _selu,
     "Softplus": lambda i, a: _softplus(i[0]), "Softsign": lambda i, a: i[0] / (f32(1) + np.abs(i[0])),
     "PRelu": lambda i, a: np.where(i[0] < 0, i[1] * i[0], i[0]).astype(f32),
     "LogSoftmax": lambda i, a: (d := i[0] - i[0].max(a.get("axis", -1), keepdims=True))

@@ -32,8 +32,8 @@ class Value:
     dq: str | None = None  # its DequantizeLinear output, once made
 
 
-def _ints(v) -> list[int]:
-    return [v] * 2 if isinstance(v, int) else list(v)
+def _ints(v, n: int = 2) -> list[int]:
+    return [v] * n if isinstance(v, int) else list(v)
 
 
 def _dims(args: list) -> list:
@@ -124,12 +124,12 @@ def export_call(ex, node: dict) -> Value:
         return Value(ex.op("Cast", [ex.floats(x) if x.kind == "quant" else x.name], name, to=_ONNX_TYPES[target]), target)
     if short in ("relu",) and x.kind == "quant":  # max(q, z): ReLU on the codes
         return same_kind(ex.op("Max", [x.name, x.zero_point], name))
-    if short in ("max_pool1d", "max_pool2d"):
+    if short in ("max_pool1d", "max_pool2d", "max_pool3d"):
         k = _arg(args, kwargs, 1, "kernel_size", None)
         stride = _arg(args, kwargs, 2, "stride", None) or k
         pad = _arg(args, kwargs, 3, "padding", 0)
         dil = _arg(args, kwargs, 4, "dilation", 1)
-        n = 1 if short == "max_pool1d" else 2
+        n = int(short[-2])  # spatial axes
         k, stride, pad, dil = ([v] * n if isinstance(v, int) else list(v) for v in (k, stride, pad, dil))
         src = x.name if x.kind == "quant" else ex.floats(x)
         out = ex.op("MaxPool", [src], name, kernel_shape=k, strides=stride, pads=pad * 2, dilations=dil,
@@ -158,7 +158,8 @@ def export_call(ex, node: dict) -> Value:
         return _keep(ex, x, short.capitalize(), axes, name)
     if short == "pixel_shuffle":  # (N, C·r², H, W) -> (N, C, H·r, W·r): ONNX's DepthToSpace in CRD order, on x as it is
         return _keep(ex, x, "DepthToSpace", [], name, blocksize=_arg(args, kwargs, 1, "upscale_factor", None), mode="CRD")
-    if short == "pixel_unshuffle":  # (N, C, H·r, W·r) -> (N, C·r², H, W), channel c·r² + i·r + j ← (c, h·r + i, w·r + j)
+    if short == "pixel_unshuffle":  # (N, C, H·r, W·r) -> (N, C·r², H, W); out channel c·r² + i·r + j, row h, column w
+        # is in channel c, row h·r + i, column w·r + j
         r, c = _arg(args, kwargs, 1, "downscale_factor", None), ex.shapes[node["args"][0]["node"]].shape[1]
         h, w = (Value(ex.op("Div", [_size(ex, x, axis).name, _i(ex, r)], "n"), "int") for axis in (2, 3))
         blocks = _keep(ex, x, "Reshape", [ex.shape_tensor([0, c, h, r, w, r])], "blocks")
@@ -536,8 +537,8 @@ def _float_op(ex, node, short, args, kwargs, rank) -> Value:
     if short == "batch_norm":
         inputs = [xf] + [_c(ex, kwargs[k]) for k in ("weight", "bias", "running_mean", "running_var")]
         return Value(ex.op("BatchNormalization", inputs, name, epsilon=kwargs.get("eps", 1e-5)), "float")
-    if short in ("adaptive_avg_pool1d", "adaptive_avg_pool2d"):
-        n = 1 if short == "adaptive_avg_pool1d" else 2
+    if short in ("adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d"):
+        n = int(short[-2])
         size = _arg(args, kwargs, 1, "output_size", None)
         size = [size] * n if isinstance(size, int) else list(size)
         if set(size) == {1}:
@@ -549,8 +550,8 @@ def _float_op(ex, node, short, args, kwargs, rank) -> Value:
                               "form in qatkit: its windows overlap unevenly. Fix: pool to a size that divides the input")
         k = [s_in // s for s, s_in in zip(size, spatial)]  # equal windows: an average pool with kernel = stride
         return Value(ex.op("AveragePool", [xf], name, kernel_shape=k, strides=k), "float")
-    if short in ("avg_pool1d", "avg_pool2d"):
-        n = 1 if short == "avg_pool1d" else 2
+    if short in ("avg_pool1d", "avg_pool2d", "avg_pool3d"):
+        n = int(short[-2])
         k = _arg(args, kwargs, 1, "kernel_size", None)
         stride = _arg(args, kwargs, 2, "stride", None) or k
         pad = _arg(args, kwargs, 3, "padding", 0)
@@ -570,11 +571,12 @@ def _float_op(ex, node, short, args, kwargs, rank) -> Value:
             return Value(ex.op("ReduceMean", [xf], name, keepdims=keep, **({"axes": axes} if axes else {})), "float")
         extra = [ex.const("axes", np.array(axes, np.int64))] if axes else []
         return Value(ex.op("ReduceSum", [xf, *extra], name, keepdims=keep), "float")
-    if short in ("linear", "conv1d", "conv2d", "conv_transpose1d", "conv_transpose2d"):  # float layers qatkit left float
+    if short in ("linear", "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d"):
+        # float layers qatkit left float
         weight, bias = _arg(args, kwargs, 1, "weight", None), _arg(args, kwargs, 2, "bias", None)
         inputs = [xf, _c(ex, weight)] + ([_c(ex, bias)] if bias is not None else [])
         if short.startswith("conv_transpose"):
-            n = 1 if short.endswith("1d") else 2
+            n = int(short[-2])
             attrs = {k: (v if isinstance(v, list) else [v] * n) for k, v in
                      (("strides", kwargs.get("stride", 1)), ("pads", kwargs.get("padding", 0)),
                       ("output_padding", kwargs.get("output_padding", 0)), ("dilations", kwargs.get("dilation", 1)))}
@@ -585,8 +587,9 @@ def _float_op(ex, node, short, args, kwargs, rank) -> Value:
         if short == "linear":  # x · Wᵀ (+ b) over the last axis of a (B, T, in) input
             y = ex.op("MatMul", [xf, ex.op("Transpose", [inputs[1]], "wT", perm=[1, 0])], name)
             return Value(ex.op("Add", [y, inputs[2]], f"{name}_bias") if bias is not None else y, "float")
-        return Value(ex.op("Conv", inputs, name, strides=_ints(kwargs.get("stride", 1)),
-                           pads=_ints(kwargs.get("padding", 0)) * 2, dilations=_ints(kwargs.get("dilation", 1)),
+        n = int(short[-2])
+        return Value(ex.op("Conv", inputs, name, strides=_ints(kwargs.get("stride", 1), n),
+                           pads=_ints(kwargs.get("padding", 0), n) * 2, dilations=_ints(kwargs.get("dilation", 1), n),
                            group=kwargs.get("groups", 1)), "float")
     raise QatkitError(f"op {node['fn']!r} (node '{name}') has no ONNX form in qatkit. "
                       "Fix: express it with supported ops (see qatkit/export/onnx_ops.py)")

@@ -4,4 +4,5 @@ from qatkit.nn.conv_bn import FoldedBn, QConvBn, QConvTransposeBn
 from qatkit.nn.qlayer import QConv, QConvTranspose, QEmbedding, QLayer, QLinear
 from qatkit.nn.requant import QAdd, QGlobalAvgPool, QMatMul
 
-__all__ = ["FoldedBn", "QAdd", "QConv", "QConvBn", "QConvTranspose", "QConvTransposeBn", "QEmbedding", "QGlobalAvgPool", "QLayer", "QLinear", "QMatMul"]
+__all__ = ["FoldedBn", "QAdd", "QConv", "QConvBn", "QConvTranspose", "QConvTransposeBn", "QEmbedding", "QGlobalAvgPool",
+           "QLayer", "QLinear", "QMatMul"]

@@ -1,4 +1,4 @@
-"""Quantized Conv1d/Conv2d, ConvTranspose1d/2d and Linear (and Embedding, at the end) for QAT.
+"""Quantized Conv1d/2d/3d, ConvTranspose1d/2d/3d and Linear (and Embedding, at the end) for QAT.
 
 Training forward (fake quantization, STE/LSQ gradients):
     y = op(x̂, q(w), b̂) → fused ReLU/ReLU6 → output quantizer (if the next op consumes integers)
@@ -114,9 +114,10 @@ class QLinear(QLayer):
 
 
 class QConv(QLayer):
-    """Conv1d / Conv2d (any groups, stride, padding — numbers, 'same' or 'valid' — dilation and padding mode)."""
+    """Conv1d / Conv2d / Conv3d (any groups, stride, padding — numbers, 'same' or 'valid' — dilation and padding
+    mode)."""
 
-    def __init__(self, conv: nn.Conv1d | nn.Conv2d, weight_spec: QuantSpec, **kw):
+    def __init__(self, conv: nn.Conv1d | nn.Conv2d | nn.Conv3d, weight_spec: QuantSpec, **kw):
         super().__init__(conv, weight_spec, **kw)
         self.dim = conv.weight.dim() - 2
         self.stride, self.dilation, self.groups = conv.stride, conv.dilation, conv.groups
@@ -131,13 +132,13 @@ class QConv(QLayer):
 
 
 class QConvTranspose(QLayer):
-    """ConvTranspose1d / ConvTranspose2d (stride, padding, output_padding, dilation; zero padding). The weight
+    """ConvTranspose1d / 2d / 3d (stride, padding, output_padding, dilation; zero padding). The weight
     (C_in, C_out/groups, *k) has its output channels on axis 1: per-channel scales there; with groups > 1 an output
     channel's weights span groups, so its scales are per tensor."""
 
     weight_axis = 1
 
-    def __init__(self, conv: nn.ConvTranspose1d | nn.ConvTranspose2d, weight_spec: QuantSpec, **kw):
+    def __init__(self, conv: nn.ConvTranspose1d | nn.ConvTranspose2d | nn.ConvTranspose3d, weight_spec: QuantSpec, **kw):
         if conv.padding_mode != "zeros":
             raise ConfigError(f"{conv} pads in mode {conv.padding_mode!r}; allowed: 'zeros' (the only mode PyTorch's "
                               "transposed convs run). Fix: build it with padding_mode='zeros'")

@@ -34,15 +34,16 @@ from qatkit.nn import (QAdd, QConv, QConvBn, QConvTranspose, QConvTransposeBn, Q
 from qatkit.prepare.rules import LayerPlan
 from qatkit.quantizer import FakeQuantizer
 
-WRAPPERS = {nn.Conv1d: QConv, nn.Conv2d: QConv, nn.ConvTranspose1d: QConvTranspose, nn.ConvTranspose2d: QConvTranspose,
-            nn.Linear: QLinear, nn.Embedding: QEmbedding}
-FOLDABLE_BN = {nn.Conv1d: nn.BatchNorm1d, nn.Conv2d: nn.BatchNorm2d, nn.ConvTranspose1d: nn.BatchNorm1d,
-               nn.ConvTranspose2d: nn.BatchNorm2d}
+WRAPPERS = {nn.Conv1d: QConv, nn.Conv2d: QConv, nn.Conv3d: QConv, nn.ConvTranspose1d: QConvTranspose,
+            nn.ConvTranspose2d: QConvTranspose, nn.ConvTranspose3d: QConvTranspose, nn.Linear: QLinear,
+            nn.Embedding: QEmbedding}
+FOLDABLE_BN = {nn.Conv1d: nn.BatchNorm1d, nn.Conv2d: nn.BatchNorm2d, nn.Conv3d: nn.BatchNorm3d,
+               nn.ConvTranspose1d: nn.BatchNorm1d, nn.ConvTranspose2d: nn.BatchNorm2d, nn.ConvTranspose3d: nn.BatchNorm3d}
 WRAPPERS_WITH_BN = {QConv: QConvBn, QConvTranspose: QConvTransposeBn}
 FUSABLE_ACT_MODULES = {nn.ReLU: "relu", nn.ReLU6: "relu6"}
 FUSABLE_ACT_FUNCTIONS = {F.relu: "relu", torch.relu: "relu", F.relu6: "relu6"}
 # Ops whose output stays on the input's integer grid: quantization passes through them.
-GRID_PRESERVING_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.Flatten, nn.Dropout, nn.Identity, nn.ReLU, nn.PixelShuffle)
+GRID_PRESERVING_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.Flatten, nn.Dropout, nn.Identity, nn.ReLU, nn.PixelShuffle)
 # (those the integer model applies to codes, and ReLU and dropout)
 GRID_PRESERVING_FUNCTIONS = {*ops.CODE_PRESERVING_FUNCTIONS, F.relu, torch.relu, F.dropout}
 DROPOUT_FUNCTIONS = {F.dropout: nn.Dropout, F.dropout1d: nn.Dropout1d, F.dropout2d: nn.Dropout2d,
@@ -65,10 +66,12 @@ FACTORY_METHODS = {"new_zeros", "new_ones", "new_full"}
 # Arithmetic on sizes (C // n_head, 1 / math.sqrt(head_dim)): shape arithmetic, exact like masks.
 SIZE_ARITHMETIC = {operator.add, operator.sub, operator.mul, operator.floordiv, operator.mod, operator.truediv,
                    math.sqrt}
+ADAPTIVE_AVG_POOL_MODULES = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
 # Ops an integer runtime runs on integers and requantizes (QLinearAdd, QLinearConcat, QLinearAveragePool).
-REQUANT_MODULES = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AvgPool1d, nn.AvgPool2d)
+REQUANT_MODULES = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AvgPool1d, nn.AvgPool2d,
+                   nn.AvgPool3d)
 REQUANT_FUNCTIONS = {operator.add, operator.iadd, torch.add, torch.cat, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d,
-                     F.avg_pool1d, F.avg_pool2d}
+                     F.adaptive_avg_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d}
 
 
 @dataclass
@@ -403,9 +406,10 @@ class _Rewriter:
                 and all(isinstance(a, fx.Node) and a.op != "get_attr" and a not in self.masks for a in node.args))
 
     def _is_global_pool(self, node: fx.Node) -> bool:
-        if node.op == "call_module" and isinstance(self.modules[node.target], (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)):
+        if node.op == "call_module" and isinstance(self.modules[node.target], ADAPTIVE_AVG_POOL_MODULES):
             size = self.modules[node.target].output_size
-        elif node.op == "call_function" and node.target in (F.adaptive_avg_pool1d, F.adaptive_avg_pool2d):
+        elif node.op == "call_function" and node.target in (F.adaptive_avg_pool1d, F.adaptive_avg_pool2d,
+                                                             F.adaptive_avg_pool3d):
             size = node.args[1] if len(node.args) > 1 else node.kwargs.get("output_size")
         else:
             return False
