@@ -773,3 +773,66 @@ def test_3d_float_ops_compute_what_pytorch_does():
     qat = qatkit.prepare(model, qatkit.QATConfig(rules=(qatkit.LayerRule(pattern="*", skip=True),)), x)
     with torch.no_grad():
         torch.testing.assert_close(qatkit.convert(qat.eval())(x), model(x), rtol=1e-12, atol=1e-12)
+
+
+class PointNet(nn.Module):
+    """PointNet's global max pool over the points, in the ways it is written; `indices` also uses where the minimum
+    is (integer positions), `elementwise` takes the larger of two feature maps."""
+
+    def __init__(self, style: str):
+        super().__init__()
+        self.style = style
+        self.c1, self.bn, self.c2, self.fc = nn.Conv1d(3, 16, 1), nn.BatchNorm1d(16), nn.Conv1d(16, 32, 1), nn.Linear(32, 4)
+
+    def forward(self, x):  # (B, 3, points)
+        h = self.c2(F.relu(self.bn(self.c1(x))))
+        if self.style == "torch.max":
+            return self.fc(torch.max(h, 2, keepdim=True)[0].view(-1, 32))
+        if self.style == "method":
+            return self.fc(h.max(dim=-1)[0])
+        if self.style == "amax":
+            return self.fc(torch.amax(h, dim=2))
+        if self.style == "values":
+            return self.fc(h.max(2).values)
+        if self.style == "indices":
+            low = torch.min(h, 2)
+            return self.fc(low.values) + 0.01 * low.indices[:, :4].float()
+        return self.fc(torch.max(h, torch.relu(h[:, :, :1])).mean(2))  # elementwise
+
+
+@pytest.mark.parametrize("style", ["torch.max", "method", "amax", "values", "indices", "elementwise"])
+def test_max_and_min_over_an_axis_convert_and_run_in_onnx_runtime(style, tmp_path):
+    torch.manual_seed(0)
+    model, x = PointNet(style).eval(), torch.randn(16, 3, 20)
+    qat = _calibrated(model, x)
+    reduction = style != "elementwise"
+    assert not any(op.endswith(("(max)", "(amax)", "(min)")) for op in qat.qat_info.float_ops) == reduction
+    integer = converts_exactly(qat, model, x, 0.2)
+    runs_in_onnx_runtime(integer, x, tmp_path / "pointnet.onnx", float_output=style == "indices")
+
+
+class DetrPositions(nn.Module):
+    """DETR's sine position embedding, computed in forward from the feature map's size: cumulative sums of a mask
+    of ones, a frequency ladder, sin/cos of the even/odd features interleaved, added to the features."""
+
+    def __init__(self, d=8):
+        super().__init__()
+        self.d, self.conv, self.head = d, nn.Conv2d(3, 2 * d, 3, padding=1), nn.Linear(2 * d, 4)
+
+    def forward(self, x):
+        f = self.conv(x)
+        not_mask = torch.ones(f.shape[0], f.shape[2], f.shape[3])
+        y_embed, x_embed = not_mask.cumsum(1, dtype=torch.float32), not_mask.cumsum(2, dtype=torch.float32)
+        dim_t = 10000 ** (2 * (torch.arange(self.d, dtype=torch.float32) // 2) / self.d)
+        pos_x, pos_y = x_embed[:, :, :, None] / dim_t, y_embed[:, :, :, None] / dim_t
+        pos_x = torch.stack((pos_x[:, :, :, 0::2].sin(), pos_x[:, :, :, 1::2].cos()), dim=4).flatten(3)
+        pos_y = torch.stack((pos_y[:, :, :, 0::2].sin(), pos_y[:, :, :, 1::2].cos()), dim=4).flatten(3)
+        return self.head((f + torch.cat((pos_y, pos_x), dim=3).permute(0, 3, 1, 2)).mean((2, 3)))
+
+
+def test_positions_from_cumulative_sums_convert_and_run_in_onnx_runtime(tmp_path):
+    torch.manual_seed(0)
+    model, x = DetrPositions().eval(), torch.randn(16, 3, 6, 7)
+    qat = _calibrated(model, x)
+    assert not any("cumsum" in op for op in qat.qat_info.float_ops)  # sums of a mask: exact
+    runs_in_onnx_runtime(converts_exactly(qat, model, x, 0.2), x, tmp_path / "detr.onnx")

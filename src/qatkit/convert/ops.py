@@ -37,17 +37,18 @@ _FUNCTIONS = [
     F.tanhshrink, F.hardshrink, F.softshrink, F.threshold, F.local_response_norm, F.pixel_unshuffle,
     F.channel_shuffle, torch.unflatten, F.adaptive_max_pool1d, F.adaptive_max_pool2d, torch.meshgrid,
     F.conv3d, F.conv_transpose3d, F.max_pool3d, F.avg_pool3d, F.adaptive_avg_pool3d,
+    torch.max, torch.min, torch.amax, torch.amin, torch.cumsum,
 ]
 FUNCTIONS = {f"{getattr(fn, '__module__', None) or 'builtins'}.{fn.__name__}": fn for fn in _FUNCTIONS}
 NAME_OF = {fn: name for name, fn in FUNCTIONS.items()}
 DTYPES = {"float32": torch.float32, "int64": torch.int64, "bool": torch.bool}  # dtype= arguments a file may name
 GETATTR = NAME_OF[getattr]  # allowed for these attributes only:
-ATTRIBUTES = ("shape", "device", "dtype")
+ATTRIBUTES = ("shape", "device", "dtype", "values", "indices")  # (the last two: of torch.max(x, dim)'s pair)
 METHODS = {"view", "reshape", "permute", "transpose", "flatten", "contiguous", "softmax", "mean", "sum", "size",
            "relu", "sigmoid", "unsqueeze", "squeeze", "expand", "mul", "add", "matmul", "dim", "float", "clamp",
            "masked_fill", "new_zeros", "new_ones", "new_full", "chunk", "split", "tril", "triu", "to", "type_as",
            "pow", "rsqrt", "sqrt", "exp", "neg", "sin", "cos", "repeat_interleave", "unbind", "norm", "roll", "unflatten",
-           "long", "int", "bool"}
+           "long", "int", "bool", "max", "min", "amax", "amin", "cumsum"}
 # Ops applied to integer codes directly: they keep values on the grid (ReLU handled with the zero point);
 # chunk, split and unbind give a tuple of pieces on the same grid. prepare lets quantization pass through them.
 CODE_PRESERVING_FUNCTIONS = (torch.flatten, torch.reshape, torch.transpose, torch.permute, torch.squeeze,
@@ -59,6 +60,16 @@ CODE_PRESERVING_METHODS = {"view", "reshape", "permute", "transpose", "flatten",
                            "expand", "chunk", "split", "repeat_interleave", "unbind", "roll", "unflatten"}
 CODE_PRESERVING = {NAME_OF[f] for f in CODE_PRESERVING_FUNCTIONS} | CODE_PRESERVING_METHODS | {"identity"}
 RELU = {NAME_OF[torch.relu], NAME_OF[F.relu], "relu"}
+# Max/min over an axis (PointNet's global max pool: torch.max(x, 2)[0], x.max(-1).values, x.amax(2)) keep codes
+# (the largest code is the code of the largest value); torch.max(a, b) of two tensors computes in float.
+REDUCE_FUNCTIONS = (torch.max, torch.min, torch.amax, torch.amin)
+REDUCE_METHODS = {"max", "min", "amax", "amin"}
+REDUCE = {NAME_OF[f] for f in REDUCE_FUNCTIONS} | REDUCE_METHODS
+
+
+def reduces(args: list) -> bool:
+    """torch.max(x, dim) and torch.max(x) reduce; torch.max(a, b) (b a tensor) is elementwise."""
+    return len(args) < 2 or isinstance(args[1], (int, list, tuple))
 
 
 def _pool_kwargs(m):

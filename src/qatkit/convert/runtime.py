@@ -158,6 +158,13 @@ class IntegerModel(nn.Module):
             return x
         if isinstance(x, QValue) and name in ops.RELU:
             return QValue(torch.clamp(x.codes, min=x.zero_point), x.scale, x.zero_point)
+        if isinstance(x, QValue) and name in ops.REDUCE and ops.reduces(args):  # codes; max(x, dim)'s indices as ints
+            out = self._invoke(node, [x.codes, *args[1:]], kwargs)
+            if isinstance(out, tuple):
+                return QValue(out[0], x.scale, x.zero_point), out[1]
+            return QValue(out, x.scale, x.zero_point)
+        if isinstance(x, tuple) and name == ops.GETATTR:  # torch.max(x, dim).values / .indices
+            return x[("values", "indices").index(args[1])]
         if isinstance(x, QValue) and name in ops.CODE_PRESERVING:
             out = self._invoke(node, [x.codes, *args[1:]], kwargs)
             if isinstance(out, tuple):  # chunk, split: pieces on the same grid

@@ -329,6 +329,11 @@ def _selu(ins, a):  # γ·x above 0, γ·(α·eˣ - α) below
     return gamma * np.where(x > 0, x, alpha * np.exp(x) - alpha)
 
 
+def _arg_extreme(fn, x, a):  # the first position of the max/min along `axis` (select_last_index = 0)
+    out = fn(x, axis=a.get("axis", 0)).astype(i64)
+    return np.expand_dims(out, a.get("axis", 0)) if a.get("keepdims", 1) else out
+
+
 def _softplus(x):  # log(1 + eˣ) without overflow
     return np.where(x > 0, x + np.log1p(np.exp(-np.abs(x))), np.log1p(np.exp(np.minimum(x, 0)))).astype(f32)
 
@@ -404,6 +409,10 @@ _OPS = {  # op_type -> handler(inputs, attributes) -> output(s); float ops compu
     "Conv": lambda i, a: _conv(i[0], i[1], a, f32) + _bcast(_opt(i, 2, f32(0)), i[0].ndim, 1),
     "GlobalAveragePool": lambda i, a: i[0].mean(axis=tuple(range(2, i[0].ndim)), keepdims=True, dtype=f32),
     "ReduceMax": lambda i, a: i[0].max(axis=_axes(i, a), keepdims=bool(a.get("keepdims", 1))),
+    "ReduceMin": lambda i, a: i[0].min(axis=_axes(i, a), keepdims=bool(a.get("keepdims", 1))),
+    "ArgMax": lambda i, a: _arg_extreme(np.argmax, i[0], a), "ArgMin": lambda i, a: _arg_extreme(np.argmin, i[0], a),
+    "Min": lambda i, a: reduce(np.minimum, i),
+    "CumSum": lambda i, a: np.cumsum(i[0], axis=int(i[1]), dtype=i[0].dtype),
     "Elu": lambda i, a: np.where(i[0] >= 0, i[0], f32(a.get("alpha", 1.0)) * (np.exp(i[0]) - f32(1))),
     "Celu": lambda i, a: (np.maximum(i[0], f32(0)) + np.minimum(f32(0), (al := f32(a.get("alpha", 1.0)))
                                                                 * (np.exp(i[0] / al) - f32(1)))),

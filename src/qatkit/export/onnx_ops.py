@@ -62,6 +62,8 @@ def export_call(ex, node: dict) -> Value:
 
     if short in ("identity", "contiguous", "dropout"):
         return x
+    if short == "getattr" and isinstance(x, list):  # torch.max(x, dim).values / .indices
+        return x[("values", "indices").index(args[1])]
     if short == "getattr":  # x.shape; x.device (which a factory's device= reads; ONNX has no devices); x.dtype
         if args[1] == "dtype":  # as the kind of value it makes (what `.to(x.dtype)` casts to)
             return _kind(x)
@@ -85,6 +87,11 @@ def export_call(ex, node: dict) -> Value:
             else Value(shape, "shape")
     if short == "getitem":
         return x[args[1]] if isinstance(x, list) else _getitem(ex, x, args[1], rank)
+    if short == "cumsum":  # (DETR's positions: not_mask.cumsum(1, dtype=torch.float32)) in float32, or int64
+        floats = _arg(args, kwargs, 2, "dtype", None) == "float" or _kind(x) == "float"
+        src = _c(ex, x) if floats else x.name if x.kind == "int" else ex.op("Cast", [x.name], "i", to=TensorProto.INT64)
+        axis = ex.const("axis", np.array(_axis(_arg(args, kwargs, 1, "dim", None), rank), np.int64))
+        return Value(ex.op("CumSum", [src, axis], name), "float" if floats else "int")
     if short == "meshgrid":  # YOLO's anchor grid from two aranges: each input unsqueezed and expanded to the grid
         return _meshgrid(ex, list(args[0]) if len(args) == 1 and isinstance(args[0], list) else args,
                          kwargs.get("indexing", "ij"), name)
@@ -175,6 +182,11 @@ def export_call(ex, node: dict) -> Value:
         tail = list(ex.shapes[node["args"][0]["node"]].shape[dim + 1:])
         return _keep(ex, x, "Reshape", [ex.shape_tensor([0] * dim + list(_arg(args, kwargs, 2, "sizes", None)) + tail)],
                      name)
+    if short in ("max", "min") and len(args) > 1 and isinstance(args[1], Value):  # elementwise, of two tensors
+        return Value(ex.op(short.capitalize(), [_c(ex, x), _c(ex, args[1])], name), "float")
+    if short in ("max", "min", "amax", "amin"):
+        return _reduce_max_min(ex, x, short, _arg(args, kwargs, 1, "dim", None), _arg(args, kwargs, 2, "keepdim", False),
+                               rank, name)
     if short in ("adaptive_max_pool1d", "adaptive_max_pool2d"):
         return _adaptive_max_pool(ex, node, x, args, kwargs, rank)
     if short == "roll":
@@ -201,6 +213,19 @@ def _meshgrid(ex, tensors: list[Value], indexing: str, name: str) -> list[Value]
         out.append(_keep(ex, Value(ex.op("Unsqueeze", [t.name, others], "line"), t.kind, t.scale, t.zero_point),
                          "Expand", [shape], name))
     return out
+
+
+def _reduce_max_min(ex, x: Value, short: str, dim, keepdim: bool, rank: int, name: str):
+    """Max/min over axes on x as it is (codes: the largest code is the code of the largest value); torch.max/min
+    with one dim also give the (first) position of it, as ONNX's ArgMax/ArgMin."""
+    op = "Max" if short.endswith("max") else "Min"
+    axes = list(range(rank)) if dim is None else [_axis(d, rank) for d in _ints(dim, 1)]
+    values = _keep(ex, x if x.kind == "quant" else Value(ex.floats(x), "float"), f"Reduce{op}", [], name,
+                   axes=axes, keepdims=int(bool(keepdim)))
+    if short in ("amax", "amin") or dim is None:
+        return values
+    src = x.name if x.kind == "quant" else ex.floats(x)
+    return [values, Value(ex.op(f"Arg{op}", [src], f"{name}_index", axis=axes[0], keepdims=int(bool(keepdim))), "int")]
 
 
 def _size(ex, x: Value, axis: int) -> Value:

@@ -55,9 +55,9 @@ SHAPE_OPS = {getattr, "size", "dim"}  # shape arithmetic, not tensor compute
 # and integer ops in the runtime (ONNX Equal/Not/Cast on int64 ids), not float islands.
 MASK_FUNCTIONS = {operator.eq, operator.ne, operator.lt, operator.le, operator.gt, operator.ge, operator.invert,
                   operator.and_, operator.or_, torch.eq, torch.ne, torch.lt, torch.le, torch.gt, torch.ge,
-                  torch.logical_not, torch.tril, torch.triu, torch.where, torch.meshgrid}
+                  torch.logical_not, torch.tril, torch.triu, torch.where, torch.meshgrid, torch.cumsum}
 MASK_METHODS = {"eq", "ne", "lt", "le", "gt", "ge", "logical_not", "float", "long", "int", "bool", "to", "type_as",
-                "tril", "triu"}
+                "tril", "triu", "cumsum"}
 # Tensors made from sizes and constants (torch.arange(L), x.new_zeros(B, h), torch.zeros_like(x)): exact like
 # masks, whatever their inputs.
 FACTORY_FUNCTIONS = {torch.zeros, torch.ones, torch.full, torch.arange, torch.zeros_like, torch.ones_like,
@@ -180,7 +180,9 @@ class _Rewriter:
     def _keeps_grid(self, node: fx.Node) -> bool:
         """Moves or selects values without computing new ones (in eval mode: drop path is the identity there)."""
         return (_is(node, self.modules, GRID_PRESERVING_MODULES, GRID_PRESERVING_FUNCTIONS, GRID_PRESERVING_METHODS)
-                or (node.op == "call_module" and ops.identity_in_eval(self.modules[node.target])))
+                or (node.op == "call_module" and ops.identity_in_eval(self.modules[node.target]))
+                or (_is(node, self.modules, (), set(ops.REDUCE_FUNCTIONS), ops.REDUCE_METHODS) and ops.reduces(node.args))
+                or (node.op == "call_function" and node.target is getattr and node.args[1] == "values"))
 
     def _attention(self, node: fx.Node) -> None:
         """F.scaled_dot_product_attention as the ops it computes: softmax(q·kᵀ·scale (+ mask)) (→ dropout) · v, so
@@ -355,10 +357,14 @@ class _Rewriter:
                 self.quantized[node] = f"{node.target}.out_quant"
             return
         inputs = node.all_input_nodes
-        if (node.op in ("call_function", "call_method") and node.target in SHAPE_OPS) or (
+        shape_op = node.target in SHAPE_OPS and not (node.target is getattr and node.args[1] in ("values", "indices"))
+        if (node.op in ("call_function", "call_method") and shape_op) or (
                 inputs and all(a in self.sizes for a in inputs)
                 and (node.target is operator.getitem or _is(node, self.modules, (), SIZE_ARITHMETIC))):
             self.sizes.add(node)
+        if self._reduction_indices(node):  # torch.max(x, dim)[1], .indices: integer positions, exact
+            self.masks.add(node)
+            return
         keeps_grid = self._keeps_grid(node)  # traces a parameter-free module of the model's own code: once
         if (node in self.sizes or node.op == "placeholder"
                 or _is(node, self.modules, (), FACTORY_FUNCTIONS, FACTORY_METHODS)
@@ -394,6 +400,11 @@ class _Rewriter:
                 self.info.float_ops.append(described)
                 if not ops.convertible(node, self.modules):
                     self.info.unconvertible.append(described)
+
+    def _reduction_indices(self, node: fx.Node) -> bool:
+        pair = node.args[0] if node.op == "call_function" and node.target in (operator.getitem, getattr) else None
+        return (isinstance(pair, fx.Node) and node.args[1] in (1, "indices") and ops.reduces(pair.args)
+                and _is(pair, self.modules, (), set(ops.REDUCE_FUNCTIONS), ops.REDUCE_METHODS))
 
     def _is_softmax(self, node: fx.Node) -> bool:
         return _is(node, self.modules, (nn.Softmax, nn.Softmax2d), {F.softmax, torch.softmax}, {"softmax"})
