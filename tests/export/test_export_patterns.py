@@ -836,3 +836,32 @@ def test_positions_from_cumulative_sums_convert_and_run_in_onnx_runtime(tmp_path
     qat = _calibrated(model, x)
     assert not any("cumsum" in op for op in qat.qat_info.float_ops)  # sums of a mask: exact
     runs_in_onnx_runtime(converts_exactly(qat, model, x, 0.2), x, tmp_path / "detr.onnx")
+
+
+class TextCNN(nn.Module):
+    """Kim (2014)'s sentence CNN: convs of widths 3, 4, 5 over the embedded words, each max-pooled over time with a
+    kernel as long as its own output (h.size(2) or h.shape[-1]), concatenated."""
+
+    def __init__(self, length: str):
+        super().__init__()
+        self.length, self.emb = length, nn.Embedding(50, 16)
+        self.convs, self.fc = nn.ModuleList(nn.Conv1d(16, 8, k) for k in (3, 4, 5)), nn.Linear(24, 2)
+
+    def forward(self, ids):
+        x = self.emb(ids).transpose(1, 2)
+        pooled = []
+        for conv in self.convs:
+            h = F.relu(conv(x))
+            pooled.append(F.max_pool1d(h, h.size(2) if self.length == "size" else h.shape[-1]).squeeze(2))
+        return self.fc(torch.cat(pooled, 1))
+
+
+@pytest.mark.parametrize("length", ["size", "shape"])
+def test_max_over_time_converts_and_runs_in_onnx_runtime(length, tmp_path):
+    torch.manual_seed(0)
+    model, ids = TextCNN(length).eval(), torch.randint(0, 50, (16, 12))
+    qat = qatkit.prepare(model, qatkit.QATConfig(), ids[:2])
+    qatkit.calibrate(qat, [ids])
+    integer = converts_exactly(qat, model, ids, 0.2)
+    converts_exactly(qat, model, ids[:, :9], 0.2)  # another sentence length
+    runs_in_onnx_runtime(integer, ids, tmp_path / "textcnn.onnx")

@@ -4,12 +4,14 @@ Ops that keep the integer grid run on the codes; the rest run in float on dequan
 """
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
 import numpy as np
 from onnx import TensorProto
 from onnx import helper as onnx_helper
 
+from qatkit.convert.ops import GETATTR, NAME_OF
 from qatkit.errors import QatkitError
 
 BINARY = {"add": "Add", "iadd": "Add", "sub": "Sub", "mul": "Mul", "truediv": "Div", "matmul": "MatMul"}
@@ -133,6 +135,9 @@ def export_call(ex, node: dict) -> Value:
         return same_kind(ex.op("Max", [x.name, x.zero_point], name))
     if short in ("max_pool1d", "max_pool2d", "max_pool3d"):
         k = _arg(args, kwargs, 1, "kernel_size", None)
+        if short == "max_pool1d" and _whole_length(ex, node):  # F.max_pool1d(h, h.size(2)): max over time, any length
+            return _keep(ex, x if x.kind == "quant" else Value(ex.floats(x), "float"), "ReduceMax", [], name, axes=[2],
+                         keepdims=1)
         stride = _arg(args, kwargs, 2, "stride", None) or k
         pad = _arg(args, kwargs, 3, "padding", 0)
         dil = _arg(args, kwargs, 4, "dilation", 1)
@@ -213,6 +218,24 @@ def _meshgrid(ex, tensors: list[Value], indexing: str, name: str) -> list[Value]
         out.append(_keep(ex, Value(ex.op("Unsqueeze", [t.name, others], "line"), t.kind, t.scale, t.zero_point),
                          "Expand", [shape], name))
     return out
+
+
+def _whole_length(ex, node: dict) -> bool:
+    """F.max_pool1d(h, h.size(2)) or (h, h.shape[-1]) (a text CNN's max over time): the kernel is h's own length,
+    the stride defaults to it, nothing is padded."""
+    nodes = {n["name"]: n for n in ex.model.nodes}
+
+    def made_by(ref):
+        return nodes.get(ref["node"]) if isinstance(ref, dict) and "node" in ref else None
+
+    source = made_by(node["args"][1] if len(node["args"]) > 1 else node["kwargs"].get("kernel_size"))
+    extra = list(node["args"][2:]) + [v for k, v in node["kwargs"].items() if k != "kernel_size"]
+    if source is None or not all(v in (None, 0, 1, False) for v in extra) or source["args"][1:] not in ([2], [-1]):
+        return False
+    if source.get("fn") == "size":  # h.size(2)
+        return source["args"][0] == node["args"][0]
+    shape = made_by(source["args"][0]) if source.get("fn") == NAME_OF[operator.getitem] else None  # h.shape[2]
+    return shape is not None and shape.get("fn") == GETATTR and shape["args"] == [node["args"][0], "shape"]
 
 
 def _reduce_max_min(ex, x: Value, short: str, dim, keepdim: bool, rank: int, name: str):
