@@ -27,7 +27,7 @@ def bias_codes(bias: torch.Tensor, bias_scale: torch.Tensor) -> torch.Tensor:
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
-def conv_pads(conv: torch.nn.Conv1d | torch.nn.Conv2d) -> list[int]:
+def conv_pads(conv: torch.nn.Conv1d | torch.nn.Conv2d | torch.nn.Conv3d) -> list[int]:
     """A conv's padding as ONNX `pads`, [begin of each spatial axis..., end of each...]; 'same' pads an even
     kernel's extra row at the end, as PyTorch does."""
     k, d = conv.kernel_size, conv.dilation

@@ -353,7 +353,7 @@ def _getitem(ex, x: Value, index, rank) -> Value:
         kind = "int" if x.kind == "shape" else x.kind
         return Value(out, kind, x.scale, x.zero_point)
     items = index if isinstance(index, list) else [index]
-    lists = [i for i in items if isinstance(i, list) or isinstance(i, Value)]  # x[:, [-1]], table[index]: Gathers
+    lists = [i for i in items if isinstance(i, (list, Value))]  # x[:, [-1]], table[index]: Gathers
     if not all(i is None or i is Ellipsis or isinstance(i, int)
                or (isinstance(i, slice) and (i.step is None or type(i.step) is int and i.step > 0))
                or (isinstance(i, list) and all(type(j) is int for j in i))

@@ -23,7 +23,7 @@ class FoldedBn(HostBuffers):
 
     host_buffers = ("bn_frozen",)
 
-    def __init__(self, conv: nn.Module, bn: nn.BatchNorm1d | nn.BatchNorm2d, weight_spec: QuantSpec, **kw):
+    def __init__(self, conv: nn.Module, bn: nn.modules.batchnorm._BatchNorm, weight_spec: QuantSpec, **kw):
         super().__init__(conv, weight_spec, **kw)
         self.bn = bn
         self.register_buffer("bn_frozen", torch.tensor(False))
@@ -50,9 +50,9 @@ class FoldedBn(HostBuffers):
 
 
 class QConvBn(FoldedBn, QConv):
-    """Conv1d/Conv2d → BatchNorm."""
+    """Conv1d/2d/3d → BatchNorm."""
 
 
 class QConvTransposeBn(FoldedBn, QConvTranspose):
-    """ConvTranspose1d/2d → BatchNorm (groups = 1: with groups an output channel's weights span groups, and prepare
+    """ConvTranspose1d/2d/3d → BatchNorm (groups = 1: with groups an output channel's weights span groups, and prepare
     leaves BN a float op)."""

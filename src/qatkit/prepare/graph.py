@@ -43,7 +43,8 @@ WRAPPERS_WITH_BN = {QConv: QConvBn, QConvTranspose: QConvTransposeBn}
 FUSABLE_ACT_MODULES = {nn.ReLU: "relu", nn.ReLU6: "relu6"}
 FUSABLE_ACT_FUNCTIONS = {F.relu: "relu", torch.relu: "relu", F.relu6: "relu6"}
 # Ops whose output stays on the input's integer grid: quantization passes through them.
-GRID_PRESERVING_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.Flatten, nn.Dropout, nn.Identity, nn.ReLU, nn.PixelShuffle)
+GRID_PRESERVING_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.Flatten, nn.Dropout, nn.Identity, nn.ReLU,
+                           nn.PixelShuffle)
 # (those the integer model applies to codes, and ReLU and dropout)
 GRID_PRESERVING_FUNCTIONS = {*ops.CODE_PRESERVING_FUNCTIONS, F.relu, torch.relu, F.dropout}
 DROPOUT_FUNCTIONS = {F.dropout: nn.Dropout, F.dropout1d: nn.Dropout1d, F.dropout2d: nn.Dropout2d,
@@ -68,8 +69,7 @@ SIZE_ARITHMETIC = {operator.add, operator.sub, operator.mul, operator.floordiv, 
                    math.sqrt}
 ADAPTIVE_AVG_POOL_MODULES = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
 # Ops an integer runtime runs on integers and requantizes (QLinearAdd, QLinearConcat, QLinearAveragePool).
-REQUANT_MODULES = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AvgPool1d, nn.AvgPool2d,
-                   nn.AvgPool3d)
+REQUANT_MODULES = (*ADAPTIVE_AVG_POOL_MODULES, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)
 REQUANT_FUNCTIONS = {operator.add, operator.iadd, torch.add, torch.cat, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d,
                      F.adaptive_avg_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d}
 
@@ -407,7 +407,7 @@ class _Rewriter:
                 and _is(pair, self.modules, (), set(ops.REDUCE_FUNCTIONS), ops.REDUCE_METHODS))
 
     def _is_softmax(self, node: fx.Node) -> bool:
-        return _is(node, self.modules, (nn.Softmax, nn.Softmax2d), {F.softmax, torch.softmax}, {"softmax"})
+        return _is(node, self.modules, (nn.Softmax,), {F.softmax, torch.softmax}, {"softmax"})  # (Softmax2d: F.softmax)
 
     def _is_activation_matmul(self, node: fx.Node) -> bool:
         """a @ b of two computed tensors (not a parameter, not a mask), with matmul_bits set."""
