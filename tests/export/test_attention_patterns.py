@@ -329,3 +329,31 @@ def test_a_softmax_of_integer_scores_gets_the_scale_at_which_onnx_runtime_is_exa
     assert result["max_step_diff"] == 0
     gpt = qatkit.prepare(GPT(flash=False).eval(), qatkit.QATConfig(), torch.randint(0, 40, (2, 12)))
     assert not [m for m in gpt.modules() if isinstance(m, FakeQuantizer) and m.spec.unit_range]
+
+
+class ClipTextEncoder(nn.Module):
+    """CLIP's text tower, shrunk: learned positions, a causal mask buffer for nn.MultiheadAttention, and the
+    features of each sequence's end-of-text token (the largest id) picked by x[torch.arange(B), text.argmax(-1)]."""
+
+    def __init__(self, vocab=50, length=12, dim=16):
+        super().__init__()
+        self.token_embedding, self.positional_embedding = nn.Embedding(vocab, dim), nn.Parameter(0.1 * torch.randn(length, dim))
+        self.ln_1, self.attn = nn.LayerNorm(dim), nn.MultiheadAttention(dim, 2, batch_first=True)
+        self.ln_final, self.text_projection = nn.LayerNorm(dim), nn.Linear(dim, 8, bias=False)
+        self.register_buffer("attn_mask", torch.full((length, length), float("-inf")).triu_(1), persistent=False)
+
+    def forward(self, text):
+        x = self.token_embedding(text) + self.positional_embedding
+        h = self.ln_1(x)
+        x = x + self.attn(h, h, h, attn_mask=self.attn_mask, need_weights=False)[0]
+        return self.text_projection(self.ln_final(x)[torch.arange(x.shape[0]), text.argmax(dim=-1)])
+
+
+def test_clip_text_encoder_converts_and_runs_in_onnx_runtime(tmp_path):
+    torch.manual_seed(0)
+    model, text = ClipTextEncoder().eval(), torch.randint(0, 50, (16, 12))
+    qat = qatkit.prepare(model, qatkit.QATConfig(), text[:2])
+    assert not any("argmax" in op for op in qat.qat_info.float_ops)  # positions from the ids: integer ops
+    qatkit.calibrate(qat, [text])
+    integer = converts_exactly(qat, model, text, 0.2)
+    runs_in_onnx_runtime(integer, text, tmp_path / "clip.onnx", top1=False)

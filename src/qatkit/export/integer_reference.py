@@ -413,6 +413,7 @@ _OPS = {  # op_type -> handler(inputs, attributes) -> output(s); float ops compu
     "ArgMax": lambda i, a: _arg_extreme(np.argmax, i[0], a), "ArgMin": lambda i, a: _arg_extreme(np.argmin, i[0], a),
     "Min": lambda i, a: reduce(np.minimum, i),
     "CumSum": lambda i, a: np.cumsum(i[0], axis=int(i[1]), dtype=i[0].dtype),
+    "GatherND": lambda i, a: i[0][tuple(np.moveaxis(i[1], -1, 0))],  # (batch_dims 0)
     "Elu": lambda i, a: np.where(i[0] >= 0, i[0], f32(a.get("alpha", 1.0)) * (np.exp(i[0]) - f32(1))),
     "Celu": lambda i, a: (np.maximum(i[0], f32(0)) + np.minimum(f32(0), (al := f32(a.get("alpha", 1.0)))
                                                                 * (np.exp(i[0] / al) - f32(1)))),

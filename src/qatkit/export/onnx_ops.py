@@ -89,6 +89,13 @@ def export_call(ex, node: dict) -> Value:
             else Value(shape, "shape")
     if short == "getitem":
         return x[args[1]] if isinstance(x, list) else _getitem(ex, x, args[1], rank)
+    if short in ("argmax", "argmin"):  # (CLIP's end-of-text token: text.argmax(dim=-1)) the first extreme position
+        dim, keep = _arg(args, kwargs, 1, "dim", None), int(bool(_arg(args, kwargs, 2, "keepdim", False)))
+        src = x.name if x.kind in ("quant", "int") else ex.floats(x)
+        if dim is None:  # over all values
+            src, dim = ex.op("Reshape", [src, ex.const("flat", np.array([-1], np.int64))], "flat"), 0
+        return Value(ex.op(short.replace("arg", "Arg").replace("max", "Max").replace("min", "Min"), [src], name,
+                           axis=dim, keepdims=keep), "int")
     if short == "cumsum":  # (DETR's positions: not_mask.cumsum(1, dtype=torch.float32)) in float32, or int64
         floats = _arg(args, kwargs, 2, "dtype", None) == "float" or _kind(x) == "float"
         src = _c(ex, x) if floats else x.name if x.kind == "int" else ex.op("Cast", [x.name], "i", to=TensorProto.INT64)
@@ -353,6 +360,11 @@ def _getitem(ex, x: Value, index, rank) -> Value:
         kind = "int" if x.kind == "shape" else x.kind
         return Value(out, kind, x.scale, x.zero_point)
     items = index if isinstance(index, list) else [index]
+    if len(items) > 1 and all(isinstance(i, Value) and i.kind == "int" for i in items[:2]) \
+            and all(i == slice(None) for i in items[2:]):  # x[rows, cols] (CLIP's x[arange(B), eot]): pairs
+        pairs = ex.op("Concat", [ex.op("Unsqueeze", [i.name, ex.const("axes", np.array([-1], np.int64))], "i")
+                                 for i in items[:2]], "pairs", axis=-1)
+        return _keep(ex, x, "GatherND", [pairs], "picked")
     lists = [i for i in items if isinstance(i, (list, Value))]  # x[:, [-1]], table[index]: Gathers
     if not all(i is None or i is Ellipsis or isinstance(i, int)
                or (isinstance(i, slice) and (i.step is None or type(i.step) is int and i.step > 0))

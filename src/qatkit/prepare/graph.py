@@ -56,9 +56,10 @@ SHAPE_OPS = {getattr, "size", "dim"}  # shape arithmetic, not tensor compute
 # and integer ops in the runtime (ONNX Equal/Not/Cast on int64 ids), not float islands.
 MASK_FUNCTIONS = {operator.eq, operator.ne, operator.lt, operator.le, operator.gt, operator.ge, operator.invert,
                   operator.and_, operator.or_, torch.eq, torch.ne, torch.lt, torch.le, torch.gt, torch.ge,
-                  torch.logical_not, torch.tril, torch.triu, torch.where, torch.meshgrid, torch.cumsum}
+                  torch.logical_not, torch.tril, torch.triu, torch.where, torch.meshgrid, torch.cumsum, torch.argmax,
+                  torch.argmin}
 MASK_METHODS = {"eq", "ne", "lt", "le", "gt", "ge", "logical_not", "float", "long", "int", "bool", "to", "type_as",
-                "tril", "triu", "cumsum"}
+                "tril", "triu", "cumsum", "argmax", "argmin"}
 # Tensors made from sizes and constants (torch.arange(L), x.new_zeros(B, h), torch.zeros_like(x)): exact like
 # masks, whatever their inputs.
 FACTORY_FUNCTIONS = {torch.zeros, torch.ones, torch.full, torch.arange, torch.zeros_like, torch.ones_like,
