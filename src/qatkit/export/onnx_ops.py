@@ -504,10 +504,13 @@ def _float_op(ex, node, short, args, kwargs, rank) -> Value:
         return Value(ex.op("LRN", [xf], name, size=size, alpha=float(_arg(args, kwargs, 2, "alpha", 1e-4)),
                            beta=float(_arg(args, kwargs, 3, "beta", 0.75)), bias=float(_arg(args, kwargs, 4, "k", 1.0))),
                      "float")
-    if short == "gelu":
-        if kwargs.get("approximate", "none") != "none":
-            raise QatkitError(f"GELU(approximate='tanh') (node '{name}') has no ONNX form in qatkit. Fix: use approximate='none'")
-        inner = ex.op("Erf", [ex.op("Mul", [xf, ex.const("c", np.float32(1 / np.sqrt(2)))], "g")], "erf")
+    if short == "gelu":  # x/2·(1 + erf(x/√2)); approximate='tanh' (GPT-2's): x/2·(1 + tanh(√(2/π)·(x + 0.044715·x³)))
+        if kwargs.get("approximate", "none") == "tanh":
+            cube = ex.op("Mul", [ex.op("Mul", [xf, xf], "x2"), xf], "x3")
+            poly = ex.op("Add", [xf, ex.op("Mul", [cube, _c(ex, 0.044715)], "c")], "poly")
+            inner = ex.op("Tanh", [ex.op("Mul", [poly, _c(ex, float(np.sqrt(2 / np.pi)))], "t")], "tanh")
+        else:
+            inner = ex.op("Erf", [ex.op("Mul", [xf, ex.const("c", np.float32(1 / np.sqrt(2)))], "g")], "erf")
         half = ex.op("Mul", [xf, ex.const("c", np.float32(0.5))], "half")
         return Value(ex.op("Mul", [half, ex.op("Add", [inner, ex.const("one", np.float32(1))], "g")], name), "float")
     if short in ("hardswish", "hardsigmoid"):  # PyTorch's: x·relu6(x + 3)/6 and relu6(x + 3)/6
