@@ -865,3 +865,39 @@ def test_max_over_time_converts_and_runs_in_onnx_runtime(length, tmp_path):
     integer = converts_exactly(qat, model, ids, 0.2)
     converts_exactly(qat, model, ids[:, :9], 0.2)  # another sentence length
     runs_in_onnx_runtime(integer, ids, tmp_path / "textcnn.onnx")
+
+
+def knn(x, k):
+    inner = -2 * torch.matmul(x.transpose(2, 1), x)
+    xx = torch.sum(x**2, dim=1, keepdim=True)
+    return (-xx - inner - xx.transpose(2, 1)).topk(k=k, dim=-1)[1]
+
+
+class DGCNN(nn.Module):
+    """DGCNN's edge convolution as its authors write it: each point's k nearest points (topk of negative squared
+    distances), gathered by flat index, with the point repeated beside them, a 1×1 conv, max over neighbours."""
+
+    def __init__(self, k=4):
+        super().__init__()
+        self.k = k
+        self.conv = nn.Sequential(nn.Conv2d(6, 16, 1, bias=False), nn.BatchNorm2d(16), nn.LeakyReLU(0.2))
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, x):  # (B, 3, points)
+        batch_size, num_points, k = x.size(0), x.size(2), self.k
+        idx = (knn(x, k) + torch.arange(0, batch_size).view(-1, 1, 1) * num_points).view(-1)
+        points = x.transpose(2, 1).contiguous()
+        feature = points.view(batch_size * num_points, -1)[idx, :].view(batch_size, num_points, k, 3)
+        centre = points.view(batch_size, num_points, 1, 3).repeat(1, 1, k, 1)
+        edges = torch.cat((feature - centre, centre), dim=3).permute(0, 3, 1, 2).contiguous()
+        return self.fc(self.conv(edges).max(dim=-1, keepdim=False)[0].amax(-1))
+
+
+def test_k_nearest_neighbours_by_topk_convert_and_run_in_onnx_runtime(tmp_path):
+    """Points on an integer lattice: many equal distances, so the order among equal values decides the neighbours:
+    prepare makes torch.topk ONNX's (the lower index first), and the three agree exactly."""
+    torch.manual_seed(0)
+    model, x = DGCNN().eval(), torch.randint(-2, 3, (16, 3, 10)).float()
+    qat = _calibrated(model, x)
+    result = runs_in_onnx_runtime(converts_exactly(qat, model, x, 0.5), x, tmp_path / "dgcnn.onnx")
+    assert result["max_step_diff"] == 0

@@ -18,6 +18,13 @@ def masked_scores(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
 
 
+def topk(x: torch.Tensor, k: int, dim: int = -1, largest: bool = True, sorted: bool = True):  # noqa: A002
+    """torch.topk with ONNX's order among equal values (the lower index first; torch's is arbitrary): a stable sort,
+    cut to k. Quantized values tie often, and the positions pick neighbours (DGCNN's k nearest points)."""
+    values, indices = torch.sort(x, dim=dim, descending=largest, stable=True)
+    return torch.return_types.topk((values.narrow(dim, 0, k), indices.narrow(dim, 0, k)))
+
+
 _FUNCTIONS = [
     operator.add, operator.sub, operator.mul, operator.truediv, operator.matmul, operator.getitem, operator.neg,
     operator.iadd, operator.ne, operator.eq, operator.lt, operator.le, operator.gt, operator.ge, operator.and_,
@@ -37,7 +44,7 @@ _FUNCTIONS = [
     F.tanhshrink, F.hardshrink, F.softshrink, F.threshold, F.local_response_norm, F.pixel_unshuffle,
     F.channel_shuffle, torch.unflatten, F.adaptive_max_pool1d, F.adaptive_max_pool2d, torch.meshgrid,
     F.conv3d, F.conv_transpose3d, F.max_pool3d, F.avg_pool3d, F.adaptive_avg_pool3d,
-    torch.max, torch.min, torch.amax, torch.amin, torch.cumsum, torch.argmax, torch.argmin,
+    torch.max, torch.min, torch.amax, torch.amin, torch.cumsum, torch.argmax, torch.argmin, topk,
 ]
 FUNCTIONS = {f"{getattr(fn, '__module__', None) or 'builtins'}.{fn.__name__}": fn for fn in _FUNCTIONS}
 NAME_OF = {fn: name for name, fn in FUNCTIONS.items()}
@@ -48,7 +55,7 @@ METHODS = {"view", "reshape", "permute", "transpose", "flatten", "contiguous", "
            "relu", "sigmoid", "unsqueeze", "squeeze", "expand", "mul", "add", "matmul", "dim", "float", "clamp",
            "masked_fill", "new_zeros", "new_ones", "new_full", "chunk", "split", "tril", "triu", "to", "type_as",
            "pow", "rsqrt", "sqrt", "exp", "neg", "sin", "cos", "repeat_interleave", "unbind", "norm", "roll", "unflatten",
-           "long", "int", "bool", "max", "min", "amax", "amin", "cumsum", "argmax", "argmin"}
+           "long", "int", "bool", "max", "min", "amax", "amin", "cumsum", "argmax", "argmin", "repeat"}
 # Ops applied to integer codes directly: they keep values on the grid (ReLU handled with the zero point);
 # chunk, split and unbind give a tuple of pieces on the same grid. prepare lets quantization pass through them.
 CODE_PRESERVING_FUNCTIONS = (torch.flatten, torch.reshape, torch.transpose, torch.permute, torch.squeeze,
@@ -57,12 +64,12 @@ CODE_PRESERVING_FUNCTIONS = (torch.flatten, torch.reshape, torch.transpose, torc
                              F.pixel_unshuffle, F.channel_shuffle, torch.unflatten, F.adaptive_max_pool1d,
                              F.adaptive_max_pool2d)
 CODE_PRESERVING_METHODS = {"view", "reshape", "permute", "transpose", "flatten", "contiguous", "squeeze", "unsqueeze",
-                           "expand", "chunk", "split", "repeat_interleave", "unbind", "roll", "unflatten"}
+                           "expand", "chunk", "split", "repeat_interleave", "unbind", "roll", "unflatten", "repeat"}
 CODE_PRESERVING = {NAME_OF[f] for f in CODE_PRESERVING_FUNCTIONS} | CODE_PRESERVING_METHODS | {"identity"}
 RELU = {NAME_OF[torch.relu], NAME_OF[F.relu], "relu"}
 # Max/min over an axis (PointNet's global max pool: torch.max(x, 2)[0], x.max(-1).values, x.amax(2)) keep codes
 # (the largest code is the code of the largest value); torch.max(a, b) of two tensors computes in float.
-REDUCE_FUNCTIONS = (torch.max, torch.min, torch.amax, torch.amin)
+REDUCE_FUNCTIONS = (torch.max, torch.min, torch.amax, torch.amin, topk)
 REDUCE_METHODS = {"max", "min", "amax", "amin"}
 REDUCE = {NAME_OF[f] for f in REDUCE_FUNCTIONS} | REDUCE_METHODS
 

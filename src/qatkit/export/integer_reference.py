@@ -334,6 +334,13 @@ def _arg_extreme(fn, x, a):  # the first position of the max/min along `axis` (s
     return np.expand_dims(out, a.get("axis", 0)) if a.get("keepdims", 1) else out
 
 
+def _topk(ins, a):  # the k largest (smallest) along axis, equal values in index order; values and positions
+    x, k, axis = ins[0], int(ins[1][0]), a.get("axis", -1)
+    key = -x.astype(np.float64) if a.get("largest", 1) else x.astype(np.float64)
+    positions = np.take(np.argsort(key, axis=axis, kind="stable"), np.arange(k), axis=axis)
+    return [np.take_along_axis(x, positions, axis=axis), positions.astype(i64)]
+
+
 def _softplus(x):  # log(1 + eˣ) without overflow
     return np.where(x > 0, x + np.log1p(np.exp(-np.abs(x))), np.log1p(np.exp(np.minimum(x, 0)))).astype(f32)
 
@@ -414,6 +421,7 @@ _OPS = {  # op_type -> handler(inputs, attributes) -> output(s); float ops compu
     "Min": lambda i, a: reduce(np.minimum, i),
     "CumSum": lambda i, a: np.cumsum(i[0], axis=int(i[1]), dtype=i[0].dtype),
     "GatherND": lambda i, a: i[0][tuple(np.moveaxis(i[1], -1, 0))],  # (batch_dims 0)
+    "Tile": lambda i, a: np.tile(i[0], tuple(int(r) for r in i[1])), "TopK": _topk,
     "Elu": lambda i, a: np.where(i[0] >= 0, i[0], f32(a.get("alpha", 1.0)) * (np.exp(i[0]) - f32(1))),
     "Celu": lambda i, a: (np.maximum(i[0], f32(0)) + np.minimum(f32(0), (al := f32(a.get("alpha", 1.0)))
                                                                 * (np.exp(i[0] / al) - f32(1)))),

@@ -194,6 +194,18 @@ def export_call(ex, node: dict) -> Value:
         tail = list(ex.shapes[node["args"][0]["node"]].shape[dim + 1:])
         return _keep(ex, x, "Reshape", [ex.shape_tensor([0] * dim + list(_arg(args, kwargs, 2, "sizes", None)) + tail)],
                      name)
+    if short == "repeat":  # Tile; more repeats than axes add leading axes, as torch's
+        reps = _dims(args)
+        src = x if len(reps) == rank else _keep(ex, x, "Unsqueeze", [ex.const(
+            "axes", np.arange(len(reps) - rank, dtype=np.int64))], "lead")
+        return _keep(ex, src, "Tile", [ex.shape_tensor(reps)], name)
+    if short == "topk":  # (ops.topk: ONNX's order among equal values) values on x as it is, positions as ints
+        dim, largest = _axis(_arg(args, kwargs, 2, "dim", -1), rank), _arg(args, kwargs, 3, "largest", True)
+        src, kind = (x.name, (x.kind, x.scale, x.zero_point)) if x.kind in ("quant", "int") else (ex.floats(x), ("float",))
+        values, indices = ex.fresh(f"{name}_values"), ex.fresh(f"{name}_indices")
+        ex.nodes.append(onnx_helper.make_node("TopK", [src, ex.shape_tensor([_arg(args, kwargs, 1, "k", None)])],
+                                              [values, indices], name=values, axis=dim, largest=int(bool(largest))))
+        return [Value(values, *kind), Value(indices, "int")]
     if short in ("max", "min") and len(args) > 1 and isinstance(args[1], Value):  # elementwise, of two tensors
         return Value(ex.op(short.capitalize(), [_c(ex, x), _c(ex, args[1])], name), "float")
     if short in ("max", "min", "amax", "amin"):

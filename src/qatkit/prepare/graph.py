@@ -164,6 +164,9 @@ class _Rewriter:
                 self._attention(node)
             elif node.op == "call_function" and node.target is torch.einsum:
                 self._einsum(node)
+            elif (node.op == "call_function" and node.target is torch.topk) or (
+                    node.op == "call_method" and node.target == "topk"):  # ONNX's order among equal values
+                node.op, node.target = "call_function", ops.topk
             elif node.op == "call_module" and type(self.modules[node.target]) in WRAPPERS:
                 self._wrap(node)
         self.modules = dict(self.gm.named_modules())
