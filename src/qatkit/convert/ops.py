@@ -67,8 +67,8 @@ CODE_PRESERVING_METHODS = {"view", "reshape", "permute", "transpose", "flatten",
                            "expand", "chunk", "split", "repeat_interleave", "unbind", "roll", "unflatten", "repeat"}
 CODE_PRESERVING = {NAME_OF[f] for f in CODE_PRESERVING_FUNCTIONS} | CODE_PRESERVING_METHODS | {"identity"}
 RELU = {NAME_OF[torch.relu], NAME_OF[F.relu], "relu"}
-# Max/min over an axis (PointNet's global max pool: torch.max(x, 2)[0], x.max(-1).values, x.amax(2)) keep codes
-# (the largest code is the code of the largest value); torch.max(a, b) of two tensors computes in float.
+# Max/min over an axis (PointNet's global max pool: torch.max(x, 2)[0], x.max(-1).values, x.amax(2)) and topk keep
+# codes (the largest code is the code of the largest value); torch.max(a, b) of two tensors computes in float.
 REDUCE_FUNCTIONS = (torch.max, torch.min, torch.amax, torch.amin, topk)
 REDUCE_METHODS = {"max", "min", "amax", "amin"}
 REDUCE = {NAME_OF[f] for f in REDUCE_FUNCTIONS} | REDUCE_METHODS
