@@ -84,9 +84,7 @@ def export_call(ex, node: dict) -> Value:
     if short in FACTORIES:
         return _factory(ex, short, args, kwargs, name)
     if short == "size":
-        shape = ex.op("Shape", [x.name], "shape")
-        return Value(ex.op("Gather", [shape, ex.const("i", np.array(args[1], np.int64))], "dim"), "int") if len(args) > 1 \
-            else Value(shape, "shape")
+        return _size(ex, x, args[1]) if len(args) > 1 else Value(ex.op("Shape", [x.name], "shape"), "shape")
     if short == "getitem":
         return x[args[1]] if isinstance(x, list) else _getitem(ex, x, args[1], rank)
     if short in ("argmax", "argmin"):  # (CLIP's end-of-text token: text.argmax(dim=-1)) the first extreme position
@@ -94,8 +92,7 @@ def export_call(ex, node: dict) -> Value:
         src = x.name if x.kind in ("quant", "int") else ex.floats(x)
         if dim is None:  # over all values
             src, dim = ex.op("Reshape", [src, ex.const("flat", np.array([-1], np.int64))], "flat"), 0
-        return Value(ex.op(short.replace("arg", "Arg").replace("max", "Max").replace("min", "Min"), [src], name,
-                           axis=dim, keepdims=keep), "int")
+        return Value(ex.op("ArgMax" if short == "argmax" else "ArgMin", [src], name, axis=dim, keepdims=keep), "int")
     if short == "cumsum":  # (DETR's positions: not_mask.cumsum(1, dtype=torch.float32)) in float32, or int64
         floats = _arg(args, kwargs, 2, "dtype", None) == "float" or _kind(x) == "float"
         src = _c(ex, x) if floats else x.name if x.kind == "int" else ex.op("Cast", [x.name], "i", to=TensorProto.INT64)
@@ -143,8 +140,7 @@ def export_call(ex, node: dict) -> Value:
     if short in ("max_pool1d", "max_pool2d", "max_pool3d"):
         k = _arg(args, kwargs, 1, "kernel_size", None)
         if short == "max_pool1d" and _whole_length(ex, node):  # F.max_pool1d(h, h.size(2)): max over time, any length
-            return _keep(ex, x if x.kind == "quant" else Value(ex.floats(x), "float"), "ReduceMax", [], name, axes=[2],
-                         keepdims=1)
+            return _reduce_max_min(ex, x, "amax", 2, True, rank, name)
         stride = _arg(args, kwargs, 2, "stride", None) or k
         pad = _arg(args, kwargs, 3, "padding", 0)
         dil = _arg(args, kwargs, 4, "dilation", 1)
@@ -282,13 +278,13 @@ def _adaptive_max_pool(ex, node, x: Value, args, kwargs, rank: int) -> Value:
     name, spatial = node["name"], rank - 2
     size, indices = _arg(args, kwargs, 1, "output_size", None), _arg(args, kwargs, 2, "return_indices", False)
     size = list(size) if isinstance(size, (list, tuple)) else [size] * spatial
-    src = x.name if x.kind == "quant" else ex.floats(x)
-    kind = (x.kind, x.scale, x.zero_point) if x.kind == "quant" else ("float",)
     if indices:
         raise QatkitError(f"adaptive max pooling with return_indices=True (node '{name}') has no ONNX form in qatkit. "
                           "Fix: pool without the indices")
     if set(size) == {1}:
-        return Value(ex.op("ReduceMax", [src], name, keepdims=1, axes=list(range(2, rank))), *kind)  # (opset 17)
+        return _reduce_max_min(ex, x, "amax", list(range(2, rank)), True, rank, name)
+    src = x.name if x.kind == "quant" else ex.floats(x)
+    kind = (x.kind, x.scale, x.zero_point) if x.kind == "quant" else ("float",)
     sizes = list(ex.shapes[node["args"][0]["node"]].shape[2:])
     if any(o is None or n % o for n, o in zip(sizes, size)):
         raise QatkitError(f"adaptive max pooling of sizes {sizes} to {size} (node '{name}'): the windows overlap "
