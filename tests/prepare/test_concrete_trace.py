@@ -180,3 +180,33 @@ def test_tensors_made_from_the_inputs_sizes_convert_and_export(tmp_path):
     with pytest.raises(qatkit.QatkitError, match=r"a dtype argument \(torch.int32\) cannot be stored .*allowed: "
                                                  r"torch.float32, torch.int64, torch.bool"):
         qatkit.convert(qat)
+
+
+class BufferSteered(nn.Module):
+    """A branch on the input's rank (fx alone cannot trace it), a flag buffer that steers Python code, and a mask
+    buffer sliced by the input's length."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.register_buffer("use_mask", torch.tensor(True))
+        self.register_buffer("mask", torch.tril(torch.ones(16, 16, dtype=torch.bool)))
+
+    def forward(self, x):  # (B, T, 8)
+        assert x.dim() == 3
+        h = self.fc(x)
+        scores = h @ h.transpose(1, 2)
+        if self.use_mask:
+            T = x.size(1)
+            scores = scores.masked_fill(~self.mask[:T, :T], -1e4)
+        return scores.softmax(-1) @ h
+
+
+def test_buffers_steer_python_code_and_slices_of_them_keep_the_length_symbolic():
+    torch.manual_seed(0)
+    model = BufferSteered().eval()
+    gm, decisions, checked = concrete_trace(model, (torch.randn(2, 6, 8),))
+    assert decisions == 2 and checked == [2, 1, 4]  # the assert and the flag
+    for shape in [(3, 6, 8), (2, 11, 8)]:  # another length: the mask's slice follows it
+        x = torch.randn(shape)
+        torch.testing.assert_close(gm(x), model(x), rtol=0, atol=0)

@@ -718,6 +718,9 @@ def _factory(ex, short: str, args: list, kwargs: dict, name: str) -> Value:
     else:
         sizes = args[1 if short.startswith("new_") else 0:len(args) - (base == "full")]
         shape = ex.shape_tensor(list(sizes[0]) if len(sizes) == 1 and isinstance(sizes[0], list) else list(sizes))
+    if isinstance(fill, Value):  # a fill from sizes (GPT-2's torch.full([], v.size(-1) ** 0.5)): expanded to shape
+        src = ex.floats(fill) if kind == "float" else ex.op("Cast", [fill.name], "fill", to=_ONNX_TYPES[kind])
+        return Value(ex.op("Expand", [src, shape], name), kind)
     cast = {"int": int, "bool": bool}.get(kind, float)
     value = onnx_helper.make_tensor("value", _ONNX_TYPES[kind], [1], [cast(fill)])
     return Value(ex.op("ConstantOfShape", [shape], name, value=value), kind)

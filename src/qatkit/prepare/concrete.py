@@ -58,7 +58,8 @@ class _ShadowAttribute(_Concrete, fx.proxy.Attribute):
 
 
 class ConcreteTracer(LeafTracer):
-    proxy_buffer_attributes = False  # buffers are the model's values here (a buffer may steer Python code)
+    """Buffers are graph values as in LeafTracer (a causal mask sliced by the input's length stays symbolic), and
+    static: Python code may branch on them, the same way for every input."""
 
     def __init__(self, shadow: nn.Module, example: dict[str, object]):
         super().__init__()
@@ -84,7 +85,7 @@ class ConcreteTracer(LeafTracer):
         proxies = []
         real = fx.node.map_aggregate((args, kwargs), lambda a: (proxies.append(a), self.values[a.node])[1]
                                      if isinstance(a, fx.Proxy) else a)
-        if ((kind == "call_method" and target in _SHAPE_METHODS)
+        if (kind == "get_attr" or (kind == "call_method" and target in _SHAPE_METHODS)
                 or (kind == "call_function" and target is getattr and args[1] in _SHAPE_ATTRIBUTES)
                 or (kind in ("call_function", "call_method") and proxies and all(p.node in self.static for p in proxies))):
             self.static.add(proxy.node)

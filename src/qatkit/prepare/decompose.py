@@ -4,12 +4,16 @@ nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerEncoder, nn.LST
 torch.fx and run fused kernels: their projections would stay float. Replaced by these modules (same parameters, the same
 computation as PyTorch's non-fused path), every projection is an nn.Linear that prepare quantizes, and
 the matmuls, softmax and masks are ops the integer model and ONNX export know.
+A linear layer that stores its weight (in, out) and computes `torch.addmm(bias, x.view(-1, in), weight)` (Hugging
+Face's Conv1D, in GPT-2 and OpenAI GPT) becomes the nn.Linear it is, so that it is quantized like one.
 """
 from __future__ import annotations
 
+import operator
+
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import fx, nn
 
 from qatkit.errors import ConfigError
 
@@ -111,10 +115,46 @@ class TransformerEncoder(nn.Module):
         return src if self.norm is None else self.norm(src)
 
 
+def _in_out_linear(module: nn.Module) -> nn.Linear | None:
+    """The nn.Linear a leaf module of the model's own code computes with its weight stored (in, out): Hugging Face's
+    Conv1D, `torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight).view(x.size()[:-1] + (out,))`; None for any
+    other module. Its traced graph must be that (size arithmetic, a reshape of the input, addmm with the default
+    beta and alpha, a reshape of its result), and its outputs those of the layer."""
+    params = dict(module.named_parameters(recurse=False))
+    if (type(module).__module__.startswith("torch.") or set(params) != {"weight", "bias"}
+            or any(True for _ in module.children()) or any(True for _ in module.buffers())):
+        return None
+    weight, bias = params["weight"], params["bias"]
+    if weight.dim() != 2 or bias.shape != (weight.shape[1],):
+        return None
+    try:
+        graph = fx.symbolic_trace(module).graph
+    except Exception:  # fx raises many types; a module it cannot trace is no such layer
+        return None
+    inputs = [n for n in graph.nodes if n.op == "placeholder"]
+    compute = [n for n in graph.nodes if n.op in ("call_function", "call_method")
+               and n.target not in ("size", operator.getitem, operator.add)]  # size arithmetic
+    if len(inputs) != 1 or [n.target for n in compute] not in (["view", torch.addmm, "view"],
+                                                                ["reshape", torch.addmm, "reshape"]):
+        return None
+    flat, addmm, out = compute
+    attrs = [a.target if isinstance(a, fx.Node) and a.op == "get_attr" else a for a in addmm.args]
+    if flat.args[0] is not inputs[0] or attrs != ["bias", flat, "weight"] or addmm.kwargs or out.args[0] is not addmm:
+        return None
+    layer = _linear(weight.detach().t(), bias.detach())
+    x = torch.randn(2, 3, weight.shape[0], generator=torch.Generator().manual_seed(0)).to(weight)
+    with torch.no_grad():
+        got, expected = module(x), layer(x)
+    return layer if got.shape == expected.shape and torch.allclose(got, expected, rtol=1e-4, atol=1e-5) else None
+
+
 def decompose(module: nn.Module) -> nn.Module:
-    """Replace torch.nn's attention and recurrent blocks in `module` (in place; the root too) by the modules here."""
+    """Replace torch.nn's attention and recurrent blocks in `module` (in place; the root too) by the modules here,
+    and in-out linear layers (Hugging Face's Conv1D) by nn.Linear."""
     if type(module) in DECOMPOSE:
         return DECOMPOSE[type(module)](module)
+    if (linear := _in_out_linear(module)) is not None:
+        return linear.train(module.training)
     for name, child in module.named_children():
         setattr(module, name, decompose(child))
     return module

@@ -167,6 +167,9 @@ class _Rewriter:
             elif (node.op == "call_function" and node.target is torch.topk) or (
                     node.op == "call_method" and node.target == "topk"):  # ONNX's order among equal values
                 node.op, node.target = "call_function", ops.topk
+            elif (node.op == "call_method" and node.target == "type" and len(node.args) == 2 and not node.kwargs
+                  and isinstance(node.args[1], (torch.dtype, fx.Node))):  # x.type(v.dtype) (GPT-2's): a cast
+                node.target = "to"
             elif node.op == "call_module" and type(self.modules[node.target]) in WRAPPERS:
                 self._wrap(node)
         self.modules = dict(self.gm.named_modules())
