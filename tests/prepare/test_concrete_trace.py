@@ -210,3 +210,27 @@ def test_buffers_steer_python_code_and_slices_of_them_keep_the_length_symbolic()
     for shape in [(3, 6, 8), (2, 11, 8)]:  # another length: the mask's slice follows it
         x = torch.randn(shape)
         torch.testing.assert_close(gm(x), model(x), rtol=0, atol=0)
+
+
+class OptionalMask(nn.Module):
+    """`mask=None` filled in forward (Hugging Face's attention_mask), a finfo fill value (fx alone cannot trace it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x, mask=None):
+        if mask is None:
+            mask = torch.ones(x.shape[0], x.shape[1])
+        scores = self.fc(x) @ x.transpose(1, 2)
+        return (scores + (1.0 - mask[:, None, :]) * torch.finfo(x.dtype).min).softmax(-1) @ x
+
+
+def test_arguments_left_to_their_defaults_are_no_inputs_of_the_graph():
+    torch.manual_seed(0)
+    model = OptionalMask().eval()
+    gm, decisions, checked = concrete_trace(model, (torch.randn(2, 5, 8),))
+    assert [n.name for n in gm.graph.nodes if n.op == "placeholder"] == ["x"]
+    assert checked == [2, 1, 4]
+    x = torch.randn(3, 7, 8)
+    torch.testing.assert_close(gm(x), model(x), rtol=0, atol=0)

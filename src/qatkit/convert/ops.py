@@ -44,7 +44,7 @@ _FUNCTIONS = [
     F.tanhshrink, F.hardshrink, F.softshrink, F.threshold, F.local_response_norm, F.pixel_unshuffle,
     F.channel_shuffle, torch.unflatten, F.adaptive_max_pool1d, F.adaptive_max_pool2d, torch.meshgrid,
     F.conv3d, F.conv_transpose3d, F.max_pool3d, F.avg_pool3d, F.adaptive_avg_pool3d,
-    torch.max, torch.min, torch.amax, torch.amin, torch.cumsum, torch.argmax, torch.argmin, topk,
+    torch.max, torch.min, torch.amax, torch.amin, torch.cumsum, torch.argmax, torch.argmin, topk, torch.abs, torch.log,
 ]
 FUNCTIONS = {f"{getattr(fn, '__module__', None) or 'builtins'}.{fn.__name__}": fn for fn in _FUNCTIONS}
 NAME_OF = {fn: name for name, fn in FUNCTIONS.items()}
@@ -55,7 +55,7 @@ METHODS = {"view", "reshape", "permute", "transpose", "flatten", "contiguous", "
            "relu", "sigmoid", "unsqueeze", "squeeze", "expand", "mul", "add", "matmul", "dim", "float", "clamp",
            "masked_fill", "new_zeros", "new_ones", "new_full", "chunk", "split", "tril", "triu", "to", "type_as",
            "pow", "rsqrt", "sqrt", "exp", "neg", "sin", "cos", "repeat_interleave", "unbind", "norm", "roll", "unflatten",
-           "long", "int", "bool", "max", "min", "amax", "amin", "cumsum", "argmax", "argmin", "repeat"}
+           "long", "int", "bool", "max", "min", "amax", "amin", "cumsum", "argmax", "argmin", "repeat", "abs", "log"}
 # Ops applied to integer codes directly: they keep values on the grid (ReLU handled with the zero point);
 # chunk, split and unbind give a tuple of pieces on the same grid. prepare lets quantization pass through them.
 CODE_PRESERVING_FUNCTIONS = (torch.flatten, torch.reshape, torch.transpose, torch.permute, torch.squeeze,

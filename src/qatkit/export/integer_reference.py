@@ -256,11 +256,17 @@ def _layer_norm(ins, a):  # (..., D) normalised over the axes from `axis` on
 _CAST = {onnx.TensorProto.FLOAT: f32, onnx.TensorProto.INT64: i64, onnx.TensorProto.BOOL: np.bool_}
 
 
+def _log(ins, a):
+    with np.errstate(divide="ignore", invalid="ignore"):  # log(0) = -inf, log(-1) = NaN, as PyTorch's
+        return np.log(ins[0])
+
+
 def _cast(ins, a):  # qatkit casts masks to float, sizes to int64, masks to bool
     if a["to"] not in _CAST:
         raise bad_value("Cast target type", onnx.TensorProto.DataType.Name(a["to"]), "FLOAT, INT64, BOOL",
                         "export with qatkit's op set", cls=ModelFileError)
-    return ins[0].astype(_CAST[a["to"]])
+    with np.errstate(invalid="ignore"):  # ±inf or NaN to int64 (log(0) in T5's buckets, masked later): as on x86
+        return ins[0].astype(_CAST[a["to"]])
 
 
 def _pad(ins, a):
@@ -390,7 +396,7 @@ _OPS = {  # op_type -> handler(inputs, attributes) -> output(s); float ops compu
     "Tanh": lambda i, a: np.tanh(i[0]), "Sqrt": lambda i, a: np.sqrt(i[0]), "Exp": lambda i, a: np.exp(i[0]),
     "DepthToSpace": _depth_to_space, "InstanceNormalization": _instance_norm,
     "BatchNormalization": _batch_norm, "Floor": lambda i, a: np.floor(i[0]), "Sin": lambda i, a: np.sin(i[0]),
-    "Cos": lambda i, a: np.cos(i[0]),
+    "Cos": lambda i, a: np.cos(i[0]), "Log": _log, "Abs": lambda i, a: np.abs(i[0]),
     "Reciprocal": lambda i, a: f32(1) / i[0], "Pow": lambda i, a: np.power(i[0], i[1]).astype(i[0].dtype),
     "Mod": lambda i, a: (np.fmod if a.get("fmod", 0) else np.mod)(i[0], i[1]),
     "Trilu": lambda i, a: (np.triu if a.get("upper", 1) else np.tril)(i[0], int(_opt(i, 1, 0))),

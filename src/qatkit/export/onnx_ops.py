@@ -16,7 +16,7 @@ from qatkit.errors import QatkitError
 
 BINARY = {"add": "Add", "iadd": "Add", "sub": "Sub", "mul": "Mul", "truediv": "Div", "matmul": "MatMul"}
 UNARY = {"relu": "Relu", "sigmoid": "Sigmoid", "tanh": "Tanh", "sqrt": "Sqrt", "exp": "Exp", "neg": "Neg", "sin": "Sin",
-         "cos": "Cos", "softsign": "Softsign", "selu": "Selu"}  # (ONNX's Selu constants are PyTorch's)
+         "cos": "Cos", "softsign": "Softsign", "selu": "Selu", "log": "Log", "abs": "Abs"}  # (Selu: PyTorch's constants)
 COMPARE = {"eq": "Equal", "ne": "Equal", "lt": "Less", "le": "LessOrEqual", "gt": "Greater", "ge": "GreaterOrEqual"}
 LOGICAL = {"and_": "And", "or_": "Or"}
 FACTORIES = ("zeros", "ones", "full", "arange", "zeros_like", "ones_like", "full_like", "new_zeros", "new_ones",
@@ -203,6 +203,8 @@ def export_call(ex, node: dict) -> Value:
                                               [values, indices], name=values, axis=dim, largest=int(bool(largest))))
         return [Value(values, *kind), Value(indices, "int")]
     if short in ("max", "min") and len(args) > 1 and isinstance(args[1], Value):  # elementwise, of two tensors
+        if _integers(x, args[1]):  # (T5's position buckets)
+            return Value(ex.op(short.capitalize(), [_i(ex, x), _i(ex, args[1])], name), "int")
         return Value(ex.op(short.capitalize(), [_c(ex, x), _c(ex, args[1])], name), "float")
     if short in ("max", "min", "amax", "amin"):
         return _reduce_max_min(ex, x, short, _arg(args, kwargs, 1, "dim", None), _arg(args, kwargs, 2, "keepdim", False),
@@ -412,6 +414,11 @@ def _i(ex, v) -> str:
     return v.name if isinstance(v, Value) else ex.const("c", np.array(v, np.int64))
 
 
+def _integers(*values) -> bool:
+    """Whether every value is an int64 tensor (sizes, ids, positions) or a Python int."""
+    return all(isinstance(v, Value) and v.kind in ("shape", "int") or type(v) is int for v in values)
+
+
 def _c(ex, v) -> str:
     """A float input: an exported value (dequantized if integer) or a Python number as a constant."""
     if isinstance(v, Value):
@@ -437,14 +444,15 @@ def _float_op(ex, node, short, args, kwargs, rank) -> Value:
     if short == "einsum":  # torch.einsum(equation, a, b) or (equation, [a, b])
         operands = args[1] if len(args) == 2 and isinstance(args[1], list) else args[1:]
         return Value(ex.op("Einsum", [ex.floats(v) for v in operands], name, equation=x.replace(" ", "")), "float")
-    if short == "where":  # torch.where(condition, a, b)
+    if short == "where":  # torch.where(condition, a, b): of integers (positions) an integer, else a float
         cond = x.name if x.kind == "bool" else ex.op("Cast", [x.name], "cond", to=TensorProto.BOOL)
+        if _integers(args[1], args[2]):
+            return Value(ex.op("Where", [cond, _i(ex, args[1]), _i(ex, args[2])], name), "int")
         return Value(ex.op("Where", [cond, _c(ex, args[1]), _c(ex, args[2])], name), "float")
     if short == "add" and isinstance(x, Value) and x.kind == "shape" and isinstance(args[1], list):  # size + (C,)
         return Value(ex.op("Concat", [x.name, ex.shape_tensor(args[1])], name, axis=0), "shape")
     if short in BINARY or short in ("floordiv", "mod"):
-        integers = [a for a in (x, args[1]) if isinstance(a, Value) and a.kind in ("shape", "int") or type(a) is int]
-        if len(integers) == 2 and short in ("add", "iadd", "sub", "mul", "floordiv", "mod"):  # sizes, ids, positions
+        if _integers(x, args[1]) and short in ("add", "iadd", "sub", "mul", "floordiv", "mod"):  # sizes, ids, positions
             a, b = _i(ex, x), _i(ex, args[1])
             if short == "floordiv":  # Python's a // b = (a - a mod b) / b (Div alone truncates: -1 // 2 would be 0)
                 return Value(ex.op("Div", [ex.op("Sub", [a, ex.op("Mod", [a, b], "mod")], "a"), b], name), "int")
@@ -454,6 +462,8 @@ def _float_op(ex, node, short, args, kwargs, rank) -> Value:
             floor = ex.op("Floor", [ex.op("Div", [a, b], "div")], name if short == "floordiv" else "floor")
             return Value(floor if short == "floordiv" else ex.op("Sub", [a, ex.op("Mul", [floor, b], "m")], name), "float")
         return Value(ex.op(BINARY[short], [_c(ex, x), _c(ex, args[1])], name), "float")
+    if short in ("abs", "neg") and _integers(x):  # of positions
+        return Value(ex.op(UNARY[short], [_i(ex, x)], name), "int")
     if short in UNARY:
         return Value(ex.op(UNARY[short], [_c(ex, x)], name), "float")
     if short == "pow":  # x ** 2 as x·x (as torch computes it), other exponents as Pow

@@ -100,8 +100,8 @@ class ConcreteTracer(LeafTracer):
         return proxy
 
     def _compute(self, kind: str, target, args, kwargs):
-        if kind == "placeholder":
-            return self.example[target]
+        if kind == "placeholder":  # an input of the example, or an argument left to its default
+            return self.example[target] if target in self.example else args[0]
         if kind == "get_attr":
             return functools.reduce(getattr, target.split("."), self.shadow)
         if kind == "call_module":
@@ -124,16 +124,25 @@ def concrete_trace(module: nn.Module, example_inputs: tuple) -> tuple[fx.GraphMo
     Raises ValueError when the graph does not compute what the module does on the example, on its first
     sample alone and on the example twice over (a branch on the batch size, or on tensor values); a batch
     the model itself refuses (BatchNorm on one sample in training mode) is not checked."""
-    names = list(inspect.signature(module.forward).parameters)[:len(example_inputs)]
+    parameters = list(inspect.signature(module.forward).parameters.values())
+    names = [p.name for p in parameters[:len(example_inputs)]]
+    # the arguments the example leaves to their defaults (attention_mask=None) keep them: `if mask is None` decides
+    defaults = {p.name: p.default for p in parameters[len(example_inputs):] if p.default is not inspect.Parameter.empty}
     tracer = ConcreteTracer(copy.deepcopy(module), dict(zip(names, example_inputs)))
     originals = {name: getattr(torch, name) for name in FACTORIES + TYPE_INFO}
     for name, fn in originals.items():
         setattr(torch, name, _recorded(tracer, fn) if name in FACTORIES else _decided(tracer, fn))
     try:
-        graph = tracer.trace(module)
+        graph = tracer.trace(module, concrete_args=defaults or None)
     finally:
         for name, fn in originals.items():
             setattr(torch, name, fn)
+    for node in list(graph.nodes):  # the arguments left to their defaults are no inputs of the graph
+        if node.op == "call_function" and node.target is _symbolic_trace._assert_is_none:
+            graph.erase_node(node)
+    for node in list(graph.nodes):
+        if node.op == "placeholder" and node.target not in tracer.example and not node.users:
+            graph.erase_node(node)
     gm = fx.GraphModule(module, graph, type(module).__name__)
     gm.graph.eliminate_dead_code()  # the size arithmetic that only fed decisions
     gm.recompile()
