@@ -56,10 +56,11 @@ def runs_in_onnx_runtime(integer, x, path, *, top1: bool = True, float_output: b
     from qatkit.export import export_onnx, ort, verify
     from qatkit.export.integer_reference import IntegerReference
 
-    export_onnx(integer, path, x[:1])
-    result = verify(path, integer, [x])
+    several = isinstance(x, tuple)  # the model's inputs
+    export_onnx(integer, path, tuple(t[:1] for t in x) if several else x[:1])
+    result = verify(path, integer, [(x,)])
     assert result["within_one_step"] == 1.0 and (not top1 or result["top1_agreement"] == 1.0), result
-    reference = IntegerReference(path, requant="float32").run(x.numpy())
+    reference = IntegerReference(path, requant="float32").run(tuple(t.numpy() for t in x) if several else x.numpy())
     runtime = ort.run(ort.session(path, threads=1), x)
     if float_output:
         np.testing.assert_allclose(reference, runtime, rtol=1e-5, atol=1e-5)

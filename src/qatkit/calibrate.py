@@ -6,6 +6,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from qatkit import inputs
 from qatkit.devices import module_device
 from qatkit.errors import DataError, bad_value
 from qatkit.quantizer import FakeQuantizer
@@ -18,8 +19,8 @@ def act_quantizers(model: nn.Module) -> list[FakeQuantizer]:
 @torch.no_grad()
 def calibrate(model: nn.Module, batches: Iterable, num_batches: int = 8,
               device: str | torch.device | None = None) -> int:
-    """Set every activation quantizer's range from `num_batches` batches (x or (x, y) items), run on `device`
-    (default: where the model's weights are).
+    """Set every activation quantizer's range from `num_batches` batches (x or (x, y) items; x a tensor, or a tuple
+    of the model's inputs), run on `device` (default: where the model's weights are).
 
     Runs in eval mode (BN statistics untouched) with activation quantization off, so each quantizer
     sees the float activations; weights stay quantized. Returns the number of batches used.
@@ -38,8 +39,9 @@ def calibrate(model: nn.Module, batches: Iterable, num_batches: int = 8,
             if used >= num_batches:
                 break
             x = batch[0] if isinstance(batch, (tuple, list)) else batch
-            _check_batch(x, used)
-            model(x.to(device))
+            for t in inputs.as_args(x):
+                _check_batch(t, used)
+            inputs.call(model, inputs.to_device(x, device))
             used += 1
     finally:
         for q in quantizers:

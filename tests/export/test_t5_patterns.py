@@ -208,3 +208,34 @@ def test_relative_position_buckets_are_integers_in_the_integer_model_and_in_onnx
     export_onnx(integer, tmp_path / "buckets.onnx", x[:1])
     assert np.array_equal(ort.run(ort.session(tmp_path / "buckets.onnx", threads=1), x), expected.numpy())
     assert np.array_equal(IntegerReference(tmp_path / "buckets.onnx").run(x.numpy()), expected.numpy())
+
+
+def test_a_model_of_two_inputs_trains_converts_and_runs_in_onnx_runtime(tmp_path):
+    """T5 with its attention_mask: batches ((input_ids, attention_mask), labels) through calibrate, fit and evaluate;
+    the integer model and ONNX Runtime take both inputs. The task (is token 1 among the unpadded tokens?) needs the
+    mask: padding is filled with token 1."""
+    torch.manual_seed(0)
+    n, length = 256, 10
+    ids = torch.randint(2, V, (n, length))
+    lengths = torch.randint(3, length + 1, (n,))
+    mask = (torch.arange(length)[None, :] < lengths[:, None]).float()
+    labels = torch.randint(0, 2, (n,))
+    rows = torch.nonzero(labels).flatten()
+    ids[rows, (torch.rand(len(rows)) * lengths[rows]).long()] = 1  # a 1 among the tokens that count
+    ids[mask == 0] = 1  # and 1s in the padding, for every sample
+    batches = [((ids[i:i + 32], mask[i:i + 32]), labels[i:i + 32]) for i in range(0, n, 32)]
+    model = T5Encoder().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # traced along the example (torch.finfo of a traced dtype)
+        qat = qatkit.prepare(model, qatkit.QATConfig(), (ids[:2], mask[:2]))
+    assert [n.name for n in qat.graph.nodes if n.op == "placeholder"] == ["input_ids", "attention_mask"]
+    assert qatkit.calibrate(qat, batches, num_batches=2) == 2
+    qatkit.fit(qat, batches, qatkit.TrainConfig(epochs=12, lr=3e-3, progress=False), teacher=model)
+    result = qatkit.evaluate(qat, batches)
+    assert result["accuracy"] > 0.9, result
+    unmasked = qatkit.evaluate(qat, [((i, torch.ones_like(m)), y) for (i, m), y in batches])
+    assert unmasked["accuracy"] < 0.8, unmasked  # the mask was used
+    integer = qatkit.convert(qat.eval())
+    with torch.no_grad():
+        assert torch.equal(integer(ids, mask), qat(ids, mask))
+    runs_in_onnx_runtime(integer, (ids, mask), tmp_path / "t5_mask.onnx")

@@ -421,6 +421,18 @@ def test_an_empty_calibration_batch_is_refused_with_the_fix():
         calibrate(model, batches)
 
 
+@pytest.mark.parametrize("x, shown", [({"input_ids": torch.zeros(4, 1, 4, 4)}, "dict"),
+                                      ((torch.zeros(4, 1, 4, 4), None), r"a tuple of \(Tensor, NoneType\)")],
+                         ids=["dict", "tuple-with-none"])
+def test_a_model_input_that_is_not_tensors_is_refused_with_the_fix(x, shown):
+    model = _calibration_model()
+    with pytest.raises(DataError, match=rf"^model input = '{shown}' is not allowed; allowed: a tensor, or a tuple or "
+                                        r"list of tensors \(the model's positional inputs\)\. Fix: yield batches as x or "
+                                        r"\(x, y\)"):
+        calibrate(model, [(x, torch.zeros(4, dtype=torch.long))])
+    assert model.training  # the mode is restored
+
+
 @pytest.mark.parametrize("num_batches", [0, -1, 2.5, True])
 def test_calibrate_num_batches(num_batches):
     with pytest.raises(ConfigError, match=rf"^num_batches = {re.escape(repr(num_batches))} is not allowed; allowed: an integer >= 1"):

@@ -468,7 +468,7 @@ class IntegerReference:
         g = self.model.graph
         self.consts = {t.name: numpy_helper.to_array(t) for t in g.initializer}
         self.consts.update({n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in g.node if n.op_type == "Constant"})
-        self.input_name = next(i.name for i in g.input if i.name not in self.consts)
+        self.input_names = [i.name for i in g.input if i.name not in self.consts]
         self.output_names = [o.name for o in g.output]
         self.q_outputs = [n.output[0] for n in g.node if n.op_type == "QuantizeLinear"]
         nodes = [n for n in g.node if n.op_type != "Constant"]
@@ -489,8 +489,9 @@ class IntegerReference:
         self.steps = self._prune_and_fold([self.fused.get(n.output[0], n) for n in nodes
                                            if n.output[0] in self.fused or id(n) not in absorbed])
 
-    def run(self, x: np.ndarray) -> np.ndarray:
-        """The graph's (first) float output, i.e. the last DequantizeLinear applied."""
+    def run(self, x: np.ndarray | tuple[np.ndarray, ...]) -> np.ndarray:
+        """The graph's (first) float output, i.e. the last DequantizeLinear applied. x: the input, or a tuple of the
+        graph's inputs in order."""
         return self._execute(x)[self.output_names[0]]
 
     def run_codes(self, x: np.ndarray, force: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
@@ -506,8 +507,9 @@ class IntegerReference:
 
     def _execute(self, x, force: dict | None = None) -> dict:
         env, mine = dict(self.consts), {}
-        x = np.asarray(x)
-        env[self.input_name] = x if x.dtype.kind in "iu" else x.astype(f32)  # token ids stay integers
+        for name, value in zip(self.input_names, x if isinstance(x, tuple) else (x,)):
+            value = np.asarray(value)
+            env[name] = value if value.dtype.kind in "iu" else value.astype(f32)  # token ids stay integers
         for st in self.steps:
             if isinstance(st, _Fused):
                 env[st.out], outputs = self._kernel(st, env), [st.out]

@@ -20,6 +20,7 @@ from qatkit.convert.pack import unpack
 from qatkit.convert.runtime import IntegerModel, QValue
 from qatkit.export.onnx_ops import Value, export_call
 from qatkit.export.ort_numerics import stored_weights, weight_zero_point
+from qatkit.inputs import as_args
 
 OPSET = 17
 CHANNEL_ALIGN = 4  # conv input channels padded to a multiple of this (see _Exporter.align_channels)
@@ -33,9 +34,9 @@ def _codes(v):
 
 
 class _Exporter:
-    def __init__(self, model: IntegerModel, example: torch.Tensor):
-        self.model, self.example = model, example
-        self.shapes = {k: _codes(v) for k, v in model.values(example).items()}  # the example's values
+    def __init__(self, model: IntegerModel, example):
+        self.model, self.examples = model, as_args(example)
+        self.shapes = {k: _codes(v) for k, v in model.values(*self.examples).items()}  # the example's values
         self._doubled: dict | None = None  # the values at twice the example's batch, once asked for
         self.nodes: list[onnx.NodeProto] = []
         self.inits: dict[str, onnx.TensorProto] = {}
@@ -63,7 +64,8 @@ class _Exporter:
     def varies_with_batch(self, ir_name: str, axis: int) -> bool:
         """Whether the size of a node's value along `axis` follows the batch (it differs at twice the example's)."""
         if self._doubled is None:
-            self._doubled = {k: _codes(v) for k, v in self.model.values(torch.cat([self.example] * 2)).items()}
+            doubled = (torch.cat([e, e]) for e in self.examples)
+            self._doubled = {k: _codes(v) for k, v in self.model.values(*doubled).items()}
         return self.shapes[ir_name].shape[axis] != self._doubled[ir_name].shape[axis]
 
     def rank(self, ir_name: str) -> int | None:
@@ -130,13 +132,14 @@ class _Exporter:
 
     # ---- IR nodes ---------------------------------------------------------------------------------
     def run(self, debug_outputs: bool = False) -> onnx.ModelProto:
-        inputs, outputs = [], []
+        graph_inputs, outputs, examples = [], [], iter(self.examples)
         for node in self.model.nodes:
             name, op = node["name"], node["op"]
             if op == "input":
-                ids = not self.example.is_floating_point()  # token ids
+                example = next(examples)
+                ids = not example.is_floating_point()  # token ids
                 elem = TensorProto.INT64 if ids else TensorProto.FLOAT
-                inputs.append(helper.make_tensor_value_info(name, elem, ["batch", *self.example.shape[1:]]))
+                graph_inputs.append(helper.make_tensor_value_info(name, elem, ["batch", *example.shape[1:]]))
                 self.env[name] = Value(name, "int" if ids else "float")
             elif op == "output":  # one output "output", or a tuple's as "output_0", "output_1", ...
                 several = isinstance(node["args"][0], list)
@@ -172,7 +175,7 @@ class _Exporter:
                       "(ONNX Runtime's u8·s8 kernel can saturate on x86 CPUs without VNNI; its u8·u8 kernel is "
                       "exact, but there about as slow as float). For int8 weights and the fast kernel, train with "
                       "reduce_range=True (--reduce-range: 7-bit weights)")
-        graph = helper.make_graph(self.nodes, "qatkit", inputs, outputs, list(self.inits.values()))
+        graph = helper.make_graph(self.nodes, "qatkit", graph_inputs, outputs, list(self.inits.values()))
         opset = [helper.make_opsetid("", OPSET)]
         # the oldest IR version with this opset, not the installed onnx's newest: older runtimes load the file
         model = helper.make_model(graph, opset_imports=opset, producer_name="qatkit",
@@ -307,9 +310,10 @@ class _Exporter:
         return export_call(self, node)
 
 
-def export_onnx(model, path, example_input: torch.Tensor, *, debug_outputs: bool = False) -> list[str]:
+def export_onnx(model, path, example_input, *, debug_outputs: bool = False) -> list[str]:
     """Write `model` (an IntegerModel, or a QAT model to convert first) as a QDQ ONNX file; returns notes
-    on what could not be expressed with integer kernels. `debug_outputs` adds every integer tensor
+    on what could not be expressed with integer kernels. `example_input`: a tensor, or a tuple of the model's inputs
+    (their types and trailing sizes become the graph's inputs'). `debug_outputs` adds every integer tensor
     as an output "debug/<node>" (for per-layer comparisons; such a graph fuses less)."""
     from qatkit.convert import convert
 

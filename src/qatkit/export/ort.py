@@ -12,6 +12,7 @@ import torch
 
 from qatkit.convert.runtime import IntegerModel, QValue
 from qatkit.errors import ModelFileError
+from qatkit.inputs import as_args, batch_size
 
 
 def session(path: str | os.PathLike, threads: int = 2) -> ort.InferenceSession:
@@ -32,20 +33,25 @@ def session(path: str | os.PathLike, threads: int = 2) -> ort.InferenceSession:
                              "version and opset (pip install -U onnxruntime)") from None
 
 
-def run_all(sess: ort.InferenceSession, x: torch.Tensor) -> list[np.ndarray]:
+def _feed(sess: ort.InferenceSession, x) -> dict[str, np.ndarray]:
+    """The graph's inputs from x (a tensor, or a tuple of the model's inputs, in order)."""
+    return {i.name: t.numpy() for i, t in zip(sess.get_inputs(), as_args(x))}
+
+
+def run_all(sess: ort.InferenceSession, x) -> list[np.ndarray]:
     """Every output of the model, in order ("output", or a tuple's "output_0", "output_1", ...)."""
-    return sess.run(None, {sess.get_inputs()[0].name: x.numpy()})
+    return sess.run(None, _feed(sess, x))
 
 
-def run(sess: ort.InferenceSession, x: torch.Tensor) -> np.ndarray:
+def run(sess: ort.InferenceSession, x) -> np.ndarray:
     """The (first) output."""
     return run_all(sess, x)[0]
 
 
-def output_steps(integer: IntegerModel, x: torch.Tensor) -> list[float | None]:
+def output_steps(integer: IntegerModel, x) -> list[float | None]:
     """Each output's quantization step (its scale), or None for a float output."""
     result = next(n for n in integer.nodes if n["op"] == "output")["args"][0]
-    values = integer.values(x[:1])
+    values = integer.values(*(t[:1] for t in as_args(x)))
     return [float(v.scale) if isinstance(v := values[r["node"]], QValue) and v.scale.numel() == 1 else None
             for r in (result if isinstance(result, list) else [result])]
 
@@ -55,18 +61,18 @@ def _sqnr_db(ref: np.ndarray, other: np.ndarray) -> float:
     return float("inf") if noise == 0 else 10 * np.log10(max(float(np.sum(ref**2)), 1e-30) / noise)
 
 
-def per_layer(integer: IntegerModel, x: torch.Tensor) -> list[dict]:
+def per_layer(integer: IntegerModel, x) -> list[dict]:
     """For each integer tensor where ONNX Runtime and qatkit differ on `x`: fraction differing, largest
     difference in steps, and SQNR (dB) of the runtime's values against qatkit's."""
     from qatkit.export.onnx_qdq import export_onnx
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "debug.onnx"
-        export_onnx(integer, path, x[:1], debug_outputs=True)
+        export_onnx(integer, path, tuple(t[:1] for t in as_args(x)), debug_outputs=True)
         sess = session(path)
         names = [o.name for o in sess.get_outputs() if o.name.startswith("debug/")]
-        outs = dict(zip(names, sess.run(names, {sess.get_inputs()[0].name: x.numpy()})))
-    values, rows = integer.values(x), []
+        outs = dict(zip(names, sess.run(names, _feed(sess, x))))
+    values, rows = integer.values(*as_args(x)), []
     for name in names:
         mine = values[name[len("debug/"):]]
         if not isinstance(mine, QValue):
@@ -81,7 +87,8 @@ def per_layer(integer: IntegerModel, x: torch.Tensor) -> list[dict]:
 
 
 def verify(onnx_path: str | os.PathLike, model, batches: Iterable, *, threads: int = 2) -> dict:
-    """Run ONNX Runtime and qatkit's model (QAT or IntegerModel) on the same inputs and compare outputs.
+    """Run ONNX Runtime and qatkit's model (QAT or IntegerModel) on the same inputs and compare outputs; batches
+    are x or (x, y) items, x a tensor or a tuple of the model's inputs.
 
     Returns n (samples), top1_agreement (of the first output's predictions along its last axis: one per sample,
     or one per position of a sequence output), within_one_step (fraction of output values,
@@ -98,10 +105,10 @@ def verify(onnx_path: str | os.PathLike, model, batches: Iterable, *, threads: i
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
         if first_x is None:
             first_x, steps = x, output_steps(integer, x)
-        mine = integer(x)
+        mine = integer(*as_args(x))
         mine = [m.numpy() for m in mine] if isinstance(mine, tuple) else [mine.numpy()]
         theirs = run_all(sess, x)
-        n += x.shape[0]
+        n += batch_size(x)
         same = mine[0].argmax(-1) == theirs[0].argmax(-1)  # top-1 of the first output
         agree, predictions = agree + int(same.sum()), predictions + same.size
         for m, t, step in zip(mine, theirs, steps):

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from qatkit import inputs
 from qatkit.config import TrainConfig, to_dict
 from qatkit.devices import module_device
 from qatkit.errors import ConfigError, DataError, ModelFileError, QatkitError, bad_value
@@ -65,8 +66,8 @@ def _eval_sums(model: nn.Module, loader: Iterable, device: str | torch.device) -
     correct, loss_sum, n = 0, 0.0, 0
     try:
         for x, y in loader:
-            x, y = x.to(device), y.to(device)
-            logits = model(x)
+            x, y = inputs.to_device(x, device), y.to(device)
+            logits = inputs.call(model, x)
             loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
             correct += (logits.argmax(1) == y).sum().item()
             n += y.shape[0]
@@ -212,13 +213,13 @@ def train_epoch(model: nn.Module, loader: Iterable, optimizer, scheduler, config
     loss_sum, correct, n, skipped, lr = 0.0, 0, 0, 0, optimizer.param_groups[0]["lr"]
     try:
         for step, (x, y) in enumerate(bar):
-            x, y = x.to(config.device), y.to(config.device)
+            x, y = inputs.to_device(x, config.device), y.to(config.device)
             buffers = [b.detach().clone() for b in model.buffers()] if skip else None  # BN stats, put back on a skip
-            logits = net(x)
+            logits = inputs.call(net, x)
             teacher_logits = None
             if teacher is not None:
                 with torch.no_grad():
-                    teacher_logits = teacher(x)
+                    teacher_logits = inputs.call(teacher, x)
             scale = penalty_scale(config, epoch, step, steps)
             loss = compute_loss(model, logits, y, teacher_logits, config,
                                 {glob: lam * scale for glob, lam in error_penalty.items()})
@@ -228,7 +229,7 @@ def train_epoch(model: nn.Module, loader: Iterable, optimizer, scheduler, config
             fault = allowed = None
             finite = math.isfinite(loss_value)
             if collective:  # every rank skips the batch, or none: backward is collective
-                finite = distributed.all_sum([float(not finite)], x.device)[0] == 0
+                finite = distributed.all_sum([float(not finite)], y.device)[0] == 0
             if not finite:
                 fault = f"loss = {loss_value}" if not math.isfinite(loss_value) else "a non-finite loss on another rank"
                 allowed = "a finite loss"
