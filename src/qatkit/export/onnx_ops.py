@@ -158,6 +158,8 @@ def export_call(ex, node: dict) -> Value:
     if short in ("reshape", "view"):
         whole = len(args) == 2 and isinstance(args[1], Value) and args[1].kind == "shape"  # x.view(y.size())
         return _keep(ex, x, "Reshape", [args[1].name if whole else ex.shape_tensor(_dims(args))], name)
+    if short == "expand" and len(args) == 2 and isinstance(args[1], Value):  # to another tensor's x.size()
+        return _keep(ex, x, "Expand", [args[1].name], name)
     if short == "expand":  # torch's -1 keeps a size: 1 under ONNX's broadcasting
         return _keep(ex, x, "Expand", [ex.shape_tensor([1 if d == -1 else d for d in _dims(args)])], name)
     if short == "permute":
@@ -549,7 +551,7 @@ def _float_op(ex, node, short, args, kwargs, rank) -> Value:
     if short == "masked_fill":  # Where(mask, value, x)
         mask = args[1] if args[1].kind == "bool" else ex.op("Cast", [args[1].name], "mask", to=TensorProto.BOOL)
         mask = mask.name if isinstance(mask, Value) else mask
-        value = ex.const("fill", np.array(_arg(args, kwargs, 2, "value", 0.0), np.float32))
+        value = _c(ex, _arg(args, kwargs, 2, "value", 0.0))  # a number, or a 0-d tensor (DistilBERT's)
         return Value(ex.op("Where", [mask, value, xf], name), "float")
     if short == "pad":  # PyTorch's pads run from the last axis backwards: (left, right, top, bottom, ...)
         torch_pads, mode = _arg(args, kwargs, 1, "pad", None), _arg(args, kwargs, 2, "mode", "constant")
@@ -727,7 +729,10 @@ def _factory(ex, short: str, args: list, kwargs: dict, name: str) -> Value:
         shape = ex.op("Shape", [args[0].name], "shape")
     else:
         sizes = args[1 if short.startswith("new_") else 0:len(args) - (base == "full")]
-        shape = ex.shape_tensor(list(sizes[0]) if len(sizes) == 1 and isinstance(sizes[0], list) else list(sizes))
+        if len(sizes) == 1 and isinstance(sizes[0], Value) and sizes[0].kind == "shape":  # torch.ones(x.size())
+            shape = sizes[0].name
+        else:
+            shape = ex.shape_tensor(list(sizes[0]) if len(sizes) == 1 and isinstance(sizes[0], list) else list(sizes))
     if isinstance(fill, Value):  # a fill from sizes (GPT-2's torch.full([], v.size(-1) ** 0.5)): expanded to shape
         src = ex.floats(fill) if kind == "float" else ex.op("Cast", [fill.name], "fill", to=_ONNX_TYPES[kind])
         return Value(ex.op("Expand", [src, shape], name), kind)

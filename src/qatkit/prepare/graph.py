@@ -170,6 +170,10 @@ class _Rewriter:
             elif (node.op == "call_method" and node.target == "type" and len(node.args) == 2 and not node.kwargs
                   and isinstance(node.args[1], (torch.dtype, fx.Node))):  # x.type(v.dtype) (GPT-2's): a cast
                 node.target = "to"
+            elif node.op == "call_method" and node.target == "expand_as" and len(node.args) == 2:  # DistilBERT's mask
+                with self.graph.inserting_before(node):
+                    node.args = (node.args[0], self.graph.call_method("size", (node.args[1],)))
+                node.target = "expand"
             elif node.op == "call_module" and type(self.modules[node.target]) in WRAPPERS:
                 self._wrap(node)
         self.modules = dict(self.gm.named_modules())

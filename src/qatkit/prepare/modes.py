@@ -50,6 +50,17 @@ class LeafTracer(fx.Tracer):
         super().__init__()
         self._dependent: dict[int, bool] = {}
 
+    def call_module(self, m: nn.Module, forward, args, kwargs):
+        """A module made inside forward (Hugging Face's DistilBERT: `nn.ReLU()(x)`) is no submodule of the model:
+        without parameters or buffers, its forward's ops are traced; fx refuses it otherwise."""
+        try:
+            self.path_of_module(m)
+        except NameError:
+            if any(True for _ in m.parameters()) or any(True for _ in m.buffers()):
+                raise
+            return forward(*args, **kwargs)
+        return super().call_module(m, forward, args, kwargs)
+
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if type(m) in ops.TRACED_THROUGH:  # nn.ELU, nn.ZeroPad2d…: their one functional call
             return False
