@@ -724,11 +724,12 @@ def _factory(ex, short: str, args: list, kwargs: dict, name: str) -> Value:
         kind = _kind(args[0])
         base = short.removeprefix("new_").removesuffix("_like")
     kind = kwargs.get("dtype") or kind
-    fill = {"zeros": 0, "ones": 1}.get(base, args[-1])
+    positional_fill = base == "full" and "fill_value" not in kwargs
+    fill = {"zeros": 0, "ones": 1}.get(base) if base != "full" else args[-1] if positional_fill else kwargs["fill_value"]
     if short.endswith("_like"):
         shape = ex.op("Shape", [args[0].name], "shape")
     else:
-        sizes = args[1 if short.startswith("new_") else 0:len(args) - (base == "full")]
+        sizes = args[1 if short.startswith("new_") else 0:len(args) - positional_fill]
         if len(sizes) == 1 and isinstance(sizes[0], Value) and sizes[0].kind == "shape":  # torch.ones(x.size())
             shape = sizes[0].name
         else:

@@ -26,8 +26,9 @@ _SHAPE_METHODS = {"size", "dim", "numel", "ndimension"}
 # PyTorch's argument parser refuses a proxy as a size, so they are recorded as graph nodes while tracing.
 FACTORIES = ("zeros", "ones", "full", "arange")
 _SHAPE_ATTRIBUTES = {"shape", "ndim", "dtype", "device", "is_cuda"}
-# torch.finfo(x.dtype).min (a mask's fill value): the example's dtype decides it, a constant in the graph.
-TYPE_INFO = ("finfo", "iinfo")
+# torch.finfo(x.dtype).min (a mask's fill value), torch.tensor(√d, dtype=x.dtype) (Gemma's embedding scale): the
+# example's dtype decides them, constants in the graph.
+DECIDED = ("finfo", "iinfo", "tensor")
 
 
 class _Concrete:
@@ -129,7 +130,7 @@ def concrete_trace(module: nn.Module, example_inputs: tuple) -> tuple[fx.GraphMo
     # the arguments the example leaves to their defaults (attention_mask=None) keep them: `if mask is None` decides
     defaults = {p.name: p.default for p in parameters[len(example_inputs):] if p.default is not inspect.Parameter.empty}
     tracer = ConcreteTracer(copy.deepcopy(module), dict(zip(names, example_inputs)))
-    originals = {name: getattr(torch, name) for name in FACTORIES + TYPE_INFO}
+    originals = {name: getattr(torch, name) for name in FACTORIES + DECIDED}
     for name, fn in originals.items():
         setattr(torch, name, _recorded(tracer, fn) if name in FACTORIES else _decided(tracer, fn))
     try:
@@ -176,13 +177,14 @@ def _recorded(tracer: ConcreteTracer, fn):
 
 
 def _decided(tracer: ConcreteTracer, fn):
-    """`fn` of the example's value where its argument is symbolic (a dtype: a decision, like a branch)."""
+    """`fn` of the example's values where its arguments are symbolic (a dtype: a decision, like a branch)."""
 
     @functools.wraps(fn)
-    def info(*args):
-        return fn(*(tracer.decide(a) if isinstance(a, fx.Proxy) else a for a in args))
+    def decided(*args, **kwargs):
+        args, kwargs = fx.node.map_aggregate((args, kwargs), lambda a: tracer.decide(a) if isinstance(a, fx.Proxy) else a)
+        return fn(*args, **kwargs)
 
-    return info
+    return decided
 
 
 def _same(a, b) -> bool:
