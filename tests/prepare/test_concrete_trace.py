@@ -219,10 +219,12 @@ class OptionalMask(nn.Module):
         super().__init__()
         self.fc = nn.Linear(8, 8)
 
-    def forward(self, x, mask=None):
+    def forward(self, x, mask=None, scale=1.0, return_scores=False):
         if mask is None:
             mask = torch.ones(x.shape[0], x.shape[1])
-        scores = self.fc(x) @ x.transpose(1, 2)
+        scores = self.fc(x) @ x.transpose(1, 2) * scale
+        if return_scores:
+            return scores
         return (scores + (1.0 - mask[:, None, :]) * torch.finfo(x.dtype).min).softmax(-1) @ x
 
 

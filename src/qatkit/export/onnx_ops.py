@@ -724,8 +724,11 @@ def _factory(ex, short: str, args: list, kwargs: dict, name: str) -> Value:
         kind = _kind(args[0])
         base = short.removeprefix("new_").removesuffix("_like")
     kind = kwargs.get("dtype") or kind
-    positional_fill = base == "full" and "fill_value" not in kwargs
-    fill = {"zeros": 0, "ones": 1}.get(base) if base != "full" else args[-1] if positional_fill else kwargs["fill_value"]
+    positional_fill = base == "full" and "fill_value" not in kwargs  # torch.full(sizes, v) or (…, fill_value=v)
+    if base == "full":
+        fill = args[-1] if positional_fill else kwargs["fill_value"]
+    else:
+        fill = {"zeros": 0, "ones": 1}[base]
     if short.endswith("_like"):
         shape = ex.op("Shape", [args[0].name], "shape")
     else:

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-import torch
 
 from qatkit.convert.runtime import IntegerModel, QValue
 from qatkit.errors import ModelFileError

@@ -138,11 +138,14 @@ def concrete_trace(module: nn.Module, example_inputs: tuple) -> tuple[fx.GraphMo
     finally:
         for name, fn in originals.items():
             setattr(torch, name, fn)
-    for node in list(graph.nodes):  # the arguments left to their defaults are no inputs of the graph
-        if node.op == "call_function" and node.target is _symbolic_trace._assert_is_none:
-            graph.erase_node(node)
-    for node in list(graph.nodes):
-        if node.op == "placeholder" and node.target not in tracer.example and not node.users:
+    # the arguments left to their defaults are no inputs of the graph: forward saw their values, and only the
+    # checks fx adds (the value is still the default) use their placeholders
+    defaulted = [n for n in graph.nodes if n.op == "placeholder" and n.target not in tracer.example]
+    checks = {n for n in graph.nodes if any(p in defaulted for p in n.all_input_nodes)}
+    while grown := {u for n in checks for u in n.users} - checks:
+        checks |= grown
+    for node in reversed(list(graph.nodes)):
+        if node in checks or node in defaulted:
             graph.erase_node(node)
     gm = fx.GraphModule(module, graph, type(module).__name__)
     gm.graph.eliminate_dead_code()  # the size arithmetic that only fed decisions
