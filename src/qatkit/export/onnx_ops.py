@@ -616,7 +616,7 @@ def _float_op(ex, node, short, args, kwargs, rank) -> Value:
                 out = ex.op(op, [out, ex.op("Reshape", [_c(ex, kwargs[key]), ex.const("shape", per_channel)], key)], key)
         return Value(out, "float")
     if short == "embedding":
-        return Value(ex.op("Gather", [_c(ex, kwargs["weight"]), x.name], name, axis=0), "float")
+        return Value(ex.op("Gather", [_c(ex, _arg(args, kwargs, 1, "weight", None)), x.name], name, axis=0), "float")
     if short == "batch_norm":
         inputs = [xf] + [_c(ex, kwargs[k]) for k in ("weight", "bias", "running_mean", "running_var")]
         return Value(ex.op("BatchNormalization", inputs, name, epsilon=kwargs.get("eps", 1e-5)), "float")

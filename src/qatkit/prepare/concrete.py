@@ -148,7 +148,7 @@ def concrete_trace(module: nn.Module, example_inputs: tuple) -> tuple[fx.GraphMo
         if node in checks or node in defaulted:
             graph.erase_node(node)
     gm = fx.GraphModule(module, graph, type(module).__name__)
-    gm.graph.eliminate_dead_code()  # the size arithmetic that only fed decisions
+    gm.graph.eliminate_dead_code(_in_place)  # the size arithmetic that only fed decisions
     gm.recompile()
     checked = []
     for args in (example_inputs, tuple(a[:1] for a in example_inputs), tuple(torch.cat([a, a]) for a in example_inputs)):
@@ -188,6 +188,11 @@ def _decided(tracer: ConcreteTracer, fn):
         return fn(*args, **kwargs)
 
     return decided
+
+
+def _in_place(node: fx.Node) -> bool:
+    """Kept though nothing uses its result: `mask.masked_fill_(...)` (BART's causal mask) changes a tensor in place."""
+    return node.is_impure() or (node.op == "call_method" and node.target.endswith("_") and not node.target.startswith("_"))
 
 
 def _same(a, b) -> bool:

@@ -151,11 +151,14 @@ class _Rewriter:
         self.erased: set[fx.Node] = set()
         self.masks: set[fx.Node] = set()  # graph inputs and the exact masks computed from them
         self.sizes: set[fx.Node] = set()  # x.size(), x.shape and arithmetic on them (also masks)
+        self.functionalized: set[fx.Node] = set()  # in-place ops made functional (_respell)
 
     def run(self) -> PrepareInfo:
         for node in list(self.graph.nodes):
             if node.op == "call_function" and node.target is F.linear:
                 self._functional_linear(node)
+            else:
+                self._respell(node)
         self.calls = Counter(n.target for n in self.graph.nodes if n.op == "call_module")
         for node in list(self.graph.nodes):
             if node.op == "call_function" and node.target in DROPOUT_FUNCTIONS:
@@ -164,16 +167,6 @@ class _Rewriter:
                 self._attention(node)
             elif node.op == "call_function" and node.target is torch.einsum:
                 self._einsum(node)
-            elif (node.op == "call_function" and node.target is torch.topk) or (
-                    node.op == "call_method" and node.target == "topk"):  # ONNX's order among equal values
-                node.op, node.target = "call_function", ops.topk
-            elif (node.op == "call_method" and node.target == "type" and len(node.args) == 2 and not node.kwargs
-                  and isinstance(node.args[1], (torch.dtype, fx.Node))):  # x.type(v.dtype) (GPT-2's): a cast
-                node.target = "to"
-            elif node.op == "call_method" and node.target == "expand_as" and len(node.args) == 2:  # DistilBERT's mask
-                with self.graph.inserting_before(node):
-                    node.args = (node.args[0], self.graph.call_method("size", (node.args[1],)))
-                node.target = "expand"
             elif node.op == "call_module" and type(self.modules[node.target]) in WRAPPERS:
                 self._wrap(node)
         self.modules = dict(self.gm.named_modules())
@@ -248,6 +241,35 @@ class _Rewriter:
                 out = g.call_method("permute", (out, *plan[2]))
         node.replace_all_uses_with(out)
         g.erase_node(node)
+
+    def _respell(self, node: fx.Node) -> None:
+        """An op spelled as the op the integer model knows: torch.topk as ops.topk (ONNX's order among equal values),
+        x.type(dtype) as x.to(dtype) (GPT-2), x.expand_as(y) as x.expand(y.size()) (DistilBERT), torch.bmm as @
+        (BART); an in-place method on a tensor made in forward as its functional form, whose result later uses
+        read (BART's causal mask: `mask.masked_fill_(cond, 0)` after `torch.full`)."""
+        g, method = self.graph, node.target if node.op == "call_method" else None
+        if node.target is torch.topk or method == "topk":
+            node.op, node.target = "call_function", ops.topk
+        elif method == "type" and len(node.args) == 2 and isinstance(node.args[1], (torch.dtype, fx.Node)):
+            node.target = "to"
+        elif method == "expand_as" and len(node.args) == 2:
+            with g.inserting_before(node):
+                node.args = (node.args[0], g.call_method("size", (node.args[1],)))
+            node.target = "expand"
+        elif node.target is torch.bmm or method == "bmm":
+            node.op, node.target = "call_function", operator.matmul
+        elif method and method.endswith("_") and method[:-1] in ops.METHODS and self._made_here(node.args[0]):
+            order = {n: i for i, n in enumerate(g.nodes)}
+            node.args[0].replace_all_uses_with(node, delete_user_cb=lambda user: order[user] > order[node])
+            node.target = method[:-1]
+            self.functionalized.add(node)
+
+    def _made_here(self, x) -> bool:
+        """A tensor made in forward (torch.full, x.new_zeros, …), or by an in-place op made functional: no view of
+        another tensor, no input or buffer, so an in-place change of it changes nothing else."""
+        return isinstance(x, fx.Node) and (x in self.functionalized or (
+            x.op == "call_function" and x.target in FACTORY_FUNCTIONS) or (
+            x.op == "call_method" and x.target in FACTORY_METHODS))
 
     def _functional_linear(self, node: fx.Node) -> None:
         """F.linear(x, self.qkv.weight, bias) with an nn.Linear's own weight (timm's Swin V2, BEiT, EVA: the qkv
