@@ -31,6 +31,47 @@ def _one_torch_thread():
     torch.set_num_threads(before)
 
 
+def prepares_whole(model, example, config=None):
+    """qatkit.prepare of a model as its authors wrote it: one graph of the whole model (traced by fx or along the
+    example; no module swap) and no op that convert will refuse. The QAT model."""
+    import warnings
+
+    from torch import fx
+
+    import qatkit
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        qat = qatkit.prepare(model, config or qatkit.QATConfig(), example)
+    assert not [str(w.message) for w in caught if "will refuse" in str(w.message)]
+    assert isinstance(qat, fx.GraphModule) and not qat.qat_info.untraced, qat.qat_info.untraced
+    return qat
+
+
+def learns_next_token(qat, vocab: int, x, y, lr: float) -> None:
+    """QAT of a language model on a next-token rule (y = x shifted): its loss falls below 0.5 in 60 AdamW steps, and
+    the integer model predicts as the QAT model does, bit for bit, and right."""
+    import torch
+    import torch.nn.functional as F
+
+    import qatkit
+
+    qatkit.calibrate(qat, [x])
+    qat.train()
+    opt = torch.optim.AdamW(qat.parameters(), lr=lr)
+    for _ in range(60):
+        loss = F.cross_entropy(qat(x).reshape(-1, vocab), y.reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.5
+    qat.eval()
+    integer = qatkit.convert(qat)
+    with torch.no_grad():
+        assert torch.equal(integer(x), qat(x))
+        assert (integer(x).argmax(-1) == y).float().mean() > 0.95
+
+
 def converts_exactly(qat, model, x, tolerance: float):
     """The calibrated QAT model in eval mode: its outputs within `tolerance` of the float model's, and the integer model
     (returned) computes them bit for bit."""

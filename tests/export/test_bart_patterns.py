@@ -4,12 +4,11 @@ in-place `mask.masked_fill_(...)`, learned positions offset by 2 (an nn.Embeddin
 decoder's ids and the encoder's states, of another length). QAT eval = integer model (bit for bit) = ONNX Runtime."""
 from __future__ import annotations
 
-import warnings
 
 import pytest
 import torch
-from conftest import runs_in_onnx_runtime
-from torch import fx, nn
+from conftest import prepares_whole, runs_in_onnx_runtime
+from torch import nn
 
 import qatkit
 
@@ -111,11 +110,7 @@ def test_bart_decoder_as_transformers_writes_it_converts_and_runs_in_onnx_runtim
     torch.manual_seed(0)
     model = BartDecoder().eval()
     ids, encoded = torch.randint(2, V, (16, 9)), torch.randn(16, 11, D)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        qat = qatkit.prepare(model, qatkit.QATConfig(), (ids[:2], encoded[:2]))
-    assert not [str(w.message) for w in caught if "will refuse" in str(w.message)]
-    assert isinstance(qat, fx.GraphModule) and not qat.qat_info.untraced
+    qat = prepares_whole(model, (ids[:2], encoded[:2]))
     assert sum(type(m).__name__ == "QMatMul" for m in qat.modules()) == 4 * N  # bmm: self- and cross-attention
     qatkit.calibrate(qat, [((ids, encoded),)])
     integer = qatkit.convert(qat)

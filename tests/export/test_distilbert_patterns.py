@@ -6,12 +6,11 @@ called with input_ids alone or with the attention mask. QAT eval = integer model
 from __future__ import annotations
 
 import math
-import warnings
 
 import pytest
 import torch
-from conftest import runs_in_onnx_runtime
-from torch import fx, nn
+from conftest import prepares_whole, runs_in_onnx_runtime
+from torch import nn
 
 import qatkit
 from qatkit.prepare.modes import trace
@@ -129,11 +128,7 @@ def test_distilbert_as_transformers_writes_it_converts_and_runs_in_onnx_runtime(
     mask = (torch.arange(12)[None, :] < torch.randint(4, 13, (16, 1))).long()
     ids[mask == 0] = 0
     x = (ids, mask) if with_mask else ids
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        qat = qatkit.prepare(model, qatkit.QATConfig(), (ids[:2], mask[:2]) if with_mask else ids[:2])
-    assert not [str(w.message) for w in caught if "will refuse" in str(w.message)]
-    assert isinstance(qat, fx.GraphModule) and not qat.qat_info.untraced
+    qat = prepares_whole(model, (ids[:2], mask[:2]) if with_mask else ids[:2])
     assert sum(type(m).__name__ == "QMatMul" for m in qat.modules()) == 2 * N  # a shared block: each call its own
     qatkit.calibrate(qat, [(x,)])
     args = x if with_mask else (x,)

@@ -6,13 +6,12 @@ rotary (the first half of each head rotated). QAT eval = integer model (bit for 
 from __future__ import annotations
 
 import math
-import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import converts_exactly, runs_in_onnx_runtime
-from torch import fx, nn
+from conftest import converts_exactly, prepares_whole, runs_in_onnx_runtime
+from torch import nn
 
 import qatkit
 
@@ -140,11 +139,7 @@ def test_gemma_as_transformers_writes_it_converts_and_runs_in_onnx_runtime(parti
     torch.manual_seed(0)
     model = GemmaForCausalLM(partial).eval()
     ids = torch.randint(0, V, (16, 12))
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        qat = qatkit.prepare(model, qatkit.QATConfig(), ids[:2])
-    assert not [str(w.message) for w in caught if "will refuse" in str(w.message)]
-    assert isinstance(qat, fx.GraphModule) and not qat.qat_info.untraced
+    qat = prepares_whole(model, ids[:2])
     assert sum(type(m).__name__ == "QMatMul" for m in qat.modules()) == 2 * N
     qatkit.calibrate(qat, [ids])
     scale = model(ids).abs().max().item()

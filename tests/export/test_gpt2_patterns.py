@@ -5,12 +5,10 @@ integer model (bit for bit) = ONNX Runtime (within one step), at two lengths; th
 from __future__ import annotations
 
 import math
-import warnings
 
 import pytest
 import torch
-import torch.nn.functional as F
-from conftest import converts_exactly, runs_in_onnx_runtime
+from conftest import converts_exactly, learns_next_token, prepares_whole, runs_in_onnx_runtime
 from torch import nn
 
 import qatkit
@@ -130,10 +128,7 @@ def test_gpt2_as_transformers_writes_it_converts_and_runs_in_onnx_runtime(tmp_pa
     torch.manual_seed(0)
     model = GPT2LMHeadModel().eval()
     ids = torch.randint(0, VOCAB, (16, 12))
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        qat = qatkit.prepare(model, qatkit.QATConfig(), ids[:2])
-    assert not [str(w.message) for w in caught if "will refuse" in str(w.message)]
+    qat = prepares_whole(model, ids[:2])
     layers = {row["name"]: row for row in qat.qat_info.layers}
     assert [n for n in layers if n in CONV1D] == CONV1D  # every Conv1D a quantized Linear
     assert all(layers[n]["type"] == "Linear" and layers[n]["weight_bits"] == 8 for n in CONV1D), layers
@@ -186,20 +181,5 @@ def test_qat_trains_gpt2_and_the_integer_model_computes_what_it_learned():
     model = GPT2LMHeadModel(layers=1).eval()
     seq = (torch.arange(13)[None, :] + torch.randint(0, VOCAB, (64, 1))) % VOCAB
     x, y = seq[:, :-1], seq[:, 1:]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # traced along the example (torch.finfo of a traced dtype)
-        qat = qatkit.prepare(model, qatkit.QATConfig(weight_bits=4, act_bits=8), x[:2])
-    qatkit.calibrate(qat, [x])
-    qat.train()
-    opt = torch.optim.AdamW(qat.parameters(), lr=1e-2)
-    for _ in range(60):
-        loss = F.cross_entropy(qat(x).reshape(-1, VOCAB), y.reshape(-1))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    assert loss.item() < 0.5
-    qat.eval()
-    integer = qatkit.convert(qat)
-    with torch.no_grad():
-        assert torch.equal(integer(x), qat(x))
-        assert (integer(x).argmax(-1) == y).float().mean() > 0.95
+    qat = prepares_whole(model, x[:2], qatkit.QATConfig(weight_bits=4, act_bits=8))
+    learns_next_token(qat, VOCAB, x, y, lr=1e-2)

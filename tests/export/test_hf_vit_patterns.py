@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import collections.abc
 import math
-import warnings
 
 import torch
-from conftest import converts_exactly, runs_in_onnx_runtime
-from torch import fx, nn
+from conftest import converts_exactly, prepares_whole, runs_in_onnx_runtime
+from torch import nn
 
 import qatkit
 
@@ -150,11 +149,7 @@ def test_vit_as_transformers_writes_it_converts_and_runs_in_onnx_runtime(tmp_pat
     torch.manual_seed(0)
     model = ViTForImageClassification().eval()
     x = torch.randn(16, C, IMG, IMG)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        qat = qatkit.prepare(model, qatkit.QATConfig(), x[:2])
-    assert not [str(w.message) for w in caught if "will refuse" in str(w.message)]
-    assert isinstance(qat, fx.GraphModule) and not qat.qat_info.untraced
+    qat = prepares_whole(model, x[:2])
     assert sum(type(m).__name__ == "QMatMul" for m in qat.modules()) == 2 * N
     qatkit.calibrate(qat, [x])
     integer = converts_exactly(qat, model, x, 0.05 * model(x).abs().max().item())

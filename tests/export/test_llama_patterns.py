@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import converts_exactly, runs_in_onnx_runtime
+from conftest import converts_exactly, learns_next_token, runs_in_onnx_runtime
 from torch import nn
 
 import qatkit
@@ -160,20 +160,7 @@ def test_qat_trains_the_decoder_and_the_integer_model_computes_what_it_learned()
     seq = (torch.arange(13)[None, :] + torch.randint(0, VOCAB, (64, 1))) % VOCAB
     x, y = seq[:, :-1], seq[:, 1:]
     qat = qatkit.prepare(model, qatkit.QATConfig(weight_bits=4, act_bits=8), x[:2])
-    qatkit.calibrate(qat, [x])
-    qat.train()
-    opt = torch.optim.AdamW(qat.parameters(), lr=3e-3)
-    for _ in range(60):
-        loss = F.cross_entropy(qat(x).reshape(-1, VOCAB), y.reshape(-1))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    assert loss.item() < 0.5
-    qat.eval()
-    integer = qatkit.convert(qat)
-    with torch.no_grad():
-        assert torch.equal(integer(x), qat(x))
-        assert (integer(x).argmax(-1) == y).float().mean() > 0.95
+    learns_next_token(qat, VOCAB, x, y, lr=3e-3)
 
 
 class RepeatHeads(nn.Module):

@@ -6,12 +6,11 @@ QAT eval = integer model (bit for bit) = ONNX Runtime (within one step), at two 
 from __future__ import annotations
 
 import math
-import warnings
 
 import numpy as np
 import torch
-from conftest import converts_exactly, runs_in_onnx_runtime
-from torch import fx, nn
+from conftest import converts_exactly, prepares_whole, runs_in_onnx_runtime
+from torch import nn
 
 import qatkit
 from qatkit.export import export_onnx, ort
@@ -171,11 +170,7 @@ def test_t5_encoder_as_transformers_writes_it_converts_and_runs_in_onnx_runtime(
     torch.manual_seed(0)
     model = T5Encoder().eval()
     ids = torch.randint(0, V, (16, 12))
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        qat = qatkit.prepare(model, qatkit.QATConfig(), ids[:2])
-    assert not [str(w.message) for w in caught if "will refuse" in str(w.message) or "could not trace 'block" in str(w.message)]
-    assert isinstance(qat, fx.GraphModule) and not qat.qat_info.untraced
+    qat = prepares_whole(model, ids[:2])
     assert [n.name for n in qat.graph.nodes if n.op == "placeholder"] == ["input_ids"]  # attention_mask: its default
     layers = {row["name"] for row in qat.qat_info.layers}
     assert {f"block.{i}.layer.0.SelfAttention.{p}" for i in range(N) for p in "qkvo"} <= layers
@@ -225,9 +220,7 @@ def test_a_model_of_two_inputs_trains_converts_and_runs_in_onnx_runtime(tmp_path
     ids[mask == 0] = 1  # and 1s in the padding, for every sample
     batches = [((ids[i:i + 32], mask[i:i + 32]), labels[i:i + 32]) for i in range(0, n, 32)]
     model = T5Encoder().eval()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # traced along the example (torch.finfo of a traced dtype)
-        qat = qatkit.prepare(model, qatkit.QATConfig(), (ids[:2], mask[:2]))
+    qat = prepares_whole(model, (ids[:2], mask[:2]))
     assert [n.name for n in qat.graph.nodes if n.op == "placeholder"] == ["input_ids", "attention_mask"]
     assert qatkit.calibrate(qat, batches, num_batches=2) == 2
     qatkit.fit(qat, batches, qatkit.TrainConfig(epochs=12, lr=3e-3, progress=False), teacher=model)

@@ -60,6 +60,7 @@ MASK_FUNCTIONS = {operator.eq, operator.ne, operator.lt, operator.le, operator.g
                   torch.argmin}
 MASK_METHODS = {"eq", "ne", "lt", "le", "gt", "ge", "logical_not", "float", "long", "int", "bool", "to", "type_as",
                 "tril", "triu", "cumsum", "argmax", "argmin"}
+COMPARISONS = {name: getattr(torch, name) for name in ("eq", "ne", "lt", "le", "gt", "ge")}  # method: function
 # Tensors made from sizes and constants (torch.arange(L), x.new_zeros(B, h), torch.zeros_like(x)): exact like
 # masks, whatever their inputs.
 FACTORY_FUNCTIONS = {torch.zeros, torch.ones, torch.full, torch.arange, torch.zeros_like, torch.ones_like,
@@ -245,7 +246,7 @@ class _Rewriter:
     def _respell(self, node: fx.Node) -> None:
         """An op spelled as the op the integer model knows: torch.topk as ops.topk (ONNX's order among equal values),
         x.type(dtype) as x.to(dtype) (GPT-2), x.expand_as(y) as x.expand(y.size()) (DistilBERT), torch.bmm as @
-        (BART); an in-place method on a tensor made in forward as its functional form, whose result later uses
+        (BART), x.ne(y) and torch.ne(x, y) as x != y (RoBERTa); an in-place method on a tensor made in forward as its functional form, whose result later uses
         read (BART's causal mask: `mask.masked_fill_(cond, 0)` after `torch.full`)."""
         g, method = self.graph, node.target if node.op == "call_method" else None
         if node.target is torch.topk or method == "topk":
@@ -258,6 +259,8 @@ class _Rewriter:
             node.target = "expand"
         elif node.target is torch.bmm or method == "bmm":
             node.op, node.target = "call_function", operator.matmul
+        elif method in COMPARISONS or node.target in COMPARISONS.values():  # ids.ne(pad) (RoBERTa's positions)
+            node.op, node.target = "call_function", getattr(operator, method or node.target.__name__)
         elif method and method.endswith("_") and method[:-1] in ops.METHODS and self._made_here(node.args[0]):
             order = {n: i for i, n in enumerate(g.nodes)}
             node.args[0].replace_all_uses_with(node, delete_user_cb=lambda user: order[user] > order[node])
