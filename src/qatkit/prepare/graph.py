@@ -54,12 +54,12 @@ GRID_PRESERVING_METHODS = ops.CODE_PRESERVING_METHODS | {"relu"}
 SHAPE_OPS = {getattr, "size", "dim"}  # shape arithmetic, not tensor compute
 # Masks from the graph's inputs (`ids != 0`, then `.float()`): comparisons and casts of booleans are exact,
 # and integer ops in the runtime (ONNX Equal/Not/Cast on int64 ids), not float islands.
+# (x.ne(y) and torch.ne(x, y) are respelled x != y first: _Rewriter._respell)
 MASK_FUNCTIONS = {operator.eq, operator.ne, operator.lt, operator.le, operator.gt, operator.ge, operator.invert,
-                  operator.and_, operator.or_, torch.eq, torch.ne, torch.lt, torch.le, torch.gt, torch.ge,
-                  torch.logical_not, torch.tril, torch.triu, torch.where, torch.meshgrid, torch.cumsum, torch.argmax,
-                  torch.argmin}
-MASK_METHODS = {"eq", "ne", "lt", "le", "gt", "ge", "logical_not", "float", "long", "int", "bool", "to", "type_as",
-                "tril", "triu", "cumsum", "argmax", "argmin"}
+                  operator.and_, operator.or_, torch.logical_not, torch.tril, torch.triu, torch.where, torch.meshgrid,
+                  torch.cumsum, torch.argmax, torch.argmin}
+MASK_METHODS = {"logical_not", "float", "long", "int", "bool", "to", "type_as", "tril", "triu", "cumsum", "argmax",
+                "argmin"}
 COMPARISONS = {name: getattr(torch, name) for name in ("eq", "ne", "lt", "le", "gt", "ge")}  # method: function
 # Tensors made from sizes and constants (torch.arange(L), x.new_zeros(B, h), torch.zeros_like(x)): exact like
 # masks, whatever their inputs.
@@ -246,8 +246,9 @@ class _Rewriter:
     def _respell(self, node: fx.Node) -> None:
         """An op spelled as the op the integer model knows: torch.topk as ops.topk (ONNX's order among equal values),
         x.type(dtype) as x.to(dtype) (GPT-2), x.expand_as(y) as x.expand(y.size()) (DistilBERT), torch.bmm as @
-        (BART), x.ne(y) and torch.ne(x, y) as x != y (RoBERTa); an in-place method on a tensor made in forward as its functional form, whose result later uses
-        read (BART's causal mask: `mask.masked_fill_(cond, 0)` after `torch.full`)."""
+        (BART), x.ne(y) and torch.ne(x, y) as x != y (RoBERTa); an in-place method on a tensor made in forward as
+        its functional form, whose result later uses read (BART's causal mask: `mask.masked_fill_(cond, 0)` after
+        `torch.full`)."""
         g, method = self.graph, node.target if node.op == "call_method" else None
         if node.target is torch.topk or method == "topk":
             node.op, node.target = "call_function", ops.topk
