@@ -88,17 +88,19 @@ def converts_exactly(qat, model, x, tolerance: float):
 
 
 def runs_in_onnx_runtime(integer, x, path, *, top1: bool = True, float_output: bool = False) -> dict:
-    """Export the integer model (example x[:1]) and run it in ONNX Runtime on x: every output value within one output
-    step of the integer model's (its float islands, softmax, norms, may round a value to the next step), the same
-    top-1 (top1); the integer-only reference computes ONNX Runtime's outputs exactly, or to float32 rounding where
-    the output is a float op (float_output). verify's result."""
+    """Export the integer model (example: x's first sample; x a tensor or a tuple of the model's inputs) and run it
+    in ONNX Runtime on x: every output value within one output step of the integer model's (its float islands,
+    softmax, norms, may round a value to the next step), the same top-1 (top1); the integer-only reference computes
+    ONNX Runtime's outputs exactly, or to float32 rounding where the output is a float op (float_output). verify's
+    result."""
     import numpy as np
 
     from qatkit.export import export_onnx, ort, verify
     from qatkit.export.integer_reference import IntegerReference
+    from qatkit.inputs import first
 
     several = isinstance(x, tuple)  # the model's inputs
-    export_onnx(integer, path, tuple(t[:1] for t in x) if several else x[:1])
+    export_onnx(integer, path, first(x))
     result = verify(path, integer, [(x,)])
     assert result["within_one_step"] == 1.0 and (not top1 or result["top1_agreement"] == 1.0), result
     reference = IntegerReference(path, requant="float32").run(tuple(t.numpy() for t in x) if several else x.numpy())

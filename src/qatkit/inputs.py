@@ -31,5 +31,11 @@ def call(model, x):
     return model(*as_args(x))
 
 
+def first(x):
+    """The first sample of x (of each of its tensors): an export's example."""
+    args = tuple(t[:1] for t in as_args(x))
+    return args[0] if isinstance(x, torch.Tensor) else args
+
+
 def batch_size(x) -> int:
     return as_args(x)[0].shape[0]
