@@ -44,17 +44,26 @@ def train(qat: nn.Module, shard, epochs: int, checkpoint_dir=None) -> list[dict]
                       val_loader=val_loader, checkpoint_dir=checkpoint_dir)
 
 
+def step(qat: nn.Module, shard) -> list[dict]:
+    """One step on the first batch (this rank's part of it). The comparison with one process is made after one step:
+    QAT's rounding turns float32's summation-order differences (data-parallel or not, AVX2 or AVX-512 kernels) into
+    code flips that grow over a longer run."""
+    ds = load_dataset("digits", None, limit=LIMIT)
+    loader = BatchLoader(ds.train, batch_size=BATCH, shuffle=False, shard=shard, mean=ds.mean, std=ds.std)
+    return qatkit.fit(qat, [next(iter(loader))], qatkit.TrainConfig(epochs=1, lr=1e-2, progress=False))
+
+
 def main(out: Path) -> None:
     torch.set_num_threads(1)
     with distributed.process_group("cpu"):
         rank, shard = distributed.rank(), (distributed.rank(), distributed.world_size())
         result = {"world_size": distributed.world_size()}
-        # one epoch for the comparison with one process: QAT's rounding turns float32's summation-order
-        # differences into code flips that grow over a longer run
         for name, epochs in (("mlp", 1), ("cnn", 2)):
             qat = build(name)
             result[f"{name}_history"] = train(qat, shard, epochs, checkpoint_dir=out / f"ckpt_{name}")
             result[name] = qat.state_dict()
+        qat = build("mlp")
+        result["mlp_step_history"], result["mlp_step"] = step(qat, shard), qat.state_dict()
         try:
             train(build("mlp", calibrated=False), shard, 1)
         except ConfigError as e:
