@@ -19,8 +19,9 @@ def act_quantizers(model: nn.Module) -> list[FakeQuantizer]:
 @torch.no_grad()
 def calibrate(model: nn.Module, batches: Iterable, num_batches: int = 8,
               device: str | torch.device | None = None) -> int:
-    """Set every activation quantizer's range from `num_batches` batches (x or (x, y) items; x a tensor, or a tuple
-    of the model's inputs), run on `device` (default: where the model's weights are).
+    """Set every activation quantizer's range from `num_batches` batches (x or (x, y) items, x a tensor or a tuple
+    or dict of the model's inputs; or dicts with the labels under "labels"), run on `device` (default: where the
+    model's weights are).
 
     Runs in eval mode (BN statistics untouched) with activation quantization off, so each quantizer
     sees the float activations; weights stay quantized. Returns the number of batches used.
@@ -38,7 +39,7 @@ def calibrate(model: nn.Module, batches: Iterable, num_batches: int = 8,
         for batch in batches:
             if used >= num_batches:
                 break
-            x = batch[0] if isinstance(batch, (tuple, list)) else batch
+            x, _ = inputs.split(batch)
             for t in inputs.as_args(x):
                 _check_batch(t, used)
             inputs.call(model, inputs.to_device(x, device))

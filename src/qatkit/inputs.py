@@ -1,41 +1,100 @@
-"""A model's input in a batch: one tensor, or a tuple or list of tensors, the model's positional arguments
-(a text model's input_ids and attention_mask). Batches are x or (x, y): a model of two inputs takes
-((input_ids, attention_mask), labels) items."""
+"""A model's input in a batch: one tensor; a tuple or list of tensors, the model's positional arguments (a text
+model's input_ids and attention_mask); or a dict of tensors, its arguments by name. Batches are x or (x, y), or a
+dict of the model's named inputs and its labels under "labels" (or "label"), as Hugging Face's collators make them:
+{"input_ids": ..., "attention_mask": ..., "labels": ...}."""
 from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping, Sequence
 
 import torch
 
 from qatkit.errors import DataError, bad_value
 
+LABEL_KEYS = ("labels", "label")
+ALLOWED = ("a tensor, a tuple or list of tensors (the model's positional inputs), or a dict of tensors (its inputs "
+           "by name)")
 
-def as_args(x) -> tuple[torch.Tensor, ...]:
-    """The model's positional arguments."""
+
+def _shown(x) -> str:
+    if isinstance(x, Mapping):
+        return f"a dict of ({', '.join(f'{k}: {type(v).__name__}' for k, v in x.items())})"
+    if isinstance(x, (tuple, list)):
+        return f"a {type(x).__name__} of ({', '.join(type(t).__name__ for t in x)})"
+    return type(x).__name__
+
+
+def as_args(x, names: Sequence[str] | None = None) -> tuple[torch.Tensor, ...]:
+    """The model's inputs as a tuple: a dict's in the order of `names` (the model's input names), where given."""
     if isinstance(x, torch.Tensor):
         return (x,)
-    if isinstance(x, (tuple, list)) and x and all(isinstance(t, torch.Tensor) for t in x):
-        return tuple(x)
-    shown = (f"a {type(x).__name__} of ({', '.join(type(t).__name__ for t in x)})" if isinstance(x, (tuple, list))
-             else type(x).__name__)
-    raise bad_value("model input", shown, "a tensor, or a tuple or list of tensors (the model's positional inputs)",
-                    "yield batches as x or (x, y), x a tensor or a tuple such as (input_ids, attention_mask)", DataError)
+    values = list(x.values()) if isinstance(x, Mapping) else x
+    if isinstance(x, (tuple, list, Mapping)) and x and all(isinstance(t, torch.Tensor) for t in values):
+        if not isinstance(x, Mapping) or names is None:
+            return tuple(values)
+        missing, unknown = [n for n in names if n not in x], [k for k in x if k not in names]
+        if missing or unknown:
+            raise DataError(f"inputs by name {list(x)} do not match the model's inputs {list(names)} (missing: "
+                            f"{missing or 'none'}; unknown: {unknown or 'none'}). Fix: give each of the model's inputs "
+                            "under its forward argument's name, and nothing else")
+        return tuple(x[n] for n in names)
+    raise bad_value("model input", _shown(x), ALLOWED, "yield batches as x or (x, y), x a tensor, a tuple such as "
+                    "(input_ids, attention_mask) or a dict such as {'input_ids': ..., 'attention_mask': ...}; or dict "
+                    "batches with the labels under 'labels'", DataError)
+
+
+def _like(x, args: tuple):
+    """args (as_args(x) changed) in x's form."""
+    if isinstance(x, torch.Tensor):
+        return args[0]
+    return dict(zip(x, args)) if isinstance(x, Mapping) else type(x)(args)
 
 
 def to_device(x, device: str | torch.device):
-    """x on `device` (each tensor of a tuple or list)."""
-    args = tuple(t.to(device) for t in as_args(x))
-    return args[0] if isinstance(x, torch.Tensor) else type(x)(args)
+    """x on `device` (each tensor of a tuple, list or dict)."""
+    return _like(x, tuple(t.to(device) for t in as_args(x)))
 
 
 def call(model, x):
-    """model(x), or model(*x) for several inputs."""
-    return model(*as_args(x))
+    """model(x), model(*x) for several inputs, model(**x) for named ones."""
+    if not isinstance(x, Mapping):
+        return model(*as_args(x))
+    as_args(x)  # tensors only
+    signature = inspect.signature(model.forward if isinstance(model, torch.nn.Module) else model)
+    try:
+        signature.bind(**x)
+    except TypeError as e:
+        raise DataError(f"inputs by name {list(x)} do not fit {type(model).__name__}.forward{signature} ({e}). "
+                        "Fix: name each input as forward's argument (labels under 'labels')") from None
+    return model(**x)
 
 
 def first(x):
     """The first sample of x (of each of its tensors): an export's example."""
-    args = tuple(t[:1] for t in as_args(x))
-    return args[0] if isinstance(x, torch.Tensor) else args
+    return _like(x, tuple(t[:1] for t in as_args(x)))
 
 
 def batch_size(x) -> int:
     return as_args(x)[0].shape[0]
+
+
+def split(batch) -> tuple[object, torch.Tensor | None]:
+    """(x, y) of a batch: x, (x, y), or a dict with the labels under "labels" or "label"; y None where there is none."""
+    if isinstance(batch, Mapping):
+        y = next((batch[k] for k in LABEL_KEYS if k in batch), None)
+        return {k: v for k, v in batch.items() if k not in LABEL_KEYS}, y
+    if isinstance(batch, (tuple, list)):
+        return batch[0], batch[1] if len(batch) > 1 else None
+    return batch, None
+
+
+def labelled(batch) -> tuple[object, torch.Tensor]:
+    """(x, y) of a batch that must hold labels (training, evaluation)."""
+    x, y = split(batch)
+    pair = isinstance(batch, Mapping) or (isinstance(batch, (tuple, list)) and len(batch) == 2)
+    if not pair or not isinstance(y, torch.Tensor):
+        shown = _shown(batch) if isinstance(batch, (Mapping, tuple, list)) else type(batch).__name__
+        raise bad_value("batch", shown, "(x, y) pairs, or dicts of the model's named inputs with the labels tensor "
+                        "under 'labels' (or 'label')", "yield (inputs, labels) pairs, or add the labels to each dict "
+                        "batch as 'labels'", DataError)
+    return x, y

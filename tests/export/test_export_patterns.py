@@ -221,14 +221,15 @@ class DictOut(nn.Module):
         self.fc = nn.Linear(4, 2)
 
     def forward(self, x):
-        return {"logits": self.fc(x)}
+        return {"logits": self.fc(x), "loss": None}
 
 
-def test_a_dict_of_outputs_is_refused_with_the_fix():
+def test_an_output_that_is_not_tensors_is_refused_with_the_fix():
     x = torch.randn(8, 4)
     qat = _calibrated(DictOut(), torch.randn(16, 4))
-    with pytest.raises(QatkitError, match=r"the model returns .*\{'logits': fc\}; an integer model returns a tensor or a "
-                                          r"tuple of tensors\. Fix: return a tuple of tensors"):
+    with pytest.raises(QatkitError, match=r"the model returns .*\{'logits': fc, 'loss': None\}; an integer model returns "
+                                          r"a tensor, a tuple of tensors or a dict of tensors by name\. Fix: return "
+                                          r"tensors only \(leave None values out of a returned dict\)"):
         qatkit.convert(qat)
     assert qat(x)["logits"].shape == (8, 2)
 

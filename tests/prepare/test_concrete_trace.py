@@ -12,6 +12,7 @@ from torch import fx, nn
 import qatkit
 from qatkit.export import export_onnx, verify
 from qatkit.prepare.concrete import concrete_trace
+from qatkit.prepare.modes import example_arguments
 
 
 class ShapeChecks(nn.Module):
@@ -83,7 +84,7 @@ class ValueBranch(nn.Module):
 def test_branches_on_the_batch_size_or_on_values_are_not_frozen(model, why):
     x = torch.ones(4, 4)
     with pytest.raises((ValueError, fx.proxy.TraceError), match=why):
-        concrete_trace(model, (x,))
+        concrete_trace(model, example_arguments(model, (x,)))
     with pytest.warns(UserWarning, match=rf"could not trace '{type(model).__name__}' .*nor along the example input "
                                          rf"\(.*{why}.*module swap"):
         qat = qatkit.prepare(model, qatkit.QATConfig(), x)
@@ -103,7 +104,7 @@ def test_tracing_along_the_example_leaves_the_model_untouched():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).train()
     wrapped = BatchNormFirst(model)
     before = {k: v.clone() for k, v in wrapped.state_dict().items()}
-    gm, decisions, checked = concrete_trace(wrapped, (torch.randn(2, 3, 8, 8),))
+    gm, decisions, checked = concrete_trace(wrapped, example_arguments(wrapped, (torch.randn(2, 3, 8, 8),)))
     assert decisions == 1 and checked == [2, 1, 4]
     assert all(torch.equal(before[k], v) for k, v in wrapped.state_dict().items())
 
@@ -132,7 +133,7 @@ class PooledBatchNorm(nn.Module):
 
 def test_a_batch_the_model_itself_refuses_is_not_checked():
     model = PooledBatchNorm().train()
-    gm, decisions, checked = concrete_trace(model, (torch.randn(4, 3, 8, 8),))
+    gm, decisions, checked = concrete_trace(model, example_arguments(model, (torch.randn(4, 3, 8, 8),)))
     assert checked == [4, 8] and decisions == 1
     with pytest.warns(UserWarning, match=r"traced along the example input instead: .*on batches of 4, 1, 8\."):
         qatkit.prepare(model, qatkit.QATConfig(), torch.randn(4, 3, 8, 8))  # traced in eval mode: one sample is fine
@@ -205,7 +206,7 @@ class BufferSteered(nn.Module):
 def test_buffers_steer_python_code_and_slices_of_them_keep_the_length_symbolic():
     torch.manual_seed(0)
     model = BufferSteered().eval()
-    gm, decisions, checked = concrete_trace(model, (torch.randn(2, 6, 8),))
+    gm, decisions, checked = concrete_trace(model, example_arguments(model, (torch.randn(2, 6, 8),)))
     assert decisions == 2 and checked == [2, 1, 4]  # the assert and the flag
     for shape in [(3, 6, 8), (2, 11, 8)]:  # another length: the mask's slice follows it
         x = torch.randn(shape)
@@ -231,7 +232,7 @@ class OptionalMask(nn.Module):
 def test_arguments_left_to_their_defaults_are_no_inputs_of_the_graph():
     torch.manual_seed(0)
     model = OptionalMask().eval()
-    gm, decisions, checked = concrete_trace(model, (torch.randn(2, 5, 8),))
+    gm, decisions, checked = concrete_trace(model, example_arguments(model, (torch.randn(2, 5, 8),)))
     assert [n.name for n in gm.graph.nodes if n.op == "placeholder"] == ["x"]
     assert checked == [2, 1, 4]
     x = torch.randn(3, 7, 8)

@@ -421,16 +421,23 @@ def test_an_empty_calibration_batch_is_refused_with_the_fix():
         calibrate(model, batches)
 
 
-@pytest.mark.parametrize("x, shown", [({"input_ids": torch.zeros(4, 1, 4, 4)}, "dict"),
+@pytest.mark.parametrize("x, shown", [({"x": "image.png"}, r"a dict of \(x: str\)"),
                                       ((torch.zeros(4, 1, 4, 4), None), r"a tuple of \(Tensor, NoneType\)")],
-                         ids=["dict", "tuple-with-none"])
+                         ids=["dict-of-str", "tuple-with-none"])
 def test_a_model_input_that_is_not_tensors_is_refused_with_the_fix(x, shown):
     model = _calibration_model()
-    with pytest.raises(DataError, match=rf"^model input = '{shown}' is not allowed; allowed: a tensor, or a tuple or "
-                                        r"list of tensors \(the model's positional inputs\)\. Fix: yield batches as x or "
-                                        r"\(x, y\)"):
+    with pytest.raises(DataError, match=rf"^model input = '{shown}' is not allowed; allowed: a tensor, a tuple or "
+                                        r"list of tensors \(the model's positional inputs\), or a dict of tensors "
+                                        r"\(its inputs by name\)\. Fix: yield batches as x or \(x, y\)"):
         calibrate(model, [(x, torch.zeros(4, dtype=torch.long))])
     assert model.training  # the mode is restored
+
+
+def test_inputs_by_names_the_model_does_not_take_are_refused_with_the_fix():
+    model = _calibration_model()
+    with pytest.raises(DataError, match=r"^inputs by name \['input_ids'\] do not fit \w+\.forward\(x\) \(missing a "
+                                        r"required argument: 'x'\)\. Fix: name each input as forward's argument"):
+        calibrate(model, [{"input_ids": torch.zeros(4, 1, 4, 4), "labels": torch.zeros(4, dtype=torch.long)}])
 
 
 @pytest.mark.parametrize("num_batches", [0, -1, 2.5, True])

@@ -57,7 +57,7 @@ from qatkit.config import (
 )
 from qatkit.convert import ops
 from qatkit.convert.io import _NODE_OPS
-from qatkit.errors import ConfigError, ModelFileError, QatkitError
+from qatkit.errors import ConfigError, DataError, ModelFileError, QatkitError
 from qatkit.train import load_checkpoint, save_checkpoint
 from qatkit.train.checkpoint import MAGIC, TRAILER_SIZE
 
@@ -694,12 +694,29 @@ def test_bug_load_deeply_nested_metadata(tmp_path):
         qatkit.load(_graph_file(tmp_path, lambda h: None, raw=raw))
 
 
+def test_an_added_input_makes_a_model_of_two_inputs_that_names_them_when_given_one(tmp_path):
+    model = qatkit.load(_graph_file(tmp_path, _insert({"name": "y", "op": "input"})))
+    first = model.input_names[0]
+    assert len(model.input_names) == 2 and model.input_names[1] == "y"
+    with pytest.raises(DataError, match=rf"^the integer model takes 2 inputs \['{first}', 'y'\]; it was given 1\. Fix"):
+        model(X)
+
+
+@pytest.mark.parametrize("names", [["x", "x"], ["x", 3]], ids=["repeated", "not-a-string"])
+def test_input_names_must_be_distinct_strings(tmp_path, names):
+    def edit(h):
+        inputs = [n for n in h["nodes"] if n["op"] == "input"]
+        inputs[0]["argument"] = names[0]
+        h["nodes"].insert(1, {"name": "y", "op": "input", "argument": names[1]})
+    with pytest.raises(ModelFileError, match=r"has input nodes named .*; each input needs its own name"):
+        qatkit.load(_graph_file(tmp_path, edit))
+
+
 @pytest.mark.parametrize("edit_header", [
     lambda h: h["nodes"][1].pop("args"),
-    _insert({"name": "y", "op": "input"}),
     lambda h: h["nodes"].pop(),
     lambda h: h["nodes"][-1].__setitem__("args", []),
-], ids=["no-args", "two-inputs", "no-output", "output-without-args"])
+], ids=["no-args", "no-output", "output-without-args"])
 def test_bug_loaded_graph_crashes_when_run(tmp_path, edit_header):
     path = _graph_file(tmp_path, edit_header)
     try:

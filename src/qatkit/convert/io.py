@@ -128,10 +128,18 @@ def _check_header(header, tensors, path) -> dict:
         _check_refs({k: v for k, v in node.items() if k != "name"}, tensors, defined, path)
         defined.add(node["name"])
     ops_in_order = [node["op"] for node in nodes]
-    if ops_in_order.count("input") != 1:
-        raise _fail(path, f"has {ops_in_order.count('input')} input nodes; this qatkit runs graphs with exactly one")
+    if not ops_in_order.count("input"):
+        raise _fail(path, "has no input node")
+    arguments = [node.get("argument", node["name"]) for node in nodes if node["op"] == "input"]
+    if not all(isinstance(a, str) for a in arguments) or len(set(arguments)) != len(arguments):
+        raise _fail(path, f"has input nodes named {arguments!r:.80}; each input needs its own name")
     if ops_in_order.count("output") != 1 or ops_in_order[-1] != "output":
         raise _fail(path, "does not end with its one output node")
+    output = nodes[-1]
+    if "names" in output and not (isinstance(output["names"], list) and isinstance(output["args"][0], list)
+                                  and len(output["names"]) == len(output["args"][0]) == len(set(output["names"]))
+                                  and all(isinstance(n, str) for n in output["names"])):
+        raise _fail(path, f"names its outputs {output['names']!r:.80}; a dict output needs one distinct name for each")
     return meta or {}
 
 

@@ -1,7 +1,8 @@
 """From a prepared (fx) QAT model to the integer model's graph: a list of JSON-able nodes + tensors.
 
 Node kinds:
-  input     - a graph input
+  input     - a graph input ("argument": forward's argument name, where it differs from the node's)
+  output    - the model's output: a tensor, or a list of them (a tuple's; a dict's values, its keys under "names")
   quantize  - float → integer codes at (scale, zero_point), clamped to [qmin, qmax]
   qlayer    - integer conv/transposed conv/linear: packed weight codes, per-channel scales, int32 bias, requantization
   qembed    - embedding lookup of packed codes times their row's scale (float rows out)
@@ -80,16 +81,19 @@ class _Writer:
                 self.nodes.append({"name": node.name, **entry})
         return self.nodes, self.tensors
 
-    def _placeholder(self, node):
-        return {"op": "input"}
+    def _placeholder(self, node):  # forward's argument, where fx renamed the node (input → input_1)
+        return {"op": "input"} if node.target == node.name else {"op": "input", "argument": node.target}
 
     def _output(self, node):
         out = node.args[0]
-        if isinstance(out, dict) or (isinstance(out, (list, tuple)) and not all(isinstance(o, fx.Node) for o in out)):
-            raise QatkitError(f"the model returns {type(out).__name__} {out}; an integer model returns a tensor or a "
-                              "tuple of tensors. Fix: return a tuple of tensors (wrap the model in a module whose "
-                              "forward returns, e.g., tuple(outputs.values()))")
-        return {"op": "output", "args": [self.arg(out)]}
+        names = list(out) if isinstance(out, dict) else None
+        values = list(out.values()) if names is not None else out
+        if (not all(isinstance(o, fx.Node) for o in (values if isinstance(values, (list, tuple)) else [values]))
+                or not all(isinstance(k, str) for k in names or [])):
+            raise QatkitError(f"the model returns {type(out).__name__} {out}; an integer model returns a tensor, a "
+                              "tuple of tensors or a dict of tensors by name. Fix: return tensors only (leave None "
+                              "values out of a returned dict)")
+        return {"op": "output", "args": [self.arg(values)], **({"names": names} if names is not None else {})}
 
     def _get_attr(self, node):
         value = self._resolve(node.target)

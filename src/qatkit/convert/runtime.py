@@ -17,6 +17,8 @@ from qatkit import kernels
 from qatkit.convert import ops
 from qatkit.convert.ir import conv_pads
 from qatkit.convert.pack import unpack
+from qatkit.errors import DataError
+from qatkit.inputs import as_args
 from qatkit.primitives import quantize_codes
 
 
@@ -39,6 +41,11 @@ def _dequantize(v):
     if isinstance(v, (list, tuple)):
         return type(v)(_dequantize(x) for x in v)
     return v
+
+
+def output_list(output) -> list:
+    """A model's outputs in order: its one output, a tuple's or a dict's values."""
+    return list(output.values()) if isinstance(output, dict) else list(output) if isinstance(output, tuple) else [output]
 
 
 class IntegerModel(nn.Module):
@@ -75,12 +82,23 @@ class IntegerModel(nn.Module):
             return [self._arg(x, env) for x in a]
         return a
 
-    def forward(self, *inputs: torch.Tensor):
-        return self.values(*inputs)["output"]
+    @property
+    def input_names(self) -> list[str]:
+        """The inputs' names: the traced forward's arguments, in order."""
+        return [node.get("argument", node["name"]) for node in self.nodes if node["op"] == "input"]
+
+    def forward(self, *inputs: torch.Tensor, **named: torch.Tensor):
+        return self.values(*inputs, **named)["output"]
 
     @torch.no_grad()
-    def values(self, *inputs: torch.Tensor) -> dict:
-        """Every node's value (QValue, tensor, shape or number) by node name; the model's output under "output"."""
+    def values(self, *inputs: torch.Tensor, **named: torch.Tensor) -> dict:
+        """Every node's value (QValue, tensor, shape or number) by node name; the model's output under "output".
+        The inputs as the model's forward takes them: in order, or by name (input_names)."""
+        names = self.input_names
+        inputs = (*inputs, *as_args(named, names[len(inputs):])) if named else inputs
+        if len(inputs) != len(names):
+            raise DataError(f"the integer model takes {len(names)} inputs {names}; it was given {len(inputs)}. "
+                            "Fix: pass every input, in order or by name")
         env, feed = {}, iter(inputs)
         for node in self.nodes:
             op = node["op"]
@@ -88,7 +106,9 @@ class IntegerModel(nn.Module):
                 env[node["name"]] = next(feed)
             elif op == "output":
                 out = _dequantize(self._arg(node["args"][0], env))
-                env["output"] = tuple(out) if isinstance(out, list) else out  # several outputs: a tuple, as trained
+                if "names" in node:  # several outputs: a dict by name, or a tuple, as trained
+                    out = dict(zip(node["names"], out))
+                env["output"] = tuple(out) if isinstance(out, list) else out
                 return env
             elif op == "constant":
                 env[node["name"]] = self._arg(node["value"], env)

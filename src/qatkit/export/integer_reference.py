@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import reduce
 
@@ -507,6 +508,11 @@ class IntegerReference:
 
     def _execute(self, x, force: dict | None = None) -> dict:
         env, mine = dict(self.consts), {}
+        if isinstance(x, Mapping):
+            if sorted(x) != sorted(self.input_names):
+                raise bad_value("inputs by name", sorted(x), f"the graph's inputs {self.input_names}",
+                                "give each graph input under its name")
+            x = tuple(x[name] for name in self.input_names)
         for name, value in zip(self.input_names, x if isinstance(x, tuple) else (x,)):
             value = np.asarray(value)
             env[name] = value if value.dtype.kind in "iu" else value.astype(f32)  # token ids stay integers

@@ -17,7 +17,7 @@ from qatkit import kernels
 from qatkit.errors import QatkitError
 from qatkit.convert.ir import conv_pads
 from qatkit.convert.pack import unpack
-from qatkit.convert.runtime import IntegerModel, QValue
+from qatkit.convert.runtime import IntegerModel, QValue, output_list
 from qatkit.export.onnx_ops import Value, export_call
 from qatkit.export.ort_numerics import stored_weights, weight_zero_point
 from qatkit.inputs import as_args
@@ -35,7 +35,7 @@ def _codes(v):
 
 class _Exporter:
     def __init__(self, model: IntegerModel, example):
-        self.model, self.examples = model, as_args(example)
+        self.model, self.examples = model, as_args(example, model.input_names)
         self.shapes = {k: _codes(v) for k, v in model.values(*self.examples).items()}  # the example's values
         self._doubled: dict | None = None  # the values at twice the example's batch, once asked for
         self.nodes: list[onnx.NodeProto] = []
@@ -139,14 +139,15 @@ class _Exporter:
                 example = next(examples)
                 ids = not example.is_floating_point()  # token ids
                 elem = TensorProto.INT64 if ids else TensorProto.FLOAT
-                graph_inputs.append(helper.make_tensor_value_info(name, elem, ["batch", *example.shape[1:]]))
-                self.env[name] = Value(name, "int" if ids else "float")
-            elif op == "output":  # one output "output", or a tuple's as "output_0", "output_1", ...
+                argument = node.get("argument", name)  # forward's argument name: a dict input's key
+                graph_inputs.append(helper.make_tensor_value_info(argument, elem, ["batch", *example.shape[1:]]))
+                self.env[name] = Value(argument, "int" if ids else "float")
+            elif op == "output":  # one output "output", a tuple's as "output_0", "output_1", ..., a dict's by its keys
                 several = isinstance(node["args"][0], list)
                 results = node["args"][0] if several else [node["args"][0]]
-                values = self.shapes["output"] if several else [self.shapes["output"]]
+                values = output_list(self.shapes["output"])
                 for i, (result, value) in enumerate(zip(results, values)):
-                    out_name = f"output_{i}" if several else "output"
+                    out_name = node["names"][i] if "names" in node else f"output_{i}" if several else "output"
                     self.nodes.append(helper.make_node("Identity", [self.floats(self.resolve(result))], [out_name],
                                                        name=out_name))
                     outputs.append(helper.make_tensor_value_info(out_name, TensorProto.FLOAT, ["batch", *value.shape[1:]]))
@@ -312,9 +313,10 @@ class _Exporter:
 
 def export_onnx(model, path, example_input, *, debug_outputs: bool = False) -> list[str]:
     """Write `model` (an IntegerModel, or a QAT model to convert first) as a QDQ ONNX file; returns notes
-    on what could not be expressed with integer kernels. `example_input`: a tensor, or a tuple of the model's inputs
-    (their types and trailing sizes become the graph's inputs'). `debug_outputs` adds every integer tensor
-    as an output "debug/<node>" (for per-layer comparisons; such a graph fuses less)."""
+    on what could not be expressed with integer kernels. `example_input`: a tensor, a tuple of the model's inputs or a
+    dict of them by name (their types and trailing sizes become the graph's inputs', named as forward's arguments).
+    `debug_outputs` adds every integer tensor as an output "debug/<node>" (for per-layer comparisons; such a graph
+    fuses less)."""
     from qatkit.convert import convert
 
     integer = model if isinstance(model, IntegerModel) else convert(model)

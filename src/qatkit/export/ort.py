@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from qatkit.convert.runtime import IntegerModel, QValue
+from qatkit.convert.runtime import IntegerModel, QValue, output_list
 from qatkit.errors import ModelFileError
-from qatkit.inputs import as_args, batch_size, first
+from qatkit.inputs import as_args, batch_size, call, first, split
 
 
 def session(path: str | os.PathLike, threads: int = 2) -> ort.InferenceSession:
@@ -33,12 +33,13 @@ def session(path: str | os.PathLike, threads: int = 2) -> ort.InferenceSession:
 
 
 def _feed(sess: ort.InferenceSession, x) -> dict[str, np.ndarray]:
-    """The graph's inputs from x (a tensor, or a tuple of the model's inputs, in order)."""
-    return {i.name: t.numpy() for i, t in zip(sess.get_inputs(), as_args(x))}
+    """The graph's inputs from x (a tensor, a tuple of the model's inputs in order, or a dict of them by name)."""
+    names = [i.name for i in sess.get_inputs()]
+    return {name: t.numpy() for name, t in zip(names, as_args(x, names))}
 
 
 def run_all(sess: ort.InferenceSession, x) -> list[np.ndarray]:
-    """Every output of the model, in order ("output", or a tuple's "output_0", "output_1", ...)."""
+    """Every output of the model, in order ("output", a tuple's "output_0", "output_1", ..., or a dict's by key)."""
     return sess.run(None, _feed(sess, x))
 
 
@@ -50,7 +51,7 @@ def run(sess: ort.InferenceSession, x) -> np.ndarray:
 def output_steps(integer: IntegerModel, x) -> list[float | None]:
     """Each output's quantization step (its scale), or None for a float output."""
     result = next(n for n in integer.nodes if n["op"] == "output")["args"][0]
-    values = integer.values(*as_args(first(x)))
+    values = call(integer.values, first(x))
     return [float(v.scale) if isinstance(v := values[r["node"]], QValue) and v.scale.numel() == 1 else None
             for r in (result if isinstance(result, list) else [result])]
 
@@ -71,7 +72,7 @@ def per_layer(integer: IntegerModel, x) -> list[dict]:
         sess = session(path)
         names = [o.name for o in sess.get_outputs() if o.name.startswith("debug/")]
         outs = dict(zip(names, sess.run(names, _feed(sess, x))))
-    values, rows = integer.values(*as_args(x)), []
+    values, rows = call(integer.values, x), []
     for name in names:
         mine = values[name[len("debug/"):]]
         if not isinstance(mine, QValue):
@@ -87,7 +88,8 @@ def per_layer(integer: IntegerModel, x) -> list[dict]:
 
 def verify(onnx_path: str | os.PathLike, model, batches: Iterable, *, threads: int = 2) -> dict:
     """Run ONNX Runtime and qatkit's model (QAT or IntegerModel) on the same inputs and compare outputs; batches
-    are x or (x, y) items, x a tensor or a tuple of the model's inputs.
+    are x or (x, y) items, x a tensor, a tuple of the model's inputs or a dict of them by name (a dict batch's
+    "labels" are left out).
 
     Returns n (samples), top1_agreement (of the first output's predictions along its last axis: one per sample,
     or one per position of a sequence output), within_one_step (fraction of output values,
@@ -101,11 +103,11 @@ def verify(onnx_path: str | os.PathLike, model, batches: Iterable, *, threads: i
     n = agree = predictions = within = total = 0
     max_diff, steps, first_x = 0.0, None, None
     for batch in batches:
-        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        x, _ = split(batch)
         if first_x is None:
             first_x, steps = x, output_steps(integer, x)
-        mine = integer(*as_args(x))
-        mine = [m.numpy() for m in mine] if isinstance(mine, tuple) else [mine.numpy()]
+        mine = call(integer, x)
+        mine = [m.numpy() for m in output_list(mine)]
         theirs = run_all(sess, x)
         n += batch_size(x)
         same = mine[0].argmax(-1) == theirs[0].argmax(-1)  # top-1 of the first output

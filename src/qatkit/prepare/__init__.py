@@ -14,14 +14,15 @@ from qatkit.errors import DataError, QatkitError, bad_value
 from qatkit.prepare.concrete import concrete_trace
 from qatkit.prepare.decompose import decompose
 from qatkit.prepare.graph import WRAPPERS, PrepareInfo, prepare_graph
-from qatkit.prepare.modes import trace, train_only_ops
+from qatkit.prepare.modes import example_arguments, trace, train_only_ops
 from qatkit.prepare.rules import plan_layers
 from qatkit.prepare.swap import swap_layers
 
 __all__ = ["PrepareInfo", "prepare"]
 
 
-def prepare(model: nn.Module, config: QATConfig | None = None, example_inputs: tuple | torch.Tensor | None = None) -> nn.Module:
+def prepare(model: nn.Module, config: QATConfig | None = None,
+            example_inputs: tuple | dict | torch.Tensor | None = None) -> nn.Module:
     """Return the QAT form of `model` (the float model is left untouched).
 
     The model is traced with torch.fx in eval mode, the graph that is deployed (parameter-free submodules that
@@ -31,6 +32,11 @@ def prepare(model: nn.Module, config: QATConfig | None = None, example_inputs: t
     by module swap (a warning names it). The QAT model is in the float model's mode. Weight ranges are
     initialised here; activation ranges by `qatkit.calibrate` (or from the first batch). When
     `example_inputs` are given, one forward checks that they fit the model.
+
+    `example_inputs`: a tensor, a tuple of forward's first arguments, or a dict of its arguments by name
+    (`{"input_ids": ids, "attention_mask": mask, "use_cache": False}`). Its tensors are the graph's inputs; the other
+    arguments keep the dict's values that are not tensors, else their defaults, as fixed values (no inputs).
+    Without example inputs every argument of forward is an input of the graph.
     """
     config = QATConfig() if config is None else config
     if not isinstance(config, QATConfig):
@@ -41,12 +47,13 @@ def prepare(model: nn.Module, config: QATConfig | None = None, example_inputs: t
     device = module_device(model)  # built on the CPU (new quantizers start there), then moved to the model's device
     training = model.training
     model = decompose(copy.deepcopy(model).cpu()).eval()  # nn.MultiheadAttention & co. as Linear layers and tensor ops
+    arguments = None
     if example_inputs is not None:
-        check_inputs(model, example_inputs)  # a shape the float model refuses: the input's fault
+        given, defaults = example_arguments(model, example_inputs)
+        arguments = {k: a.cpu() if isinstance(a, torch.Tensor) else a for k, a in given.items()}, defaults
+        check_inputs(model, *arguments)  # a shape the float model refuses: the input's fault
     plans = plan_layers(model, config, tuple(WRAPPERS))
-    args = None if example_inputs is None else example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-    args = None if args is None else tuple(a.cpu() if isinstance(a, torch.Tensor) else a for a in args)
-    qat = _prepare_module(model, "", config, plans, info := PrepareInfo(), args).to(device).train(training)
+    qat = _prepare_module(model, "", config, plans, info := PrepareInfo(), arguments).to(device).train(training)
     qat.qat_info = info
     if info.untraced:
         warnings.warn(
@@ -72,7 +79,7 @@ def prepare(model: nn.Module, config: QATConfig | None = None, example_inputs: t
         shown = ", ".join(info.float_ops[:8]) + (f" and {len(info.float_ops) - 8} more" if len(info.float_ops) > 8 else "")
         warnings.warn(f"qatkit: {len(info.float_ops)} ops have no integer kernel and stay float: {shown} "
                       "(qatkit.describe lists them all)", stacklevel=2)
-    if example_inputs is not None and (error := _fails(qat, example_inputs)):
+    if arguments is not None and (error := _fails(qat, arguments[0])):
         parts = "; ".join(info.untraced) or info.traced_along_example or "the traced graph"
         raise QatkitError(f"the QAT model fails on the example input, which the float model runs ({error}): "
                           f"prepare's graph of {parts} does not compute what the model does. Fix: make the model "
@@ -93,11 +100,11 @@ def _size_hint(untraced: list[str]) -> str:
 
 
 def _prepare_module(module: nn.Module, prefix: str, config: QATConfig, plans, info: PrepareInfo,
-                    example_inputs: tuple | None = None) -> nn.Module:
-    """Trace and rewrite `module` (the root, given example inputs, along them if it branches on its
-    input); where tracing fails, recurse into its children."""
+                    arguments: tuple[dict, dict] | None = None) -> nn.Module:
+    """Trace and rewrite `module` (the root, given the example's arguments (modes.example_arguments), along them if
+    it branches on its input); where tracing fails, recurse into its children."""
     try:
-        gm = trace(module)
+        gm = trace(module, arguments)
         if extra := train_only_ops(module, gm.graph):
             info.train_only.append(f"'{prefix or type(module).__name__}' runs {', '.join(dict.fromkeys(extra))}")
     except Exception as e:  # fx raises many types (TraceError, TypeError, NotImplementedError...)
@@ -106,13 +113,13 @@ def _prepare_module(module: nn.Module, prefix: str, config: QATConfig, plans, in
             info.untraced.append(why)
             return swap_layers(module, prefix, config, plans, info, _prepare_module)
         try:
-            if example_inputs is None:
+            if arguments is None:
                 raise ValueError("no example_inputs were given to prepare to trace it along")
-            gm, decisions, checked = concrete_trace(module, example_inputs)
+            gm, decisions, checked = concrete_trace(module, arguments)
         except Exception as concrete_error:  # the model's own code may raise anything on proxies
             info.untraced.append(f"{why}, nor along the example input ({str(concrete_error).splitlines()[0][:200]})")
             return swap_layers(module, prefix, config, plans, info, _prepare_module)
-        shapes = ", ".join(str(tuple(a.shape)) for a in example_inputs if isinstance(a, torch.Tensor))
+        shapes = ", ".join(str(tuple(a.shape)) for a in arguments[0].values() if isinstance(a, torch.Tensor))
         info.traced_along_example = (f"qatkit: torch.fx could not trace {why}; traced along the example input "
                                      f"instead: {decisions} Python branches, asserts or loop counts follow the "
                                      f"example's shapes ({shapes}); the graph equals the model on batches of "
@@ -130,16 +137,16 @@ def _prepare_module(module: nn.Module, prefix: str, config: QATConfig, plans, in
     return gm
 
 
-def _fails(model: nn.Module, example_inputs) -> str | None:
-    """One eval forward on the example: None, or the first line of the error it raises."""
-    args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+def _fails(model: nn.Module, example: dict[str, object], fixed: dict[str, object] | None = None) -> str | None:
+    """One eval forward on the example (forward's arguments by name, and those `fixed` at a value): None, or the
+    first line of the error it raises."""
     device = module_device(model)
-    args = tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args)
+    example = {k: a.to(device) if isinstance(a, torch.Tensor) else a for k, a in example.items()}
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            model(*args)
+            model(**example, **(fixed or {}))
     except (RuntimeError, ValueError, IndexError, TypeError, AttributeError) as e:
         return str(e).splitlines()[0] if str(e) else type(e).__name__
     finally:
@@ -147,10 +154,10 @@ def _fails(model: nn.Module, example_inputs) -> str | None:
     return None
 
 
-def check_inputs(model: nn.Module, example_inputs) -> None:
+def check_inputs(model: nn.Module, example: dict[str, object], fixed: dict[str, object]) -> None:
     """Run one eval forward; a shape that does not fit becomes a DataError naming it."""
-    if error := _fails(model, example_inputs):
-        args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-        shapes = ", ".join(str(tuple(a.shape)) if isinstance(a, torch.Tensor) else type(a).__name__ for a in args)
+    if error := _fails(model, example, fixed):
+        shapes = ", ".join(str(tuple(a.shape)) if isinstance(a, torch.Tensor) else type(a).__name__
+                           for a in example.values())
         raise DataError(f"input of shape {shapes} does not fit the model ({error}). "
                         "Fix: pass inputs shaped as the model expects (check --dataset/--model)")

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import copy
 import functools
-import inspect
+import warnings
 
 import torch
 from torch import fx, nn
 from torch.fx import _symbolic_trace
 
-from qatkit.prepare.modes import LeafTracer
+from qatkit.prepare.modes import LeafTracer, drop_defaulted
 
 
 _SHAPE_METHODS = {"size", "dim", "numel", "ndimension"}
@@ -62,9 +62,9 @@ class ConcreteTracer(LeafTracer):
     """Buffers are graph values as in LeafTracer (a causal mask sliced by the input's length stays symbolic), and
     static: Python code may branch on them, the same way for every input."""
 
-    def __init__(self, shadow: nn.Module, example: dict[str, object]):
+    def __init__(self, shadow: nn.Module, example: dict[str, object], fixed: dict[str, object]):
         super().__init__()
-        self.shadow, self.example = shadow, example  # a copy of the root that computes the example's values
+        self.shadow, self.example, self.fixed = shadow, example, fixed  # shadow: a copy of the root, on the example
         self.values: dict[fx.Node, object] = {}
         self.static: set[fx.Node] = set()  # nodes computed from shapes, sizes, dtypes and constants only
         self.decisions = 0  # Python branches, asserts and loop counts taken from the example
@@ -101,8 +101,8 @@ class ConcreteTracer(LeafTracer):
         return proxy
 
     def _compute(self, kind: str, target, args, kwargs):
-        if kind == "placeholder":  # an input of the example, or an argument left to its default
-            return self.example[target] if target in self.example else args[0]
+        if kind == "placeholder":  # an input of the example, or a fixed argument (fx names it "<name>_<n>")
+            return self.example[target] if target in self.example else self.fixed.get(target.rsplit("_", 1)[0], args[0])
         if kind == "get_attr":
             return functools.reduce(getattr, target.split("."), self.shadow)
         if kind == "call_module":
@@ -118,52 +118,46 @@ class ConcreteTracer(LeafTracer):
         return iter([obj[i] for i in range(len(self.decide(obj, shape_only=False)))])
 
 
-def concrete_trace(module: nn.Module, example_inputs: tuple) -> tuple[fx.GraphModule, int, list[int]]:
-    """The module's graph along the example's control flow, how many decisions the example made, and the
-    batch sizes it was checked on.
+def concrete_trace(module: nn.Module, arguments: tuple[dict, dict]) -> tuple[fx.GraphModule, int, list[int]]:
+    """The module's graph along the example's control flow (`arguments`: modes.example_arguments' given inputs by
+    name and the arguments left to their defaults, which keep them: `if mask is None` decides), how many decisions
+    the example made, and the batch sizes it was checked on.
 
     Raises ValueError when the graph does not compute what the module does on the example, on its first
     sample alone and on the example twice over (a branch on the batch size, or on tensor values); a batch
     the model itself refuses (BatchNorm on one sample in training mode) is not checked."""
-    parameters = list(inspect.signature(module.forward).parameters.values())
-    names = [p.name for p in parameters[:len(example_inputs)]]
-    # the arguments the example leaves to their defaults (attention_mask=None) keep them: `if mask is None` decides
-    defaults = {p.name: p.default for p in parameters[len(example_inputs):] if p.default is not inspect.Parameter.empty}
-    tracer = ConcreteTracer(copy.deepcopy(module), dict(zip(names, example_inputs)))
+    example, defaults = arguments
+    tracer = ConcreteTracer(copy.deepcopy(module), example, defaults)
     originals = {name: getattr(torch, name) for name in FACTORIES + DECIDED}
     for name, fn in originals.items():
         setattr(torch, name, _recorded(tracer, fn) if name in FACTORIES else _decided(tracer, fn))
     try:
-        graph = tracer.trace(module, concrete_args=defaults or None)
+        with warnings.catch_warnings():  # fx cannot check a default that is not None, a bool or a number: it warns
+            warnings.filterwarnings("ignore", "Was not able to add assertion")
+            graph = tracer.trace(module, concrete_args=defaults or None)
     finally:
         for name, fn in originals.items():
             setattr(torch, name, fn)
-    # the arguments left to their defaults are no inputs of the graph: forward saw their values, and only the
-    # checks fx adds (the value is still the default) use their placeholders
-    defaulted = [n for n in graph.nodes if n.op == "placeholder" and n.target not in tracer.example]
-    checks = {n for n in graph.nodes if any(p in defaulted for p in n.all_input_nodes)}
-    while grown := {u for n in checks for u in n.users} - checks:
-        checks |= grown
-    for node in reversed(list(graph.nodes)):
-        if node in checks or node in defaulted:
-            graph.erase_node(node)
+    drop_defaulted(graph, example)
     gm = fx.GraphModule(module, graph, type(module).__name__)
     gm.graph.eliminate_dead_code(_in_place)  # the size arithmetic that only fed decisions
     gm.recompile()
     checked = []
-    for args in (example_inputs, tuple(a[:1] for a in example_inputs), tuple(torch.cat([a, a]) for a in example_inputs)):
+    for change in (lambda a: a, lambda a: a[:1], lambda a: torch.cat([a, a])):
+        args = {k: change(a) if isinstance(a, torch.Tensor) else a for k, a in example.items()}
+        size = len(next(a for a in args.values() if isinstance(a, torch.Tensor)))
         with torch.no_grad(), torch.random.fork_rng():
             torch.manual_seed(0)
             try:
-                expected = copy.deepcopy(module)(*args)
+                expected = copy.deepcopy(module)(**args, **defaults)
             except Exception:  # noqa: BLE001 - the model's own refusal of this batch size: nothing to compare
                 continue
             torch.manual_seed(0)
-            got = copy.deepcopy(gm)(*args)
+            got = copy.deepcopy(gm)(**args)
         if not _same(got, expected):
             raise ValueError(f"the graph traced along the example input differs from the model on a batch of "
-                             f"{len(args[0])} (its forward branches on the batch size or on tensor values)")
-        checked.append(len(args[0]))
+                             f"{size} (its forward branches on the batch size or on tensor values)")
+        checked.append(size)
     return gm, tracer.decisions, checked
 
 

@@ -9,13 +9,18 @@ mode-dependent code written inline, beside layers, is then left out of QAT: `tra
 """
 from __future__ import annotations
 
+import inspect
 import re
+import warnings
+from collections.abc import Collection, Mapping
 
+import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
 from qatkit.convert import ops
 from qatkit.convert.ops import graph_in_mode, own_parameter_free
+from qatkit.errors import DataError, bad_value
 
 _TENSOR_CONSTANT = re.compile(r"^_tensor_constant\d+$")
 
@@ -71,10 +76,57 @@ class LeafTracer(fx.Tracer):
         return self._dependent[id(m)]
 
 
-def trace(module: nn.Module) -> fx.GraphModule:
-    """fx.symbolic_trace with LeafTracer."""
-    graph = LeafTracer().trace(module)
+def trace(module: nn.Module, arguments: tuple[dict, dict] | None = None) -> fx.GraphModule:
+    """fx.symbolic_trace with LeafTracer. `arguments`: `example_arguments`' (given, defaults); the arguments the
+    example input leaves to their defaults (`attention_mask=None`, `labels=None`) keep them: forward's code sees those
+    values, and they are no inputs of the graph."""
+    given, defaults = arguments or ({}, {})
+    with warnings.catch_warnings():  # fx cannot check a default that is not None, a bool or a number: it warns
+        warnings.filterwarnings("ignore", "Was not able to add assertion")
+        graph = LeafTracer().trace(module, concrete_args=defaults or None)
+    if defaults:
+        drop_defaulted(graph, given)
     return fx.GraphModule(module, graph, type(module).__name__)
+
+
+def drop_defaulted(graph: fx.Graph, given: Collection[str]) -> None:
+    """Remove the placeholders of the arguments not `given` (left to their defaults: forward saw their values) and
+    the checks fx adds that use them (the value is still the default)."""
+    defaulted = [n for n in graph.nodes if n.op == "placeholder" and n.target not in given]
+    checks = {n for n in graph.nodes if any(p in defaulted for p in n.all_input_nodes)}
+    while grown := {u for n in checks for u in n.users} - checks:
+        checks |= grown
+    for node in reversed(list(graph.nodes)):
+        if node in checks or node in defaulted:
+            graph.erase_node(node)
+
+
+def example_arguments(module: nn.Module, example) -> tuple[dict[str, object], dict[str, object]]:
+    """The example input (a tensor, a tuple of forward's first arguments, or a dict of its arguments by name) by
+    forward's argument names: the graph's inputs; and the other arguments' values, which the graph keeps fixed: a
+    dict's values that are not tensors (`use_cache=False`, `return_dict=False`), else their defaults."""
+    parameters = {p.name: p for p in inspect.signature(module.forward).parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    fixed = {}
+    if isinstance(example, Mapping):
+        given = {k: v for k, v in example.items() if isinstance(v, torch.Tensor)}
+        fixed = {k: v for k, v in example.items() if k not in given}
+    else:
+        args = example if isinstance(example, tuple) else (example,)
+        positional = [n for n, p in parameters.items() if p.kind != p.KEYWORD_ONLY]
+        given = dict(zip(positional, args))
+        if len(args) > len(positional):
+            raise bad_value("example_inputs", f"{len(args)} inputs", f"at most {len(positional)}, the arguments of "
+                            f"{type(module).__name__}.forward{tuple(positional)}", "pass one example per argument",
+                            DataError)
+    missing = [n for n, p in parameters.items() if n not in given and n not in fixed and p.default is p.empty]
+    unknown = [n for n in (*given, *fixed) if n not in parameters]
+    if unknown or missing:
+        raise bad_value("example_inputs", [*given, *fixed], f"values for the arguments of {type(module).__name__}"
+                        f".forward{tuple(parameters)}, every one without a default among them (missing: "
+                        f"{missing or 'none'}; unknown: {unknown or 'none'})",
+                        "name the example's inputs as forward's arguments", DataError)
+    return given, {n: fixed.get(n, p.default) for n, p in parameters.items() if n not in given}
 
 
 def train_only_ops(module: nn.Module, eval_graph: fx.Graph | None = None) -> list[str]:

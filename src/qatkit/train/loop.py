@@ -52,8 +52,8 @@ _DIVERGED_FIX = ("lower --lr (now {lr:g}) or --scale-lr, add --warmup-epochs, or
 
 
 def evaluate(model: nn.Module, loader: Iterable, device: str | torch.device | None = None) -> dict[str, Any]:
-    """Accuracy and mean cross-entropy of `model` over (x, y) batches, in eval mode without grad, on `device`
-    (default: where the model's weights are)."""
+    """Accuracy and mean cross-entropy of `model` over (x, y) batches (or dicts of named inputs and "labels"), in
+    eval mode without grad, on `device` (default: where the model's weights are)."""
     correct, loss_sum, n = _eval_sums(model, loader, module_device(model) if device is None else device)
     return _eval_result(correct, loss_sum, n)
 
@@ -65,9 +65,10 @@ def _eval_sums(model: nn.Module, loader: Iterable, device: str | torch.device) -
     model.eval()
     correct, loss_sum, n = 0, 0.0, 0
     try:
-        for x, y in loader:
+        for batch in loader:
+            x, y = inputs.labelled(batch)
             x, y = inputs.to_device(x, device), y.to(device)
-            logits = inputs.call(model, x)
+            logits = logits_of(inputs.call(model, x))
             loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
             correct += (logits.argmax(1) == y).sum().item()
             n += y.shape[0]
@@ -157,6 +158,20 @@ def freeze_bn(model: nn.Module) -> None:
             m.eval()
 
 
+def logits_of(output) -> torch.Tensor:
+    """The logits a model returns: its output, the first of a tuple, or a dict's "logits" (Hugging Face's
+    `return_dict=False` and model outputs)."""
+    if isinstance(output, (tuple, list)) and output:
+        output = output[0]
+    elif isinstance(output, Mapping) and "logits" in output:
+        output = output["logits"]
+    if not isinstance(output, torch.Tensor):
+        shown = f"a dict of {list(output)}" if isinstance(output, Mapping) else type(output).__name__
+        raise bad_value("the model's output", shown, "a logits tensor, a tuple whose first item is one, or a dict with "
+                        "one under 'logits'", "return the logits (first), or under 'logits'", QatkitError)
+    return output
+
+
 def compute_loss(model: nn.Module, logits: torch.Tensor, y: torch.Tensor, teacher_logits: torch.Tensor | None,
                  config: TrainConfig, error_penalty: Mapping[str, float]) -> torch.Tensor:
     loss = F.cross_entropy(logits, y)
@@ -212,14 +227,15 @@ def train_epoch(model: nn.Module, loader: Iterable, optimizer, scheduler, config
                leave=False, dynamic_ncols=True)
     loss_sum, correct, n, skipped, lr = 0.0, 0, 0, 0, optimizer.param_groups[0]["lr"]
     try:
-        for step, (x, y) in enumerate(bar):
+        for step, batch in enumerate(bar):
+            x, y = inputs.labelled(batch)
             x, y = inputs.to_device(x, config.device), y.to(config.device)
             buffers = [b.detach().clone() for b in model.buffers()] if skip else None  # BN stats, put back on a skip
-            logits = inputs.call(net, x)
+            logits = logits_of(inputs.call(net, x))
             teacher_logits = None
             if teacher is not None:
                 with torch.no_grad():
-                    teacher_logits = inputs.call(teacher, x)
+                    teacher_logits = logits_of(inputs.call(teacher, x))
             scale = penalty_scale(config, epoch, step, steps)
             loss = compute_loss(model, logits, y, teacher_logits, config,
                                 {glob: lam * scale for glob, lam in error_penalty.items()})
@@ -364,7 +380,8 @@ def fit(model: nn.Module, train_loader: Iterable, config: TrainConfig, *, val_lo
         checkpoint_dir: str | Path | None = None, resume: bool = False) -> list[dict[str, Any]]:
     """Train `model` (float or QAT) in place for config.epochs; return the per-epoch history.
 
-    train_loader: re-iterable (x, y) batches with len(); its set_epoch(e) is called when it has one.
+    train_loader: re-iterable (x, y) batches (or dicts of the model's named inputs and "labels") with len(); its
+    set_epoch(e) is called when it has one.
     teacher: float model for distillation, used when config.distill > 0 (eval mode, no grad).
     error_penalty: {parameter glob: λ} for qatkit.regularize.quantization_error_penalty (over training as
     config.penalty_schedule says).
