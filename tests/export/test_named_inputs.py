@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import warnings
 from collections import OrderedDict
 
 import numpy as np
@@ -156,9 +157,12 @@ def test_an_argument_the_example_leaves_out_keeps_its_default_where_fx_traces_th
     torch.manual_seed(0)
     x, mask = torch.randn(3, 4), torch.rand(3, 4) > 0.5
     model = OptionalMask().eval()
-    without = qatkit.prepare(model, qatkit.QATConfig(), x)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        without = qatkit.prepare(model, qatkit.QATConfig(), x)
+        with_mask = qatkit.prepare(model, qatkit.QATConfig(), {"x": x, "mask": mask})
+    assert not [w for w in caught if "train()" in str(w.message)]  # masked_fill is not taken for training-only code
     assert [n.target for n in without.graph.nodes if n.op == "placeholder"] == ["x"]
-    with_mask = qatkit.prepare(model, qatkit.QATConfig(), {"x": x, "mask": mask})
     assert [n.target for n in with_mask.graph.nodes if n.op == "placeholder"] == ["x", "mask"]
     for qat, args in ((without, {"x": x}), (with_mask, {"x": x, "mask": mask})):
         qatkit.calibrate(qat, [args])

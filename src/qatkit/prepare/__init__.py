@@ -105,7 +105,7 @@ def _prepare_module(module: nn.Module, prefix: str, config: QATConfig, plans, in
     it branches on its input); where tracing fails, recurse into its children."""
     try:
         gm = trace(module, arguments)
-        if extra := train_only_ops(module, gm.graph):
+        if extra := train_only_ops(module, gm.graph, arguments):
             info.train_only.append(f"'{prefix or type(module).__name__}' runs {', '.join(dict.fromkeys(extra))}")
     except Exception as e:  # fx raises many types (TraceError, TypeError, NotImplementedError...)
         why = f"'{prefix or type(module).__name__}' ({type(e).__name__}: {str(e).splitlines()[0][:120]})"

@@ -9,6 +9,7 @@ mode-dependent code written inline, beside layers, is then left out of QAT: `tra
 """
 from __future__ import annotations
 
+import copy
 import inspect
 import re
 import warnings
@@ -25,13 +26,10 @@ from qatkit.errors import DataError, bad_value
 _TENSOR_CONSTANT = re.compile(r"^_tensor_constant\d+$")
 
 
-def _ops(module: nn.Module, training: bool, tracer: type[fx.Tracer] = fx.Tracer,
-         graph: fx.Graph | None = None) -> list[tuple[str, str, str]] | None:
-    """The (op, target, constant arguments) sequence of module's graph in that mode (`graph`: traced already);
-    None where it cannot be traced. F.dropout's arguments are left out: prepare makes it an nn.Dropout, which
-    follows the mode. Tensor constants count as one target: fx numbers them after those an earlier trace left on
-    the module."""
-    graph = graph or graph_in_mode(module, training, tracer)
+def _ops(graph: fx.Graph | None) -> list[tuple[str, str, str]] | None:
+    """The (op, target, constant arguments) sequence of a graph; None for None (code fx cannot trace). F.dropout's
+    arguments are left out: prepare makes it an nn.Dropout, which follows the mode. Tensor constants count as one
+    target: fx numbers them after those an earlier trace left on the module."""
     if graph is None:
         return None
     return [(n.op, _TENSOR_CONSTANT.sub("_tensor_constant", getattr(n.target, "__name__", str(n.target))),
@@ -41,7 +39,7 @@ def _ops(module: nn.Module, training: bool, tracer: type[fx.Tracer] = fx.Tracer,
 
 def mode_dependent(module: nn.Module) -> bool:
     """A parameter-free module of the model's own code whose forward runs other ops in train() than in eval()."""
-    return own_parameter_free(module) and _ops(module, True) != _ops(module, False)
+    return own_parameter_free(module) and _ops(graph_in_mode(module, True)) != _ops(graph_in_mode(module, False))
 
 
 class LeafTracer(fx.Tracer):
@@ -77,16 +75,28 @@ class LeafTracer(fx.Tracer):
 
 
 def trace(module: nn.Module, arguments: tuple[dict, dict] | None = None) -> fx.GraphModule:
-    """fx.symbolic_trace with LeafTracer. `arguments`: `example_arguments`' (given, defaults); the arguments the
-    example input leaves to their defaults (`attention_mask=None`, `labels=None`) keep them: forward's code sees those
-    values, and they are no inputs of the graph."""
-    given, defaults = arguments or ({}, {})
-    with warnings.catch_warnings():  # fx cannot check a default that is not None, a bool or a number: it warns
+    """fx.symbolic_trace with LeafTracer. `arguments`: `example_arguments`' (given, fixed); the arguments the
+    example input does not give keep fixed values (`attention_mask=None`, `use_cache=False`): forward's code sees
+    them, and they are no inputs of the graph."""
+    return fx.GraphModule(module, _graph(module, arguments), type(module).__name__)
+
+
+def _graph(module: nn.Module, arguments: tuple[dict, dict] | None) -> fx.Graph:
+    given, fixed = arguments or ({}, {})
+    with warnings.catch_warnings():  # fx cannot check a fixed value that is not None, a bool or a number: it warns
         warnings.filterwarnings("ignore", "Was not able to add assertion")
-        graph = LeafTracer().trace(module, concrete_args=defaults or None)
-    if defaults:
+        graph = LeafTracer().trace(module, concrete_args=fixed or None)
+    if fixed:
         drop_defaulted(graph, given)
-    return fx.GraphModule(module, graph, type(module).__name__)
+    return graph
+
+
+def _traced(module: nn.Module, training: bool, arguments: tuple[dict, dict] | None) -> fx.Graph | None:
+    """The graph of a copy of module in that mode, as `trace` traces it; None where fx cannot trace it."""
+    try:
+        return _graph(copy.deepcopy(module).train(training), arguments)
+    except Exception:  # noqa: BLE001 - fx raises many types on code it cannot trace
+        return None
 
 
 def drop_defaulted(graph: fx.Graph, given: Collection[str]) -> None:
@@ -129,12 +139,13 @@ def example_arguments(module: nn.Module, example) -> tuple[dict[str, object], di
     return given, {n: fixed.get(n, p.default) for n, p in parameters.items() if n not in given}
 
 
-def train_only_ops(module: nn.Module, eval_graph: fx.Graph | None = None) -> list[str]:
+def train_only_ops(module: nn.Module, eval_graph: fx.Graph | None = None,
+                   arguments: tuple[dict, dict] | None = None) -> list[str]:
     """What module's own code (mode-dependent submodules kept as calls) runs in train() but not in eval() (its
-    eval-mode graph from `trace`, where the caller has it): the targets of the ops only its train-mode graph has,
-    else those it calls with other arguments (SDPA's dropout_p, functional batch_norm's training); ["code fx cannot
-    trace"] where only eval mode traces."""
-    train, evaluation = _ops(module, True, LeafTracer), _ops(module, False, LeafTracer, eval_graph)
+    eval-mode graph from `trace`, where the caller has it, traced with `arguments`): the targets of the ops only its
+    train-mode graph has, else those it calls with other arguments (SDPA's dropout_p, functional batch_norm's
+    training); ["code fx cannot trace"] where only eval mode traces."""
+    train, evaluation = _ops(_traced(module, True, arguments)), _ops(eval_graph or _traced(module, False, arguments))
     if evaluation is None or train == evaluation:
         return []
     if train is None:
