@@ -230,8 +230,8 @@ def aggregate(runs: list[dict], step: dict | None, lat: dict | None) -> list[dic
 
 
 def machine_info() -> dict:
-    return {"cpu": machine(), "threads": THREADS, "torch": torch.__version__, "onnxruntime": ort.__version__,
-            "python": platform.python_version()}
+    return {"cpu": machine(), "cpu_capability": torch.backends.cpu.get_cpu_capability(), "threads": THREADS,
+            "torch": torch.__version__, "onnxruntime": ort.__version__, "python": platform.python_version()}
 
 
 def write(path: Path, results: dict) -> None:

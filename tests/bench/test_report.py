@@ -199,6 +199,23 @@ def test_gpu_section(tmp_path):
     assert "## Training step on a GPU" not in report.write_benchmarks(CIFAR, tmp_path / "C.md", tmp_path / "p").read_text()
 
 
+def test_cpu_steps_section(tmp_path):
+    """bench/step_times.py's file from another CPU: each task's table, and the ResNet-20 step-ratio limit judged there
+    (the acceptance checks stay the suite's machine's)."""
+    def steps(qat_ratio):
+        return {"batch": 64, "threads": 2, "rounds": 21, "median_ms": {"float": 80.0, "qat-w4a4": 80.0 * qat_ratio},
+                "ratio_to_float": {"qat-w4a4": qat_ratio, "torch.ao-qat-w8a8": 1.73}}
+    files = [{"machine": {**MACHINE, "cpu": f"CPU {i}", "cpu_capability": "AVX512"}, "step_times": {C: steps(r)}}
+             for i, r in enumerate((1.27, 1.34))]
+    md = report.write_benchmarks(CIFAR, tmp_path / "B.md", tmp_path / "plots", cpu_steps=files).read_text()
+    section = md.split("## Training step on other CPUs")[1].split("\n## ")[0]
+    first, second = section.split("### CPU 0, AVX512 (torch 2.x)")[1].split("### CPU 1, AVX512 (torch 2.x)")
+    assert "| qat-w4a4 | 101.60 | 1.27 |" in first and "| qat-w4a4 | 107.20 | 1.34 |" in second
+    assert "Largest QAT ratio 1.27 (qat-w4a4; limit 1.30: met), torch.ao 1.73." in first
+    assert "Largest QAT ratio 1.34 (qat-w4a4; limit 1.30: **missed**), torch.ao 1.73." in second
+    assert "## Training step on other CPUs" not in report.write_benchmarks(CIFAR, tmp_path / "C.md", tmp_path / "p").read_text()
+
+
 def test_missing_agreement_file(tmp_path, capsys):
     missing = tmp_path / "deploy_agreement.json"
     suite = tmp_path / "suite.json"
