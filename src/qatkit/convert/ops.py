@@ -25,6 +25,15 @@ def topk(x: torch.Tensor, k: int, dim: int = -1, largest: bool = True, sorted: b
     return torch.return_types.topk((values.narrow(dim, 0, k), indices.narrow(dim, 0, k)))
 
 
+def setitem(x: torch.Tensor, value, *index) -> torch.Tensor:
+    """x with x[index] = value, as a new tensor: `x[index] = value` on a tensor made in forward, made functional
+    (Hugging Face's Swin: `img_mask[:, h, w, :] = count` for its shifted-window mask). The index is the items of a
+    tuple index, so that the integer model's file (which holds tuples as lists) cannot confuse it with a list of ints."""
+    y = x.clone()
+    y[index] = value
+    return y
+
+
 _FUNCTIONS = [
     operator.add, operator.sub, operator.mul, operator.truediv, operator.matmul, operator.getitem, operator.neg,
     operator.iadd, operator.ne, operator.eq, operator.lt, operator.le, operator.gt, operator.ge, operator.and_,
@@ -45,6 +54,7 @@ _FUNCTIONS = [
     F.channel_shuffle, torch.unflatten, F.adaptive_max_pool1d, F.adaptive_max_pool2d, torch.meshgrid,
     F.conv3d, F.conv_transpose3d, F.max_pool3d, F.avg_pool3d, F.adaptive_avg_pool3d,
     torch.max, torch.min, torch.amax, torch.amin, torch.cumsum, torch.argmax, torch.argmin, topk, torch.abs, torch.log,
+    setitem,
 ]
 FUNCTIONS = {f"{getattr(fn, '__module__', None) or 'builtins'}.{fn.__name__}": fn for fn in _FUNCTIONS}
 NAME_OF = {fn: name for name, fn in FUNCTIONS.items()}

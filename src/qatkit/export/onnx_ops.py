@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass
+from functools import reduce
 
 import numpy as np
 from onnx import TensorProto
@@ -87,6 +88,8 @@ def export_call(ex, node: dict) -> Value:
         return _size(ex, x, args[1]) if len(args) > 1 else Value(ex.op("Shape", [x.name], "shape"), "shape")
     if short == "getitem":
         return x[args[1]] if isinstance(x, list) else _getitem(ex, x, args[1], rank)
+    if short == "setitem":  # ops.setitem(x, value, *index)
+        return _setitem(ex, x, args[1], args[2:], rank, name)
     if short in ("argmax", "argmin"):  # (CLIP's end-of-text token: text.argmax(dim=-1)) the first extreme position
         dim, keep = _arg(args, kwargs, 1, "dim", None), int(bool(_arg(args, kwargs, 2, "keepdim", False)))
         src = x.name if x.kind in ("quant", "int") else ex.floats(x)
@@ -409,6 +412,44 @@ def _getitem(ex, x: Value, index, rank) -> Value:
     if new_axes:
         out = ex.op("Unsqueeze", [out, ex.const("axes", np.array(new_axes, np.int64))], "new_axis")
     return Value(out, x.kind, x.scale, x.zero_point)
+
+
+def _setitem(ex, x: Value, value, items: list, rank: int, name: str) -> Value:
+    """x with x[items] = value (ops.setitem; Hugging Face's Swin mask): Where(mask, value, x), the mask the product of
+    one test per indexed axis on its positions (start <= p < stop for a slice, p == i for an int; negative bounds
+    count from the end, out-of-range ones clamp, as in Python)."""
+    if type(value) not in (int, float, bool) or items.count(Ellipsis) > 1 or not all(
+            i is Ellipsis or type(i) is int or (isinstance(i, slice) and i.step in (None, 1)) for i in items):
+        raise QatkitError(f"x[{items!r}] = {value!r} has no ONNX form in qatkit. Fix: assign a number to items "
+                          "indexed by ints, slices (step 1) and one ..., or build the tensor with torch.where")
+    if Ellipsis in items:
+        at = items.index(Ellipsis)
+        items = items[:at] + [slice(None)] * (rank - len(items) + 1) + items[at + 1:]
+
+    def bound(b, size: Value) -> str:  # a position from the start
+        if type(b) is int:
+            return ex.op("Add", [size.name, _i(ex, b)], "from_end") if b < 0 else _i(ex, b)
+        negative = ex.op("Less", [b.name, _i(ex, 0)], "negative")
+        return ex.op("Where", [negative, ex.op("Add", [size.name, b.name], "from_end"), b.name], "bound")
+
+    tests = []
+    for axis, i in enumerate(items):
+        if i == slice(None):
+            continue
+        size = _size(ex, x, axis)
+        positions = ex.op("Range", [_i(ex, 0), size.name, _i(ex, 1)], "positions")
+        if type(i) is int:
+            test = ex.op("Equal", [positions, bound(i, size)], "at")
+        else:
+            test = ex.op("GreaterOrEqual", [positions, bound(i.start or 0, size)], "from")
+            if i.stop is not None:
+                test = ex.op("And", [test, ex.op("Less", [positions, bound(i.stop, size)], "to")], "within")
+        others = [a for a in range(rank) if a != axis]
+        tests.append(ex.op("Unsqueeze", [test, ex.const("axes", np.array(others, np.int64))], "on_axis") if others else test)
+    mask = reduce(lambda a, b: ex.op("And", [a, b], "mask"), tests) if tests else ex.const("all", np.array(True))
+    src, kind = (ex.floats(x), "float") if x.kind == "quant" else (x.name, _kind(x))
+    fill = ex.const("value", np.array(value, {"float": np.float32, "int": np.int64, "bool": np.bool_}[kind]))
+    return Value(ex.op("Where", [mask, fill, src], name), kind)
 
 
 def _i(ex, v) -> str:

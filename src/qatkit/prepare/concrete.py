@@ -18,7 +18,7 @@ import torch
 from torch import fx, nn
 from torch.fx import _symbolic_trace
 
-from qatkit.prepare.modes import LeafTracer, drop_defaulted
+from qatkit.prepare.modes import LeafTracer, Proxy, drop_defaulted
 
 
 _SHAPE_METHODS = {"size", "dim", "numel", "ndimension"}
@@ -50,7 +50,7 @@ class _Concrete:
         return _ShadowAttribute(self, k)
 
 
-class _ShadowProxy(_Concrete, fx.Proxy):
+class _ShadowProxy(_Concrete, Proxy):
     pass
 
 

@@ -57,7 +57,7 @@ SHAPE_OPS = {getattr, "size", "dim"}  # shape arithmetic, not tensor compute
 # (x.ne(y) and torch.ne(x, y) are respelled x != y first: _Rewriter._respell)
 MASK_FUNCTIONS = {operator.eq, operator.ne, operator.lt, operator.le, operator.gt, operator.ge, operator.invert,
                   operator.and_, operator.or_, torch.logical_not, torch.tril, torch.triu, torch.where, torch.meshgrid,
-                  torch.cumsum, torch.argmax, torch.argmin}
+                  torch.cumsum, torch.argmax, torch.argmin, ops.setitem}
 MASK_METHODS = {"logical_not", "float", "long", "int", "bool", "to", "type_as", "tril", "triu", "cumsum", "argmax",
                 "argmin"}
 COMPARISONS = {name: getattr(torch, name) for name in ("eq", "ne", "lt", "le", "gt", "ge")}  # method: function
@@ -248,7 +248,7 @@ class _Rewriter:
         x.type(dtype) as x.to(dtype) (GPT-2), x.expand_as(y) as x.expand(y.size()) (DistilBERT), torch.bmm as @
         (BART), x.ne(y) and torch.ne(x, y) as x != y (RoBERTa); an in-place method on a tensor made in forward as
         its functional form, whose result later uses read (BART's causal mask: `mask.masked_fill_(cond, 0)` after
-        `torch.full`)."""
+        `torch.full`), and so an item assignment, `x[index] = value`, as ops.setitem (Hugging Face's Swin mask)."""
         g, method = self.graph, node.target if node.op == "call_method" else None
         if node.target is torch.topk or method == "topk":
             node.op, node.target = "call_function", ops.topk
@@ -262,10 +262,15 @@ class _Rewriter:
             node.op, node.target = "call_function", operator.matmul
         elif method in COMPARISONS or node.target in COMPARISONS.values():  # ids.ne(pad) (RoBERTa's positions)
             node.op, node.target = "call_function", getattr(operator, method or node.target.__name__)
-        elif method and method.endswith("_") and method[:-1] in ops.METHODS and self._made_here(node.args[0]):
+        elif ((method and method.endswith("_") and method[:-1] in ops.METHODS) or node.target is operator.setitem) \
+                and self._made_here(node.args[0]):
             order = {n: i for i, n in enumerate(g.nodes)}
             node.args[0].replace_all_uses_with(node, delete_user_cb=lambda user: order[user] > order[node])
-            node.target = method[:-1]
+            if node.target is operator.setitem:  # x[index] = value: ops.setitem(x, value, *index)
+                x, index, value = node.args
+                node.target, node.args = ops.setitem, (x, value, *(index if isinstance(index, tuple) else (index,)))
+            else:
+                node.target = method[:-1]
             self.functionalized.add(node)
 
     def _made_here(self, x) -> bool:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import operator
 import re
 import warnings
 from collections.abc import Collection, Mapping
@@ -42,6 +43,14 @@ def mode_dependent(module: nn.Module) -> bool:
     return own_parameter_free(module) and _ops(graph_in_mode(module, True)) != _ops(graph_in_mode(module, False))
 
 
+class Proxy(fx.Proxy):
+    """A proxy that records item assignment, `x[index] = value`, as an operator.setitem node (fx refuses it); prepare
+    makes it functional where x is a tensor made in forward (Hugging Face's Swin builds its shifted-window mask so)."""
+
+    def __setitem__(self, index, value) -> None:
+        self.tracer.create_proxy("call_function", operator.setitem, (self, index, value), {})
+
+
 class LeafTracer(fx.Tracer):
     """fx's tracer, keeping mode-dependent parameter-free submodules as calls (they follow train()/eval()).
     Buffers are graph values too (get_attr), so `self.mask[:, :T]` or a rotary cache `self.cos[:T]` sliced by an
@@ -52,6 +61,9 @@ class LeafTracer(fx.Tracer):
     def __init__(self):
         super().__init__()
         self._dependent: dict[int, bool] = {}
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return Proxy(node, self)
 
     def call_module(self, m: nn.Module, forward, args, kwargs):
         """A module made inside forward (Hugging Face's DistilBERT: `nn.ReLU()(x)`) is no submodule of the model:
