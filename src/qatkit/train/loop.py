@@ -42,6 +42,7 @@ from qatkit.train.oscillation import OscillationTracker
 from qatkit.train.signals import StopOnSignal, TrainingInterrupted, signal_name  # noqa: F401 (re-exported)
 
 CHECKPOINT_NAME = "last.ckpt"
+IGNORE_INDEX = -100  # a target that counts nowhere: PyTorch's cross-entropy default, Hugging Face's padding label
 # Default quantizer-parameter lr relative to the weights' lr. Adam moves every parameter by about lr per
 # step whatever its gradient, and step sizes (~1e-3..1e-1) are far smaller than the unit scale of weights.
 SCALE_LR_RATIO = 0.01
@@ -53,7 +54,8 @@ _DIVERGED_FIX = ("lower --lr (now {lr:g}) or --scale-lr, add --warmup-epochs, or
 
 def evaluate(model: nn.Module, loader: Iterable, device: str | torch.device | None = None) -> dict[str, Any]:
     """Accuracy and mean cross-entropy of `model` over (x, y) batches (or dicts of named inputs and "labels"), in
-    eval mode without grad, on `device` (default: where the model's weights are)."""
+    eval mode without grad, on `device` (default: where the model's weights are); n: the targets counted (samples,
+    or positions of sequences and dense predictions, those labelled -100 left out: per_target)."""
     correct, loss_sum, n = _eval_sums(model, loader, module_device(model) if device is None else device)
     return _eval_result(correct, loss_sum, n)
 
@@ -68,10 +70,10 @@ def _eval_sums(model: nn.Module, loader: Iterable, device: str | torch.device) -
         for batch in loader:
             x, y = inputs.labelled(batch)
             x, y = inputs.to_device(x, device), y.to(device)
-            logits = logits_of(inputs.call(model, x))
-            loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
-            correct += (logits.argmax(1) == y).sum().item()
-            n += y.shape[0]
+            logits, y = per_target(logits_of(inputs.call(model, x)), y)
+            loss_sum += F.cross_entropy(logits, y, reduction="sum", ignore_index=IGNORE_INDEX).item()
+            hits, counted = _hits(logits, y)
+            correct, n = correct + hits, n + counted
     finally:
         model.train(was_training)
     return correct, loss_sum, n
@@ -172,10 +174,35 @@ def logits_of(output) -> torch.Tensor:
     return output
 
 
+def per_target(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and targets as F.cross_entropy takes them: one target per sample, (N, C) and (N,); one per position of
+    a sequence, (B, T, C) and (B, T), classes last as sequence models give them (token classification, language
+    modelling), flattened to (B·T, C) and (B·T,); dense predictions with classes on axis 1, (B, C, H, W) and
+    (B, H, W), as they are. Targets of IGNORE_INDEX (-100: Hugging Face's padding and special tokens) count nowhere."""
+    if logits.dim() == 3:
+        if y.shape != logits.shape[:-1]:
+            raise bad_value("targets", f"a tensor of shape {tuple(y.shape)}", f"shape {tuple(logits.shape[:-1])}: one "
+                            f"class index per position of the model's (batch, positions, classes) logits "
+                            f"{tuple(logits.shape)}", "give one target per position (-100 where there is none)",
+                            DataError)
+        return logits.reshape(-1, logits.shape[-1]), y.reshape(-1)
+    return logits, y
+
+
+def _hits(logits: torch.Tensor, y: torch.Tensor) -> tuple[int, int]:
+    """(right predictions, targets counted) of per_target's logits and targets."""
+    counted = y != IGNORE_INDEX
+    return int(((logits.argmax(1) == y) & counted).sum()), int(counted.sum())
+
+
 def compute_loss(model: nn.Module, logits: torch.Tensor, y: torch.Tensor, teacher_logits: torch.Tensor | None,
                  config: TrainConfig, error_penalty: Mapping[str, float]) -> torch.Tensor:
-    loss = F.cross_entropy(logits, y)
+    """Cross-entropy (per sample, or per position: per_target), distillation, the quantization-error penalty."""
+    shape = logits.shape
+    logits, y = per_target(logits, y)
+    loss = F.cross_entropy(logits, y, ignore_index=IGNORE_INDEX)
     if teacher_logits is not None:  # Hinton et al. 2015: (1-d)·CE + d·T²·KL(p_teacher || p_student)
+        teacher_logits = teacher_logits.reshape(logits.shape) if len(shape) == 3 else teacher_logits
         t = config.temperature
         kl = F.kl_div(F.log_softmax(logits / t, dim=1), F.log_softmax(teacher_logits / t, dim=1),
                       reduction="batchmean", log_target=True)
@@ -257,9 +284,8 @@ def train_epoch(model: nn.Module, loader: Iterable, optimizer, scheduler, config
                 optimizer.step()
                 if tracker is not None:
                     tracker.update()
-                loss_sum += loss_value * y.shape[0]
-                correct += (logits.argmax(1) == y).sum().item()
-                n += y.shape[0]
+                hits, counted = _hits(*per_target(logits.detach(), y))
+                loss_sum, correct, n = loss_sum + loss_value * counted, correct + hits, n + counted
             elif not skip:
                 raise QatkitError(f"training diverged: {fault} at {where(step)}; allowed: {allowed}. "
                                   f"Fix: {_DIVERGED_FIX.format(lr=config.lr)}, or set train.nonfinite: skip "

@@ -1,0 +1,89 @@
+"""fit and evaluate with one target per position: sequence models' (batch, positions, classes) logits against
+(batch, positions) targets (token classification, language modelling), positions labelled -100 (Hugging Face's
+padding label) left out of the loss, the accuracy and the count; distillation per position."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import qatkit
+from qatkit.errors import DataError
+from qatkit.train.loop import compute_loss, per_target
+
+V, T, CLASSES = 20, 8, 3
+
+
+class Tagger(nn.Module):
+    def __init__(self, classes: int = CLASSES):
+        super().__init__()
+        self.embed, self.fc = nn.Embedding(V, 16), nn.Linear(16, classes)
+
+    def forward(self, ids):
+        return self.fc(torch.relu(self.embed(ids)))
+
+
+def _tagged(n: int = 256, size: int = 32):
+    """Each token's class is its id mod 3; the padding (id 0, from a random length on) is labelled -100."""
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, V, (n, T), generator=gen)
+    lengths = torch.randint(2, T + 1, (n,), generator=gen)
+    pad = torch.arange(T)[None, :] >= lengths[:, None]
+    ids[pad] = 0
+    labels = torch.where(pad, torch.full_like(ids, -100), ids % CLASSES)
+    return [(ids[i:i + size], labels[i:i + size]) for i in range(0, n, size)], int((~pad).sum())
+
+
+def test_token_classification_trains_and_counts_the_labelled_positions_only():
+    torch.manual_seed(0)
+    batches, labelled = _tagged()
+    qat = qatkit.prepare(Tagger(), qatkit.QATConfig(weight_bits=4, act_bits=4), batches[0][0])
+    qatkit.calibrate(qat, batches, num_batches=2)
+    history = qatkit.fit(qat, batches, qatkit.TrainConfig(epochs=8, lr=1e-2, progress=False))
+    result = qatkit.evaluate(qat, batches)
+    assert result["n"] == labelled  # the -100 positions are not counted
+    assert result["accuracy"] > 0.9 and history[-1]["train_acc"] > history[0]["train_acc"] + 0.3, (result, history)
+    # the same sums from the logits by hand, in float64
+    with torch.no_grad():
+        qat.eval()
+        logits = torch.cat([qat(x) for x, _ in batches]).double()
+        y = torch.cat([y for _, y in batches])
+    keep = y != -100
+    assert result["loss"] == pytest.approx(float(F.cross_entropy(logits[keep], y[keep])), rel=1e-5)
+    assert result["accuracy"] == pytest.approx(float((logits[keep].argmax(-1) == y[keep]).double().mean()), abs=1e-12)
+    integer = qatkit.convert(qat)
+    assert qatkit.evaluate(integer, batches) == result  # the integer model, bit for bit
+
+
+def test_next_token_prediction_trains_with_fit():
+    """A language model's targets are its inputs shifted by one: here the next id is (id + 1) mod V."""
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(1)
+    starts = torch.randint(0, V, (256, 1), generator=gen)
+    ids = (starts + torch.arange(T + 1)) % V
+    batches = [(ids[i:i + 32, :-1], ids[i:i + 32, 1:]) for i in range(0, 256, 32)]
+    qat = qatkit.prepare(Tagger(classes=V), qatkit.QATConfig(), batches[0][0])
+    qatkit.calibrate(qat, batches, num_batches=2)
+    qatkit.fit(qat, batches, qatkit.TrainConfig(epochs=10, lr=1e-2, progress=False))
+    result = qatkit.evaluate(qat, batches)
+    assert result["n"] == 256 * T and result["accuracy"] > 0.97, result
+
+
+def test_distillation_per_position_is_the_mean_over_positions_of_the_kl():
+    torch.manual_seed(0)
+    logits, teacher = torch.randn(4, T, CLASSES, dtype=torch.float64), torch.randn(4, T, CLASSES, dtype=torch.float64)
+    y = torch.randint(0, CLASSES, (4, T))
+    config = qatkit.TrainConfig(distill=0.5, temperature=2.0)
+    got = compute_loss(nn.Identity(), logits, y, teacher, config, {})
+    p_t = torch.softmax(teacher / 2, -1)
+    kl = (p_t * (torch.log(p_t) - torch.log_softmax(logits / 2, -1))).sum(-1).mean()  # over the 32 positions
+    ce = -torch.log_softmax(logits, -1).gather(-1, y[..., None]).mean()
+    assert float(got) == pytest.approx(float(0.5 * ce + 0.5 * 4 * kl), rel=1e-12)
+
+
+def test_targets_that_do_not_match_sequence_logits_are_refused_with_the_fix():
+    with pytest.raises(DataError, match=r"^targets = 'a tensor of shape \(4,\)' is not allowed; allowed: shape "
+                                        r"\(4, 8\): one class index per position of the model's \(batch, positions, "
+                                        r"classes\) logits \(4, 8, 3\)\. Fix: give one target per position"):
+        per_target(torch.randn(4, T, CLASSES), torch.zeros(4, dtype=torch.long))
