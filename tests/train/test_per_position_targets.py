@@ -87,3 +87,23 @@ def test_targets_that_do_not_match_sequence_logits_are_refused_with_the_fix():
                                         r"\(4, 8\): one class index per position of the model's \(batch, positions, "
                                         r"classes\) logits \(4, 8, 3\)\. Fix: give one target per position"):
         per_target(torch.randn(4, T, CLASSES), torch.zeros(4, dtype=torch.long))
+
+
+def test_dense_predictions_count_every_pixel():
+    """(B, C, H, W) logits against (B, H, W) labels, classes on axis 1 as PyTorch's cross-entropy takes them: each
+    pixel is a target (the class of a pixel: is it brighter than 0?)."""
+    torch.manual_seed(0)
+    x = torch.randn(64, 1, 6, 6)
+    y = (x[:, 0] > 0).long()
+    y[:, 0, 0] = -100  # a pixel without a label
+    batches = [(x[i:i + 16], y[i:i + 16]) for i in range(0, 64, 16)]
+    qat = qatkit.prepare(nn.Conv2d(1, 2, 1), qatkit.QATConfig(), x[:1])
+    qatkit.calibrate(qat, batches)
+    qatkit.fit(qat, batches, qatkit.TrainConfig(epochs=5, lr=5e-2, progress=False))
+    result = qatkit.evaluate(qat, batches)
+    with torch.no_grad():
+        logits = qat.eval()(x).double()
+    keep = y != -100
+    assert result["n"] == 64 * 35
+    assert result["accuracy"] == pytest.approx(float((logits.argmax(1) == y)[keep].double().mean()), abs=1e-12)
+    assert result["accuracy"] > 0.85
