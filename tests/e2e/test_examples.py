@@ -28,3 +28,11 @@ def test_seed_mlp_example(tmp_path):
     assert "integer model equals the QAT model: True" in out
     first, last = map(float, re.search(r"loss ([0-9.]+) → ([0-9.]+)", out).groups())
     assert last < first
+
+
+def test_named_inputs_example(tmp_path):
+    out = _run("named_inputs.py", tmp_path)
+    acc = {m: float(v) for m, v in re.findall(r"^(float|QAT W8A8|integer)\s+([0-9.]+)", out, re.M)}
+    assert acc["float"] > 0.95 and acc["QAT W8A8"] > 0.95 and acc["integer"] == acc["QAT W8A8"]
+    assert "integer model inputs: ['input_ids', 'attention_mask']" in out
+    assert "top-1 agreement 1.0000, within one step 1.0000" in out
