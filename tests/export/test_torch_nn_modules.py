@@ -13,7 +13,7 @@ from qatkit.errors import QatkitError
 
 MODULES = {
     "ELU": lambda: nn.ELU(0.7), "SELU": nn.SELU, "CELU": lambda: nn.CELU(1.3), "Softplus": lambda: nn.Softplus(2.0, 3.0),
-    "Mish": nn.Mish, "PReLU": lambda: nn.PReLU(8, 0.2), "LogSigmoid": nn.LogSigmoid, "Softsign": nn.Softsign,
+    "Mish": nn.Mish, "PReLU": lambda: nn.PReLU(8, 0.2), "RReLU": lambda: nn.RReLU(0.1, 0.3), "LogSigmoid": nn.LogSigmoid, "Softsign": nn.Softsign,
     "Tanhshrink": nn.Tanhshrink, "GELU(approximate='tanh')": lambda: nn.GELU(approximate="tanh"), "Hardshrink": lambda: nn.Hardshrink(0.3), "Softshrink": lambda: nn.Softshrink(0.3),
     "Threshold": lambda: nn.Threshold(0.1, -0.5), "GLU": lambda: nn.GLU(1), "LogSoftmax": lambda: nn.LogSoftmax(1),
     "Softmin": lambda: nn.Softmin(1), "Softmax2d": nn.Softmax2d, "LocalResponseNorm": lambda: nn.LocalResponseNorm(3),

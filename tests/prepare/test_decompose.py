@@ -112,9 +112,11 @@ def _flat(out):
     return [out[0], *(out[1] if isinstance(out[1], tuple) else [out[1]])]
 
 
-@pytest.mark.parametrize("cls", [nn.LSTM, nn.GRU])
-@pytest.mark.parametrize("kwargs", [{"batch_first": True}, {"num_layers": 2, "bidirectional": True},
-                                    {"num_layers": 2, "batch_first": True, "bias": False, "dropout": 0.0}])
+@pytest.mark.parametrize("cls, kwargs", [
+    (cls, kwargs) for cls in (nn.LSTM, nn.GRU) for kwargs in (
+        {"batch_first": True}, {"num_layers": 2, "bidirectional": True},
+        {"num_layers": 2, "batch_first": True, "bias": False, "dropout": 0.0})
+] + [(nn.LSTM, {"proj_size": 3}), (nn.LSTM, {"proj_size": 2, "num_layers": 2, "bidirectional": True})])
 @pytest.mark.parametrize("initial", [False, True], ids=["zeros", "given-state"])
 def test_recurrent_layers_compute_what_torch_computes(cls, kwargs, initial):
     torch.manual_seed(0)
@@ -123,15 +125,14 @@ def test_recurrent_layers_compute_what_torch_computes(cls, kwargs, initial):
     x = torch.randn(3, 7, 6, dtype=torch.float64)
     x = x if kwargs.get("batch_first") else x.transpose(0, 1)
     states = kwargs.get("num_layers", 1) * (2 if kwargs.get("bidirectional") else 1)
-    h0, c0 = (torch.randn(states, 3, 5, dtype=torch.float64) for _ in range(2))
+    h0 = torch.randn(states, 3, kwargs.get("proj_size") or 5, dtype=torch.float64)
+    c0 = torch.randn(states, 3, 5, dtype=torch.float64)
     hx = ((h0, c0) if cls is nn.LSTM else h0) if initial else None
     for theirs, ours in zip(_flat(rnn(x, hx)), _flat(mine(x, hx))):  # output, h_n (and c_n)
         torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-12)
 
 
-def test_unsupported_recurrent_options_are_refused_with_the_fix():
-    with pytest.raises(ConfigError, match=r"uses proj_size; allowed: 0\. Fix:"):
-        decompose(nn.LSTM(4, 8, proj_size=2))
+def test_unbatched_recurrent_input_is_refused_with_the_fix():
     with pytest.raises(ValueError, match=r"input of shape \(5, 4\): .* batched input .* Fix: add a batch axis"):
         decompose(nn.GRU(4, 8))(torch.randn(5, 4))
 
@@ -140,11 +141,12 @@ class Tagger(nn.Module):
     """Token ids → embedding → a recurrent layer → the last step's state → classes; learned=True: the recurrent
     layer starts from a learned initial state (a parameter expanded to the batch)."""
 
-    def __init__(self, cls, learned: bool = False):
+    def __init__(self, cls, learned: bool = False, proj_size: int = 0):
         super().__init__()
         self.embed = nn.Embedding(40, 16)
-        self.rnn = cls(16, 12, num_layers=2, batch_first=True, bidirectional=cls is nn.GRU)
-        self.head = nn.Linear(12 * (2 if cls is nn.GRU else 1), 3)
+        self.rnn = cls(16, 12, num_layers=2, batch_first=True, bidirectional=cls is nn.GRU,
+                       **({"proj_size": proj_size} if proj_size else {}))
+        self.head = nn.Linear((proj_size or 12) * (2 if cls is nn.GRU else 1), 3)
         states = 2 * (2 if cls is nn.GRU else 1)
         self.h0 = nn.Parameter(0.3 * torch.randn(states, 1, 12)) if learned else None
         self.c0 = nn.Parameter(0.3 * torch.randn(states, 1, 12)) if learned and cls is nn.LSTM else None
@@ -166,4 +168,13 @@ def test_a_recurrent_model_is_quantized_converted_and_exported(cls, learned, tmp
     qat = qatkit.prepare(model, qatkit.QATConfig(), ids[:2])
     layers = {r["name"] for r in qat.qat_info.layers}
     assert {"rnn.ih.0", "rnn.hh.0", "rnn.ih.1", "rnn.hh.1"} <= layers  # every gate projection quantized
+    _deploys(model, qat, ids, tmp_path)
+
+
+def test_an_lstm_with_projections_is_quantized_converted_and_exported(tmp_path):
+    torch.manual_seed(0)
+    model = Tagger(nn.LSTM, proj_size=8).eval()
+    ids = torch.randint(0, 40, (32, 6))
+    qat = qatkit.prepare(model, qatkit.QATConfig(), ids[:2])
+    assert {"rnn.hr.0", "rnn.hr.1", "rnn.hh.1"} <= {r["name"] for r in qat.qat_info.layers}  # h's projections too
     _deploys(model, qat, ids, tmp_path)

@@ -116,6 +116,8 @@ MODULES = {
     nn.Hardswish: (F.hardswish, (), lambda m: {}),
     nn.Hardsigmoid: (F.hardsigmoid, (), lambda m: {}),
     nn.LeakyReLU: (F.leaky_relu, (), lambda m: dict(negative_slope=m.negative_slope)),
+    # eval: a leaky ReLU of the mean slope, as torch computes it (random slopes in training only)
+    nn.RReLU: (F.leaky_relu, (), lambda m: dict(negative_slope=(m.lower + m.upper) / 2)),
     nn.Hardtanh: (F.hardtanh, (), lambda m: dict(min_val=m.min_val, max_val=m.max_val)),
     nn.Upsample: (F.interpolate, (), lambda m: dict(size=m.size, scale_factor=m.scale_factor, mode=m.mode,
                                                     align_corners=m.align_corners)),

@@ -49,8 +49,8 @@ def prepare(model: nn.Module, config: QATConfig | None = None,
     model = decompose(copy.deepcopy(model).cpu()).eval()  # nn.MultiheadAttention & co. as Linear layers and tensor ops
     arguments = None
     if example_inputs is not None:
-        given, defaults = example_arguments(model, example_inputs)
-        arguments = {k: a.cpu() if isinstance(a, torch.Tensor) else a for k, a in given.items()}, defaults
+        given, fixed = example_arguments(model, example_inputs)
+        arguments = {k: a.cpu() if isinstance(a, torch.Tensor) else a for k, a in given.items()}, fixed
         check_inputs(model, *arguments)  # a shape the float model refuses: the input's fault
     plans = plan_layers(model, config, tuple(WRAPPERS))
     qat = _prepare_module(model, "", config, plans, info := PrepareInfo(), arguments).to(device).train(training)

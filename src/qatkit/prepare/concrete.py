@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import copy
 import functools
-import warnings
 
 import torch
 from torch import fx, nn
 from torch.fx import _symbolic_trace
 
-from qatkit.prepare.modes import LeafTracer, Proxy, drop_defaulted
+from qatkit.prepare.modes import LeafTracer, Proxy, traced_graph
 
 
 _SHAPE_METHODS = {"size", "dim", "numel", "ndimension"}
@@ -119,26 +118,23 @@ class ConcreteTracer(LeafTracer):
 
 
 def concrete_trace(module: nn.Module, arguments: tuple[dict, dict]) -> tuple[fx.GraphModule, int, list[int]]:
-    """The module's graph along the example's control flow (`arguments`: modes.example_arguments' given inputs by
-    name and the arguments left to their defaults, which keep them: `if mask is None` decides), how many decisions
-    the example made, and the batch sizes it was checked on.
+    """The module's graph along the example's control flow (`arguments`: modes.example_arguments' inputs by name and
+    fixed arguments, such as `attention_mask=None`, which forward's code sees: `if mask is None` decides), how many
+    decisions the example made, and the batch sizes it was checked on.
 
     Raises ValueError when the graph does not compute what the module does on the example, on its first
     sample alone and on the example twice over (a branch on the batch size, or on tensor values); a batch
     the model itself refuses (BatchNorm on one sample in training mode) is not checked."""
-    example, defaults = arguments
-    tracer = ConcreteTracer(copy.deepcopy(module), example, defaults)
+    example, fixed = arguments
+    tracer = ConcreteTracer(copy.deepcopy(module), example, fixed)
     originals = {name: getattr(torch, name) for name in FACTORIES + DECIDED}
     for name, fn in originals.items():
         setattr(torch, name, _recorded(tracer, fn) if name in FACTORIES else _decided(tracer, fn))
     try:
-        with warnings.catch_warnings():  # fx cannot check a default that is not None, a bool or a number: it warns
-            warnings.filterwarnings("ignore", "Was not able to add assertion")
-            graph = tracer.trace(module, concrete_args=defaults or None)
+        graph = traced_graph(tracer, module, arguments)
     finally:
         for name, fn in originals.items():
             setattr(torch, name, fn)
-    drop_defaulted(graph, example)
     gm = fx.GraphModule(module, graph, type(module).__name__)
     gm.graph.eliminate_dead_code(_in_place)  # the size arithmetic that only fed decisions
     gm.recompile()
@@ -149,7 +145,7 @@ def concrete_trace(module: nn.Module, arguments: tuple[dict, dict]) -> tuple[fx.
         with torch.no_grad(), torch.random.fork_rng():
             torch.manual_seed(0)
             try:
-                expected = copy.deepcopy(module)(**args, **defaults)
+                expected = copy.deepcopy(module)(**args, **fixed)
             except Exception:  # noqa: BLE001 - the model's own refusal of this batch size: nothing to compare
                 continue
             torch.manual_seed(0)

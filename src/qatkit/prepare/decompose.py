@@ -162,22 +162,23 @@ def decompose(module: nn.Module) -> nn.Module:
 
 class Recurrent(nn.Module):
     """nn.LSTM / nn.GRU as nn.Linear gate projections stepped over time, PyTorch's equations, from zeros or from
-    a given initial state hx ((h_0, c_0) for an LSTM, h_0 for a GRU; (layers · directions, B, H) each).
+    a given initial state hx ((h_0, c_0) for an LSTM, h_0 for a GRU; (layers · directions, B, H) each; an LSTM with
+    proj_size P projects each step's h to P by one more Linear without bias, as torch does: h_0 is then (…, B, P)).
 
     The input projections of all steps are one Linear call; the hidden projection runs once per step. The loop
     over time follows the input's length, so prepare traces it along the example input (it unrolls)."""
 
     def __init__(self, rnn: nn.LSTM | nn.GRU):
         super().__init__()
-        if getattr(rnn, "proj_size", 0):
-            raise ConfigError(f"{rnn} uses proj_size; allowed: 0. Fix: build it without a projection, or skip its "
-                              "layers with a LayerRule")
         self.lstm, self.hidden, self.num_layers = isinstance(rnn, nn.LSTM), rnn.hidden_size, rnn.num_layers
         self.directions, self.batch_first = 2 if rnn.bidirectional else 1, rnn.batch_first
         self.dropout = nn.Dropout(rnn.dropout)
         self.ih, self.hh = nn.ModuleList(), nn.ModuleList()  # index layer * directions + direction
+        self.hr = nn.ModuleList() if getattr(rnn, "proj_size", 0) else None  # an LSTM's projections of h
         for layer in range(rnn.num_layers):
             for suffix in ("", "_reverse")[:self.directions]:
+                if self.hr is not None:
+                    self.hr.append(_linear(getattr(rnn, f"weight_hr_l{layer}{suffix}").detach(), None))
                 w_ih, w_hh = (getattr(rnn, f"weight_{k}_l{layer}{suffix}").detach() for k in ("ih", "hh"))
                 b_ih, b_hh = ((getattr(rnn, f"bias_{k}_l{layer}{suffix}").detach() for k in ("ih", "hh")) if rnn.bias
                               else (None, None))
@@ -200,7 +201,7 @@ class Recurrent(nn.Module):
                 state = None if h0 is None else (h0[i], c0[i] if self.lstm else h0[i])
                 xs, seq = self.ih[i](x), []  # xs (B, T, G·H): every step's input projection
                 for t in (range(steps) if direction == 0 else range(steps - 1, -1, -1)):
-                    state = self._step(xs[:, t], state, self.hh[i])
+                    state = self._step(xs[:, t], state, self.hh[i], None if self.hr is None else self.hr[i])
                     seq.append(state[0])
                 outputs.append(torch.stack(seq if direction == 0 else seq[::-1], 1))  # (B, T, H)
                 finals.append(state)
@@ -211,15 +212,17 @@ class Recurrent(nn.Module):
         h_n = torch.stack([s[0] for s in finals], 0)  # (layers · directions, B, H)
         return (out, (h_n, torch.stack([s[1] for s in finals], 0))) if self.lstm else (out, h_n)
 
-    def _step(self, gx, state, hh: nn.Linear):
-        """One step from the input projection gx (B, G·H) and the state (h, c) (None: zeros)."""
+    def _step(self, gx, state, hh: nn.Linear, hr: nn.Linear | None = None):
+        """One step from the input projection gx (B, G·H) and the state (h, c) (None: zeros); hr: an LSTM's
+        projection of h."""
         n = self.hidden
         if self.lstm:
             gates = gx if state is None else gx + hh(state[0])
             i, f = torch.sigmoid(gates[:, :n]), torch.sigmoid(gates[:, n:2 * n])
             g, o = torch.tanh(gates[:, 2 * n:3 * n]), torch.sigmoid(gates[:, 3 * n:])
             c = i * g if state is None else f * state[1] + i * g
-            return o * torch.tanh(c), c
+            h = o * torch.tanh(c)
+            return h if hr is None else hr(h), c
         if state is not None:
             gh = hh(state[0])
         else:  # the first step: W_h·0 + b_h

@@ -90,36 +90,37 @@ def trace(module: nn.Module, arguments: tuple[dict, dict] | None = None) -> fx.G
     """fx.symbolic_trace with LeafTracer. `arguments`: `example_arguments`' (given, fixed); the arguments the
     example input does not give keep fixed values (`attention_mask=None`, `use_cache=False`): forward's code sees
     them, and they are no inputs of the graph."""
-    return fx.GraphModule(module, _graph(module, arguments), type(module).__name__)
+    return fx.GraphModule(module, traced_graph(LeafTracer(), module, arguments), type(module).__name__)
 
 
-def _graph(module: nn.Module, arguments: tuple[dict, dict] | None) -> fx.Graph:
+def traced_graph(tracer: fx.Tracer, module: nn.Module, arguments: tuple[dict, dict] | None) -> fx.Graph:
+    """tracer's graph of module, the arguments not given fixed at their values (no placeholders)."""
     given, fixed = arguments or ({}, {})
     with warnings.catch_warnings():  # fx cannot check a fixed value that is not None, a bool or a number: it warns
         warnings.filterwarnings("ignore", "Was not able to add assertion")
-        graph = LeafTracer().trace(module, concrete_args=fixed or None)
+        graph = tracer.trace(module, concrete_args=fixed or None)
     if fixed:
-        drop_defaulted(graph, given)
+        _drop_fixed(graph, given)
     return graph
 
 
 def _traced(module: nn.Module, training: bool, arguments: tuple[dict, dict] | None) -> fx.Graph | None:
     """The graph of a copy of module in that mode, as `trace` traces it; None where fx cannot trace it."""
     try:
-        return _graph(copy.deepcopy(module).train(training), arguments)
+        return traced_graph(LeafTracer(), copy.deepcopy(module).train(training), arguments)
     except Exception:  # noqa: BLE001 - fx raises many types on code it cannot trace
         return None
 
 
-def drop_defaulted(graph: fx.Graph, given: Collection[str]) -> None:
-    """Remove the placeholders of the arguments not `given` (left to their defaults: forward saw their values) and
-    the checks fx adds that use them (the value is still the default)."""
-    defaulted = [n for n in graph.nodes if n.op == "placeholder" and n.target not in given]
-    checks = {n for n in graph.nodes if any(p in defaulted for p in n.all_input_nodes)}
+def _drop_fixed(graph: fx.Graph, given: Collection[str]) -> None:
+    """Remove the placeholders of the arguments not `given` (fixed: forward saw their values) and the checks fx adds
+    that use them (the value is still the fixed one)."""
+    fixed = [n for n in graph.nodes if n.op == "placeholder" and n.target not in given]
+    checks = {n for n in graph.nodes if any(p in fixed for p in n.all_input_nodes)}
     while grown := {u for n in checks for u in n.users} - checks:
         checks |= grown
     for node in reversed(list(graph.nodes)):
-        if node in checks or node in defaulted:
+        if node in checks or node in fixed:
             graph.erase_node(node)
 
 
