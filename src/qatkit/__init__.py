@@ -13,11 +13,12 @@ from qatkit.errors import ConfigError, DataError, ModelFileError, QatkitError
 from qatkit.prepare import prepare
 from qatkit.regularize import quantization_error_penalty, quantization_errors
 from qatkit.report import describe
+from qatkit.sensitivity import sensitivity
 from qatkit.train import evaluate, fit
 
 __version__ = "0.1.0"
 __all__ = [
     "ConfigError", "DataError", "IntegerModel", "LayerRule", "ModelFileError", "QATConfig", "QatkitError",
     "QuantSpec", "TrainConfig", "calibrate", "convert", "describe", "evaluate", "fit", "load", "prepare",
-    "quantization_error_penalty", "quantization_errors", "save",
+    "quantization_error_penalty", "quantization_errors", "save", "sensitivity",
 ]

@@ -66,7 +66,8 @@ def _common(p: argparse.ArgumentParser, *, many_bits: bool) -> None:
 
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="qatkit", description="Quantization-aware training to a packed integer model.")
-    sub = parser.add_subparsers(dest="command", metavar="{run,train,convert,export,verify,bench,eval}", parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", metavar="{run,train,convert,export,verify,bench,sensitivity,eval}",
+                                parser_class=_Parser)
     p = sub.add_parser("run", help="float → PTQ and QAT per bit-width → integer models, results.json, report.md")
     _common(p, many_bits=True)
     p.add_argument("--out", help="output folder (default: runs/<time>-<model>-<dataset>); must be new or empty")
@@ -94,6 +95,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batches", type=int, nargs="+", default=[1, 32], help="batch sizes (default 1 32)")
     p.add_argument("--threads", type=int, default=2, help="intra-op threads for every runtime (default 2)")
     p.add_argument("--rounds", type=int, default=15, help="interleaved rounds (default 15)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p = sub.add_parser("sensitivity", help="each layer quantized alone as a QAT checkpoint's config quantizes it: "
+                                           "SQNR and top-1 agreement against the float model; the layers to keep "
+                                           "at more bits first")
+    p.add_argument("checkpoint", help="QAT checkpoint (qat_*.ckpt) of a qatkit run or train")
+    p.add_argument("--float", dest="float_weights", help="float weights (.safetensors); default: float.safetensors beside the checkpoint")
+    p.add_argument("--dataset", help="default: the one the model was trained on")
+    p.add_argument("--data", help="path of the dataset")
+    p.add_argument("--batches", type=int, default=4, help="test batches of 256 to calibrate and compare on (default 4)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p = sub.add_parser("eval", help="accuracy of an integer model file or a QAT checkpoint on a test split")
     p.add_argument("model_file")
@@ -259,28 +269,75 @@ def _cmd_verify(args) -> int:
     return 0
 
 
-def _cmd_bench(args) -> int:
+def _float_model(args, recipe: dict):
+    """The run's float model: the recipe's architecture with --float's weights (default: float.safetensors beside
+    the checkpoint)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    from qatkit.pipeline import FLOAT_FILE, model_from_recipe
+
+    float_path = Path(args.float_weights or Path(args.checkpoint).with_name(FLOAT_FILE))
+    model = model_from_recipe(recipe)
+    try:
+        model.load_state_dict(load_file(str(float_path)))
+    except (OSError, SafetensorError, RuntimeError) as e:
+        raise ModelFileError(f"float weights {str(float_path)!r} cannot be loaded ({str(e).splitlines()[0][:150]}). "
+                             "Fix: pass --float with the run's float.safetensors") from None
+    return model.eval()
+
+
+def _cmd_sensitivity(args) -> int:
+    from qatkit.config import qat_config_from_dict
+    from qatkit.pipeline import example_input
+    from qatkit.sensitivity import sensitivity
+    from qatkit.train import load_checkpoint
+
+    if args.batches < 1:
+        raise bad_value("--batches", args.batches, "an integer >= 1", "pass --batches 1 or more")
+    recipe = load_checkpoint(args.checkpoint).get("recipe")
+    if not isinstance(recipe, dict) or recipe.get("qat") is None:
+        raise ModelFileError(f"checkpoint {args.checkpoint!r} has no QAT recipe. Fix: pass a qat_*.ckpt written by "
+                             "qatkit train/run")
+    config = qat_config_from_dict(recipe["qat"])
+    dataset, loader = _test_loader(args, recipe)
+    result = sensitivity(_float_model(args, recipe), config, example_input(recipe), loader, num_batches=args.batches)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(f"[qatkit] each layer quantized alone as {Path(args.checkpoint).name} quantizes it, against the float model "
+          f"on {result['samples']} {dataset} test samples; the most sensitive first")
+    header = f"{'layer':<28} {'type':<16} {'W/A':>5} {'SQNR dB':>8} {'top-1 agree':>11} {'accuracy':>9}"
+    print(header)
+
+    def line(name: str, kind: str, bits: str, row: dict) -> str:
+        accuracy = f"{row['accuracy']:.4f}" if "accuracy" in row else "—"
+        return f"{name:<28} {kind:<16} {bits:>5} {row['sqnr_db']:>8.2f} {row['top1_agreement']:>11.4f} {accuracy:>9}"
+
+    for row in result["layers"]:
+        print(line(row["layer"], row["type"], f"{row['weight_bits']}/{row['act_bits']}", row))
+    print(line("every layer", "", "", result["model"]))
+    if "float_accuracy" in result:
+        print(f"float model accuracy {result['float_accuracy']:.4f}")
+    if result["layers"]:
+        worst = result["layers"][0]["layer"]
+        print(f"To keep the most sensitive layer at 8 bits: --config with qat: {{rules: [{{pattern: '{worst}', "
+              f"weight_bits: 8, act_bits: 8}}]}} (Python: LayerRule(pattern='{worst}', weight_bits=8, act_bits=8))")
+    return 0
+
+
+def _cmd_bench(args) -> int:
     from qatkit.data import BatchLoader
     from qatkit.export.bench import bench, format_table
-    from qatkit.pipeline import FLOAT_FILE, dataset_for, model_from_recipe, rebuild_qat
+    from qatkit.pipeline import dataset_for, rebuild_qat
 
     for what in ("threads", "rounds"):
         if getattr(args, what) < 1:
             raise bad_value(f"--{what}", getattr(args, what), "an integer >= 1", f"pass --{what} 1 or more")
     if min(args.batches) < 1:
         raise bad_value("--batches", args.batches, "integers >= 1", "pass e.g. --batches 1 32")
-    ckpt = Path(args.checkpoint)
-    qat, recipe = rebuild_qat(ckpt)
-    float_path = Path(args.float_weights or ckpt.with_name(FLOAT_FILE))
-    float_model = model_from_recipe(recipe)
-    try:
-        float_model.load_state_dict(load_file(str(float_path)))
-    except (OSError, SafetensorError, RuntimeError) as e:
-        raise ModelFileError(f"float weights {str(float_path)!r} cannot be loaded ({str(e).splitlines()[0][:150]}). "
-                             "Fix: pass --float with the run's float.safetensors") from None
+    qat, recipe = rebuild_qat(args.checkpoint)
+    float_model = _float_model(args, recipe)
     ds = dataset_for(recipe, None, args.data)
     loader = BatchLoader(ds.train, batch_size=32, mean=recipe.get("mean"), std=recipe.get("std"), shuffle=False)
     calib = [x for x, _ in zip((b[0] for b in loader), range(8))]
@@ -301,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     handler = {"run": _cmd_run, "train": _cmd_train, "convert": _cmd_convert, "export": _cmd_export,
-               "verify": _cmd_verify, "bench": _cmd_bench, "eval": _cmd_eval}[args.command]
+               "verify": _cmd_verify, "bench": _cmd_bench, "sensitivity": _cmd_sensitivity, "eval": _cmd_eval}[args.command]
     in_main = threading.current_thread() is threading.main_thread()
     # SIGTERM outside training (which stops gracefully itself) unwinds like Ctrl-C: `run` removes its .partial folder
     previous = signal.signal(signal.SIGTERM, _interrupt) if in_main else None

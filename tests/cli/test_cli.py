@@ -19,7 +19,7 @@ def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
     return code, out, err
 
 
-@pytest.mark.parametrize("command", ["run", "train", "convert", "export", "verify", "bench", "eval"])
+@pytest.mark.parametrize("command", ["run", "train", "convert", "export", "verify", "bench", "sensitivity", "eval"])
 def test_help_of_each_subcommand(command, capsys):
     with pytest.raises(SystemExit) as e:
         main([command, "--help"])
@@ -108,6 +108,17 @@ def test_train_convert_eval_chain(tmp_path, capsys):
     assert all(r["median_ms"] > 0 and r["model_bytes"] > 0 for r in rows)
     code, _, err = run_cli(capsys, "bench", str(ckpt), "--rounds", "0")
     assert code == 2 and "--rounds = 0 is not allowed" in err
+    code, printed, err = run_cli(capsys, "sensitivity", str(ckpt), "--batches", "1", "--json")
+    assert code == 0, err
+    found = json.loads(printed)
+    assert found["samples"] == 256 and [r["sqnr_db"] for r in found["layers"]] == sorted(r["sqnr_db"] for r in found["layers"])
+    assert {(r["layer"], r["weight_bits"]) for r in found["layers"]} == {
+        ("features.0.0", 8), ("features.1.0", 4), ("features.3.0", 4), ("features.5.0", 4), ("fc", 8)}
+    code, printed, err = run_cli(capsys, "sensitivity", str(ckpt))
+    assert code == 0 and printed.splitlines()[-1].startswith(
+        f"To keep the most sensitive layer at 8 bits: --config with qat: {{rules: [{{pattern: '{found['layers'][0]['layer']}'")
+    code, _, err = run_cli(capsys, "sensitivity", str(ckpt), "--batches", "0")
+    assert code == 2 and "--batches = 0 is not allowed" in err
 
 
 def test_eval_mnist_path_from_shared_data(tmp_path, capsys):

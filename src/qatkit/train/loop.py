@@ -72,7 +72,7 @@ def _eval_sums(model: nn.Module, loader: Iterable, device: str | torch.device) -
             x, y = inputs.to_device(x, device), y.to(device)
             logits, y = per_target(logits_of(inputs.call(model, x)), y)
             loss_sum += F.cross_entropy(logits, y, reduction="sum", ignore_index=IGNORE_INDEX).item()
-            hits, counted = _hits(logits, y)
+            hits, counted = count_hits(logits, y)
             correct, n = correct + hits, n + counted
     finally:
         model.train(was_training)
@@ -189,7 +189,7 @@ def per_target(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, tor
     return logits, y
 
 
-def _hits(logits: torch.Tensor, y: torch.Tensor) -> tuple[int, int]:
+def count_hits(logits: torch.Tensor, y: torch.Tensor) -> tuple[int, int]:
     """(right predictions, targets counted) of per_target's logits and targets."""
     counted = y != IGNORE_INDEX
     return int(((logits.argmax(1) == y) & counted).sum()), int(counted.sum())
@@ -284,7 +284,7 @@ def train_epoch(model: nn.Module, loader: Iterable, optimizer, scheduler, config
                 optimizer.step()
                 if tracker is not None:
                     tracker.update()
-                hits, counted = _hits(*per_target(logits.detach(), y))
+                hits, counted = count_hits(*per_target(logits.detach(), y))
                 loss_sum, correct, n = loss_sum + loss_value * counted, correct + hits, n + counted
             elif not skip:
                 raise QatkitError(f"training diverged: {fault} at {where(step)}; allowed: {allowed}. "
