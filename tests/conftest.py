@@ -110,3 +110,20 @@ def runs_in_onnx_runtime(integer, x, path, *, top1: bool = True, float_output: b
     else:
         assert np.array_equal(reference, runtime)
     return result
+
+
+def optional_mask():
+    """A model whose forward takes an optional mask (`y if mask is None else y.masked_fill(mask, 0)`): fx traces it
+    without an example taking the masked way (`mask is None` is False for a placeholder)."""
+    from torch import nn
+
+    class OptionalMask(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x, mask=None):
+            y = self.fc(x)
+            return y if mask is None else y.masked_fill(mask, 0.0)
+
+    return OptionalMask()

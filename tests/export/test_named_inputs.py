@@ -13,7 +13,7 @@ from collections import OrderedDict
 import numpy as np
 import pytest
 import torch
-from conftest import prepares_whole
+from conftest import optional_mask, prepares_whole
 from torch import nn
 
 import qatkit
@@ -140,23 +140,10 @@ def test_the_inputs_the_example_names_are_the_graphs_the_rest_keep_their_default
         assert (got - model(ids, token_type_ids=types)).abs().max() < 0.25  # W8A8 of the float model's logits
 
 
-class OptionalMask(nn.Module):
-    """fx traces this forward without an example: `mask is None` is False for its placeholder, so the graph takes the
-    masked way, and fails without a mask."""
-
-    def __init__(self):
-        super().__init__()
-        self.fc = nn.Linear(4, 4)
-
-    def forward(self, x, mask=None):
-        y = self.fc(x)
-        return y if mask is None else y.masked_fill(mask, 0.0)
-
-
 def test_an_argument_the_example_leaves_out_keeps_its_default_where_fx_traces_the_model():
     torch.manual_seed(0)
     x, mask = torch.randn(3, 4), torch.rand(3, 4) > 0.5
-    model = OptionalMask().eval()
+    model = optional_mask().eval()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         without = qatkit.prepare(model, qatkit.QATConfig(), x)
@@ -194,7 +181,7 @@ def test_a_dict_batch_without_labels_is_refused_by_fit_with_the_fix():
 
 
 def test_an_integer_model_given_inputs_it_does_not_have_names_them():
-    qat = qatkit.prepare(OptionalMask().eval(), qatkit.QATConfig(), torch.randn(2, 4))
+    qat = qatkit.prepare(optional_mask().eval(), qatkit.QATConfig(), torch.randn(2, 4))
     integer = qatkit.convert(qat.eval())
     with pytest.raises(DataError, match=r"^inputs by name \['mask', 'x'\] do not match the model's inputs \['x'\] "
                                         r"\(missing: none; unknown: \['mask'\]\)\. Fix: give each"):

@@ -5,6 +5,7 @@ import operator
 
 import pytest
 import torch
+from conftest import optional_mask
 from torch import fx, nn
 
 import qatkit
@@ -253,23 +254,13 @@ def test_prepare_needs_a_module(obj):
         qatkit.prepare(obj, qatkit.QATConfig())
 
 
-class OptionalMask(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc = nn.Linear(4, 4)
-
-    def forward(self, x, mask=None):
-        y = self.fc(x)
-        return y if mask is None else y.masked_fill(mask, 0.0)
-
-
 class CallsWithAndWithoutMask(nn.Module):
     """int(size / k) (as Swin's window_reverse writes it) defeats both tracers; traced alone, a submodule's optional
     mask is a graph input, so its graph takes the masked way even where the model passes None."""
 
     def __init__(self):
         super().__init__()
-        self.a, self.b = OptionalMask(), OptionalMask()
+        self.a, self.b = optional_mask(), optional_mask()
         self.register_buffer("mask", torch.tensor([True, False, False, True]))
 
     def forward(self, x):
