@@ -171,6 +171,16 @@ def test_an_example_that_does_not_name_forwards_arguments_is_refused_with_the_fi
         qatkit.prepare(Classifier(), qatkit.QATConfig(), example)
 
 
+def test_an_example_value_that_is_neither_a_tensor_nor_a_constant_is_refused_with_the_fix():
+    """A list of tensors (a cache of past keys and values) would be frozen into the graph."""
+    example = {"input_ids": torch.zeros(2, L, dtype=torch.long), "token_type_ids": [torch.zeros(2, L, dtype=torch.long)]}
+    with pytest.raises(DataError, match=r"^example_inputs\['token_type_ids'\] = 'a list' is not allowed; allowed: a "
+                                        r"tensor \(an input of the graph\) or a constant that the graph keeps fixed: "
+                                        r"None, a bool, a number or a string\. Fix: leave 'token_type_ids' out \(its "
+                                        r"default: None\)"):
+        qatkit.prepare(Classifier(), qatkit.QATConfig(), example)
+
+
 def test_a_dict_batch_without_labels_is_refused_by_fit_with_the_fix():
     batches = [{k: v for k, v in b.items() if k != "labels"} for b in _dict_batches(64)]
     qat = qatkit.prepare(Classifier().eval(), qatkit.QATConfig(), first(batches[0]))

@@ -134,6 +134,14 @@ def example_arguments(module: nn.Module, example) -> tuple[dict[str, object], di
     if isinstance(example, Mapping):
         given = {k: v for k, v in example.items() if isinstance(v, torch.Tensor)}
         fixed = {k: v for k, v in example.items() if k not in given}
+        for k, v in fixed.items():  # a constant the graph keeps: tensors inside it would be frozen into the graph
+            if v is not None and type(v) not in (bool, int, float, str):
+                default = parameters[k].default if k in parameters else inspect.Parameter.empty
+                fix = (f"pass {k!r} as a tensor" if default is inspect.Parameter.empty else
+                       f"leave {k!r} out (its default: {default!r})")
+                raise bad_value(f"example_inputs[{k!r}]", f"a {type(v).__name__}", "a tensor (an input of the graph) "
+                                "or a constant that the graph keeps fixed: None, a bool, a number or a string", fix,
+                                DataError)
     else:
         args = example if isinstance(example, tuple) else (example,)
         positional = [n for n, p in parameters.items() if p.kind != p.KEYWORD_ONLY]
