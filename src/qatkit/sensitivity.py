@@ -16,6 +16,7 @@ from torch import nn
 from qatkit import inputs
 from qatkit.calibrate import calibrate
 from qatkit.config import LayerRule, QATConfig
+from qatkit.devices import module_device
 from qatkit.errors import DataError, bad_value
 from qatkit.prepare import prepare
 from qatkit.train.loop import count_hits, logits_of, per_target
@@ -35,8 +36,10 @@ def sensitivity(model: nn.Module, config: QATConfig, example_inputs, batches: It
     pairs = [inputs.split(b) for b in islice(batches, num_batches)]
     if not pairs:
         raise DataError("sensitivity got no batches; allowed: at least one batch. Fix: pass the data's batches")
-    xs, ys = [x for x, _ in pairs], [y for _, y in pairs]
-    labelled = all(isinstance(y, torch.Tensor) for y in ys)
+    device = module_device(model)  # where the QAT models are too
+    labelled = all(isinstance(y, torch.Tensor) for _, y in pairs)
+    xs = [inputs.to_device(x, device) for x, _ in pairs]
+    ys = [y.to(device) for _, y in pairs] if labelled else None
     was_training = model.training
     model.eval()
     try:
@@ -52,9 +55,9 @@ def sensitivity(model: nn.Module, config: QATConfig, example_inputs, batches: It
             skip = tuple(LayerRule(pattern=glob.escape(other["name"]), skip=True) for other in layers if other is not layer)
             alone = prepare(model, dataclasses.replace(config, rules=config.rules + skip), example_inputs)
             rows.append({"layer": layer["name"], "type": layer["type"], "weight_bits": layer["weight_bits"],
-                         "act_bits": layer["act_bits"], **_compare(alone, xs, ys if labelled else None, reference)})
+                         "act_bits": layer["act_bits"], **_compare(alone, xs, ys, reference)})
     rows.sort(key=lambda r: r["sqnr_db"])
-    result = {"model": _compare(whole, xs, ys if labelled else None, reference),
+    result = {"model": _compare(whole, xs, ys, reference),
               "samples": sum(inputs.batch_size(x) for x in xs), "layers": rows}
     if labelled:
         result["float_accuracy"] = _accuracy(reference, ys)
