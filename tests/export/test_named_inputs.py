@@ -171,6 +171,25 @@ def test_an_example_that_does_not_name_forwards_arguments_is_refused_with_the_fi
         qatkit.prepare(Classifier(), qatkit.QATConfig(), example)
 
 
+class TakesKwargs(Classifier):
+    """forward(..., **kwargs), as newer Hugging Face models end it: fx makes **kwargs a placeholder."""
+
+    def forward(self, input_ids, attention_mask=None, **kwargs):
+        return super().forward(input_ids, attention_mask)
+
+
+def test_forwards_kwargs_take_nothing_when_the_example_names_the_inputs():
+    torch.manual_seed(0)
+    inputs = {k: v for k, v in _dict_batches(32)[0].items() if k != "labels"}
+    qat = prepares_whole(TakesKwargs().eval(), first(inputs))
+    assert [n.target for n in qat.graph.nodes if n.op == "placeholder"] == ["input_ids", "attention_mask"]
+    qatkit.calibrate(qat, [inputs])
+    integer = qatkit.convert(qat.eval())
+    assert integer.input_names == ["input_ids", "attention_mask"]
+    with torch.no_grad():
+        assert torch.equal(integer(**inputs), qat(**inputs))
+
+
 def test_an_example_value_that_is_neither_a_tensor_nor_a_constant_is_refused_with_the_fix():
     """A list of tensors (a cache of past keys and values) would be frozen into the graph."""
     example = {"input_ids": torch.zeros(2, L, dtype=torch.long), "token_type_ids": [torch.zeros(2, L, dtype=torch.long)]}

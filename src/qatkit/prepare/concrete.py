@@ -100,8 +100,12 @@ class ConcreteTracer(LeafTracer):
         return proxy
 
     def _compute(self, kind: str, target, args, kwargs):
-        if kind == "placeholder":  # an input of the example, or a fixed argument (fx names it "<name>_<n>")
-            return self.example[target] if target in self.example else self.fixed.get(target.rsplit("_", 1)[0], args[0])
+        if kind == "placeholder":  # an input of the example, a fixed argument (fx names it "<name>_<n>"), **kwargs
+            if target in self.example:
+                return self.example[target]
+            if target.startswith("*"):  # forward's *args / **kwargs, given nothing
+                return {} if target.startswith("**") else ()
+            return self.fixed.get(target.rsplit("_", 1)[0], args[0])
         if kind == "get_attr":
             return functools.reduce(getattr, target.split("."), self.shadow)
         if kind == "call_module":

@@ -94,12 +94,13 @@ def trace(module: nn.Module, arguments: tuple[dict, dict] | None = None) -> fx.G
 
 
 def traced_graph(tracer: fx.Tracer, module: nn.Module, arguments: tuple[dict, dict] | None) -> fx.Graph:
-    """tracer's graph of module, the arguments not given fixed at their values (no placeholders)."""
+    """tracer's graph of module; given example arguments, only those given are placeholders: the others are fixed
+    at their values, and forward's **kwargs (which fx makes a placeholder) takes nothing."""
     given, fixed = arguments or ({}, {})
     with warnings.catch_warnings():  # fx cannot check a fixed value that is not None, a bool or a number: it warns
         warnings.filterwarnings("ignore", "Was not able to add assertion")
         graph = tracer.trace(module, concrete_args=fixed or None)
-    if fixed:
+    if arguments is not None:
         _drop_fixed(graph, given)
     return graph
 
