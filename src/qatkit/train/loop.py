@@ -198,11 +198,10 @@ def count_hits(logits: torch.Tensor, y: torch.Tensor) -> tuple[int, int]:
 def compute_loss(model: nn.Module, logits: torch.Tensor, y: torch.Tensor, teacher_logits: torch.Tensor | None,
                  config: TrainConfig, error_penalty: Mapping[str, float]) -> torch.Tensor:
     """Cross-entropy (per sample, or per position: per_target), distillation, the quantization-error penalty."""
-    shape = logits.shape
     logits, y = per_target(logits, y)
     loss = F.cross_entropy(logits, y, ignore_index=IGNORE_INDEX)
     if teacher_logits is not None:  # Hinton et al. 2015: (1-d)·CE + d·T²·KL(p_teacher || p_student)
-        teacher_logits = teacher_logits.reshape(logits.shape) if len(shape) == 3 else teacher_logits
+        teacher_logits = teacher_logits.reshape(logits.shape)  # per position: flattened as the student's
         t = config.temperature
         kl = F.kl_div(F.log_softmax(logits / t, dim=1), F.log_softmax(teacher_logits / t, dim=1),
                       reduction="batchmean", log_target=True)
