@@ -21,7 +21,8 @@ from qatkit.config import (
 )
 from qatkit.errors import ConfigError, DataError, ModelFileError, QatkitError, bad_value
 
-_RUN_KEYS = ("dataset", "data", "model", "weight_bits", "act_bits", "limit", "float_epochs", "float_lr", "qat", "train")
+_RUN_KEYS = ("dataset", "data", "model", "weight_bits", "act_bits", "limit", "float_epochs", "float_lr", "keep_sensitive",
+             "qat", "train")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -47,6 +48,9 @@ def _common(p: argparse.ArgumentParser, *, many_bits: bool) -> None:
     p.add_argument("--seed", type=int, help="random seed (default 0)")
     p.add_argument("--device", help="cpu (default) | cuda | cuda:N")
     p.add_argument("--limit", type=int, help="use only the first N samples of each split")
+    p.add_argument("--keep-sensitive", type=int, metavar="N",
+                   help="below 8 bits, keep at 8 bits the N layers that lose most when quantized alone (what "
+                        "`qatkit sensitivity` measures, here on calibration batches); default 0")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--power-of-two-scales", action="store_true",
                    help="every scale a power of two: requantization by shifts, the same integers on fixed-point "
@@ -136,8 +140,8 @@ def run_config_from(args: argparse.Namespace, default_bits: tuple[int, ...] | No
     for flag in ("power_of_two_scales", "exact_multipliers", "exact_adds", "reduce_range"):
         if getattr(args, flag):
             qat[flag] = True
-    top = {k: data[k] for k in _RUN_KEYS[:8] if k in data}
-    for flag in ("dataset", "data", "model", "limit", "float_epochs"):
+    top = {k: data[k] for k in _RUN_KEYS if k in data and k not in ("qat", "train")}
+    for flag in ("dataset", "data", "model", "limit", "float_epochs", "keep_sensitive"):
         if getattr(args, flag) is not None:
             top[flag] = getattr(args, flag)
     for flag in ("weight_bits", "act_bits"):

@@ -7,6 +7,7 @@ when everything succeeded, so a failed run leaves nothing half-written.
 from __future__ import annotations
 
 import dataclasses
+import glob
 import json
 import os
 import shutil
@@ -20,6 +21,7 @@ from torch import nn
 
 from qatkit.calibrate import calibrate
 from qatkit.config import (
+    LayerRule,
     QATConfig,
     TrainConfig,
     _check_number,
@@ -36,6 +38,7 @@ from qatkit.prepare import prepare
 from qatkit.primitives.ranges import check_bits
 from qatkit.report import describe, results_table, write_report
 from qatkit.report.plots import plot_accuracy_vs_bits
+from qatkit.sensitivity import sensitivity
 from qatkit.train import distributed, evaluate, fit, load_checkpoint, save_checkpoint
 from qatkit.train.loop import CHECKPOINT_NAME
 
@@ -55,6 +58,9 @@ class RunConfig:
     limit: int | None = None  # use only the first N samples of each split (quick runs)
     float_epochs: int = 30
     float_lr: float = 3e-3
+    # below 8 bits, the N layers that lose most when quantized alone (qatkit.sensitivity on calibration batches)
+    # are kept at 8 bits (LayerRules added to qat.rules; the recipe records them)
+    keep_sensitive: int = 0
     qat: QATConfig = field(default_factory=QATConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=12, lr=3e-4, distill=0.5, bn_freeze_epoch=8))
 
@@ -66,6 +72,7 @@ class RunConfig:
                             "pass as many --act-bits as --weight-bits")
         _check_number("float_epochs", self.float_epochs, 0, integer=True)
         _check_number("float_lr", self.float_lr, 0.0)
+        _check_number("keep_sensitive", self.keep_sensitive, 0, integer=True)
         if self.model is None:
             text = isinstance(self.dataset, str) and self.dataset in TEXT_DATASETS  # load_dataset checks the name
             object.__setattr__(self, "model", "tiny-transformer" if text else "small-cnn")
@@ -149,10 +156,26 @@ def train_float(config: RunConfig, ds: ImageDataset | TextDataset, out: Path, re
     return model
 
 
-def quantize(config: RunConfig, ds: ImageDataset | TextDataset, float_model: nn.Module, weight_bits: int, act_bits: int,
-             out: Path, *, train: bool, resume: bool = False) -> nn.Module:
-    """PTQ (train=False: calibration only) or QAT from the float model, at one bit-width."""
+def qat_config(config: RunConfig, ds: ImageDataset | TextDataset, float_model: nn.Module, weight_bits: int,
+               act_bits: int) -> QATConfig:
+    """config.qat at these bits; below 8 bits with keep_sensitive N, plus a rule keeping at 8 bits each of the N layers
+    that lose most when quantized alone (qatkit.sensitivity of the float model on calibration batches)."""
     qcfg = dataclasses.replace(config.qat, weight_bits=weight_bits, act_bits=act_bits)
+    if not config.keep_sensitive or min(weight_bits, act_bits) == 8:
+        return qcfg
+    _, calib_loader, test_loader = _loaders(ds, config.train)
+    found = sensitivity(float_model, qcfg, next(iter(test_loader))[0][:2], calib_loader,
+                        num_batches=min(4, config.train.calib_batches))
+    kept = [row["layer"] for row in found["layers"] if min(row["weight_bits"], row["act_bits"]) < 8]
+    return dataclasses.replace(qcfg, rules=qcfg.rules + tuple(
+        LayerRule(pattern=glob.escape(name), weight_bits=8, act_bits=8) for name in kept[:config.keep_sensitive]))
+
+
+def quantize(config: RunConfig, ds: ImageDataset | TextDataset, float_model: nn.Module, weight_bits: int, act_bits: int,
+             out: Path, *, train: bool, resume: bool = False, qcfg: QATConfig | None = None) -> nn.Module:
+    """PTQ (train=False: calibration only) or QAT from the float model, at one bit-width (`qcfg`: qat_config's,
+    where the caller has it)."""
+    qcfg = qat_config(config, ds, float_model, weight_bits, act_bits) if qcfg is None else qcfg
     train_loader, calib_loader, test_loader = _loaders(ds, config.train)
     model = prepare(float_model, qcfg, next(iter(test_loader))[0][:2])
     calibrate(model, calib_loader, config.train.calib_batches)
@@ -259,12 +282,16 @@ def _run(config: RunConfig, out: Path, log) -> dict:
     rows = [_row("float", 32, 32, evaluate(float_model, test_loader)["accuracy"], float_path, time.perf_counter() - t)]
     tables = {}
     for w, a in zip(config.weight_bits, config.act_bits):
+        qcfg = qat_config(config, ds, float_model, w, a)
+        if len(qcfg.rules) > len(config.qat.rules):
+            log(f"[qatkit] W{w}A{a}: kept at 8 bits, the layers that lose most alone: "
+                + ", ".join(r.pattern for r in qcfg.rules[len(config.qat.rules):]))
         for method in ("ptq", "qat"):
             t = time.perf_counter()
-            model = quantize(config, ds, float_model, w, a, out, train=method == "qat")
+            model = quantize(config, ds, float_model, w, a, out, train=method == "qat", qcfg=qcfg)
             accuracy = evaluate(model, test_loader)["accuracy"]
             path = out / f"{method}_w{w}a{a}.safetensors"
-            save_integer(model, _recipe(config, ds, dataclasses.replace(config.qat, weight_bits=w, act_bits=a)), path)
+            save_integer(model, _recipe(config, ds, qcfg), path)
             integer = load(path)
             extra = {"integer_model_accuracy": evaluate(integer, test_loader)["accuracy"]}
             if method == "qat":  # the deployable form: ONNX for ONNX Runtime's int8 kernels, checked against qatkit

@@ -1,6 +1,7 @@
 """The command line: help, usage errors (one line, exit 2, nothing written) and the subcommand chain."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -8,9 +9,13 @@ import sys
 import pytest
 import torch
 from conftest import shared_data
+from safetensors.torch import load_file
 
+import qatkit
 from qatkit.cli import main
 from qatkit.convert import load
+from qatkit.data import load_dataset
+from qatkit.pipeline import FLOAT_FILE, RunConfig, _loaders, build_for, example_input, rebuild_qat
 
 
 def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
@@ -75,6 +80,29 @@ def test_existing_output_folder_is_refused(tmp_path, capsys):
 def test_argparse_errors_exit_2():
     proc = subprocess.run([sys.executable, "-m", "qatkit.cli", "run", "--weight-bits", "eight"], capture_output=True, text=True)
     assert proc.returncode == 2 and "invalid int value: 'eight'" in proc.stderr
+
+
+def test_keep_sensitive_keeps_the_layers_that_lose_most_alone_at_8_bits(tmp_path, capsys):
+    out = tmp_path / "k"
+    code, printed, err = run_cli(capsys, "run", "--weight-bits", "2", "--act-bits", "2", "--keep-sensitive", "1",
+                                 "--float-epochs", "4", "--epochs", "1", "--limit", "600", "--quiet", "--out", str(out))
+    assert code == 0, err
+    qat, recipe = rebuild_qat(out / "qat_w2a2.ckpt")
+    rules = recipe["qat"]["rules"]
+    assert len(rules) == 1 and rules[0]["weight_bits"] == rules[0]["act_bits"] == 8
+    assert f"kept at 8 bits, the layers that lose most alone: {rules[0]['pattern']}" in printed
+    kept = next(r for r in qat.qat_info.layers if r["name"] == rules[0]["pattern"])
+    assert (kept["weight_bits"], kept["act_bits"]) == (8, 8)
+    # the layer qatkit.sensitivity ranks first on the run's float model and calibration batches
+    config = RunConfig(weight_bits=2, act_bits=2, limit=600)
+    ds = load_dataset("digits", None, limit=600)
+    float_model = build_for("small-cnn", ds)
+    float_model.load_state_dict(load_file(str(out / FLOAT_FILE)))
+    found = qatkit.sensitivity(float_model.eval(), dataclasses.replace(config.qat, weight_bits=2, act_bits=2),
+                               example_input(recipe), _loaders(ds, config.train)[1], num_batches=4)
+    assert next(r["layer"] for r in found["layers"] if min(r["weight_bits"], r["act_bits"]) < 8) == rules[0]["pattern"]
+    code, _, err = run_cli(capsys, "run", "--keep-sensitive", "-1", "--out", str(tmp_path / "x"))
+    assert code == 2 and "keep_sensitive = -1 is not allowed" in err
 
 
 def test_train_convert_eval_chain(tmp_path, capsys):
