@@ -88,8 +88,8 @@ def converts_exactly(qat, model, x, tolerance: float):
 
 
 def runs_in_onnx_runtime(integer, x, path, *, top1: bool = True, float_output: bool = False) -> dict:
-    """Export the integer model (example: x's first sample; x a tensor or a tuple of the model's inputs) and run it
-    in ONNX Runtime on x: every output value within one output step of the integer model's (its float islands,
+    """Export the integer model (example: x's first sample; x a tensor, a tuple or a dict of the model's inputs) and
+    run it in ONNX Runtime on x: every output value within one output step of the integer model's (its float islands,
     softmax, norms, may round a value to the next step), the same top-1 (top1); the integer-only reference computes
     ONNX Runtime's outputs exactly, or to float32 rounding where the output is a float op (float_output). verify's
     result."""
@@ -99,11 +99,12 @@ def runs_in_onnx_runtime(integer, x, path, *, top1: bool = True, float_output: b
     from qatkit.export.integer_reference import IntegerReference
     from qatkit.inputs import first
 
-    several = isinstance(x, tuple)  # the model's inputs
     export_onnx(integer, path, first(x))
     result = verify(path, integer, [(x,)])
     assert result["within_one_step"] == 1.0 and (not top1 or result["top1_agreement"] == 1.0), result
-    reference = IntegerReference(path, requant="float32").run(tuple(t.numpy() for t in x) if several else x.numpy())
+    arrays = ({k: t.numpy() for k, t in x.items()} if isinstance(x, dict)  # the model's inputs by name
+              else tuple(t.numpy() for t in x) if isinstance(x, tuple) else x.numpy())
+    reference = IntegerReference(path, requant="float32").run(arrays)
     runtime = ort.run(ort.session(path, threads=1), x)
     if float_output:
         np.testing.assert_allclose(reference, runtime, rtol=1e-5, atol=1e-5)

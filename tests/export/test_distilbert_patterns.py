@@ -13,6 +13,7 @@ from conftest import prepares_whole, runs_in_onnx_runtime
 from torch import nn
 
 import qatkit
+from qatkit.inputs import call
 from qatkit.prepare.modes import trace
 
 V, D, H, L, N, HID = 50, 32, 4, 24, 2, 64
@@ -120,23 +121,27 @@ class DistilBertForSequenceClassification(nn.Module):
 
 
 @pytest.mark.parametrize("shared", [False, True], ids=["blocks", "shared-block"])
-@pytest.mark.parametrize("with_mask", [False, True], ids=["ids", "ids-and-mask"])
-def test_distilbert_as_transformers_writes_it_converts_and_runs_in_onnx_runtime(shared, with_mask, tmp_path):
+@pytest.mark.parametrize("inputs", ["ids", "ids-and-mask", "by-name"])
+def test_distilbert_as_transformers_writes_it_converts_and_runs_in_onnx_runtime(shared, inputs, tmp_path):
+    """by-name: the inputs as a tokenizer returns them, {"input_ids": ..., "attention_mask": ...}."""
     torch.manual_seed(0)
     model = DistilBertForSequenceClassification(shared).eval()
     ids = torch.randint(1, V, (16, 12))
     mask = (torch.arange(12)[None, :] < torch.randint(4, 13, (16, 1))).long()
     ids[mask == 0] = 0
-    x = (ids, mask) if with_mask else ids
-    qat = prepares_whole(model, (ids[:2], mask[:2]) if with_mask else ids[:2])
+
+    def given(ids, mask):
+        return {"ids": ids, "ids-and-mask": (ids, mask), "by-name": {"input_ids": ids, "attention_mask": mask}}[inputs]
+
+    x = given(ids, mask)
+    qat = prepares_whole(model, given(ids[:2], mask[:2]))
     assert sum(type(m).__name__ == "QMatMul" for m in qat.modules()) == 2 * N  # a shared block: each call its own
     qatkit.calibrate(qat, [(x,)])
-    args = x if with_mask else (x,)
     with torch.no_grad():
-        expected = qat.eval()(*args)
-        assert (expected - model(*args)).abs().max() < 0.05 * model(*args).abs().max()
+        expected = call(qat.eval(), x)
+        assert (expected - call(model, x)).abs().max() < 0.05 * call(model, x).abs().max()
         integer = qatkit.convert(qat)
-        assert torch.equal(integer(*args), expected)
+        assert torch.equal(call(integer, x), expected)
     runs_in_onnx_runtime(integer, x, tmp_path / "distilbert.onnx")
 
 
