@@ -764,6 +764,18 @@ def test_3d_convs_and_pools_are_quantized_and_run_exactly_in_onnx_runtime(tmp_pa
     assert result["max_step_diff"] == 0  # ORT's QLinearConv runs the 3-D convs on integers
 
 
+def test_adaptive_max_pool_3d_keeps_the_codes_and_runs_in_onnx_runtime(tmp_path):
+    """To a size that divides the input's (a MaxPool) and to 1 (a ReduceMax), on the codes."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv3d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveMaxPool3d((1, 2, 2)), nn.Conv3d(8, 8, 1),
+                          nn.AdaptiveMaxPool3d(1), nn.Flatten(), nn.Linear(8, 4)).eval()
+    x = torch.randn(16, 3, 4, 8, 8)
+    qat = _calibrated(model, x)
+    assert not qat.qat_info.float_ops  # the pools keep the codes
+    result = runs_in_onnx_runtime(converts_exactly(qat, model, x, 0.2), x, tmp_path / "pool3d.onnx")
+    assert result["max_step_diff"] == 0
+
+
 def test_3d_float_ops_compute_what_pytorch_does():
     """Unquantized (skipped) 3-D layers and pools, BatchNorm3d and InstanceNorm3d: float64 = PyTorch."""
     torch.manual_seed(0)

@@ -51,7 +51,8 @@ _FUNCTIONS = [
     *([F.rms_norm] if hasattr(F, "rms_norm") else []),  # F.rms_norm, nn.RMSNorm: torch >= 2.4
     F.elu, F.selu, F.celu, F.softplus, F.mish, F.prelu, F.glu, F.log_softmax, F.softmin, F.logsigmoid, F.softsign,
     F.tanhshrink, F.hardshrink, F.softshrink, F.threshold, F.local_response_norm, F.pixel_unshuffle,
-    F.channel_shuffle, torch.unflatten, F.adaptive_max_pool1d, F.adaptive_max_pool2d, torch.meshgrid,
+    F.channel_shuffle, torch.unflatten, F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d,
+    torch.meshgrid,
     F.conv3d, F.conv_transpose3d, F.max_pool3d, F.avg_pool3d, F.adaptive_avg_pool3d,
     torch.max, torch.min, torch.amax, torch.amin, torch.cumsum, torch.argmax, torch.argmin, topk, torch.abs, torch.log,
     setitem,
@@ -72,7 +73,7 @@ CODE_PRESERVING_FUNCTIONS = (torch.flatten, torch.reshape, torch.transpose, torc
                              torch.unsqueeze, F.max_pool1d, F.max_pool2d, F.max_pool3d, operator.getitem, torch.chunk,
                              torch.split, torch.repeat_interleave, torch.unbind, F.pixel_shuffle, torch.roll,
                              F.pixel_unshuffle, F.channel_shuffle, torch.unflatten, F.adaptive_max_pool1d,
-                             F.adaptive_max_pool2d)
+                             F.adaptive_max_pool2d, F.adaptive_max_pool3d)
 CODE_PRESERVING_METHODS = {"view", "reshape", "permute", "transpose", "flatten", "contiguous", "squeeze", "unsqueeze",
                            "expand", "chunk", "split", "repeat_interleave", "unbind", "roll", "unflatten", "repeat"}
 CODE_PRESERVING = {NAME_OF[f] for f in CODE_PRESERVING_FUNCTIONS} | CODE_PRESERVING_METHODS | {"identity"}
@@ -148,8 +149,8 @@ IDENTITY_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.Alp
 TRACED_THROUGH = (nn.ELU, nn.SELU, nn.CELU, nn.Softplus, nn.Mish, nn.PReLU, nn.GLU, nn.LogSoftmax, nn.Softmax2d,
                   nn.Softmin, nn.LogSigmoid, nn.Softsign, nn.Tanhshrink, nn.Hardshrink, nn.Softshrink, nn.Threshold,
                   nn.LocalResponseNorm, nn.PixelUnshuffle, nn.ChannelShuffle, nn.Unflatten, nn.AdaptiveMaxPool1d,
-                  nn.AdaptiveMaxPool2d, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d, nn.ZeroPad1d, nn.ZeroPad2d,
-                  nn.ConstantPad1d, nn.ConstantPad2d, nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReplicationPad1d,
+                  nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d,
+                  nn.ZeroPad1d, nn.ZeroPad2d, nn.ConstantPad1d, nn.ConstantPad2d, nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReplicationPad1d,
                   nn.ReplicationPad2d, *([nn.CircularPad1d, nn.CircularPad2d] if hasattr(nn, "CircularPad2d") else []))
 
 

@@ -214,7 +214,7 @@ def export_call(ex, node: dict) -> Value:
     if short in ("max", "min", "amax", "amin"):
         return _reduce_max_min(ex, x, short, _arg(args, kwargs, 1, "dim", None), _arg(args, kwargs, 2, "keepdim", False),
                                rank, name)
-    if short in ("adaptive_max_pool1d", "adaptive_max_pool2d"):
+    if short in ("adaptive_max_pool1d", "adaptive_max_pool2d", "adaptive_max_pool3d"):
         return _adaptive_max_pool(ex, node, x, args, kwargs, rank)
     if short == "roll":
         return _roll(ex, node, x, _arg(args, kwargs, 1, "shifts", None), _arg(args, kwargs, 2, "dims", None), rank)
