@@ -104,7 +104,8 @@ def _parser() -> argparse.ArgumentParser:
                                            "SQNR and top-1 agreement against the float model; the layers to keep "
                                            "at more bits first")
     p.add_argument("checkpoint", help="QAT checkpoint (qat_*.ckpt) of a qatkit run or train")
-    p.add_argument("--float", dest="float_weights", help="float weights (.safetensors); default: float.safetensors beside the checkpoint")
+    p.add_argument("--float", dest="float_weights",
+                   help="float weights (.safetensors); default: float.safetensors beside the checkpoint")
     p.add_argument("--dataset", help="default: the one the model was trained on")
     p.add_argument("--data", help="path of the dataset")
     p.add_argument("--batches", type=int, default=4, help="test batches of 256 to calibrate and compare on (default 4)")

@@ -52,7 +52,7 @@ import onnx
 from numpy.lib.stride_tricks import sliding_window_view
 from onnx import helper, numpy_helper
 
-from qatkit.errors import ModelFileError, bad_value
+from qatkit.errors import DataError, ModelFileError, bad_value
 from qatkit.export import ort_numerics as on
 
 f32, f64, i64 = np.float32, np.float64, np.int64
@@ -511,7 +511,7 @@ class IntegerReference:
         if isinstance(x, Mapping):
             if sorted(x) != sorted(self.input_names):
                 raise bad_value("inputs by name", sorted(x), f"the graph's inputs {self.input_names}",
-                                "give each graph input under its name")
+                                "give each graph input under its name", DataError)
             x = tuple(x[name] for name in self.input_names)
         for name, value in zip(self.input_names, x if isinstance(x, tuple) else (x,)):
             value = np.asarray(value)
