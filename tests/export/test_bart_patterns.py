@@ -112,6 +112,8 @@ def test_bart_decoder_as_transformers_writes_it_converts_and_runs_in_onnx_runtim
     ids, encoded = torch.randint(2, V, (16, 9)), torch.randn(16, 11, D)
     qat = prepares_whole(model, (ids[:2], encoded[:2]))
     assert sum(type(m).__name__ == "QMatMul" for m in qat.modules()) == 4 * N  # bmm: self- and cross-attention
+    # the learned positions' table too (an nn.Embedding subclass whose forward computes the positions)
+    assert {"embed_tokens", "embed_positions"} <= {r["name"] for r in qat.qat_info.layers}
     qatkit.calibrate(qat, [((ids, encoded),)])
     integer = qatkit.convert(qat)
     with torch.no_grad():

@@ -158,6 +158,8 @@ class _Rewriter:
         for node in list(self.graph.nodes):
             if node.op == "call_function" and node.target is F.linear:
                 self._functional_linear(node)
+            elif node.op == "call_function" and node.target is F.embedding:
+                self._functional_embedding(node)
             else:
                 self._respell(node)
         self.calls = Counter(n.target for n in self.graph.nodes if n.op == "call_module")
@@ -310,6 +312,34 @@ class _Rewriter:
         for attr in (weight, bias):
             if isinstance(attr, fx.Node) and attr.op == "get_attr" and not attr.users:
                 self.graph.erase_node(attr)
+
+    def _functional_embedding(self, node: fx.Node) -> None:
+        """F.embedding(ids, self.weight) of an nn.Embedding subclass's own forward (BART's learned positions:
+        `super().forward(positions + offset)`): a plain nn.Embedding on that table, called on the ids, so the table is
+        quantized as a planned layer's (the subclass's other code stays as traced). Other lookups stay float ops."""
+        names = ("input", "weight", "padding_idx", "max_norm")
+        a = dict(zip(names, (None, None, None, None)))
+        a.update(zip(names, node.args), **{k: v for k, v in node.kwargs.items() if k in names})
+        weight = a["weight"]
+        if not (isinstance(weight, fx.Node) and weight.op == "get_attr" and weight.target.endswith(".weight")):
+            return
+        path = weight.target[: -len(".weight")]
+        try:
+            table = self.root.get_submodule(path)
+        except AttributeError:
+            return
+        if type(table) is nn.Embedding or not isinstance(table, nn.Embedding) or a["max_norm"] is not None \
+                or path not in self.plans or set(node.kwargs) - set(names) - {"norm_type", "scale_grad_by_freq", "sparse"}:
+            return
+        plain = nn.Embedding(*table.weight.shape, padding_idx=a["padding_idx"], _weight=table.weight)
+        self.gm.add_submodule(path, plain)
+        self.modules[path] = plain
+        with self.graph.inserting_before(node):
+            out = self.graph.call_module(path, (a["input"],))
+        node.replace_all_uses_with(out)
+        self.graph.erase_node(node)
+        if not weight.users:
+            self.graph.erase_node(weight)
 
     def _dropout_module(self, node: fx.Node) -> None:
         """F.dropout(x, p, self.training) (or dropout2d, alpha_dropout…): tracing froze `training` to the mode at

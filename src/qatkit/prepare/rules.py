@@ -23,9 +23,11 @@ def plan_layers(model: nn.Module, config: QATConfig, quantizable: tuple[type, ..
     """Plan every quantizable layer by qualified name; a rule that matches no layer is an error.
 
     "First" and "last" are the first and last quantizable layers in definition order (the stem conv
-    and the classifier in the zoo), kept at `first_last_bits` as LSQ does.
+    and the classifier in the zoo), kept at `first_last_bits` as LSQ does. A subclass of nn.Embedding (Hugging
+    Face's BART positional embedding, whose forward computes the positions it looks up) is planned too: fx traces
+    its forward, and prepare quantizes the lookup of its own table.
     """
-    names = [n for n, m in model.named_modules() if type(m) in quantizable]
+    names = [n for n, m in model.named_modules() if type(m) in quantizable or isinstance(m, nn.Embedding)]
     edge = {names[0], names[-1]} if names and config.first_last_bits is not None else set()
     plans, used = {}, set()
     for name in names:
