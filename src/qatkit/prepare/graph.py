@@ -112,6 +112,13 @@ def _is(node: fx.Node, modules, module_types: tuple, functions: set, methods: se
     return node.op == "call_method" and node.target in methods
 
 
+def _call_args(node: fx.Node, names: tuple[str, ...]) -> dict:
+    """A call's arguments by name (the first len(names) of its signature; None where not given)."""
+    a = dict.fromkeys(names)
+    a.update(zip(names, node.args), **{k: v for k, v in node.kwargs.items() if k in names})
+    return a
+
+
 def _describe(node: fx.Node, modules, plans) -> str:
     if node.op == "call_module":
         skipped = ", skipped by rule" if getattr(plans.get(node.target), "skip", False) else ""
@@ -286,60 +293,52 @@ class _Rewriter:
         """F.linear(x, self.qkv.weight, bias) with an nn.Linear's own weight (timm's Swin V2, BEiT, EVA: the qkv
         bias concatenated from q_bias, zeros and v_bias): that layer called on x, plus the bias, so the layer is
         quantized as when called. Other weights (computed, or not an nn.Linear's) stay a float op."""
-        names = ("input", "weight", "bias")
-        a = dict(zip(names, (None, None, None)))
-        a.update(zip(names, node.args), **node.kwargs)
-        weight = a["weight"]
-        if not (isinstance(weight, fx.Node) and weight.op == "get_attr" and weight.target.endswith(".weight")):
-            return
-        path = weight.target[: -len(".weight")]
-        try:  # the model's layer: the traced module holds only its weight, in a plain nn.Module
-            layer = self.root.get_submodule(path)
-        except AttributeError:
-            return
+        a = _call_args(node, ("input", "weight", "bias"))
+        path, layer = self._own_layer(a["weight"])
         bias = a["bias"]
         own_bias = isinstance(bias, fx.Node) and bias.op == "get_attr" and bias.target == f"{path}.bias"
         if type(layer) is not nn.Linear or not (own_bias or layer.bias is None):
             return
-        self.gm.add_submodule(path, layer)
-        self.modules[path] = layer
-        with self.graph.inserting_before(node):
-            out = self.graph.call_module(path, (a["input"],))
-            if bias is not None and not own_bias:
-                out = self.graph.call_function(operator.add, (out, bias))
-        node.replace_all_uses_with(out)
-        self.graph.erase_node(node)
-        for attr in (weight, bias):
-            if isinstance(attr, fx.Node) and attr.op == "get_attr" and not attr.users:
-                self.graph.erase_node(attr)
+        self._call_instead(node, path, layer, a["input"], None if bias is None or own_bias else bias)
 
     def _functional_embedding(self, node: fx.Node) -> None:
         """F.embedding(ids, self.weight) of an nn.Embedding subclass's own forward (BART's learned positions:
         `super().forward(positions + offset)`): a plain nn.Embedding on that table, called on the ids, so the table is
         quantized as a planned layer's (the subclass's other code stays as traced). Other lookups stay float ops."""
-        names = ("input", "weight", "padding_idx", "max_norm")
-        a = dict(zip(names, (None, None, None, None)))
-        a.update(zip(names, node.args), **{k: v for k, v in node.kwargs.items() if k in names})
-        weight = a["weight"]
-        if not (isinstance(weight, fx.Node) and weight.op == "get_attr" and weight.target.endswith(".weight")):
-            return
-        path = weight.target[: -len(".weight")]
-        try:
-            table = self.root.get_submodule(path)
-        except AttributeError:
-            return
-        if type(table) is nn.Embedding or not isinstance(table, nn.Embedding) or a["max_norm"] is not None \
-                or path not in self.plans or set(node.kwargs) - set(names) - {"norm_type", "scale_grad_by_freq", "sparse"}:
+        a = _call_args(node, ("input", "weight", "padding_idx", "max_norm"))
+        path, table = self._own_layer(a["weight"])
+        if (type(table) is nn.Embedding or not isinstance(table, nn.Embedding) or a["max_norm"] is not None
+                or path not in self.plans):
             return
         plain = nn.Embedding(*table.weight.shape, padding_idx=a["padding_idx"], _weight=table.weight)
-        self.gm.add_submodule(path, plain)
-        self.modules[path] = plain
+        self._call_instead(node, path, plain, a["input"])
+
+    def _own_layer(self, weight) -> tuple[str | None, nn.Module | None]:
+        """(path, module) of the model's module whose own weight the get_attr node `weight` reads; (None, None) for
+        any other weight (computed, or not a module's `.weight`)."""
+        if not (isinstance(weight, fx.Node) and weight.op == "get_attr" and weight.target.endswith(".weight")):
+            return None, None
+        path = weight.target[: -len(".weight")]
+        try:  # the model's layer: the traced module holds only its weight, in a plain nn.Module
+            return path, self.root.get_submodule(path)
+        except AttributeError:
+            return None, None
+
+    def _call_instead(self, node: fx.Node, path: str, layer: nn.Module, x: fx.Node, add: fx.Node | None = None) -> None:
+        """`node` (a functional call on `layer`'s own weight) becomes a call of `layer` at `path` on x (plus `add`);
+        the get_attr nodes it read go where nothing else reads them."""
+        self.gm.add_submodule(path, layer)
+        self.modules[path] = layer
         with self.graph.inserting_before(node):
-            out = self.graph.call_module(path, (a["input"],))
+            out = self.graph.call_module(path, (x,))
+            if add is not None:
+                out = self.graph.call_function(operator.add, (out, add))
+        read = [a for a in node.all_input_nodes if a.op == "get_attr"]
         node.replace_all_uses_with(out)
         self.graph.erase_node(node)
-        if not weight.users:
-            self.graph.erase_node(weight)
+        for attr in read:
+            if not attr.users:
+                self.graph.erase_node(attr)
 
     def _dropout_module(self, node: fx.Node) -> None:
         """F.dropout(x, p, self.training) (or dropout2d, alpha_dropout…): tracing froze `training` to the mode at
