@@ -60,13 +60,16 @@ def call(model, x):
     if not isinstance(x, Mapping):
         return model(*as_args(x))
     as_args(x)  # tensors only
-    signature = inspect.signature(model.forward if isinstance(model, torch.nn.Module) else model)
     try:
-        signature.bind(**x)
-    except TypeError as e:
-        raise DataError(f"inputs by name {list(x)} do not fit {type(model).__name__}.forward{signature} ({e}). "
-                        "Fix: name each input as forward's argument (labels under 'labels')") from None
-    return model(**x)
+        return model(**x)
+    except TypeError:  # the names forward does not take, said so; any other TypeError is the model's own
+        signature = inspect.signature(model.forward if isinstance(model, torch.nn.Module) else model)
+        try:
+            signature.bind(**x)
+        except TypeError as e:
+            raise DataError(f"inputs by name {list(x)} do not fit {type(model).__name__}.forward{signature} ({e}). "
+                            "Fix: name each input as forward's argument (labels under 'labels')") from None
+        raise
 
 
 def first(x):
