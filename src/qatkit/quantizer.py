@@ -90,15 +90,16 @@ class FakeQuantizer(HostBuffers, nn.Module):
         """Fake-quantized x; of relu(x) with relu=True (fused with the quantization where the kernel runs).
         `scale`: the scale to use instead of the quantizer's own (a layer's exact-multiplier weight scale, computed
         from this quantizer's, whose gradient it carries back)."""
-        if relu and not self.active:  # no fake quantization to fuse the relu into
+        enabled, initialized = bool(self.enabled), bool(self.initialized)  # (self.active, read once)
+        if relu and not (enabled and not self.observing and initialized):  # no fake quantization to fuse it into
             x, relu = torch.relu(x), False
-        if not self.enabled:
+        if not enabled:
             return x
         if self.observing:
             self._observe(x)
             return x
         self._check_axis(x)
-        if not self.initialized:  # weights, or activations never calibrated: initialise from this tensor
+        if not initialized:  # weights, or activations never calibrated: initialise from this tensor
             self.init_from(x)
         qmin, qmax = self.qrange
         per_scale = x.numel() // (self.scale.numel() if self.kind == "weight" else max(x.shape[0], 1))

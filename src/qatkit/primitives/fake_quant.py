@@ -55,29 +55,35 @@ def _backward(x: torch.Tensor, grad: torch.Tensor, s: torch.Tensor, z: torch.Ten
 
 
 def _memory_order(x: torch.Tensor) -> list[int]:
-    """x's dimensions from the largest stride to the smallest (the identity for a contiguous tensor)."""
-    return list(range(x.dim())) if x.is_contiguous() else sorted(range(x.dim()), key=lambda d: -x.stride(d))
+    """x's dimensions from the largest stride to the smallest."""
+    return sorted(range(x.dim()), key=lambda d: -x.stride(d))
+
+
+AS_IS = ()  # the kernel order of a contiguous tensor: read as it is
 
 
 def _kernel_order(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, axis: int | None) -> list[int] | None:
-    """The order in which the fused kernel reads x (one flat run; per-channel: channel by channel), or None
-    where it cannot (not float32 on the CPU, or a per-channel axis that is not x's outermost in memory)."""
+    """The order in which the fused kernel reads x (one flat run; per-channel: channel by channel): AS_IS for a
+    contiguous x, else x's dimensions in memory order; None where it cannot (not float32 on the CPU, or a per-channel
+    axis that is not x's outermost in memory)."""
     if not cpu_kernel.usable(x, scale, zero_point):
         return None
+    if x.is_contiguous():
+        return AS_IS if scale.dim() == 0 or axis % x.dim() == 0 else None
     order = _memory_order(x)
     return order if scale.dim() == 0 or order[0] == axis % x.dim() else None
 
 
 def _flatten(t: torch.Tensor, order: list[int]) -> torch.Tensor:
-    """t read in `order` as one contiguous run (a view when t is laid out that way)."""
-    if t.is_contiguous() and order == sorted(order):
-        return t.view(-1)
+    """t read in `order` as one contiguous run (t itself, or a view, when t is laid out that way)."""
+    if order is AS_IS:
+        return t.contiguous()
     return t.permute(order).reshape(-1)
 
 
 def _unflatten(flat: torch.Tensor, like: torch.Tensor, order: list[int]) -> torch.Tensor:
     """The inverse of _flatten: like's shape, in like's layout."""
-    if order == sorted(order):
+    if order is AS_IS:
         return flat.view(like.shape)
     return flat.view([like.shape[d] for d in order]).permute([order.index(d) for d in range(like.dim())])
 
@@ -87,13 +93,13 @@ class _FakeQuantize(torch.autograd.Function):
     shape and layout; per-channel: the channel axis outermost, as for weights); otherwise the eager formulas."""
 
     @staticmethod
-    def forward(ctx, x, scale, zero_point, qmin, qmax, axis, grad_scale, relu=False, map_scale=False, map_zero_point=False):
+    def forward(ctx, x, scale, zero_point, qmin, qmax, axis, grad_scale, relu, map_scale, map_zero_point, order):
         """relu=True (kernel path only): fake-quantize relu(x), with relu's gradient, in the same pass.
-        map_scale / map_zero_point: `scale` / `zero_point` are raw parameters (see fake_quantize)."""
+        map_scale / map_zero_point: `scale` / `zero_point` are raw parameters (see fake_quantize).
+        order: _kernel_order(x, scale, zero_point, axis)."""
         ctx.save_for_backward(x, scale, zero_point)
         ctx.qrange, ctx.axis, ctx.grad_scale, ctx.relu = (qmin, qmax), axis, grad_scale, relu
-        ctx.maps = map_scale, map_zero_point
-        order = _kernel_order(x, scale, zero_point, axis)
+        ctx.maps, ctx.order = (map_scale, map_zero_point), order
         if order is not None:
             y = cpu_kernel.forward(_flatten(x, order), scale, zero_point, qmin, qmax, relu, map_scale, map_zero_point)
             return _unflatten(y, x, order)
@@ -105,7 +111,7 @@ class _FakeQuantize(torch.autograd.Function):
     def backward(ctx, grad):
         x, scale, zero_point = ctx.saved_tensors
         (qmin, qmax), axis, (map_s, map_z), needs = ctx.qrange, ctx.axis, ctx.maps, ctx.needs_input_grad
-        order = _kernel_order(x, scale, zero_point, axis) if grad.dtype == x.dtype else None
+        order = ctx.order if grad.dtype == x.dtype else None
         if order is not None:  # the parameter gradients, chain rule and LSQ scale included, come from the kernel
             grad_x, grad_s, grad_z = cpu_kernel.backward(_flatten(x, order), _flatten(grad, order), scale, zero_point,
                                                          qmin, qmax, ctx.relu, map_s, map_z, ctx.grad_scale)
@@ -123,7 +129,7 @@ class _FakeQuantize(torch.autograd.Function):
             if map_z:
                 grad_z = torch.where((zero_point >= qmin) & (zero_point <= qmax), grad_z, 0.0)
         return (grad_x if needs[0] else None, grad_s if needs[1] else None, grad_z if needs[2] else None,
-                None, None, None, None, None, None, None)
+                None, None, None, None, None, None, None, None)
 
 
 def _mapped(scale, zero_point, qmin: int, qmax: int, map_scale: int, map_zero_point: bool):
@@ -150,9 +156,11 @@ def fake_quantize(
     parameters: map_scale takes s = max(|scale|, MIN_SCALE) (POWER_OF_TWO: its nearest power of two),
     map_zero_point z = round(clamp(zero_point, qmin, qmax)); the gradients then go to the raw `scale` and
     `zero_point`."""
-    if relu and _kernel_order(x, scale, zero_point, axis) is None:
+    order = _kernel_order(x, scale, zero_point, axis)
+    if relu and order is None:
         x, relu = torch.relu(x), False
-    return _FakeQuantize.apply(x, scale, zero_point, qmin, qmax, axis, grad_scale, relu, map_scale, map_zero_point)
+    return _FakeQuantize.apply(x, scale, zero_point, qmin, qmax, axis, grad_scale, relu, map_scale, map_zero_point,
+                               order)
 
 
 def quantize_codes(
