@@ -61,6 +61,57 @@ def test_transformer_encoder_computes_what_torch_computes(norm_first, activation
                                    rtol=0, atol=1e-12)
 
 
+def _decoder_masks(b: int, t: int, s: int) -> list[dict]:
+    """The target's causal mask (float, as nn.Transformer makes it, or boolean), padding of target and memory, and a
+    memory mask."""
+    torch.manual_seed(2)
+    tgt_pad, mem_pad = torch.rand(b, t) > 0.6, torch.rand(b, s) > 0.6
+    tgt_pad[:, 0] = mem_pad[:, 0] = False  # every query keeps a key: no all -inf row
+    causal = nn.Transformer.generate_square_subsequent_mask(t, dtype=torch.float64)
+    return [{}, {"tgt_mask": causal, "tgt_is_causal": True},
+            {"tgt_mask": torch.triu(torch.ones(t, t, dtype=torch.bool), 1), "tgt_key_padding_mask": tgt_pad,
+             "memory_key_padding_mask": mem_pad},
+            {"tgt_mask": causal, "memory_mask": torch.randn(t, s, dtype=torch.float64)}]
+
+
+@pytest.mark.parametrize("norm_first, activation", [(False, "relu"), (True, "gelu")])
+def test_transformer_decoder_computes_what_torch_computes(norm_first, activation):
+    torch.manual_seed(0)
+    layer = nn.TransformerDecoderLayer(16, 4, 32, dropout=0.0, activation=activation, batch_first=True,
+                                       norm_first=norm_first)
+    decoder = nn.TransformerDecoder(layer, 2, norm=nn.LayerNorm(16)).double()
+    mine = decompose(copy.deepcopy(decoder))
+    tgt, memory = torch.randn(3, 5, 16, dtype=torch.float64), torch.randn(3, 7, 16, dtype=torch.float64)
+    for kwargs in _decoder_masks(3, 5, 7):
+        for mode in (True, False):
+            decoder.train(mode), mine.train(mode)
+            torch.testing.assert_close(mine(tgt, memory, **kwargs), decoder(tgt, memory, **kwargs), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_nn_transformer_computes_what_torch_computes(batch_first):
+    torch.manual_seed(0)
+    transformer = nn.Transformer(16, 4, num_encoder_layers=2, num_decoder_layers=2, dim_feedforward=32, dropout=0.0,
+                                 batch_first=batch_first).double().eval()
+    mine = decompose(copy.deepcopy(transformer))
+    assert not any(isinstance(m, (nn.Transformer, nn.TransformerDecoderLayer, nn.TransformerEncoderLayer,
+                                  nn.MultiheadAttention)) for m in mine.modules())
+    src, tgt = torch.randn(3, 7, 16, dtype=torch.float64), torch.randn(3, 5, 16, dtype=torch.float64)
+    if not batch_first:
+        src, tgt = src.transpose(0, 1), tgt.transpose(0, 1)
+    src_pad = torch.tensor([[False] * 7, [False] * 5 + [True] * 2, [False] * 6 + [True]])
+    kwargs = {"tgt_mask": nn.Transformer.generate_square_subsequent_mask(5, dtype=torch.float64),
+              "src_key_padding_mask": src_pad, "memory_key_padding_mask": src_pad}
+    torch.testing.assert_close(mine(src, tgt, **kwargs), transformer(src, tgt, **kwargs), rtol=0, atol=1e-12)
+
+
+def test_is_causal_without_its_mask_is_refused_with_the_fix():
+    decoder = decompose(nn.TransformerDecoderLayer(8, 2, 16, batch_first=True))
+    x = torch.randn(2, 3, 8)
+    with pytest.raises(ValueError, match=r"is_causal=True needs the causal attn_mask .* Fix: pass attn_mask="):
+        decoder(x, x, tgt_is_causal=True)
+
+
 def test_bias_kv_is_refused_with_the_fix():
     with pytest.raises(ConfigError, match=r"uses add_bias_kv or add_zero_attn; allowed: neither\. Fix:"):
         decompose(nn.MultiheadAttention(8, 2, add_bias_kv=True))
@@ -106,6 +157,52 @@ def test_a_torch_nn_transformer_is_quantized_converted_and_exported(tmp_path):
         assert {f"encoder.layers.{i}.self_attn.{p}_proj" for p in "qkvo" if p != "o"} | \
                {f"encoder.layers.{i}.self_attn.out_proj", f"encoder.layers.{i}.linear1", f"encoder.layers.{i}.linear2"} <= layers
     _deploys(model, qat, ids, tmp_path)
+
+
+class Translator(nn.Module):
+    """A sequence-to-sequence model as PyTorch's translation tutorial builds it: token embeddings, nn.Transformer
+    (source padding masked, the target causal), a projection to the target vocabulary at every position."""
+
+    def __init__(self):
+        super().__init__()
+        self.src_embed, self.tgt_embed = nn.Embedding(40, 32, padding_idx=0), nn.Embedding(30, 32)
+        self.transformer = nn.Transformer(32, 4, num_encoder_layers=2, num_decoder_layers=2, dim_feedforward=64,
+                                          dropout=0.1, batch_first=True)
+        self.generator = nn.Linear(32, 30)
+
+    def forward(self, src, tgt):
+        causal = nn.Transformer.generate_square_subsequent_mask(tgt.shape[1])
+        out = self.transformer(self.src_embed(src), self.tgt_embed(tgt), tgt_mask=causal,
+                               src_key_padding_mask=src == 0, memory_key_padding_mask=src == 0)
+        return self.generator(out)
+
+
+def test_a_torch_nn_seq2seq_transformer_is_quantized_converted_and_exported(tmp_path):
+    """Every projection of encoder and decoder (both attentions) is quantized; the integer model computes the QAT
+    model's outputs at the example's lengths and at others; ONNX Runtime agrees within one output step."""
+    torch.manual_seed(0)
+    model = Translator().eval()
+    src, tgt = torch.randint(1, 40, (16, 9)), torch.randint(0, 30, (16, 6))
+    src[:8, 6:] = 0
+    qat = qatkit.prepare(model, qatkit.QATConfig(), (src[:2], tgt[:2]))
+    layers = {r["name"] for r in qat.qat_info.layers}
+    for i in (0, 1):
+        decoder = f"transformer.decoder.layers.{i}"
+        assert {f"{decoder}.{attn}.{p}_proj" for attn in ("self_attn", "multihead_attn") for p in ("q", "k", "v", "out")} \
+            | {f"{decoder}.linear1", f"{decoder}.linear2", f"transformer.encoder.layers.{i}.self_attn.q_proj"} <= layers
+    batch = ((src, tgt), torch.zeros(16))
+    qatkit.calibrate(qat, [batch])
+    qat.eval()
+    integer = qatkit.convert(qat)
+    with torch.no_grad():
+        y = qat(src, tgt)
+        assert (y - model(src, tgt)).abs().max() < 0.1 * model(src, tgt).abs().max()
+        assert torch.equal(integer(src, tgt), y)
+        longer = torch.randint(1, 40, (4, 11)), torch.randint(0, 30, (4, 8))
+        assert torch.equal(integer(*longer), qat(*longer))
+    export_onnx(integer, tmp_path / "m.onnx", (src[:1], tgt[:1]))
+    result = verify(tmp_path / "m.onnx", integer, [batch])  # (the ONNX graph's inputs keep the example's lengths)
+    assert result["top1_agreement"] == 1.0 and result["within_one_step"] == 1.0
 
 
 def _flat(out):

@@ -1,7 +1,8 @@
 """torch.nn's attention and recurrent blocks, rewritten with nn.Linear layers and tensor ops before tracing.
 
-nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerEncoder, nn.LSTM and nn.GRU are leaves to
-torch.fx and run fused kernels: their projections would stay float. Replaced by these modules (same parameters, the same
+nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerEncoder, nn.TransformerDecoderLayer,
+nn.TransformerDecoder, nn.Transformer, nn.LSTM and nn.GRU are leaves to torch.fx and run fused kernels: their
+projections would stay float. Replaced by these modules (same parameters, the same
 computation as PyTorch's non-fused path), every projection is an nn.Linear that prepare quantizes, and
 the matmuls, softmax and masks are ops the integer model and ONNX export know.
 A linear layer that stores its weight (in, out) and computes `torch.addmm(bias, x.view(-1, in), weight)` (Hugging
@@ -53,6 +54,9 @@ class MultiheadAttention(nn.Module):
 
     def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
                 average_attn_weights=True, is_causal=False):
+        if is_causal and attn_mask is None:  # a hint about attn_mask (what is computed), as in PyTorch
+            raise ValueError("is_causal=True needs the causal attn_mask it describes; allowed: is_causal with an "
+                             "attn_mask. Fix: pass attn_mask=nn.Transformer.generate_square_subsequent_mask(L)")
         if not self.batch_first:  # (L, B, E) -> (B, L, E)
             query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
         q = self._heads(self.q_proj(query))  # already scaled by 1/√d
@@ -75,32 +79,39 @@ class MultiheadAttention(nn.Module):
         return out, weights.mean(1) if average_attn_weights else weights
 
 
-class TransformerEncoderLayer(nn.Module):
-    """nn.TransformerEncoderLayer's non-fused path, with the attention above."""
+class _FeedForward(nn.Module):
+    """What nn.TransformerEncoderLayer and nn.TransformerDecoderLayer share: the feed-forward block's modules."""
 
-    def __init__(self, layer: nn.TransformerEncoderLayer):
+    def __init__(self, layer: nn.TransformerEncoderLayer | nn.TransformerDecoderLayer):
         super().__init__()
-        self.self_attn = MultiheadAttention(layer.self_attn)
         self.linear1, self.dropout, self.linear2 = layer.linear1, layer.dropout, layer.linear2
-        self.norm1, self.norm2, self.dropout1, self.dropout2 = layer.norm1, layer.norm2, layer.dropout1, layer.dropout2
         self.norm_first = layer.norm_first
         act = layer.activation
         self.activation = act if isinstance(act, nn.Module) else {F.relu: nn.ReLU(), F.gelu: nn.GELU()}.get(act, act)
+
+    def _feed_forward(self, x, dropout: nn.Module):
+        return dropout(self.linear2(self.dropout(self.activation(self.linear1(x)))))
+
+
+class TransformerEncoderLayer(_FeedForward):
+    """nn.TransformerEncoderLayer's non-fused path, with the attention above."""
+
+    def __init__(self, layer: nn.TransformerEncoderLayer):
+        super().__init__(layer)
+        self.self_attn = MultiheadAttention(layer.self_attn)
+        self.norm1, self.norm2, self.dropout1, self.dropout2 = layer.norm1, layer.norm2, layer.dropout1, layer.dropout2
 
     def forward(self, src, src_mask=None, src_key_padding_mask=None, is_causal=False):
         x = src
         if self.norm_first:
             x = x + self._sa_block(self.norm1(x), src_mask, src_key_padding_mask)
-            return x + self._ff_block(self.norm2(x))
+            return x + self._feed_forward(self.norm2(x), self.dropout2)
         x = self.norm1(x + self._sa_block(x, src_mask, src_key_padding_mask))
-        return self.norm2(x + self._ff_block(x))
+        return self.norm2(x + self._feed_forward(x, self.dropout2))
 
     def _sa_block(self, x, attn_mask, key_padding_mask):
         x = self.self_attn(x, x, x, attn_mask=attn_mask, key_padding_mask=key_padding_mask, need_weights=False)[0]
         return self.dropout1(x)
-
-    def _ff_block(self, x):
-        return self.dropout2(self.linear2(self.dropout(self.activation(self.linear1(x)))))
 
 
 class TransformerEncoder(nn.Module):
@@ -113,6 +124,68 @@ class TransformerEncoder(nn.Module):
         for layer in self.layers:
             src = layer(src, src_mask=mask, src_key_padding_mask=src_key_padding_mask)
         return src if self.norm is None else self.norm(src)
+
+
+class TransformerDecoderLayer(_FeedForward):
+    """nn.TransformerDecoderLayer: self-attention on the target, attention to the encoder's memory, feed-forward."""
+
+    def __init__(self, layer: nn.TransformerDecoderLayer):
+        super().__init__(layer)
+        self.self_attn, self.multihead_attn = MultiheadAttention(layer.self_attn), MultiheadAttention(layer.multihead_attn)
+        self.norm1, self.norm2, self.norm3 = layer.norm1, layer.norm2, layer.norm3
+        self.dropout1, self.dropout2, self.dropout3 = layer.dropout1, layer.dropout2, layer.dropout3
+
+    def forward(self, tgt, memory, tgt_mask=None, memory_mask=None, tgt_key_padding_mask=None,
+                memory_key_padding_mask=None, tgt_is_causal=False, memory_is_causal=False):
+        x = tgt
+        if self.norm_first:
+            h = self.norm1(x)
+            x = x + self.dropout1(self._attention(self.self_attn, h, h, tgt_mask, tgt_key_padding_mask, tgt_is_causal))
+            x = x + self.dropout2(self._attention(self.multihead_attn, self.norm2(x), memory, memory_mask,
+                                                  memory_key_padding_mask, memory_is_causal))
+            return x + self._feed_forward(self.norm3(x), self.dropout3)
+        x = self.norm1(x + self.dropout1(self._attention(self.self_attn, x, x, tgt_mask, tgt_key_padding_mask,
+                                                         tgt_is_causal)))
+        x = self.norm2(x + self.dropout2(self._attention(self.multihead_attn, x, memory, memory_mask,
+                                                         memory_key_padding_mask, memory_is_causal)))
+        return self.norm3(x + self._feed_forward(x, self.dropout3))
+
+    @staticmethod
+    def _attention(attn: MultiheadAttention, x, kv, mask, key_padding_mask, is_causal):
+        return attn(x, kv, kv, attn_mask=mask, key_padding_mask=key_padding_mask, is_causal=is_causal,
+                    need_weights=False)[0]
+
+
+class TransformerDecoder(nn.Module):
+    def __init__(self, decoder: nn.TransformerDecoder):
+        super().__init__()
+        self.layers = nn.ModuleList(TransformerDecoderLayer(layer) for layer in decoder.layers)
+        self.norm = decoder.norm
+
+    def forward(self, tgt, memory, tgt_mask=None, memory_mask=None, tgt_key_padding_mask=None,
+                memory_key_padding_mask=None, tgt_is_causal=None, memory_is_causal=False):
+        for layer in self.layers:  # is_causal: a hint (the masks are what is computed), refused without its mask
+            tgt = layer(tgt, memory, tgt_mask=tgt_mask, memory_mask=memory_mask, tgt_key_padding_mask=tgt_key_padding_mask,
+                        memory_key_padding_mask=memory_key_padding_mask, tgt_is_causal=bool(tgt_is_causal),
+                        memory_is_causal=memory_is_causal)
+        return tgt if self.norm is None else self.norm(tgt)
+
+
+class Transformer(nn.Module):
+    """nn.Transformer: its encoder's memory, then its decoder (either may be a custom module, decomposed in turn)."""
+
+    def __init__(self, transformer: nn.Transformer):
+        super().__init__()
+        self.encoder, self.decoder = decompose(transformer.encoder), decompose(transformer.decoder)
+        self.d_model, self.nhead, self.batch_first = transformer.d_model, transformer.nhead, transformer.batch_first
+
+    def forward(self, src, tgt, src_mask=None, tgt_mask=None, memory_mask=None, src_key_padding_mask=None,
+                tgt_key_padding_mask=None, memory_key_padding_mask=None, src_is_causal=None, tgt_is_causal=None,
+                memory_is_causal=False):
+        memory = self.encoder(src, mask=src_mask, src_key_padding_mask=src_key_padding_mask)
+        return self.decoder(tgt, memory, tgt_mask=tgt_mask, memory_mask=memory_mask,
+                            tgt_key_padding_mask=tgt_key_padding_mask, memory_key_padding_mask=memory_key_padding_mask,
+                            tgt_is_causal=tgt_is_causal, memory_is_causal=memory_is_causal)
 
 
 def _in_out_linear(module: nn.Module) -> nn.Linear | None:
@@ -235,4 +308,6 @@ class Recurrent(nn.Module):
 
 
 DECOMPOSE = {nn.TransformerEncoder: TransformerEncoder, nn.TransformerEncoderLayer: TransformerEncoderLayer,
-             nn.MultiheadAttention: MultiheadAttention, nn.LSTM: Recurrent, nn.GRU: Recurrent}
+             nn.TransformerDecoder: TransformerDecoder, nn.TransformerDecoderLayer: TransformerDecoderLayer,
+             nn.Transformer: Transformer, nn.MultiheadAttention: MultiheadAttention, nn.LSTM: Recurrent,
+             nn.GRU: Recurrent}
