@@ -276,3 +276,13 @@ def test_a_dtype_outside_the_allowed_ones_is_refused(saved, dtype):
     path = rewrite(saved, header, tensors)
     with fails(path, f"names dtype {dtype!r}; allowed: float32, int64, bool"):
         qatkit.load(path)
+
+
+@pytest.mark.parametrize("sizes", [[None, 0, 8, 8], "any", [None, 1.5], [None, True]])
+def test_input_sizes_other_than_positive_integers_and_nulls_are_refused(saved, sizes):
+    header, tensors = read(saved)
+    assert header["nodes"][0]["op"] == "input" and header["nodes"][0]["sizes"] == [None, 1, 8, 8]  # (flatten → fc)
+    header["nodes"][0]["sizes"] = sizes
+    path = rewrite(saved, header, tensors)
+    with fails(path, r"has input 'x' with sizes .*; allowed: a list of positive integers and nulls"):
+        qatkit.load(path)

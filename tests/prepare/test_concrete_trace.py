@@ -47,6 +47,7 @@ def test_shape_branches_follow_the_example_and_the_model_converts_and_exports(tm
         qat = qatkit.prepare(model, qatkit.QATConfig(), x[:2])
     assert isinstance(qat, fx.GraphModule) and not qat.qat_info.untraced
     assert sorted(r["name"] for r in qat.qat_info.layers) == ["blocks.0", "blocks.1", "fc", "rgb"]  # the example's way
+    assert qat.qat_info.input_sizes == {"x": [None, 3, 8, 8]}  # 4×4 takes one block, 16×16 four: other graphs
     qatkit.calibrate(qat, [x])
     qat.eval()
     with torch.no_grad():
@@ -135,7 +136,9 @@ def test_a_batch_the_model_itself_refuses_is_not_checked():
     model = PooledBatchNorm().train()
     gm, decisions, checked = concrete_trace(model, example_arguments(model, (torch.randn(4, 3, 8, 8),)))
     assert checked == [4, 8] and decisions == 1
-    with pytest.warns(UserWarning, match=r"traced along the example input instead: .*on batches of 4, 1, 8\."):
+    with pytest.warns(UserWarning, match=r"traced along the example input instead: .*on batches of 4, 1, 8 and at "
+                                         r"other sizes along x axis 2, x axis 3\. Keep inputs shaped as the example "
+                                         r"\(the batch size and those sizes may change\)"):
         qatkit.prepare(model, qatkit.QATConfig(), torch.randn(4, 3, 8, 8))  # traced in eval mode: one sample is fine
 
 

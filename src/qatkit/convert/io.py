@@ -130,6 +130,12 @@ def _check_header(header, tensors, path) -> dict:
     ops_in_order = [node["op"] for node in nodes]
     if not ops_in_order.count("input"):
         raise _fail(path, "has no input node")
+    for node in nodes:
+        sizes = node.get("sizes") if node["op"] == "input" else None
+        if sizes is not None and not (isinstance(sizes, list) and all(
+                n is None or type(n) is int and n > 0 for n in sizes)):
+            raise _fail(path, f"has input {node['name']!r} with sizes {sizes!r:.80}; allowed: a list of positive "
+                              "integers and nulls")
     arguments = [node.get("argument", node["name"]) for node in nodes if node["op"] == "input"]
     if not all(isinstance(a, str) for a in arguments) or len(set(arguments)) != len(arguments):
         raise _fail(path, f"has input nodes named {arguments!r:.80}; each input needs its own name")

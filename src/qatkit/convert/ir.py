@@ -1,7 +1,8 @@
 """From a prepared (fx) QAT model to the integer model's graph: a list of JSON-able nodes + tensors.
 
 Node kinds:
-  input     - a graph input ("argument": forward's argument name, where it differs from the node's)
+  input     - a graph input ("argument": forward's argument name, where it differs from the node's; "sizes": per
+              axis, null where the graph takes any size, else the one it takes: prepare's input_sizes)
   output    - the model's output: a tensor, or a list of them (a tuple's; a dict's values, its keys under "names")
   quantize  - float → integer codes at (scale, zero_point), clamped to [qmin, qmax]
   qlayer    - integer conv/transposed conv/linear: packed weight codes, per-channel scales, int32 bias, requantization
@@ -82,7 +83,9 @@ class _Writer:
         return self.nodes, self.tensors
 
     def _placeholder(self, node):  # forward's argument, where fx renamed the node (input → input_1)
-        return {"op": "input"} if node.target == node.name else {"op": "input", "argument": node.target}
+        entry = {"op": "input"} if node.target == node.name else {"op": "input", "argument": node.target}
+        sizes = getattr(getattr(self.gm, "qat_info", None), "input_sizes", {}).get(node.target)
+        return entry if sizes is None else {**entry, "sizes": sizes}
 
     def _output(self, node):
         out = node.args[0]

@@ -48,6 +48,25 @@ def output_list(output) -> list:
     return list(output.values()) if isinstance(output, dict) else list(output) if isinstance(output, tuple) else [output]
 
 
+def shape_text(sizes: list[int | None]) -> str:
+    """An input's shape as a model takes it: (batch, any, 6) for sizes [None, None, 6]."""
+    return "(" + ", ".join("batch" if i == 0 else "any" if n is None else str(n) for i, n in enumerate(sizes)) + ")"
+
+
+def _checked_sizes(node: dict, x):
+    """The input x, refused where it is not shaped as the graph takes it (node["sizes"], where prepare recorded them)."""
+    sizes = node.get("sizes")
+    if sizes is None or not isinstance(x, torch.Tensor):
+        return x
+    if x.dim() != len(sizes) or any(n is not None and m != n for m, n in zip(x.shape, sizes)):
+        raise DataError(f"input '{node.get('argument', node['name'])}' has shape {tuple(x.shape)}; this model takes "
+                        f"{shape_text(sizes)}: prepare's example had those sizes, and at others its traced graph does "
+                        "not compute what the model computes (a loop unrolled along the example's length), or the "
+                        "model itself takes no other size. Fix: pass inputs of that shape (pad or cut them), or "
+                        "prepare the model with an example of the size it is deployed at")
+    return x
+
+
 class IntegerModel(nn.Module):
     """The deployable integer model: graph nodes (plain data) + tensors (int8/packed weights, scales)."""
 
@@ -103,7 +122,7 @@ class IntegerModel(nn.Module):
         for node in self.nodes:
             op = node["op"]
             if op == "input":
-                env[node["name"]] = next(feed)
+                env[node["name"]] = _checked_sizes(node, next(feed))
             elif op == "output":
                 out = _dequantize(self._arg(node["args"][0], env))
                 if "names" in node:  # several outputs: a dict by name, or a tuple, as trained

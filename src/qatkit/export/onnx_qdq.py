@@ -34,8 +34,17 @@ def _codes(v):
 
 
 class _Exporter:
-    def __init__(self, model: IntegerModel, example):
+    def __init__(self, model: IntegerModel, example, free_sizes: bool = True):
         self.model, self.examples = model, as_args(example, model.input_names)
+        inputs = [node for node in model.nodes if node["op"] == "input"]
+        # the input sizes the graph follows besides the batch (prepare's input_sizes), per input, and by size (the axes
+        # of one size change together, as prepare probed them): named after the first input and axis of that size
+        self.free_axes = [[axis for axis, n in enumerate(node.get("sizes") or []) if axis and n is None and free_sizes]
+                          for node in inputs]
+        self.free: dict[int, str] = {}
+        for node, e, free in zip(inputs, self.examples, self.free_axes):
+            for axis in free:
+                self.free.setdefault(e.shape[axis], f"{node.get('argument', node['name'])}_{axis}")
         self.shapes = {k: _codes(v) for k, v in model.values(*self.examples).items()}  # the example's values
         self._doubled: dict | None = None  # the values at twice the example's batch, once asked for
         self.nodes: list[onnx.NodeProto] = []
@@ -60,6 +69,38 @@ class _Exporter:
         out = self.fresh(hint)
         self.nodes.append(helper.make_node(op_type, inputs, [out], name=out, **attrs))
         return out
+
+    def resized(self, n: int) -> list[tuple[int, list[torch.Tensor], object]]:
+        """The examples at other values of a free size n (half and twice it) and the integer model's outputs there,
+        where it runs them (a model with a longest length runs no longer input)."""
+        probes = []
+        for new in (n // 2, 2 * n) if n > 1 else (2,):
+            inputs = []
+            for e, free in zip(self.examples, self.free_axes):
+                for axis in (a for a in free if e.shape[a] == n):
+                    e = torch.cat([e, e], axis) if new > n else e.narrow(axis, 0, new)
+                inputs.append(e)
+            try:
+                probes.append((new, inputs, self.model(*inputs)))
+            except Exception:  # noqa: BLE001 - a size the model takes not: nothing to learn from it
+                continue
+        return probes
+
+    def output_dims(self) -> list[list]:
+        """Each output's ONNX dimensions: the batch, the free input sizes it follows (by their names; a size that follows
+        several, its own), and the example's sizes."""
+        outputs = output_list(self.shapes["output"])
+        dims = [["batch", *v.shape[1:]] for v in outputs]
+        follows: dict[tuple[int, int], list[str]] = {}
+        for n, name in self.free.items():
+            for _, _, out in self.resized(n)[:1]:
+                for i, (v, w) in enumerate(zip(outputs, output_list(out))):
+                    for axis in range(1, v.dim()):
+                        if v.shape[axis] != w.shape[axis]:
+                            follows.setdefault((i, axis), []).append(name)
+        for (i, axis), names in follows.items():
+            dims[i][axis] = names[0] if len(names) == 1 else f"output_{i}_{axis}"
+        return dims
 
     def varies_with_batch(self, ir_name: str, axis: int) -> bool:
         """Whether the size of a node's value along `axis` follows the batch (it differs at twice the example's)."""
@@ -132,15 +173,17 @@ class _Exporter:
 
     # ---- IR nodes ---------------------------------------------------------------------------------
     def run(self, debug_outputs: bool = False) -> onnx.ModelProto:
-        graph_inputs, outputs, examples = [], [], iter(self.examples)
+        graph_inputs, outputs, examples = [], [], iter(zip(self.examples, self.free_axes))
+        output_dims = self.output_dims()
         for node in self.model.nodes:
             name, op = node["name"], node["op"]
             if op == "input":
-                example = next(examples)
+                example, free = next(examples)
                 ids = not example.is_floating_point()  # token ids
                 elem = TensorProto.INT64 if ids else TensorProto.FLOAT
                 argument = node.get("argument", name)  # forward's argument name: a dict input's key
-                graph_inputs.append(helper.make_tensor_value_info(argument, elem, ["batch", *example.shape[1:]]))
+                dims = ["batch", *(f"{argument}_{axis}" if axis in free else n for axis, n in enumerate(example.shape) if axis)]
+                graph_inputs.append(helper.make_tensor_value_info(argument, elem, dims))
                 self.env[name] = Value(argument, "int" if ids else "float")
             elif op == "output":  # one output "output", a tuple's as "output_0", "output_1", ..., a dict's by its keys
                 several = isinstance(node["args"][0], list)
@@ -150,7 +193,7 @@ class _Exporter:
                     out_name = node["names"][i] if "names" in node else f"output_{i}" if several else "output"
                     self.nodes.append(helper.make_node("Identity", [self.floats(self.resolve(result))], [out_name],
                                                        name=out_name))
-                    outputs.append(helper.make_tensor_value_info(out_name, TensorProto.FLOAT, ["batch", *value.shape[1:]]))
+                    outputs.append(helper.make_tensor_value_info(out_name, TensorProto.FLOAT, output_dims[i]))
             elif op == "constant":
                 self.env[name] = self.tensor_value(name, node["value"]["tensor"])
             elif op == "quantize":
@@ -314,17 +357,48 @@ class _Exporter:
 def export_onnx(model, path, example_input, *, debug_outputs: bool = False) -> list[str]:
     """Write `model` (an IntegerModel, or a QAT model to convert first) as a QDQ ONNX file; returns notes
     on what could not be expressed with integer kernels. `example_input`: a tensor, a tuple of the model's inputs or a
-    dict of them by name (their types and trailing sizes become the graph's inputs', named as forward's arguments).
+    dict of them by name (their types and sizes become the graph's inputs', named as forward's arguments).
+    The batch size is free; so are the other sizes prepare found the model's graph to follow (a text's length, an
+    image's height and width: the integer model's input "sizes"), where ONNX Runtime computes the integer model at
+    other values of them too (checked at half and twice the example's; else they stay the example's, with a note).
     `debug_outputs` adds every integer tensor as an output "debug/<node>" (for per-layer comparisons; such a graph
     fuses less)."""
     from qatkit.convert import convert
 
     integer = model if isinstance(model, IntegerModel) else convert(model)
-    exporter = _Exporter(integer, example_input)
+    exporter = _Exporter(integer, example_input, free_sizes=not debug_outputs)  # (a debug graph: at the example's)
     proto = exporter.run(debug_outputs)
-    proto.metadata_props.append(onnx.StringStringEntryProto(key="qatkit_notes", value="\n".join(exporter.notes)))
-    onnx.save(proto, str(path))
+    _save(proto, exporter.notes, path)
+    if exporter.free:
+        if problem := _other_sizes_differ(path, integer, exporter):
+            exporter = _Exporter(integer, example_input, free_sizes=False)
+            proto = exporter.run(debug_outputs)
+            exporter.note(f"the ONNX inputs keep the example's sizes besides the batch: {problem}")
+            _save(proto, exporter.notes, path)
     return exporter.notes
+
+
+def _save(proto: onnx.ModelProto, notes: list[str], path) -> None:
+    del proto.metadata_props[:]
+    proto.metadata_props.append(onnx.StringStringEntryProto(key="qatkit_notes", value="\n".join(notes)))
+    onnx.save(proto, str(path))
+
+
+def _other_sizes_differ(path, integer: IntegerModel, exporter: _Exporter) -> str | None:
+    """None where the ONNX file at `path` computes the integer model at the free sizes' other values (within one
+    output step, or as closely as at the example's); else what differs."""
+    from qatkit.export.ort import verify
+
+    at_example = verify(path, integer, [(tuple(exporter.examples),)], layers=False)["max_step_diff"]
+    for n, name in exporter.free.items():
+        for size, inputs, _ in exporter.resized(n):
+            try:
+                steps = verify(path, integer, [(tuple(inputs),)], layers=False)["max_step_diff"]
+            except Exception as e:  # noqa: BLE001 - ONNX Runtime's refusal: the graph holds the example's size
+                return f"ONNX Runtime fails at {name} = {size} ({str(e).splitlines()[0][:160]})"
+            if steps > max(1.0, at_example):
+                return f"at {name} = {size} ONNX Runtime differs from the integer model by {steps:.0f} output steps"
+    return None
 
 
 __all__ = ["export_onnx"]

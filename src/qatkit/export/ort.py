@@ -86,7 +86,7 @@ def per_layer(integer: IntegerModel, x) -> list[dict]:
     return rows
 
 
-def verify(onnx_path: str | os.PathLike, model, batches: Iterable, *, threads: int = 2) -> dict:
+def verify(onnx_path: str | os.PathLike, model, batches: Iterable, *, threads: int = 2, layers: bool = True) -> dict:
     """Run ONNX Runtime and qatkit's model (QAT or IntegerModel) on the same inputs and compare outputs; batches
     are x or (x, y) items, x a tensor, a tuple of the model's inputs or a dict of them by name (a dict batch's
     "labels" are left out).
@@ -94,7 +94,7 @@ def verify(onnx_path: str | os.PathLike, model, batches: Iterable, *, threads: i
     Returns n (samples), top1_agreement (of the first output's predictions along its last axis: one per sample,
     or one per position of a sequence output), within_one_step (fraction of output values,
     all outputs, within one output quantization step), max_step_diff, and per_layer (where any integer
-    tensor differs).
+    tensor differs; with layers=False, not looked for).
     """
     from qatkit.convert import convert
 
@@ -119,5 +119,5 @@ def verify(onnx_path: str | os.PathLike, model, batches: Iterable, *, threads: i
             max_diff = max(max_diff, float(diff.max()))
     result = {"n": n, "top1_agreement": agree / max(predictions, 1), "within_one_step": within / max(total, 1),
               "max_step_diff": round(max_diff, 4), "output_step": steps[0] if steps else None}
-    result["per_layer"] = per_layer(integer, first_x) if max_diff > 0 and first_x is not None else []
+    result["per_layer"] = per_layer(integer, first_x) if layers and max_diff > 0 and first_x is not None else []
     return result

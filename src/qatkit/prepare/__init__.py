@@ -11,7 +11,7 @@ from qatkit.config import QATConfig
 from qatkit.convert import ops
 from qatkit.devices import module_device
 from qatkit.errors import DataError, QatkitError, bad_value
-from qatkit.prepare.concrete import concrete_trace
+from qatkit.prepare.concrete import concrete_trace, input_sizes
 from qatkit.prepare.decompose import decompose
 from qatkit.prepare.graph import WRAPPERS, PrepareInfo, prepare_graph
 from qatkit.prepare.modes import example_arguments, trace, train_only_ops
@@ -123,8 +123,15 @@ def _prepare_module(module: nn.Module, prefix: str, config: QATConfig, plans, in
         info.traced_along_example = (f"qatkit: torch.fx could not trace {why}; traced along the example input "
                                      f"instead: {decisions} Python branches, asserts or loop counts follow the "
                                      f"example's shapes ({shapes}); the graph equals the model on batches of "
-                                     f"{', '.join(map(str, checked))}. Keep inputs shaped as the example (the batch "
-                                     "size may change)")
+                                     f"{', '.join(map(str, checked))}")
+    if not prefix and arguments is not None:
+        info.input_sizes = input_sizes(module, gm, arguments)
+        if info.traced_along_example:
+            free = [f"{k} axis {axis}" for k, dims in info.input_sizes.items() for axis, n in enumerate(dims)
+                    if axis and n is None]
+            info.traced_along_example += (f" and at other sizes along {', '.join(free)}" if free else "") + (
+                ". Keep inputs shaped as the example (the batch size" + (" and those sizes" if free else "")
+                + " may change)")
     sub_plans = {k[len(prefix) + 1:] if prefix else k: v for k, v in plans.items() if not prefix or k.startswith(prefix + ".")}
     sub_info = prepare_graph(gm, config, sub_plans, module)
     for row in sub_info.layers:

@@ -161,6 +161,38 @@ def concrete_trace(module: nn.Module, arguments: tuple[dict, dict]) -> tuple[fx.
     return gm, tracer.decisions, checked
 
 
+def input_sizes(module: nn.Module, gm: fx.GraphModule, arguments: tuple[dict, dict]) -> dict[str, list[int | None]]:
+    """Which sizes of the example's tensor inputs the graph follows: per input (by name), per axis, None where the graph
+    computes what `module` computes at other sizes (the batch axis; a length or an image size, as a symbolic trace
+    keeps them), else the example's size (the graph differs from the module at another size, as a loop unrolled along
+    the example does, or the module takes no other size). Probed on the example twice over along an axis, and on its
+    first half (a model with a longest length); the axes of that size change together (a text's ids and attention
+    mask, an image's height and width). Both run, in their current mode, on copies."""
+    example, fixed = arguments
+    tensors = {k: a for k, a in example.items() if isinstance(a, torch.Tensor)}
+    sizes = {k: [None] + list(a.shape[1:]) for k, a in tensors.items()}
+    for n in dict.fromkeys(n for a in tensors.values() for n in a.shape[1:]):
+        members = [(k, axis) for k, a in tensors.items() for axis in range(1, a.dim()) if a.shape[axis] == n]
+        verdicts = []
+        for new in (2 * n, n // 2) if n > 1 else (2,):
+            resized = dict(tensors)
+            for k, axis in members:
+                resized[k] = torch.cat([resized[k]] * 2, axis) if new > n else resized[k].narrow(axis, 0, new)
+            with torch.no_grad():  # on copies: a forward may change its module (HF Swin's window size)
+                try:
+                    expected = copy.deepcopy(module)(**{**example, **resized}, **fixed)
+                except Exception:  # noqa: BLE001 - the model's own refusal of this size: nothing to compare
+                    continue
+                try:  # (forward: no traceback printed)
+                    verdicts.append(_same(copy.deepcopy(gm).forward(**{**example, **resized}), expected))
+                except Exception:  # noqa: BLE001 - the graph fails where the model runs: it holds the example's size
+                    verdicts.append(False)
+        if verdicts and all(verdicts):
+            for k, axis in members:
+                sizes[k][axis] = None
+    return sizes
+
+
 def _recorded(tracer: ConcreteTracer, fn):
     """`fn` as a graph node when a size is symbolic, else `fn` itself."""
 

@@ -88,6 +88,9 @@ class PrepareInfo:
     unconvertible: list[str] = field(default_factory=list)  # float ops that convert will refuse
     traced_along_example: str = ""  # how the root was traced when torch.fx alone could not
     shared_quantizers: list[list[str]] = field(default_factory=list)  # exact_adds: paths that hold one quantizer
+    # per input of the traced root, per axis: None where the graph follows other sizes (the batch), else the size it
+    # holds (prepare/concrete.py input_sizes); empty without example inputs
+    input_sizes: dict[str, list[int | None]] = field(default_factory=dict)
 
 
 def _sole_user(node: fx.Node) -> fx.Node | None:

@@ -1,0 +1,130 @@
+"""The sizes a model's inputs may take besides the batch: prepare finds which its traced graph follows (it computes
+what the model computes at half and twice the example's), the integer model refuses the others with the fix, and the
+ONNX file leaves the followed ones free where ONNX Runtime computes the integer model there too."""
+from __future__ import annotations
+
+import warnings
+
+import onnx
+import pytest
+import torch
+from torch import nn
+
+import qatkit
+from qatkit.errors import DataError
+from qatkit.export import export_onnx, verify
+
+
+class Reader(nn.Module):
+    """Token ids → embedding → a conv over the length → mean over it → classes: traced symbolically, any length."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.conv, self.head = nn.Embedding(30, 8), nn.Conv1d(8, 8, 3, padding=1), nn.Linear(8, 3)
+
+    def forward(self, ids):
+        return self.head(torch.relu(self.conv(self.embed(ids).transpose(1, 2))).mean(2))
+
+
+class Unrolled(nn.Module):
+    """A recurrent cell stepped over the input's length in Python: traced along the example, five steps."""
+
+    def __init__(self):
+        super().__init__()
+        self.cell, self.head = nn.Linear(8, 4), nn.Linear(4, 3)
+
+    def forward(self, x):  # (B, T, 4)
+        h = x.new_zeros(x.shape[0], 4)
+        for t in range(x.shape[1]):
+            h = torch.tanh(self.cell(torch.cat([x[:, t], h], 1)))
+        return self.head(h)
+
+
+class ConvNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.pool, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.fc(self.pool(torch.relu(self.conv(x))).flatten(1))
+
+
+class Halves(nn.Module):
+    """The length split in two halves by torch.chunk: the integer model follows any length, qatkit's ONNX graph holds
+    the example's halves."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.head = nn.Linear(8, 8), nn.Linear(8, 3)
+
+    def forward(self, x):  # (B, T, 8)
+        a, b = torch.chunk(self.fc(x), 2, dim=1)
+        return self.head(torch.cat([b, a], 1).mean(1) + a.mean(1))
+
+
+def _integer(model, x):
+    qat = qatkit.prepare(model.eval(), qatkit.QATConfig(), x[:2])
+    qatkit.calibrate(qat, [x])
+    return qat.eval(), qatkit.convert(qat.eval())
+
+
+def _dims(path, i: int = 0, outputs: bool = False) -> list:
+    values = onnx.load(str(path)).graph.output if outputs else onnx.load(str(path)).graph.input
+    return [d.dim_param or d.dim_value for d in values[i].type.tensor_type.shape.dim]
+
+
+def test_prepare_records_the_sizes_its_graph_follows():
+    torch.manual_seed(0)
+    cases = [(Reader(), torch.randint(0, 30, (2, 7)), {"ids": [None, None]}),
+             (Unrolled(), torch.randn(2, 5, 4), {"x": [None, 5, 4]}),  # at 10 or 2 steps the graph still takes 5
+             (ConvNet(), torch.randn(2, 3, 12, 10), {"x": [None, 3, None, None]})]  # (no other channel count runs)
+    for model, x, sizes in cases:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # (the unrolled one is traced along the example)
+            qat = qatkit.prepare(model.eval(), qatkit.QATConfig(), x)
+        assert qat.qat_info.input_sizes == sizes
+    assert qatkit.prepare(ConvNet(), qatkit.QATConfig()).qat_info.input_sizes == {}  # no example: nothing probed
+
+
+def test_the_integer_model_refuses_a_size_its_graph_does_not_follow():
+    torch.manual_seed(0)
+    x = torch.randn(8, 5, 4)
+    with pytest.warns(UserWarning, match=r"traced along the example input instead: .*on batches of 2, 1, 4\. Keep"):
+        qat, integer = _integer(Unrolled(), x)
+    assert torch.equal(integer(x), qat(x))
+    with pytest.raises(DataError, match=r"input 'x' has shape \(2, 7, 4\); this model takes \(batch, 5, 4\): .* Fix: "
+                                        r"pass inputs of that shape \(pad or cut them\), or prepare the model with an "
+                                        r"example of the size it is deployed at"):
+        integer(torch.randn(2, 7, 4))
+
+
+@pytest.mark.parametrize("model, x, other_sizes", [
+    (Reader(), torch.randint(0, 30, (16, 7)), [(4, 3), (4, 20)]),
+    (ConvNet(), torch.randn(16, 3, 12, 12), [(4, 3, 6, 6), (4, 3, 30, 17)]),
+], ids=["text", "image"])
+def test_onnx_takes_the_sizes_the_graph_follows(model, x, other_sizes, tmp_path):
+    """The followed sizes are free ONNX dimensions, named after the input and axis (an image's equal height and width
+    were probed together, and are named apart); ONNX Runtime computes the integer model there."""
+    torch.manual_seed(0)
+    qat, integer = _integer(model, x)
+    assert not any("sizes" in note for note in export_onnx(integer, tmp_path / "m.onnx", x[:1]))
+    assert _dims(tmp_path / "m.onnx") == (["batch", "ids_1"] if x.dim() == 2 else ["batch", 3, "x_2", "x_3"])
+    assert _dims(tmp_path / "m.onnx", outputs=True) == ["batch", 3 if x.dim() == 2 else 4]
+    for shape in other_sizes:
+        other = torch.randint(0, 30, shape) if x.dim() == 2 else torch.randn(shape)
+        assert torch.equal(integer(other), qat(other))
+        result = verify(tmp_path / "m.onnx", integer, [other])
+        assert result["top1_agreement"] == 1.0 and result["max_step_diff"] <= 1.0
+
+
+def test_onnx_keeps_the_example_sizes_where_its_graph_does_not_follow_them(tmp_path):
+    torch.manual_seed(0)
+    x = torch.randn(16, 6, 8)
+    qat, integer = _integer(Halves(), x)
+    longer = torch.randn(4, 10, 8)
+    assert torch.equal(integer(longer), qat(longer))  # the integer model splits the length it is given
+    notes = export_onnx(integer, tmp_path / "m.onnx", x[:1])
+    assert any(n.startswith("the ONNX inputs keep the example's sizes besides the batch: at x_1 = 3 ONNX Runtime "
+                            "differs from the integer model by ") for n in notes), notes
+    assert _dims(tmp_path / "m.onnx") == ["batch", 6, 8]
+    assert verify(tmp_path / "m.onnx", integer, [x])["max_step_diff"] <= 1.0
