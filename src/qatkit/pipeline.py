@@ -195,7 +195,7 @@ def rebuild_qat(checkpoint: str | os.PathLike) -> tuple[nn.Module, dict]:
     recipe = state.get("recipe")
     if not isinstance(recipe, dict) or recipe.get("qat") is None:
         raise ModelFileError(f"checkpoint {str(checkpoint)!r} has no QAT recipe. Fix: pass a qat_*.ckpt written by qatkit train/run")
-    qat = prepare(model_from_recipe(recipe), qat_config_from_dict(recipe["qat"]))
+    qat = prepare(model_from_recipe(recipe), qat_config_from_dict(recipe["qat"]), example_input(recipe))  # as trained
     try:
         qat.load_state_dict(state["model"])
     except RuntimeError as e:
