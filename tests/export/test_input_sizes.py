@@ -86,16 +86,17 @@ def test_prepare_records_the_sizes_its_graph_follows():
     assert qatkit.prepare(ConvNet(), qatkit.QATConfig()).qat_info.input_sizes == {}  # no example: nothing probed
 
 
-def test_the_integer_model_refuses_a_size_its_graph_does_not_follow():
+def test_qat_and_integer_models_refuse_a_size_their_graph_does_not_follow():
     torch.manual_seed(0)
     x = torch.randn(8, 5, 4)
     with pytest.warns(UserWarning, match=r"traced along the example input instead: .*on batches of 2, 1, 4\. Keep"):
         qat, integer = _integer(Unrolled(), x)
     assert torch.equal(integer(x), qat(x))
-    with pytest.raises(DataError, match=r"input 'x' has shape \(2, 7, 4\); this model takes \(batch, 5, 4\): .* Fix: "
-                                        r"pass inputs of that shape \(pad or cut them\), or prepare the model with an "
-                                        r"example of the size it is deployed at"):
-        integer(torch.randn(2, 7, 4))
+    for m in (qat.train(), integer):  # training at another length would learn another graph's steps
+        with pytest.raises(DataError, match=r"input 'x' has shape \(2, 7, 4\); this model takes \(batch, 5, 4\): .* "
+                                            r"Fix: pass inputs of that shape \(pad or cut them\), or prepare the model "
+                                            r"with an example of the size it is trained and deployed at"):
+            m(torch.randn(2, 7, 4))
 
 
 @pytest.mark.parametrize("model, x, other_sizes", [

@@ -18,7 +18,7 @@ from qatkit.convert import ops
 from qatkit.convert.ir import conv_pads
 from qatkit.convert.pack import unpack
 from qatkit.errors import DataError
-from qatkit.inputs import as_args
+from qatkit.inputs import as_args, check_sizes
 from qatkit.primitives import quantize_codes
 
 
@@ -46,25 +46,6 @@ def _dequantize(v):
 def output_list(output) -> list:
     """A model's outputs in order: its one output, a tuple's or a dict's values."""
     return list(output.values()) if isinstance(output, dict) else list(output) if isinstance(output, tuple) else [output]
-
-
-def shape_text(sizes: list[int | None]) -> str:
-    """An input's shape as a model takes it: (batch, any, 6) for sizes [None, None, 6]."""
-    return "(" + ", ".join("batch" if i == 0 else "any" if n is None else str(n) for i, n in enumerate(sizes)) + ")"
-
-
-def _checked_sizes(node: dict, x):
-    """The input x, refused where it is not shaped as the graph takes it (node["sizes"], where prepare recorded them)."""
-    sizes = node.get("sizes")
-    if sizes is None or not isinstance(x, torch.Tensor):
-        return x
-    if x.dim() != len(sizes) or any(n is not None and m != n for m, n in zip(x.shape, sizes)):
-        raise DataError(f"input '{node.get('argument', node['name'])}' has shape {tuple(x.shape)}; this model takes "
-                        f"{shape_text(sizes)}: prepare's example had those sizes, and at others its traced graph does "
-                        "not compute what the model computes (a loop unrolled along the example's length), or the "
-                        "model itself takes no other size. Fix: pass inputs of that shape (pad or cut them), or "
-                        "prepare the model with an example of the size it is deployed at")
-    return x
 
 
 class IntegerModel(nn.Module):
@@ -122,7 +103,8 @@ class IntegerModel(nn.Module):
         for node in self.nodes:
             op = node["op"]
             if op == "input":
-                env[node["name"]] = _checked_sizes(node, next(feed))
+                env[node["name"]] = next(feed)
+                check_sizes(node.get("argument", node["name"]), node.get("sizes"), env[node["name"]])
             elif op == "output":
                 out = _dequantize(self._arg(node["args"][0], env))
                 if "names" in node:  # several outputs: a dict by name, or a tuple, as trained

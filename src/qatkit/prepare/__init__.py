@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import warnings
 
 import torch
@@ -11,6 +12,7 @@ from qatkit.config import QATConfig
 from qatkit.convert import ops
 from qatkit.devices import module_device
 from qatkit.errors import DataError, QatkitError, bad_value
+from qatkit.inputs import check_sizes
 from qatkit.prepare.concrete import concrete_trace, input_sizes
 from qatkit.prepare.decompose import decompose
 from qatkit.prepare.graph import WRAPPERS, PrepareInfo, prepare_graph
@@ -55,6 +57,9 @@ def prepare(model: nn.Module, config: QATConfig | None = None,
     plans = plan_layers(model, config, tuple(WRAPPERS))
     qat = _prepare_module(model, "", config, plans, info := PrepareInfo(), arguments).to(device).train(training)
     qat.qat_info = info
+    if info.input_sizes:
+        names = [n.target for n in qat.graph.nodes if n.op == "placeholder"]
+        qat.register_forward_pre_hook(functools.partial(_check_input_sizes, names), with_kwargs=True)
     if info.untraced:
         warnings.warn(
             "qatkit: could not trace " + "; ".join(info.untraced)
@@ -87,6 +92,13 @@ def prepare(model: nn.Module, config: QATConfig | None = None,
                           "or leave the failing module out of QAT with LayerRule(pattern=..., skip=True)"
                           + _size_hint(info.untraced))
     return qat
+
+
+def _check_input_sizes(names: list[str], qat: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Forward pre-hook of a prepared model: its inputs (placeholders `names`) shaped as its graph takes them, in
+    training too (qat_info.input_sizes; the integer model checks the same)."""
+    for name, x in [*zip(names, args), *kwargs.items()]:
+        check_sizes(name, qat.qat_info.input_sizes.get(name), x)
 
 
 def _size_hint(untraced: list[str]) -> str:
