@@ -169,7 +169,7 @@ def input_sizes(module: nn.Module, gm: fx.GraphModule, arguments: tuple[dict, di
     first half (a model with a longest length); the axes of that size change together (a text's ids and attention
     mask, an image's height and width). Both run, in their current mode, on copies."""
     example, fixed = arguments
-    tensors = {k: a for k, a in example.items() if isinstance(a, torch.Tensor)}
+    tensors = {k: a[:1] for k, a in example.items() if isinstance(a, torch.Tensor)}  # (one sample: the batch is free)
     sizes = {k: [None] + list(a.shape[1:]) for k, a in tensors.items()}
     for n in dict.fromkeys(n for a in tensors.values() for n in a.shape[1:]):
         members = [(k, axis) for k, a in tensors.items() for axis in range(1, a.dim()) if a.shape[axis] == n]
