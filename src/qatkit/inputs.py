@@ -103,15 +103,19 @@ def labelled(batch) -> tuple[object, torch.Tensor]:
     return x, y
 
 
+def shape_text(sizes: list[int | None]) -> str:
+    """A prepared model's input shape: (batch, any, 6) for sizes [None, None, 6] (None: any size)."""
+    return "(" + ", ".join("batch" if i == 0 else "any" if n is None else str(n) for i, n in enumerate(sizes)) + ")"
+
+
 def check_sizes(name: str, sizes: list[int | None] | None, x) -> None:
     """Refuse an input tensor not shaped as a prepared model's graph takes it: `sizes` per axis, None where any size
     is taken (prepare's qat_info.input_sizes; None: not recorded, anything goes)."""
     if sizes is None or not isinstance(x, torch.Tensor):
         return
     if x.dim() != len(sizes) or any(n is not None and m != n for m, n in zip(x.shape, sizes)):
-        shape = ", ".join("batch" if i == 0 else "any" if n is None else str(n) for i, n in enumerate(sizes))
-        raise DataError(f"input '{name}' has shape {tuple(x.shape)}; this model takes ({shape}): prepare's example had "
-                        "those sizes, and at others its traced graph does not compute what the model computes (a loop "
-                        "unrolled along the example's length), or the model itself takes no other size. Fix: pass "
-                        "inputs of that shape (pad or cut them), or prepare the model with an example of the size it "
-                        "is trained and deployed at")
+        raise DataError(f"input '{name}' has shape {tuple(x.shape)}; this model takes {shape_text(sizes)}: prepare's "
+                        "example had those sizes, and at others its traced graph does not compute what the model "
+                        "computes (a loop unrolled along the example's length), or the model itself takes no other "
+                        "size. Fix: pass inputs of that shape (pad or cut them), or prepare the model with an example "
+                        "of the size it is trained and deployed at")

@@ -75,14 +75,15 @@ def _dims(path, i: int = 0, outputs: bool = False) -> list:
 
 def test_prepare_records_the_sizes_its_graph_follows():
     torch.manual_seed(0)
-    cases = [(Reader(), torch.randint(0, 30, (2, 7)), {"ids": [None, None]}),
-             (Unrolled(), torch.randn(2, 5, 4), {"x": [None, 5, 4]}),  # at 10 or 2 steps the graph still takes 5
-             (ConvNet(), torch.randn(2, 3, 12, 10), {"x": [None, 3, None, None]})]  # (no other channel count runs)
-    for model, x, sizes in cases:
+    cases = [(Reader(), torch.randint(0, 30, (2, 7)), {"ids": [None, None]}, "ids (batch, any)"),
+             (Unrolled(), torch.randn(2, 5, 4), {"x": [None, 5, 4]}, "x (batch, 5, 4)"),  # at 10 or 2 steps: still 5
+             (ConvNet(), torch.randn(2, 3, 12, 10), {"x": [None, 3, None, None]}, "x (batch, 3, any, any)")]
+    for model, x, sizes, shown in cases:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # (the unrolled one is traced along the example)
             qat = qatkit.prepare(model.eval(), qatkit.QATConfig(), x)
-        assert qat.qat_info.input_sizes == sizes
+        assert qat.qat_info.input_sizes == sizes  # (ConvNet: no other channel count runs)
+        assert f"\ninputs (any: a size the graph follows; others hold the example's): {shown}" in qatkit.describe(qat)
     assert qatkit.prepare(ConvNet(), qatkit.QATConfig()).qat_info.input_sizes == {}  # no example: nothing probed
 
 

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from qatkit.inputs import shape_text
+
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
     """A Markdown table (readable as plain text too)."""
@@ -22,6 +24,9 @@ def describe(qat_model: nn.Module) -> str:
     added = [f"{path} (A{int(qat_model.get_submodule(path).bits)})" for path in info.act_quantizers]
     text += f"\n\nactivation quantizers added: {', '.join(added) or 'none'}"
     text += f"\nfloat ops (no integer kernel, run on dequantized values): {', '.join(info.float_ops) or 'none'}"
+    if info.input_sizes:
+        shapes = ", ".join(f"{name} {shape_text(sizes)}" for name, sizes in info.input_sizes.items())
+        text += f"\ninputs (any: a size the graph follows; others hold the example's): {shapes}"
     if info.shared_quantizers:
         groups = "; ".join(" = ".join(group) for group in info.shared_quantizers)
         text += f"\nshared quantizers (exact_adds; each group is one quantizer): {groups}"
