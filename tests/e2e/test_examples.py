@@ -36,3 +36,14 @@ def test_named_inputs_example(tmp_path):
     assert acc["float"] > 0.95 and acc["QAT W8A8"] > 0.95 and acc["integer"] == acc["QAT W8A8"]
     assert "integer model inputs: ['input_ids', 'attention_mask']" in out
     assert "top-1 agreement 1.0000, within one step 1.0000" in out
+
+
+def test_seq2seq_example(tmp_path):
+    """nn.Transformer prepared at length 6, decoded at 9 by every form of the model: the same symbols."""
+    out = _run("seq2seq.py", tmp_path)
+    assert "QAT model inputs: src [None, None], tgt [None, None]" in out
+    assert "ONNX inputs: [('src', ['batch', 'src_1']), ('tgt', ['batch', 'tgt_1'])]" in out
+    acc = {m: float(v) for m, v in re.findall(r"^(float|QAT W8A8|integer|ONNX Runtime)\s+sequences reversed ([0-9.]+)",
+                                              out, re.M)}
+    assert len(acc) == 4 and min(acc.values()) > 0.95
+    assert "integer = QAT model: True; ONNX Runtime = integer model: True" in out
