@@ -47,6 +47,7 @@ class _Exporter:
                 self.free.setdefault(e.shape[axis], f"{node.get('argument', node['name'])}_{axis}")
         self.shapes = {k: _codes(v) for k, v in model.values(*self.examples).items()}  # the example's values
         self._doubled: dict | None = None  # the values at twice the example's batch, once asked for
+        self._resized: dict[int, list] = {}  # resized(n), once asked for
         self.nodes: list[onnx.NodeProto] = []
         self.inits: dict[str, onnx.TensorProto] = {}
         self.env: dict[str, Value] = {}
@@ -72,8 +73,10 @@ class _Exporter:
 
     def resized(self, n: int) -> list[tuple[int, list[torch.Tensor], object]]:
         """The examples at other values of a free size n (half and twice it) and the integer model's outputs there,
-        where it runs them (a model with a longest length runs no longer input)."""
-        probes = []
+        where it runs them (a model with a longest length runs no longer input); computed once."""
+        if n in self._resized:
+            return self._resized[n]
+        probes = self._resized[n] = []
         for new in (n // 2, 2 * n) if n > 1 else (2,):
             inputs = []
             for e, free in zip(self.examples, self.free_axes):
