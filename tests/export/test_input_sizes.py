@@ -77,7 +77,11 @@ def test_prepare_records_the_sizes_its_graph_follows():
     torch.manual_seed(0)
     cases = [(Reader(), torch.randint(0, 30, (2, 7)), {"ids": [None, None]}, "ids (batch, any)"),
              (Unrolled(), torch.randn(2, 5, 4), {"x": [None, 5, 4]}, "x (batch, 5, 4)"),  # at 10 or 2 steps: still 5
-             (ConvNet(), torch.randn(2, 3, 12, 10), {"x": [None, 3, None, None]}, "x (batch, 3, any, any)")]
+             (ConvNet(), torch.randn(2, 3, 12, 10), {"x": [None, 3, None, None]}, "x (batch, 3, any, any)"),
+             # a clip's 3 frames beside its 3 channels: no other size of both runs, then each is probed alone
+             (nn.Sequential(nn.Conv3d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool3d(1), nn.Flatten(),
+                            nn.Linear(4, 2)), torch.randn(2, 3, 3, 8, 8), {"input": [None, 3, None, None, None]},
+              "input (batch, 3, any, any, any)")]
     for model, x, sizes, shown in cases:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # (the unrolled one is traced along the example)

@@ -167,12 +167,15 @@ def input_sizes(module: nn.Module, gm: fx.GraphModule, arguments: tuple[dict, di
     keeps them), else the example's size (the graph differs from the module at another size, as a loop unrolled along
     the example does, or the module takes no other size). Probed on the example twice over along an axis, and on its
     first half (a model with a longest length); the axes of that size change together (a text's ids and attention
-    mask, an image's height and width). Both run, in their current mode, on copies."""
+    mask, an image's height and width), one at a time where the module takes no other size of them all. Both run, in
+    their current mode, on copies."""
     example, fixed = arguments
     tensors = {k: a[:1] for k, a in example.items() if isinstance(a, torch.Tensor)}  # (one sample: the batch is free)
     sizes = {k: [None] + list(a.shape[1:]) for k, a in tensors.items()}
-    for n in dict.fromkeys(n for a in tensors.values() for n in a.shape[1:]):
-        members = [(k, axis) for k, a in tensors.items() for axis in range(1, a.dim()) if a.shape[axis] == n]
+
+    def follows(members: list[tuple[str, int]], n: int) -> bool | None:
+        """Whether the graph equals the module with these axes (of size n) at half and twice n; None where the module
+        runs neither."""
         verdicts = []
         for new in (2 * n, n // 2) if n > 1 else (2,):
             resized = dict(tensors)
@@ -187,9 +190,17 @@ def input_sizes(module: nn.Module, gm: fx.GraphModule, arguments: tuple[dict, di
                     verdicts.append(_same(copy.deepcopy(gm).forward(**{**example, **resized}), expected))
                 except Exception:  # noqa: BLE001 - the graph fails where the model runs: it holds the example's size
                     verdicts.append(False)
-        if verdicts and all(verdicts):
-            for k, axis in members:
-                sizes[k][axis] = None
+        return all(verdicts) if verdicts else None
+
+    for n in dict.fromkeys(n for a in tensors.values() for n in a.shape[1:]):
+        members = [(k, axis) for k, a in tensors.items() for axis in range(1, a.dim()) if a.shape[axis] == n]
+        verdict = follows(members, n)
+        if verdict is None and len(members) > 1:  # the model takes no other size of them all: one at a time (a video's
+            free = [m for m in members if follows([m], n)]  # depth of 3 beside its 3 channels)
+        else:
+            free = members if verdict else []
+        for k, axis in free:
+            sizes[k][axis] = None
     return sizes
 
 
