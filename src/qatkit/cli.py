@@ -243,6 +243,8 @@ def _cmd_eval(args) -> int:
 
 
 def _cmd_export(args) -> int:
+    import onnx
+
     from qatkit.pipeline import export_model
 
     path = Path(args.model_file)
@@ -250,6 +252,9 @@ def _cmd_export(args) -> int:
     out = Path(args.out or path.with_suffix(".onnx"))
     notes = export_model(model, recipe, out)
     print(f"[qatkit] wrote {out} ({out.stat().st_size:,} bytes)")
+    inputs = onnx.load(str(out)).graph.input  # named sizes are free: the batch, and those the model's graph follows
+    print("[qatkit] inputs: " + "; ".join(
+        f"{i.name} ({', '.join(d.dim_param or str(d.dim_value) for d in i.type.tensor_type.shape.dim)})" for i in inputs))
     for note in notes:
         print(f"[qatkit] note: {note}")
     return 0

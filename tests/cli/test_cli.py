@@ -122,6 +122,7 @@ def test_train_convert_eval_chain(tmp_path, capsys):
     code, printed, err = run_cli(capsys, "export", str(tmp_path / "m.safetensors"))
     assert code == 0 and (tmp_path / "m.onnx").is_file(), err
     assert "note: 4-bit weights are stored as int8" in printed
+    assert "inputs: x (batch, 1, x_2, x_3)" in printed  # the CNN's graph follows the image size
     code, printed, err = run_cli(capsys, "verify", str(tmp_path / "m.onnx"), "--json")
     assert code == 0, err
     check = json.loads(printed)
