@@ -280,3 +280,72 @@ def test_an_lstm_with_projections_is_quantized_converted_and_exported(tmp_path):
     qat = qatkit.prepare(model, qatkit.QATConfig(), ids[:2])
     assert {"rnn.hr.0", "rnn.hr.1", "rnn.hh.1"} <= {r["name"] for r in qat.qat_info.layers}  # h's projections too
     _deploys(model, qat, ids, tmp_path)
+
+
+@pytest.mark.parametrize("mode", ["sum", "mean", "max"])
+@pytest.mark.parametrize("padding_idx", [None, 0])
+@pytest.mark.parametrize("include_last_offset", [False, True])
+def test_embedding_bag_computes_what_torch_computes(mode, padding_idx, include_last_offset):
+    """2-D bags and 1-D runs with offsets, padding left out (an all-padding bag, an empty one: zeros), per-entry
+    weights in mode "sum"."""
+    torch.manual_seed(0)
+    bag = nn.EmbeddingBag(20, 6, mode=mode, padding_idx=padding_idx, include_last_offset=include_last_offset).double()
+    mine = decompose(copy.deepcopy(bag))
+    rows, ids = torch.randint(0, 20, (4, 5)), torch.randint(0, 20, (11,))
+    rows[1], ids[3:5] = 0, 0
+    offsets = torch.tensor([0, 3, 3, 7] + ([11] if include_last_offset else []))  # bag 1 empty
+    weighted = mode == "sum"
+    for args in ((rows, None, torch.rand(4, 5, dtype=torch.float64) if weighted else None),
+                 (ids, offsets, torch.rand(11, dtype=torch.float64) if weighted else None)):
+        torch.testing.assert_close(mine(*args), bag(*args), rtol=0, atol=1e-12)
+
+
+def test_embedding_bag_arguments_pytorch_refuses_are_refused_with_the_fix():
+    mine = decompose(nn.EmbeddingBag(10, 4, mode="mean"))
+    ids = torch.randint(0, 10, (6,))
+    cases = [((ids, torch.tensor([0, 3]), torch.rand(6)), r"per_sample_weights with mode 'mean'; allowed: mode 'sum'"),
+             ((ids,), r"a 1-D input without offsets; .* Fix: pass the bags' start offsets"),
+             ((ids.view(2, 3), torch.tensor([0, 1])), r"offsets with a 2-D input; .* Fix: pass offsets=None")]
+    for args, message in cases:
+        with pytest.raises(ValueError, match=message):
+            mine(*args)
+    with pytest.raises(ConfigError, match=r"uses max_norm, scale_grad_by_freq or sparse gradients; .* Fix:"):
+        decompose(nn.EmbeddingBag(10, 4, max_norm=1.0))
+
+
+class BagOfWords(nn.Module):
+    """torchtext's text classification tutorial model: nn.EmbeddingBag over a batch's concatenated token ids and their
+    offsets, a linear layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.embedding, self.fc = nn.EmbeddingBag(50, 16, mode="mean"), nn.Linear(16, 4)
+
+    def forward(self, text, offsets=None):
+        return self.fc(self.embedding(text, offsets))
+
+
+@pytest.mark.parametrize("form", ["offsets", "2-D"])
+def test_an_embedding_bag_model_is_quantized_converted_and_exported(form, tmp_path):
+    """The table is quantized per row; the integer model computes the QAT model's outputs, also for other numbers of
+    ids and bags, and so does ONNX Runtime."""
+    torch.manual_seed(0)
+    model = BagOfWords().eval()
+    if form == "offsets":
+        example, other = (torch.randint(0, 50, (40,)), torch.tensor([0, 5, 9, 20, 22, 30, 33, 38])), \
+            (torch.randint(0, 50, (25,)), torch.tensor([0, 4, 4, 12, 20]))
+    else:
+        example, other = (torch.randint(0, 50, (8, 6)),), (torch.randint(0, 50, (5, 9)),)
+    qat = qatkit.prepare(model, qatkit.QATConfig(), example)
+    assert {"embedding.table", "fc"} <= {r["name"] for r in qat.qat_info.layers}
+    bags = len(example[-1])
+    qatkit.calibrate(qat, [(example, torch.zeros(bags))])
+    qat.eval()
+    integer = qatkit.convert(qat)
+    with torch.no_grad():
+        assert (qat(*example) - model(*example)).abs().max() < 0.05 * model(*example).abs().max()
+        for inputs in (example, other):
+            assert torch.equal(integer(*inputs), qat(*inputs))
+    export_onnx(integer, tmp_path / "m.onnx", example)
+    result = verify(tmp_path / "m.onnx", integer, [(example, torch.zeros(bags)), (other, torch.zeros(len(other[-1])))])
+    assert result["top1_agreement"] == 1.0 and result["max_step_diff"] == 0.0

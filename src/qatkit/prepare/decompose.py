@@ -1,8 +1,8 @@
 """torch.nn's attention and recurrent blocks, rewritten with nn.Linear layers and tensor ops before tracing.
 
 nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerEncoder, nn.TransformerDecoderLayer,
-nn.TransformerDecoder, nn.Transformer, nn.LSTM and nn.GRU are leaves to torch.fx and run fused kernels: their
-projections would stay float. Replaced by these modules (same parameters, the same
+nn.TransformerDecoder, nn.Transformer, nn.LSTM, nn.GRU and nn.EmbeddingBag are leaves to torch.fx and run fused
+kernels: their projections (tables) would stay float. Replaced by these modules (same parameters, the same
 computation as PyTorch's non-fused path), every projection is an nn.Linear that prepare quantizes, and
 the matmuls, softmax and masks are ops the integer model and ONNX export know.
 A linear layer that stores its weight (in, out) and computes `torch.addmm(bias, x.view(-1, in), weight)` (Hugging
@@ -307,7 +307,54 @@ class Recurrent(nn.Module):
         return h, h
 
 
+class EmbeddingBag(nn.Module):
+    """nn.EmbeddingBag as an nn.Embedding lookup (its table quantized per row, as any embedding) and the bag's
+    reduction in tensor ops, as PyTorch computes it: bags are the rows of a 2-D input, or the runs of a 1-D input that
+    `offsets` start (`include_last_offset`: its last entry ends the last bag); entries equal to padding_idx are left
+    out (of a mean's count too); `per_sample_weights` (mode "sum") scale each entry; an empty bag gives zeros. A 1-D
+    input's entries are assigned to bags by comparing their positions with the offsets, (bags × entries) values."""
+
+    def __init__(self, bag: nn.EmbeddingBag):
+        super().__init__()
+        if bag.max_norm is not None or bag.scale_grad_by_freq or bag.sparse:
+            raise ConfigError(f"{bag} uses max_norm, scale_grad_by_freq or sparse gradients; allowed: a plain "
+                              "nn.EmbeddingBag. Fix: build it without them, or skip it (LayerRule(pattern=..., skip=True))")
+        self.table = nn.Embedding(*bag.weight.shape, padding_idx=bag.padding_idx, _weight=bag.weight)
+        self.mode, self.padding_idx, self.include_last_offset = bag.mode, bag.padding_idx, bag.include_last_offset
+
+    def forward(self, input, offsets=None, per_sample_weights=None):  # noqa: A002 - nn.EmbeddingBag's argument names
+        if per_sample_weights is not None and self.mode != "sum":
+            raise ValueError(f"per_sample_weights with mode {self.mode!r}; allowed: mode 'sum' (as in PyTorch). Fix: "
+                             "build the EmbeddingBag with mode='sum', or pass no weights")
+        if input.dim() == 2:  # (B, N): one bag per row
+            if offsets is not None:
+                raise ValueError("offsets with a 2-D input; allowed: offsets with a 1-D input only (as in PyTorch). "
+                                 "Fix: pass offsets=None, or a 1-D input")
+            keep = torch.ones_like(input, dtype=torch.bool) if self.padding_idx is None else input != self.padding_idx
+        else:  # (N,) with offsets (B,): keep[b, i] = entry i belongs to bag b
+            if offsets is None:
+                raise ValueError("a 1-D input without offsets; allowed: offsets with a 1-D input (as in PyTorch). "
+                                 "Fix: pass the bags' start offsets, or a 2-D input of one bag per row")
+            ends = offsets[1:] if self.include_last_offset else torch.cat([offsets[1:], offsets.new_full((1,), input.size(0))])
+            starts = offsets[:-1] if self.include_last_offset else offsets
+            position = torch.arange(input.size(0), device=input.device).unsqueeze(0)
+            keep = (position >= starts.unsqueeze(1)) & (position < ends.unsqueeze(1))  # (B, N)
+            if self.padding_idx is not None:
+                keep = keep & (input != self.padding_idx).unsqueeze(0)
+            input = input.unsqueeze(0).expand(keep.shape[0], -1)
+            per_sample_weights = None if per_sample_weights is None else per_sample_weights.unsqueeze(0)
+        rows = self.table(input)  # (B, N, D)
+        weights = keep.to(rows.dtype)
+        if self.mode == "max":
+            top = rows.masked_fill(~keep.unsqueeze(-1), float("-inf")).amax(1)
+            return torch.where(weights.sum(1, keepdim=True) > 0, top, torch.zeros_like(top))
+        if per_sample_weights is not None:
+            weights = weights * per_sample_weights
+        total = (rows * weights.unsqueeze(-1)).sum(1)
+        return total if self.mode == "sum" else total / keep.to(rows.dtype).sum(1, keepdim=True).clamp(min=1.0)
+
+
 DECOMPOSE = {nn.TransformerEncoder: TransformerEncoder, nn.TransformerEncoderLayer: TransformerEncoderLayer,
              nn.TransformerDecoder: TransformerDecoder, nn.TransformerDecoderLayer: TransformerDecoderLayer,
              nn.Transformer: Transformer, nn.MultiheadAttention: MultiheadAttention, nn.LSTM: Recurrent,
-             nn.GRU: Recurrent}
+             nn.GRU: Recurrent, nn.EmbeddingBag: EmbeddingBag}
