@@ -253,8 +253,8 @@ def _cmd_export(args) -> int:
     notes = export_model(model, recipe, out)
     print(f"[qatkit] wrote {out} ({out.stat().st_size:,} bytes)")
     inputs = onnx.load(str(out)).graph.input  # named sizes are free: the batch, and those the model's graph follows
-    print("[qatkit] inputs: " + "; ".join(
-        f"{i.name} ({', '.join(d.dim_param or str(d.dim_value) for d in i.type.tensor_type.shape.dim)})" for i in inputs))
+    dims = {i.name: [d.dim_param or str(d.dim_value) for d in i.type.tensor_type.shape.dim] for i in inputs}
+    print("[qatkit] inputs: " + "; ".join(f"{name} ({', '.join(d)})" for name, d in dims.items()))
     for note in notes:
         print(f"[qatkit] note: {note}")
     return 0

@@ -185,7 +185,8 @@ class _Exporter:
                 ids = not example.is_floating_point()  # token ids
                 elem = TensorProto.INT64 if ids else TensorProto.FLOAT
                 argument = node.get("argument", name)  # forward's argument name: a dict input's key
-                dims = ["batch", *(f"{argument}_{axis}" if axis in free else n for axis, n in enumerate(example.shape) if axis)]
+                dims = ["batch", *(f"{argument}_{axis}" if axis in free else n
+                                   for axis, n in enumerate(example.shape) if axis)]
                 graph_inputs.append(helper.make_tensor_value_info(argument, elem, dims))
                 self.env[name] = Value(argument, "int" if ids else "float")
             elif op == "output":  # one output "output", a tuple's as "output_0", "output_1", ..., a dict's by its keys

@@ -131,7 +131,8 @@ class TransformerDecoderLayer(_FeedForward):
 
     def __init__(self, layer: nn.TransformerDecoderLayer):
         super().__init__(layer)
-        self.self_attn, self.multihead_attn = MultiheadAttention(layer.self_attn), MultiheadAttention(layer.multihead_attn)
+        self.self_attn = MultiheadAttention(layer.self_attn)
+        self.multihead_attn = MultiheadAttention(layer.multihead_attn)
         self.norm1, self.norm2, self.norm3 = layer.norm1, layer.norm2, layer.norm3
         self.dropout1, self.dropout2, self.dropout3 = layer.dropout1, layer.dropout2, layer.dropout3
 
@@ -165,9 +166,9 @@ class TransformerDecoder(nn.Module):
     def forward(self, tgt, memory, tgt_mask=None, memory_mask=None, tgt_key_padding_mask=None,
                 memory_key_padding_mask=None, tgt_is_causal=None, memory_is_causal=False):
         for layer in self.layers:  # is_causal: a hint (the masks are what is computed), refused without its mask
-            tgt = layer(tgt, memory, tgt_mask=tgt_mask, memory_mask=memory_mask, tgt_key_padding_mask=tgt_key_padding_mask,
-                        memory_key_padding_mask=memory_key_padding_mask, tgt_is_causal=bool(tgt_is_causal),
-                        memory_is_causal=memory_is_causal)
+            tgt = layer(tgt, memory, tgt_mask=tgt_mask, memory_mask=memory_mask,
+                        tgt_key_padding_mask=tgt_key_padding_mask, memory_key_padding_mask=memory_key_padding_mask,
+                        tgt_is_causal=bool(tgt_is_causal), memory_is_causal=memory_is_causal)
         return tgt if self.norm is None else self.norm(tgt)
 
 
@@ -318,7 +319,8 @@ class EmbeddingBag(nn.Module):
         super().__init__()
         if bag.max_norm is not None or bag.scale_grad_by_freq or bag.sparse:
             raise ConfigError(f"{bag} uses max_norm, scale_grad_by_freq or sparse gradients; allowed: a plain "
-                              "nn.EmbeddingBag. Fix: build it without them, or skip it (LayerRule(pattern=..., skip=True))")
+                              "nn.EmbeddingBag. Fix: build it without them, or skip it "
+                              "(LayerRule(pattern=..., skip=True))")
         self.table = nn.Embedding(*bag.weight.shape, padding_idx=bag.padding_idx, _weight=bag.weight)
         self.mode, self.padding_idx, self.include_last_offset = bag.mode, bag.padding_idx, bag.include_last_offset
 
@@ -335,8 +337,10 @@ class EmbeddingBag(nn.Module):
             if offsets is None:
                 raise ValueError("a 1-D input without offsets; allowed: offsets with a 1-D input (as in PyTorch). "
                                  "Fix: pass the bags' start offsets, or a 2-D input of one bag per row")
-            ends = offsets[1:] if self.include_last_offset else torch.cat([offsets[1:], offsets.new_full((1,), input.size(0))])
-            starts = offsets[:-1] if self.include_last_offset else offsets
+            if self.include_last_offset:
+                starts, ends = offsets[:-1], offsets[1:]
+            else:
+                starts, ends = offsets, torch.cat([offsets[1:], offsets.new_full((1,), input.size(0))])
             position = torch.arange(input.size(0), device=input.device).unsqueeze(0)
             keep = (position >= starts.unsqueeze(1)) & (position < ends.unsqueeze(1))  # (B, N)
             if self.padding_idx is not None:
@@ -351,7 +355,7 @@ class EmbeddingBag(nn.Module):
         if per_sample_weights is not None:
             weights = weights * per_sample_weights
         total = (rows * weights.unsqueeze(-1)).sum(1)
-        return total if self.mode == "sum" else total / keep.to(rows.dtype).sum(1, keepdim=True).clamp(min=1.0)
+        return total if self.mode == "sum" else total / weights.sum(1, keepdim=True).clamp(min=1.0)  # (mean: no weights)
 
 
 DECOMPOSE = {nn.TransformerEncoder: TransformerEncoder, nn.TransformerEncoderLayer: TransformerEncoderLayer,
