@@ -30,6 +30,9 @@ MODULES = {
     "AvgPool2d(ceil_mode, padding)": lambda: nn.AvgPool2d(3, 2, padding=1, ceil_mode=True),
     "AvgPool2d(ceil_mode, padding, count_include_pad=False)":
         lambda: nn.AvgPool2d(3, 2, padding=1, ceil_mode=True, count_include_pad=False),
+    "LPPool2d(2)": lambda: nn.LPPool2d(2, 2),  # (a fractional power of a negative sum is NaN in PyTorch: after a ReLU)
+    "LPPool2d(1.5, ceil_mode)": lambda: nn.Sequential(nn.ReLU(), nn.LPPool2d(1.5, 3, 2, ceil_mode=True)),
+    "LPPool2d(inf)": lambda: nn.LPPool2d(float("inf"), 2), "LPPool2d(-inf)": lambda: nn.LPPool2d(float("-inf"), 2),
 }
 
 

@@ -12,13 +12,13 @@ from qatkit.convert import convert
 
 
 class Odd(nn.Module):
-    """A conv net with ops that have no integer kernel: an LP pool (no integer-model form), bilinear upsampling, a
-    custom elementwise op."""
+    """A conv net with ops that have no integer kernel: a fractional max pool (no integer-model form; of kernel 1 to
+    the input's size, the identity), bilinear upsampling, a custom elementwise op."""
 
     def __init__(self):
         super().__init__()
         self.conv = nn.Conv2d(1, 4, 3, padding=1)
-        self.act = nn.LPPool2d(2, 1)  # |x|, by a power-2 pool of size 1
+        self.act = nn.FractionalMaxPool2d(1, output_size=(8, 8))
         self.up = nn.Upsample(scale_factor=2, mode="bilinear")
         self.fc = nn.Linear(4, 3)
 
@@ -35,20 +35,20 @@ def test_unquantizable_ops_are_listed_and_stay_float():
     with pytest.warns(UserWarning) as record:
         qat = qatkit.prepare(model, qatkit.QATConfig(), x)
     messages = [str(w.message) for w in record]
-    assert any(re.match(r"qatkit: \d+ ops have no integer kernel and stay float: .*act \(LPPool2d\).*up "
+    assert any(re.match(r"qatkit: \d+ ops have no integer kernel and stay float: .*act \(FractionalMaxPool2d\).*up "
                         r"\(Upsample\)", m) for m in messages)
     # said before training, not only when convert refuses: the ops without an integer-model form (upsampling and
     # tanh run as float ops)
     assert any(m.startswith("qatkit: QAT trains, but convert and ONNX export will refuse this model: act "
-                            "(LPPool2d) has no integer-model form (allowed modules: ") for m in messages)
+                            "(FractionalMaxPool2d) has no integer-model form (allowed modules: ") for m in messages)
     qatkit.calibrate(qat, [x])
     qat.eval()
     report = qatkit.describe(qat)
-    assert "act (LPPool2d)" in report and "up (Upsample)" in report and "tanh" in report
+    assert "act (FractionalMaxPool2d)" in report and "up (Upsample)" in report and "tanh" in report
     assert {r["name"] for r in qat.qat_info.layers} == {"conv", "fc"}  # the quantizable layers are quantized
     y = qat(x)
     assert torch.isfinite(y).all() and (y - model(x)).abs().max() < 0.5  # runs, close to float
-    with pytest.raises(qatkit.QatkitError, match=r"module 'act' \(LPPool2d\) has no integer-model form; allowed: "
+    with pytest.raises(qatkit.QatkitError, match=r"module 'act' \(FractionalMaxPool2d\) has no integer-model form; allowed: "
                                                  r"AdaptiveAvgPool1d, .*ZeroPad2d, the layers qatkit quantizes, and "
                                                  r"parameter-free modules that return their input in eval mode .*Fix:"):
         convert(qat)  # converting needs every op in the integer op table: a clear error, not a crash

@@ -55,7 +55,7 @@ _FUNCTIONS = [
     torch.meshgrid,
     F.conv3d, F.conv_transpose3d, F.max_pool3d, F.avg_pool3d, F.adaptive_avg_pool3d,
     torch.max, torch.min, torch.amax, torch.amin, torch.cumsum, torch.argmax, torch.argmin, topk, torch.abs, torch.log,
-    setitem,
+    setitem, F.lp_pool1d, F.lp_pool2d, *([F.lp_pool3d] if hasattr(F, "lp_pool3d") else []),
 ]
 FUNCTIONS = {f"{getattr(fn, '__module__', None) or 'builtins'}.{fn.__name__}": fn for fn in _FUNCTIONS}
 NAME_OF = {fn: name for name, fn in FUNCTIONS.items()}
@@ -107,6 +107,10 @@ MODULES = {
     **{cls: (fn, (), lambda m: dict(output_size=m.output_size))
        for cls, fn in ((nn.AdaptiveAvgPool1d, F.adaptive_avg_pool1d), (nn.AdaptiveAvgPool2d, F.adaptive_avg_pool2d),
                        (nn.AdaptiveAvgPool3d, F.adaptive_avg_pool3d))},
+    **{cls: (fn, (), lambda m: dict(norm_type=m.norm_type, kernel_size=m.kernel_size, stride=m.stride,
+                                    ceil_mode=m.ceil_mode))
+       for cls, fn in ((nn.LPPool1d, F.lp_pool1d), (nn.LPPool2d, F.lp_pool2d),
+                       *([(nn.LPPool3d, F.lp_pool3d)] if hasattr(nn, "LPPool3d") else []))},
     nn.Flatten: (torch.flatten, (), lambda m: dict(start_dim=m.start_dim, end_dim=m.end_dim)),
     nn.ReLU: (F.relu, (), lambda m: {}),
     nn.ReLU6: (F.relu6, (), lambda m: {}),

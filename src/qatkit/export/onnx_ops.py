@@ -4,6 +4,7 @@ Ops that keep the integer grid run on the codes; the rest run in float on dequan
 """
 from __future__ import annotations
 
+import math
 import operator
 from dataclasses import dataclass
 from functools import reduce
@@ -333,6 +334,27 @@ def _roll(ex, node: dict, x: Value, shifts, dims, rank: int) -> Value:
             out = ex.op("Concat", [_slice_axis(ex, out, cut, size, dim), _slice_axis(ex, out, 0, cut, dim)], "rolled",
                         axis=dim)
     return Value(out, x.kind, x.scale, x.zero_point)
+
+
+def _lp_pool(ex, xf: str, n: int, args, kwargs, name: str) -> str:
+    """F.lp_pool1d/2d/3d as PyTorch computes it: (sign(s)·relu(|s|)·∏k)^(1/p) of s = avg_pool(x^p) (no padding; a
+    partial last window of ceil_mode averaged over its cells in the image), max_pool(|x|) for p = inf."""
+    p = float(_arg(args, kwargs, 1, "norm_type", None))
+    k = _arg(args, kwargs, 2, "kernel_size", None)
+    stride = _arg(args, kwargs, 3, "stride", None) or k
+    k, stride = ([v] * n if isinstance(v, int) else list(v) for v in (k, stride))
+    ceil = int(bool(_arg(args, kwargs, 4, "ceil_mode", False)))
+    if math.isinf(p):
+        magnitude = ex.op("Abs", [xf], "abs")
+        sign = 1.0 if p > 0 else -1.0
+        pooled = ex.op("MaxPool", [ex.op("Mul", [magnitude, ex.const("sign", np.float32(sign))], "signed")], "max",
+                       kernel_shape=k, strides=stride, ceil_mode=ceil)
+        return ex.op("Mul", [pooled, ex.const("sign", np.float32(sign))], name)
+    s = ex.op("AveragePool", [ex.op("Pow", [xf, ex.const("p", np.float32(p))], "pow")], "avg", kernel_shape=k,
+              strides=stride, ceil_mode=ceil, count_include_pad=0)
+    s = ex.op("Mul", [ex.op("Sign", [s], "sign"), ex.op("Relu", [ex.op("Abs", [s], "abs")], "relu")], "signed")
+    s = ex.op("Mul", [s, ex.const("cells", np.float32(math.prod(k)))], "sum")
+    return ex.op("Pow", [s, ex.const("inv_p", np.float32(1.0 / p))], name)
 
 
 def _slice_axis(ex, src: str, start: int, end: int, axis: int) -> str:
@@ -674,6 +696,8 @@ def _float_op(ex, node, short, args, kwargs, rank) -> Value:
                               "form in qatkit: its windows overlap unevenly. Fix: pool to a size that divides the input")
         k = [s_in // s for s, s_in in zip(size, spatial)]  # equal windows: an average pool with kernel = stride
         return Value(ex.op("AveragePool", [xf], name, kernel_shape=k, strides=k), "float")
+    if short in ("lp_pool1d", "lp_pool2d", "lp_pool3d"):  # PyTorch's formula, op for op
+        return Value(_lp_pool(ex, xf, int(short[-2]), args, kwargs, name), "float")
     if short in ("avg_pool1d", "avg_pool2d", "avg_pool3d"):
         n = int(short[-2])
         k = _arg(args, kwargs, 1, "kernel_size", None)
