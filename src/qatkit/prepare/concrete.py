@@ -146,15 +146,10 @@ def concrete_trace(module: nn.Module, arguments: tuple[dict, dict]) -> tuple[fx.
     for change in (lambda a: a, lambda a: a[:1], lambda a: torch.cat([a, a])):
         args = {k: change(a) if isinstance(a, torch.Tensor) else a for k, a in example.items()}
         size = len(next(a for a in args.values() if isinstance(a, torch.Tensor)))
-        with torch.no_grad(), torch.random.fork_rng():
-            torch.manual_seed(0)
-            try:
-                expected = copy.deepcopy(module)(**args, **fixed)
-            except Exception:  # noqa: BLE001 - the model's own refusal of this batch size: nothing to compare
-                continue
-            torch.manual_seed(0)
-            got = copy.deepcopy(gm)(**args)
-        if not _same(got, expected):
+        agrees = _agrees(module, gm, args, fixed)
+        if agrees is None:  # the model's own refusal of this batch size: nothing to compare
+            continue
+        if not agrees:
             raise ValueError(f"the graph traced along the example input differs from the model on a batch of "
                              f"{size} (its forward branches on the batch size or on tensor values)")
         checked.append(size)
@@ -167,8 +162,7 @@ def input_sizes(module: nn.Module, gm: fx.GraphModule, arguments: tuple[dict, di
     keeps them), else the example's size (the graph differs from the module at another size, as a loop unrolled along
     the example does, or the module takes no other size). Probed on the example twice over along an axis, and on its
     first half (a model with a longest length); the axes of that size change together (a text's ids and attention
-    mask, an image's height and width), one at a time where the module takes no other size of them all. Both run, in
-    their current mode, on copies."""
+    mask, an image's height and width), one at a time where the module takes no other size of them all (_agrees)."""
     example, fixed = arguments
     tensors = {k: a[:1] for k, a in example.items() if isinstance(a, torch.Tensor)}  # (one sample: the batch is free)
     sizes = {k: [None] + list(a.shape[1:]) for k, a in tensors.items()}
@@ -181,15 +175,8 @@ def input_sizes(module: nn.Module, gm: fx.GraphModule, arguments: tuple[dict, di
             resized = dict(tensors)
             for k, axis in members:
                 resized[k] = torch.cat([resized[k]] * 2, axis) if new > n else resized[k].narrow(axis, 0, new)
-            with torch.no_grad():  # on copies: a forward may change its module (HF Swin's window size)
-                try:
-                    expected = copy.deepcopy(module)(**{**example, **resized}, **fixed)
-                except Exception:  # noqa: BLE001 - the model's own refusal of this size: nothing to compare
-                    continue
-                try:  # (forward: no traceback printed)
-                    verdicts.append(_same(copy.deepcopy(gm).forward(**{**example, **resized}), expected))
-                except Exception:  # noqa: BLE001 - the graph fails where the model runs: it holds the example's size
-                    verdicts.append(False)
+            verdicts.append(_agrees(module, gm, {**example, **resized}, fixed))
+        verdicts = [v for v in verdicts if v is not None]  # (sizes the module takes)
         return all(verdicts) if verdicts else None
 
     for n in dict.fromkeys(n for a in tensors.values() for n in a.shape[1:]):
@@ -202,6 +189,24 @@ def input_sizes(module: nn.Module, gm: fx.GraphModule, arguments: tuple[dict, di
         for k, axis in free:
             sizes[k][axis] = None
     return sizes
+
+
+def _agrees(module: nn.Module, gm: fx.GraphModule, args: dict, fixed: dict) -> bool | None:
+    """Whether the graph computes what the module does on `args` (by name; the module also gets the `fixed` ones): run
+    on copies (a forward may change its module: HF Swin's window size) from one random seed (a dropout draws alike);
+    False where the graph fails, None where the module itself refuses the input."""
+    with torch.no_grad(), torch.random.fork_rng():
+        torch.manual_seed(0)
+        try:
+            expected = copy.deepcopy(module)(**args, **fixed)
+        except Exception:  # noqa: BLE001 - the model's own refusal: nothing to compare
+            return None
+        torch.manual_seed(0)
+        try:  # (forward: no traceback printed)
+            got = copy.deepcopy(gm).forward(**args)
+        except Exception:  # noqa: BLE001 - the graph fails where the model runs
+            return False
+    return _same(got, expected)
 
 
 def _recorded(tracer: ConcreteTracer, fn):
