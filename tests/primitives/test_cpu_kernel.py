@@ -79,8 +79,7 @@ def test_sums_do_not_depend_on_thread_count():
 @pytest.mark.parametrize("n", [13, 4097, 70_001])
 def test_vector_and_portable_backward_are_the_same(monkeypatch, n, relu):
     """The AVX-512 and AVX2 backward (where the CPU has them) and the portable code: the same bits, sums included
-    (same lanes),
-    with ties, values beyond the range, NaN and ±0 among the inputs; per tensor and per channel."""
+    (same lanes), with ties, values beyond the range, NaN and ±0 among the inputs; per tensor and per channel."""
     x, grad = _data(n, 0.0371, seed=3), torch.randn(n)
     x[:6] = torch.tensor([float("nan"), 0.0, -0.0, 1e30, -1e30, 0.5 * 0.0371])
     for s, z in [(torch.tensor(0.0371), torch.tensor(3.0)), (torch.tensor([0.0371, 0.25]), torch.tensor([3.0, -2.0]))]:
@@ -92,6 +91,7 @@ def test_vector_and_portable_backward_are_the_same(monkeypatch, n, relu):
         for vector in results[:2]:
             for a, b in zip(vector, results[2]):
                 assert torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(7.0), b.nan_to_num(7.0))
+
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided", "expanded"])
 def test_fake_quantize_layouts_match_eager(layout):

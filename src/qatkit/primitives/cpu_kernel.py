@@ -6,7 +6,7 @@ with the ReLU before it fused in (relu(x) quantized, relu's gradient mask applie
 computes what primitives.fake_quant's eager formulas do: the same IEEE division x/s, round half to even
 (nearbyintf in the default rounding mode), clamp and product, so forward outputs and input gradients are
 the eager ones bit for bit. The scale and zero-point gradients are sums: per block of 4096 values in 8 float
-lanes (value i into lane i mod 8), then in double in block order, so they depend neither on the thread count
+lanes (value i into lane i mod 16), then in double in block order, so they depend neither on the thread count
 nor on the instruction set (their last bits differ from torch's own sum, which uses another order). The
 forward pass is vectorised by the compiler (target clones); the backward pass, whose masked sums gcc leaves
 scalar, is written in AVX-512 and AVX2 intrinsics (the same lanes), with portable C elsewhere.
@@ -60,8 +60,10 @@ CLONES static void forward_block(const float *restrict x, float *restrict y, int
 }
 
 /* The backward pass sums in LANES float partial sums (value i of a block into lane i % LANES, the lanes then added in
-   order): the same sums from the AVX2 path and the portable one. */
-#define LANES 8
+   order): the same sums from the AVX-512, AVX2 and portable paths. 16 lanes: one AVX-512 register, two AVX2 ones,
+   each sum's additions two (AVX2) or one (AVX-512) independent chains a step (with 8 lanes, AVX-512 added its two
+   halves one after the other, and those dependent additions, not memory, bounded the loop: twice as slow). */
+#define LANES 16
 
 /* One value of the backward pass: its gradient, and its terms of the two sums added to its lane. */
 static inline void backward_one(float x, float g, float *gx, float s, float z, float qmin, float qmax, int relu,
@@ -86,63 +88,84 @@ static void backward_block_portable(const float *restrict x, const float *restri
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
-/* backward_block_portable in AVX2 intrinsics, operation for operation (gcc does not vectorize the selects in its
-   reductions): IEEE division, rounding in the current mode (nearbyintf), compare-and-blend clamps (NaN passes as
-   in the scalar code), no fused multiply-add. */
+/* 8 values of backward_block_portable in AVX2 intrinsics, operation for operation (gcc does not vectorize the selects
+   in its reductions): IEEE division, rounding in the current mode (nearbyintf), compare-and-blend clamps (NaN passes
+   as in the scalar code), no fused multiply-add; their terms added to the 8 lanes acc_s, acc_c. */
+__attribute__((target("avx2"))) static inline void backward_8_avx2(const float *restrict x, const float *restrict g,
+        float *restrict gx, __m256 vs, __m256 vz, __m256 lo, __m256 hi, int relu, __m256 *acc_s, __m256 *acc_c) {
+    const __m256 zero = _mm256_setzero_ps();
+    __m256 xv = _mm256_loadu_ps(x), gv = _mm256_loadu_ps(g);
+    __m256 v = relu ? _mm256_blendv_ps(xv, zero, _mm256_cmp_ps(xv, zero, _CMP_LT_OQ)) : xv;
+    __m256 xs = _mm256_div_ps(v, vs);
+    __m256 r = _mm256_add_ps(_mm256_round_ps(xs, _MM_FROUND_CUR_DIRECTION | _MM_FROUND_NO_EXC), vz);
+    __m256 q = _mm256_blendv_ps(r, lo, _mm256_cmp_ps(r, lo, _CMP_LT_OQ));
+    q = _mm256_blendv_ps(q, hi, _mm256_cmp_ps(q, hi, _CMP_GT_OQ));
+    __m256 inside = _mm256_and_ps(_mm256_cmp_ps(r, lo, _CMP_GE_OQ), _mm256_cmp_ps(r, hi, _CMP_LE_OQ));
+    __m256 pass = relu ? _mm256_and_ps(inside, _mm256_cmp_ps(xv, zero, _CMP_GT_OQ)) : inside;
+    _mm256_storeu_ps(gx, _mm256_and_ps(pass, gv));
+    __m256 d = _mm256_sub_ps(_mm256_sub_ps(q, vz), _mm256_and_ps(inside, xs));  /* (q - z) - xs, or (q - z) - 0 */
+    *acc_s = _mm256_add_ps(*acc_s, _mm256_mul_ps(gv, d));
+    *acc_c = _mm256_add_ps(*acc_c, _mm256_andnot_ps(inside, gv));
+}
+
+/* backward_block_portable LANES values at a time, values i+8j..i+8j+7 into lanes 8j..8j+7 (one register each). The
+   rest (under LANES values) goes to the portable code, the lanes lined up. */
 __attribute__((target("avx2"))) static void backward_block_avx2(const float *restrict x, const float *restrict g,
         float *restrict gx, int64_t n, float s, float z, float qmin, float qmax, int relu, float *ss, float *sc) {
-    const __m256 vs = _mm256_set1_ps(s), vz = _mm256_set1_ps(z), lo = _mm256_set1_ps(qmin),
-                 hi = _mm256_set1_ps(qmax), zero = _mm256_setzero_ps();
-    __m256 acc_s = _mm256_loadu_ps(ss), acc_c = _mm256_loadu_ps(sc);
-    int64_t full = n - n % LANES;
-    for (int64_t i = 0; i < full; i += LANES) {
-        __m256 xv = _mm256_loadu_ps(x + i), gv = _mm256_loadu_ps(g + i);
-        __m256 v = relu ? _mm256_blendv_ps(xv, zero, _mm256_cmp_ps(xv, zero, _CMP_LT_OQ)) : xv;
-        __m256 xs = _mm256_div_ps(v, vs);
-        __m256 r = _mm256_add_ps(_mm256_round_ps(xs, _MM_FROUND_CUR_DIRECTION | _MM_FROUND_NO_EXC), vz);
-        __m256 q = _mm256_blendv_ps(r, lo, _mm256_cmp_ps(r, lo, _CMP_LT_OQ));
-        q = _mm256_blendv_ps(q, hi, _mm256_cmp_ps(q, hi, _CMP_GT_OQ));
-        __m256 inside = _mm256_and_ps(_mm256_cmp_ps(r, lo, _CMP_GE_OQ), _mm256_cmp_ps(r, hi, _CMP_LE_OQ));
-        __m256 pass = relu ? _mm256_and_ps(inside, _mm256_cmp_ps(xv, zero, _CMP_GT_OQ)) : inside;
-        _mm256_storeu_ps(gx + i, _mm256_and_ps(pass, gv));
-        __m256 d = _mm256_sub_ps(_mm256_sub_ps(q, vz), _mm256_and_ps(inside, xs));  /* (q - z) - xs, or (q - z) - 0 */
-        acc_s = _mm256_add_ps(acc_s, _mm256_mul_ps(gv, d));
-        acc_c = _mm256_add_ps(acc_c, _mm256_andnot_ps(inside, gv));
+    const __m256 vs = _mm256_set1_ps(s), vz = _mm256_set1_ps(z), lo = _mm256_set1_ps(qmin), hi = _mm256_set1_ps(qmax);
+    __m256 acc_s[LANES / 8], acc_c[LANES / 8];
+    for (int j = 0; j < LANES / 8; j++) {
+        acc_s[j] = _mm256_loadu_ps(ss + 8 * j);
+        acc_c[j] = _mm256_loadu_ps(sc + 8 * j);
     }
-    _mm256_storeu_ps(ss, acc_s);
-    _mm256_storeu_ps(sc, acc_c);
+    int64_t full = n - n % LANES;
+    for (int64_t i = 0; i < full; i += LANES)
+        for (int j = 0; j < LANES / 8; j++)
+            backward_8_avx2(x + i + 8 * j, g + i + 8 * j, gx + i + 8 * j, vs, vz, lo, hi, relu, &acc_s[j], &acc_c[j]);
+    for (int j = 0; j < LANES / 8; j++) {
+        _mm256_storeu_ps(ss + 8 * j, acc_s[j]);
+        _mm256_storeu_ps(sc + 8 * j, acc_c[j]);
+    }
     backward_block_portable(x + full, g + full, gx + full, n - full, s, z, qmin, qmax, relu, ss, sc);
 }
 
-/* The same in AVX-512, 16 values at a time: each value's operations as above (mask registers for the selects),
-   its two terms then added to the 8 lanes as the AVX2 code adds them, first values i..i+7, then i+8..i+15: the
-   same sums. The rest (under 16 values) goes to the AVX2 code, the lanes lined up. */
+/* The same in AVX-512, 16 values a register: each value's operations as above (mask registers for the selects). */
+__attribute__((target("avx512f"))) static inline void backward_16_avx512(const float *restrict x,
+        const float *restrict g, float *restrict gx, __m512 vs, __m512 vz, __m512 lo, __m512 hi, int relu,
+        __m512 *acc_s, __m512 *acc_c) {
+    const __m512 zero = _mm512_setzero_ps();
+    __m512 xv = _mm512_loadu_ps(x), gv = _mm512_loadu_ps(g);
+    __m512 v = relu ? _mm512_mask_blend_ps(_mm512_cmp_ps_mask(xv, zero, _CMP_LT_OQ), xv, zero) : xv;
+    __m512 xs = _mm512_div_ps(v, vs);
+    __m512 r = _mm512_add_ps(_mm512_roundscale_ps(xs, _MM_FROUND_CUR_DIRECTION | _MM_FROUND_NO_EXC), vz);
+    __m512 q = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(r, lo, _CMP_LT_OQ), r, lo);
+    q = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(q, hi, _CMP_GT_OQ), q, hi);
+    __mmask16 inside = _mm512_cmp_ps_mask(r, lo, _CMP_GE_OQ) & _mm512_cmp_ps_mask(r, hi, _CMP_LE_OQ);
+    __mmask16 pass = relu ? inside & _mm512_cmp_ps_mask(xv, zero, _CMP_GT_OQ) : inside;
+    _mm512_storeu_ps(gx, _mm512_maskz_mov_ps(pass, gv));
+    __m512 d = _mm512_sub_ps(_mm512_sub_ps(q, vz), _mm512_maskz_mov_ps(inside, xs));
+    *acc_s = _mm512_add_ps(*acc_s, _mm512_mul_ps(gv, d));
+    *acc_c = _mm512_add_ps(*acc_c, _mm512_maskz_mov_ps((__mmask16)~inside, gv));
+}
+
 __attribute__((target("avx512f"))) static void backward_block_avx512(const float *restrict x, const float *restrict g,
         float *restrict gx, int64_t n, float s, float z, float qmin, float qmax, int relu, float *ss, float *sc) {
-    const __m512 vs = _mm512_set1_ps(s), vz = _mm512_set1_ps(z), lo = _mm512_set1_ps(qmin),
-                 hi = _mm512_set1_ps(qmax), zero = _mm512_setzero_ps();
-    __m256 acc_s = _mm256_loadu_ps(ss), acc_c = _mm256_loadu_ps(sc);
-    int64_t full = n - n % (2 * LANES);
-    for (int64_t i = 0; i < full; i += 2 * LANES) {
-        __m512 xv = _mm512_loadu_ps(x + i), gv = _mm512_loadu_ps(g + i);
-        __m512 v = relu ? _mm512_mask_blend_ps(_mm512_cmp_ps_mask(xv, zero, _CMP_LT_OQ), xv, zero) : xv;
-        __m512 xs = _mm512_div_ps(v, vs);
-        __m512 r = _mm512_add_ps(_mm512_roundscale_ps(xs, _MM_FROUND_CUR_DIRECTION | _MM_FROUND_NO_EXC), vz);
-        __m512 q = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(r, lo, _CMP_LT_OQ), r, lo);
-        q = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(q, hi, _CMP_GT_OQ), q, hi);
-        __mmask16 inside = _mm512_cmp_ps_mask(r, lo, _CMP_GE_OQ) & _mm512_cmp_ps_mask(r, hi, _CMP_LE_OQ);
-        __mmask16 pass = relu ? inside & _mm512_cmp_ps_mask(xv, zero, _CMP_GT_OQ) : inside;
-        _mm512_storeu_ps(gx + i, _mm512_maskz_mov_ps(pass, gv));
-        __m512 d = _mm512_sub_ps(_mm512_sub_ps(q, vz), _mm512_maskz_mov_ps(inside, xs));
-        __m512 ts = _mm512_mul_ps(gv, d), tc = _mm512_maskz_mov_ps((__mmask16)~inside, gv);
-        acc_s = _mm256_add_ps(acc_s, _mm512_castps512_ps256(ts));
-        acc_s = _mm256_add_ps(acc_s, _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(ts), 1)));
-        acc_c = _mm256_add_ps(acc_c, _mm512_castps512_ps256(tc));
-        acc_c = _mm256_add_ps(acc_c, _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(tc), 1)));
+    const __m512 vs = _mm512_set1_ps(s), vz = _mm512_set1_ps(z), lo = _mm512_set1_ps(qmin), hi = _mm512_set1_ps(qmax);
+    __m512 acc_s[LANES / 16], acc_c[LANES / 16];
+    for (int j = 0; j < LANES / 16; j++) {
+        acc_s[j] = _mm512_loadu_ps(ss + 16 * j);
+        acc_c[j] = _mm512_loadu_ps(sc + 16 * j);
     }
-    _mm256_storeu_ps(ss, acc_s);
-    _mm256_storeu_ps(sc, acc_c);
-    backward_block_avx2(x + full, g + full, gx + full, n - full, s, z, qmin, qmax, relu, ss, sc);
+    int64_t full = n - n % LANES;
+    for (int64_t i = 0; i < full; i += LANES)
+        for (int j = 0; j < LANES / 16; j++)
+            backward_16_avx512(x + i + 16 * j, g + i + 16 * j, gx + i + 16 * j, vs, vz, lo, hi, relu, &acc_s[j],
+                               &acc_c[j]);
+    for (int j = 0; j < LANES / 16; j++) {
+        _mm512_storeu_ps(ss + 16 * j, acc_s[j]);
+        _mm512_storeu_ps(sc + 16 * j, acc_c[j]);
+    }
+    backward_block_portable(x + full, g + full, gx + full, n - full, s, z, qmin, qmax, relu, ss, sc);
 }
 #endif
 
@@ -303,9 +326,9 @@ def load() -> ctypes.CDLL | None:
 
 def usable(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> bool:
     """Whether the kernel can take this call: float32 on the CPU, per-tensor or per-channel with float32 parameters."""
-    return (x.dtype == torch.float32 and x.device.type == "cpu" and x.numel() > 0 and x.dim() >= 1
+    return (x.dtype == torch.float32 and x.is_cpu and x.numel() > 0 and x.dim() >= 1
             and scale.dtype == torch.float32 and zero_point.dtype == torch.float32
-            and scale.device.type == "cpu" and zero_point.device.type == "cpu" and load() is not None)
+            and scale.is_cpu and zero_point.is_cpu and load() is not None)
 
 
 def _threads(n: int) -> int:

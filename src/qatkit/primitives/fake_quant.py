@@ -75,7 +75,8 @@ def _kernel_order(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
 
 
 def _flatten(t: torch.Tensor, order: list[int]) -> torch.Tensor:
-    """t read in `order` as one contiguous run (t itself, or a view, when t is laid out that way)."""
+    """t read in `order` as one contiguous run (t itself, or a view, when t is laid out that way); AS_IS: t
+    contiguous, in its shape (the kernel reads memory, not shapes, and writes its results in that shape)."""
     if order is AS_IS:
         return t.contiguous()
     return t.permute(order).reshape(-1)
@@ -84,7 +85,7 @@ def _flatten(t: torch.Tensor, order: list[int]) -> torch.Tensor:
 def _unflatten(flat: torch.Tensor, like: torch.Tensor, order: list[int]) -> torch.Tensor:
     """The inverse of _flatten: like's shape, in like's layout."""
     if order is AS_IS:
-        return flat.view(like.shape)
+        return flat
     return flat.view([like.shape[d] for d in order]).permute([order.index(d) for d in range(like.dim())])
 
 
@@ -93,13 +94,14 @@ class _FakeQuantize(torch.autograd.Function):
     shape and layout; per-channel: the channel axis outermost, as for weights); otherwise the eager formulas."""
 
     @staticmethod
-    def forward(ctx, x, scale, zero_point, qmin, qmax, axis, grad_scale, relu, map_scale, map_zero_point, order):
-        """relu=True (kernel path only): fake-quantize relu(x), with relu's gradient, in the same pass.
+    def forward(ctx, x, scale, zero_point, how):
+        """how: (qmin, qmax, axis, grad_scale, relu, map_scale, map_zero_point, order), one argument (each one costs
+        the call time). relu=True (kernel path only): fake-quantize relu(x), with relu's gradient, in the same pass.
         map_scale / map_zero_point: `scale` / `zero_point` are raw parameters (see fake_quantize).
         order: _kernel_order(x, scale, zero_point, axis)."""
         ctx.save_for_backward(x, scale, zero_point)
-        ctx.qrange, ctx.axis, ctx.grad_scale, ctx.relu = (qmin, qmax), axis, grad_scale, relu
-        ctx.maps, ctx.order = (map_scale, map_zero_point), order
+        ctx.how = how
+        qmin, qmax, axis, _, relu, map_scale, map_zero_point, order = how
         if order is not None:
             y = cpu_kernel.forward(_flatten(x, order), scale, zero_point, qmin, qmax, relu, map_scale, map_zero_point)
             return _unflatten(y, x, order)
@@ -110,26 +112,26 @@ class _FakeQuantize(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, scale, zero_point = ctx.saved_tensors
-        (qmin, qmax), axis, (map_s, map_z), needs = ctx.qrange, ctx.axis, ctx.maps, ctx.needs_input_grad
-        order = ctx.order if grad.dtype == x.dtype else None
+        qmin, qmax, axis, grad_scale, relu, map_s, map_z, order = ctx.how
+        order = order if grad.dtype == x.dtype else None
         if order is not None:  # the parameter gradients, chain rule and LSQ scale included, come from the kernel
             grad_x, grad_s, grad_z = cpu_kernel.backward(_flatten(x, order), _flatten(grad, order), scale, zero_point,
-                                                         qmin, qmax, ctx.relu, map_s, map_z, ctx.grad_scale)
+                                                         qmin, qmax, relu, map_s, map_z, grad_scale)
             grad_x = _unflatten(grad_x, x, order)
         else:
             s, z = _mapped(scale, zero_point, qmin, qmax, map_s, map_z)
             dims = tuple(range(x.dim())) if s.dim() == 0 else tuple(d for d in range(x.dim()) if d != axis % x.dim())
             grad_x, grad_s, grad_clamped = _backward(x, grad, per_channel_view(s, x, axis), per_channel_view(z, x, axis),
                                                      qmin, qmax, dims)
-            grad_s, grad_z = grad_s * ctx.grad_scale, grad_clamped * -s * ctx.grad_scale
+            grad_s, grad_z = grad_s * grad_scale, grad_clamped * -s * grad_scale
             if map_s:  # the chain rule through |.|, the floor (clamp_min), the clamp and round (1): autograd's masks
                 if map_s == POWER_OF_TWO:  # d 2^round(log2 a) / da straight through the rounding: 2^round(log2 a) / a
                     grad_s = grad_s * (s / scale.abs().clamp_min(MIN_SCALE))
                 grad_s = torch.where(scale.abs() >= MIN_SCALE, grad_s, 0.0) * scale.sgn()
             if map_z:
                 grad_z = torch.where((zero_point >= qmin) & (zero_point <= qmax), grad_z, 0.0)
-        return (grad_x if needs[0] else None, grad_s if needs[1] else None, grad_z if needs[2] else None,
-                None, None, None, None, None, None, None, None)
+        needs = ctx.needs_input_grad
+        return grad_x if needs[0] else None, grad_s if needs[1] else None, grad_z if needs[2] else None, None
 
 
 def _mapped(scale, zero_point, qmin: int, qmax: int, map_scale: int, map_zero_point: bool):
@@ -159,8 +161,8 @@ def fake_quantize(
     order = _kernel_order(x, scale, zero_point, axis)
     if relu and order is None:
         x, relu = torch.relu(x), False
-    return _FakeQuantize.apply(x, scale, zero_point, qmin, qmax, axis, grad_scale, relu, map_scale, map_zero_point,
-                               order)
+    return _FakeQuantize.apply(x, scale, zero_point, (qmin, qmax, axis, grad_scale, relu, map_scale, map_zero_point,
+                                                      order))
 
 
 def quantize_codes(
