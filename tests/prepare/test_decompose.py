@@ -347,5 +347,9 @@ def test_an_embedding_bag_model_is_quantized_converted_and_exported(form, tmp_pa
         for inputs in (example, other):
             assert torch.equal(integer(*inputs), qat(*inputs))
     export_onnx(integer, tmp_path / "m.onnx", example)
+    dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim]
+            for i in onnx.load(tmp_path / "m.onnx").graph.input}
+    # the ids and the bags are two sizes (the offsets form): one name would tell ONNX Runtime they are equal
+    assert dims == ({"text": ["text_0"], "offsets": ["batch"]} if form == "offsets" else {"text": ["batch", "text_1"]})
     result = verify(tmp_path / "m.onnx", integer, [(example, torch.zeros(bags)), (other, torch.zeros(len(other[-1])))])
     assert result["top1_agreement"] == 1.0 and result["max_step_diff"] == 0.0

@@ -105,6 +105,13 @@ class _Exporter:
             dims[i][axis] = names[0] if len(names) == 1 else f"output_{i}_{axis}"
         return dims
 
+    def first_dim(self, argument: str, example: torch.Tensor) -> str:
+        """An input's first ONNX dimension: "batch", the outputs' first, where the example's size there is theirs; an
+        input whose first size differs is another size (an EmbeddingBag's ids beside its bags' offsets), named after
+        it (one name for two sizes would tell a runtime they are equal)."""
+        first = output_list(self.shapes["output"])[0]
+        return "batch" if first.dim() == 0 or example.shape[0] == first.shape[0] else f"{argument}_0"
+
     def varies_with_batch(self, ir_name: str, axis: int) -> bool:
         """Whether the size of a node's value along `axis` follows the batch (it differs at twice the example's)."""
         if self._doubled is None:
@@ -185,8 +192,8 @@ class _Exporter:
                 ids = not example.is_floating_point()  # token ids
                 elem = TensorProto.INT64 if ids else TensorProto.FLOAT
                 argument = node.get("argument", name)  # forward's argument name: a dict input's key
-                dims = ["batch", *(f"{argument}_{axis}" if axis in free else n
-                                   for axis, n in enumerate(example.shape) if axis)]
+                dims = [self.first_dim(argument, example), *(f"{argument}_{axis}" if axis in free else n
+                                                             for axis, n in enumerate(example.shape) if axis)]
                 graph_inputs.append(helper.make_tensor_value_info(argument, elem, dims))
                 self.env[name] = Value(argument, "int" if ids else "float")
             elif op == "output":  # one output "output", a tuple's as "output_0", "output_1", ..., a dict's by its keys
