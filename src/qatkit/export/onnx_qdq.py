@@ -398,13 +398,14 @@ def _save(proto: onnx.ModelProto, notes: list[str], path) -> None:
 def _other_sizes_differ(path, integer: IntegerModel, exporter: _Exporter) -> str | None:
     """None where the ONNX file at `path` computes the integer model at the free sizes' other values (within one
     output step, or as closely as at the example's); else what differs."""
-    from qatkit.export.ort import verify
+    from qatkit.export.ort import session, verify
 
-    at_example = verify(path, integer, [(tuple(exporter.examples),)], layers=False)["max_step_diff"]
+    sess = session(path)
+    at_example = verify(sess, integer, [(tuple(exporter.examples),)], layers=False)["max_step_diff"]
     for n, name in exporter.free.items():
         for size, inputs, _ in exporter.resized(n):
             try:
-                steps = verify(path, integer, [(tuple(inputs),)], layers=False)["max_step_diff"]
+                steps = verify(sess, integer, [(tuple(inputs),)], layers=False)["max_step_diff"]
             except Exception as e:  # noqa: BLE001 - ONNX Runtime's refusal: the graph holds the example's size
                 return f"ONNX Runtime fails at {name} = {size} ({str(e).splitlines()[0][:160]})"
             if steps > max(1.0, at_example):

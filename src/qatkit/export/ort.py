@@ -86,10 +86,11 @@ def per_layer(integer: IntegerModel, x) -> list[dict]:
     return rows
 
 
-def verify(onnx_path: str | os.PathLike, model, batches: Iterable, *, threads: int = 2, layers: bool = True) -> dict:
+def verify(onnx_path: str | os.PathLike | ort.InferenceSession, model, batches: Iterable, *, threads: int = 2,
+           layers: bool = True) -> dict:
     """Run ONNX Runtime and qatkit's model (QAT or IntegerModel) on the same inputs and compare outputs; batches
     are x or (x, y) items, x a tensor, a tuple of the model's inputs or a dict of them by name (a dict batch's
-    "labels" are left out).
+    "labels" are left out). onnx_path: the ONNX file, or a session of it (`session`) to run again.
 
     Returns n (samples), top1_agreement (of the first output's predictions along its last axis: one per sample,
     or one per position of a sequence output), within_one_step (fraction of output values,
@@ -99,7 +100,7 @@ def verify(onnx_path: str | os.PathLike, model, batches: Iterable, *, threads: i
     from qatkit.convert import convert
 
     integer = model if isinstance(model, IntegerModel) else convert(model)
-    sess = session(onnx_path, threads)
+    sess = onnx_path if isinstance(onnx_path, ort.InferenceSession) else session(onnx_path, threads)
     n = agree = predictions = within = total = 0
     max_diff, steps, first_x = 0.0, None, None
     for batch in batches:
