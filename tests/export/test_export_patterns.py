@@ -730,6 +730,55 @@ def test_a_grid_made_by_meshgrid_converts_and_runs_in_onnx_runtime(indexing, tmp
     runs_in_onnx_runtime(integer, x, tmp_path / "detect.onnx", top1=False, float_output=True)
 
 
+class CoordConv(nn.Module):
+    """CoordConv (Liu et al. 2018): the pixel coordinates, torch.linspace(-1, 1, size) over the input's height and
+    width, as two more input channels of a conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.head = nn.Conv2d(5, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Linear(8, 4)
+
+    def forward(self, x):
+        n, _, h, w = x.shape
+        ys = torch.linspace(-1, 1, h).view(1, 1, h, 1).expand(n, 1, h, w)
+        xs = torch.linspace(-1.0, 1.0, steps=w).view(1, 1, 1, w).expand(n, 1, h, w)
+        return self.head(torch.relu(self.bn(self.conv(torch.cat([x, ys, xs], 1)))).mean((2, 3)))
+
+
+def test_coordinates_from_linspace_over_the_input_size_convert_and_run_in_onnx_runtime(tmp_path):
+    torch.manual_seed(0)
+    model, x, other = CoordConv().eval(), torch.randn(16, 3, 12, 10), torch.randn(4, 3, 20, 6)
+    qat = _calibrated(model, x)
+    assert qat.qat_info.input_sizes == {"x": [None, 3, None, None]}  # height and width free
+    integer = converts_exactly(qat, model, x, 0.05)
+    with torch.no_grad():
+        assert torch.equal(integer(other), qat(other))
+    runs_in_onnx_runtime(integer, x, tmp_path / "coords.onnx")
+    result = verify(tmp_path / "coords.onnx", integer, [(other,)])  # the ONNX file at another image size
+    assert result["top1_agreement"] == 1.0 and result["max_step_diff"] == 0.0
+
+
+class Ramp(nn.Module):
+    def forward(self, x):
+        return x + torch.linspace(-0.3, 2.9, x.size(-1))
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3, 17, 100])
+def test_linspace_in_onnx_is_pytorchs_formula(steps, tmp_path):
+    """torch.linspace's values in ONNX Runtime at any length: the float64 values to float32 rounding (an ulp: PyTorch's
+    vectorised loop rounds some of its own values differently)."""
+    qat = qatkit.prepare(Ramp(), qatkit.QATConfig(output_bits=None), torch.zeros(2, 5))
+    qatkit.calibrate(qat, [torch.zeros(2, 5)])
+    integer = qatkit.convert(qat.eval())
+    export_onnx(integer, tmp_path / "ramp.onnx", torch.zeros(1, 5))
+    x = torch.zeros(3, steps)  # dequantized exactly: the output is the linspace itself
+    got = ort.run(ort.session(tmp_path / "ramp.onnx"), x)
+    want = np.linspace(-0.3, 2.9, steps) if steps > 1 else np.array([-0.3])
+    assert got.shape == (3, steps)
+    np.testing.assert_allclose(got, np.broadcast_to(want, (3, steps)), rtol=0, atol=2.0**-22)
+    np.testing.assert_allclose(got, integer(x).numpy(), rtol=0, atol=2.0**-22)
+
+
 class Video(nn.Module):
     """A video / volume net: (2+1)-D factorised 3-D convs with BN and ReLU, a grouped one, a residual add, 3-D max,
     average and global pools, a 3-D transposed conv; an RGB stem (3 channels: padded to 4 on the codes)."""

@@ -45,7 +45,8 @@ _FUNCTIONS = [
     F.conv1d, F.conv2d, F.max_pool1d, F.max_pool2d, F.avg_pool1d, F.avg_pool2d, F.adaptive_avg_pool1d,
     F.adaptive_avg_pool2d, F.dropout, F.hardswish, F.hardsigmoid, F.leaky_relu, F.hardtanh, torch.clamp, F.interpolate,
     F.conv_transpose1d, F.conv_transpose2d, F.pad, torch.stack, torch.zeros, torch.ones, torch.full, torch.arange,
-    torch.zeros_like, torch.ones_like, torch.full_like, torch.chunk, torch.split, masked_scores, torch.where,
+    torch.linspace, torch.zeros_like, torch.ones_like, torch.full_like, torch.chunk, torch.split, masked_scores,
+    torch.where,
     torch.tril, torch.triu, torch.einsum, operator.pow, torch.pow, torch.rsqrt, torch.sin, torch.cos,
     torch.repeat_interleave, torch.unbind, F.group_norm, F.normalize, F.pixel_shuffle, F.instance_norm, torch.roll,
     *([F.rms_norm] if hasattr(F, "rms_norm") else []),  # F.rms_norm, nn.RMSNorm: torch >= 2.4

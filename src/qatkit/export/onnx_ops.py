@@ -21,8 +21,8 @@ UNARY = {"relu": "Relu", "sigmoid": "Sigmoid", "tanh": "Tanh", "sqrt": "Sqrt", "
          "cos": "Cos", "softsign": "Softsign", "selu": "Selu", "log": "Log", "abs": "Abs"}  # (Selu: PyTorch's constants)
 COMPARE = {"eq": "Equal", "ne": "Equal", "lt": "Less", "le": "LessOrEqual", "gt": "Greater", "ge": "GreaterOrEqual"}
 LOGICAL = {"and_": "And", "or_": "Or"}
-FACTORIES = ("zeros", "ones", "full", "arange", "zeros_like", "ones_like", "full_like", "new_zeros", "new_ones",
-             "new_full")
+FACTORIES = ("zeros", "ones", "full", "arange", "linspace", "zeros_like", "ones_like", "full_like", "new_zeros",
+             "new_ones", "new_full")
 
 
 @dataclass
@@ -774,10 +774,39 @@ def _resize(ex, node, xf: str, args, kwargs, rank: int) -> str:
                  nearest_mode="floor")
 
 
+def _linspace(ex, args: list, kwargs: dict, name: str) -> Value:
+    """torch.linspace(start, end, steps) in float32 by PyTorch's formula: step = (end - start) / (steps - 1), value i =
+    start + step·i in the first half (i < steps // 2), end - step·(steps - 1 - i) in the second, start alone at
+    steps = 1 (its CPU kernel's vectorised loop adds the step to a vector's first value instead: some values an ulp
+    apart); steps an int or a size of the input."""
+    start, end, steps = (_arg(args, kwargs, i, key, None) for i, key in enumerate(("start", "end", "steps")))
+    if kwargs.get("dtype") not in (None, "float"):
+        raise QatkitError(f"torch.linspace with dtype {kwargs['dtype']!r} in node '{name}'; allowed: float32 (the default). "
+                          "Fix: build it in float32 and convert the result (torch.linspace(...).long())")
+    n = ex.op("Cast", [steps.name], "steps", to=TensorProto.INT64) if isinstance(steps, Value) \
+        else ex.const("steps", np.array(steps, np.int64))
+    i = ex.op("Range", [ex.const("zero", np.array(0, np.int64)), n, ex.const("one", np.array(1, np.int64))], "i")
+    fi, fn = (ex.op("Cast", [v], "f", to=TensorProto.FLOAT) for v in (i, n))
+    one = ex.const("one", np.array(1.0, np.float32))
+    first, last = (ex.floats(v) if isinstance(v, Value) else ex.const("bound", np.array(v, np.float32))
+                   for v in (start, end))
+    step = ex.op("Div", [ex.op("Sub", [last, first], "span"), ex.op("Sub", [fn, one], "intervals")], "step")
+    low = ex.op("Add", [first, ex.op("Mul", [step, fi], "offset")], "low")
+    high = ex.op("Sub", [last, ex.op("Mul", [step, ex.op("Sub", [ex.op("Sub", [fn, one], "m"), fi], "back")],
+                                     "offset")], "high")
+    half = ex.op("Div", [n, ex.const("two", np.array(2, np.int64))], "half")
+    values = ex.op("Where", [ex.op("Less", [i, half], "first_half"), low, high], "values")
+    single = ex.op("Equal", [n, ex.const("one", np.array(1, np.int64))], "single")
+    return Value(ex.op("Where", [single, first, values], name), "float")
+
+
 def _factory(ex, short: str, args: list, kwargs: dict, name: str) -> Value:
     """torch.zeros/ones/full(sizes) as ConstantOfShape (float32), x.new_zeros/new_ones/new_full(sizes) the same in
-    x's type, torch.zeros_like/ones_like/full_like(x) of x's shape and type, torch.arange as Range (int64); sizes
-    from ints or the input's dims; dtype= float32, int64 or bool (the model file refuses others)."""
+    x's type, torch.zeros_like/ones_like/full_like(x) of x's shape and type, torch.arange as Range (int64),
+    torch.linspace from Range (_linspace); sizes from ints or the input's dims; dtype= float32, int64 or bool (the
+    model file refuses others)."""
+    if short == "linspace":
+        return _linspace(ex, args, kwargs, name)
     if short == "arange":
         bounds = [0, args[0], 1] if len(args) == 1 else [*args, 1][:3]
         ints = [ex.op("Cast", [b.name], "b", to=TensorProto.INT64) if isinstance(b, Value)

@@ -63,8 +63,8 @@ MASK_METHODS = {"logical_not", "float", "long", "int", "bool", "to", "type_as", 
 COMPARISONS = {name: getattr(torch, name) for name in ("eq", "ne", "lt", "le", "gt", "ge")}  # method: function
 # Tensors made from sizes and constants (torch.arange(L), x.new_zeros(B, h), torch.zeros_like(x)): exact like
 # masks, whatever their inputs.
-FACTORY_FUNCTIONS = {torch.zeros, torch.ones, torch.full, torch.arange, torch.zeros_like, torch.ones_like,
-                     torch.full_like}
+FACTORY_FUNCTIONS = {torch.zeros, torch.ones, torch.full, torch.arange, torch.linspace, torch.zeros_like,
+                     torch.ones_like, torch.full_like}
 FACTORY_METHODS = {"new_zeros", "new_ones", "new_full"}
 # Arithmetic on sizes (C // n_head, 1 / math.sqrt(head_dim)): shape arithmetic, exact like masks.
 SIZE_ARITHMETIC = {operator.add, operator.sub, operator.mul, operator.floordiv, operator.mod, operator.truediv,
