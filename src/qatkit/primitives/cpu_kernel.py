@@ -88,19 +88,21 @@ static void backward_block_portable(const float *restrict x, const float *restri
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
-/* 8 values of backward_block_portable in AVX2 intrinsics, operation for operation (gcc does not vectorize the selects
-   in its reductions): IEEE division, rounding in the current mode (nearbyintf), compare-and-blend clamps (NaN passes
-   as in the scalar code), no fused multiply-add; their terms added to the 8 lanes acc_s, acc_c. */
+/* 8 values of backward_block_portable in AVX2 intrinsics, value for value (gcc does not vectorize the selects in its
+   reductions): IEEE division, rounding in the current mode (nearbyintf), no fused multiply-add. Its selects as
+   max/min(bound, value), which return the second operand where either is NaN or both are zeros of either sign: the
+   value, as the scalar compare-and-select keeps it (relu: max(0, x) is x for NaN and -0, as x < 0 ? 0 : x). Inside
+   the range is q == r: the clamp left r as it was (NaN equals nothing, as it fails qmin <= r <= qmax). Their terms are
+   added to the 8 lanes acc_s, acc_c. */
 __attribute__((target("avx2"))) static inline void backward_8_avx2(const float *restrict x, const float *restrict g,
         float *restrict gx, __m256 vs, __m256 vz, __m256 lo, __m256 hi, int relu, __m256 *acc_s, __m256 *acc_c) {
     const __m256 zero = _mm256_setzero_ps();
     __m256 xv = _mm256_loadu_ps(x), gv = _mm256_loadu_ps(g);
-    __m256 v = relu ? _mm256_blendv_ps(xv, zero, _mm256_cmp_ps(xv, zero, _CMP_LT_OQ)) : xv;
+    __m256 v = relu ? _mm256_max_ps(zero, xv) : xv;
     __m256 xs = _mm256_div_ps(v, vs);
     __m256 r = _mm256_add_ps(_mm256_round_ps(xs, _MM_FROUND_CUR_DIRECTION | _MM_FROUND_NO_EXC), vz);
-    __m256 q = _mm256_blendv_ps(r, lo, _mm256_cmp_ps(r, lo, _CMP_LT_OQ));
-    q = _mm256_blendv_ps(q, hi, _mm256_cmp_ps(q, hi, _CMP_GT_OQ));
-    __m256 inside = _mm256_and_ps(_mm256_cmp_ps(r, lo, _CMP_GE_OQ), _mm256_cmp_ps(r, hi, _CMP_LE_OQ));
+    __m256 q = _mm256_min_ps(hi, _mm256_max_ps(lo, r));
+    __m256 inside = _mm256_cmp_ps(q, r, _CMP_EQ_OQ);
     __m256 pass = relu ? _mm256_and_ps(inside, _mm256_cmp_ps(xv, zero, _CMP_GT_OQ)) : inside;
     _mm256_storeu_ps(gx, _mm256_and_ps(pass, gv));
     __m256 d = _mm256_sub_ps(_mm256_sub_ps(q, vz), _mm256_and_ps(inside, xs));  /* (q - z) - xs, or (q - z) - 0 */
@@ -129,18 +131,17 @@ __attribute__((target("avx2"))) static void backward_block_avx2(const float *res
     backward_block_portable(x + full, g + full, gx + full, n - full, s, z, qmin, qmax, relu, ss, sc);
 }
 
-/* The same in AVX-512, 16 values a register: each value's operations as above (mask registers for the selects). */
+/* The same in AVX-512, 16 values a register: each value's operations as above (mask registers for the masks). */
 __attribute__((target("avx512f"))) static inline void backward_16_avx512(const float *restrict x,
         const float *restrict g, float *restrict gx, __m512 vs, __m512 vz, __m512 lo, __m512 hi, int relu,
         __m512 *acc_s, __m512 *acc_c) {
     const __m512 zero = _mm512_setzero_ps();
     __m512 xv = _mm512_loadu_ps(x), gv = _mm512_loadu_ps(g);
-    __m512 v = relu ? _mm512_mask_blend_ps(_mm512_cmp_ps_mask(xv, zero, _CMP_LT_OQ), xv, zero) : xv;
+    __m512 v = relu ? _mm512_max_ps(zero, xv) : xv;
     __m512 xs = _mm512_div_ps(v, vs);
     __m512 r = _mm512_add_ps(_mm512_roundscale_ps(xs, _MM_FROUND_CUR_DIRECTION | _MM_FROUND_NO_EXC), vz);
-    __m512 q = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(r, lo, _CMP_LT_OQ), r, lo);
-    q = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(q, hi, _CMP_GT_OQ), q, hi);
-    __mmask16 inside = _mm512_cmp_ps_mask(r, lo, _CMP_GE_OQ) & _mm512_cmp_ps_mask(r, hi, _CMP_LE_OQ);
+    __m512 q = _mm512_min_ps(hi, _mm512_max_ps(lo, r));
+    __mmask16 inside = _mm512_cmp_ps_mask(q, r, _CMP_EQ_OQ);
     __mmask16 pass = relu ? inside & _mm512_cmp_ps_mask(xv, zero, _CMP_GT_OQ) : inside;
     _mm512_storeu_ps(gx, _mm512_maskz_mov_ps(pass, gv));
     __m512 d = _mm512_sub_ps(_mm512_sub_ps(q, vz), _mm512_maskz_mov_ps(inside, xs));
