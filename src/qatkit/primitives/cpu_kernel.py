@@ -60,9 +60,9 @@ CLONES static void forward_block(const float *restrict x, float *restrict y, int
 }
 
 /* The backward pass sums in LANES float partial sums (value i of a block into lane i % LANES, the lanes then added in
-   order): the same sums from the AVX-512, AVX2 and portable paths. 16 lanes: one AVX-512 register, two AVX2 ones,
-   each sum's additions two (AVX2) or one (AVX-512) independent chains a step (with 8 lanes, AVX-512 added its two
-   halves one after the other, and those dependent additions, not memory, bounded the loop: twice as slow). */
+   order): the same sums from the AVX-512, AVX2 and portable paths. 16 lanes: one AVX-512 register or two AVX2 ones
+   (with 8, the AVX-512 loop added its two halves to one register one after the other, a chain of dependent additions
+   that bounded it, not memory: twice as slow). */
 #define LANES 16
 
 /* One value of the backward pass: its gradient, and its terms of the two sums added to its lane. */
@@ -110,62 +110,47 @@ __attribute__((target("avx2"))) static inline void backward_8_avx2(const float *
     *acc_c = _mm256_add_ps(*acc_c, _mm256_andnot_ps(inside, gv));
 }
 
-/* backward_block_portable LANES values at a time, values i+8j..i+8j+7 into lanes 8j..8j+7 (one register each). The
-   rest (under LANES values) goes to the portable code, the lanes lined up. */
+/* backward_block_portable 16 values (LANES) at a time: values i..i+7 into lanes 0-7, i+8..i+15 into lanes 8-15. The
+   rest (under 16 values) goes to the portable code, the lanes lined up. */
 __attribute__((target("avx2"))) static void backward_block_avx2(const float *restrict x, const float *restrict g,
         float *restrict gx, int64_t n, float s, float z, float qmin, float qmax, int relu, float *ss, float *sc) {
     const __m256 vs = _mm256_set1_ps(s), vz = _mm256_set1_ps(z), lo = _mm256_set1_ps(qmin), hi = _mm256_set1_ps(qmax);
-    __m256 acc_s[LANES / 8], acc_c[LANES / 8];
-    for (int j = 0; j < LANES / 8; j++) {
-        acc_s[j] = _mm256_loadu_ps(ss + 8 * j);
-        acc_c[j] = _mm256_loadu_ps(sc + 8 * j);
-    }
+    __m256 s0 = _mm256_loadu_ps(ss), s1 = _mm256_loadu_ps(ss + 8), c0 = _mm256_loadu_ps(sc), c1 = _mm256_loadu_ps(sc + 8);
     int64_t full = n - n % LANES;
-    for (int64_t i = 0; i < full; i += LANES)
-        for (int j = 0; j < LANES / 8; j++)
-            backward_8_avx2(x + i + 8 * j, g + i + 8 * j, gx + i + 8 * j, vs, vz, lo, hi, relu, &acc_s[j], &acc_c[j]);
-    for (int j = 0; j < LANES / 8; j++) {
-        _mm256_storeu_ps(ss + 8 * j, acc_s[j]);
-        _mm256_storeu_ps(sc + 8 * j, acc_c[j]);
+    for (int64_t i = 0; i < full; i += LANES) {
+        backward_8_avx2(x + i, g + i, gx + i, vs, vz, lo, hi, relu, &s0, &c0);
+        backward_8_avx2(x + i + 8, g + i + 8, gx + i + 8, vs, vz, lo, hi, relu, &s1, &c1);
     }
+    _mm256_storeu_ps(ss, s0);
+    _mm256_storeu_ps(ss + 8, s1);
+    _mm256_storeu_ps(sc, c0);
+    _mm256_storeu_ps(sc + 8, c1);
     backward_block_portable(x + full, g + full, gx + full, n - full, s, z, qmin, qmax, relu, ss, sc);
 }
 
-/* The same in AVX-512, 16 values a register: each value's operations as above (mask registers for the masks). */
-__attribute__((target("avx512f"))) static inline void backward_16_avx512(const float *restrict x,
-        const float *restrict g, float *restrict gx, __m512 vs, __m512 vz, __m512 lo, __m512 hi, int relu,
-        __m512 *acc_s, __m512 *acc_c) {
-    const __m512 zero = _mm512_setzero_ps();
-    __m512 xv = _mm512_loadu_ps(x), gv = _mm512_loadu_ps(g);
-    __m512 v = relu ? _mm512_max_ps(zero, xv) : xv;
-    __m512 xs = _mm512_div_ps(v, vs);
-    __m512 r = _mm512_add_ps(_mm512_roundscale_ps(xs, _MM_FROUND_CUR_DIRECTION | _MM_FROUND_NO_EXC), vz);
-    __m512 q = _mm512_min_ps(hi, _mm512_max_ps(lo, r));
-    __mmask16 inside = _mm512_cmp_ps_mask(q, r, _CMP_EQ_OQ);
-    __mmask16 pass = relu ? inside & _mm512_cmp_ps_mask(xv, zero, _CMP_GT_OQ) : inside;
-    _mm512_storeu_ps(gx, _mm512_maskz_mov_ps(pass, gv));
-    __m512 d = _mm512_sub_ps(_mm512_sub_ps(q, vz), _mm512_maskz_mov_ps(inside, xs));
-    *acc_s = _mm512_add_ps(*acc_s, _mm512_mul_ps(gv, d));
-    *acc_c = _mm512_add_ps(*acc_c, _mm512_maskz_mov_ps((__mmask16)~inside, gv));
-}
-
+/* The same in AVX-512, 16 values (the 16 lanes) a register: each value's operations as above (mask registers for the
+   masks). */
 __attribute__((target("avx512f"))) static void backward_block_avx512(const float *restrict x, const float *restrict g,
         float *restrict gx, int64_t n, float s, float z, float qmin, float qmax, int relu, float *ss, float *sc) {
-    const __m512 vs = _mm512_set1_ps(s), vz = _mm512_set1_ps(z), lo = _mm512_set1_ps(qmin), hi = _mm512_set1_ps(qmax);
-    __m512 acc_s[LANES / 16], acc_c[LANES / 16];
-    for (int j = 0; j < LANES / 16; j++) {
-        acc_s[j] = _mm512_loadu_ps(ss + 16 * j);
-        acc_c[j] = _mm512_loadu_ps(sc + 16 * j);
-    }
+    const __m512 vs = _mm512_set1_ps(s), vz = _mm512_set1_ps(z), lo = _mm512_set1_ps(qmin),
+                 hi = _mm512_set1_ps(qmax), zero = _mm512_setzero_ps();
+    __m512 acc_s = _mm512_loadu_ps(ss), acc_c = _mm512_loadu_ps(sc);
     int64_t full = n - n % LANES;
-    for (int64_t i = 0; i < full; i += LANES)
-        for (int j = 0; j < LANES / 16; j++)
-            backward_16_avx512(x + i + 16 * j, g + i + 16 * j, gx + i + 16 * j, vs, vz, lo, hi, relu, &acc_s[j],
-                               &acc_c[j]);
-    for (int j = 0; j < LANES / 16; j++) {
-        _mm512_storeu_ps(ss + 16 * j, acc_s[j]);
-        _mm512_storeu_ps(sc + 16 * j, acc_c[j]);
+    for (int64_t i = 0; i < full; i += LANES) {
+        __m512 xv = _mm512_loadu_ps(x + i), gv = _mm512_loadu_ps(g + i);
+        __m512 v = relu ? _mm512_max_ps(zero, xv) : xv;
+        __m512 xs = _mm512_div_ps(v, vs);
+        __m512 r = _mm512_add_ps(_mm512_roundscale_ps(xs, _MM_FROUND_CUR_DIRECTION | _MM_FROUND_NO_EXC), vz);
+        __m512 q = _mm512_min_ps(hi, _mm512_max_ps(lo, r));
+        __mmask16 inside = _mm512_cmp_ps_mask(q, r, _CMP_EQ_OQ);
+        __mmask16 pass = relu ? inside & _mm512_cmp_ps_mask(xv, zero, _CMP_GT_OQ) : inside;
+        _mm512_storeu_ps(gx + i, _mm512_maskz_mov_ps(pass, gv));
+        __m512 d = _mm512_sub_ps(_mm512_sub_ps(q, vz), _mm512_maskz_mov_ps(inside, xs));
+        acc_s = _mm512_add_ps(acc_s, _mm512_mul_ps(gv, d));
+        acc_c = _mm512_add_ps(acc_c, _mm512_maskz_mov_ps((__mmask16)~inside, gv));
     }
+    _mm512_storeu_ps(ss, acc_s);
+    _mm512_storeu_ps(sc, acc_c);
     backward_block_portable(x + full, g + full, gx + full, n - full, s, z, qmin, qmax, relu, ss, sc);
 }
 #endif
