@@ -108,7 +108,7 @@ class FakeQuantizer(HostBuffers, nn.Module):
         map_scale = 0 if scale is not None else POWER_OF_TWO if self.spec.power_of_two else ABS
         return fake_quantize(x, own if scale is None else scale, zero_point, qmin, qmax, self.axis,
                              lsq_grad_scale(per_scale, qmax), relu, map_scale=map_scale,
-                             map_zero_point=type(zero_point) is nn.Parameter)
+                             map_zero_point=isinstance(zero_point, nn.Parameter))
 
     def codes(self, x: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
         """Integer codes of x (as float values) under the current parameters (`scale`: as in forward)."""
