@@ -77,6 +77,10 @@ class _Writer:
 
     def write(self) -> tuple[list[dict], dict[str, torch.Tensor]]:
         for node in self.gm.graph.nodes:
+            if why := node.meta.get(ops.UNSEEN_CHANGE):
+                raise QatkitError(f"{why}: the integer model computes out of place, and would not show the change "
+                                  "there. Fix: write it out of place (y = y.relu(), y = torch.cat([y[:, :4].relu(), "
+                                  "y[:, 4:]], 1)) so that later code reads the new tensor")
             entry = getattr(self, f"_{node.op}")(node)
             if entry is not None:
                 self.nodes.append({"name": node.name, **entry})

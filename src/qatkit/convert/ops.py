@@ -25,6 +25,11 @@ def topk(x: torch.Tensor, k: int, dim: int = -1, largest: bool = True, sorted: b
     return torch.return_types.topk((values.narrow(dim, 0, k), indices.narrow(dim, 0, k)))
 
 
+# node.meta key of an in-place op that prepare could not make functional (why: a view of its tensor, or a buffer,
+# shows the change later), which convert refuses
+UNSEEN_CHANGE = "qatkit_in_place"
+
+
 def setitem(x: torch.Tensor, value, *index) -> torch.Tensor:
     """x with x[index] = value, as a new tensor: `x[index] = value` on a tensor made in forward, made functional
     (Hugging Face's Swin: `img_mask[:, h, w, :] = count` for its shifted-window mask). The index is the items of a

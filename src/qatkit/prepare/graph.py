@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 import operator
 from collections import Counter
@@ -66,6 +67,15 @@ COMPARISONS = {name: getattr(torch, name) for name in ("eq", "ne", "lt", "le", "
 FACTORY_FUNCTIONS = {torch.zeros, torch.ones, torch.full, torch.arange, torch.linspace, torch.zeros_like,
                      torch.ones_like, torch.full_like}
 FACTORY_METHODS = {"new_zeros", "new_ones", "new_full"}
+# Ops whose result may share memory with their first argument (a view of it, or the tensor itself: x += y returns x,
+# dropout in eval x): an in-place op on one changes the other. Any other op's result is a tensor of its own.
+ALIASING_FUNCTIONS = {operator.getitem, operator.iadd, operator.isub, operator.imul, operator.itruediv, torch.flatten,
+                      torch.reshape, torch.transpose, torch.permute, torch.squeeze, torch.unsqueeze, torch.chunk,
+                      torch.split, torch.unbind, torch.unflatten, torch.narrow, torch.select, torch.t, torch.detach,
+                      *DROPOUT_FUNCTIONS}
+ALIASING_METHODS = {"view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "permute", "transpose", "t",
+                    "squeeze", "unsqueeze", "expand", "expand_as", "contiguous", "chunk", "split", "unbind", "narrow",
+                    "select", "to", "type", "type_as", "float", "long", "int", "bool", "detach", "as_strided"}
 # Arithmetic on sizes (C // n_head, 1 / math.sqrt(head_dim)): shape arithmetic, exact like masks.
 SIZE_ARITHMETIC = {operator.add, operator.sub, operator.mul, operator.floordiv, operator.mod, operator.truediv,
                    math.sqrt}
@@ -113,6 +123,26 @@ def _is(node: fx.Node, modules, module_types: tuple, functions: set, methods: se
     if node.op == "call_function":
         return node.target in functions
     return node.op == "call_method" and node.target in methods
+
+
+def _in_place(node: fx.Node, modules) -> int:
+    """Whether the op changes its first argument in place, one the integer model knows out of place: x.relu_() (its
+    method without the _), x[index] = value, F.relu(x, inplace=True) (then the position of `inplace`, whose value
+    it may also be given at), a module built with inplace=True; 0 where not."""
+    if node.op == "call_method":
+        return int(node.target.endswith("_") and node.target[:-1] in ops.METHODS)
+    if node.op == "call_module":
+        return int(getattr(modules[node.target], "inplace", False) is True)
+    if node.op != "call_function" or not isinstance(node.args[0] if node.args else None, fx.Node):
+        return 0
+    if node.target is operator.setitem:
+        return 1
+    try:
+        position = list(inspect.signature(node.target).parameters).index("inplace")
+    except (TypeError, ValueError):  # builtins without a signature; functions without the argument
+        return 0
+    given = node.args[position] if len(node.args) > position else node.kwargs.get("inplace", False)
+    return position if given is True else 0
 
 
 def _call_args(node: fx.Node, names: tuple[str, ...]) -> dict:
@@ -258,9 +288,11 @@ class _Rewriter:
     def _respell(self, node: fx.Node) -> None:
         """An op spelled as the op the integer model knows: torch.topk as ops.topk (ONNX's order among equal values),
         x.type(dtype) as x.to(dtype) (GPT-2), x.expand_as(y) as x.expand(y.size()) (DistilBERT), torch.bmm as @
-        (BART), x.ne(y) and torch.ne(x, y) as x != y (RoBERTa); an in-place method on a tensor made in forward as
-        its functional form, whose result later uses read (BART's causal mask: `mask.masked_fill_(cond, 0)` after
-        `torch.full`), and so an item assignment, `x[index] = value`, as ops.setitem (Hugging Face's Swin mask)."""
+        (BART), x.ne(y) and torch.ne(x, y) as x != y (RoBERTa); an in-place op (x.relu_(), F.relu(x, inplace=True),
+        nn.ReLU(inplace=True), x[index] = value: _in_place) whose change nothing else shows (_unobserved) as its
+        functional form, whose result x's later uses read (BART's causal mask: `mask.masked_fill_(cond, 0)` after
+        `torch.full`; an item assignment as ops.setitem: Hugging Face's Swin mask; an in-place module stays one, its
+        input's later uses rewired)."""
         g, method = self.graph, node.target if node.op == "call_method" else None
         if node.target is torch.topk or method == "topk":
             node.op, node.target = "call_function", ops.topk
@@ -274,23 +306,49 @@ class _Rewriter:
             node.op, node.target = "call_function", operator.matmul
         elif method in COMPARISONS or node.target in COMPARISONS.values():  # ids.ne(pad) (RoBERTa's positions)
             node.op, node.target = "call_function", getattr(operator, method or node.target.__name__)
-        elif ((method and method.endswith("_") and method[:-1] in ops.METHODS) or node.target is operator.setitem) \
-                and self._made_here(node.args[0]):
+        elif in_place := _in_place(node, self.modules):
             order = {n: i for i, n in enumerate(g.nodes)}
-            node.args[0].replace_all_uses_with(node, delete_user_cb=lambda user: order[user] > order[node])
+            x = node.args[0]
+
+            def later(user: fx.Node) -> bool:
+                return order[user] > order[node]
+
+            if not self._unobserved(x, node, order):  # QAT runs it as written (x's later uses read the result, x
+                if node.target is not operator.setitem:  # itself; setitem returns None); convert refuses it
+                    x.replace_all_uses_with(node, delete_user_cb=later)
+                node.meta[ops.UNSEEN_CHANGE] = (f"{_describe(node, self.modules, self.plans)} changes in place a "
+                                                "tensor that shares memory with an input, a buffer or one read later "
+                                                "(its base or another view of it)")
+                self.info.unconvertible.append(node.meta[ops.UNSEEN_CHANGE])
+                return
+            x.replace_all_uses_with(node, delete_user_cb=later)
             if node.target is operator.setitem:  # x[index] = value: ops.setitem(x, value, *index)
-                x, index, value = node.args
+                _, index, value = node.args
                 node.target, node.args = ops.setitem, (x, value, *(index if isinstance(index, tuple) else (index,)))
-            else:
+            elif method:
                 node.target = method[:-1]
+            elif node.op == "call_function":
+                node.args, node.kwargs = node.args[:in_place], {**node.kwargs, "inplace": False}
             self.functionalized.add(node)
 
-    def _made_here(self, x) -> bool:
-        """A tensor made in forward (torch.full, x.new_zeros, …), or by an in-place op made functional: no view of
-        another tensor, no input or buffer, so an in-place change of it changes nothing else."""
-        return isinstance(x, fx.Node) and (x in self.functionalized or (
-            x.op == "call_function" and x.target in FACTORY_FUNCTIONS) or (
-            x.op == "call_method" and x.target in FACTORY_METHODS))
+    def _unobserved(self, x, node: fx.Node, order: dict[fx.Node, int]) -> bool:
+        """Whether an in-place change of x at `node` shows nowhere but in x's own later uses (which then read
+        `node`'s result): nothing after `node` reads a tensor that shares x's memory (following views, and x += y,
+        back to their base and on to the base's other views made before `node`), and that base is no input, buffer or
+        parameter."""
+        root = x
+        while root.op in ("call_function", "call_method") and (root.target in ALIASING_FUNCTIONS | ALIASING_METHODS):
+            root = root.args[0]
+        if root.op in ("get_attr", "placeholder"):  # a buffer's change would outlast this call, an input's show outside
+            return False
+        shared, todo = set(), [root]
+        while todo:
+            n = todo.pop()
+            shared.add(n)
+            todo += [u for u in n.users if u not in shared and order[u] < order[node]  # (later views: of the result)
+                     and u.op in ("call_function", "call_method") and u.target in ALIASING_FUNCTIONS | ALIASING_METHODS
+                     and u.args[0] is n]
+        return not any(order[u] > order[node] for n in shared - {x} for u in n.users)
 
     def _functional_linear(self, node: fx.Node) -> None:
         """F.linear(x, self.qkv.weight, bias) with an nn.Linear's own weight (timm's Swin V2, BEiT, EVA: the qkv
