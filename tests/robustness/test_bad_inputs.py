@@ -383,6 +383,17 @@ def test_prepare_with_an_input_that_is_not_a_tensor():
         qatkit.prepare(model, QATConfig(), ("image.png",))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_prepare_of_a_half_precision_model_names_the_fix(dtype):
+    """A model cast to bfloat16/float16 (its convs would get float32 fake-quantized weights); float32 under
+    torch.autocast is what trains in half precision (tests/train/test_autocast.py)."""
+    model = build_model("small-cnn", num_classes=10, in_channels=1, image_size=8).to(dtype)
+    name = str(dtype).removeprefix("torch.")
+    with pytest.raises(ConfigError, match=rf"^the model's parameter dtype = '{name}' is not allowed; allowed: float32 "
+                                          r"\(or float64\).+Fix: prepare model\.float\(\); .+torch\.autocast"):
+        qatkit.prepare(model, QATConfig(), torch.randn(2, 1, 8, 8, dtype=dtype))
+
+
 def test_prepare_with_a_dict_instead_of_a_config():
     with pytest.raises(ConfigError, match=r"^config = 'dict' is not allowed; allowed: a qatkit\.QATConfig \(or None for the defaults\)"):
         qatkit.prepare(TinyNet(), {"weight_bits": 4})

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import itertools
 import warnings
 
 import torch
@@ -46,6 +47,11 @@ def prepare(model: nn.Module, config: QATConfig | None = None,
                         "build it with QATConfig(...) or qat_config_from_dict(...)")
     if not isinstance(model, nn.Module):
         raise bad_value("model", type(model).__name__, "a torch.nn.Module", "pass the float model itself")
+    if half := sorted({str(t.dtype) for t in itertools.chain(model.parameters(), model.buffers())
+                       if t.is_floating_point() and t.dtype not in (torch.float32, torch.float64)}):
+        raise bad_value("the model's parameter dtype", ", ".join(half).replace("torch.", ""), "float32 (or float64): "
+                        "QAT learns float32 scales beside the weights it quantizes",
+                        "prepare model.float(); for bfloat16 or float16 speed, train under torch.autocast")
     device = module_device(model)  # built on the CPU (new quantizers start there), then moved to the model's device
     training = model.training
     model = decompose(copy.deepcopy(model).cpu()).eval()  # nn.MultiheadAttention & co. as Linear layers and tensor ops
