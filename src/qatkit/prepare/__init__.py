@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import itertools
 import warnings
 
 import torch
@@ -47,8 +46,8 @@ def prepare(model: nn.Module, config: QATConfig | None = None,
                         "build it with QATConfig(...) or qat_config_from_dict(...)")
     if not isinstance(model, nn.Module):
         raise bad_value("model", type(model).__name__, "a torch.nn.Module", "pass the float model itself")
-    if half := sorted({str(t.dtype) for t in itertools.chain(model.parameters(), model.buffers())
-                       if t.is_floating_point() and t.dtype not in (torch.float32, torch.float64)}):
+    if half := sorted({str(p.dtype) for p in model.parameters()
+                       if p.is_floating_point() and p.dtype not in (torch.float32, torch.float64)}):
         raise bad_value("the model's parameter dtype", ", ".join(half).replace("torch.", ""), "float32 (or float64): "
                         "QAT learns float32 scales beside the weights it quantizes",
                         "prepare model.float(); for bfloat16 or float16 speed, train under torch.autocast")
