@@ -80,9 +80,9 @@ def test_in_place_ops_are_made_functional_and_convert_exactly(model_class, tmp_p
 
 class OnAView(_Net):
     def forward(self, x):
-        y = self.c1(x)
+        y = torch.sigmoid(self.c1(x)) - 0.5  # a float op's result: quantized for c2 after the change below
         y[:, :4].relu_()  # changes y, which is read below
-        return self.fc(y.mean((2, 3)))
+        return self.fc(self.c2(y).mean((2, 3)))
 
 
 class OnTheInput(_Net):

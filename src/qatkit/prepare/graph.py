@@ -145,6 +145,13 @@ def _in_place(node: fx.Node, modules) -> int:
     return position if given is True else 0
 
 
+def _alias_root(x: fx.Node) -> fx.Node:
+    """The tensor x is a view of (through views and x += y), or x."""
+    while x.op in ("call_function", "call_method") and x.target in ALIASING_FUNCTIONS | ALIASING_METHODS:
+        x = x.args[0]
+    return x
+
+
 def _call_args(node: fx.Node, names: tuple[str, ...]) -> dict:
     """A call's arguments by name (the first len(names) of its signature; None where not given)."""
     a = dict.fromkeys(names)
@@ -193,6 +200,7 @@ class _Rewriter:
         self.masks: set[fx.Node] = set()  # graph inputs and the exact masks computed from them
         self.sizes: set[fx.Node] = set()  # x.size(), x.shape and arithmetic on them (also masks)
         self.functionalized: set[fx.Node] = set()  # in-place ops made functional (_respell)
+        self.changes: list[fx.Node] = []  # in-place ops left as written, in graph order (_respell)
 
     def run(self) -> PrepareInfo:
         for node in list(self.graph.nodes):
@@ -320,6 +328,7 @@ class _Rewriter:
                                                 "tensor that shares memory with an input, a buffer or one read later "
                                                 "(its base or another view of it)")
                 self.info.unconvertible.append(node.meta[ops.UNSEEN_CHANGE])
+                self.changes.append(node)
                 return
             x.replace_all_uses_with(node, delete_user_cb=later)
             if node.target is operator.setitem:  # x[index] = value: ops.setitem(x, value, *index)
@@ -336,9 +345,7 @@ class _Rewriter:
         `node`'s result): nothing after `node` reads a tensor that shares x's memory (following views, and x += y,
         back to their base and on to the base's other views made before `node`), and that base is no input, buffer or
         parameter."""
-        root = x
-        while root.op in ("call_function", "call_method") and (root.target in ALIASING_FUNCTIONS | ALIASING_METHODS):
-            root = root.args[0]
+        root = _alias_root(x)
         if root.op in ("get_attr", "placeholder"):  # a buffer's change would outlast this call, an input's show outside
             return False
         shared, todo = set(), [root]
@@ -470,15 +477,21 @@ class _Rewriter:
             spec = dataclasses.replace(self.config.act_spec(bits, unsigned=True), unit_range=True)
         path = f"quant_{after.name}"
         self.gm.add_submodule(path, FakeQuantizer(spec, kind="act"))
-        with self.graph.inserting_after(after):
+        with self.graph.inserting_after(self._last_change(after)):
             qnode = self.graph.call_module(path, (after,))
         if only_for is None:
-            after.replace_all_uses_with(qnode, delete_user_cb=lambda user: user is not qnode)
+            order = {n: i for i, n in enumerate(self.graph.nodes)}
+            after.replace_all_uses_with(qnode, delete_user_cb=lambda user: order[user] > order[qnode])
         else:
             only_for.replace_input_with(after, qnode)
         self.quantized[qnode] = path
         self.info.act_quantizers.append(path)
         return qnode
+
+    def _last_change(self, x: fx.Node) -> fx.Node:
+        """The last op that changes x's memory in place as QAT runs it (through a view of it: `x[:, :4].relu_()`,
+        which convert refuses), else x: a quantizer of x goes after it, as later reads of x see the change."""
+        return next((n for n in reversed(self.changes) if _alias_root(n.args[0]) is _alias_root(x)), x)
 
     def _place_quantizers(self, node: fx.Node) -> None:
         if node in self.wrapped and isinstance(self.modules[node.target], QEmbedding):
