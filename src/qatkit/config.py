@@ -230,7 +230,7 @@ class TrainConfig:
     # Each epoch's history row gets "oscillating": the share of sub-8-bit weights whose integer code moved against
     # its previous move at least once (Nagel et al. 2022's oscillations); costs one weight quantization per step.
     track_oscillations: bool = False
-    progress: bool = True
+    progress: bool = True  # a line per epoch, and on a terminal a progress bar
 
     def __post_init__(self) -> None:
         _check_number("epochs", self.epochs, 0, integer=True)

@@ -125,6 +125,16 @@ def test_fit_qat_model_trains_and_moves_scales(digits, trained):
     assert after["loss"] < before["loss"] and after["accuracy"] > 0.9
 
 
+def test_progress_in_a_log_file_is_a_line_per_epoch(digits, capsys):
+    """Not a terminal (a log file, CI): each epoch's line, no progress-bar redraws."""
+    train, test = loaders(digits, batch_size=64, limit=128)
+    fit(small_cnn(), train, cfg(epochs=2, lr=1e-3, progress=True), val_loader=test)
+    out = capsys.readouterr()
+    lines = [line for line in (out.out + out.err).splitlines() if line]
+    assert [line.split(":")[0] for line in lines] == ["epoch 1/2", "epoch 2/2"], lines
+    assert "it/s" not in out.out + out.err and "\r" not in out.out + out.err
+
+
 def test_optimizer_groups(digits):
     model = qat_model(digits)
     quant = quantizer_parameters(model)
