@@ -779,6 +779,29 @@ def test_linspace_in_onnx_is_pytorchs_formula(steps, tmp_path):
     np.testing.assert_allclose(got, integer(x).numpy(), rtol=0, atol=2.0**-22)
 
 
+class Scaled(nn.Module):
+    """Adds and subtractions in their torch and method spellings, with alpha (y + a·x): alpha was dropped before."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(3, 8, 3, padding=1), nn.Linear(8, 4)
+
+    def forward(self, x):
+        a, b = torch.relu(self.c1(x)), torch.relu(self.c2(x))
+        y = torch.add(a, b, alpha=2.0)
+        z = y.sub(a, alpha=0.5)
+        z.add_(b, alpha=-1.0)
+        return self.fc(torch.sub(z.add(a), b).mean((2, 3)))
+
+
+def test_add_and_sub_with_alpha_in_every_spelling_convert_and_run_in_onnx_runtime(tmp_path):
+    torch.manual_seed(0)
+    model, x = Scaled().eval(), torch.randn(16, 3, 12, 12)
+    qat = _calibrated(model, x)
+    integer = converts_exactly(qat, model, x, 0.02 * model(x).abs().max().item())
+    runs_in_onnx_runtime(integer, x, tmp_path / "scaled.onnx")
+
+
 class Video(nn.Module):
     """A video / volume net: (2+1)-D factorised 3-D convs with BN and ReLU, a grouped one, a residual add, 3-D max,
     average and global pools, a 3-D transposed conv; an RGB stem (3 channels: padded to 4 on the codes)."""

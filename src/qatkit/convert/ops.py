@@ -73,7 +73,7 @@ METHODS = {"view", "reshape", "permute", "transpose", "flatten", "contiguous", "
            "masked_fill", "new_zeros", "new_ones", "new_full", "chunk", "split", "tril", "triu", "to", "type_as",
            "pow", "rsqrt", "sqrt", "exp", "neg", "sin", "cos", "repeat_interleave", "unbind", "norm", "roll", "unflatten",
            "long", "int", "bool", "max", "min", "amax", "amin", "cumsum", "argmax", "argmin", "repeat", "abs", "log",
-           "tanh", "log_softmax"}
+           "tanh", "log_softmax", "sub"}
 # Ops applied to integer codes directly: they keep values on the grid (ReLU handled with the zero point);
 # chunk, split and unbind give a tuple of pieces on the same grid. prepare lets quantization pass through them.
 CODE_PRESERVING_FUNCTIONS = (torch.flatten, torch.reshape, torch.transpose, torch.permute, torch.squeeze,

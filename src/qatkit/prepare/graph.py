@@ -296,7 +296,8 @@ class _Rewriter:
     def _respell(self, node: fx.Node) -> None:
         """An op spelled as the op the integer model knows: torch.topk as ops.topk (ONNX's order among equal values),
         x.type(dtype) as x.to(dtype) (GPT-2), x.expand_as(y) as x.expand(y.size()) (DistilBERT), torch.bmm as @
-        (BART), x.ne(y) and torch.ne(x, y) as x != y (RoBERTa); an in-place op (x.relu_(), F.relu(x, inplace=True),
+        (BART), x.ne(y) and torch.ne(x, y) as x != y (RoBERTa), x.add(y) and torch.sub(x, y, alpha=a) as x + y and
+        x - y·a (prepare quantized torch.add(x, y, alpha=2) as x + y); an in-place op (x.relu_(), F.relu(x, inplace=True),
         nn.ReLU(inplace=True), x[index] = value: _in_place) whose change nothing else shows (_unobserved) as its
         functional form, whose result x's later uses read (BART's causal mask: `mask.masked_fill_(cond, 0)` after
         `torch.full`; an item assignment as ops.setitem: Hugging Face's Swin mask; an in-place module stays one, its
@@ -314,6 +315,14 @@ class _Rewriter:
             node.op, node.target = "call_function", operator.matmul
         elif method in COMPARISONS or node.target in COMPARISONS.values():  # ids.ne(pad) (RoBERTa's positions)
             node.op, node.target = "call_function", getattr(operator, method or node.target.__name__)
+        elif ((method in ("add", "sub") or node.target in (torch.add, torch.sub)) and len(node.args) == 2
+              and set(node.kwargs) <= {"alpha"}):  # x.add(y), torch.sub(x, y, alpha=a): x + y, x - y·a
+            x, y = node.args
+            if node.kwargs.get("alpha", 1) != 1:  # (torch rounds y·a + x once; the integer model and ONNX twice)
+                with g.inserting_before(node):
+                    y = g.call_function(operator.mul, (y, node.kwargs["alpha"]))
+            add = (method or node.target.__name__) == "add"
+            node.op, node.target, node.args, node.kwargs = "call_function", operator.add if add else operator.sub, (x, y), {}
         elif in_place := _in_place(node, self.modules):
             order = {n: i for i, n in enumerate(g.nodes)}
             x = node.args[0]
@@ -336,6 +345,7 @@ class _Rewriter:
                 node.target, node.args = ops.setitem, (x, value, *(index if isinstance(index, tuple) else (index,)))
             elif method:
                 node.target = method[:-1]
+                self._respell(node)  # (x.add_(y, alpha=a) as x + y·a)
             elif node.op == "call_function":
                 node.args, node.kwargs = node.args[:in_place], {**node.kwargs, "inplace": False}
             self.functionalized.add(node)
