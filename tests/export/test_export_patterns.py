@@ -802,6 +802,37 @@ def test_add_and_sub_with_alpha_in_every_spelling_convert_and_run_in_onnx_runtim
     runs_in_onnx_runtime(integer, x, tmp_path / "scaled.onnx")
 
 
+class Pools(nn.Module):
+    def __init__(self, **kw):
+        super().__init__()
+        self.c1, self.pool = nn.Conv2d(3, 8, 3, padding=1), nn.AvgPool2d(3, stride=2, padding=1, **kw)
+        self.c2, self.fc = nn.Conv2d(8, 8, 3), nn.Linear(8, 4)
+
+    def forward(self, x):
+        y = self.pool(torch.relu(self.c1(x)))
+        y = F.avg_pool2d(torch.relu(self.c2(y)), 2, divisor_override=3)  # a window's sum over 3
+        return self.fc(y.mean((2, 3)))
+
+
+@pytest.mark.parametrize("kw", [{}, {"count_include_pad": False, "ceil_mode": True}, {"divisor_override": 4},
+                                {"divisor_override": 9, "count_include_pad": False}])
+def test_average_pools_with_their_options_convert_and_run_in_onnx_runtime(kw, tmp_path):
+    """divisor_override (module and function): the integer model and ONNX dropped it before."""
+    torch.manual_seed(0)
+    model, x = Pools(**kw).eval(), torch.randn(16, 3, 13, 11)
+    integer = converts_exactly(_calibrated(model, x), model, x, 0.02 * model(x).abs().max().item())
+    runs_in_onnx_runtime(integer, x, tmp_path / "pools.onnx")
+
+
+def test_divisor_override_with_ceil_mode_is_refused_at_export_with_the_fix(tmp_path):
+    torch.manual_seed(0)
+    model, x = Pools(divisor_override=4, ceil_mode=True).eval(), torch.randn(16, 3, 13, 11)
+    integer = converts_exactly(_calibrated(model, x), model, x, 0.02 * model(x).abs().max().item())
+    with pytest.raises(QatkitError, match=r"divisor_override=4 and ceil_mode=True .* Fix: ceil_mode=False"):
+        export_onnx(integer, tmp_path / "pools.onnx", x[:1])
+    assert not (tmp_path / "pools.onnx").exists()
+
+
 class Video(nn.Module):
     """A video / volume net: (2+1)-D factorised 3-D convs with BN and ReLU, a grouped one, a residual add, 3-D max,
     average and global pools, a 3-D transposed conv; an RGB stem (3 channels: padded to 4 on the codes)."""

@@ -109,7 +109,9 @@ def _transpose_kwargs(m):
 MODULES = {
     **{cls: (fn, (), lambda m: dict(_pool_kwargs(m), dilation=m.dilation, ceil_mode=m.ceil_mode))
        for cls, fn in ((nn.MaxPool1d, F.max_pool1d), (nn.MaxPool2d, F.max_pool2d), (nn.MaxPool3d, F.max_pool3d))},
-    **{cls: (fn, (), lambda m: dict(_pool_kwargs(m), ceil_mode=m.ceil_mode, count_include_pad=m.count_include_pad))
+    **{cls: (fn, (), lambda m: dict(_pool_kwargs(m), ceil_mode=m.ceil_mode, count_include_pad=m.count_include_pad,
+                                    **({"divisor_override": m.divisor_override} if getattr(m, "divisor_override", None)
+                                       else {})))  # (AvgPool2d/3d's)
        for cls, fn in ((nn.AvgPool1d, F.avg_pool1d), (nn.AvgPool2d, F.avg_pool2d), (nn.AvgPool3d, F.avg_pool3d))},
     **{cls: (fn, (), lambda m: dict(output_size=m.output_size))
        for cls, fn in ((nn.AdaptiveAvgPool1d, F.adaptive_avg_pool1d), (nn.AdaptiveAvgPool2d, F.adaptive_avg_pool2d),

@@ -704,7 +704,15 @@ def _float_op(ex, node, short, args, kwargs, rank) -> Value:
         stride = _arg(args, kwargs, 2, "stride", None) or k
         pad = _arg(args, kwargs, 3, "padding", 0)
         k, stride, pad = ([v] * n if isinstance(v, int) else list(v) for v in (k, stride, pad))
-        ceil, count_pad = bool(kwargs.get("ceil_mode", False)), bool(kwargs.get("count_include_pad", True)) and any(pad)
+        ceil = bool(_arg(args, kwargs, 4, "ceil_mode", False))
+        count_pad = bool(_arg(args, kwargs, 5, "count_include_pad", True)) and any(pad)
+        if divisor := _arg(args, kwargs, 6, "divisor_override", None):  # each window's sum over the divisor: its mean over the kernel,
+            if ceil:  # padding counted as zeros, times |kernel| / divisor (a ceil_mode window may end beyond both)
+                raise QatkitError(f"{short} with divisor_override={divisor} and ceil_mode=True (node '{name}') has no "
+                                  "ONNX form in qatkit. Fix: ceil_mode=False, or pad the input to whole windows first")
+            mean = ex.op("AveragePool", [xf], "window_mean", kernel_shape=k, strides=stride, pads=pad * 2,
+                         count_include_pad=1)
+            return Value(ex.op("Mul", [mean, _c(ex, float(np.prod(k)) / divisor)], name), "float")
         if ceil and count_pad:  # ORT's QLinearAveragePool divides a partial last window by the kernel's size, PyTorch
             # by its cells in the padded image: the padding as zeros first, then only image cells count
             xf = ex.op("Pad", [xf, ex.const("pads", np.array([0, 0, *pad] * 2, np.int64))], "padded")
