@@ -833,6 +833,26 @@ def test_divisor_override_with_ceil_mode_is_refused_at_export_with_the_fix(tmp_p
     assert not (tmp_path / "pools.onnx").exists()
 
 
+class PoolIndices(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.pool, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.MaxPool2d(2, return_indices=True), nn.Linear(8, 4)
+
+    def forward(self, x):
+        y, _ = self.pool(torch.relu(self.c1(x)))
+        return self.fc(y.mean((2, 3)))
+
+
+def test_max_pool_returning_its_indices_is_refused_at_convert_with_the_fix():
+    """It ran as a max pool without indices, whose tensor the model then indexed: an IndexError, or a wrong result."""
+    torch.manual_seed(0)
+    x = torch.randn(16, 3, 12, 12)
+    qat = _calibrated(PoolIndices().eval(), x)
+    with pytest.raises(QatkitError, match=r"'pool' \(MaxPool2d\) returns its indices .* Fix: build it with "
+                                          r"return_indices=False"):
+        qatkit.convert(qat)
+
+
 class Video(nn.Module):
     """A video / volume net: (2+1)-D factorised 3-D convs with BN and ReLU, a grouped one, a residual add, 3-D max,
     average and global pools, a 3-D transposed conv; an RGB stem (3 channels: padded to 4 on the codes)."""

@@ -155,6 +155,10 @@ class _Writer:
                               f"{m.padding_mode!r}; a float conv in an integer model pads with zeros by numbers only. "
                               "Fix: let qatkit quantize it (drop its skip rule), or give it numeric zero padding")
         spec = ops.MODULES.get(type(m))
+        if getattr(m, "return_indices", False):  # (F.max_pool2d(..., return_indices=True) traces as another function)
+            raise QatkitError(f"module '{node.target}' ({type(m).__name__}) returns its indices (return_indices=True: "
+                              "MaxUnpool's input), which have no integer-model form. Fix: build it with "
+                              "return_indices=False where the indices go unused")
         if spec is None:
             raise QatkitError(f"module '{node.target}' ({type(m).__name__}) has no integer-model form; allowed: "
                               f"{ops.supported_modules()}, the layers qatkit quantizes, and parameter-free modules "
