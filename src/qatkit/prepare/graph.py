@@ -487,11 +487,13 @@ class _Rewriter:
             spec = dataclasses.replace(self.config.act_spec(bits, unsigned=True), unit_range=True)
         path = f"quant_{after.name}"
         self.gm.add_submodule(path, FakeQuantizer(spec, kind="act"))
-        with self.graph.inserting_after(self._last_change(after)):
+        anchor = self._last_change(after)
+        with self.graph.inserting_after(anchor):
             qnode = self.graph.call_module(path, (after,))
-        if only_for is None:
-            order = {n: i for i, n in enumerate(self.graph.nodes)}
-            after.replace_all_uses_with(qnode, delete_user_cb=lambda user: order[user] > order[qnode])
+        if only_for is None:  # (readers before an in-place change keep x as it was then)
+            order = {n: i for i, n in enumerate(self.graph.nodes)} if anchor is not after else None
+            after.replace_all_uses_with(qnode, delete_user_cb=lambda user: user is not qnode and (
+                order is None or order[user] > order[qnode]))
         else:
             only_for.replace_input_with(after, qnode)
         self.quantized[qnode] = path
