@@ -644,8 +644,10 @@ def write_benchmarks(results: dict | list[dict], out_md: Path, plots_dir: Path,
                 "the ratio is the median of the per-round ratios) on CPUs other than the suite's. The QAT step's extra "
                 "cost (fused fake quantization, the requantized skip path below 8 bits) is about the same number of "
                 "milliseconds where the float step is several times faster, so its ratio is higher there. Run to run "
-                "the ratios move by a few hundredths: a 15-round run on the AVX-512 CPU below measured ResNet-20's "
-                "largest QAT ratio at 1.34 (qat-w3a3) and torch.ao's at 1.83."), "",
+                "the ratios move by a few hundredths, with the machine's load: on the AVX-512 CPU below, the same code "
+                "measured ResNet-20's QAT ratios at 1.20-1.23 (torch.ao 1.79) with a 73 ms float step, and at "
+                "1.16-1.20 (torch.ao 1.71) with a 79 ms one, about the same milliseconds of QAT overhead; an older "
+                "kernel's 15-round run measured 1.34 at most."), "",
                *cpu_steps_section(cpu_steps)]
 
     if gpu:
