@@ -780,7 +780,8 @@ def test_linspace_in_onnx_is_pytorchs_formula(steps, tmp_path):
 
 
 class Scaled(nn.Module):
-    """Adds and subtractions in their torch and method spellings, with alpha (y + a·x): alpha was dropped before."""
+    """Adds and subtractions in their torch and method spellings, with alpha (y + a·x: alpha was dropped before), and
+    divisions (x.div(y), torch.div(x, y, rounding_mode="floor"): refused before)."""
 
     def __init__(self):
         super().__init__()
@@ -791,10 +792,11 @@ class Scaled(nn.Module):
         y = torch.add(a, b, alpha=2.0)
         z = y.sub(a, alpha=0.5)
         z.add_(b, alpha=-1.0)
-        return self.fc(torch.sub(z.add(a), b).mean((2, 3)))
+        w = torch.div(z, 0.25, rounding_mode="floor").div(4.0)
+        return self.fc(torch.sub(w.add(a), b).mean((2, 3)))
 
 
-def test_add_and_sub_with_alpha_in_every_spelling_convert_and_run_in_onnx_runtime(tmp_path):
+def test_add_sub_and_div_in_every_spelling_convert_and_run_in_onnx_runtime(tmp_path):
     torch.manual_seed(0)
     model, x = Scaled().eval(), torch.randn(16, 3, 12, 12)
     qat = _calibrated(model, x)

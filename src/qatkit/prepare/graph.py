@@ -297,7 +297,8 @@ class _Rewriter:
         """An op spelled as the op the integer model knows: torch.topk as ops.topk (ONNX's order among equal values),
         x.type(dtype) as x.to(dtype) (GPT-2), x.expand_as(y) as x.expand(y.size()) (DistilBERT), torch.bmm as @
         (BART), x.ne(y) and torch.ne(x, y) as x != y (RoBERTa), x.add(y) and torch.sub(x, y, alpha=a) as x + y and
-        x - y·a (prepare quantized torch.add(x, y, alpha=2) as x + y); an in-place op (x.relu_(), F.relu(x, inplace=True),
+        x - y·a (prepare quantized torch.add(x, y, alpha=2) as x + y), x.div(y) and torch.div(x, y,
+        rounding_mode="floor") as x / y and x // y; an in-place op (x.relu_(), F.relu(x, inplace=True),
         nn.ReLU(inplace=True), x[index] = value: _in_place) whose change nothing else shows (_unobserved) as its
         functional form, whose result x's later uses read (BART's causal mask: `mask.masked_fill_(cond, 0)` after
         `torch.full`; an item assignment as ops.setitem: Hugging Face's Swin mask; an in-place module stays one, its
@@ -323,6 +324,10 @@ class _Rewriter:
                     y = g.call_function(operator.mul, (y, node.kwargs["alpha"]))
             add = (method or node.target.__name__) == "add"
             node.op, node.target, node.args, node.kwargs = "call_function", operator.add if add else operator.sub, (x, y), {}
+        elif ((method == "div" or node.target is torch.div) and len(node.args) == 2
+              and node.kwargs.get("rounding_mode") in (None, "floor") and set(node.kwargs) <= {"rounding_mode"}):
+            divide = operator.floordiv if node.kwargs.get("rounding_mode") == "floor" else operator.truediv
+            node.op, node.target, node.kwargs = "call_function", divide, {}  # x.div(y), torch.div(x, y, "floor")
         elif in_place := _in_place(node, self.modules):
             order = {n: i for i, n in enumerate(g.nodes)}
             x = node.args[0]
