@@ -102,13 +102,12 @@ class FakeQuantizer(HostBuffers, nn.Module):
         if not initialized:  # weights, or activations never calibrated: initialise from this tensor
             self.init_from(x)
         qmin, qmax = self.qrange
-        own, zero_point = self.scale, self.zero_point
-        per_scale = x.numel() // (own.numel() if self.kind == "weight" else max(x.shape[0], 1))
+        per_scale = x.numel() // (self.scale.numel() if self.kind == "weight" else max(x.shape[0], 1))
         # the mapping of scale_zp, inside the fake-quant's autograd node (cheaper than its small ops' own)
         map_scale = 0 if scale is not None else POWER_OF_TWO if self.spec.power_of_two else ABS
-        return fake_quantize(x, own if scale is None else scale, zero_point, qmin, qmax, self.axis,
+        return fake_quantize(x, self.scale if scale is None else scale, self.zero_point, qmin, qmax, self.axis,
                              lsq_grad_scale(per_scale, qmax), relu, map_scale=map_scale,
-                             map_zero_point=isinstance(zero_point, nn.Parameter))
+                             map_zero_point=isinstance(self.zero_point, nn.Parameter))
 
     def codes(self, x: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
         """Integer codes of x (as float values) under the current parameters (`scale`: as in forward)."""

@@ -25,8 +25,8 @@ def topk(x: torch.Tensor, k: int, dim: int = -1, largest: bool = True, sorted: b
     return torch.return_types.topk((values.narrow(dim, 0, k), indices.narrow(dim, 0, k)))
 
 
-# node.meta key of an in-place op that prepare could not make functional (why: a view of its tensor, or a buffer,
-# shows the change later), which convert refuses
+# node.meta key of an in-place op that prepare could not make functional (why: an input, a buffer or a view of its
+# tensor read later shows the change), which convert refuses
 UNSEEN_CHANGE = "qatkit_in_place"
 
 

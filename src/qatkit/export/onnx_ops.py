@@ -706,13 +706,15 @@ def _float_op(ex, node, short, args, kwargs, rank) -> Value:
         k, stride, pad = ([v] * n if isinstance(v, int) else list(v) for v in (k, stride, pad))
         ceil = bool(_arg(args, kwargs, 4, "ceil_mode", False))
         count_pad = bool(_arg(args, kwargs, 5, "count_include_pad", True)) and any(pad)
-        if divisor := _arg(args, kwargs, 6, "divisor_override", None):  # each window's sum over the divisor: its mean over the kernel,
-            if ceil:  # padding counted as zeros, times |kernel| / divisor (a ceil_mode window may end beyond both)
+        # divisor_override: each window's sum over the divisor, its mean over the kernel (padding counted as zeros)
+        # times |kernel| / divisor (a ceil_mode window may end beyond both)
+        if divisor := _arg(args, kwargs, 6, "divisor_override", None):
+            if ceil:
                 raise QatkitError(f"{short} with divisor_override={divisor} and ceil_mode=True (node '{name}') has no "
                                   "ONNX form in qatkit. Fix: ceil_mode=False, or pad the input to whole windows first")
             mean = ex.op("AveragePool", [xf], "window_mean", kernel_shape=k, strides=stride, pads=pad * 2,
                          count_include_pad=1)
-            return Value(ex.op("Mul", [mean, _c(ex, float(np.prod(k)) / divisor)], name), "float")
+            return Value(ex.op("Mul", [mean, _c(ex, math.prod(k) / divisor)], name), "float")
         if ceil and count_pad:  # ORT's QLinearAveragePool divides a partial last window by the kernel's size, PyTorch
             # by its cells in the padded image: the padding as zeros first, then only image cells count
             xf = ex.op("Pad", [xf, ex.const("pads", np.array([0, 0, *pad] * 2, np.int64))], "padded")
@@ -789,19 +791,18 @@ def _linspace(ex, args: list, kwargs: dict, name: str) -> Value:
     apart); steps an int or a size of the input."""
     start, end, steps = (_arg(args, kwargs, i, key, None) for i, key in enumerate(("start", "end", "steps")))
     if kwargs.get("dtype") not in (None, "float"):
-        raise QatkitError(f"torch.linspace with dtype {kwargs['dtype']!r} in node '{name}'; allowed: float32 (the default). "
-                          "Fix: build it in float32 and convert the result (torch.linspace(...).long())")
+        raise QatkitError(f"torch.linspace with dtype {kwargs['dtype']!r} in node '{name}'; allowed: float32 (the "
+                          "default). Fix: build it in float32 and convert the result (torch.linspace(...).long())")
     n = ex.op("Cast", [steps.name], "steps", to=TensorProto.INT64) if isinstance(steps, Value) \
         else ex.const("steps", np.array(steps, np.int64))
     i = ex.op("Range", [ex.const("zero", np.array(0, np.int64)), n, ex.const("one", np.array(1, np.int64))], "i")
     fi, fn = (ex.op("Cast", [v], "f", to=TensorProto.FLOAT) for v in (i, n))
-    one = ex.const("one", np.array(1.0, np.float32))
+    intervals = ex.op("Sub", [fn, ex.const("one", np.array(1.0, np.float32))], "intervals")  # steps - 1
     first, last = (ex.floats(v) if isinstance(v, Value) else ex.const("bound", np.array(v, np.float32))
                    for v in (start, end))
-    step = ex.op("Div", [ex.op("Sub", [last, first], "span"), ex.op("Sub", [fn, one], "intervals")], "step")
+    step = ex.op("Div", [ex.op("Sub", [last, first], "span"), intervals], "step")
     low = ex.op("Add", [first, ex.op("Mul", [step, fi], "offset")], "low")
-    high = ex.op("Sub", [last, ex.op("Mul", [step, ex.op("Sub", [ex.op("Sub", [fn, one], "m"), fi], "back")],
-                                     "offset")], "high")
+    high = ex.op("Sub", [last, ex.op("Mul", [step, ex.op("Sub", [intervals, fi], "back")], "offset")], "high")
     half = ex.op("Div", [n, ex.const("two", np.array(2, np.int64))], "half")
     values = ex.op("Where", [ex.op("Less", [i, half], "first_half"), low, high], "values")
     single = ex.op("Equal", [n, ex.const("one", np.array(1, np.int64))], "single")

@@ -322,8 +322,8 @@ class _Rewriter:
             if node.kwargs.get("alpha", 1) != 1:  # (torch rounds y·a + x once; the integer model and ONNX twice)
                 with g.inserting_before(node):
                     y = g.call_function(operator.mul, (y, node.kwargs["alpha"]))
-            add = (method or node.target.__name__) == "add"
-            node.op, node.target, node.args, node.kwargs = "call_function", operator.add if add else operator.sub, (x, y), {}
+            combine = operator.add if (method or node.target.__name__) == "add" else operator.sub
+            node.op, node.target, node.args, node.kwargs = "call_function", combine, (x, y), {}
         elif ((method == "div" or node.target is torch.div) and len(node.args) == 2
               and node.kwargs.get("rounding_mode") in (None, "floor") and set(node.kwargs) <= {"rounding_mode"}):
             divide = operator.floordiv if node.kwargs.get("rounding_mode") == "floor" else operator.truediv
@@ -331,20 +331,14 @@ class _Rewriter:
         elif in_place := _in_place(node, self.modules):
             order = {n: i for i, n in enumerate(g.nodes)}
             x = node.args[0]
-
-            def later(user: fx.Node) -> bool:
-                return order[user] > order[node]
-
-            if not self._unobserved(x, node, order):  # QAT runs it as written (x's later uses read the result, x
-                if node.target is not operator.setitem:  # itself; setitem returns None); convert refuses it
-                    x.replace_all_uses_with(node, delete_user_cb=later)
+            if not self._unobserved(x, node, order):  # QAT runs it as written (_last_change), convert refuses it
                 node.meta[ops.UNSEEN_CHANGE] = (f"{_describe(node, self.modules, self.plans)} changes in place a "
                                                 "tensor that shares memory with an input, a buffer or one read later "
                                                 "(its base or another view of it)")
                 self.info.unconvertible.append(node.meta[ops.UNSEEN_CHANGE])
                 self.changes.append(node)
                 return
-            x.replace_all_uses_with(node, delete_user_cb=later)
+            x.replace_all_uses_with(node, delete_user_cb=lambda user: order[user] > order[node])
             if node.target is operator.setitem:  # x[index] = value: ops.setitem(x, value, *index)
                 _, index, value = node.args
                 node.target, node.args = ops.setitem, (x, value, *(index if isinstance(index, tuple) else (index,)))

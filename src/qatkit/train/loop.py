@@ -250,8 +250,8 @@ def train_epoch(model: nn.Module, loader: Iterable, optimizer, scheduler, config
     collective = distributed.is_distributed()
     where = lambda step: f"epoch {epoch + 1}/{config.epochs}, step {step + 1}/{steps}"
     # (disable=None: a bar on a terminal only; a log file gets the epochs' lines, not every redraw of the bar)
-    bar = tqdm(loader, total=steps, desc=f"epoch {epoch + 1}/{config.epochs}", disable=None if config.progress else True,
-               leave=False, dynamic_ncols=True)
+    bar = tqdm(loader, total=steps, desc=f"epoch {epoch + 1}/{config.epochs}",
+               disable=None if config.progress else True, leave=False, dynamic_ncols=True)
     loss_sum, correct, n, skipped, lr = 0.0, 0, 0, 0, optimizer.param_groups[0]["lr"]
     try:
         for step, batch in enumerate(bar):
