@@ -15,7 +15,7 @@ from qatkit.errors import DataError, QatkitError, bad_value
 from qatkit.inputs import check_sizes
 from qatkit.prepare.concrete import concrete_trace, input_sizes
 from qatkit.prepare.decompose import decompose
-from qatkit.prepare.graph import WRAPPERS, PrepareInfo, prepare_graph
+from qatkit.prepare.graph import WRAPPERS, PrepareInfo, prepare_graph, record_ranks
 from qatkit.prepare.modes import example_arguments, trace, train_only_ops
 from qatkit.prepare.rules import plan_layers
 from qatkit.prepare.swap import swap_layers
@@ -149,6 +149,8 @@ def _prepare_module(module: nn.Module, prefix: str, config: QATConfig, plans, in
             info.traced_along_example += (f" and at other sizes along {', '.join(free)}" if free else "") + (
                 ". Keep inputs shaped as the example (the batch size" + (" and those sizes" if free else "")
                 + " may change)")
+    if not prefix and arguments is not None:
+        record_ranks(gm, arguments[0])  # (x.mean((2, 3)) becomes a global average pool)
     sub_plans = {k[len(prefix) + 1:] if prefix else k: v for k, v in plans.items() if not prefix or k.startswith(prefix + ".")}
     sub_info = prepare_graph(gm, config, sub_plans, module)
     for row in sub_info.layers:

@@ -159,6 +159,56 @@ def _call_args(node: fx.Node, names: tuple[str, ...]) -> dict:
     return a
 
 
+def _global_mean_rank(node: fx.Node) -> int | None:
+    """The rank (4 or 5) of x where `node` is x.mean(dims[, keepdim]) or torch.mean(x, dims[, keepdim]) over every
+    spatial axis of an image or a volume (dims 2, 3[, 4] in any order or sign: a global average pool, as in timm's
+    squeeze-excite `x.mean((2, 3), keepdim=True)` and ConvNeXt's head); None otherwise, or where x's rank is unknown
+    (record_ranks found it on the example input). A mean over other axes (a LayerNorm written out) stays a mean."""
+    if not ((node.op == "call_function" and node.target is torch.mean) or (node.op == "call_method"
+                                                                           and node.target == "mean")):
+        return None
+    a = _call_args(node, ("input", "dim", "keepdim"))
+    rank = a["input"].meta.get(RANK) if isinstance(a["input"], fx.Node) else None
+    dims = a["dim"]
+    if (rank not in (4, 5) or set(node.kwargs) - {"dim", "keepdim"} or not isinstance(a["keepdim"], (bool, type(None)))
+            or not isinstance(dims, (tuple, list)) or not all(type(d) is int for d in dims)):
+        return None
+    return rank if sorted(d % rank for d in dims) == list(range(2, rank)) else None
+
+
+RANK = "qatkit_rank"  # node.meta key: the rank of the node's tensor on the example input (record_ranks)
+
+
+def record_ranks(gm: fx.GraphModule, example: dict[str, object]) -> None:
+    """Set node.meta[RANK] of the input of each mean over several axes (which _global_mean_rank reads), from one run
+    of the graph on the example input (forward's arguments by name); nothing where the graph has no such mean, or
+    where it does not run on the example positionally (the means then stay means)."""
+    candidates = {n.args[0] for n in gm.graph.nodes if n.op in ("call_function", "call_method")
+                  and n.target in (torch.mean, "mean") and isinstance(n.args[0], fx.Node)
+                  and isinstance(_call_args(n, ("input", "dim"))["dim"], (tuple, list))}
+    if not candidates:
+        return
+    ranks = {}
+
+    class Ranks(fx.Interpreter):
+        def run_node(self, n: fx.Node):
+            out = super().run_node(n)
+            if n in candidates and isinstance(out, torch.Tensor):
+                ranks[n] = out.dim()
+            return out
+
+    placeholders = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
+    if set(placeholders) - set(example):
+        return
+    try:
+        with torch.no_grad():
+            Ranks(gm).run(*(example[name] for name in placeholders))
+    except Exception:  # noqa: BLE001 - a graph that only runs by name: its means stay float ops
+        return
+    for n, rank in ranks.items():
+        n.meta[RANK] = rank
+
+
 def _describe(node: fx.Node, modules, plans) -> str:
     if node.op == "call_module":
         skipped = ", skipped by rule" if getattr(plans.get(node.target), "skip", False) else ""
@@ -328,6 +378,14 @@ class _Rewriter:
               and node.kwargs.get("rounding_mode") in (None, "floor") and set(node.kwargs) <= {"rounding_mode"}):
             divide = operator.floordiv if node.kwargs.get("rounding_mode") == "floor" else operator.truediv
             node.op, node.target, node.kwargs = "call_function", divide, {}  # x.div(y), torch.div(x, y, "floor")
+        elif (rank := _global_mean_rank(node)) is not None:  # x.mean((2, 3)): the global average pool it is
+            x, keepdim = node.args[0], _call_args(node, ("input", "dim", "keepdim"))["keepdim"]
+            with g.inserting_before(node):
+                out = g.call_function(F.adaptive_avg_pool2d if rank == 4 else F.adaptive_avg_pool3d, (x, 1))
+                if not keepdim:
+                    out = g.call_function(torch.flatten, (out, 1))
+            node.replace_all_uses_with(out)
+            g.erase_node(node)
         elif in_place := _in_place(node, self.modules):
             order = {n: i for i, n in enumerate(g.nodes)}
             x = node.args[0]
