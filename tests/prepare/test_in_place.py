@@ -59,7 +59,19 @@ class SharedInplaceModule(_Net):
         return self.fc(z.mean((2, 3)) + before + y.mean((2, 3)))
 
 
-@pytest.mark.parametrize("model_class", [MethodResult, ResultDiscarded, InplaceArgument, Chained, SharedInplaceModule])
+class InPlaceFunctions(_Net):  # the functions' own in-place spellings, and methods the integer model spells otherwise
+    def forward(self, x):
+        y = self.c1(x)
+        kept = y.clone()  # a copy: not changed by what follows
+        F.hardtanh_(y, -0.5, 0.5)
+        F.leaky_relu_(y, 0.1)
+        torch.sigmoid_(y).div_(0.25).clamp_max_(3.0).clamp_min_(0.5)
+        z = torch.tanh_(self.c2(y)).detach()
+        return self.fc((z + kept.clamp_min(0.0).clamp_max(1.0)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("model_class", [MethodResult, ResultDiscarded, InplaceArgument, Chained, SharedInplaceModule,
+                                         InPlaceFunctions])
 def test_in_place_ops_are_made_functional_and_convert_exactly(model_class, tmp_path):
     torch.manual_seed(0)
     model, x = model_class().eval(), torch.randn(8, 3, 12, 12)

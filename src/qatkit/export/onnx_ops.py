@@ -64,7 +64,7 @@ def export_call(ex, node: dict) -> Value:
     def same_kind(out: str) -> Value:  # a grid-keeping op: integer codes stay integer codes
         return Value(out, x.kind, x.scale, x.zero_point)
 
-    if short in ("identity", "contiguous", "dropout"):
+    if short in ("identity", "contiguous", "dropout", "clone", "detach"):
         return x
     if short == "getattr" and isinstance(x, list):  # torch.max(x, dim).values / .indices
         return x[("values", "indices").index(args[1])]

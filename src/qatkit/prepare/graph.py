@@ -76,6 +76,13 @@ ALIASING_FUNCTIONS = {operator.getitem, operator.iadd, operator.isub, operator.i
 ALIASING_METHODS = {"view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "permute", "transpose", "t",
                     "squeeze", "unsqueeze", "expand", "expand_as", "contiguous", "chunk", "split", "unbind", "narrow",
                     "select", "to", "type", "type_as", "float", "long", "int", "bool", "detach", "as_strided"}
+# In-place functions (F.relu_, torch.sigmoid_, F.hardtanh_: x's change is the result) and their functional form.
+IN_PLACE_FUNCTIONS = {F.relu_: F.relu, torch.relu_: torch.relu, torch.sigmoid_: torch.sigmoid, torch.tanh_: torch.tanh,
+                      F.hardtanh_: F.hardtanh, F.leaky_relu_: F.leaky_relu, F.elu_: F.elu, F.celu_: F.celu,
+                      F.selu_: F.selu, torch.clamp_: torch.clamp, torch.clamp_min_: torch.clamp_min,
+                      torch.clamp_max_: torch.clamp_max}
+# Methods the integer model knows in another spelling (_Rewriter._respell), so their in-place form is known too.
+RESPELLED_METHODS = {"div", "clamp_min", "clamp_max"}
 # Arithmetic on sizes (C // n_head, 1 / math.sqrt(head_dim)): shape arithmetic, exact like masks.
 SIZE_ARITHMETIC = {operator.add, operator.sub, operator.mul, operator.floordiv, operator.mod, operator.truediv,
                    math.sqrt}
@@ -130,12 +137,12 @@ def _in_place(node: fx.Node, modules) -> int:
     method without the _), x[index] = value, F.relu(x, inplace=True) (then the position of `inplace`, whose value
     it may also be given at), a module built with inplace=True; 0 where not."""
     if node.op == "call_method":
-        return int(node.target.endswith("_") and node.target[:-1] in ops.METHODS)
+        return int(node.target.endswith("_") and node.target[:-1] in ops.METHODS | RESPELLED_METHODS)
     if node.op == "call_module":
         return int(getattr(modules[node.target], "inplace", False) is True)
     if node.op != "call_function" or not isinstance(node.args[0] if node.args else None, fx.Node):
         return 0
-    if node.target is operator.setitem:
+    if node.target is operator.setitem or node.target in IN_PLACE_FUNCTIONS:
         return 1
     try:
         position = list(inspect.signature(node.target).parameters).index("inplace")
@@ -378,6 +385,11 @@ class _Rewriter:
               and node.kwargs.get("rounding_mode") in (None, "floor") and set(node.kwargs) <= {"rounding_mode"}):
             divide = operator.floordiv if node.kwargs.get("rounding_mode") == "floor" else operator.truediv
             node.op, node.target, node.kwargs = "call_function", divide, {}  # x.div(y), torch.div(x, y, "floor")
+        elif method in ("clamp_min", "clamp_max") or node.target in (torch.clamp_min, torch.clamp_max):
+            bound = "min" if (method or node.target.__name__) == "clamp_min" else "max"
+            value = node.args[1] if len(node.args) == 2 else node.kwargs.get(bound)
+            if len(node.args) + len(node.kwargs) == 2 and value is not None:  # x.clamp_min(0): x.clamp(min=0)
+                node.op, node.target, node.args, node.kwargs = "call_function", torch.clamp, node.args[:1], {bound: value}
         elif (rank := _global_mean_rank(node)) is not None:  # x.mean((2, 3)): the global average pool it is
             x, keepdim = node.args[0], _call_args(node, ("input", "dim", "keepdim"))["keepdim"]
             with g.inserting_before(node):
@@ -403,6 +415,9 @@ class _Rewriter:
             elif method:
                 node.target = method[:-1]
                 self._respell(node)  # (x.add_(y, alpha=a) as x + y·a)
+            elif node.target in IN_PLACE_FUNCTIONS:  # F.hardtanh_(x): F.hardtanh(x)
+                node.target = IN_PLACE_FUNCTIONS[node.target]
+                self._respell(node)  # (torch.clamp_min_(x, 0) as torch.clamp(x, min=0))
             elif node.op == "call_function":
                 node.args, node.kwargs = node.args[:in_place], {**node.kwargs, "inplace": False}
             self.functionalized.add(node)
