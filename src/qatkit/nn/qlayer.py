@@ -19,6 +19,7 @@ from torch import nn
 from qatkit import kernels
 from qatkit.config import QuantSpec
 from qatkit.errors import ConfigError
+from qatkit.primitives.fake_quant import per_channel_view
 from qatkit.quantizer import FakeQuantizer
 
 class QLayer(nn.Module):
@@ -26,10 +27,12 @@ class QLayer(nn.Module):
     weight_axis = 0  # and in its weight (per-channel scales)
 
     def __init__(self, float_module: nn.Module, weight_spec: QuantSpec, *, act: str | None = None,
-                 out_spec: QuantSpec | None = None, input_spec: QuantSpec | None = None):
+                 out_spec: QuantSpec | None = None, input_spec: QuantSpec | None = None,
+                 layer_scale: nn.Parameter | None = None):
         super().__init__()
         assert act in kernels.ACTIVATIONS, act
         self.weight, self.bias = float_module.weight, float_module.bias
+        self.layer_scale = layer_scale  # γ of `γ * layer(x)` (LayerScale), one per output channel: folded in
         if weight_spec.per_channel and weight_spec.axis != self.weight_axis:
             weight_spec = dataclasses.replace(weight_spec, axis=self.weight_axis)
         self.weight_quant = FakeQuantizer(weight_spec, kind="weight", channels=self.weight.shape[self.weight_axis])
@@ -66,8 +69,13 @@ class QLayer(nn.Module):
         raise NotImplementedError
 
     def folded(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The weight and bias the integer layer holds (QConvBn folds BatchNorm in)."""
-        return self.weight, self.bias
+        """The weight and bias the integer layer holds: γ·w and γ·b with a layer scale γ (QConvBn folds BatchNorm
+        in)."""
+        if self.layer_scale is None:
+            return self.weight, self.bias
+        g = self.layer_scale.reshape(-1)
+        w = self.weight * per_channel_view(g, self.weight, self.weight_axis)
+        return w, None if self.bias is None else self.bias * g
 
     def forward(self, x: torch.Tensor, in_q: FakeQuantizer | None = None) -> torch.Tensor:
         if self.input_quant is not None:
@@ -171,7 +179,7 @@ class QEmbedding(QLayer):
         if embedding.max_norm is not None or embedding.scale_grad_by_freq or embedding.sparse:
             raise ConfigError(f"{embedding} uses max_norm, scale_grad_by_freq or sparse gradients; allowed: a plain "
                               "nn.Embedding. Fix: build it without them, or skip it (LayerRule(pattern=..., skip=True))")
-        self.weight, self.bias, self.padding_idx = embedding.weight, None, embedding.padding_idx
+        self.weight, self.bias, self.padding_idx, self.layer_scale = embedding.weight, None, embedding.padding_idx, None
         self.weight_quant = FakeQuantizer(weight_spec, kind="weight", channels=self.weight.shape[0])
         self.out_quant = self.input_quant = self.act = None
         self._last_input_quant = ()

@@ -216,6 +216,11 @@ def record_ranks(gm: fx.GraphModule, example: dict[str, object]) -> None:
         n.meta[RANK] = rank
 
 
+def _fetch(gm: fx.GraphModule, target: str):
+    owner, _, name = target.rpartition(".")
+    return getattr(gm.get_submodule(owner), name)
+
+
 def _describe(node: fx.Node, modules, plans) -> str:
     if node.op == "call_module":
         skipped = ", skipped by rule" if getattr(plans.get(node.target), "skip", False) else ""
@@ -522,6 +527,9 @@ class _Rewriter:
                 and self.modules[user.target].track_running_stats  # without running stats BN cannot fold
                 and (WRAPPERS[type(module)] is QConv or module.groups == 1)):  # (see QConvTransposeBn)
             bn, end = self.modules[user.target], user
+        scale = self._layer_scale(node, module) if single_call and bn is None else None
+        if scale is not None:  # γ * layer(x): γ folded into the layer's weight and bias, as BN is
+            end = scale[0]
         act = _fusable_act(_sole_user(end), self.modules) if single_call else None
         act_node = _sole_user(end) if act else None
         feeds_output = single_call and all(u.op == "output" for u in (act_node or end).users)
@@ -529,12 +537,58 @@ class _Rewriter:
         out_spec = None if out_bits is None else self.config.act_spec(out_bits, unsigned=act is not None)
         w_spec = self.config.weight_spec(plan.weight_bits, plan.per_channel)
         wrapper = (WRAPPERS_WITH_BN[WRAPPERS[type(module)]](module, bn, w_spec, act=act, out_spec=out_spec)
-                   if bn is not None else WRAPPERS[type(module)](module, w_spec, act=act, out_spec=out_spec))
-        for extra in (bn_node for bn_node in (end if bn is not None else None, act_node) if bn_node is not None):
+                   if bn is not None else WRAPPERS[type(module)](module, w_spec, act=act, out_spec=out_spec,
+                                                                 layer_scale=scale and scale[1]))
+        for extra in (n for n in (end if end is not node else None, act_node) if n is not None):
             extra.replace_all_uses_with(node)
             self.graph.erase_node(extra)
+        if scale is not None:
+            self._drop_unread(scale[2])
         self._add_wrapper(node, plan, wrapper, bn_folded=bn is not None, act=act,
-                          output="float" if out_spec is None else f"A{out_bits}")
+                          output="float" if out_spec is None else f"A{out_bits}",
+                          scale_folded=scale[2][0].target if scale else None)
+
+    def _layer_scale(self, node: fx.Node, module: nn.Module) -> tuple[fx.Node, nn.Parameter, list[fx.Node]] | None:
+        """Where a Linear's or Conv's output is only multiplied by a parameter γ with one value per output channel
+        (timm's LayerScale `x * self.gamma`, ConvNeXt's `self.gamma.reshape(1, -1, 1, 1) * x`, CaiT's, DeiT III's):
+        (the product's node, γ, γ's nodes: its get_attr first, then views of it); else None."""
+        mul = _sole_user(node)
+        if (WRAPPERS[type(module)] not in (QLinear, QConv) or mul is None or mul.kwargs or len(mul.args) != 2
+                or not _is(mul, self.modules, (), {operator.mul, torch.mul}, {"mul"})):
+            return None
+        other = mul.args[1] if mul.args[0] is node else mul.args[0]
+        chain = []
+        while isinstance(other, fx.Node) and other.op == "call_method" and other.target in ("reshape", "view",
+                                                                                           "unsqueeze"):
+            chain.append(other)
+            other = other.args[0]
+        if not (isinstance(other, fx.Node) and other.op == "get_attr"):
+            return None
+        gamma = _fetch(self.gm, other.target)
+        if not isinstance(gamma, nn.Parameter):
+            return None
+        view = gamma
+        for n in reversed(chain):  # γ as the product sees it
+            if not all(type(a) is int for a in n.args[1:]) or n.kwargs:
+                return None
+            view = getattr(view, n.target)(*n.args[1:])
+        channels, rank = module.weight.shape[0], module.weight.dim()
+        expected = (channels,) if isinstance(module, nn.Linear) else (channels,) + (1,) * (rank - 2)
+        if tuple(view.shape[-len(expected):]) != expected or any(d != 1 for d in view.shape[:-len(expected)]) or (
+                view.dim() > len(expected) + (0 if isinstance(module, nn.Linear) else 1)):
+            return None  # (a Linear's γ is (C,); a conv's (C, 1, …) or (1, C, 1, …): more axes would broadcast x)
+        return mul, gamma, [other, *reversed(chain)]
+
+    def _drop_unread(self, nodes: list[fx.Node]) -> None:
+        """Erase `nodes` (a get_attr, then views of it) where nothing reads them any more, last first; an attribute no
+        get_attr reads any more leaves the graph module (its layer holds it now)."""
+        for n in reversed(nodes):
+            if not n.users:
+                self.graph.erase_node(n)
+        target = nodes[0].target
+        if not any(n.op == "get_attr" and n.target == target for n in self.graph.nodes):
+            owner, _, name = target.rpartition(".")
+            delattr(self.gm.get_submodule(owner), name)
 
     def _add_wrapper(self, node: fx.Node, plan: LayerPlan, wrapper: nn.Module, **row) -> None:
         with torch.no_grad():

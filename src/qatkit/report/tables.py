@@ -13,14 +13,19 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
 
 
+def _folded(row: dict) -> str:
+    """What the layer's weights absorb: its BatchNorm, a layer scale (its parameter's name), or nothing."""
+    return "BN" if row["bn_folded"] else f"scale {row['scale_folded']}" if row.get("scale_folded") else "-"
+
+
 def describe(qat_model: nn.Module) -> str:
     """What was quantized and how: one row per layer, then the activation quantizers and float ops."""
     info = getattr(qat_model, "qat_info", None)
     if info is None:
         return "not a qatkit QAT model (no qat_info): call qatkit.prepare first"
     rows = [[r["name"], r["type"], f"W{r['weight_bits']}", "per-channel" if r["per_channel"] else "per-tensor",
-             f"A{r['act_bits']}" if r["act_bits"] else "-", "yes" if r["bn_folded"] else "no", r["act"] or "-", r["output"]] for r in info.layers]
-    text = _table(["layer", "type", "weight", "granularity", "input", "BN folded", "fused act", "output"], rows)
+             f"A{r['act_bits']}" if r["act_bits"] else "-", _folded(r), r["act"] or "-", r["output"]] for r in info.layers]
+    text = _table(["layer", "type", "weight", "granularity", "input", "folded", "fused act", "output"], rows)
     added = [f"{path} (A{int(qat_model.get_submodule(path).bits)})" for path in info.act_quantizers]
     text += f"\n\nactivation quantizers added: {', '.join(added) or 'none'}"
     text += f"\nfloat ops (no integer kernel, run on dequantized values): {', '.join(info.float_ops) or 'none'}"
