@@ -18,7 +18,8 @@ from qatkit.errors import QatkitError
 
 BINARY = {"add": "Add", "iadd": "Add", "sub": "Sub", "mul": "Mul", "truediv": "Div", "matmul": "MatMul"}
 UNARY = {"relu": "Relu", "sigmoid": "Sigmoid", "tanh": "Tanh", "sqrt": "Sqrt", "exp": "Exp", "neg": "Neg", "sin": "Sin",
-         "cos": "Cos", "softsign": "Softsign", "selu": "Selu", "log": "Log", "abs": "Abs"}  # (Selu: PyTorch's constants)
+         "cos": "Cos", "softsign": "Softsign", "selu": "Selu", "log": "Log", "abs": "Abs", "erf": "Erf", "sign": "Sign",
+         "reciprocal": "Reciprocal"}  # (Selu: PyTorch's constants)
 COMPARE = {"eq": "Equal", "ne": "Equal", "lt": "Less", "le": "LessOrEqual", "gt": "Greater", "ge": "GreaterOrEqual"}
 LOGICAL = {"and_": "And", "or_": "Or"}
 FACTORIES = ("zeros", "ones", "full", "arange", "linspace", "zeros_like", "ones_like", "full_like", "new_zeros",
@@ -217,6 +218,12 @@ def export_call(ex, node: dict) -> Value:
                                rank, name)
     if short in ("adaptive_max_pool1d", "adaptive_max_pool2d", "adaptive_max_pool3d"):
         return _adaptive_max_pool(ex, node, x, args, kwargs, rank)
+    if short == "flip":  # x.flip(dims), x.flip(*dims), torch.flip(x, dims): a Slice backwards along each
+        dims = [d for a in (args[1:] or [kwargs["dims"]]) for d in (a if isinstance(a, list) else [a])]
+        ends = ex.const("ends", np.full(len(dims), np.iinfo(np.int64).min, np.int64))
+        return same_kind(ex.op("Slice", [x.name, ex.const("starts", np.full(len(dims), -1, np.int64)), ends,
+                                         ex.const("ax", np.array(dims, np.int64)),
+                                         ex.const("steps", np.full(len(dims), -1, np.int64))], name))
     if short == "roll":
         return _roll(ex, node, x, _arg(args, kwargs, 1, "shifts", None), _arg(args, kwargs, 2, "dims", None), rank)
     if short == "repeat_interleave":

@@ -216,6 +216,22 @@ def record_ranks(gm: fx.GraphModule, example: dict[str, object]) -> None:
         n.meta[RANK] = rank
 
 
+def _index_of(node: fx.Node, name: str) -> tuple | None:
+    """The index x[...] that computes x.narrow(dim, start, length) (start ≥ 0) or x.index_select(dim, index): a
+    slice or the index tensor at axis dim; None where the arguments are not those."""
+    if name == "narrow":
+        a = _call_args(node, ("input", "dim", "start", "length"))
+        if not all(type(a[k]) is int for k in ("dim", "start", "length")) or a["start"] < 0:
+            return None
+        at, dim = slice(a["start"], a["start"] + a["length"]), a["dim"]
+    else:
+        a = _call_args(node, ("input", "dim", "index"))
+        if type(a["dim"]) is not int or not isinstance(a["index"], fx.Node):
+            return None
+        at, dim = a["index"], a["dim"]
+    return (slice(None),) * dim + (at,) if dim >= 0 else (Ellipsis, at) + (slice(None),) * (-dim - 1)
+
+
 def _fetch(gm: fx.GraphModule, target: str):
     owner, _, name = target.rpartition(".")
     return getattr(gm.get_submodule(owner), name)
@@ -390,6 +406,18 @@ class _Rewriter:
               and node.kwargs.get("rounding_mode") in (None, "floor") and set(node.kwargs) <= {"rounding_mode"}):
             divide = operator.floordiv if node.kwargs.get("rounding_mode") == "floor" else operator.truediv
             node.op, node.target, node.kwargs = "call_function", divide, {}  # x.div(y), torch.div(x, y, "floor")
+        elif (method == "square" or node.target is torch.square) and len(node.args) == 1 and not node.kwargs:
+            node.op, node.target, node.args = "call_function", operator.pow, (node.args[0], 2)  # x ** 2: x·x
+        elif method in ("minimum", "maximum") or node.target in (torch.minimum, torch.maximum):
+            name = method or node.target.__name__  # (two tensors: the elementwise torch.min/max)
+            node.op, node.target = "call_function", torch.min if name == "minimum" else torch.max
+        elif method in ("swapaxes", "swapdims") or node.target in (torch.swapaxes, torch.swapdims):
+            node.op, node.target = "call_method", "transpose"
+        elif node.op == "call_function" and node.target is getattr and node.args[1] in ("mT", "mH"):
+            node.op, node.target, node.args = "call_method", "transpose", (node.args[0], -2, -1)  # (real tensors)
+        elif (method in ("narrow", "index_select") or node.target in (torch.narrow, torch.index_select)) and (
+                index := _index_of(node, method or node.target.__name__)) is not None:
+            node.op, node.target, node.args, node.kwargs = "call_function", operator.getitem, (node.args[0], index), {}
         elif method in ("clamp_min", "clamp_max") or node.target in (torch.clamp_min, torch.clamp_max):
             bound = "min" if (method or node.target.__name__) == "clamp_min" else "max"
             value = node.args[1] if len(node.args) == 2 else node.kwargs.get(bound)

@@ -1,0 +1,69 @@
+"""Tensor ops as people spell them, which the integer model knows in another spelling or as an ONNX op of their own:
+x.square() (x·x), torch.minimum/maximum, swapaxes/swapdims and x.mT (transpose), narrow and index_select (an
+index), flip (a Slice backwards, on the codes), BERT's GELU written out with torch.erf, sign, reciprocal. Each
+converts, computes the model's values (float64, every layer left float) and runs in ONNX Runtime as qatkit does."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import converts_exactly, prepares_whole, runs_in_onnx_runtime
+from torch import nn
+
+import qatkit
+
+
+def bert_gelu(x):  # Hugging Face's original `gelu`
+    return x * 0.5 * (1.0 + torch.erf(x / math.sqrt(2.0)))
+
+
+class Net(nn.Module):
+    """A conv, the op under test on its (B, C, H, W) output, and a head."""
+
+    def __init__(self, op):
+        super().__init__()
+        self.c1, self.c2, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.Linear(8, 4)
+        self.register_buffer("order", torch.tensor([7, 6, 5, 4, 3, 2, 1, 0]))
+        self.op = op
+
+    def forward(self, x):
+        y = self.op(self, self.c1(x))
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(self.c2(y), 1), 1))
+
+
+OPS = {
+    "x.square": lambda m, y: y.square() - torch.square(y) * 0.5,
+    "minimum-maximum": lambda m, y: torch.minimum(y, y.sigmoid()) + y.maximum(torch.zeros_like(y)),
+    "swapaxes-swapdims": lambda m, y: y.swapaxes(2, 3).swapdims(-1, -2) + torch.swapaxes(y, 1, 1),
+    "mT": lambda m, y: y.mT.relu(),
+    "narrow": lambda m, y: torch.cat([y.narrow(1, 4, 4), torch.narrow(y, -3, 0, 4)], 1),
+    "index_select": lambda m, y: y.index_select(1, m.order) + torch.index_select(y, -1, m.order),
+    "flip": lambda m, y: y.flip(3) + y.flip(2, 3) + torch.flip(y, [1, -1]),
+    "bert-gelu": lambda m, y: bert_gelu(y),
+    "sign-reciprocal": lambda m, y: torch.sign(y) * (y.abs() + 1).reciprocal() + torch.reciprocal(y.exp()),
+}
+ON_CODES = {"swapaxes-swapdims", "narrow", "index_select", "flip"}  # keep the codes: no float op
+
+
+@pytest.mark.parametrize("name", OPS)
+def test_op_converts_and_runs_in_onnx_runtime(name, tmp_path):
+    torch.manual_seed(0)
+    model, x = Net(OPS[name]).eval(), torch.randn(4, 3, 8, 8)
+    qat = prepares_whole(model, x[:1], qatkit.QATConfig(weight_bits=8, act_bits=8))
+    if name in ON_CODES:
+        assert qat.qat_info.float_ops == []
+    qatkit.calibrate(qat, [torch.randn(4, 3, 8, 8) for _ in range(4)])
+    result = runs_in_onnx_runtime(converts_exactly(qat, model, x, tolerance=0.05), x, tmp_path / "m.onnx")
+    if name in ON_CODES:
+        assert result["max_step_diff"] == 0
+
+
+@pytest.mark.parametrize("name", OPS)
+def test_respelled_graph_computes_the_model_in_float64(name):
+    torch.manual_seed(0)
+    model, x = Net(OPS[name]).double().eval(), torch.randn(4, 3, 8, 8, dtype=torch.float64)
+    config = qatkit.QATConfig(rules=[qatkit.LayerRule(pattern="*", skip=True)])
+    qat = qatkit.prepare(model, config, x[:1]).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(qat(x), model(x), rtol=0, atol=1e-12)
