@@ -1,7 +1,9 @@
 """Tensor ops as people spell them, which the integer model knows in another spelling or as an ONNX op of their own:
-x.square() (x·x), torch.minimum/maximum, swapaxes/swapdims and x.mT (transpose), narrow and index_select (an
-index), flip (a Slice backwards, on the codes), BERT's GELU written out with torch.erf, sign, reciprocal. Each
-converts, computes the model's values (float64, every layer left float) and runs in ONNX Runtime as qatkit does."""
+x.square() (x·x), torch.minimum/maximum, swapaxes/swapdims and x.mT (transpose), movedim and x.T (permute, from the
+rank on the example input), narrow and index_select (an index), flip (a Slice backwards, on the codes), var/std
+(the mean of squared deviations, as a LayerNorm written out), BERT's GELU written out with torch.erf, sign,
+reciprocal. Each converts, computes the model's values (float64, every layer left float) and runs in ONNX Runtime
+as qatkit does."""
 from __future__ import annotations
 
 import math
@@ -42,8 +44,12 @@ OPS = {
     "flip": lambda m, y: y.flip(3) + y.flip(2, 3) + torch.flip(y, [1, -1]),
     "bert-gelu": lambda m, y: bert_gelu(y),
     "sign-reciprocal": lambda m, y: torch.sign(y) * (y.abs() + 1).reciprocal() + torch.reciprocal(y.exp()),
+    "var-std": lambda m, y: (y - y.mean((2, 3), keepdim=True)) / (y.std(dim=(2, 3), keepdim=True) + 1e-3)
+    + torch.var(y, 1, False, True) + y.var(-1, correction=0, keepdim=True),
+    "movedim": lambda m, y: y.movedim(1, -1).movedim(-1, 1) + torch.moveaxis(y, (1, 2), (3, 1)).permute(0, 2, 3, 1),
+    "x.T": lambda m, y: y.flatten(1).T.T.reshape(y.shape),
 }
-ON_CODES = {"swapaxes-swapdims", "narrow", "index_select", "flip"}  # keep the codes: no float op
+ON_CODES = {"swapaxes-swapdims", "narrow", "index_select", "flip", "movedim", "x.T"}  # keep the codes: no float op
 
 
 @pytest.mark.parametrize("name", OPS)

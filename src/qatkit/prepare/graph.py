@@ -186,13 +186,21 @@ def _global_mean_rank(node: fx.Node) -> int | None:
 RANK = "qatkit_rank"  # node.meta key: the rank of the node's tensor on the example input (record_ranks)
 
 
+def _needs_rank(n: fx.Node) -> bool:
+    """Whether respelling `n` needs its input's rank: a mean over several axes (_global_mean_rank), x.movedim,
+    x.T."""
+    if n.op not in ("call_function", "call_method") or not n.args or not isinstance(n.args[0], fx.Node):
+        return False
+    return ((n.target in (torch.mean, "mean") and isinstance(_call_args(n, ("input", "dim"))["dim"], (tuple, list)))
+            or n.target in (torch.movedim, torch.moveaxis, "movedim", "moveaxis")
+            or (n.target is getattr and n.args[1] == "T"))
+
+
 def record_ranks(gm: fx.GraphModule, example: dict[str, object]) -> None:
-    """Set node.meta[RANK] of the input of each mean over several axes (which _global_mean_rank reads), from one run
-    of the graph on the example input (forward's arguments by name); nothing where the graph has no such mean, or
-    where it does not run on the example positionally (the means then stay means)."""
-    candidates = {n.args[0] for n in gm.graph.nodes if n.op in ("call_function", "call_method")
-                  and n.target in (torch.mean, "mean") and isinstance(n.args[0], fx.Node)
-                  and isinstance(_call_args(n, ("input", "dim"))["dim"], (tuple, list))}
+    """Set node.meta[RANK] of the input of each op whose respelling needs it (_needs_rank), from one run of the graph
+    on the example input (forward's arguments by name); nothing where the graph has no such op, or where it does not
+    run on the example positionally (those ops then stay as written)."""
+    candidates = {n.args[0] for n in gm.graph.nodes if _needs_rank(n)}
     if not candidates:
         return
     ranks = {}
@@ -214,6 +222,37 @@ def record_ranks(gm: fx.GraphModule, example: dict[str, object]) -> None:
         return
     for n, rank in ranks.items():
         n.meta[RANK] = rank
+
+
+def _var_arguments(node: fx.Node) -> tuple | None:
+    """(x, dims, correction, keepdim) of x.var/std(dim, unbiased, keepdim) or (dim, correction=, keepdim=) over given
+    axes; None for other spellings (every element: dim None)."""
+    a = _call_args(node, ("input", "dim", "unbiased", "keepdim"))
+    dims, correction = a["dim"], node.kwargs.get("correction")
+    if isinstance(dims, int):
+        dims = (dims,)
+    if (not isinstance(dims, (tuple, list)) or not dims or not all(type(d) is int for d in dims)
+            or set(node.kwargs) - {"dim", "unbiased", "keepdim", "correction"}
+            or (correction is not None and a["unbiased"] is not None)):
+        return None
+    correction = correction if correction is not None else int(a["unbiased"] is not False)
+    if type(correction) not in (int, float) or not isinstance(a["keepdim"], (bool, type(None))):
+        return None
+    return a["input"], tuple(dims), correction, bool(a["keepdim"])
+
+
+def _moved(node: fx.Node) -> list[int] | None:
+    """The permutation that x.movedim(source, destination) is, from x's rank (record_ranks); None where unknown."""
+    a = _call_args(node, ("input", "source", "destination"))
+    rank, source, destination = a["input"].meta.get(RANK), a["source"], a["destination"]
+    source, destination = ([v] if type(v) is int else v for v in (source, destination))
+    if (not isinstance(rank, int) or not isinstance(source, (list, tuple)) or not isinstance(destination, (list, tuple))
+            or len(source) != len(destination) or not all(type(v) is int for v in [*source, *destination])):
+        return None
+    source, destination = [v % rank for v in source], [v % rank for v in destination]
+    rest = iter(d for d in range(rank) if d not in source)
+    moved = dict(zip(destination, source))
+    return [moved[i] if i in moved else next(rest) for i in range(rank)]
 
 
 def _index_of(node: fx.Node, name: str) -> tuple | None:
@@ -406,6 +445,26 @@ class _Rewriter:
               and node.kwargs.get("rounding_mode") in (None, "floor") and set(node.kwargs) <= {"rounding_mode"}):
             divide = operator.floordiv if node.kwargs.get("rounding_mode") == "floor" else operator.truediv
             node.op, node.target, node.kwargs = "call_function", divide, {}  # x.div(y), torch.div(x, y, "floor")
+        elif (method in ("var", "std") or node.target in (torch.var, torch.std)) and (
+                moments := _var_arguments(node)) is not None:  # mean of the squared deviations, as a LayerNorm
+            x, dims, correction, keepdim = moments  # written out: ops the integer model knows
+            with g.inserting_before(node):
+                d = g.call_function(operator.sub, (x, g.call_method("mean", (x, dims), {"keepdim": True})))
+                out = g.call_method("sum", (g.call_function(operator.mul, (d, d)), dims), {"keepdim": keepdim})
+                n = g.call_method("size", (x, dims[0]))  # the count of values each sum adds
+                for dim in dims[1:]:
+                    n = g.call_function(operator.mul, (n, g.call_method("size", (x, dim))))
+                out = g.call_function(operator.truediv, (out, g.call_function(operator.sub, (n, correction))))
+                if (method or node.target.__name__) == "std":
+                    out = g.call_method("sqrt", (out,))
+            node.replace_all_uses_with(out)
+            g.erase_node(node)
+        elif (method in ("movedim", "moveaxis") or node.target in (torch.movedim, torch.moveaxis)) and (
+                order := _moved(node)) is not None:
+            node.op, node.target, node.args, node.kwargs = "call_method", "permute", (node.args[0], *order), {}
+        elif (node.op == "call_function" and node.target is getattr and node.args[1] == "T"
+              and isinstance(rank := node.args[0].meta.get(RANK), int)):  # x.T: every axis reversed
+            node.op, node.target, node.args = "call_method", "permute", (node.args[0], *range(rank - 1, -1, -1))
         elif (method == "square" or node.target is torch.square) and len(node.args) == 1 and not node.kwargs:
             node.op, node.target, node.args = "call_function", operator.pow, (node.args[0], 2)  # x ** 2: x·x
         elif method in ("minimum", "maximum") or node.target in (torch.minimum, torch.maximum):
