@@ -185,6 +185,32 @@ def test_the_integer_reference_upsamples_as_pytorch_nearest(size, scale):
     assert np.array_equal(_resize(ins, {"mode": "nearest"}), expected)
 
 
+class RecomputedScale(nn.Module):
+    """Upsampling by a fraction with recompute_scale_factor (its sampling follows output / input size, not the factor;
+    10 · 1.3 is 13 in float64 but 12.99… in float32)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.up = nn.Upsample(scale_factor=1.3, mode="bilinear", recompute_scale_factor=True)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        y = self.c2(self.up(torch.relu(self.c1(x))))
+        y = F.interpolate(y, scale_factor=(1.3, 0.7), mode="nearest", recompute_scale_factor=True)
+        return self.fc(F.adaptive_avg_pool2d(y, 1).flatten(1))
+
+
+@pytest.mark.parametrize("size", [10, 8])
+def test_upsampling_with_a_recomputed_scale_converts_and_runs_in_onnx_runtime(size, tmp_path):
+    torch.manual_seed(0)
+    model, x = RecomputedScale().eval(), torch.randn(4, 3, size, size)
+    qat = qatkit.prepare(model, qatkit.QATConfig(), x[:1])
+    qatkit.calibrate(qat, [x])
+    integer = converts_exactly(qat, model, x, tolerance=0.05)
+    assert runs_in_onnx_runtime(integer, x, tmp_path / "m.onnx")["max_step_diff"] == 0
+
+
 class TwoHeads(nn.Module):
     """A detector-like model: class logits and box regressions from one trunk."""
 

@@ -254,7 +254,8 @@ def _layer_norm(ins, a):  # (..., D) normalised over the axes from `axis` on
     return _normalized(ins[0], axes, a.get("epsilon", 1e-5)) * ins[1] + _opt(ins, 2, f32(0))
 
 
-_CAST = {onnx.TensorProto.FLOAT: f32, onnx.TensorProto.INT64: i64, onnx.TensorProto.BOOL: np.bool_}
+_CAST = {onnx.TensorProto.FLOAT: f32, onnx.TensorProto.INT64: i64, onnx.TensorProto.BOOL: np.bool_,
+         onnx.TensorProto.DOUBLE: np.float64}  # (float64: sizes times a resize's scale factor)
 
 
 def _log(ins, a):
@@ -262,9 +263,9 @@ def _log(ins, a):
         return np.log(ins[0])
 
 
-def _cast(ins, a):  # qatkit casts masks to float, sizes to int64, masks to bool
+def _cast(ins, a):  # qatkit casts masks to float, sizes to int64 (or float64), masks to bool
     if a["to"] not in _CAST:
-        raise bad_value("Cast target type", onnx.TensorProto.DataType.Name(a["to"]), "FLOAT, INT64, BOOL",
+        raise bad_value("Cast target type", onnx.TensorProto.DataType.Name(a["to"]), "FLOAT, INT64, BOOL, DOUBLE",
                         "export with qatkit's op set", cls=ModelFileError)
     with np.errstate(invalid="ignore"):  # ±inf or NaN to int64 (log(0) in T5's buckets, masked later): as on x86
         return ins[0].astype(_CAST[a["to"]])

@@ -766,7 +766,9 @@ _RESIZE_MODES = {"nearest": ("nearest", "asymmetric"), "linear": ("linear", "hal
 
 def _resize(ex, node, xf: str, args, kwargs, rank: int) -> str:
     """F.interpolate / nn.Upsample as Resize: PyTorch's 'nearest' takes the floor of dst/scale (asymmetric),
-    its (bi)linear modes sample at pixel centres (half_pixel) or corners (align_corners)."""
+    its (bi)linear modes sample at pixel centres (half_pixel) or corners (align_corners). The output size is
+    floor(size · scale_factor); with recompute_scale_factor the sampling follows output / input size, which a Resize
+    given those sizes does (the sizes in float64, as PyTorch's: 10 · 1.3 is 13, not float32's 12.99…)."""
     mode = _arg(args, kwargs, 3, "mode", "nearest")
     if mode not in _RESIZE_MODES:
         raise QatkitError(f"interpolation mode {mode!r} (node '{node['name']}') has no ONNX form in qatkit; allowed: "
@@ -776,10 +778,19 @@ def _resize(ex, node, xf: str, args, kwargs, rank: int) -> str:
         coords = "align_corners"
     size, scale = _arg(args, kwargs, 1, "size", None), _arg(args, kwargs, 2, "scale_factor", None)
     spatial = rank - 2
-    if size is not None:
-        lead = ex.op("Slice", [ex.op("Shape", [xf], "shp"), ex.const("s", np.array([0], np.int64)),
+    recompute = size is None and _arg(args, kwargs, 5, "recompute_scale_factor", None)
+    if size is not None or recompute:
+        shape = ex.op("Shape", [xf], "shp")
+        lead = ex.op("Slice", [shape, ex.const("s", np.array([0], np.int64)),
                                ex.const("e", np.array([2], np.int64))], "lead")  # (batch, channels)
-        if isinstance(size, Value):  # another tensor's sizes (x.shape[-2:]): an int64 vector already
+        if recompute:  # floor(size · scale) in float64
+            sizes = ex.op("Cast", [ex.op("Slice", [shape, ex.const("s", np.array([2], np.int64)),
+                                                   ex.const("e", np.array([rank], np.int64))], "in_sizes")],
+                          "in_sizes_f64", to=TensorProto.DOUBLE)
+            factors = np.array(scale if isinstance(scale, list) else [scale] * spatial, np.float64)
+            scaled = ex.op("Floor", [ex.op("Mul", [sizes, ex.const("scales", factors)], "scaled")], "floor")
+            spatial_sizes = ex.op("Cast", [scaled], "out_sizes", to=TensorProto.INT64)
+        elif isinstance(size, Value):  # another tensor's sizes (x.shape[-2:]): an int64 vector already
             spatial_sizes = size.name
         else:  # ints, or sizes of the graph (FPN's lateral.shape[-2:] given as a list)
             spatial_sizes = ex.shape_tensor(size if isinstance(size, list) else [size] * spatial)
