@@ -17,6 +17,7 @@
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import inspect
 import math
@@ -197,31 +198,27 @@ def _needs_rank(n: fx.Node) -> bool:
 
 
 def record_ranks(gm: fx.GraphModule, example: dict[str, object]) -> None:
-    """Set node.meta[RANK] of the input of each op whose respelling needs it (_needs_rank), from one run of the graph
-    on the example input (forward's arguments by name); nothing where the graph has no such op, or where it does not
-    run on the example positionally (those ops then stay as written)."""
-    candidates = {n.args[0] for n in gm.graph.nodes if _needs_rank(n)}
-    if not candidates:
+    """Set node.meta[RANK] of the input of each op whose respelling needs it (_needs_rank), from one run of a copy of
+    the graph (a forward may change its module's state) on the example input (forward's arguments by name); nothing
+    where the graph has no such op, or where it does not run on the example positionally (those ops then stay as
+    written)."""
+    candidates = {n.args[0].name: n.args[0] for n in gm.graph.nodes if _needs_rank(n)}
+    placeholders = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
+    if not candidates or set(placeholders) - set(example):
         return
-    ranks = {}
 
     class Ranks(fx.Interpreter):
         def run_node(self, n: fx.Node):
             out = super().run_node(n)
-            if n in candidates and isinstance(out, torch.Tensor):
-                ranks[n] = out.dim()
+            if n.name in candidates and isinstance(out, torch.Tensor):
+                candidates[n.name].meta[RANK] = out.dim()
             return out
 
-    placeholders = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
-    if set(placeholders) - set(example):
-        return
     try:
         with torch.no_grad():
-            Ranks(gm).run(*(example[name] for name in placeholders))
-    except Exception:  # noqa: BLE001 - a graph that only runs by name: its means stay float ops
+            Ranks(copy.deepcopy(gm)).run(*(example[name] for name in placeholders))
+    except Exception:  # noqa: BLE001 - a graph that only runs by name: those ops stay as written
         return
-    for n, rank in ranks.items():
-        n.meta[RANK] = rank
 
 
 def _var_arguments(node: fx.Node) -> tuple | None:
