@@ -15,6 +15,7 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 
 from qatkit import kernels
 from qatkit.config import QuantSpec
@@ -40,6 +41,9 @@ class QLayer(nn.Module):
         self.input_quant = FakeQuantizer(input_spec, kind="act") if input_spec else None
         self.act = act
         self._last_input_quant: tuple[FakeQuantizer, ...] = ()  # a tuple, so that it is no submodule
+        if parametrize.is_parametrized(float_module, "weight"):  # weight_norm, spectral_norm: the weight is computed
+            self.weight = nn.Parameter(self.weight.detach())  # (a placeholder the parametrization replaces)
+            parametrize.transfer_parametrizations_and_params(float_module, self, "weight")  # from what trains
 
     @property
     def last_input_quant(self) -> FakeQuantizer | None:

@@ -53,6 +53,13 @@ def prepare(model: nn.Module, config: QATConfig | None = None,
                         "prepare model.float(); for bfloat16 or float16 speed, train under torch.autocast")
     device = module_device(model)  # built on the CPU (new quantizers start there), then moved to the model's device
     training = model.training
+    if hooked := [name for name, m in model.named_modules()
+                  if any(type(hook).__name__ in ("WeightNorm", "SpectralNorm") for hook in m._forward_pre_hooks.values())]:
+        raise bad_value("layers with torch.nn.utils.weight_norm/spectral_norm hooks", hooked, "layers without them "
+                        "(the deprecated hooks compute the weight in a forward hook, which cannot be copied or "
+                        "quantized), or the same norms as parametrizations", "call torch.nn.utils.remove_weight_norm "
+                        "(remove_spectral_norm) on them, then, to keep training the norm, apply torch.nn.utils."
+                        "parametrizations.weight_norm (spectral_norm): the weights keep their values")
     model = decompose(copy.deepcopy(model).cpu()).eval()  # nn.MultiheadAttention & co. as Linear layers and tensor ops
     arguments = None
     if example_inputs is not None:

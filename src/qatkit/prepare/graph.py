@@ -33,7 +33,7 @@ from qatkit.config import QATConfig
 from qatkit.convert import ops
 from qatkit.nn import (QAdd, QConv, QConvBn, QConvTranspose, QConvTransposeBn, QEmbedding, QGlobalAvgPool, QLinear,
                        QMatMul)
-from qatkit.prepare.rules import LayerPlan
+from qatkit.prepare.rules import LayerPlan, layer_type
 from qatkit.quantizer import FakeQuantizer
 
 WRAPPERS = {nn.Conv1d: QConv, nn.Conv2d: QConv, nn.Conv3d: QConv, nn.ConvTranspose1d: QConvTranspose,
@@ -332,7 +332,7 @@ class _Rewriter:
                 self._attention(node)
             elif node.op == "call_function" and node.target is torch.einsum:
                 self._einsum(node)
-            elif node.op == "call_module" and type(self.modules[node.target]) in WRAPPERS:
+            elif node.op == "call_module" and layer_type(self.modules[node.target]) in WRAPPERS:
                 self._wrap(node)
         self.modules = dict(self.gm.named_modules())
         for node in list(self.graph.nodes):
@@ -607,9 +607,9 @@ class _Rewriter:
         end, bn = node, None
         user = _sole_user(node) if single_call else None
         if (self.config.fold_bn and user is not None and user.op == "call_module"
-                and type(self.modules[user.target]) is FOLDABLE_BN.get(type(module))
+                and type(self.modules[user.target]) is FOLDABLE_BN.get(layer_type(module))
                 and self.modules[user.target].track_running_stats  # without running stats BN cannot fold
-                and (WRAPPERS[type(module)] is QConv or module.groups == 1)):  # (see QConvTransposeBn)
+                and (WRAPPERS[layer_type(module)] is QConv or module.groups == 1)):  # (see QConvTransposeBn)
             bn, end = self.modules[user.target], user
         scale = self._layer_scale(node, module) if single_call and bn is None else None
         if scale is not None:  # γ * layer(x): γ folded into the layer's weight and bias, as BN is
@@ -620,8 +620,8 @@ class _Rewriter:
         out_bits = self.config.output_bits if feeds_output else self.config.act_bits
         out_spec = None if out_bits is None else self.config.act_spec(out_bits, unsigned=act is not None)
         w_spec = self.config.weight_spec(plan.weight_bits, plan.per_channel)
-        wrapper = (WRAPPERS_WITH_BN[WRAPPERS[type(module)]](module, bn, w_spec, act=act, out_spec=out_spec)
-                   if bn is not None else WRAPPERS[type(module)](module, w_spec, act=act, out_spec=out_spec,
+        wrapper = (WRAPPERS_WITH_BN[WRAPPERS[layer_type(module)]](module, bn, w_spec, act=act, out_spec=out_spec)
+                   if bn is not None else WRAPPERS[layer_type(module)](module, w_spec, act=act, out_spec=out_spec,
                                                                  layer_scale=scale and scale[1]))
         for extra in (n for n in (end if end is not node else None, act_node) if n is not None):
             extra.replace_all_uses_with(node)
@@ -637,7 +637,7 @@ class _Rewriter:
         (timm's LayerScale `x * self.gamma`, ConvNeXt's `self.gamma.reshape(1, -1, 1, 1) * x`, CaiT's, DeiT III's):
         (the product's node, γ, γ's nodes: its get_attr first, then views of it); else None."""
         mul = _sole_user(node)
-        if (WRAPPERS[type(module)] not in (QLinear, QConv) or mul is None or mul.kwargs or len(mul.args) != 2
+        if (WRAPPERS[layer_type(module)] not in (QLinear, QConv) or mul is None or mul.kwargs or len(mul.args) != 2
                 or not _is(mul, self.modules, (), {operator.mul, torch.mul}, {"mul"})):
             return None
         other = mul.args[1] if mul.args[0] is node else mul.args[0]

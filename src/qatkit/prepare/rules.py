@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from torch import nn
+from torch.nn.utils import parametrize
 
 from qatkit.config import QATConfig
 from qatkit.errors import bad_value
@@ -19,6 +20,12 @@ class LayerPlan:
     skip: bool
 
 
+def layer_type(module: nn.Module) -> type:
+    """The module's class; for one whose weight is parametrized (torch.nn.utils.parametrizations.weight_norm,
+    spectral_norm: PyTorch makes it a ParametrizedConv2d, …), the class it was."""
+    return type(module).__bases__[0] if parametrize.is_parametrized(module) else type(module)
+
+
 def plan_layers(model: nn.Module, config: QATConfig, quantizable: tuple[type, ...]) -> dict[str, LayerPlan]:
     """Plan every quantizable layer by qualified name; a rule that matches no layer is an error.
 
@@ -27,14 +34,14 @@ def plan_layers(model: nn.Module, config: QATConfig, quantizable: tuple[type, ..
     Face's BART positional embedding, whose forward computes the positions it looks up) is planned too: fx traces
     its forward, and prepare quantizes the lookup of its own table.
     """
-    names = [n for n, m in model.named_modules() if type(m) in quantizable or isinstance(m, nn.Embedding)]
+    names = [n for n, m in model.named_modules() if layer_type(m) in quantizable or isinstance(m, nn.Embedding)]
     edge = {names[0], names[-1]} if names and config.first_last_bits is not None else set()
     plans, used = {}, set()
     for name in names:
         bits = config.first_last_bits if name in edge else None
         w_bits, a_bits = bits or config.weight_bits, bits or config.act_bits
         per_channel, skip = config.per_channel, False
-        type_name = type(model.get_submodule(name)).__name__
+        type_name = layer_type(model.get_submodule(name)).__name__
         for i, rule in enumerate(config.rules):  # later rules win
             if rule.matches(name, type_name):
                 used.add(i)

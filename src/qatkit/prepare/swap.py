@@ -13,16 +13,17 @@ def swap_layers(module: nn.Module, prefix: str, config, plans, info, prepare_chi
     from qatkit.prepare.graph import (
         WRAPPERS,  # import here: fx imports this package's siblings
     )
+    from qatkit.prepare.rules import layer_type
 
     for name, child in list(module.named_children()):
         path = f"{prefix}.{name}" if prefix else name
         plan = plans.get(path)
-        if type(child) in WRAPPERS:
+        if layer_type(child) in WRAPPERS:
             if plan is None or plan.skip:
                 continue
             w_spec = config.weight_spec(plan.weight_bits, plan.per_channel)
             ids_in = isinstance(child, nn.Embedding)  # no input quantizer
-            wrapper = WRAPPERS[type(child)](child, w_spec, **({} if ids_in else {"input_spec": config.act_spec(plan.act_bits)}))
+            wrapper = WRAPPERS[layer_type(child)](child, w_spec, **({} if ids_in else {"input_spec": config.act_spec(plan.act_bits)}))
             wrapper.weight_quant.init_from(wrapper.weight.detach())
             setattr(module, name, wrapper)
             info.layers.append({"name": path, "type": type(child).__name__, "weight_bits": plan.weight_bits,
