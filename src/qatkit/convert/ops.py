@@ -42,7 +42,7 @@ def setitem(x: torch.Tensor, value, *index) -> torch.Tensor:
 _FUNCTIONS = [
     operator.add, operator.sub, operator.mul, operator.truediv, operator.matmul, operator.getitem, operator.neg,
     operator.iadd, operator.ne, operator.eq, operator.lt, operator.le, operator.gt, operator.ge, operator.and_,
-    operator.or_, operator.invert, operator.floordiv, operator.mod, math.sqrt, getattr,
+    operator.or_, operator.invert, operator.floordiv, operator.mod, math.sqrt, math.ceil, math.floor, getattr,
     torch.add, torch.sub, torch.mul, torch.matmul, torch.cat, torch.flatten, torch.reshape, torch.transpose,
     torch.permute, torch.squeeze, torch.unsqueeze, torch.relu, torch.sigmoid, torch.tanh, torch.softmax,
     torch.mean, torch.sum, torch.sqrt, torch.exp,

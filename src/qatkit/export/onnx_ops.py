@@ -534,6 +534,11 @@ def _float_op(ex, node, short, args, kwargs, rank) -> Value:
             floor = ex.op("Floor", [ex.op("Div", [a, b], "div")], name if short == "floordiv" else "floor")
             return Value(floor if short == "floordiv" else ex.op("Sub", [a, ex.op("Mul", [floor, b], "m")], name), "float")
         return Value(ex.op(BINARY[short], [_c(ex, x), _c(ex, args[1])], name), "float")
+    if short in ("ceil", "floor"):  # math.ceil(H / stride) of sizes: an int
+        if _integers(x):
+            return x
+        rounded = ex.op("Ceil" if short == "ceil" else "Floor", [_c(ex, x)], "rounded")
+        return Value(ex.op("Cast", [rounded], name, to=TensorProto.INT64), "int")
     if short in ("abs", "neg") and _integers(x):  # of positions
         return Value(ex.op(UNARY[short], [_i(ex, x)], name), "int")
     if short in UNARY:

@@ -84,9 +84,10 @@ IN_PLACE_FUNCTIONS = {F.relu_: F.relu, torch.relu_: torch.relu, torch.sigmoid_: 
                       torch.clamp_max_: torch.clamp_max}
 # Methods the integer model knows in another spelling (_Rewriter._respell), so their in-place form is known too.
 RESPELLED_METHODS = {"div", "clamp_min", "clamp_max"}
+FUNCTIONAL_CONVS = {F.conv1d: nn.Conv1d, F.conv2d: nn.Conv2d, F.conv3d: nn.Conv3d}
 # Arithmetic on sizes (C // n_head, 1 / math.sqrt(head_dim)): shape arithmetic, exact like masks.
 SIZE_ARITHMETIC = {operator.add, operator.sub, operator.mul, operator.floordiv, operator.mod, operator.truediv,
-                   math.sqrt}
+                   math.sqrt, math.ceil, math.floor}  # (math.ceil(H / stride): timm's padding to 'same')
 ADAPTIVE_AVG_POOL_MODULES = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
 # Ops an integer runtime runs on integers and requantizes (QLinearAdd, QLinearConcat, QLinearAveragePool).
 REQUANT_MODULES = (*ADAPTIVE_AVG_POOL_MODULES, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)
@@ -322,6 +323,8 @@ class _Rewriter:
                 self._functional_linear(node)
             elif node.op == "call_function" and node.target is F.embedding:
                 self._functional_embedding(node)
+            elif node.op == "call_function" and node.target in FUNCTIONAL_CONVS:
+                self._functional_conv(node)
             else:
                 self._respell(node)
         self.calls = Counter(n.target for n in self.graph.nodes if n.op == "call_module")
@@ -550,6 +553,24 @@ class _Rewriter:
                 or path not in self.plans):
             return
         plain = nn.Embedding(*table.weight.shape, padding_idx=a["padding_idx"], _weight=table.weight)
+        self._call_instead(node, path, plain, a["input"])
+
+    def _functional_conv(self, node: fx.Node) -> None:
+        """F.conv2d(x, self.weight, self.bias, stride, padding, …) in an nn.Conv2d subclass's own forward (timm's
+        Conv2dSame pads x to 'same' itself, then calls F.conv2d with padding 0): a plain nn.Conv2d of the call's
+        settings on that layer's weight and bias, called on x, so that it is quantized as a planned layer. Other
+        weights (computed: weight standardization) stay a float op."""
+        a = _call_args(node, ("input", "weight", "bias", "stride", "padding", "dilation", "groups"))
+        path, layer = self._own_layer(a["weight"])
+        cls, bias = FUNCTIONAL_CONVS[node.target], a["bias"]
+        own_bias = isinstance(bias, fx.Node) and bias.op == "get_attr" and bias.target == f"{path}.bias"
+        settings = {k: a[k] for k in ("stride", "padding", "dilation", "groups") if a[k] is not None}
+        symbolic = []  # (settings computed in the graph)
+        fx.node.map_arg(list(settings.values()), symbolic.append)
+        if not isinstance(layer, cls) or path not in self.plans or not (own_bias or bias is None) or symbolic:
+            return
+        plain = cls(layer.in_channels, layer.out_channels, layer.kernel_size, bias=own_bias, **settings)
+        plain.weight, plain.bias = layer.weight, layer.bias if own_bias else None
         self._call_instead(node, path, plain, a["input"])
 
     def _own_layer(self, weight) -> tuple[str | None, nn.Module | None]:
