@@ -1,7 +1,8 @@
 """Conv subclasses whose forward calls F.conv2d itself, as timm writes them: Conv2dSame pads its input to 'same'
-(math.ceil of the size over the stride) and convolves with padding 0. The convolution is quantized as the layer's
-own (BN folded, ReLU fused), the size arithmetic is exact in the integer model and ONNX, and ONNX Runtime computes
-the integer model's values at the example's size and at others."""
+(math.ceil of the size over the stride) and convolves with padding 0; StdConv2d and ScaledStdConv2d (BiT, NFNet)
+standardize their weight first. The convolution is quantized as the layer's own (BN folded, ReLU fused; a computed
+weight as the weight quantizer's input, what it is computed from training), the size arithmetic is exact in the
+integer model and ONNX, and ONNX Runtime computes the integer model's values at the example's size and at others."""
 from __future__ import annotations
 
 import math
@@ -60,3 +61,66 @@ def test_conv2d_same_is_quantized_as_its_layer_and_runs_in_onnx_runtime(size, tm
     with torch.no_grad():
         assert torch.equal(integer(other), qat(other))
     runs_in_onnx_runtime(integer, other, tmp_path / "other.onnx")
+
+
+class StdConv2d(nn.Conv2d):  # timm's weight standardization (BiT)
+    def __init__(self, *args, eps=1e-6, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.eps = eps
+
+    def forward(self, x):
+        weight = F.batch_norm(self.weight.reshape(1, self.out_channels, -1), None, None, training=True, momentum=0.0,
+                              eps=self.eps).reshape_as(self.weight)
+        return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class ScaledStdConv2d(nn.Conv2d):  # timm's (NFNet): standardized, times a trained gain per output channel
+    def __init__(self, *args, gamma=1.0, eps=1e-6, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.gain = nn.Parameter(torch.rand(self.out_channels, 1, 1, 1) + 0.5)
+        self.scale, self.eps = gamma * self.weight[0].numel() ** -0.5, eps
+
+    def forward(self, x):
+        weight = F.batch_norm(self.weight.reshape(1, self.out_channels, -1), None, None,
+                              weight=(self.gain * self.scale).view(-1), training=True, momentum=0.0,
+                              eps=self.eps).reshape_as(self.weight)
+        return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class StandardizedNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem, self.bn = StdConv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.conv, self.fc = ScaledStdConv2d(8, 8, 3, padding=1), nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = torch.relu(self.bn(self.stem(x)))
+        return self.fc(torch.relu(self.conv(x)).mean((2, 3)))
+
+
+def _standardized64(weight, gain=None, scale=1.0, eps=1e-6):
+    w = weight.double().flatten(1)
+    w = (w - w.mean(1, keepdim=True)) / torch.sqrt(w.var(1, unbiased=False, keepdim=True) + eps)
+    return (w if gain is None else w * (gain.double().flatten(1) * scale)).reshape(weight.shape)
+
+
+def test_standardized_weights_are_quantized_as_computed_and_train(tmp_path):
+    torch.manual_seed(0)
+    model, x = StandardizedNet().eval(), torch.randn(4, 3, 8, 8)
+    qat = prepares_whole(model, x[:1], qatkit.QATConfig(weight_bits=8, act_bits=8))
+    assert [(r["name"], r["bn_folded"], r["act"]) for r in qat.qat_info.layers] == [
+        ("stem", True, "relu"), ("conv", False, "relu"), ("fc", False, None)]
+    assert qat.qat_info.float_ops == []
+    stem, conv = qat.get_submodule("stem"), qat.get_submodule("conv")
+    gain = next(p for n, p in conv.named_parameters() if n.endswith("gain"))
+    weight = conv.parametrizations.weight.original
+    torch.testing.assert_close(stem.weight.double(), _standardized64(stem.parametrizations.weight.original),
+                               rtol=0, atol=1e-5)
+    torch.testing.assert_close(conv.folded()[0].double(), _standardized64(weight, gain, model.conv.scale),
+                               rtol=0, atol=1e-5)
+    qatkit.calibrate(qat, [torch.randn(4, 3, 8, 8) for _ in range(4)])
+    integer = converts_exactly(qat, model, x, tolerance=0.05)
+    assert runs_in_onnx_runtime(integer, x, tmp_path / "m.onnx")["max_step_diff"] == 0
+    qat.train()
+    qat(x).square().mean().backward()
+    assert gain.grad.abs().sum() > 0 and weight.grad.abs().sum() > 0

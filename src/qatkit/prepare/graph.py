@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
+from torch.nn.utils import parametrize
 
 from qatkit.config import QATConfig
 from qatkit.convert import ops
@@ -558,10 +559,15 @@ class _Rewriter:
     def _functional_conv(self, node: fx.Node) -> None:
         """F.conv2d(x, self.weight, self.bias, stride, padding, …) in an nn.Conv2d subclass's own forward (timm's
         Conv2dSame pads x to 'same' itself, then calls F.conv2d with padding 0): a plain nn.Conv2d of the call's
-        settings on that layer's weight and bias, called on x, so that it is quantized as a planned layer. Other
-        weights (computed: weight standardization) stay a float op."""
+        settings on that layer's weight and bias, called on x, so that it is quantized as a planned layer. A weight
+        the forward computes from the layer's own (timm's StdConv2d and ScaledStdConv2d standardize it, with a
+        trained gain) is that computation as a parametrization of the plain conv's weight (see
+        _weight_function), so the weight quantizer sees the computed weight and what it is computed from trains."""
         a = _call_args(node, ("input", "weight", "bias", "stride", "padding", "dilation", "groups"))
         path, layer = self._own_layer(a["weight"])
+        computed = None
+        if path is None and isinstance(a["weight"], fx.Node):
+            path, layer, computed = self._weight_function(a["weight"])
         cls, bias = FUNCTIONAL_CONVS[node.target], a["bias"]
         own_bias = isinstance(bias, fx.Node) and bias.op == "get_attr" and bias.target == f"{path}.bias"
         settings = {k: a[k] for k in ("stride", "padding", "dilation", "groups") if a[k] is not None}
@@ -571,7 +577,46 @@ class _Rewriter:
             return
         plain = cls(layer.in_channels, layer.out_channels, layer.kernel_size, bias=own_bias, **settings)
         plain.weight, plain.bias = layer.weight, layer.bias if own_bias else None
+        if computed is not None:
+            parametrize.register_parametrization(plain, "weight", computed[0], unsafe=True)
         self._call_instead(node, path, plain, a["input"])
+        for n in reversed(computed[1] if computed else []):  # the weight's computation, now the parametrization's
+            if not n.users:
+                self.graph.erase_node(n)
+
+    def _weight_function(self, weight: fx.Node) -> tuple[str | None, nn.Module | None, tuple | None]:
+        """Where `weight` is computed from a conv's own weight by tensor ops on parameters, buffers and constants only
+        (no input): (that conv's path, the conv, (a module computing `weight` from the stored weight, the nodes of
+        the computation in graph order)); else (None, None, None)."""
+        nodes, todo = set(), [weight]
+        while todo:
+            n = todo.pop()
+            if n in nodes:
+                continue
+            if n.op not in ("get_attr", "call_function", "call_method") or (
+                    n.op != "get_attr" and _is(n, self.modules, (), FACTORY_FUNCTIONS, FACTORY_METHODS)):
+                return None, None, None
+            nodes.add(n)
+            todo += n.all_input_nodes
+        stored = [n for n in nodes if n.op == "get_attr" and n.target.endswith(".weight")]
+        path, layer = self._own_layer(stored[0]) if len(stored) == 1 else (None, None)
+        if layer is None or weight in stored:
+            return None, None, None
+        ordered = [n for n in self.graph.nodes if n in nodes]
+        graph, env, root = fx.Graph(), {stored[0]: None}, nn.Module()
+        env[stored[0]] = graph.placeholder("weight")
+        for n in ordered:
+            if n in env:
+                continue
+            if n.op == "get_attr":  # another parameter or buffer of the model (a gain): the function's own
+                name = n.target.replace(".", "_")
+                value = _fetch(self.gm, n.target)
+                root.register_parameter(name, value) if isinstance(value, nn.Parameter) else root.register_buffer(name, value)
+                env[n] = graph.get_attr(name)
+            else:
+                env[n] = graph.node_copy(n, lambda x: env[x])
+        graph.output(env[weight])
+        return path, layer, (fx.GraphModule(root, graph, "ComputedWeight"), ordered)
 
     def _own_layer(self, weight) -> tuple[str | None, nn.Module | None]:
         """(path, module) of the model's module whose own weight the get_attr node `weight` reads; (None, None) for
