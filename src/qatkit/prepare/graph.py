@@ -85,7 +85,7 @@ IN_PLACE_FUNCTIONS = {F.relu_: F.relu, torch.relu_: torch.relu, torch.sigmoid_: 
                       torch.clamp_max_: torch.clamp_max}
 # Methods the integer model knows in another spelling (_Rewriter._respell), so their in-place form is known too.
 RESPELLED_METHODS = {"div", "clamp_min", "clamp_max"}
-FUNCTIONAL_CONVS = {F.conv1d: nn.Conv1d, F.conv2d: nn.Conv2d, F.conv3d: nn.Conv3d}
+FUNCTIONAL_LAYERS = {F.linear: nn.Linear, F.conv1d: nn.Conv1d, F.conv2d: nn.Conv2d, F.conv3d: nn.Conv3d}
 # Arithmetic on sizes (C // n_head, 1 / math.sqrt(head_dim)): shape arithmetic, exact like masks.
 SIZE_ARITHMETIC = {operator.add, operator.sub, operator.mul, operator.floordiv, operator.mod, operator.truediv,
                    math.sqrt, math.ceil, math.floor}  # (math.ceil(H / stride): timm's padding to 'same')
@@ -320,12 +320,10 @@ class _Rewriter:
 
     def run(self) -> PrepareInfo:
         for node in list(self.graph.nodes):
-            if node.op == "call_function" and node.target is F.linear:
-                self._functional_linear(node)
+            if node.op == "call_function" and node.target in FUNCTIONAL_LAYERS:
+                self._functional_layer(node)
             elif node.op == "call_function" and node.target is F.embedding:
                 self._functional_embedding(node)
-            elif node.op == "call_function" and node.target in FUNCTIONAL_CONVS:
-                self._functional_conv(node)
             else:
                 self._respell(node)
         self.calls = Counter(n.target for n in self.graph.nodes if n.op == "call_module")
@@ -532,18 +530,6 @@ class _Rewriter:
                      and u.args[0] is n]
         return not any(order[u] > order[node] for n in shared - {x} for u in n.users)
 
-    def _functional_linear(self, node: fx.Node) -> None:
-        """F.linear(x, self.qkv.weight, bias) with an nn.Linear's own weight (timm's Swin V2, BEiT, EVA: the qkv
-        bias concatenated from q_bias, zeros and v_bias): that layer called on x, plus the bias, so the layer is
-        quantized as when called. Other weights (computed, or not an nn.Linear's) stay a float op."""
-        a = _call_args(node, ("input", "weight", "bias"))
-        path, layer = self._own_layer(a["weight"])
-        bias = a["bias"]
-        own_bias = isinstance(bias, fx.Node) and bias.op == "get_attr" and bias.target == f"{path}.bias"
-        if type(layer) is not nn.Linear or not (own_bias or layer.bias is None):
-            return
-        self._call_instead(node, path, layer, a["input"], None if bias is None or own_bias else bias)
-
     def _functional_embedding(self, node: fx.Node) -> None:
         """F.embedding(ids, self.weight) of an nn.Embedding subclass's own forward (BART's learned positions:
         `super().forward(positions + offset)`): a plain nn.Embedding on that table, called on the ids, so the table is
@@ -556,30 +542,41 @@ class _Rewriter:
         plain = nn.Embedding(*table.weight.shape, padding_idx=a["padding_idx"], _weight=table.weight)
         self._call_instead(node, path, plain, a["input"])
 
-    def _functional_conv(self, node: fx.Node) -> None:
-        """F.conv2d(x, self.weight, self.bias, stride, padding, …) in an nn.Conv2d subclass's own forward (timm's
-        Conv2dSame pads x to 'same' itself, then calls F.conv2d with padding 0): a plain nn.Conv2d of the call's
-        settings on that layer's weight and bias, called on x, so that it is quantized as a planned layer. A weight
-        the forward computes from the layer's own (timm's StdConv2d and ScaledStdConv2d standardize it, with a
-        trained gain) is that computation as a parametrization of the plain conv's weight (see
-        _weight_function), so the weight quantizer sees the computed weight and what it is computed from trains."""
-        a = _call_args(node, ("input", "weight", "bias", "stride", "padding", "dilation", "groups"))
+    def _functional_layer(self, node: fx.Node) -> None:
+        """F.linear(x, w, bias) or F.conv2d(x, w, bias, stride, padding, …) where w is a planned layer's own weight
+        (timm's Swin V2, BEiT, EVA: `F.linear(x, self.qkv.weight, qkv_bias)`; timm's Conv2dSame pads x to 'same'
+        itself and convolves with padding 0) or computed from it by tensor ops on parameters and constants (timm's
+        StdConv2d and ScaledStdConv2d standardize it, with a trained gain; a merged LoRA update): that layer, or a
+        plain one of the call's settings on its weight and bias, called on x (plus a Linear's other bias), so it is
+        quantized as a planned layer; a computed weight is that computation as a parametrization of the plain
+        layer's weight (see _weight_function), so the weight quantizer sees it and what it is computed from trains.
+        Other weights stay a float op."""
+        cls = FUNCTIONAL_LAYERS[node.target]
+        names = ("input", "weight", "bias") + (() if cls is nn.Linear else ("stride", "padding", "dilation", "groups"))
+        a = _call_args(node, names)
         path, layer = self._own_layer(a["weight"])
         computed = None
         if path is None and isinstance(a["weight"], fx.Node):
             path, layer, computed = self._weight_function(a["weight"])
-        cls, bias = FUNCTIONAL_CONVS[node.target], a["bias"]
+        bias = a["bias"]
         own_bias = isinstance(bias, fx.Node) and bias.op == "get_attr" and bias.target == f"{path}.bias"
-        settings = {k: a[k] for k in ("stride", "padding", "dilation", "groups") if a[k] is not None}
+        settings = {k: a[k] for k in names[3:] if a[k] is not None}
         symbolic = []  # (settings computed in the graph)
         fx.node.map_arg(list(settings.values()), symbolic.append)
-        if not isinstance(layer, cls) or path not in self.plans or not (own_bias or bias is None) or symbolic:
+        added = None if bias is None or own_bias else bias  # a Linear's bias of its own: added after the layer
+        if (not isinstance(layer, cls) or path not in self.plans or symbolic
+                or (added is not None and not (cls is nn.Linear and layer.bias is None))):
             return
-        plain = cls(layer.in_channels, layer.out_channels, layer.kernel_size, bias=own_bias, **settings)
-        plain.weight, plain.bias = layer.weight, layer.bias if own_bias else None
-        if computed is not None:
-            parametrize.register_parametrization(plain, "weight", computed[0], unsafe=True)
-        self._call_instead(node, path, plain, a["input"])
+        if type(layer) is not cls or computed or cls is not nn.Linear:  # a plain layer of the call's settings
+            if any(n.op == "call_module" and n.target == path for n in self.graph.nodes):
+                return  # (the layer itself is called too: it keeps its own settings)
+            plain = (nn.Linear(layer.in_features, layer.out_features, bias=own_bias) if cls is nn.Linear
+                     else cls(layer.in_channels, layer.out_channels, layer.kernel_size, bias=own_bias, **settings))
+            plain.weight, plain.bias = layer.weight, layer.bias if own_bias else None
+            if computed is not None:
+                parametrize.register_parametrization(plain, "weight", computed[0], unsafe=True)
+            layer = plain
+        self._call_instead(node, path, layer, a["input"], added)
         for n in reversed(computed[1] if computed else []):  # the weight's computation, now the parametrization's
             if not n.users:
                 self.graph.erase_node(n)

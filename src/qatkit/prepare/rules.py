@@ -31,12 +31,12 @@ def plan_layers(model: nn.Module, config: QATConfig, quantizable: tuple[type, ..
 
     "First" and "last" are the first and last quantizable layers in definition order (the stem conv
     and the classifier in the zoo), kept at `first_last_bits` as LSQ does. A subclass of nn.Embedding (Hugging
-    Face's BART positional embedding, whose forward computes the positions it looks up) or of a conv (timm's
-    Conv2dSame, which pads its input itself) is planned too: fx traces its forward, and prepare quantizes the
-    lookup of its own table, the convolution with its own weight.
+    Face's BART positional embedding, whose forward computes the positions it looks up) or of a Linear or conv
+    (timm's Conv2dSame, which pads its input itself) is planned too: fx traces its forward, and prepare quantizes
+    the lookup of its own table, the product with its own (or a computed) weight.
     """
     names = [n for n, m in model.named_modules()
-             if layer_type(m) in quantizable or isinstance(m, (nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d))]
+             if layer_type(m) in quantizable or isinstance(m, (nn.Embedding, nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))]
     edge = {names[0], names[-1]} if names and config.first_last_bits is not None else set()
     plans, used = {}, set()
     for name in names:

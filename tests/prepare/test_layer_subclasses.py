@@ -1,6 +1,6 @@
-"""Conv subclasses whose forward calls F.conv2d itself, as timm writes them: Conv2dSame pads its input to 'same'
-(math.ceil of the size over the stride) and convolves with padding 0; StdConv2d and ScaledStdConv2d (BiT, NFNet)
-standardize their weight first. The convolution is quantized as the layer's own (BN folded, ReLU fused; a computed
+"""Conv and Linear subclasses whose forward calls F.conv2d / F.linear itself, as timm writes them: Conv2dSame pads its
+input to 'same' (math.ceil of the size over the stride) and convolves with padding 0; StdConv2d and ScaledStdConv2d
+(BiT, NFNet) standardize their weight first; a LoRA layer multiplies by its weight plus the merged update B·A. The convolution is quantized as the layer's own (BN folded, ReLU fused; a computed
 weight as the weight quantizer's input, what it is computed from training), the size arithmetic is exact in the
 integer model and ONNX, and ONNX Runtime computes the integer model's values at the example's size and at others."""
 from __future__ import annotations
@@ -124,3 +124,39 @@ def test_standardized_weights_are_quantized_as_computed_and_train(tmp_path):
     qat.train()
     qat(x).square().mean().backward()
     assert gain.grad.abs().sum() > 0 and weight.grad.abs().sum() > 0
+
+
+class MergedLoRA(nn.Linear):  # the update merged into the weight the layer multiplies by
+    def __init__(self, *args, rank=2, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.lora_a = nn.Parameter(0.1 * torch.randn(rank, self.in_features))
+        self.lora_b = nn.Parameter(0.1 * torch.randn(self.out_features, rank))
+
+    def forward(self, x):
+        return F.linear(x, self.weight + self.lora_b @ self.lora_a, self.bias)
+
+
+class LoRANet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.head = nn.Linear(6, 16), MergedLoRA(16, 16), nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
+
+
+def test_a_merged_lora_weight_is_quantized_and_its_factors_train(tmp_path):
+    torch.manual_seed(0)
+    model, x = LoRANet().eval(), torch.randn(8, 6)
+    qat = prepares_whole(model, x[:1], qatkit.QATConfig(weight_bits=4, act_bits=8))
+    assert [(r["name"], r["act"]) for r in qat.qat_info.layers] == [("fc1", "relu"), ("fc2", "relu"), ("head", None)]
+    fc2 = qat.get_submodule("fc2")
+    a, b = (next(p for n, p in fc2.named_parameters() if n.endswith(k)) for k in ("lora_a", "lora_b"))
+    expected = fc2.parametrizations.weight.original.double() + b.double() @ a.double()
+    torch.testing.assert_close(fc2.folded()[0].double(), expected, rtol=0, atol=1e-6)
+    qatkit.calibrate(qat, [torch.randn(8, 6) for _ in range(4)])
+    integer = converts_exactly(qat, model, x, tolerance=0.2)
+    assert runs_in_onnx_runtime(integer, x, tmp_path / "m.onnx")["max_step_diff"] == 0
+    qat.train()
+    qat(x).square().mean().backward()
+    assert a.grad.abs().sum() > 0 and b.grad.abs().sum() > 0
