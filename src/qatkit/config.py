@@ -231,6 +231,9 @@ class TrainConfig:
     # its previous move at least once (Nagel et al. 2022's oscillations); costs one weight quantization per step.
     track_oscillations: bool = False
     progress: bool = True  # a line per epoch, and on a terminal a progress bar
+    # Largest global L2 norm of the gradients each step (all parameters together, scales included; clipped after the
+    # ranks' average under DDP), as transformer fine-tuning recipes clip at 1.0; None: not clipped.
+    grad_clip: float | None = None
 
     def __post_init__(self) -> None:
         _check_number("epochs", self.epochs, 0, integer=True)
@@ -238,6 +241,10 @@ class TrainConfig:
         _check_number("lr", self.lr, 0.0)
         if self.scale_lr is not None:
             _check_number("scale_lr", self.scale_lr, 0.0)
+        if self.grad_clip is not None and (isinstance(self.grad_clip, bool) or not isinstance(self.grad_clip, (int, float))
+                                           or not 0 < self.grad_clip < math.inf):
+            raise bad_value("grad_clip", self.grad_clip, "a positive finite number, or None (no clipping)",
+                            "set grad_clip to e.g. 1.0, or leave it out")
         _check_number("weight_decay", self.weight_decay, 0.0)
         _check_choice("optimizer", self.optimizer, OPTIMIZERS)
         _check_number("momentum", self.momentum, 0.0, 1.0)

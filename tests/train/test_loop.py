@@ -407,3 +407,30 @@ def test_set_stage_bits_reinitialises_weights_and_keeps_activation_ranges(digits
     torch.testing.assert_close(act.qparams()[0], act_scale * (act_hi - act_lo) / (hi - lo))
     set_stage_bits(model, None, targets)  # the last stage: every quantizer back at its own width
     assert all(int(q.bits) == bits for q, bits in targets.items())
+
+
+# ---- gradient clipping --------------------------------------------------------------------------
+def test_grad_clip_scales_the_global_gradient_norm(digits):
+    """One SGD step (no momentum): each parameter moves by -lr·g·c/‖g‖ (‖g‖ over every parameter, scales included),
+    computed here in float64 from the gradients of the same step."""
+    x, y = digits[0][:64], digits[1][:64]
+    model = qat_model(digits)
+    calibrate(model, [x])
+    reference = copy.deepcopy(model).train()
+    nn.functional.cross_entropy(reference(x), y).backward()
+    grads = {n: p.grad.double() for n, p in reference.named_parameters() if p.grad is not None}
+    norm = math.sqrt(sum(float(g.square().sum()) for g in grads.values()))
+    clip = norm / 10
+    config = cfg(optimizer="sgd", momentum=0.0, lr=0.05, grad_clip=clip)
+    lrs = {id(p): group["lr"] for group in build_optimizer(model, config).param_groups for p in group["params"]}
+    before = {n: p.detach().double().clone() for n, p in model.named_parameters()}
+    fit(model, [(x, y)], config)
+    for name, p in model.named_parameters():
+        expected = before[name] - lrs[id(p)] * grads[name] * clip / (norm + 1e-6)
+        torch.testing.assert_close(p.detach().double(), expected, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, float("inf"), True, "1"])
+def test_grad_clip_refused(bad):
+    with pytest.raises(ConfigError, match=r"grad_clip = .* a positive finite number"):
+        TrainConfig(grad_clip=bad)

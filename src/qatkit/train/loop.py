@@ -280,6 +280,8 @@ def train_epoch(model: nn.Module, loader: Iterable, optimizer, scheduler, config
                 loss.backward()
                 if not _grads_finite(params):
                     fault, allowed = f"gradient of {_first_nonfinite_grad(model)} is not finite", "finite gradients"
+                elif config.grad_clip is not None:
+                    nn.utils.clip_grad_norm_(params, config.grad_clip)
             if fault is None:
                 optimizer.step()
                 if tracker is not None:
