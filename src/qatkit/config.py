@@ -241,8 +241,8 @@ class TrainConfig:
         _check_number("lr", self.lr, 0.0)
         if self.scale_lr is not None:
             _check_number("scale_lr", self.scale_lr, 0.0)
-        if self.grad_clip is not None and (isinstance(self.grad_clip, bool) or not isinstance(self.grad_clip, (int, float))
-                                           or not 0 < self.grad_clip < math.inf):
+        clip = self.grad_clip
+        if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float)) or not 0 < clip < math.inf):
             raise bad_value("grad_clip", self.grad_clip, "a positive finite number, or None (no clipping)",
                             "set grad_clip to e.g. 1.0, or leave it out")
         _check_number("weight_decay", self.weight_decay, 0.0)

@@ -157,7 +157,7 @@ def _prepare_module(module: nn.Module, prefix: str, config: QATConfig, plans, in
                 ". Keep inputs shaped as the example (the batch size" + (" and those sizes" if free else "")
                 + " may change)")
     if not prefix and arguments is not None:
-        record_ranks(gm, arguments[0])  # (x.mean((2, 3)) becomes a global average pool)
+        record_ranks(gm, arguments[0])  # (x.mean((2, 3)) respelled as a global average pool, x.movedim, x.T)
     sub_plans = {k[len(prefix) + 1:] if prefix else k: v for k, v in plans.items() if not prefix or k.startswith(prefix + ".")}
     sub_info = prepare_graph(gm, config, sub_plans, module)
     for row in sub_info.layers:
