@@ -6,6 +6,7 @@ writes the row (accuracy, sizes, ORT verify) with the overrides to bench/results
     python bench/experiment.py mnist-small-cnn --bits 2 2 --set qat.error_penalty='{"*.weight": 100}' \\
         --name mnist-w2a2-qat-8epochs-dampen100-s0
     python bench/experiment.py cifar10-resnet20 --bits 2 2 --set qat_train.epochs=30 --name cifar-w2a2-30epochs-s0
+    python bench/experiment.py cifar10-resnet20 --bits 4 4 --qat-seed 1 --name cifar-w4a4-qatseed1-s0
 
 --set takes RECIPE.FIELD=JSON with RECIPE one of qat (QATConfig) or qat_train (TrainConfig).
 """
@@ -57,7 +58,9 @@ def main() -> None:
     p.add_argument("--bits", type=int, nargs=2, default=(2, 2), metavar=("W", "A"))
     p.add_argument("--method", default="qat", choices=("qat", "ptq-minmax", "ptq-mse"))
     p.add_argument("--schedule", default="direct", help="direct, or progressive bits such as 8-4-2")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="the float model's seed (its committed checkpoint)")
+    p.add_argument("--qat-seed", type=int, default=None,
+                   help="the fine-tune's seed (shuffling, calibration batches); default: --seed")
     p.add_argument("--set", action="append", default=[], metavar="RECIPE.FIELD=JSON")
     p.add_argument("--data", type=Path, default=DEFAULT_DATA)
     args = p.parse_args()
@@ -70,8 +73,10 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     model_f, path = suite.float_model(task, args.seed, args.data, False, ds, work)
     t0 = time.perf_counter()
-    row = suite.run_one(task, (args.method, *args.bits, args.schedule, args.seed), model_f, path, ds, work, False)
-    row |= {"overrides": args.set, "seconds": round(time.perf_counter() - t0, 1)}
+    row = suite.run_one(task, (args.method, *args.bits, args.schedule, args.seed), model_f, path, ds, work, False,
+                        qat_seed=args.qat_seed)
+    row |= {"overrides": args.set, "qat_seed": args.seed if args.qat_seed is None else args.qat_seed,
+            "seconds": round(time.perf_counter() - t0, 1)}
     out = BENCH / "results" / "experiments" / f"{args.name}.json"
     suite.write(out, row)  # atomic: an interrupted write leaves no half file
     print(f"{args.name}: accuracy {row['accuracy']:.4f} -> {out}")

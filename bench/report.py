@@ -14,6 +14,7 @@ import argparse
 import collections
 import json
 import os
+import statistics
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,12 +34,16 @@ DEFAULT_AGREEMENT = [BENCH / "results" / f"deploy_agreement{s}.json" for s in ("
 DEFAULT_GPU = BENCH / "results" / "gpu_step_times.json"
 DEFAULT_CPU_STEPS = [BENCH / "results" / "step_times_avx512.json"]  # bench/step_times.py on other CPUs
 DEFAULT_LATENCY = sorted((BENCH / "results").glob("latency_resnet20*.json"))
+# bench/experiment.py --qat-seed runs: the suite's QAT rows fine-tuned again from the same float model
+DEFAULT_QAT_SEEDS = sorted((BENCH / "results" / "experiments").glob("*-qatseed*-s*.json"))
 LATENCY_OPTIONS = ("reduce_range", "exact_multipliers", "exact_adds")  # bench/latency.py's QATConfig switches
 DEFAULT_COMMANDS = ["python bench/pretrain.py cifar10-resnet20", "python bench/pretrain.py mnist-small-cnn",
                     "python bench/pretrain.py sst2-transformer",
                     "python bench/suite.py --tasks mnist-small-cnn,cifar10-resnet20",
                     "python bench/suite.py --tasks sst2-transformer --out bench/results/suite_sst2.json",
                     "python bench/deploy_agreement.py  # the power-of-two rows: bench/README.md",
+                    "python bench/experiment.py cifar10-resnet20 --bits 4 4 --qat-seed 1 --name cifar-w4a4-qatseed1-s0"
+                    "  # and W3A3",
                     "python bench/report.py"]
 
 METHOD_ORDER = ["float", "ptq-minmax", "ptq-mse", "qat", "torch.ao-qat"]
@@ -527,6 +532,35 @@ def _equal(entry: dict) -> str:
     return f"{entry['equal']:.6g} ({entry['max_steps']:g})"
 
 
+def _of_seed(row: dict, seed: int) -> float:
+    """A row's accuracy for one of its seeds (a one-seed row may hold only `accuracy`)."""
+    return (row.get("accuracies") or [row["accuracy"]])[row["seeds"].index(seed)]
+
+
+def qat_seeds_table(runs: list[dict], rows_by_task: dict[str, list[dict]]) -> str:
+    """Per (task, bits): the suite's QAT row (its fine-tune seed: the float model's) beside the same fine-tune from
+    other seeds (bench/experiment.py --qat-seed), each against the float row and its target."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in runs:
+        groups.setdefault((r["task"], r["seed"], r["weight_bits"], r["act_bits"]), []).append(r)
+    body = []
+    for (task, seed, w, a), extra in sorted(groups.items()):
+        rows = rows_by_task.get(task, [])
+        suite_row, float_row = _find(rows, "qat", (w, a), "direct"), _find(rows, "float", (32, 32))
+        if suite_row is None or float_row is None or seed not in suite_row["seeds"]:
+            continue
+        accs = {seed: _of_seed(suite_row, seed)} | {r["qat_seed"]: r["accuracy"] for r in extra}
+        base = _of_seed(float_row, seed)
+        limit = TARGETS[task].drops.get((w, a)) if task in TARGETS else None
+        values = list(accs.values())
+        spread = _pct(statistics.stdev(values)) if len(values) > 1 else "0"
+        body.append([task, f"{w}/{a}", str(seed), ", ".join(f"{q}: {_pct(v)}" for q, v in sorted(accs.items())),
+                     f"{_pct(statistics.fmean(values))} ± {spread}", _signed(100 * (min(values) - base)),
+                     "—" if limit is None else _signed(-100 * limit)])
+    return _table(["task", "W/A bits", "float seed", "accuracy % by fine-tune seed", "mean ± std",
+                   "worst Δ vs float (pp)", "target Δ (pp)"], body)
+
+
 def agreement_table(files: list[dict]) -> str:
     """The integer reference against ONNX Runtime on trained models (bench/deploy_agreement.py's files)."""
     body = []
@@ -549,10 +583,12 @@ def _rel(path: Path, start: Path) -> str:
 def write_benchmarks(results: dict | list[dict], out_md: Path, plots_dir: Path,
                      commands: list[str] | None = None, sources: list[str] | None = None,
                      agreement: list[dict] | None = None, gpu: dict | None = None,
-                     latency: list[dict] | None = None, cpu_steps: list[dict] | None = None) -> Path:
+                     latency: list[dict] | None = None, cpu_steps: list[dict] | None = None,
+                     qat_seeds: list[dict] | None = None) -> Path:
     """Write BENCHMARKS.md at out_md and its plots under plots_dir; return out_md. `agreement`: the contents of
     bench/deploy_agreement.py's results files, for the deploy section; `gpu`: bench/gpu_steps.py's results;
-    `latency`: bench/latency.py's results files; `cpu_steps`: bench/step_times.py's on other CPUs."""
+    `latency`: bench/latency.py's results files; `cpu_steps`: bench/step_times.py's on other CPUs; `qat_seeds`:
+    bench/experiment.py --qat-seed rows."""
     out_md, plots_dir = Path(out_md), Path(plots_dir)
     plots_dir.mkdir(parents=True, exist_ok=True)
     data = merge(results)
@@ -609,6 +645,14 @@ def write_benchmarks(results: dict | list[dict], out_md: Path, plots_dir: Path,
         if rows:
             png = plot_accuracy_vs_bits(task, rows, plots_dir / f"accuracy_vs_bits_{task}.png")
             md += [f"![accuracy vs bits, {task}]({_rel(png, out_md.parent)})", ""]
+
+    if qat_seeds:
+        md += ["## QAT fine-tune seeds", "",
+               ("The suite trains CIFAR-10 ResNet-20 from one float model (seed 0), its QAT fine-tune drawing its "
+                "shuffling and calibration batches from that seed. The closest targets, fine-tuned again from the same "
+                "float model with other seeds (`bench/experiment.py --qat-seed N`, the suite's recipe unchanged): the "
+                "spread a seed adds, and the worst run against the target."), "",
+               qat_seeds_table(qat_seeds, rows_by_task), ""]
 
     png = plot_size_vs_latency(rows_by_task, plots_dir / "size_vs_latency.png")
     md += ["## Size vs latency", "", f"![size vs latency]({_rel(png, out_md.parent)})", ""]
@@ -689,13 +733,16 @@ def main(argv: list[str] | None = None) -> int:
                         " if it exists)")
     p.add_argument("--latency", type=Path, nargs="*", default=DEFAULT_LATENCY,
                    help="bench/latency.py results files (default: bench/results/latency_resnet20*.json)")
+    p.add_argument("--qat-seeds", type=Path, nargs="*", default=DEFAULT_QAT_SEEDS,
+                   help="bench/experiment.py --qat-seed results (default: bench/results/experiments/*-qatseed*-s*.json)")
     args = p.parse_args(argv)
-    loaded, agreement, gpu, latency, cpu_steps = [], [], [], [], []
+    loaded, agreement, gpu, latency, cpu_steps, qat_seeds = [], [], [], [], [], []
     for path, into, command in [(r, loaded, "suite.py") for r in args.results] + \
             [(a, agreement, "deploy_agreement.py") for a in args.agreement] + \
             [(g, gpu, "gpu_steps.py") for g in [args.gpu] if g is not None] + \
             [(lat, latency, "latency.py") for lat in args.latency] + \
-            [(c, cpu_steps, "step_times.py") for c in args.cpu_steps]:
+            [(c, cpu_steps, "step_times.py") for c in args.cpu_steps] + \
+            [(q, qat_seeds, "experiment.py") for q in args.qat_seeds]:
         if not path.is_file():
             print(f"error: {path} not found: run python bench/{command} first", file=sys.stderr)
             return 2
@@ -706,9 +753,10 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     root = BENCH.parent
     out = write_benchmarks(loaded, args.out, args.plots, agreement=agreement, gpu=gpu[0] if gpu else None,
-                           latency=latency, cpu_steps=cpu_steps, sources=[
+                           latency=latency, cpu_steps=cpu_steps, qat_seeds=qat_seeds, sources=[
         str(r.resolve().relative_to(root)) if r.resolve().is_relative_to(root) else str(r)
-        for r in args.results + args.agreement + ([args.gpu] if args.gpu else []) + args.latency + args.cpu_steps])
+        for r in args.results + args.agreement + ([args.gpu] if args.gpu else []) + args.latency + args.cpu_steps
+        + args.qat_seeds])
     data = merge(loaded)
     tasks = list(data["tasks"]) + [t for t in TARGETS if t not in data["tasks"]]
     checks = [c for t in tasks for c in acceptance(t, data["rows"].get(t, []), data["step_times"].get(t))]

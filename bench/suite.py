@@ -103,10 +103,13 @@ def float_model(task: Task, seed: int, data_root: Path, quick: bool, ds, work: P
     return model.eval(), path
 
 
-def run_one(task: Task, spec: tuple, model_f: torch.nn.Module, float_path: Path, ds, work: Path, quick: bool) -> dict:
+def run_one(task: Task, spec: tuple, model_f: torch.nn.Module, float_path: Path, ds, work: Path, quick: bool,
+            qat_seed: int | None = None) -> dict:
+    """One row; the fine-tune (shuffling, calibration batches) draws from the float model's seed, or `qat_seed`."""
     method, w, a, schedule, seed = spec
     train_cfg = task.qat_recipe(w, a) if method == "qat" else task.qat_train
-    train_cfg = dataclasses.replace(train_cfg, seed=seed, **({"epochs": QUICK["epochs"]} if quick else {}))
+    train_cfg = dataclasses.replace(train_cfg, seed=seed if qat_seed is None else qat_seed,
+                                    **({"epochs": QUICK["epochs"]} if quick else {}))
     train_loader, calib_loader, test_loader = _loaders(ds, train_cfg)
     example = next(iter(test_loader))[0][:1]
     row = {"task": task.name, "method": method, "schedule": schedule, "weight_bits": w, "act_bits": a, "seed": seed}

@@ -199,6 +199,18 @@ def test_gpu_section(tmp_path):
     assert "## Training step on a GPU" not in report.write_benchmarks(CIFAR, tmp_path / "C.md", tmp_path / "p").read_text()
 
 
+def test_qat_seeds_section(tmp_path):
+    """bench/experiment.py --qat-seed rows beside the suite's row of their float seed: every fine-tune seed's accuracy,
+    their mean ± std, the worst against the float row and the target; a row without its suite row is left out."""
+    extra = [{"task": C, "method": "qat", "weight_bits": 4, "act_bits": 4, "seed": 0, "qat_seed": 1, "accuracy": 0.906},
+             {"task": C, "method": "qat", "weight_bits": 3, "act_bits": 3, "seed": 0, "qat_seed": 1, "accuracy": 0.9}]
+    md = report.write_benchmarks(CIFAR, tmp_path / "B.md", tmp_path / "plots", qat_seeds=extra).read_text()
+    section = md.split("## QAT fine-tune seeds")[1].split("\n## ")[0]
+    rows = [line for line in section.splitlines() if line.startswith(f"| {C}")]
+    assert rows == [f"| {C} | 4/4 | 0 | 0: 91.00, 1: 90.60 | 90.80 ± 0.28 | -0.90 | -0.80 |"]
+    assert "## QAT fine-tune seeds" not in report.write_benchmarks(CIFAR, tmp_path / "C.md", tmp_path / "p").read_text()
+
+
 def test_cpu_steps_section(tmp_path):
     """bench/step_times.py's file from another CPU: each task's table, and the ResNet-20 step-ratio limit judged there
     (the acceptance checks stay the suite's machine's)."""
