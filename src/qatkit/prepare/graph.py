@@ -582,9 +582,9 @@ class _Rewriter:
                 self.graph.erase_node(n)
 
     def _weight_function(self, weight: fx.Node) -> tuple[str | None, nn.Module | None, tuple | None]:
-        """Where `weight` is computed from a conv's own weight by tensor ops on parameters, buffers and constants only
-        (no input): (that conv's path, the conv, (a module computing `weight` from the stored weight, the nodes of
-        the computation in graph order)); else (None, None, None)."""
+        """Where `weight` is computed from one layer's own weight by tensor ops on parameters, buffers and constants
+        only (no input): (that layer's path, the layer, (a module computing `weight` from the stored weight, the
+        nodes of the computation in graph order)); else (None, None, None)."""
         nodes, todo = set(), [weight]
         while todo:
             n = todo.pop()
@@ -600,15 +600,17 @@ class _Rewriter:
         if layer is None or weight in stored:
             return None, None, None
         ordered = [n for n in self.graph.nodes if n in nodes]
-        graph, env, root = fx.Graph(), {stored[0]: None}, nn.Module()
-        env[stored[0]] = graph.placeholder("weight")
+        graph, root = fx.Graph(), nn.Module()
+        env = {stored[0]: graph.placeholder("weight")}
         for n in ordered:
             if n in env:
                 continue
             if n.op == "get_attr":  # another parameter or buffer of the model (a gain): the function's own
-                name = n.target.replace(".", "_")
-                value = _fetch(self.gm, n.target)
-                root.register_parameter(name, value) if isinstance(value, nn.Parameter) else root.register_buffer(name, value)
+                name, value = n.target.replace(".", "_"), _fetch(self.gm, n.target)
+                if isinstance(value, nn.Parameter):
+                    root.register_parameter(name, value)
+                else:
+                    root.register_buffer(name, value)
                 env[n] = graph.get_attr(name)
             else:
                 env[n] = graph.node_copy(n, lambda x: env[x])
