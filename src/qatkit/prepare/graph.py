@@ -254,6 +254,17 @@ def _moved(node: fx.Node) -> list[int] | None:
     return [moved[i] if i in moved else next(rest) for i in range(rank)]
 
 
+def _rot90(node: fx.Node) -> tuple | None:
+    """(x, k mod 4, dims) of torch.rot90(x, k=1, dims=(0, 1)) / x.rot90(k, dims) with constant arguments; else None."""
+    a = _call_args(node, ("input", "k", "dims"))
+    k, dims = 1 if a["k"] is None else a["k"], (0, 1) if a["dims"] is None else a["dims"]
+    if type(k) is not int or not (isinstance(dims, (tuple, list)) and len(dims) == 2):
+        return None
+    if not all(type(d) is int for d in dims):
+        return None
+    return a["input"], k % 4, tuple(dims)
+
+
 def _index_of(node: fx.Node, name: str) -> tuple | None:
     """The index x[...] that computes x.narrow(dim, start, length) (start ≥ 0) or x.index_select(dim, index): a
     slice or the index tensor at axis dim; None where the arguments are not those."""
@@ -464,6 +475,20 @@ class _Rewriter:
         elif (node.op == "call_function" and node.target is getattr and node.args[1] == "T"
               and isinstance(rank := node.args[0].meta.get(RANK), int)):  # x.T: every axis reversed
             node.op, node.target, node.args = "call_method", "permute", (node.args[0], *range(rank - 1, -1, -1))
+        elif (method == "rot90" or node.target is torch.rot90) and (turn := _rot90(node)) is not None:
+            x, k, (a, b) = turn  # k quarter turns from axis a towards b: flips and a transpose (on the codes)
+            with g.inserting_before(node):
+                out = x
+                if k == 2:
+                    out = g.call_method("flip", (out, [a, b]))
+                elif k:
+                    out = g.call_method("transpose", (g.call_method("flip", (out, [b if k == 1 else a])), a, b))
+            node.replace_all_uses_with(out)
+            g.erase_node(node)
+        elif (method == "log1p" or node.target is torch.log1p) and len(node.args) == 1 and not node.kwargs:
+            with g.inserting_before(node):
+                one_plus = g.call_function(operator.add, (1.0, node.args[0]))
+            node.op, node.target, node.args = "call_function", torch.log, (one_plus,)  # log(1 + x)
         elif (method == "square" or node.target is torch.square) and len(node.args) == 1 and not node.kwargs:
             node.op, node.target, node.args = "call_function", operator.pow, (node.args[0], 2)  # x ** 2: x·x
         elif method in ("minimum", "maximum") or node.target in (torch.minimum, torch.maximum):
@@ -480,7 +505,8 @@ class _Rewriter:
             bound = "min" if (method or node.target.__name__) == "clamp_min" else "max"
             value = node.args[1] if len(node.args) == 2 else node.kwargs.get(bound)
             if len(node.args) + len(node.kwargs) == 2 and value is not None:  # x.clamp_min(0): x.clamp(min=0)
-                node.op, node.target, node.args, node.kwargs = "call_function", torch.clamp, node.args[:1], {bound: value}
+                node.op, node.target, node.args = "call_function", torch.clamp, node.args[:1]
+                node.kwargs = {bound: value}
         elif (rank := _global_mean_rank(node)) is not None:  # x.mean((2, 3)): the global average pool it is
             x, keepdim = node.args[0], _call_args(node, ("input", "dim", "keepdim"))["keepdim"]
             with g.inserting_before(node):
