@@ -4,6 +4,8 @@ what trains are the parametrization's own parameters (g and v), and the integer 
 The deprecated hook-based torch.nn.utils.weight_norm is refused with the fix."""
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from conftest import converts_exactly, prepares_whole, runs_in_onnx_runtime
@@ -59,15 +61,7 @@ def test_parametrized_layers_are_quantized_and_their_parameters_train(tmp_path):
 
 @pytest.mark.parametrize("hook", [nn.utils.weight_norm, nn.utils.spectral_norm])
 def test_hook_based_norms_are_refused_with_the_fix(hook):
-    with pytest.warns(FutureWarning) if hook is nn.utils.weight_norm else _nothing():
+    with pytest.warns(FutureWarning) if hook is nn.utils.weight_norm else contextlib.nullcontext():
         model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), hook(nn.Linear(4, 2)))
     with pytest.raises(qatkit.QatkitError, match=r"\['2'\].*Fix: call torch.nn.utils.remove_weight_norm"):
         qatkit.prepare(model, qatkit.QATConfig(), torch.randn(2, 4))
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False

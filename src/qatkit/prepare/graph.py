@@ -169,6 +169,9 @@ def _call_args(node: fx.Node, names: tuple[str, ...]) -> dict:
     return a
 
 
+RANK = "qatkit_rank"  # node.meta key: the rank of the node's tensor on the example input (record_ranks)
+
+
 def _global_mean_rank(node: fx.Node) -> int | None:
     """The rank (4 or 5) of x where `node` is x.mean(dims[, keepdim]) or torch.mean(x, dims[, keepdim]) over every
     spatial axis of an image or a volume (dims 2, 3[, 4] in any order or sign: a global average pool, as in timm's
@@ -184,9 +187,6 @@ def _global_mean_rank(node: fx.Node) -> int | None:
             or not isinstance(dims, (tuple, list)) or not all(type(d) is int for d in dims)):
         return None
     return rank if sorted(d % rank for d in dims) == list(range(2, rank)) else None
-
-
-RANK = "qatkit_rank"  # node.meta key: the rank of the node's tensor on the example input (record_ranks)
 
 
 def _needs_rank(n: fx.Node) -> bool:
@@ -593,7 +593,7 @@ class _Rewriter:
         if (not isinstance(layer, cls) or path not in self.plans or symbolic
                 or (added is not None and not (cls is nn.Linear and layer.bias is None))):
             return
-        if type(layer) is not cls or computed or cls is not nn.Linear:  # a plain layer of the call's settings
+        if computed is not None or type(layer) is not nn.Linear:  # a plain layer of the call's settings
             if any(n.op == "call_module" and n.target == path for n in self.graph.nodes):
                 return  # (the layer itself is called too: it keeps its own settings)
             plain = (nn.Linear(layer.in_features, layer.out_features, bias=own_bias) if cls is nn.Linear
@@ -603,9 +603,7 @@ class _Rewriter:
                 parametrize.register_parametrization(plain, "weight", computed[0], unsafe=True)
             layer = plain
         self._call_instead(node, path, layer, a["input"], added)
-        for n in reversed(computed[1] if computed else []):  # the weight's computation, now the parametrization's
-            if not n.users:
-                self.graph.erase_node(n)
+        self._erase_unread(computed[1] if computed else [])  # the weight's computation, now the parametrization's
 
     def _weight_function(self, weight: fx.Node) -> tuple[str | None, nn.Module | None, tuple | None]:
         """Where `weight` is computed from one layer's own weight by tensor ops on parameters, buffers and constants
@@ -666,9 +664,14 @@ class _Rewriter:
         read = [a for a in node.all_input_nodes if a.op == "get_attr"]
         node.replace_all_uses_with(out)
         self.graph.erase_node(node)
-        for attr in read:
-            if not attr.users:
-                self.graph.erase_node(attr)
+        self._erase_unread(read)
+
+    def _erase_unread(self, nodes: list[fx.Node]) -> None:
+        """Erase those of `nodes` that nothing reads any more, last first (a computation given in graph order is
+        erased from its result back)."""
+        for n in reversed(nodes):
+            if not n.users:
+                self.graph.erase_node(n)
 
     def _dropout_module(self, node: fx.Node) -> None:
         """F.dropout(x, p, self.training) (or dropout2d, alpha_dropout…): tracing froze `training` to the mode at
@@ -757,9 +760,7 @@ class _Rewriter:
     def _drop_unread(self, nodes: list[fx.Node]) -> None:
         """Erase `nodes` (a get_attr, then views of it) where nothing reads them any more, last first; an attribute no
         get_attr reads any more leaves the graph module (its layer holds it now)."""
-        for n in reversed(nodes):
-            if not n.users:
-                self.graph.erase_node(n)
+        self._erase_unread(nodes)
         target = nodes[0].target
         if not any(n.op == "get_attr" and n.target == target for n in self.graph.nodes):
             owner, _, name = target.rpartition(".")
