@@ -1,10 +1,9 @@
 """Tensor ops as people spell them, which the integer model knows in another spelling or as an ONNX op of their own:
-x.square() (x·x), torch.minimum/maximum, swapaxes/swapdims and x.mT (transpose), movedim and x.T (permute, from the
-rank on the example input), narrow and index_select (an index), flip (a Slice backwards, on the codes), rot90
-(flips and a transpose), log1p (log(1 + x)), var/std
-(the mean of squared deviations, as a LayerNorm written out), BERT's GELU written out with torch.erf, sign,
-reciprocal. Each converts, computes the model's values (float64, every layer left float) and runs in ONNX Runtime
-as qatkit does."""
+x.square() (x·x), torch.minimum/maximum, swapaxes/swapdims and x.mT (transpose), movedim, x.T and x.t() (permute,
+from the rank on the example input), narrow and index_select (an index), flip (a Slice backwards, on the codes),
+rot90 (flips and a transpose), log1p (log(1 + x)), var/std (the mean of squared deviations, as a LayerNorm written
+out), BERT's GELU written out with torch.erf, sign, reciprocal. Each converts, computes the model's values (float64,
+every layer left float) and runs in ONNX Runtime as qatkit does."""
 from __future__ import annotations
 
 import math
@@ -49,11 +48,12 @@ OPS = {
     + torch.var(y, 1, False, True) + y.var(-1, correction=0, keepdim=True),
     "movedim": lambda m, y: y.movedim(1, -1).movedim(-1, 1) + torch.moveaxis(y, (1, 2), (3, 1)).permute(0, 2, 3, 1),
     "x.T": lambda m, y: y.flatten(1).T.T.reshape(y.shape),
+    "x.t": lambda m, y: torch.t(y.flatten(1).t()).reshape(y.shape) + y.flatten().t().reshape(y.shape),
     "rot90": lambda m, y: torch.rot90(y, 1, (2, 3)) + y.rot90(2, [2, 3]) + torch.rot90(y, -1, (3, 2))
     + y.rot90(4, (2, 3)),
     "log1p": lambda m, y: torch.log1p(y.abs()) + y.relu().log1p(),
 }
-ON_CODES = {"swapaxes-swapdims", "narrow", "index_select", "flip", "movedim", "x.T", "rot90"}  # on the codes: no float op
+ON_CODES = {"swapaxes-swapdims", "narrow", "index_select", "flip", "movedim", "x.T", "x.t", "rot90"}  # on the codes: no float op
 
 
 @pytest.mark.parametrize("name", OPS)

@@ -160,3 +160,25 @@ def test_a_merged_lora_weight_is_quantized_and_its_factors_train(tmp_path):
     qat.train()
     qat(x).square().mean().backward()
     assert a.grad.abs().sum() > 0 and b.grad.abs().sum() > 0
+
+
+class TiedHead(nn.Linear):  # its own arithmetic on its weight, no F.linear: prepare leaves it float
+    def forward(self, x):
+        return torch.tanh(x) @ self.weight.t()
+
+
+class TiedHeadNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.fc3, self.head = nn.Linear(6, 16), nn.Linear(16, 16), nn.Linear(16, 8), TiedHead(8, 3)
+
+    def forward(self, x):
+        return self.head(self.fc3(torch.relu(self.fc2(torch.relu(self.fc1(x))))))
+
+
+def test_first_last_bits_go_to_the_last_layer_quantized_when_a_planned_subclass_stays_float():
+    model, x = TiedHeadNet().eval(), torch.randn(8, 6)
+    qat = qatkit.prepare(model, qatkit.QATConfig(weight_bits=4, act_bits=4), x[:1])
+    rows = {r["name"]: (r["weight_bits"], r["act_bits"]) for r in qat.qat_info.layers}
+    assert rows == {"fc1": (8, 8), "fc2": (4, 4), "fc3": (8, 8)}  # fc3, not the float head, is the last layer
+    assert qat.get_submodule("fc3").weight_quant.spec.bits == 8

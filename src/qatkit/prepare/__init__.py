@@ -17,7 +17,7 @@ from qatkit.prepare.concrete import concrete_trace, input_sizes
 from qatkit.prepare.decompose import decompose
 from qatkit.prepare.graph import WRAPPERS, PrepareInfo, prepare_graph, record_ranks
 from qatkit.prepare.modes import example_arguments, trace, train_only_ops
-from qatkit.prepare.rules import plan_layers
+from qatkit.prepare.rules import layer_type, plan_layers
 from qatkit.prepare.swap import swap_layers
 
 __all__ = ["PrepareInfo", "prepare"]
@@ -67,7 +67,14 @@ def prepare(model: nn.Module, config: QATConfig | None = None,
         arguments = {k: a.cpu() if isinstance(a, torch.Tensor) else a for k, a in given.items()}, fixed
         check_inputs(model, *arguments)  # a shape the float model refuses: the input's fault
     plans = plan_layers(model, config, tuple(WRAPPERS))
-    qat = _prepare_module(model, "", config, plans, info := PrepareInfo(), arguments).to(device).train(training)
+    # A planned Linear/conv subclass is quantized only if its forward computes its layer; one that does not (its
+    # own arithmetic on the weight) stays float, and first/last then moves to the layers quantized around it.
+    pristine = copy.deepcopy(model) if any(layer_type(model.get_submodule(n)) not in WRAPPERS for n in plans) else None
+    qat = _prepare_module(model, "", config, plans, info := PrepareInfo(), arguments)
+    if pristine is not None and (edge := _quantized_edge(plans, info)) != (next(iter(plans)), next(reversed(plans))):
+        plans = plan_layers(pristine, config, tuple(WRAPPERS), edge)
+        qat = _prepare_module(pristine, "", config, plans, info := PrepareInfo(), arguments)
+    qat = qat.to(device).train(training)
     qat.qat_info = info
     if info.input_sizes:
         names = [n.target for n in qat.graph.nodes if n.op == "placeholder"]
@@ -104,6 +111,13 @@ def prepare(model: nn.Module, config: QATConfig | None = None,
                           "or leave the failing module out of QAT with LayerRule(pattern=..., skip=True)"
                           + _size_hint(info.untraced))
     return qat
+
+
+def _quantized_edge(plans: dict, info: PrepareInfo) -> tuple[str, str] | None:
+    """The first and last planned layers (definition order) that prepare quantized or a rule skipped; None if none."""
+    done = {row["name"] for row in info.layers}
+    kept = [name for name, plan in plans.items() if plan.skip or name in done]
+    return (kept[0], kept[-1]) if kept else None
 
 
 def _check_input_sizes(names: list[str], qat: nn.Module, args: tuple, kwargs: dict) -> None:

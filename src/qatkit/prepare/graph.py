@@ -191,12 +191,12 @@ def _global_mean_rank(node: fx.Node) -> int | None:
 
 def _needs_rank(n: fx.Node) -> bool:
     """Whether respelling `n` needs its input's rank: a mean over several axes (_global_mean_rank), x.movedim,
-    x.T."""
+    x.T, x.t()."""
     if n.op not in ("call_function", "call_method") or not n.args or not isinstance(n.args[0], fx.Node):
         return False
     return ((n.target in (torch.mean, "mean") and isinstance(_call_args(n, ("input", "dim"))["dim"], (tuple, list)))
             or n.target in (torch.movedim, torch.moveaxis, "movedim", "moveaxis")
-            or (n.target is getattr and n.args[1] == "T"))
+            or (n.target is getattr and n.args[1] == "T") or n.target in (torch.t, "t"))
 
 
 def record_ranks(gm: fx.GraphModule, example: dict[str, object]) -> None:
@@ -472,8 +472,9 @@ class _Rewriter:
         elif (method in ("movedim", "moveaxis") or node.target in (torch.movedim, torch.moveaxis)) and (
                 order := _moved(node)) is not None:
             node.op, node.target, node.args, node.kwargs = "call_method", "permute", (node.args[0], *order), {}
-        elif (node.op == "call_function" and node.target is getattr and node.args[1] == "T"
-              and isinstance(rank := node.args[0].meta.get(RANK), int)):  # x.T: every axis reversed
+        elif (((node.op == "call_function" and node.target is getattr and node.args[1] == "T")
+               or ((method == "t" or node.target is torch.t) and len(node.args) == 1))
+              and isinstance(rank := node.args[0].meta.get(RANK), int)):  # x.T, x.t() (rank <= 2): axes reversed
             node.op, node.target, node.args = "call_method", "permute", (node.args[0], *range(rank - 1, -1, -1))
         elif (method == "rot90" or node.target is torch.rot90) and (turn := _rot90(node)) is not None:
             x, k, (a, b) = turn  # k quarter turns from axis a towards b: flips and a transpose (on the codes)

@@ -26,18 +26,20 @@ def layer_type(module: nn.Module) -> type:
     return type(module).__bases__[0] if parametrize.is_parametrized(module) else type(module)
 
 
-def plan_layers(model: nn.Module, config: QATConfig, quantizable: tuple[type, ...]) -> dict[str, LayerPlan]:
+def plan_layers(model: nn.Module, config: QATConfig, quantizable: tuple[type, ...],
+                edge: tuple[str, str] | None = None) -> dict[str, LayerPlan]:
     """Plan every quantizable layer by qualified name; a rule that matches no layer is an error.
 
     "First" and "last" are the first and last quantizable layers in definition order (the stem conv
-    and the classifier in the zoo), kept at `first_last_bits` as LSQ does. A subclass of nn.Embedding (Hugging
+    and the classifier in the zoo), kept at `first_last_bits` as LSQ does; `edge` names them instead (prepare's
+    second pass, when a planned subclass turned out not to be quantized). A subclass of nn.Embedding (Hugging
     Face's BART positional embedding, whose forward computes the positions it looks up) or of a Linear or conv
     (timm's Conv2dSame, which pads its input itself) is planned too: fx traces its forward, and prepare quantizes
     the lookup of its own table, the product with its own (or a computed) weight.
     """
     names = [n for n, m in model.named_modules()
              if layer_type(m) in quantizable or isinstance(m, (nn.Embedding, nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))]
-    edge = {names[0], names[-1]} if names and config.first_last_bits is not None else set()
+    edge = set(edge or names[:1] + names[-1:]) if config.first_last_bits is not None else set()
     plans, used = {}, set()
     for name in names:
         bits = config.first_last_bits if name in edge else None
