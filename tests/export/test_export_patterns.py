@@ -211,6 +211,56 @@ def test_upsampling_with_a_recomputed_scale_converts_and_runs_in_onnx_runtime(si
     assert runs_in_onnx_runtime(integer, x, tmp_path / "m.onnx")["max_step_diff"] == 0
 
 
+class Resampled(nn.Module):
+    """Bicubic upsampling of a conv's output (pixel centres or corners), or trilinear of a 3-D conv's."""
+
+    def __init__(self, mode: str, align_corners: bool):
+        super().__init__()
+        d = 3 if mode == "trilinear" else 2
+        conv, self.pool = (nn.Conv3d, nn.AdaptiveAvgPool3d(1)) if d == 3 else (nn.Conv2d, nn.AdaptiveAvgPool2d(1))
+        self.c1, self.c2, self.fc = conv(3, 8, 3, padding=1), conv(8, 8, 3, padding=1), nn.Linear(8, 4)
+        self.up = nn.Upsample(scale_factor=2, mode=mode, align_corners=align_corners)
+        self.down = nn.Upsample(size=(7,) * d, mode=mode, align_corners=align_corners)
+
+    def forward(self, x):
+        y = self.down(self.c2(self.up(torch.relu(self.c1(x)))))
+        return self.fc(torch.flatten(self.pool(y), 1))
+
+
+@pytest.mark.parametrize("mode, align_corners", [("bicubic", False), ("bicubic", True), ("trilinear", False)])
+def test_bicubic_and_trilinear_resampling_converts_and_runs_in_onnx_runtime(mode, align_corners, tmp_path):
+    torch.manual_seed(0)
+    model = Resampled(mode, align_corners).eval()
+    x = torch.randn(4, 3, *([5] * (3 if mode == "trilinear" else 2)))
+    qat = qatkit.prepare(model, qatkit.QATConfig(), x[:1])
+    qatkit.calibrate(qat, [x])
+    integer = converts_exactly(qat, model, x, tolerance=0.05)
+    assert runs_in_onnx_runtime(integer, x, tmp_path / "m.onnx")["within_one_step"] == 1.0
+
+
+def test_the_cubic_resize_reference_computes_onnx_runtimes_values(tmp_path):
+    """integer_reference's cubic Resize against ONNX Runtime's, bit for bit, at scales and sizes up and down."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from qatkit.export.integer_reference import _resize
+
+    x = np.random.default_rng(0).standard_normal((1, 2, 7, 9)).astype(np.float32)
+    for coords in ("half_pixel", "align_corners"):
+        for scales, sizes in ((np.array([1, 1, 2.5, 0.5], np.float32), None), (None, np.array([1, 2, 15, 4])),
+                              (None, np.array([1, 2, 3, 20]))):
+            given = {"scales": scales, "sizes": sizes}
+            node = helper.make_node("Resize", ["x", "", *(k if v is not None else "" for k, v in given.items())], ["y"],
+                                    mode="cubic", coordinate_transformation_mode=coords, cubic_coeff_a=-0.75)
+            graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x.shape)],
+                                      [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                                      [numpy_helper.from_array(v, k) for k, v in given.items() if v is not None])
+            onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "r.onnx")
+            runtime = ort.session(tmp_path / "r.onnx", threads=1).run(None, {"x": x})[0]
+            attrs = {"mode": "cubic", "coordinate_transformation_mode": coords, "cubic_coeff_a": -0.75}
+            assert np.array_equal(_resize([x, None, scales, sizes], attrs), runtime), (coords, scales, sizes)
+
+
 class TwoHeads(nn.Module):
     """A detector-like model: class logits and box regressions from one trunk."""
 

@@ -285,13 +285,14 @@ def _pad(ins, a):
 
 
 def _resize(ins, a):
-    """Resize, nearest with the asymmetric floor mapping (PyTorch's 'nearest'): src = floor(dst / scale); linear."""
+    """Resize, nearest with the asymmetric floor mapping (PyTorch's 'nearest'): src = floor(dst / scale); linear;
+    cubic."""
     x = ins[0]
     mode, sizes, scales = a.get("mode", "nearest"), _opt(ins, 3), _opt(ins, 2)
-    if mode == "linear":
-        return _linear_resize(x, a, sizes, scales)
+    if mode in ("linear", "cubic"):
+        return (_linear_resize if mode == "linear" else _cubic_resize)(x, a, sizes, scales)
     if mode != "nearest":
-        raise bad_value("Resize mode", mode, "nearest or linear", "export with one of those", cls=ModelFileError)
+        raise bad_value("Resize mode", mode, "nearest, linear or cubic", "export with one of those", cls=ModelFileError)
     for axis in range(2, x.ndim):
         n = x.shape[axis]
         if sizes is not None and len(sizes):  # src = floor(dst · in/out)
@@ -302,18 +303,48 @@ def _resize(ins, a):
     return x
 
 
+def _source(n: int, axis: int, a: dict, sizes, scales) -> np.ndarray:
+    """A Resize's source coordinate of each output sample along `axis` (input size n), in float32 as ONNX Runtime
+    computes it: align_corners dst·(n − 1)/(m − 1), else half_pixel (dst + ½)/scale − ½, the scale given or m / n."""
+    given = sizes is not None and len(sizes)
+    m = int(sizes[axis]) if given else int(np.floor(n * scales[axis]))
+    dst = np.arange(m, dtype=f32)
+    if a.get("coordinate_transformation_mode") == "align_corners":
+        return dst * f32(n - 1) / f32(m - 1) if m > 1 else np.zeros(m, f32)
+    return (dst + f32(0.5)) / (f32(m) / f32(n) if given else f32(scales[axis])) - f32(0.5)
+
+
+def _cubic_resize(x, a, sizes, scales):
+    """Resize mode 'cubic' (PyTorch's bicubic: Keys' kernel, a = cubic_coeff_a, the edge pixel repeated outside) as
+    ONNX Runtime computes it in float32: the last axis first, then the one before, each output the sum, in order, of
+    the four input samples around its source coordinate times their weights."""
+    if a.get("exclude_outside", 0):
+        raise bad_value("Resize exclude_outside", 1, "0", "export with exclude_outside=0", cls=ModelFileError)
+    k = f32(a.get("cubic_coeff_a", -0.75))
+    for axis in reversed(range(2, x.ndim)):
+        n = x.shape[axis]
+        src = _source(n, axis, a, sizes, scales)
+        base = np.floor(src)
+        t = src - base
+        one, two = t + f32(1), f32(2) - t
+        weights = [((k * one - f32(5) * k) * one + f32(8) * k) * one - f32(4) * k,
+                   ((k + f32(2)) * t - (k + f32(3))) * t * t + f32(1),
+                   ((k + f32(2)) * (f32(1) - t) - (k + f32(3))) * (f32(1) - t) * (f32(1) - t) + f32(1),
+                   ((k * two - f32(5) * k) * two + f32(8) * k) * two - f32(4) * k]
+        out = np.zeros(x.shape[:axis] + src.shape + x.shape[axis + 1:], f32)
+        for j, w in enumerate(weights):
+            index = np.clip(base.astype(i64) + j - 1, 0, n - 1)
+            out = out + np.take(x, index, axis=axis) * _bcast(w.astype(f32), x.ndim, axis)
+        x = out
+    return x
+
+
 def _linear_resize(x, a, sizes, scales):
-    """Resize mode 'linear' (PyTorch's (bi)linear): one axis at a time, each output sample between the two input
-    samples around its source coordinate, half_pixel (clamped at the edges) or align_corners."""
+    """Resize mode 'linear' (PyTorch's (bi/tri)linear): one axis at a time, each output sample between the two input
+    samples around its source coordinate (clamped at the edges)."""
     for axis in range(2, x.ndim):
         n = x.shape[axis]
-        m = int(sizes[axis]) if sizes is not None and len(sizes) else int(np.floor(n * scales[axis]))
-        dst = np.arange(m, dtype=f32)
-        if a.get("coordinate_transformation_mode") == "align_corners":
-            src = dst * f32((n - 1) / (m - 1)) if m > 1 else np.zeros(m, f32)
-        else:
-            scale = f32(m / n if sizes is not None and len(sizes) else scales[axis])
-            src = np.maximum((dst + f32(0.5)) / scale - f32(0.5), f32(0))
+        src = np.maximum(_source(n, axis, a, sizes, scales), f32(0))
         lo = np.minimum(np.floor(src).astype(i64), n - 1)
         hi, w = np.minimum(lo + 1, n - 1), _bcast((src - lo).astype(f32), x.ndim, axis)
         x = np.take(x, lo, axis=axis) * (f32(1) - w) + np.take(x, hi, axis=axis) * w

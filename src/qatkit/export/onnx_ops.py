@@ -765,20 +765,23 @@ def _float_op(ex, node, short, args, kwargs, rank) -> Value:
                       "Fix: express it with supported ops (see qatkit/export/onnx_ops.py)")
 
 
-_RESIZE_MODES = {"nearest": ("nearest", "asymmetric"), "linear": ("linear", "half_pixel"),
-                 "bilinear": ("linear", "half_pixel")}
+_RESIZE_MODES = {  # PyTorch's mode: ONNX's mode, coordinate_transformation_mode, nearest_mode
+    "nearest": ("nearest", "asymmetric", "floor"),
+    "linear": ("linear", "half_pixel", "floor"), "bilinear": ("linear", "half_pixel", "floor"),
+    "trilinear": ("linear", "half_pixel", "floor"), "bicubic": ("cubic", "half_pixel", "floor")}
 
 
 def _resize(ex, node, xf: str, args, kwargs, rank: int) -> str:
     """F.interpolate / nn.Upsample as Resize: PyTorch's 'nearest' takes the floor of dst/scale (asymmetric),
-    its (bi)linear modes sample at pixel centres (half_pixel) or corners (align_corners). The output size is
-    floor(size · scale_factor); with recompute_scale_factor the sampling follows output / input size, which a Resize
-    given those sizes does (the sizes in float64, as PyTorch's: 10 · 1.3 is 13, not float32's 12.99…)."""
+    its (bi/tri)linear and bicubic modes (Keys' kernel, a = -0.75, the edge pixel repeated outside: ONNX's defaults) sample at
+    pixel centres (half_pixel) or corners (align_corners). The output size is floor(size · scale_factor); with
+    recompute_scale_factor the sampling follows output / input size, which a Resize given those sizes does (the sizes
+    in float64, as PyTorch's: 10 · 1.3 is 13, not float32's 12.99…)."""
     mode = _arg(args, kwargs, 3, "mode", "nearest")
     if mode not in _RESIZE_MODES:
         raise QatkitError(f"interpolation mode {mode!r} (node '{node['name']}') has no ONNX form in qatkit; allowed: "
                           f"{', '.join(_RESIZE_MODES)}. Fix: use one of those modes")
-    onnx_mode, coords = _RESIZE_MODES[mode]
+    onnx_mode, coords, nearest_mode = _RESIZE_MODES[mode]
     if kwargs.get("align_corners"):
         coords = "align_corners"
     size, scale = _arg(args, kwargs, 1, "size", None), _arg(args, kwargs, 2, "scale_factor", None)
@@ -804,7 +807,7 @@ def _resize(ex, node, xf: str, args, kwargs, rank: int) -> str:
         scales = [1.0, 1.0] + (scale if isinstance(scale, list) else [scale] * spatial)
         inputs = [xf, "", ex.const("scales", np.array(scales, np.float32))]
     return ex.op("Resize", inputs, node["name"], mode=onnx_mode, coordinate_transformation_mode=coords,
-                 nearest_mode="floor")
+                 nearest_mode=nearest_mode, **({"cubic_coeff_a": -0.75} if onnx_mode == "cubic" else {}))
 
 
 def _linspace(ex, args: list, kwargs: dict, name: str) -> Value:
