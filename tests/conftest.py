@@ -74,16 +74,17 @@ def learns_next_token(qat, vocab: int, x, y, lr: float) -> None:
 
 def converts_exactly(qat, model, x, tolerance: float):
     """The calibrated QAT model in eval mode: its outputs within `tolerance` of the float model's, and the integer model
-    (returned) computes them bit for bit."""
+    (returned) computes them bit for bit. x: the input, or a tuple of the inputs."""
     import torch
 
     import qatkit
 
     integer = qatkit.convert(qat)
+    inputs = x if isinstance(x, tuple) else (x,)
     with torch.no_grad():
-        expected = qat.eval()(x)
-        assert (expected - model(x)).abs().max() < tolerance
-        assert torch.equal(integer(x), expected)
+        expected = qat.eval()(*inputs)
+        assert (expected - model(*inputs)).abs().max() < tolerance
+        assert torch.equal(integer(*inputs), expected)
     return integer
 
 

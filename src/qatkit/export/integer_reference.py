@@ -320,23 +320,89 @@ def _cubic_resize(x, a, sizes, scales):
     the four input samples around its source coordinate times their weights."""
     if a.get("exclude_outside", 0):
         raise bad_value("Resize exclude_outside", 1, "0", "export with exclude_outside=0", cls=ModelFileError)
-    k = f32(a.get("cubic_coeff_a", -0.75))
     for axis in reversed(range(2, x.ndim)):
         n = x.shape[axis]
         src = _source(n, axis, a, sizes, scales)
         base = np.floor(src)
-        t = src - base
-        one, two = t + f32(1), f32(2) - t
-        weights = [((k * one - f32(5) * k) * one + f32(8) * k) * one - f32(4) * k,
-                   ((k + f32(2)) * t - (k + f32(3))) * t * t + f32(1),
-                   ((k + f32(2)) * (f32(1) - t) - (k + f32(3))) * (f32(1) - t) * (f32(1) - t) + f32(1),
-                   ((k * two - f32(5) * k) * two + f32(8) * k) * two - f32(4) * k]
+        weights = _keys(src - base, a.get("cubic_coeff_a", -0.75))
         out = np.zeros(x.shape[:axis] + src.shape + x.shape[axis + 1:], f32)
         for j, w in enumerate(weights):
             index = np.clip(base.astype(i64) + j - 1, 0, n - 1)
             out = out + np.take(x, index, axis=axis) * _bcast(w.astype(f32), x.ndim, axis)
         x = out
     return x
+
+
+def _grid_sample(ins, a):
+    """GridSample (PyTorch's F.grid_sample) of (N, C, H, W) at grid (N, Hₒ, Wₒ, 2) as ONNX Runtime computes it in
+    float32: (x, y) in [-1, 1] scaled to pixels (align_corners: their centres at ±1, else their outer edges); nearest
+    rounds half to even, bilinear weighs the 2×2 pixels around, bicubic the 4×4 (Keys, a = -0.75), rows then
+    columns; pixels outside are 0 (zeros), the edge pixel (border) or reflected at the edges (reflection)."""
+    x, grid = ins[0], ins[1].astype(f32)
+    mode, padding, corners = a.get("mode", "bilinear"), a.get("padding_mode", "zeros"), a.get("align_corners", 0)
+    n, c, h, w = x.shape
+    px, py = (_gs_pixels(grid[..., i], size, corners) for i, size in ((0, w), (1, h)))
+    lo, hi = (f32(0), f32(1)) if corners else (f32(-0.5), f32(0.5))
+    border = ((lo, f32(w) - hi), (lo, f32(h) - hi))
+    batch = np.arange(n)[:, None, None, None]
+
+    def pixel(rows, cols):  # x[n, :, rows, cols] → (N, C, Hₒ, Wₒ), padded as `padding` says
+        inside = (rows >= 0) & (rows < h) & (cols >= 0) & (cols < w)
+        if padding == "border":
+            rows, cols = np.clip(rows, 0, h - 1), np.clip(cols, 0, w - 1)
+        elif padding == "reflection":
+            rows, cols = _gs_reflect(rows.astype(f32), *border[1]), _gs_reflect(cols.astype(f32), *border[0])
+        values = x[batch, np.arange(c)[None, :, None, None], np.clip(rows, 0, h - 1)[:, None],
+                   np.clip(cols, 0, w - 1)[:, None]]
+        return np.where(inside[:, None], values, f32(0)) if padding == "zeros" else values
+
+    if mode == "nearest":
+        return pixel(np.rint(py).astype(i64), np.rint(px).astype(i64))
+    x1, y1 = np.floor(px).astype(i64), np.floor(py).astype(i64)
+    if mode == "bilinear":
+        dx2, dx1 = ((x1 + 1).astype(f32) - px)[:, None], (px - x1.astype(f32))[:, None]
+        dy2, dy1 = ((y1 + 1).astype(f32) - py)[:, None], (py - y1.astype(f32))[:, None]
+        p11, p12, p21, p22 = pixel(y1, x1), pixel(y1, x1 + 1), pixel(y1 + 1, x1), pixel(y1 + 1, x1 + 1)
+        if padding == "zeros" and not corners:  # ORT's fast path: the four weights first
+            return (dy2 * dx2) * p11 + (dy2 * dx1) * p12 + (dy1 * dx2) * p21 + (dy1 * dx1) * p22
+        return dy2 * (dx2 * p11 + dx1 * p12) + dy1 * (dx2 * p21 + dx1 * p22)
+    if mode != "bicubic":
+        raise bad_value("GridSample mode", mode, "nearest, bilinear or bicubic", "export with one of those",
+                        cls=ModelFileError)
+    cx, cy = _keys(px - (x1 - 1).astype(f32) - f32(1)), _keys(py - (y1 - 1).astype(f32) - f32(1))
+    rows = [sum((cx[j][:, None] * pixel(y1 - 1 + i, x1 - 1 + j) for j in range(1, 4)),
+                cx[0][:, None] * pixel(y1 - 1 + i, x1 - 1)) for i in range(4)]
+    return sum((cy[i][:, None] * rows[i] for i in range(1, 4)), cy[0][:, None] * rows[0])
+
+
+def _gs_pixels(coordinate, size: int, corners: int):
+    """GridSample's normalised coordinate in [-1, 1] as a pixel position (float32, ONNX Runtime's order)."""
+    if corners:
+        return (coordinate + f32(1)) / f32(2) * f32(size - 1)
+    return ((coordinate + f32(1)) * f32(size) - f32(1)) / f32(2)
+
+
+def _gs_reflect(v, lo, hi):
+    """A pixel index reflected at the edges lo, hi until inside, then truncated (GridSample's reflection padding)."""
+    span = hi - lo
+    below, above = lo - v, v - hi
+    d = np.where(v < lo, below, np.where(v > hi, above, f32(0))).astype(f32)
+    k = np.trunc(d / span)
+    r = d - (k * span).astype(f32)
+    even = k % 2 == 0
+    out = np.where(v < lo, np.where(even, lo + r, hi - r), np.where(v > hi, np.where(even, hi - r, lo + r), v))
+    return np.trunc(out.astype(f32)).astype(i64)
+
+
+def _keys(t, a: float = -0.75):
+    """Keys' cubic convolution weights of the 4 samples around a point t past the second, in float32 as ONNX Runtime
+    computes them."""
+    k, t = f32(a), np.abs(t).astype(f32)
+    one, two = t + f32(1), f32(2) - t
+    return [((k * one - f32(5) * k) * one + f32(8) * k) * one - f32(4) * k,
+            ((k + f32(2)) * t - (k + f32(3))) * t * t + f32(1),
+            ((k + f32(2)) * (f32(1) - t) - (k + f32(3))) * (f32(1) - t) * (f32(1) - t) + f32(1),
+            ((k * two - f32(5) * k) * two + f32(8) * k) * two - f32(4) * k]
 
 
 def _linear_resize(x, a, sizes, scales):
@@ -446,7 +512,7 @@ _OPS = {  # op_type -> handler(inputs, attributes) -> output(s); float ops compu
     "HardSwish": lambda i, a: i[0] * np.clip(i[0] * f32(1 / 6) + f32(0.5), f32(0), f32(1)),
     "HardSigmoid": lambda i, a: np.clip(i[0] * f32(a.get("alpha", 0.2)) + f32(a.get("beta", 0.5)), f32(0), f32(1)),
     "LeakyRelu": lambda i, a: np.where(i[0] >= 0, i[0], i[0] * f32(a.get("alpha", 0.01))),
-    "Resize": _resize, "Where": lambda i, a: np.where(i[0], i[1], i[2]).astype(i[2].dtype),
+    "Resize": _resize, "GridSample": _grid_sample, "Where": lambda i, a: np.where(i[0], i[1], i[2]).astype(i[2].dtype),
     "ReduceSum": lambda i, a: i[0].sum(axis=_axes(i, a), keepdims=bool(a.get("keepdims", 1)), dtype=f32),
     "ReduceL1": lambda i, a: _OPS["ReduceSum"]([np.abs(i[0]), *i[1:]], a),
     "ReduceL2": lambda i, a: np.sqrt(_OPS["ReduceSum"]([np.square(i[0]), *i[1:]], a)),

@@ -641,6 +641,14 @@ def _float_op(ex, node, short, args, kwargs, rank) -> Value:
                            mode={"replicate": "edge"}.get(mode, mode)), "float")
     if short == "interpolate":
         return Value(_resize(ex, node, xf, args, kwargs, rank), "float")
+    if short == "grid_sample":  # (N, C, H, W) sampled at grid (N, Hₒ, Wₒ, 2) of (x, y) in [-1, 1]
+        mode, padding = _arg(args, kwargs, 2, "mode", "bilinear"), _arg(args, kwargs, 3, "padding_mode", "zeros")
+        if rank != 4:
+            raise QatkitError(f"grid_sample of a {rank}-D input (node '{name}'); allowed: 4-D (N, C, H, W), as the "
+                              "GridSample of ONNX opset 17 (qatkit's). Fix: sample each 2-D slice of the volume")
+        return Value(ex.op("GridSample", [xf, ex.floats(_arg(args, kwargs, 1, "grid", None))], name, mode=mode,
+                           padding_mode=padding, align_corners=int(bool(_arg(args, kwargs, 4, "align_corners", False)))),
+                     "float")
     if short == "softmax":
         return Value(ex.op("Softmax", [xf], name, axis=_arg(args, kwargs, 1, "dim", -1)), "float")
     if short == "layer_norm":
