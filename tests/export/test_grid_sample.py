@@ -1,6 +1,7 @@
-"""F.grid_sample, a feature map warped by a predicted flow (optical flow, BEV lifting, deformable sampling): a float op
-on the dequantized map and grid, exported as ONNX GridSample in each mode, padding and corner convention; the integer
-reference computes ONNX Runtime's values bit for bit."""
+"""F.grid_sample, a feature map warped by a predicted flow (optical flow, BEV lifting, deformable sampling) or by
+F.affine_grid's grid (a spatial transformer): float ops on dequantized values, exported as ONNX GridSample in each
+mode, padding and corner convention (the integer reference computes ONNX Runtime's values bit for bit) and as
+PyTorch's base grid times thetaᵀ, at any input size."""
 from __future__ import annotations
 
 import numpy as np
@@ -93,3 +94,54 @@ def test_a_volume_grid_sample_is_refused_at_export_with_the_fix(tmp_path):
     with pytest.raises(QatkitError, match=r"grid_sample of a 5-D input.*allowed: 4-D.*Fix: sample each 2-D slice"):
         export_onnx(qatkit.convert(qat), tmp_path / "v.onnx", inputs)
     assert not (tmp_path / "v.onnx").exists()
+
+
+class SpatialTransformer(nn.Module):
+    """Jaderberg et al.'s spatial transformer: a localisation head predicts an affine map, F.affine_grid makes its
+    sampling grid at the input's size, F.grid_sample warps the input with it."""
+
+    def __init__(self, align_corners: bool):
+        super().__init__()
+        self.loc, self.theta = nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.Linear(8, 6)
+        self.c, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.Linear(8, 4)
+        self.align_corners = align_corners
+        with torch.no_grad():  # near the identity, as STNs start
+            self.theta.weight.mul_(0.1)
+            self.theta.bias.copy_(torch.tensor([1.0, 0, 0, 0, 1.0, 0]))
+
+    def forward(self, x):
+        theta = self.theta(F.adaptive_avg_pool2d(torch.relu(self.loc(x)), 1).flatten(1)).view(-1, 2, 3)
+        grid = F.affine_grid(theta, x.size(), align_corners=self.align_corners)
+        warped = F.grid_sample(x, grid, align_corners=self.align_corners)
+        return self.fc(F.adaptive_avg_pool2d(torch.relu(self.c(warped)), 1).flatten(1))
+
+
+@pytest.mark.parametrize("align_corners", [False, True])
+def test_a_spatial_transformer_converts_and_runs_in_onnx_runtime_at_other_sizes(align_corners, tmp_path):
+    torch.manual_seed(0)
+    model, x = SpatialTransformer(align_corners).eval(), torch.randn(8, 3, 10, 12)
+    qat = qatkit.prepare(model, qatkit.QATConfig(), x[:1])
+    qatkit.calibrate(qat, [x])
+    integer = converts_exactly(qat, model, x, tolerance=0.1)
+    runs_in_onnx_runtime(integer, x, tmp_path / "m.onnx")
+    other = torch.randn(4, 3, 7, 9)  # the grid follows the input's size
+    sess = ort.session(tmp_path / "m.onnx", threads=1)
+    with torch.no_grad():
+        np.testing.assert_allclose(ort.run(sess, other), integer(other).numpy(), rtol=0, atol=0.05)
+
+
+def test_affine_grid_export_computes_pytorchs_grid(tmp_path):
+    """The exported grid alone against F.affine_grid's, at the example's size and another."""
+
+    class Grid(nn.Module):
+        def forward(self, theta, x):
+            return F.affine_grid(theta, x.size(), align_corners=False)
+
+    torch.manual_seed(0)
+    theta, x = torch.randn(2, 2, 3), torch.randn(2, 1, 5, 6)
+    integer = qatkit.convert(qatkit.prepare(Grid(), qatkit.QATConfig(), (theta, x)))
+    export_onnx(integer, tmp_path / "g.onnx", (theta, x))
+    sess = ort.session(tmp_path / "g.onnx", threads=1)
+    for t, shape in ((theta, x), (torch.randn(3, 2, 3), torch.randn(3, 1, 9, 4))):
+        expected = F.affine_grid(t.double(), shape.size(), align_corners=False)
+        np.testing.assert_allclose(ort.run(sess, (t, shape)), expected.numpy(), rtol=0, atol=1e-6)

@@ -62,7 +62,7 @@ _FUNCTIONS = [
     F.conv3d, F.conv_transpose3d, F.max_pool3d, F.avg_pool3d, F.adaptive_avg_pool3d,
     torch.max, torch.min, torch.amax, torch.amin, torch.cumsum, torch.argmax, torch.argmin, topk, torch.abs, torch.log,
     setitem, F.lp_pool1d, F.lp_pool2d, *([F.lp_pool3d] if hasattr(F, "lp_pool3d") else []), torch.clone, torch.detach,
-    torch.flip, torch.erf, torch.sign, torch.reciprocal, F.grid_sample,
+    torch.flip, torch.erf, torch.sign, torch.reciprocal, F.grid_sample, F.affine_grid,
 ]
 FUNCTIONS = {f"{getattr(fn, '__module__', None) or 'builtins'}.{fn.__name__}": fn for fn in _FUNCTIONS}
 NAME_OF = {fn: name for name, fn in FUNCTIONS.items()}

@@ -641,6 +641,8 @@ def _float_op(ex, node, short, args, kwargs, rank) -> Value:
                            mode={"replicate": "edge"}.get(mode, mode)), "float")
     if short == "interpolate":
         return Value(_resize(ex, node, xf, args, kwargs, rank), "float")
+    if short == "affine_grid":
+        return Value(_affine_grid(ex, args, kwargs, name), "float")
     if short == "grid_sample":  # (N, C, H, W) sampled at grid (N, Hₒ, Wₒ, 2) of (x, y) in [-1, 1]
         mode, padding = _arg(args, kwargs, 2, "mode", "bilinear"), _arg(args, kwargs, 3, "padding_mode", "zeros")
         if rank != 4:
@@ -816,6 +818,39 @@ def _resize(ex, node, xf: str, args, kwargs, rank: int) -> str:
         inputs = [xf, "", ex.const("scales", np.array(scales, np.float32))]
     return ex.op("Resize", inputs, node["name"], mode=onnx_mode, coordinate_transformation_mode=coords,
                  nearest_mode=nearest_mode, **({"cubic_coeff_a": -0.75} if onnx_mode == "cubic" else {}))
+
+
+def _affine_grid(ex, args: list, kwargs: dict, name: str) -> str:
+    """F.affine_grid(theta (N, 2, 3), size (N, C, H, W)) as PyTorch computes it: the base grid of (x, y, 1), x from
+    torch.linspace(-1, 1, W) (times (W - 1)/W without align_corners: pixel centres), y the same over H, times thetaᵀ:
+    (N, H, W, 2); H and W ints or sizes of the input."""
+    size = _arg(args, kwargs, 1, "size", None)
+    if isinstance(size, list) and len(size) != 4:  # (a size of the input: x.size() of the 4-D map it samples)
+        raise QatkitError(f"F.affine_grid of size {size} (node '{name}'); allowed: a 4-D size (N, C, H, W). Fix: "
+                          "sample each 2-D slice of the volume")
+    dims = size.name if isinstance(size, Value) else ex.shape_tensor(size)
+    h, w = (Value(ex.op("Gather", [dims, ex.const("axis", np.array(i, np.int64))], "dim"), "int") for i in (2, 3))
+    coords = []
+    for steps in (w, h):
+        line = _linspace(ex, [-1.0, 1.0, steps], {}, "line").name
+        if not _arg(args, kwargs, 2, "align_corners", False):  # linspace · (steps - 1) / steps
+            n = ex.op("Cast", [steps.name], "n", to=TensorProto.FLOAT)
+            line = ex.op("Div", [ex.op("Mul", [line, ex.op("Sub", [n, _c(ex, 1.0)], "n1")], "scaled"), n], "centres")
+        coords.append(line)
+    hw = ex.op("Concat", [ex.op("Unsqueeze", [v.name, ex.const("axes", np.array([0], np.int64))], "d") for v in (h, w)],
+               "hw", axis=0)
+    xs = ex.op("Expand", [coords[0], hw], "xs")  # (H, W): x along each row
+    ys = ex.op("Expand", [ex.op("Unsqueeze", [coords[1], ex.const("axes", np.array([1], np.int64))], "y"), hw], "ys")
+    ones = ex.op("ConstantOfShape", [hw], "ones", value=onnx_helper.make_tensor("one", TensorProto.FLOAT, [1], [1.0]))
+    base = ex.op("Concat", [ex.op("Unsqueeze", [v, ex.const("axes", np.array([-1], np.int64))], "c") for v in (xs, ys, ones)],
+                 "base", axis=-1)  # (H, W, 3)
+    flat = ex.op("Reshape", [base, ex.const("shape", np.array([1, -1, 3], np.int64))], "flat")
+    theta_t = ex.op("Transpose", [ex.floats(_arg(args, kwargs, 0, "theta", None))], "theta_t", perm=[0, 2, 1])
+    grid = ex.op("MatMul", [flat, theta_t], "grid")  # (N, H·W, 2)
+    shape = ex.op("Concat", [ex.op("Slice", [dims, ex.const("s", np.array([0], np.int64)),
+                                             ex.const("e", np.array([1], np.int64))], "n"),
+                             hw, ex.const("two", np.array([2], np.int64))], "grid_shape", axis=0)
+    return ex.op("Reshape", [grid, shape], name)
 
 
 def _linspace(ex, args: list, kwargs: dict, name: str) -> Value:
