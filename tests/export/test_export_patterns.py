@@ -261,6 +261,37 @@ def test_the_cubic_resize_reference_computes_onnx_runtimes_values(tmp_path):
             assert np.array_equal(_resize([x, None, scales, sizes], attrs), runtime), (coords, scales, sizes)
 
 
+class PyramidPooling(nn.Module):
+    """PSPNet's pyramid pooling: the map averaged into 1, 2, 3 and 6 bins a side (windows of several sizes, overlapping,
+    where the bins do not divide the map), each upsampled back and concatenated; then an adaptive max pool to 3 bins
+    (the same windows) added back."""
+
+    def __init__(self, dims: int):
+        super().__init__()
+        conv, pool = (nn.Conv2d, nn.AdaptiveAvgPool2d) if dims == 2 else (nn.Conv3d, nn.AdaptiveAvgPool3d)
+        self.c1, self.c2, self.fc = conv(3, 8, 3, padding=1), conv(32, 8, 1), nn.Linear(8, 4)
+        self.pools = nn.ModuleList(pool(bins) for bins in (1, 2, 3, 6))
+        self.max_pool = (nn.AdaptiveMaxPool2d if dims == 2 else nn.AdaptiveMaxPool3d)(3)
+        self.mode = "bilinear" if dims == 2 else "trilinear"
+
+    def forward(self, x):
+        f = torch.relu(self.c1(x))
+        parts = [F.interpolate(pool(f), size=f.shape[2:], mode=self.mode, align_corners=False) for pool in self.pools]
+        y = torch.relu(self.c2(torch.cat(parts, 1)))
+        y = y + F.interpolate(self.max_pool(y), size=y.shape[2:], mode="nearest")
+        return self.fc(torch.flatten(y.mean(dim=tuple(range(2, y.dim()))), 1))
+
+
+@pytest.mark.parametrize("shape", [(4, 3, 16, 16), (2, 3, 8, 7, 10)])
+def test_adaptive_pooling_to_uneven_windows_converts_and_runs_in_onnx_runtime(shape, tmp_path):
+    torch.manual_seed(0)
+    model, x = PyramidPooling(len(shape) - 2).eval(), torch.randn(*shape)
+    qat = qatkit.prepare(model, qatkit.QATConfig(), x[:1])
+    qatkit.calibrate(qat, [x])
+    integer = converts_exactly(qat, model, x, tolerance=0.1)
+    assert runs_in_onnx_runtime(integer, x, tmp_path / "m.onnx")["max_step_diff"] == 0
+
+
 class TwoHeads(nn.Module):
     """A detector-like model: class logits and box regressions from one trunk."""
 

@@ -287,9 +287,28 @@ def _size(ex, x: Value, axis: int) -> Value:
                  "int")
 
 
+def _uneven_average_pool(ex, xf: str, spatial: list[int], size: list[int], name: str) -> str:
+    """Adaptive average pooling whose windows differ in size (PSPNet's bins of 3 and 6 on a 64-pixel map): one
+    Einsum per spatial axis with its pooling matrix, output i the mean of inputs floor(i·n/o) to ceil((i + 1)·n/o) - 1,
+    as PyTorch's windows (the mean of the rows' means: the rectangle's mean, float32 rounding apart)."""
+    letters = "abcde"[:len(spatial) + 2]
+    out = xf
+    for axis, (n, o) in enumerate(zip(spatial, size), start=2):
+        if n == o:
+            continue
+        pool = np.zeros((o, n), np.float32)
+        for i in range(o):
+            start, end = i * n // o, -(-(i + 1) * n // o)
+            pool[i, start:end] = 1.0 / (end - start)
+        out = ex.op("Einsum", [out, ex.const("pool", pool)], name,
+                    equation=f"{letters},z{letters[axis]}->{letters.replace(letters[axis], 'z')}")
+    return out
+
+
 def _adaptive_max_pool(ex, node, x: Value, args, kwargs, rank: int) -> Value:
     """Adaptive max pooling on x as it is (codes: the max of codes is the code of the max): to size 1 a ReduceMax
-    over the spatial axes (any input size); otherwise a MaxPool whose windows tile the example's sizes."""
+    over the spatial axes (any input size); otherwise a MaxPool whose windows tile the example's sizes, or where the
+    windows differ in size, each window's max, one axis after the other."""
     name, spatial = node["name"], rank - 2
     size, indices = _arg(args, kwargs, 1, "output_size", None), _arg(args, kwargs, 2, "return_indices", False)
     size = list(size) if isinstance(size, (list, tuple)) else [size] * spatial
@@ -301,9 +320,17 @@ def _adaptive_max_pool(ex, node, x: Value, args, kwargs, rank: int) -> Value:
     src = x.name if x.kind == "quant" else ex.floats(x)
     kind = (x.kind, x.scale, x.zero_point) if x.kind == "quant" else ("float",)
     sizes = list(ex.shapes[node["args"][0]["node"]].shape[2:])
-    if any(o is None or n % o for n, o in zip(sizes, size)):
-        raise QatkitError(f"adaptive max pooling of sizes {sizes} to {size} (node '{name}'): the windows overlap "
-                          "unevenly, which ONNX's MaxPool cannot express. Fix: pool to a size that divides the input's")
+    size = [n if o is None else o for n, o in zip(sizes, size)]
+    if any(n % o for n, o in zip(sizes, size)):  # windows of several sizes, overlapping: per axis, each window's max
+        out = src
+        for axis, (n, o) in enumerate(zip(sizes, size), start=2):
+            if n != o:
+                windows = [ex.op("ReduceMax", [ex.op("Slice", [out, ex.const("s", np.array([i * n // o], np.int64)),
+                                                               ex.const("e", np.array([-(-(i + 1) * n // o)], np.int64)),
+                                                               ex.const("a", np.array([axis], np.int64))], "window")],
+                                 "max", axes=[axis], keepdims=1) for i in range(o)]
+                out = ex.op("Concat", windows, name, axis=axis)
+        return Value(out, *kind)
     kernel = [n // o for n, o in zip(sizes, size)]
     return Value(ex.op("MaxPool", [src], name, kernel_shape=kernel, strides=kernel), *kind)
 
@@ -713,9 +740,8 @@ def _float_op(ex, node, short, args, kwargs, rank) -> Value:
             return Value(ex.op("GlobalAveragePool", [xf], name), "float")
         spatial = list(ex.shapes[node["args"][0]["node"]].shape[2:])  # fixed by the model; only the batch varies
         size = [s_in if s is None else s for s, s_in in zip(size, spatial)]
-        if any(s_in % s for s, s_in in zip(size, spatial)):
-            raise QatkitError(f"adaptive average pooling of {tuple(spatial)} to {tuple(size)} (node '{name}') has no ONNX "
-                              "form in qatkit: its windows overlap unevenly. Fix: pool to a size that divides the input")
+        if any(s_in % s for s, s_in in zip(size, spatial)):  # windows of several sizes, overlapping
+            return Value(_uneven_average_pool(ex, xf, spatial, size, name), "float")
         k = [s_in // s for s, s_in in zip(size, spatial)]  # equal windows: an average pool with kernel = stride
         return Value(ex.op("AveragePool", [xf], name, kernel_shape=k, strides=k), "float")
     if short in ("lp_pool1d", "lp_pool2d", "lp_pool3d"):  # PyTorch's formula, op for op

@@ -14,14 +14,15 @@ from qatkit.errors import ModelFileError
 from qatkit.inputs import as_args, batch_size, call, first, split
 
 
-def session(path: str | os.PathLike, threads: int = 2) -> ort.InferenceSession:
+def session(path: str | os.PathLike, threads: int = 2, quiet: bool = False) -> ort.InferenceSession:
     """A CPU session with every graph optimization (the QDQ → integer-kernel fusions) and, because
-    ORT's spinning workers starve torch's threads on a 2-core machine, no spinning."""
+    ORT's spinning workers starve torch's threads on a 2-core machine, no spinning. `quiet`: ORT logs no errors (a
+    probe whose failure the caller reports)."""
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    so.log_severity_level = 3
+    so.log_severity_level = 4 if quiet else 3
     try:
         return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
     except Exception as e:  # ORT raises its own exception types for missing, corrupt or invalid files
