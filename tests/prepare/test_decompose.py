@@ -215,10 +215,11 @@ def _flat(out):
 
 
 @pytest.mark.parametrize("cls, kwargs", [
-    (cls, kwargs) for cls in (nn.LSTM, nn.GRU) for kwargs in (
+    (cls, kwargs) for cls in (nn.LSTM, nn.GRU, nn.RNN) for kwargs in (
         {"batch_first": True}, {"num_layers": 2, "bidirectional": True},
         {"num_layers": 2, "batch_first": True, "bias": False, "dropout": 0.0})
-] + [(nn.LSTM, {"proj_size": 3}), (nn.LSTM, {"proj_size": 2, "num_layers": 2, "bidirectional": True})])
+] + [(nn.LSTM, {"proj_size": 3}), (nn.LSTM, {"proj_size": 2, "num_layers": 2, "bidirectional": True}),
+     (nn.RNN, {"nonlinearity": "relu", "num_layers": 2})])
 @pytest.mark.parametrize("initial", [False, True], ids=["zeros", "given-state"])
 def test_recurrent_layers_compute_what_torch_computes(cls, kwargs, initial):
     torch.manual_seed(0)
@@ -232,6 +233,51 @@ def test_recurrent_layers_compute_what_torch_computes(cls, kwargs, initial):
     hx = ((h0, c0) if cls is nn.LSTM else h0) if initial else None
     for theirs, ours in zip(_flat(rnn(x, hx)), _flat(mine(x, hx))):  # output, h_n (and c_n)
         torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("cls, kwargs", [(nn.LSTMCell, {}), (nn.GRUCell, {}), (nn.RNNCell, {}),
+                                         (nn.RNNCell, {"nonlinearity": "relu"}), (nn.LSTMCell, {"bias": False}),
+                                         (nn.GRUCell, {"bias": False})])
+@pytest.mark.parametrize("batched", [True, False])
+def test_recurrent_cells_compute_what_torch_computes(cls, kwargs, batched):
+    torch.manual_seed(0)
+    cell = cls(6, 5, **kwargs).double()
+    mine = decompose(copy.deepcopy(cell))
+    lead = (3,) if batched else ()
+    x, h, c = (torch.randn(*lead, n, dtype=torch.float64) for n in (6, 5, 5))
+    for hx in (None, (h, c) if cls is nn.LSTMCell else h):  # zeros, a given state
+        theirs, ours = cell(x, hx), mine(x, hx)
+        for a, b in zip(theirs if cls is nn.LSTMCell else (theirs,), ours if cls is nn.LSTMCell else (ours,)):
+            torch.testing.assert_close(b, a, rtol=0, atol=1e-12)
+
+
+class CellDecoder(nn.Module):
+    """A loop the model writes: an LSTM cell over the embedded tokens, a GRU cell on its output, a tanh RNN cell
+    beside them, then a head on the last states."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.lstm = nn.Embedding(40, 16), nn.LSTMCell(16, 12)
+        self.gru, self.rnn, self.head = nn.GRUCell(12, 12), nn.RNNCell(16, 8), nn.Linear(20, 3)
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        h = c = g = x.new_zeros(ids.shape[0], 12)
+        r = None
+        for t in range(ids.shape[1]):
+            h, c = self.lstm(x[:, t], (h, c))
+            g = self.gru(h, g)
+            r = self.rnn(x[:, t], r)
+        return self.head(torch.cat([g, r], 1))
+
+
+def test_a_model_looping_over_recurrent_cells_is_quantized_converted_and_exported(tmp_path):
+    torch.manual_seed(0)
+    model = CellDecoder().eval()
+    ids = torch.randint(0, 40, (32, 5))
+    qat = qatkit.prepare(model, qatkit.QATConfig(), ids[:2])
+    assert {"lstm.ih", "lstm.hh", "gru.ih", "gru.hh", "rnn.ih", "rnn.hh"} <= {r["name"] for r in qat.qat_info.layers}
+    _deploys(model, qat, ids, tmp_path)
 
 
 def test_unbatched_recurrent_input_is_refused_with_the_fix():

@@ -1,8 +1,8 @@
 """torch.nn's attention and recurrent blocks, rewritten with nn.Linear layers and tensor ops before tracing.
 
 nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerEncoder, nn.TransformerDecoderLayer,
-nn.TransformerDecoder, nn.Transformer, nn.LSTM, nn.GRU and nn.EmbeddingBag are leaves to torch.fx and run fused
-kernels: their projections (tables) would stay float. Replaced by these modules (same parameters, the same
+nn.TransformerDecoder, nn.Transformer, nn.LSTM, nn.GRU, nn.RNN, their cells and nn.EmbeddingBag are leaves to torch.fx
+and run fused kernels: their projections (tables) would stay float. Replaced by these modules (same parameters, the same
 computation as PyTorch's non-fused path), every projection is an nn.Linear that prepare quantizes, and
 the matmuls, softmax and masks are ops the integer model and ONNX export know.
 A linear layer that stores its weight (in, out) and computes `torch.addmm(bias, x.view(-1, in), weight)` (Hugging
@@ -234,17 +234,60 @@ def decompose(module: nn.Module) -> nn.Module:
     return module
 
 
+def _kind(rnn: nn.Module) -> str:
+    """"lstm", "gru", "rnn_tanh" or "rnn_relu": the recurrence of a torch.nn recurrent layer or cell."""
+    if isinstance(rnn, (nn.LSTM, nn.LSTMCell)):
+        return "lstm"
+    return "gru" if isinstance(rnn, (nn.GRU, nn.GRUCell)) else f"rnn_{rnn.nonlinearity}"
+
+
+def _projections(rnn: nn.Module, suffix: str, kind: str) -> tuple[nn.Linear, nn.Linear]:
+    """The input and hidden projections of one layer and direction (`suffix`: "_l0", "_l1_reverse", "" for a cell).
+    An LSTM or plain RNN adds both biases to every gate: one bias, on the input side (a GRU multiplies its hidden
+    projection's by the reset gate: it keeps both)."""
+    w_ih, w_hh = (getattr(rnn, f"weight_{k}{suffix}").detach() for k in ("ih", "hh"))
+    b_ih, b_hh = ((getattr(rnn, f"bias_{k}{suffix}").detach() for k in ("ih", "hh")) if rnn.bias else (None, None))
+    if kind != "gru" and rnn.bias:
+        b_ih, b_hh = b_ih + b_hh, None
+    return _linear(w_ih, b_ih), _linear(w_hh, b_hh)
+
+
+def _step(kind: str, n: int, gx, state, hh: nn.Linear, hr: nn.Linear | None = None):
+    """One step of hidden size n from the input projection gx (B, G·n) and the state (h, c) (None: zeros); hr: an
+    LSTM's projection of h. PyTorch's equations; returns the new (h, c) (c = h but for an LSTM)."""
+    if kind == "lstm":
+        gates = gx if state is None else gx + hh(state[0])
+        i, f = torch.sigmoid(gates[:, :n]), torch.sigmoid(gates[:, n:2 * n])
+        g, o = torch.tanh(gates[:, 2 * n:3 * n]), torch.sigmoid(gates[:, 3 * n:])
+        c = i * g if state is None else f * state[1] + i * g
+        h = o * torch.tanh(c)
+        return h if hr is None else hr(h), c
+    if kind != "gru":  # h = act(W_i·x + W_h·h + b)
+        pre = gx if state is None else gx + hh(state[0])
+        h = torch.tanh(pre) if kind == "rnn_tanh" else torch.relu(pre)
+        return h, h
+    if state is not None:
+        gh = hh(state[0])
+    else:  # the first step: W_h·0 + b_h
+        gh = gx * 0.0 if hh.bias is None else hh.bias.unsqueeze(0)
+    r = torch.sigmoid(gx[:, :n] + gh[:, :n])
+    z = torch.sigmoid(gx[:, n:2 * n] + gh[:, n:2 * n])
+    cand = torch.tanh(gx[:, 2 * n:] + r * gh[:, 2 * n:])
+    h = (1 - z) * cand if state is None else (1 - z) * cand + z * state[0]
+    return h, h
+
+
 class Recurrent(nn.Module):
-    """nn.LSTM / nn.GRU as nn.Linear gate projections stepped over time, PyTorch's equations, from zeros or from
-    a given initial state hx ((h_0, c_0) for an LSTM, h_0 for a GRU; (layers · directions, B, H) each; an LSTM with
-    proj_size P projects each step's h to P by one more Linear without bias, as torch does: h_0 is then (…, B, P)).
+    """nn.LSTM / nn.GRU / nn.RNN as nn.Linear gate projections stepped over time, PyTorch's equations, from zeros or
+    from a given initial state hx ((h_0, c_0) for an LSTM, h_0 otherwise; (layers · directions, B, H) each; an LSTM
+    with proj_size P projects each step's h to P by one more Linear without bias, as torch does: h_0 is then (…, B, P)).
 
     The input projections of all steps are one Linear call; the hidden projection runs once per step. The loop
     over time follows the input's length, so prepare traces it along the example input (it unrolls)."""
 
-    def __init__(self, rnn: nn.LSTM | nn.GRU):
+    def __init__(self, rnn: nn.LSTM | nn.GRU | nn.RNN):
         super().__init__()
-        self.lstm, self.hidden, self.num_layers = isinstance(rnn, nn.LSTM), rnn.hidden_size, rnn.num_layers
+        self.kind, self.hidden, self.num_layers = _kind(rnn), rnn.hidden_size, rnn.num_layers
         self.directions, self.batch_first = 2 if rnn.bidirectional else 1, rnn.batch_first
         self.dropout = nn.Dropout(rnn.dropout)
         self.ih, self.hh = nn.ModuleList(), nn.ModuleList()  # index layer * directions + direction
@@ -253,29 +296,27 @@ class Recurrent(nn.Module):
             for suffix in ("", "_reverse")[:self.directions]:
                 if self.hr is not None:
                     self.hr.append(_linear(getattr(rnn, f"weight_hr_l{layer}{suffix}").detach(), None))
-                w_ih, w_hh = (getattr(rnn, f"weight_{k}_l{layer}{suffix}").detach() for k in ("ih", "hh"))
-                b_ih, b_hh = ((getattr(rnn, f"bias_{k}_l{layer}{suffix}").detach() for k in ("ih", "hh")) if rnn.bias
-                              else (None, None))
-                if self.lstm and rnn.bias:  # an LSTM adds both biases to every gate: one bias, on the input side
-                    b_ih, b_hh = b_ih + b_hh, None
-                self.ih.append(_linear(w_ih, b_ih))
-                self.hh.append(_linear(w_hh, b_hh))
+                ih, hh = _projections(rnn, f"_l{layer}{suffix}", self.kind)
+                self.ih.append(ih)
+                self.hh.append(hh)
 
     def forward(self, x, hx=None):
         if x.dim() != 3:
             raise ValueError(f"input of shape {tuple(x.shape)}: the recurrent rewrite takes batched input (3 dims). "
                              "Fix: add a batch axis (x.unsqueeze(1), or unsqueeze(0) with batch_first)")
+        lstm = self.kind == "lstm"
         x = x if self.batch_first else x.transpose(0, 1)  # (B, T, I)
-        h0, c0 = (hx if self.lstm else (hx, None)) if hx is not None else (None, None)
+        h0, c0 = (hx if lstm else (hx, None)) if hx is not None else (None, None)
         steps, finals = x.shape[1], []
         for layer in range(self.num_layers):
             outputs = []
             for direction in range(self.directions):
                 i = layer * self.directions + direction
-                state = None if h0 is None else (h0[i], c0[i] if self.lstm else h0[i])
+                state = None if h0 is None else (h0[i], c0[i] if lstm else h0[i])
                 xs, seq = self.ih[i](x), []  # xs (B, T, G·H): every step's input projection
                 for t in (range(steps) if direction == 0 else range(steps - 1, -1, -1)):
-                    state = self._step(xs[:, t], state, self.hh[i], None if self.hr is None else self.hr[i])
+                    state = _step(self.kind, self.hidden, xs[:, t], state, self.hh[i],
+                                  None if self.hr is None else self.hr[i])
                     seq.append(state[0])
                 outputs.append(torch.stack(seq if direction == 0 else seq[::-1], 1))  # (B, T, H)
                 finals.append(state)
@@ -284,28 +325,29 @@ class Recurrent(nn.Module):
                 x = self.dropout(x)
         out = x if self.batch_first else x.transpose(0, 1)
         h_n = torch.stack([s[0] for s in finals], 0)  # (layers · directions, B, H)
-        return (out, (h_n, torch.stack([s[1] for s in finals], 0))) if self.lstm else (out, h_n)
+        return (out, (h_n, torch.stack([s[1] for s in finals], 0))) if lstm else (out, h_n)
 
-    def _step(self, gx, state, hh: nn.Linear, hr: nn.Linear | None = None):
-        """One step from the input projection gx (B, G·H) and the state (h, c) (None: zeros); hr: an LSTM's
-        projection of h."""
-        n = self.hidden
-        if self.lstm:
-            gates = gx if state is None else gx + hh(state[0])
-            i, f = torch.sigmoid(gates[:, :n]), torch.sigmoid(gates[:, n:2 * n])
-            g, o = torch.tanh(gates[:, 2 * n:3 * n]), torch.sigmoid(gates[:, 3 * n:])
-            c = i * g if state is None else f * state[1] + i * g
-            h = o * torch.tanh(c)
-            return h if hr is None else hr(h), c
-        if state is not None:
-            gh = hh(state[0])
-        else:  # the first step: W_h·0 + b_h
-            gh = gx * 0.0 if hh.bias is None else hh.bias.unsqueeze(0)
-        r = torch.sigmoid(gx[:, :n] + gh[:, :n])
-        z = torch.sigmoid(gx[:, n:2 * n] + gh[:, n:2 * n])
-        cand = torch.tanh(gx[:, 2 * n:] + r * gh[:, 2 * n:])
-        h = (1 - z) * cand if state is None else (1 - z) * cand + z * state[0]
-        return h, h
+
+class RecurrentCell(nn.Module):
+    """nn.LSTMCell / nn.GRUCell / nn.RNNCell, one step of a loop the model writes (a decoder, a policy), as
+    nn.Linear projections and PyTorch's equations: input (B, I) or (I,), state hx ((h, c) for an LSTM cell, h
+    otherwise; None: zeros); returns the new state as the cell does."""
+
+    def __init__(self, cell: nn.LSTMCell | nn.GRUCell | nn.RNNCell):
+        super().__init__()
+        self.kind, self.hidden = _kind(cell), cell.hidden_size
+        self.ih, self.hh = _projections(cell, "", self.kind)
+
+    def forward(self, x, hx=None):
+        batched = x.dim() == 2
+        if not batched:  # (I,) and (H,) states: one sample
+            x = x.unsqueeze(0)
+            hx = None if hx is None else (tuple(v.unsqueeze(0) for v in hx) if self.kind == "lstm" else hx.unsqueeze(0))
+        state = None if hx is None else (hx if self.kind == "lstm" else (hx, hx))
+        h, c = _step(self.kind, self.hidden, self.ih(x), state, self.hh)
+        if not batched:
+            h, c = h.squeeze(0), c.squeeze(0)
+        return (h, c) if self.kind == "lstm" else h
 
 
 class EmbeddingBag(nn.Module):
@@ -361,4 +403,5 @@ class EmbeddingBag(nn.Module):
 DECOMPOSE = {nn.TransformerEncoder: TransformerEncoder, nn.TransformerEncoderLayer: TransformerEncoderLayer,
              nn.TransformerDecoder: TransformerDecoder, nn.TransformerDecoderLayer: TransformerDecoderLayer,
              nn.Transformer: Transformer, nn.MultiheadAttention: MultiheadAttention, nn.LSTM: Recurrent,
-             nn.GRU: Recurrent, nn.EmbeddingBag: EmbeddingBag}
+             nn.GRU: Recurrent, nn.RNN: Recurrent, nn.LSTMCell: RecurrentCell, nn.GRUCell: RecurrentCell,
+             nn.RNNCell: RecurrentCell, nn.EmbeddingBag: EmbeddingBag}
