@@ -280,6 +280,23 @@ def test_a_model_looping_over_recurrent_cells_is_quantized_converted_and_exporte
     _deploys(model, qat, ids, tmp_path)
 
 
+class Packed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed, self.lstm, self.head = nn.Embedding(20, 8), nn.LSTM(8, 16, batch_first=True), nn.Linear(16, 3)
+
+    def forward(self, ids, lengths):
+        packed = nn.utils.rnn.pack_padded_sequence(self.embed(ids), lengths, batch_first=True, enforce_sorted=False)
+        return self.head(self.lstm(packed)[1][0][-1])
+
+
+def test_a_packed_sequence_is_refused_with_the_fix():
+    ids, lengths = torch.randint(1, 20, (4, 7)), torch.tensor([7, 5, 3, 6])
+    with pytest.raises(ConfigError, match=r"nn.LSTM on a PackedSequence.*Fix: run the layer on the padded batch.*"
+                                          r"lengths - 1\]"):
+        qatkit.prepare(Packed().eval(), qatkit.QATConfig(), (ids, lengths))
+
+
 def test_unbatched_recurrent_input_is_refused_with_the_fix():
     with pytest.raises(ValueError, match=r"input of shape \(5, 4\): .* batched input .* Fix: add a batch axis"):
         decompose(nn.GRU(4, 8))(torch.randn(5, 4))

@@ -288,6 +288,7 @@ class Recurrent(nn.Module):
     def __init__(self, rnn: nn.LSTM | nn.GRU | nn.RNN):
         super().__init__()
         self.kind, self.hidden, self.num_layers = _kind(rnn), rnn.hidden_size, rnn.num_layers
+        self.rewrites = type(rnn).__name__
         self.directions, self.batch_first = 2 if rnn.bidirectional else 1, rnn.batch_first
         self.dropout = nn.Dropout(rnn.dropout)
         self.ih, self.hh = nn.ModuleList(), nn.ModuleList()  # index layer * directions + direction
@@ -301,6 +302,14 @@ class Recurrent(nn.Module):
                 self.hh.append(hh)
 
     def forward(self, x, hx=None):
+        if isinstance(x, nn.utils.rnn.PackedSequence):
+            raise ConfigError(
+                f"nn.{self.rewrites} on a PackedSequence (pack_padded_sequence); allowed: "
+                "the padded batch, as a tensor (packing sorts and cuts the batch by the lengths' values, which an "
+                "exported graph cannot follow). Fix: run the layer on the padded batch and read each sequence's "
+                "output at its last position, out[torch.arange(len(lengths)), lengths - 1] (a unidirectional layer's "
+                "states before the padding are the packed run's); a bidirectional layer's reverse direction then "
+                "starts in the padding: train it so")
         if x.dim() != 3:
             raise ValueError(f"input of shape {tuple(x.shape)}: the recurrent rewrite takes batched input (3 dims). "
                              "Fix: add a batch axis (x.unsqueeze(1), or unsqueeze(0) with batch_first)")
