@@ -8,6 +8,7 @@ from torch import fx, nn
 
 import qatkit
 from qatkit import LayerRule, QATConfig
+from qatkit.export import export_onnx, verify
 from qatkit.models import build_model
 from qatkit.nn import QConv, QConvBn, QLayer, QLinear
 from qatkit.quantizer import FakeQuantizer
@@ -285,6 +286,29 @@ def test_conv_bn_variants_prepare_and_match_float(bn_kwargs):
     with torch.no_grad():
         y, y_float = qat(x), model(x)
     assert (y - y_float).abs().max() <= 0.05 * (y_float.max() - y_float.min())
+
+
+def test_sync_batchnorm_folds_like_batchnorm_and_converts_exactly(tmp_path):
+    """A model made for synchronised multi-process training (nn.SyncBatchNorm.convert_sync_batchnorm): its BNs fold
+    into the convs before them; one left alone (after a pool) is a float op the integer model knows."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2), nn.BatchNorm2d(8),
+                          nn.Conv2d(8, 8, 3), nn.Flatten(), nn.Linear(8 * 3 * 3, 4))
+    for bn in (model[1], model[4]):
+        bn.running_mean.uniform_(-0.5, 0.5), bn.running_var.uniform_(0.5, 2.0)
+    model = nn.SyncBatchNorm.convert_sync_batchnorm(model).eval()
+    x = torch.randn(8, 3, 12, 12)
+    qat = qatkit.prepare(model, QATConfig(), x[:1])
+    assert type(qat.get_submodule("0")) is QConvBn and qat.qat_info.float_ops == ["4 (SyncBatchNorm)"]
+    qat.train()(x).square().mean().backward()  # (one process: batch statistics, no synchronisation)
+    qatkit.calibrate(qat, [x])
+    qat.eval()
+    with torch.no_grad():
+        y, y_float = qat(x), model(x)
+        assert (y - y_float).abs().max() <= 0.05 * (y_float.max() - y_float.min())
+        assert torch.equal(qatkit.convert(qat)(x), y)
+    export_onnx(qatkit.convert(qat), tmp_path / "m.onnx", x[:1])
+    assert verify(tmp_path / "m.onnx", qatkit.convert(qat), [x])["within_one_step"] == 1.0
 
 
 def test_prepare_without_example_inputs_and_default_config():

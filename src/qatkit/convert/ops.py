@@ -149,7 +149,7 @@ MODULES = {
        for cls in (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)},
     nn.Embedding: (F.embedding, ("weight",), lambda m: dict(padding_idx=m.padding_idx)),
     **{cls: (F.batch_norm, ("running_mean", "running_var", "weight", "bias"), lambda m: dict(eps=m.eps))
-       for cls in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)},
+       for cls in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)},
     nn.Linear: (F.linear, ("weight", "bias"), lambda m: {}),
     nn.Conv1d: (F.conv1d, ("weight", "bias"), lambda m: dict(stride=m.stride, padding=m.padding, dilation=m.dilation, groups=m.groups)),
     nn.Conv2d: (F.conv2d, ("weight", "bias"), lambda m: dict(stride=m.stride, padding=m.padding, dilation=m.dilation, groups=m.groups)),

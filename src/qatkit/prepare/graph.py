@@ -40,6 +40,7 @@ from qatkit.quantizer import FakeQuantizer
 WRAPPERS = {nn.Conv1d: QConv, nn.Conv2d: QConv, nn.Conv3d: QConv, nn.ConvTranspose1d: QConvTranspose,
             nn.ConvTranspose2d: QConvTranspose, nn.ConvTranspose3d: QConvTranspose, nn.Linear: QLinear,
             nn.Embedding: QEmbedding}
+# (nn.SyncBatchNorm, BN of any rank synchronised across processes, folds after each of them)
 FOLDABLE_BN = {nn.Conv1d: nn.BatchNorm1d, nn.Conv2d: nn.BatchNorm2d, nn.Conv3d: nn.BatchNorm3d,
                nn.ConvTranspose1d: nn.BatchNorm1d, nn.ConvTranspose2d: nn.BatchNorm2d, nn.ConvTranspose3d: nn.BatchNorm3d}
 WRAPPERS_WITH_BN = {QConv: QConvBn, QConvTranspose: QConvTransposeBn}
@@ -702,7 +703,7 @@ class _Rewriter:
         end, bn = node, None
         user = _sole_user(node) if single_call else None
         if (self.config.fold_bn and user is not None and user.op == "call_module"
-                and type(self.modules[user.target]) is FOLDABLE_BN.get(layer_type(module))
+                and type(self.modules[user.target]) in (FOLDABLE_BN.get(layer_type(module)), nn.SyncBatchNorm)
                 and self.modules[user.target].track_running_stats  # without running stats BN cannot fold
                 and (WRAPPERS[layer_type(module)] is QConv or module.groups == 1)):  # (see QConvTransposeBn)
             bn, end = self.modules[user.target], user
