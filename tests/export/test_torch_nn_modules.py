@@ -71,6 +71,21 @@ def test_the_module_converts_and_runs_in_onnx_runtime(name, tmp_path):
     runs_in_onnx_runtime(converts_exactly(qat, model, x, 0.5), x, tmp_path / "m.onnx")
 
 
+PADS_3D = {"ConstantPad3d": lambda: nn.ConstantPad3d((1, 0, 2, 1, 0, 1), 0.5), "ZeroPad3d": lambda: nn.ZeroPad3d(1),
+           "ReflectionPad3d": lambda: nn.ReflectionPad3d(1), "ReplicationPad3d": lambda: nn.ReplicationPad3d((0, 1, 1, 0, 1, 1))}
+
+
+@pytest.mark.parametrize("name", list(PADS_3D))
+def test_a_3d_padding_module_converts_and_runs_in_onnx_runtime(name, tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv3d(3, 8, 3, padding=1), PADS_3D[name](), nn.Conv3d(8, 8, 3), nn.AdaptiveAvgPool3d(1),
+                          nn.Flatten(), nn.Linear(8, 4)).eval()
+    x = torch.randn(4, 3, 5, 6, 7)
+    qat = qatkit.prepare(model, qatkit.QATConfig(), x[:1])
+    qatkit.calibrate(qat, [x])
+    assert runs_in_onnx_runtime(converts_exactly(qat, model, x, 0.1), x, tmp_path / "m.onnx")["max_step_diff"] == 0
+
+
 def test_a_module_onnx_cannot_express_is_refused_at_export_with_the_fix(tmp_path):
     from qatkit.export import export_onnx
 

@@ -167,8 +167,9 @@ TRACED_THROUGH = (nn.ELU, nn.SELU, nn.CELU, nn.Softplus, nn.Mish, nn.PReLU, nn.G
                   nn.LocalResponseNorm, nn.PixelUnshuffle, nn.ChannelShuffle, nn.Unflatten, nn.AdaptiveMaxPool1d,
                   nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d,
                   nn.ZeroPad1d, nn.ZeroPad2d, nn.ConstantPad1d, nn.ConstantPad2d, nn.ReflectionPad1d, nn.ReflectionPad2d,
-                  nn.ReplicationPad1d, nn.ReplicationPad2d,
-                  *([nn.CircularPad1d, nn.CircularPad2d] if hasattr(nn, "CircularPad2d") else []))
+                  nn.ReplicationPad1d, nn.ReplicationPad2d, nn.ConstantPad3d, nn.ReflectionPad3d, nn.ReplicationPad3d,
+                  *([nn.ZeroPad3d] if hasattr(nn, "ZeroPad3d") else []),
+                  *([nn.CircularPad1d, nn.CircularPad2d, nn.CircularPad3d] if hasattr(nn, "CircularPad2d") else []))
 
 
 def own_parameter_free(module: nn.Module) -> bool:
