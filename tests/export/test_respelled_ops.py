@@ -1,6 +1,9 @@
 """Tensor ops as people spell them, which the integer model knows in another spelling or as an ONNX op of their own:
-x.square() (x·x), torch.minimum/maximum, swapaxes/swapdims and x.mT (transpose), movedim, x.T and x.t() (permute,
-from the rank on the example input), narrow and index_select (an index), flip (a Slice backwards, on the codes),
+x.square() (x·x), torch.minimum/maximum, x.clip (clamp), floor, ceil and round (ONNX's), trunc and frac (sign, floor,
+abs), remainder and fmod (floor, trunc), logsumexp (max, exp, sum, log), logical_and/or/xor (&, |, != of bools),
+outer (a product of unsqueezed vectors), cosine_similarity and pairwise_distance (F.normalize, norm),
+torch.special.erf/expit, swapaxes/swapdims and x.mT (transpose), movedim, x.T and x.t() (permute, from the rank on the
+example input), narrow and index_select (an index), flip (a Slice backwards, on the codes),
 rot90 (flips and a transpose), log1p (log(1 + x)), var/std (the mean of squared deviations, as a LayerNorm written
 out), BERT's GELU written out with torch.erf, sign, reciprocal. Each converts, computes the model's values (float64,
 every layer left float) and runs in ONNX Runtime as qatkit does."""
@@ -10,6 +13,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import converts_exactly, prepares_whole, runs_in_onnx_runtime
 from torch import nn
 
@@ -52,6 +56,17 @@ OPS = {
     "rot90": lambda m, y: torch.rot90(y, 1, (2, 3)) + y.rot90(2, [2, 3]) + torch.rot90(y, -1, (3, 2))
     + y.rot90(4, (2, 3)),
     "log1p": lambda m, y: torch.log1p(y.abs()) + y.relu().log1p(),
+    "clip": lambda m, y: y.clip(-1, 1) + torch.clip(y, min=0.2) + torch.clamp(y, min=-y.abs().mean(1, keepdim=True)),
+    "floor-ceil-round": lambda m, y: torch.floor(y * 3) / 3 + y.ceil() + torch.round(y * 2) / 2 + y.round(),
+    "trunc-frac": lambda m, y: torch.trunc(y * 2) + y.frac() + torch.fix(y * 3) + y.trunc(),
+    "remainder-fmod": lambda m, y: torch.remainder(y, 0.5) + y.fmod(0.7) + y.remainder(-0.3),
+    "logsumexp": lambda m, y: torch.logsumexp(y, 1, keepdim=True) + y.logsumexp((2, 3))[..., None, None],
+    "logical": lambda m, y: torch.where(torch.logical_and(y > 0, y < 1) | torch.logical_xor(y > 0.5, y < -0.5), y,
+                                        torch.logical_or(y > 1, y < -1).float()),
+    "outer": lambda m, y: y * torch.outer(y.mean((0, 1, 3)), y.mean((0, 1, 2))),
+    "cosine-pairwise": lambda m, y: y * F.cosine_similarity(y, y.flip(1), dim=1).unsqueeze(1)
+    + F.pairwise_distance(y, y.flip(3)).unsqueeze(-1),
+    "special": lambda m, y: torch.special.erf(y) + torch.special.expit(y),
 }
 ON_CODES = {"swapaxes-swapdims", "narrow", "index_select", "flip", "movedim", "x.T", "x.t", "rot90"}  # on the codes: no float op
 

@@ -66,6 +66,7 @@ class InPlaceFunctions(_Net):  # the functions' own in-place spellings, and meth
         F.hardtanh_(y, -0.5, 0.5)
         F.leaky_relu_(y, 0.1)
         torch.sigmoid_(y).div_(0.25).clamp_max_(3.0).clamp_min_(0.5)
+        y.clip_(0.6, 2.5).remainder_(0.7)  # (written out in other ops)
         z = torch.tanh_(self.c2(y)).detach()
         return self.fc((z + kept.clamp_min(0.0).clamp_max(1.0)).mean((2, 3)))
 

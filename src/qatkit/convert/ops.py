@@ -62,7 +62,8 @@ _FUNCTIONS = [
     F.conv3d, F.conv_transpose3d, F.max_pool3d, F.avg_pool3d, F.adaptive_avg_pool3d,
     torch.max, torch.min, torch.amax, torch.amin, torch.cumsum, torch.argmax, torch.argmin, topk, torch.abs, torch.log,
     setitem, F.lp_pool1d, F.lp_pool2d, *([F.lp_pool3d] if hasattr(F, "lp_pool3d") else []), torch.clone, torch.detach,
-    torch.flip, torch.erf, torch.sign, torch.reciprocal, F.grid_sample, F.affine_grid,
+    torch.flip, torch.erf, torch.sign, torch.reciprocal, F.grid_sample, F.affine_grid, torch.floor, torch.ceil,
+    torch.round,
 ]
 FUNCTIONS = {f"{getattr(fn, '__module__', None) or 'builtins'}.{fn.__name__}": fn for fn in _FUNCTIONS}
 NAME_OF = {fn: name for name, fn in FUNCTIONS.items()}
@@ -74,7 +75,8 @@ METHODS = {"view", "reshape", "permute", "transpose", "flatten", "contiguous", "
            "masked_fill", "new_zeros", "new_ones", "new_full", "chunk", "split", "tril", "triu", "to", "type_as",
            "pow", "rsqrt", "sqrt", "exp", "neg", "sin", "cos", "repeat_interleave", "unbind", "norm", "roll", "unflatten",
            "long", "int", "bool", "max", "min", "amax", "amin", "cumsum", "argmax", "argmin", "repeat", "abs", "log",
-           "tanh", "log_softmax", "sub", "clone", "detach", "flip", "erf", "sign", "reciprocal"}
+           "tanh", "log_softmax", "sub", "clone", "detach", "flip", "erf", "sign", "reciprocal", "floor", "ceil",
+           "round"}
 # Ops applied to integer codes directly: they keep values on the grid (ReLU handled with the zero point);
 # chunk, split and unbind give a tuple of pieces on the same grid. prepare lets quantization pass through them.
 CODE_PRESERVING_FUNCTIONS = (torch.flatten, torch.reshape, torch.transpose, torch.permute, torch.squeeze,

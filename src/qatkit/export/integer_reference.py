@@ -495,6 +495,7 @@ _OPS = {  # op_type -> handler(inputs, attributes) -> output(s); float ops compu
     "Tanh": lambda i, a: np.tanh(i[0]), "Sqrt": lambda i, a: np.sqrt(i[0]), "Exp": lambda i, a: np.exp(i[0]),
     "DepthToSpace": _depth_to_space, "InstanceNormalization": _instance_norm,
     "BatchNormalization": _batch_norm, "Floor": lambda i, a: np.floor(i[0]), "Ceil": lambda i, a: np.ceil(i[0]),
+    "Round": lambda i, a: np.round(i[0]),
     "Sin": lambda i, a: np.sin(i[0]),
     "Cos": lambda i, a: np.cos(i[0]), "Log": _log, "Abs": lambda i, a: np.abs(i[0]), "Sign": lambda i, a: np.sign(i[0]),
     "Reciprocal": lambda i, a: f32(1) / i[0], "Pow": lambda i, a: np.power(i[0], i[1]).astype(i[0].dtype),

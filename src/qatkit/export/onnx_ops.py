@@ -19,7 +19,8 @@ from qatkit.errors import QatkitError
 BINARY = {"add": "Add", "iadd": "Add", "sub": "Sub", "mul": "Mul", "truediv": "Div", "matmul": "MatMul"}
 UNARY = {"relu": "Relu", "sigmoid": "Sigmoid", "tanh": "Tanh", "sqrt": "Sqrt", "exp": "Exp", "neg": "Neg", "sin": "Sin",
          "cos": "Cos", "softsign": "Softsign", "selu": "Selu", "log": "Log", "abs": "Abs", "erf": "Erf", "sign": "Sign",
-         "reciprocal": "Reciprocal"}  # (Selu: PyTorch's constants)
+         "reciprocal": "Reciprocal", "floor": "Floor", "ceil": "Ceil", "round": "Round"}  # (Selu: PyTorch's constants;
+# Round: half to even, as torch.round)
 COMPARE = {"eq": "Equal", "ne": "Equal", "lt": "Less", "le": "LessOrEqual", "gt": "Greater", "ge": "GreaterOrEqual"}
 LOGICAL = {"and_": "And", "or_": "Or"}
 FACTORIES = ("zeros", "ones", "full", "arange", "linspace", "zeros_like", "ones_like", "full_like", "new_zeros",
@@ -561,13 +562,17 @@ def _float_op(ex, node, short, args, kwargs, rank) -> Value:
             floor = ex.op("Floor", [ex.op("Div", [a, b], "div")], name if short == "floordiv" else "floor")
             return Value(floor if short == "floordiv" else ex.op("Sub", [a, ex.op("Mul", [floor, b], "m")], name), "float")
         return Value(ex.op(BINARY[short], [_c(ex, x), _c(ex, args[1])], name), "float")
-    if short in ("ceil", "floor"):  # math.ceil(H / stride) of sizes: an int
+    if short in ("ceil", "floor") and node["fn"].startswith("math."):  # math.ceil(H / stride) of sizes: an int
         if _integers(x):
             return x
         rounded = ex.op("Ceil" if short == "ceil" else "Floor", [_c(ex, x)], "rounded")
         return Value(ex.op("Cast", [rounded], name, to=TensorProto.INT64), "int")
     if short in ("abs", "neg") and _integers(x):  # of positions
         return Value(ex.op(UNARY[short], [_i(ex, x)], name), "int")
+    if short == "round" and _arg(args, kwargs, 1, "decimals", 0):
+        raise QatkitError(f"torch.round with decimals={_arg(args, kwargs, 1, 'decimals', 0)} (node '{name}') has no ONNX "
+                          "form in qatkit; allowed: decimals=0. Fix: scale, round and scale back "
+                          "(torch.round(x * 100) / 100)")
     if short in UNARY:
         return Value(ex.op(UNARY[short], [_c(ex, x)], name), "float")
     if short == "pow":  # x ** 2 as x·x (as torch computes it), other exponents as Pow
@@ -643,6 +648,9 @@ def _float_op(ex, node, short, args, kwargs, rank) -> Value:
     if short in ("hardtanh", "clamp"):
         lo, hi = ((_arg(args, kwargs, 1, "min_val", -1.0), _arg(args, kwargs, 2, "max_val", 1.0)) if short == "hardtanh"
                   else (_arg(args, kwargs, 1, "min", None), _arg(args, kwargs, 2, "max", None)))
+        if isinstance(lo, Value) or isinstance(hi, Value):  # torch.clamp(x, min=t): elementwise, Max and Min
+            out = xf if lo is None else ex.op("Max", [xf, _c(ex, lo)], "lo")
+            return Value(out if hi is None else ex.op("Min", [out, _c(ex, hi)], name), "float")
         bounds = ["" if v is None else ex.const("b", np.float32(v)) for v in (lo, hi)]
         return Value(ex.op("Clip", [xf, *bounds], name), "float")
     if short == "masked_scores":  # SDPA's attn_mask: a boolean one keeps its True positions, a float one is added

@@ -85,7 +85,16 @@ IN_PLACE_FUNCTIONS = {F.relu_: F.relu, torch.relu_: torch.relu, torch.sigmoid_: 
                       F.selu_: F.selu, torch.clamp_: torch.clamp, torch.clamp_min_: torch.clamp_min,
                       torch.clamp_max_: torch.clamp_max}
 # Methods the integer model knows in another spelling (_Rewriter._respell), so their in-place form is known too.
-RESPELLED_METHODS = {"div", "clamp_min", "clamp_max"}
+RESPELLED_METHODS = {"div", "clamp_min", "clamp_max", "clip", "trunc", "fix", "frac", "remainder", "fmod", "logical_and",
+                     "logical_or", "logical_xor"}
+# Functions (and the same-named tensor methods) written out in ops the integer model and ONNX export know
+# (_written_out); torch.special's aliases as the functions they are.
+WRITTEN_OUT = {torch.clip: "clip", torch.trunc: "trunc", torch.fix: "trunc", torch.frac: "frac",
+               torch.remainder: "remainder", torch.fmod: "fmod", torch.logsumexp: "logsumexp",
+               torch.logical_and: "logical_and", torch.logical_or: "logical_or", torch.logical_xor: "logical_xor",
+               torch.outer: "outer", torch.ger: "outer", F.cosine_similarity: "cosine_similarity",
+               torch.cosine_similarity: "cosine_similarity", F.pairwise_distance: "pairwise_distance",
+               torch.pairwise_distance: "pairwise_distance", torch.special.erf: "erf", torch.special.expit: "sigmoid"}
 FUNCTIONAL_LAYERS = {F.linear: nn.Linear, F.conv1d: nn.Conv1d, F.conv2d: nn.Conv2d, F.conv3d: nn.Conv3d}
 # Arithmetic on sizes (C // n_head, 1 / math.sqrt(head_dim)): shape arithmetic, exact like masks.
 SIZE_ARITHMETIC = {operator.add, operator.sub, operator.mul, operator.floordiv, operator.mod, operator.truediv,
@@ -327,7 +336,6 @@ class _Rewriter:
         self.erased: set[fx.Node] = set()
         self.masks: set[fx.Node] = set()  # graph inputs and the exact masks computed from them
         self.sizes: set[fx.Node] = set()  # x.size(), x.shape and arithmetic on them (also masks)
-        self.functionalized: set[fx.Node] = set()  # in-place ops made functional (_respell)
         self.changes: list[fx.Node] = []  # in-place ops left as written, in graph order (_respell)
 
     def run(self) -> PrepareInfo:
@@ -517,6 +525,9 @@ class _Rewriter:
                     out = g.call_function(torch.flatten, (out, 1))
             node.replace_all_uses_with(out)
             g.erase_node(node)
+        elif (out := self._written_out(node)) is not None:
+            node.replace_all_uses_with(out)
+            g.erase_node(node)
         elif in_place := _in_place(node, self.modules):
             order = {n: i for i, n in enumerate(g.nodes)}
             x = node.args[0]
@@ -539,7 +550,60 @@ class _Rewriter:
                 self._respell(node)  # (torch.clamp_min_(x, 0) as torch.clamp(x, min=0))
             elif node.op == "call_function":
                 node.args, node.kwargs = node.args[:in_place], {**node.kwargs, "inplace": False}
-            self.functionalized.add(node)
+
+    def _written_out(self, node: fx.Node) -> fx.Node | None:
+        """WRITTEN_OUT's functions and methods in ops the integer model knows, inserted before `node` (the result, or
+        None for any other node): clip as clamp; trunc(x) as sign(x)·floor(|x|), frac(x) as x - trunc(x);
+        remainder(x, y) and fmod(x, y) as x - floor(x / y)·y and x - trunc(x / y)·y; logsumexp as max + log Σ exp(x -
+        max); logical_and/or/xor of the inputs as bools (&, |, !=); outer(a, b) as a[:, None]·b[None, :];
+        cosine_similarity as the sum of F.normalize's products (PyTorch's formula, the same floats) and
+        pairwise_distance as (x1 - x2 + eps).norm(p); torch.special.erf/expit as erf/sigmoid."""
+        if node.op == "call_method" and node.target in (*WRITTEN_OUT.values(), "fix", "ger"):
+            name = {"fix": "trunc", "ger": "outer"}.get(node.target, node.target)
+        elif node.op == "call_function" and node.target in WRITTEN_OUT:
+            name = WRITTEN_OUT[node.target]
+        else:
+            return None
+        g = self.graph
+        call = g.call_function
+        a = _call_args(node, {"clip": ("input", "min", "max"), "logsumexp": ("input", "dim", "keepdim"),
+                              "cosine_similarity": ("x1", "x2", "dim", "eps"),
+                              "pairwise_distance": ("x1", "x2", "p", "eps", "keepdim")}.get(name, ("input", "other")))
+        x, y = list(a.values())[:2]
+
+        def trunc(v):
+            return call(operator.mul, (call(torch.sign, (v,)), call(torch.floor, (call(torch.abs, (v,)),))))
+
+        with g.inserting_before(node):
+            if name in ("erf", "sigmoid", "clip"):
+                return call({"erf": torch.erf, "sigmoid": torch.sigmoid, "clip": torch.clamp}[name], node.args, node.kwargs)
+            if name == "trunc":
+                return trunc(x)
+            if name == "frac":
+                return call(operator.sub, (x, trunc(x)))
+            if name in ("remainder", "fmod"):
+                q = call(operator.truediv, (x, y))
+                whole = call(torch.floor, (q,)) if name == "remainder" else trunc(q)
+                return call(operator.sub, (x, call(operator.mul, (whole, y))))
+            if name == "logsumexp":
+                dim, keep = a["dim"], bool(a["keepdim"])
+                top = call(torch.amax, (x, dim), {"keepdim": True})
+                total = call(torch.sum, (call(torch.exp, (call(operator.sub, (x, top)),)), dim), {"keepdim": keep})
+                return call(operator.add, (call(torch.log, (total,)),
+                                           top if keep else call(torch.amax, (x, dim), {"keepdim": False})))
+            if name.startswith("logical_"):
+                p, q = (g.call_method("bool", (v,)) for v in (x, y))
+                return call({"logical_and": operator.and_, "logical_or": operator.or_,
+                             "logical_xor": operator.ne}[name], (p, q))
+            if name == "outer":
+                return call(operator.mul, (call(torch.unsqueeze, (x, 1)), call(torch.unsqueeze, (y, 0))))
+            if name == "cosine_similarity":
+                dim, eps = 1 if a["dim"] is None else a["dim"], 1e-8 if a["eps"] is None else a["eps"]
+                unit = [call(F.normalize, (v, 2.0, dim, eps)) for v in (x, y)]
+                return call(torch.sum, (call(operator.mul, tuple(unit)), dim))
+            p, eps = 2.0 if a["p"] is None else a["p"], 1e-6 if a["eps"] is None else a["eps"]
+            diff = call(operator.add, (call(operator.sub, (x, y)), eps))
+            return g.call_method("norm", (diff, p, -1), {"keepdim": bool(a["keepdim"])})
 
     def _unobserved(self, x, node: fx.Node, order: dict[fx.Node, int]) -> bool:
         """Whether an in-place change of x at `node` shows nowhere but in x's own later uses (which then read
