@@ -2,7 +2,7 @@
 x.square() (x·x), torch.minimum/maximum, x.clip (clamp), floor, ceil and round (ONNX's), trunc and frac (sign, floor,
 abs), remainder and fmod (floor, trunc), logsumexp (max, exp, sum, log), logical_and/or/xor (&, |, != of bools),
 outer (a product of unsqueezed vectors), cosine_similarity and pairwise_distance (F.normalize, norm),
-torch.special.erf/expit, swapaxes/swapdims and x.mT (transpose), movedim, x.T and x.t() (permute, from the rank on the
+torch.special.erf/expit, gather (ONNX's GatherElements, on the codes), swapaxes/swapdims and x.mT (transpose), movedim, x.T and x.t() (permute, from the rank on the
 example input), narrow and index_select (an index), flip (a Slice backwards, on the codes),
 rot90 (flips and a transpose), log1p (log(1 + x)), var/std (the mean of squared deviations, as a LayerNorm written
 out), BERT's GELU written out with torch.erf, sign, reciprocal. Each converts, computes the model's values (float64,
@@ -67,8 +67,10 @@ OPS = {
     "cosine-pairwise": lambda m, y: y * F.cosine_similarity(y, y.flip(1), dim=1).unsqueeze(1)
     + F.pairwise_distance(y, y.flip(3)).unsqueeze(-1),
     "special": lambda m, y: torch.special.erf(y) + torch.special.expit(y),
+    "gather": lambda m, y: torch.gather(y, 3, y.amax(1, keepdim=True).topk(8, dim=3).indices.expand(-1, 8, -1, -1))
+    + y.gather(1, m.order.view(1, 8, 1, 1).expand(y.shape[0], -1, y.shape[2], y.shape[3])),
 }
-ON_CODES = {"swapaxes-swapdims", "narrow", "index_select", "flip", "movedim", "x.T", "x.t", "rot90"}  # on the codes: no float op
+ON_CODES = {"swapaxes-swapdims", "narrow", "index_select", "flip", "movedim", "x.T", "x.t", "rot90", "gather"}  # on the codes: no float op
 
 
 @pytest.mark.parametrize("name", OPS)

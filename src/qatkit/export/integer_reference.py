@@ -481,6 +481,7 @@ _OPS = {  # op_type -> handler(inputs, attributes) -> output(s); float ops compu
     "Pad": _pad,
     "Flatten": lambda i, a: i[0].reshape(int(np.prod(i[0].shape[:a.get("axis", 1)])), -1),
     "Gather": lambda i, a: np.take(i[0], i[1], axis=a.get("axis", 0)),
+    "GatherElements": lambda i, a: np.take_along_axis(i[0], i[1], axis=a.get("axis", 0)),
     "Squeeze": lambda i, a: np.squeeze(i[0], axis=_axes(i, a)),
     "Concat": lambda i, a: np.concatenate(i, axis=a["axis"]),
     "Shape": lambda i, a: np.array(i[0].shape, i64)[a.get("start", 0):a.get("end")],

@@ -225,6 +225,9 @@ def export_call(ex, node: dict) -> Value:
         return same_kind(ex.op("Slice", [x.name, ex.const("starts", np.full(len(dims), -1, np.int64)), ends,
                                          ex.const("ax", np.array(dims, np.int64)),
                                          ex.const("steps", np.full(len(dims), -1, np.int64))], name))
+    if short == "gather":  # torch.gather(x, dim, index): the values at the indices along dim (codes as they are)
+        index = _i(ex, _arg(args, kwargs, 2, "index", None))
+        return same_kind(ex.op("GatherElements", [x.name, index], name, axis=_arg(args, kwargs, 1, "dim", None)))
     if short == "roll":
         return _roll(ex, node, x, _arg(args, kwargs, 1, "shifts", None), _arg(args, kwargs, 2, "dims", None), rank)
     if short == "repeat_interleave":
