@@ -2,11 +2,12 @@
 x.square() (x·x), torch.minimum/maximum, x.clip (clamp), floor, ceil and round (ONNX's), trunc and frac (sign, floor,
 abs), remainder and fmod (floor, trunc), logsumexp (max, exp, sum, log), logical_and/or/xor (&, |, != of bools),
 outer (a product of unsqueezed vectors), cosine_similarity and pairwise_distance (F.normalize, norm),
-torch.special.erf/expit, gather (ONNX's GatherElements, on the codes), swapaxes/swapdims and x.mT (transpose), movedim, x.T and x.t() (permute, from the rank on the
-example input), narrow and index_select (an index), flip (a Slice backwards, on the codes),
-rot90 (flips and a transpose), log1p (log(1 + x)), var/std (the mean of squared deviations, as a LayerNorm written
-out), BERT's GELU written out with torch.erf, sign, reciprocal. Each converts, computes the model's values (float64,
-every layer left float) and runs in ONNX Runtime as qatkit does."""
+torch.special.erf/expit, gather (ONNX's GatherElements, on the codes), sort and argsort (TopK of every value, equal
+ones in order), swapaxes/swapdims and x.mT (transpose), movedim, x.T and x.t() (permute, from the rank on the example
+input), narrow and index_select (an index), flip (a Slice backwards, on the codes), rot90 (flips and a transpose),
+log1p (log(1 + x)), var/std (the mean of squared deviations, as a LayerNorm written out), BERT's GELU written out with
+torch.erf, sign, reciprocal. Each converts, computes the model's values (float64, every layer left float) and runs in
+ONNX Runtime as qatkit does."""
 from __future__ import annotations
 
 import math
@@ -69,8 +70,11 @@ OPS = {
     "special": lambda m, y: torch.special.erf(y) + torch.special.expit(y),
     "gather": lambda m, y: torch.gather(y, 3, y.amax(1, keepdim=True).topk(8, dim=3).indices.expand(-1, 8, -1, -1))
     + y.gather(1, m.order.view(1, 8, 1, 1).expand(y.shape[0], -1, y.shape[2], y.shape[3])),
+    "sort-argsort": lambda m, y: torch.sort(y, 1)[0] + y.sort(dim=3, descending=True).values
+    + torch.gather(y, 2, y.argsort(2)) + y.gather(1, torch.argsort(y, 1, descending=True)),
 }
-ON_CODES = {"swapaxes-swapdims", "narrow", "index_select", "flip", "movedim", "x.T", "x.t", "rot90", "gather"}  # on the codes: no float op
+ON_CODES = {"swapaxes-swapdims", "narrow", "index_select", "flip", "movedim", "x.T", "x.t", "rot90", "gather",
+            "sort-argsort"}  # on the codes: no float op
 
 
 @pytest.mark.parametrize("name", OPS)

@@ -96,9 +96,10 @@ REDUCE_METHODS = {"max", "min", "amax", "amin"}
 REDUCE = {NAME_OF[f] for f in REDUCE_FUNCTIONS} | REDUCE_METHODS
 
 
-def reduces(args: list) -> bool:
-    """torch.max(x, dim) and torch.max(x) reduce; torch.max(a, b) (b a tensor) is elementwise."""
-    return len(args) < 2 or isinstance(args[1], (int, list, tuple))
+def reduces(args: list, target=None) -> bool:
+    """torch.max(x, dim) and torch.max(x) reduce; torch.max(a, b) (b a tensor) is elementwise; topk (`target`)
+    selects, its k an int or a size of the graph."""
+    return target is topk or len(args) < 2 or isinstance(args[1], (int, list, tuple))
 
 
 def _pool_kwargs(m):

@@ -94,7 +94,8 @@ WRITTEN_OUT = {torch.clip: "clip", torch.trunc: "trunc", torch.fix: "trunc", tor
                torch.logical_and: "logical_and", torch.logical_or: "logical_or", torch.logical_xor: "logical_xor",
                torch.outer: "outer", torch.ger: "outer", F.cosine_similarity: "cosine_similarity",
                torch.cosine_similarity: "cosine_similarity", F.pairwise_distance: "pairwise_distance",
-               torch.pairwise_distance: "pairwise_distance", torch.special.erf: "erf", torch.special.expit: "sigmoid"}
+               torch.pairwise_distance: "pairwise_distance", torch.special.erf: "erf", torch.special.expit: "sigmoid",
+               torch.sort: "sort", torch.argsort: "argsort"}
 FUNCTIONAL_LAYERS = {F.linear: nn.Linear, F.conv1d: nn.Conv1d, F.conv2d: nn.Conv2d, F.conv3d: nn.Conv3d}
 # Arithmetic on sizes (C // n_head, 1 / math.sqrt(head_dim)): shape arithmetic, exact like masks.
 SIZE_ARITHMETIC = {operator.add, operator.sub, operator.mul, operator.floordiv, operator.mod, operator.truediv,
@@ -372,7 +373,8 @@ class _Rewriter:
         """Moves or selects values without computing new ones (in eval mode: drop path is the identity there)."""
         return (_is(node, self.modules, GRID_PRESERVING_MODULES, GRID_PRESERVING_FUNCTIONS, GRID_PRESERVING_METHODS)
                 or (node.op == "call_module" and ops.identity_in_eval(self.modules[node.target]))
-                or (_is(node, self.modules, (), set(ops.REDUCE_FUNCTIONS), ops.REDUCE_METHODS) and ops.reduces(node.args))
+                or (_is(node, self.modules, (), set(ops.REDUCE_FUNCTIONS), ops.REDUCE_METHODS)
+                    and ops.reduces(node.args, node.target))
                 or (node.op == "call_function" and node.target is getattr and node.args[1] == "values"))
 
     def _attention(self, node: fx.Node) -> None:
@@ -557,7 +559,8 @@ class _Rewriter:
         remainder(x, y) and fmod(x, y) as x - floor(x / y)·y and x - trunc(x / y)·y; logsumexp as max + log Σ exp(x -
         max); logical_and/or/xor of the inputs as bools (&, |, !=); outer(a, b) as a[:, None]·b[None, :];
         cosine_similarity as the sum of F.normalize's products (PyTorch's formula, the same floats) and
-        pairwise_distance as (x1 - x2 + eps).norm(p); torch.special.erf/expit as erf/sigmoid."""
+        pairwise_distance as (x1 - x2 + eps).norm(p); torch.special.erf/expit as erf/sigmoid; sort and argsort as
+        ops.topk of every value."""
         if node.op == "call_method" and node.target in (*WRITTEN_OUT.values(), "fix", "ger"):
             name = {"fix": "trunc", "ger": "outer"}.get(node.target, node.target)
         elif node.op == "call_function" and node.target in WRITTEN_OUT:
@@ -567,6 +570,7 @@ class _Rewriter:
         g = self.graph
         call = g.call_function
         a = _call_args(node, {"clip": ("input", "min", "max"), "logsumexp": ("input", "dim", "keepdim"),
+                              "sort": ("input", "dim", "descending"), "argsort": ("input", "dim", "descending"),
                               "cosine_similarity": ("x1", "x2", "dim", "eps"),
                               "pairwise_distance": ("x1", "x2", "p", "eps", "keepdim")}.get(name, ("input", "other")))
         x, y = list(a.values())[:2]
@@ -595,6 +599,10 @@ class _Rewriter:
                 p, q = (g.call_method("bool", (v,)) for v in (x, y))
                 return call({"logical_and": operator.and_, "logical_or": operator.or_,
                              "logical_xor": operator.ne}[name], (p, q))
+            if name in ("sort", "argsort"):  # a stable sort: ONNX TopK's order among equal values (quantized values tie)
+                dim = -1 if a["dim"] is None else a["dim"]
+                ranked = call(ops.topk, (x, g.call_method("size", (x, dim)), dim, bool(a["descending"])))
+                return ranked if name == "sort" else call(operator.getitem, (ranked, 1))
             if name == "outer":
                 return call(operator.mul, (call(torch.unsqueeze, (x, 1)), call(torch.unsqueeze, (y, 0))))
             if name == "cosine_similarity":
@@ -928,7 +936,7 @@ class _Rewriter:
 
     def _reduction_indices(self, node: fx.Node) -> bool:
         pair = node.args[0] if node.op == "call_function" and node.target in (operator.getitem, getattr) else None
-        return (isinstance(pair, fx.Node) and node.args[1] in (1, "indices") and ops.reduces(pair.args)
+        return (isinstance(pair, fx.Node) and node.args[1] in (1, "indices") and ops.reduces(pair.args, pair.target)
                 and _is(pair, self.modules, (), set(ops.REDUCE_FUNCTIONS), ops.REDUCE_METHODS))
 
     def _is_softmax(self, node: fx.Node) -> bool:
