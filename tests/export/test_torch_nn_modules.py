@@ -72,7 +72,8 @@ def test_the_module_converts_and_runs_in_onnx_runtime(name, tmp_path):
 
 
 PADS_3D = {"ConstantPad3d": lambda: nn.ConstantPad3d((1, 0, 2, 1, 0, 1), 0.5), "ZeroPad3d": lambda: nn.ZeroPad3d(1),
-           "ReflectionPad3d": lambda: nn.ReflectionPad3d(1), "ReplicationPad3d": lambda: nn.ReplicationPad3d((0, 1, 1, 0, 1, 1))}
+           "ReflectionPad3d": lambda: nn.ReflectionPad3d(1),
+           "ReplicationPad3d": lambda: nn.ReplicationPad3d((0, 1, 1, 0, 1, 1))}
 
 
 @pytest.mark.parametrize("name", list(PADS_3D))

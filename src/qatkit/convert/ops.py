@@ -83,7 +83,8 @@ CODE_PRESERVING_FUNCTIONS = (torch.flatten, torch.reshape, torch.transpose, torc
                              torch.unsqueeze, F.max_pool1d, F.max_pool2d, F.max_pool3d, operator.getitem, torch.chunk,
                              torch.split, torch.repeat_interleave, torch.unbind, F.pixel_shuffle, torch.roll,
                              F.pixel_unshuffle, F.channel_shuffle, torch.unflatten, F.adaptive_max_pool1d,
-                             F.adaptive_max_pool2d, F.adaptive_max_pool3d, torch.clone, torch.detach, torch.flip, torch.gather)
+                             F.adaptive_max_pool2d, F.adaptive_max_pool3d, torch.clone, torch.detach, torch.flip,
+                             torch.gather)
 CODE_PRESERVING_METHODS = {"view", "reshape", "permute", "transpose", "flatten", "contiguous", "squeeze", "unsqueeze",
                            "expand", "chunk", "split", "repeat_interleave", "unbind", "roll", "unflatten", "repeat",
                            "clone", "detach", "flip", "gather"}

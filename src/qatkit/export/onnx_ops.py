@@ -329,10 +329,11 @@ def _adaptive_max_pool(ex, node, x: Value, args, kwargs, rank: int) -> Value:
         out = src
         for axis, (n, o) in enumerate(zip(sizes, size), start=2):
             if n != o:
-                windows = [ex.op("ReduceMax", [ex.op("Slice", [out, ex.const("s", np.array([i * n // o], np.int64)),
-                                                               ex.const("e", np.array([-(-(i + 1) * n // o)], np.int64)),
+                bounds = [(i * n // o, -(-(i + 1) * n // o)) for i in range(o)]  # PyTorch's windows
+                windows = [ex.op("ReduceMax", [ex.op("Slice", [out, ex.const("s", np.array([start], np.int64)),
+                                                               ex.const("e", np.array([end], np.int64)),
                                                                ex.const("a", np.array([axis], np.int64))], "window")],
-                                 "max", axes=[axis], keepdims=1) for i in range(o)]
+                                 "max", axes=[axis], keepdims=1) for start, end in bounds]
                 out = ex.op("Concat", windows, name, axis=axis)
         return Value(out, *kind)
     kernel = [n // o for n, o in zip(sizes, size)]
@@ -572,10 +573,9 @@ def _float_op(ex, node, short, args, kwargs, rank) -> Value:
         return Value(ex.op("Cast", [rounded], name, to=TensorProto.INT64), "int")
     if short in ("abs", "neg") and _integers(x):  # of positions
         return Value(ex.op(UNARY[short], [_i(ex, x)], name), "int")
-    if short == "round" and _arg(args, kwargs, 1, "decimals", 0):
-        raise QatkitError(f"torch.round with decimals={_arg(args, kwargs, 1, 'decimals', 0)} (node '{name}') has no ONNX "
-                          "form in qatkit; allowed: decimals=0. Fix: scale, round and scale back "
-                          "(torch.round(x * 100) / 100)")
+    if short == "round" and (decimals := _arg(args, kwargs, 1, "decimals", 0)):
+        raise QatkitError(f"torch.round with decimals={decimals} (node '{name}') has no ONNX form in qatkit; allowed: "
+                          "decimals=0. Fix: scale, round and scale back (torch.round(x * 100) / 100)")
     if short in UNARY:
         return Value(ex.op(UNARY[short], [_c(ex, x)], name), "float")
     if short == "pow":  # x ** 2 as x·x (as torch computes it), other exponents as Pow
@@ -686,9 +686,9 @@ def _float_op(ex, node, short, args, kwargs, rank) -> Value:
         if rank != 4:
             raise QatkitError(f"grid_sample of a {rank}-D input (node '{name}'); allowed: 4-D (N, C, H, W), as the "
                               "GridSample of ONNX opset 17 (qatkit's). Fix: sample each 2-D slice of the volume")
+        corners = int(bool(_arg(args, kwargs, 4, "align_corners", False)))
         return Value(ex.op("GridSample", [xf, ex.floats(_arg(args, kwargs, 1, "grid", None))], name, mode=mode,
-                           padding_mode=padding, align_corners=int(bool(_arg(args, kwargs, 4, "align_corners", False)))),
-                     "float")
+                           padding_mode=padding, align_corners=corners), "float")
     if short == "softmax":
         return Value(ex.op("Softmax", [xf], name, axis=_arg(args, kwargs, 1, "dim", -1)), "float")
     if short == "layer_norm":
@@ -820,8 +820,8 @@ _RESIZE_MODES = {  # PyTorch's mode: ONNX's mode, coordinate_transformation_mode
 
 def _resize(ex, node, xf: str, args, kwargs, rank: int) -> str:
     """F.interpolate / nn.Upsample as Resize: PyTorch's 'nearest' takes the floor of dst/scale (asymmetric),
-    its (bi/tri)linear and bicubic modes (Keys' kernel, a = -0.75, the edge pixel repeated outside: ONNX's defaults) sample at
-    pixel centres (half_pixel) or corners (align_corners). The output size is floor(size · scale_factor); with
+    its (bi/tri)linear and bicubic modes (Keys' kernel, a = -0.75, the edge pixel repeated outside: ONNX's defaults)
+    sample at pixel centres (half_pixel) or corners (align_corners). The output size is floor(size · scale_factor); with
     recompute_scale_factor the sampling follows output / input size, which a Resize given those sizes does (the sizes
     in float64, as PyTorch's: 10 · 1.3 is 13, not float32's 12.99…)."""
     mode = _arg(args, kwargs, 3, "mode", "nearest")
@@ -879,8 +879,8 @@ def _affine_grid(ex, args: list, kwargs: dict, name: str) -> str:
     xs = ex.op("Expand", [coords[0], hw], "xs")  # (H, W): x along each row
     ys = ex.op("Expand", [ex.op("Unsqueeze", [coords[1], ex.const("axes", np.array([1], np.int64))], "y"), hw], "ys")
     ones = ex.op("ConstantOfShape", [hw], "ones", value=onnx_helper.make_tensor("one", TensorProto.FLOAT, [1], [1.0]))
-    base = ex.op("Concat", [ex.op("Unsqueeze", [v, ex.const("axes", np.array([-1], np.int64))], "c") for v in (xs, ys, ones)],
-                 "base", axis=-1)  # (H, W, 3)
+    last = ex.const("axes", np.array([-1], np.int64))
+    base = ex.op("Concat", [ex.op("Unsqueeze", [v, last], "c") for v in (xs, ys, ones)], "base", axis=-1)  # (H, W, 3)
     flat = ex.op("Reshape", [base, ex.const("shape", np.array([1, -1, 3], np.int64))], "flat")
     theta_t = ex.op("Transpose", [ex.floats(_arg(args, kwargs, 0, "theta", None))], "theta_t", perm=[0, 2, 1])
     grid = ex.op("MatMul", [flat, theta_t], "grid")  # (N, H·W, 2)

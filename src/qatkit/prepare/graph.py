@@ -85,8 +85,8 @@ IN_PLACE_FUNCTIONS = {F.relu_: F.relu, torch.relu_: torch.relu, torch.sigmoid_: 
                       F.selu_: F.selu, torch.clamp_: torch.clamp, torch.clamp_min_: torch.clamp_min,
                       torch.clamp_max_: torch.clamp_max}
 # Methods the integer model knows in another spelling (_Rewriter._respell), so their in-place form is known too.
-RESPELLED_METHODS = {"div", "clamp_min", "clamp_max", "clip", "trunc", "fix", "frac", "remainder", "fmod", "logical_and",
-                     "logical_or", "logical_xor"}
+RESPELLED_METHODS = {"div", "clamp_min", "clamp_max", "clip", "trunc", "fix", "frac", "remainder", "fmod",
+                     "logical_and", "logical_or", "logical_xor"}
 # Functions (and the same-named tensor methods) written out in ops the integer model and ONNX export know
 # (_written_out); torch.special's aliases as the functions they are.
 WRITTEN_OUT = {torch.clip: "clip", torch.trunc: "trunc", torch.fix: "trunc", torch.frac: "frac",
@@ -580,7 +580,8 @@ class _Rewriter:
 
         with g.inserting_before(node):
             if name in ("erf", "sigmoid", "clip"):
-                return call({"erf": torch.erf, "sigmoid": torch.sigmoid, "clip": torch.clamp}[name], node.args, node.kwargs)
+                same = {"erf": torch.erf, "sigmoid": torch.sigmoid, "clip": torch.clamp}[name]
+                return call(same, node.args, node.kwargs)
             if name == "trunc":
                 return trunc(x)
             if name == "frac":
@@ -599,7 +600,7 @@ class _Rewriter:
                 p, q = (g.call_method("bool", (v,)) for v in (x, y))
                 return call({"logical_and": operator.and_, "logical_or": operator.or_,
                              "logical_xor": operator.ne}[name], (p, q))
-            if name in ("sort", "argsort"):  # a stable sort: ONNX TopK's order among equal values (quantized values tie)
+            if name in ("sort", "argsort"):  # stable: ONNX TopK's order among equal values (quantized values tie)
                 dim = -1 if a["dim"] is None else a["dim"]
                 ranked = call(ops.topk, (x, g.call_method("size", (x, dim)), dim, bool(a["descending"])))
                 return ranked if name == "sort" else call(operator.getitem, (ranked, 1))
