@@ -40,8 +40,11 @@ def _base(n: int, h: int, w: int) -> torch.Tensor:
     return torch.stack([xs, ys], -1).expand(n, h, w, 2).contiguous()
 
 
-@pytest.mark.parametrize("mode, padding_mode, align_corners", [("bilinear", "zeros", False), ("bilinear", "border", True),
-                                                               ("nearest", "reflection", False), ("bicubic", "zeros", True)])
+WARPS = [("bilinear", "zeros", False), ("bilinear", "border", True), ("nearest", "reflection", False),
+         ("bicubic", "zeros", True)]
+
+
+@pytest.mark.parametrize("mode, padding_mode, align_corners", WARPS)
 def test_a_flow_warp_converts_and_runs_in_onnx_runtime(mode, padding_mode, align_corners, tmp_path):
     torch.manual_seed(0)
     model, x = Warp(mode, padding_mode, align_corners).eval(), torch.randn(8, 3, 8, 8)
@@ -64,7 +67,8 @@ def test_the_reference_computes_onnx_runtimes_grid_sample(tmp_path):
             for corners in (0, 1):
                 node = helper.make_node("GridSample", ["x", "g"], ["y"], mode=mode, padding_mode=padding,
                                         align_corners=corners)
-                inputs = [helper.make_tensor_value_info(k, TensorProto.FLOAT, v.shape) for k, v in (("x", x), ("g", grid))]
+                inputs = [helper.make_tensor_value_info(k, TensorProto.FLOAT, v.shape) for k, v in (("x", x),
+                                                                                                   ("g", grid))]
                 output = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
                 graph = helper.make_graph([node], "g", inputs, [output])
                 onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "g.onnx")
