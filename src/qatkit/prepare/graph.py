@@ -95,7 +95,8 @@ WRITTEN_OUT = {torch.clip: "clip", torch.trunc: "trunc", torch.fix: "trunc", tor
                torch.outer: "outer", torch.ger: "outer", F.cosine_similarity: "cosine_similarity",
                torch.cosine_similarity: "cosine_similarity", F.pairwise_distance: "pairwise_distance",
                torch.pairwise_distance: "pairwise_distance", torch.special.erf: "erf", torch.special.expit: "sigmoid",
-               torch.sort: "sort", torch.argsort: "argsort"}
+               torch.sort: "sort", torch.argsort: "argsort", torch.expm1: "expm1", torch.exp2: "exp2",
+               torch.log2: "log2", torch.log10: "log10"}
 FUNCTIONAL_LAYERS = {F.linear: nn.Linear, F.conv1d: nn.Conv1d, F.conv2d: nn.Conv2d, F.conv3d: nn.Conv3d}
 # Arithmetic on sizes (C // n_head, 1 / math.sqrt(head_dim)): shape arithmetic, exact like masks.
 SIZE_ARITHMETIC = {operator.add, operator.sub, operator.mul, operator.floordiv, operator.mod, operator.truediv,
@@ -560,7 +561,7 @@ class _Rewriter:
         max); logical_and/or/xor of the inputs as bools (&, |, !=); outer(a, b) as a[:, None]·b[None, :];
         cosine_similarity as the sum of F.normalize's products (PyTorch's formula, the same floats) and
         pairwise_distance as (x1 - x2 + eps).norm(p); torch.special.erf/expit as erf/sigmoid; sort and argsort as
-        ops.topk of every value."""
+        ops.topk of every value; expm1, exp2, log2 and log10 from exp and log."""
         if node.op == "call_method" and node.target in (*WRITTEN_OUT.values(), "fix", "ger"):
             name = {"fix": "trunc", "ger": "outer"}.get(node.target, node.target)
         elif node.op == "call_function" and node.target in WRITTEN_OUT:
@@ -584,6 +585,11 @@ class _Rewriter:
                 return call(same, node.args, node.kwargs)
             if name == "trunc":
                 return trunc(x)
+            if name in ("expm1", "exp2"):  # exp(x) - 1, exp(x·ln 2)
+                return (call(operator.sub, (call(torch.exp, (x,)), 1.0)) if name == "expm1"
+                        else call(torch.exp, (call(operator.mul, (x, math.log(2.0))),)))
+            if name in ("log2", "log10"):  # log(x) / ln 2, log(x) / ln 10
+                return call(operator.truediv, (call(torch.log, (x,)), math.log(2.0 if name == "log2" else 10.0)))
             if name == "frac":
                 return call(operator.sub, (x, trunc(x)))
             if name in ("remainder", "fmod"):
