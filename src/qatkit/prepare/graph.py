@@ -84,9 +84,6 @@ IN_PLACE_FUNCTIONS = {F.relu_: F.relu, torch.relu_: torch.relu, torch.sigmoid_: 
                       F.hardtanh_: F.hardtanh, F.leaky_relu_: F.leaky_relu, F.elu_: F.elu, F.celu_: F.celu,
                       F.selu_: F.selu, torch.clamp_: torch.clamp, torch.clamp_min_: torch.clamp_min,
                       torch.clamp_max_: torch.clamp_max}
-# Methods the integer model knows in another spelling (_Rewriter._respell), so their in-place form is known too.
-RESPELLED_METHODS = {"div", "clamp_min", "clamp_max", "clip", "trunc", "fix", "frac", "remainder", "fmod",
-                     "logical_and", "logical_or", "logical_xor"}
 # Functions (and the same-named tensor methods) written out in ops the integer model and ONNX export know
 # (_written_out); torch.special's aliases as the functions they are.
 WRITTEN_OUT = {torch.clip: "clip", torch.trunc: "trunc", torch.fix: "trunc", torch.frac: "frac",
@@ -97,6 +94,13 @@ WRITTEN_OUT = {torch.clip: "clip", torch.trunc: "trunc", torch.fix: "trunc", tor
                torch.pairwise_distance: "pairwise_distance", torch.special.erf: "erf", torch.special.expit: "sigmoid",
                torch.sort: "sort", torch.argsort: "argsort", torch.expm1: "expm1", torch.exp2: "exp2",
                torch.log2: "log2", torch.log10: "log10"}
+WRITTEN_OUT_METHODS = {"clip": "clip", "trunc": "trunc", "fix": "trunc", "frac": "frac", "remainder": "remainder",
+                       "fmod": "fmod", "logsumexp": "logsumexp", "logical_and": "logical_and",
+                       "logical_or": "logical_or", "logical_xor": "logical_xor", "outer": "outer", "ger": "outer",
+                       "sort": "sort", "argsort": "argsort", "expm1": "expm1", "exp2": "exp2", "log2": "log2",
+                       "log10": "log10"}
+# Methods the integer model knows in another spelling (_Rewriter._respell), so their in-place form is known too.
+RESPELLED_METHODS = {"div", "clamp_min", "clamp_max", *WRITTEN_OUT_METHODS}
 FUNCTIONAL_LAYERS = {F.linear: nn.Linear, F.conv1d: nn.Conv1d, F.conv2d: nn.Conv2d, F.conv3d: nn.Conv3d}
 # Arithmetic on sizes (C // n_head, 1 / math.sqrt(head_dim)): shape arithmetic, exact like masks.
 SIZE_ARITHMETIC = {operator.add, operator.sub, operator.mul, operator.floordiv, operator.mod, operator.truediv,
@@ -562,11 +566,8 @@ class _Rewriter:
         cosine_similarity as the sum of F.normalize's products (PyTorch's formula, the same floats) and
         pairwise_distance as (x1 - x2 + eps).norm(p); torch.special.erf/expit as erf/sigmoid; sort and argsort as
         ops.topk of every value; expm1, exp2, log2 and log10 from exp and log."""
-        if node.op == "call_method" and node.target in (*WRITTEN_OUT.values(), "fix", "ger"):
-            name = {"fix": "trunc", "ger": "outer"}.get(node.target, node.target)
-        elif node.op == "call_function" and node.target in WRITTEN_OUT:
-            name = WRITTEN_OUT[node.target]
-        else:
+        written = WRITTEN_OUT_METHODS if node.op == "call_method" else WRITTEN_OUT if node.op == "call_function" else {}
+        if (name := written.get(node.target)) is None:
             return None
         g = self.graph
         call = g.call_function
