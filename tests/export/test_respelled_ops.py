@@ -2,10 +2,10 @@
 x.square() (x·x), torch.minimum/maximum, x.clip (clamp), floor, ceil and round (ONNX's), trunc and frac (sign, floor,
 abs), remainder and fmod (floor, trunc), logsumexp (max, exp, sum, log), logical_and/or/xor (&, |, != of bools),
 outer (a product of unsqueezed vectors), cosine_similarity and pairwise_distance (F.normalize, norm),
-torch.special.erf/expit, gather (ONNX's GatherElements, on the codes), sort and argsort (TopK of every value, equal
-ones in order), expm1, exp2, log2, log10 (exp, log), swapaxes/swapdims and x.mT (transpose), movedim, x.T and x.t()
-(permute, from the rank on the example input), narrow and index_select (an index), flip (a Slice backwards, on the
-codes), rot90 (flips and a transpose), log1p (log(1 + x)), var/std (the mean of squared deviations, as a LayerNorm
+torch.special.erf/expit, gather (ONNX's GatherElements, on the codes), x.unfold (a Gather of the windows), sort and
+argsort (TopK of every value, equal ones in order), expm1, exp2, log2, log10 (exp, log), swapaxes/swapdims and x.mT
+(transpose), movedim, x.T and x.t() (permute, from the rank on the example input), narrow and index_select (an
+index), flip (a Slice backwards, on the codes), rot90 (flips and a transpose), log1p (log(1 + x)), var/std (the mean of squared deviations, as a LayerNorm
 written out), BERT's GELU written out with torch.erf, sign, reciprocal. Each converts, computes the model's values
 (float64, every layer left float) and runs in ONNX Runtime as qatkit does."""
 from __future__ import annotations
@@ -70,12 +70,14 @@ OPS = {
     "special": lambda m, y: torch.special.erf(y) + torch.special.expit(y),
     "gather": lambda m, y: torch.gather(y, 3, y.amax(1, keepdim=True).topk(8, dim=3).indices.expand(-1, 8, -1, -1))
     + y.gather(1, m.order.view(1, 8, 1, 1).expand(y.shape[0], -1, y.shape[2], y.shape[3])),
+    "x.unfold": lambda m, y: y.unfold(2, 2, 2).unfold(3, 2, 2).permute(0, 1, 2, 4, 3, 5).reshape(y.shape)
+    + torch.cat([y.unfold(3, 3, 1)[..., 1], y[..., :2]], 3),
     "exp-log": lambda m, y: torch.expm1(y) + y.exp2() + torch.log2(y.abs() + 1) + (y.abs() + 1).log10(),
     "sort-argsort": lambda m, y: torch.sort(y, 1)[0] + y.sort(dim=3, descending=True).values
     + torch.gather(y, 2, y.argsort(2)) + y.gather(1, torch.argsort(y, 1, descending=True)),
 }
 ON_CODES = {"swapaxes-swapdims", "narrow", "index_select", "flip", "movedim", "x.T", "x.t", "rot90", "gather",
-            "sort-argsort"}  # on the codes: no float op
+            "sort-argsort", "x.unfold"}  # on the codes: no float op
 
 
 @pytest.mark.parametrize("name", OPS)

@@ -23,6 +23,10 @@ MODULES = {
     "AdaptiveMaxPool2d(1)": lambda: nn.AdaptiveMaxPool2d(1), "AdaptiveMaxPool2d(4)": lambda: nn.AdaptiveMaxPool2d(4),
     "AdaptiveMaxPool2d(3)": lambda: nn.AdaptiveMaxPool2d(3),  # (windows of 3 and 4 pixels on 8: uneven)
     "AdaptiveAvgPool2d((3, 5))": lambda: nn.AdaptiveAvgPool2d((3, 5)),
+    "Unfold-Fold": lambda: nn.Sequential(nn.Unfold(3, padding=1), nn.Fold((8, 8), 3, padding=1)),  # overlapping
+    "Unfold-Fold(stride, dilation)": lambda: nn.Sequential(nn.Unfold(2, dilation=2, stride=3),
+                                                           nn.Fold((8, 8), 2, dilation=2, stride=3)),
+    "Unfold(patches)": lambda: nn.Sequential(nn.Unfold(2, stride=2), nn.Unflatten(2, (4, 4))),  # patches as channels
     "PixelUnshuffle": lambda: nn.PixelUnshuffle(2), "ChannelShuffle": lambda: nn.ChannelShuffle(2),
     "Unflatten": lambda: nn.Sequential(nn.Flatten(2), nn.Unflatten(2, (8, 8))),
     "UpsamplingNearest2d": lambda: nn.UpsamplingNearest2d(scale_factor=2),

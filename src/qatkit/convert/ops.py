@@ -63,7 +63,7 @@ _FUNCTIONS = [
     torch.max, torch.min, torch.amax, torch.amin, torch.cumsum, torch.argmax, torch.argmin, topk, torch.abs, torch.log,
     setitem, F.lp_pool1d, F.lp_pool2d, *([F.lp_pool3d] if hasattr(F, "lp_pool3d") else []), torch.clone, torch.detach,
     torch.flip, torch.erf, torch.sign, torch.reciprocal, F.grid_sample, F.affine_grid, torch.floor, torch.ceil,
-    torch.round, torch.gather,
+    torch.round, torch.gather, F.unfold, F.fold,
 ]
 FUNCTIONS = {f"{getattr(fn, '__module__', None) or 'builtins'}.{fn.__name__}": fn for fn in _FUNCTIONS}
 NAME_OF = {fn: name for name, fn in FUNCTIONS.items()}
@@ -76,7 +76,7 @@ METHODS = {"view", "reshape", "permute", "transpose", "flatten", "contiguous", "
            "pow", "rsqrt", "sqrt", "exp", "neg", "sin", "cos", "repeat_interleave", "unbind", "norm", "roll", "unflatten",
            "long", "int", "bool", "max", "min", "amax", "amin", "cumsum", "argmax", "argmin", "repeat", "abs", "log",
            "tanh", "log_softmax", "sub", "clone", "detach", "flip", "erf", "sign", "reciprocal", "floor", "ceil",
-           "round", "gather"}
+           "round", "gather", "unfold"}
 # Ops applied to integer codes directly: they keep values on the grid (ReLU handled with the zero point);
 # chunk, split and unbind give a tuple of pieces on the same grid. prepare lets quantization pass through them.
 CODE_PRESERVING_FUNCTIONS = (torch.flatten, torch.reshape, torch.transpose, torch.permute, torch.squeeze,
@@ -87,7 +87,7 @@ CODE_PRESERVING_FUNCTIONS = (torch.flatten, torch.reshape, torch.transpose, torc
                              torch.gather)
 CODE_PRESERVING_METHODS = {"view", "reshape", "permute", "transpose", "flatten", "contiguous", "squeeze", "unsqueeze",
                            "expand", "chunk", "split", "repeat_interleave", "unbind", "roll", "unflatten", "repeat",
-                           "clone", "detach", "flip", "gather"}
+                           "clone", "detach", "flip", "gather", "unfold"}
 CODE_PRESERVING = {NAME_OF[f] for f in CODE_PRESERVING_FUNCTIONS} | CODE_PRESERVING_METHODS | {"identity"}
 RELU = {NAME_OF[torch.relu], NAME_OF[F.relu], "relu"}
 # Max/min over an axis (PointNet's global max pool: torch.max(x, 2)[0], x.max(-1).values, x.amax(2)) and topk keep
@@ -172,7 +172,7 @@ TRACED_THROUGH = (nn.ELU, nn.SELU, nn.CELU, nn.Softplus, nn.Mish, nn.PReLU, nn.G
                   nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d,
                   nn.ZeroPad1d, nn.ZeroPad2d, nn.ConstantPad1d, nn.ConstantPad2d, nn.ReflectionPad1d, nn.ReflectionPad2d,
                   nn.ReplicationPad1d, nn.ReplicationPad2d, nn.ConstantPad3d, nn.ReflectionPad3d, nn.ReplicationPad3d,
-                  *([nn.ZeroPad3d] if hasattr(nn, "ZeroPad3d") else []),
+                  *([nn.ZeroPad3d] if hasattr(nn, "ZeroPad3d") else []), nn.Unfold, nn.Fold,
                   *([nn.CircularPad1d, nn.CircularPad2d, nn.CircularPad3d] if hasattr(nn, "CircularPad2d") else []))
 
 

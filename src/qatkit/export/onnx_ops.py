@@ -225,6 +225,9 @@ def export_call(ex, node: dict) -> Value:
         return same_kind(ex.op("Slice", [x.name, ex.const("starts", np.full(len(dims), -1, np.int64)), ends,
                                          ex.const("ax", np.array(dims, np.int64)),
                                          ex.const("steps", np.full(len(dims), -1, np.int64))], name))
+    if short == "unfold" and node.get("method"):  # x.unfold(dim, size, step): windows along dim, a new last axis
+        return same_kind(_windows(ex, x, *(_arg(args, kwargs, i, k, None) for i, k in
+                                          enumerate(("dimension", "size", "step"), start=1)), rank, name))
     if short == "gather":  # torch.gather(x, dim, index): the values at the indices along dim (codes as they are)
         index = _i(ex, _arg(args, kwargs, 2, "index", None))
         return same_kind(ex.op("GatherElements", [x.name, index], name, axis=_arg(args, kwargs, 1, "dim", None)))
@@ -289,6 +292,53 @@ def _size(ex, x: Value, axis: int) -> Value:
     """x.size(axis) as an int64 scalar of the graph."""
     return Value(ex.op("Gather", [ex.op("Shape", [x.name], "shape"), ex.const("i", np.array(axis, np.int64))], "dim"),
                  "int")
+
+
+def _im2col(ex, node, short: str, xf: str, args, kwargs) -> str:
+    """F.unfold as a grouped Conv whose one-hot kernels copy each input value (times 1, plus zeros: exact) to output
+    channel c·kh·kw + i·kw + j, PyTorch's order, flattened to (N, C·kh·kw, L); F.fold as the ConvTranspose of the same
+    kernels, which adds the blocks back where they overlap, to output_size."""
+    fold = short == "fold"
+    offset = 1 if fold else 0  # F.fold(input, output_size, kernel_size, ...)
+    k, dilation, padding, stride = (_ints(_arg(args, kwargs, i + offset, key, default))
+                                    for i, (key, default) in enumerate((("kernel_size", None), ("dilation", 1),
+                                                                        ("padding", 0), ("stride", 1)), start=1))
+    blocks = ex.shapes[node["args"][0]["node"]].shape[1]  # C·kh·kw (fold's input), else C
+    channels = blocks // (k[0] * k[1]) if fold else blocks
+    eye = np.zeros((channels * k[0] * k[1], 1, *k), np.float32)
+    for c in range(channels):
+        for i in range(k[0]):
+            for j in range(k[1]):
+                eye[(c * k[0] + i) * k[1] + j, 0, i, j] = 1.0
+    attrs = dict(kernel_shape=k, dilations=dilation, pads=padding * 2, strides=stride, group=channels)
+    if not fold:
+        cols = ex.op("Conv", [xf, ex.const("eye", eye)], "im2col", **attrs)
+        return ex.op("Reshape", [cols, ex.const("shape", np.array([0, channels * k[0] * k[1], -1], np.int64))],
+                     node["name"])
+    size = list(ex.shapes[node["name"]].shape[2:])  # output_size (on the example: sizes of the graph hold it)
+    blocks_hw = [(s + 2 * p - d * (kk - 1) - 1) // st + 1
+                 for s, p, d, kk, st in zip(size, padding, dilation, k, stride)]
+    shape = ex.const("shape", np.array([0, channels * k[0] * k[1], *blocks_hw], np.int64))
+    cols = ex.op("Reshape", [xf, shape], "cols")
+    extra = [s - ((b - 1) * st - 2 * p + d * (kk - 1) + 1)
+             for s, b, st, p, d, kk in zip(size, blocks_hw, stride, padding, dilation, k)]  # rows no block reaches
+    return ex.op("ConvTranspose", [cols, ex.const("eye", eye)], node["name"], output_padding=extra, **attrs)
+
+
+def _windows(ex, x: Value, dim: int, size: int, step: int, rank: int, name: str) -> str:
+    """x.unfold(dim, size, step) on x as it is: a Gather of the windows' positions start + i (start = 0, step, ...,
+    (n - size) // step windows after the first, n the size of dim in the graph), their axis moved last."""
+    dim = _axis(dim, rank)
+    ints = {v: ex.const("i", np.array(v, np.int64)) for v in (0, 1, size, step)}
+    n = _size(ex, x, dim).name
+    count = ex.op("Add", [ex.op("Div", [ex.op("Sub", [n, ints[size]], "rest"), ints[step]], "more"), ints[1]], "count")
+    starts = ex.op("Mul", [ex.op("Range", [ints[0], count, ints[1]], "w"), ints[step]], "starts")
+    offsets = ex.op("Range", [ints[0], ints[size], ints[1]], "offsets")
+    index = ex.op("Add", [ex.op("Unsqueeze", [starts, ex.const("axes", np.array([1], np.int64))], "s"),
+                          ex.op("Unsqueeze", [offsets, ex.const("axes", np.array([0], np.int64))], "o")], "index")
+    windows = ex.op("Gather", [x.name, index], "windows", axis=dim)  # (..., count, size, ...)
+    perm = [*range(dim + 1), *range(dim + 2, rank + 1), dim + 1]
+    return ex.op("Transpose", [windows], name, perm=perm)
 
 
 def _uneven_average_pool(ex, xf: str, spatial: list[int], size: list[int], name: str) -> str:
@@ -679,6 +729,8 @@ def _float_op(ex, node, short, args, kwargs, rank) -> Value:
                            mode={"replicate": "edge"}.get(mode, mode)), "float")
     if short == "interpolate":
         return Value(_resize(ex, node, xf, args, kwargs, rank), "float")
+    if short in ("unfold", "fold"):  # F.unfold / F.fold (im2col, col2im), 4-D
+        return Value(_im2col(ex, node, short, xf, args, kwargs), "float")
     if short == "affine_grid":
         return Value(_affine_grid(ex, args, kwargs, name), "float")
     if short == "grid_sample":  # (N, C, H, W) sampled at grid (N, Hₒ, Wₒ, 2) of (x, y) in [-1, 1]
