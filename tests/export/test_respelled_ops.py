@@ -5,9 +5,9 @@ outer (a product of unsqueezed vectors), cosine_similarity and pairwise_distance
 torch.special.erf/expit, gather (ONNX's GatherElements, on the codes), x.unfold (a Gather of the windows), sort and
 argsort (TopK of every value, equal ones in order), expm1, exp2, log2, log10 (exp, log), swapaxes/swapdims and x.mT
 (transpose), movedim, x.T and x.t() (permute, from the rank on the example input), narrow and index_select (an
-index), flip (a Slice backwards, on the codes), rot90 (flips and a transpose), log1p (log(1 + x)), var/std (the mean of squared deviations, as a LayerNorm
-written out), BERT's GELU written out with torch.erf, sign, reciprocal. Each converts, computes the model's values
-(float64, every layer left float) and runs in ONNX Runtime as qatkit does."""
+index), flip (a Slice backwards, on the codes), rot90 (flips and a transpose), log1p (log(1 + x)), var/std (the mean
+of squared deviations, as a LayerNorm written out), BERT's GELU written out with torch.erf, sign, reciprocal. Each
+converts, computes the model's values (float64, every layer left float) and runs in ONNX Runtime as qatkit does."""
 from __future__ import annotations
 
 import math
