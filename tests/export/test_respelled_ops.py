@@ -1,13 +1,14 @@
 """Tensor ops as people spell them, which the integer model knows in another spelling or as an ONNX op of their own:
 x.square() (x·x), torch.minimum/maximum, x.clip (clamp), floor, ceil and round (ONNX's), trunc and frac (sign, floor,
-abs), remainder and fmod (floor, trunc), logsumexp (max, exp, sum, log), logical_and/or/xor (&, |, != of bools),
-outer (a product of unsqueezed vectors), cosine_similarity and pairwise_distance (F.normalize, norm),
-torch.special.erf/expit, gather (ONNX's GatherElements, on the codes), x.unfold (a Gather of the windows), sort and
-argsort (TopK of every value, equal ones in order), expm1, exp2, log2, log10 (exp, log), swapaxes/swapdims and x.mT
-(transpose), movedim, x.T and x.t() (permute, from the rank on the example input), narrow and index_select (an
-index), flip (a Slice backwards, on the codes), rot90 (flips and a transpose), log1p (log(1 + x)), var/std (the mean
-of squared deviations, as a LayerNorm written out), BERT's GELU written out with torch.erf, sign, reciprocal. Each
-converts, computes the model's values (float64, every layer left float) and runs in ONNX Runtime as qatkit does."""
+abs), remainder and fmod (floor, trunc), logsumexp (max, exp, sum, log), logical_and/or/xor (&, |, != of bools), outer
+(a product of unsqueezed vectors), cosine_similarity and pairwise_distance (F.normalize, norm), torch.special.erf/expit,
+gather (ONNX's GatherElements, on the codes), x.unfold (a Gather of the windows), sort and argsort (TopK of every value,
+equal ones in order), expm1, exp2, log2, log10 (exp, log), addcmul, addcdiv, lerp, hypot, logit, isnan, nan_to_num,
+cdist (written out), tan, atan, asin, acos, sinh, cosh (ONNX's), swapaxes/swapdims and x.mT (transpose), movedim, x.T
+and x.t() (permute, from the rank on the example input), narrow and index_select (an index), flip (a Slice backwards, on
+the codes), rot90 (flips and a transpose), log1p (log(1 + x)), var/std (the mean of squared deviations, as a LayerNorm
+written out), BERT's GELU written out with torch.erf, sign, reciprocal. Each converts, computes the model's values
+(float64, every layer left float) and runs in ONNX Runtime as qatkit does."""
 from __future__ import annotations
 
 import math
@@ -72,6 +73,16 @@ OPS = {
     + y.gather(1, m.order.view(1, 8, 1, 1).expand(y.shape[0], -1, y.shape[2], y.shape[3])),
     "x.unfold": lambda m, y: y.unfold(2, 2, 2).unfold(3, 2, 2).permute(0, 1, 2, 4, 3, 5).reshape(y.shape)
     + torch.cat([y.unfold(3, 3, 1)[..., 1], y[..., :2]], 3),
+    "addcmul-lerp-hypot": lambda m, y: torch.addcmul(y, y, y.sigmoid(), value=0.5) + torch.addcdiv(y, y, y.abs() + 1)
+    + torch.lerp(y, y.flip(1), 0.3) + y.lerp(y.flip(2), 0.7) + torch.lerp(y, y.flip(3), y.sigmoid())
+    + y.hypot(y.flip(1)),
+    "logit-nan": lambda m, y: torch.logit(y.sigmoid(), eps=1e-3) + torch.where(torch.isnan(y.sqrt()), 0.0, y)
+    + torch.nan_to_num(torch.sqrt(y), nan=0.25),
+    "trig": lambda m, y: torch.tan(y.clamp(-1, 1)) + y.atan() + torch.asin(y.clamp(-1, 1)) + y.clamp(-1, 1).acos()
+    + y.sinh() + torch.cosh(y.clamp(-2, 2)),
+    "cdist": lambda m, y: y * torch.cdist(y.flatten(2).transpose(1, 2), y.flatten(2).transpose(1, 2),  # (the exact
+                                          compute_mode="donot_use_mm_for_euclid_dist").mean(-1).view(  # form)
+        y.shape[0], 1, *y.shape[2:]),
     "exp-log": lambda m, y: torch.expm1(y) + y.exp2() + torch.log2(y.abs() + 1) + (y.abs() + 1).log10(),
     "sort-argsort": lambda m, y: torch.sort(y, 1)[0] + y.sort(dim=3, descending=True).values
     + torch.gather(y, 2, y.argsort(2)) + y.gather(1, torch.argsort(y, 1, descending=True)),

@@ -19,7 +19,8 @@ from qatkit.errors import QatkitError
 BINARY = {"add": "Add", "iadd": "Add", "sub": "Sub", "mul": "Mul", "truediv": "Div", "matmul": "MatMul"}
 UNARY = {"relu": "Relu", "sigmoid": "Sigmoid", "tanh": "Tanh", "sqrt": "Sqrt", "exp": "Exp", "neg": "Neg", "sin": "Sin",
          "cos": "Cos", "softsign": "Softsign", "selu": "Selu", "log": "Log", "abs": "Abs", "erf": "Erf", "sign": "Sign",
-         "reciprocal": "Reciprocal", "floor": "Floor", "ceil": "Ceil", "round": "Round"}  # (Selu: PyTorch's constants;
+         "reciprocal": "Reciprocal", "floor": "Floor", "ceil": "Ceil", "round": "Round", "tan": "Tan", "atan": "Atan",
+         "asin": "Asin", "acos": "Acos", "sinh": "Sinh", "cosh": "Cosh"}  # (Selu: PyTorch's constants;
 # Round: half to even, as torch.round)
 COMPARE = {"eq": "Equal", "ne": "Equal", "lt": "Less", "le": "LessOrEqual", "gt": "Greater", "ge": "GreaterOrEqual"}
 LOGICAL = {"and_": "And", "or_": "Or"}

@@ -93,12 +93,15 @@ WRITTEN_OUT = {torch.clip: "clip", torch.trunc: "trunc", torch.fix: "trunc", tor
                torch.cosine_similarity: "cosine_similarity", F.pairwise_distance: "pairwise_distance",
                torch.pairwise_distance: "pairwise_distance", torch.special.erf: "erf", torch.special.expit: "sigmoid",
                torch.sort: "sort", torch.argsort: "argsort", torch.expm1: "expm1", torch.exp2: "exp2",
-               torch.log2: "log2", torch.log10: "log10"}
+               torch.log2: "log2", torch.log10: "log10", torch.addcmul: "addcmul", torch.addcdiv: "addcdiv",
+               torch.lerp: "lerp", torch.hypot: "hypot", torch.logit: "logit", torch.special.logit: "logit",
+               torch.isnan: "isnan", torch.nan_to_num: "nan_to_num", torch.cdist: "cdist"}
 WRITTEN_OUT_METHODS = {"clip": "clip", "trunc": "trunc", "fix": "trunc", "frac": "frac", "remainder": "remainder",
                        "fmod": "fmod", "logsumexp": "logsumexp", "logical_and": "logical_and",
                        "logical_or": "logical_or", "logical_xor": "logical_xor", "outer": "outer", "ger": "outer",
                        "sort": "sort", "argsort": "argsort", "expm1": "expm1", "exp2": "exp2", "log2": "log2",
-                       "log10": "log10"}
+                       "log10": "log10", "addcmul": "addcmul", "addcdiv": "addcdiv", "lerp": "lerp", "hypot": "hypot",
+                       "logit": "logit", "isnan": "isnan", "nan_to_num": "nan_to_num"}
 # Methods the integer model knows in another spelling (_Rewriter._respell), so their in-place form is known too.
 RESPELLED_METHODS = {"div", "clamp_min", "clamp_max", *WRITTEN_OUT_METHODS}
 FUNCTIONAL_LAYERS = {F.linear: nn.Linear, F.conv1d: nn.Conv1d, F.conv2d: nn.Conv2d, F.conv3d: nn.Conv3d}
@@ -565,7 +568,9 @@ class _Rewriter:
         max); logical_and/or/xor of the inputs as bools (&, |, !=); outer(a, b) as a[:, None]·b[None, :];
         cosine_similarity as the sum of F.normalize's products (PyTorch's formula, the same floats) and
         pairwise_distance as (x1 - x2 + eps).norm(p); torch.special.erf/expit as erf/sigmoid; sort and argsort as
-        ops.topk of every value; expm1, exp2, log2 and log10 from exp and log."""
+        ops.topk of every value; expm1, exp2, log2 and log10 from exp and log; addcmul, addcdiv, lerp (both of
+        PyTorch's forms), hypot, logit, isnan (x != x), nan_to_num (where and clamp), cdist (the pairs'
+        differences' norm)."""
         written = WRITTEN_OUT_METHODS if node.op == "call_method" else WRITTEN_OUT if node.op == "call_function" else {}
         if (name := written.get(node.target)) is None:
             return None
@@ -574,7 +579,11 @@ class _Rewriter:
         a = _call_args(node, {"clip": ("input", "min", "max"), "logsumexp": ("input", "dim", "keepdim"),
                               "sort": ("input", "dim", "descending"), "argsort": ("input", "dim", "descending"),
                               "cosine_similarity": ("x1", "x2", "dim", "eps"),
-                              "pairwise_distance": ("x1", "x2", "p", "eps", "keepdim")}.get(name, ("input", "other")))
+                              "pairwise_distance": ("x1", "x2", "p", "eps", "keepdim"),
+                              "addcmul": ("input", "tensor1", "tensor2", "value"), "lerp": ("input", "end", "weight"),
+                              "addcdiv": ("input", "tensor1", "tensor2", "value"), "logit": ("input", "eps"),
+                              "nan_to_num": ("input", "nan", "posinf", "neginf"), "cdist": ("x1", "x2", "p")
+                              }.get(name, ("input", "other")))
         x, y = list(a.values())[:2]
 
         def trunc(v):
@@ -591,6 +600,32 @@ class _Rewriter:
                         else call(torch.exp, (call(operator.mul, (x, math.log(2.0))),)))
             if name in ("log2", "log10"):  # log(x) / ln 2, log(x) / ln 10
                 return call(operator.truediv, (call(torch.log, (x,)), math.log(2.0 if name == "log2" else 10.0)))
+            if name in ("addcmul", "addcdiv"):  # x + value·(t1 ∘ t2)
+                t = call(operator.mul if name == "addcmul" else operator.truediv, (a["tensor1"], a["tensor2"]))
+                return call(operator.add, (x, t if a["value"] in (None, 1) else call(operator.mul, (t, a["value"]))))
+            if name == "lerp":  # PyTorch's two forms: x + w·(end - x) where |w| < ½, else end - (end - x)·(1 - w)
+                w, span = a["weight"], call(operator.sub, (y, x))
+                near = call(operator.add, (x, call(operator.mul, (w, span))))
+                far = call(operator.sub, (y, call(operator.mul, (span, call(operator.sub, (1.0, w))))))
+                if not isinstance(w, fx.Node):
+                    return near if abs(w) < 0.5 else far
+                return call(torch.where, (call(operator.lt, (call(torch.abs, (w,)), 0.5)), near, far))
+            if name == "hypot":
+                return call(torch.sqrt, (call(operator.add, (call(operator.mul, (x, x)), call(operator.mul, (y, y)))),))
+            if name == "logit":  # log(x / (1 - x)), x clamped to [eps, 1 - eps] when eps is given
+                if a["eps"] is not None:
+                    x = call(torch.clamp, (x, a["eps"], 1.0 - a["eps"]))
+                return call(torch.log, (call(operator.truediv, (x, call(operator.sub, (1.0, x)))),))
+            if name == "isnan":  # NaN is the value unequal to itself
+                return call(operator.ne, (x, x))
+            if name == "nan_to_num":  # NaN → nan (0), ±inf → the given values, else float32's largest finite
+                big = torch.finfo(torch.float32).max
+                out = call(torch.clamp, (x,), {"min": -big if a["neginf"] is None else a["neginf"],
+                                                "max": big if a["posinf"] is None else a["posinf"]})
+                return call(torch.where, (call(operator.ne, (x, x)), 0.0 if a["nan"] is None else a["nan"], out))
+            if name == "cdist":  # ‖x1_i - x2_j‖_p of every pair: their differences' norm (PyTorch's direct form)
+                diff = call(operator.sub, (call(torch.unsqueeze, (x, -2)), call(torch.unsqueeze, (y, -3))))
+                return g.call_method("norm", (diff, 2.0 if a["p"] is None else a["p"], -1))
             if name == "frac":
                 return call(operator.sub, (x, trunc(x)))
             if name in ("remainder", "fmod"):
