@@ -17,11 +17,11 @@ from qatkit.convert.ops import GETATTR, NAME_OF
 from qatkit.errors import QatkitError
 
 BINARY = {"add": "Add", "iadd": "Add", "sub": "Sub", "mul": "Mul", "truediv": "Div", "matmul": "MatMul"}
+# (Selu: PyTorch's constants; Round: half to even, as torch.round)
 UNARY = {"relu": "Relu", "sigmoid": "Sigmoid", "tanh": "Tanh", "sqrt": "Sqrt", "exp": "Exp", "neg": "Neg", "sin": "Sin",
          "cos": "Cos", "softsign": "Softsign", "selu": "Selu", "log": "Log", "abs": "Abs", "erf": "Erf", "sign": "Sign",
          "reciprocal": "Reciprocal", "floor": "Floor", "ceil": "Ceil", "round": "Round", "tan": "Tan", "atan": "Atan",
-         "asin": "Asin", "acos": "Acos", "sinh": "Sinh", "cosh": "Cosh"}  # (Selu: PyTorch's constants;
-# Round: half to even, as torch.round)
+         "asin": "Asin", "acos": "Acos", "sinh": "Sinh", "cosh": "Cosh"}
 COMPARE = {"eq": "Equal", "ne": "Equal", "lt": "Less", "le": "LessOrEqual", "gt": "Greater", "ge": "GreaterOrEqual"}
 LOGICAL = {"and_": "And", "or_": "Or"}
 FACTORIES = ("zeros", "ones", "full", "arange", "linspace", "zeros_like", "ones_like", "full_like", "new_zeros",
