@@ -4,11 +4,11 @@ abs), remainder and fmod (floor, trunc), logsumexp (max, exp, sum, log), logical
 (a product of unsqueezed vectors), cosine_similarity and pairwise_distance (F.normalize, norm), torch.special.erf/expit,
 gather (ONNX's GatherElements, on the codes), x.unfold (a Gather of the windows), sort and argsort (TopK of every value,
 equal ones in order), expm1, exp2, log2, log10 (exp, log), addcmul, addcdiv, lerp, hypot, logit, isnan, nan_to_num,
-cdist (written out), tan, atan, asin, acos, sinh, cosh (ONNX's), swapaxes/swapdims and x.mT (transpose), movedim, x.T
-and x.t() (permute, from the rank on the example input), narrow and index_select (an index), flip (a Slice backwards, on
-the codes), rot90 (flips and a transpose), log1p (log(1 + x)), var/std (the mean of squared deviations, as a LayerNorm
-written out), BERT's GELU written out with torch.erf, sign, reciprocal. Each converts, computes the model's values
-(float64, every layer left float) and runs in ONNX Runtime as qatkit does."""
+cdist (written out), tan, atan, asin, acos, sinh, cosh, prod (ONNX's), swapaxes/swapdims and x.mT (transpose), movedim,
+x.T and x.t() (permute, from the rank on the example input), narrow and index_select (an index), flip (a Slice
+backwards, on the codes), rot90 (flips and a transpose), log1p (log(1 + x)), var/std (the mean of squared deviations, as
+a LayerNorm written out), BERT's GELU written out with torch.erf, sign, reciprocal. Each converts, computes the model's
+values (float64, every layer left float) and runs in ONNX Runtime as qatkit does."""
 from __future__ import annotations
 
 import math
@@ -78,6 +78,7 @@ OPS = {
     + y.hypot(y.flip(1)),
     "logit-nan": lambda m, y: torch.logit(y.sigmoid(), eps=1e-3) + torch.where(torch.isnan(y.sqrt()), 0.0, y)
     + torch.nan_to_num(torch.sqrt(y), nan=0.25),
+    "prod": lambda m, y: y * torch.prod(y.sigmoid() + 0.5, 1, keepdim=True) + y.sigmoid().prod(-1, keepdim=True),
     "trig": lambda m, y: torch.tan(y.clamp(-1, 1)) + y.atan() + torch.asin(y.clamp(-1, 1)) + y.clamp(-1, 1).acos()
     + y.sinh() + torch.cosh(y.clamp(-2, 2)),
     "cdist": lambda m, y: y * torch.cdist(y.flatten(2).transpose(1, 2), y.flatten(2).transpose(1, 2),  # (the exact

@@ -518,6 +518,7 @@ _OPS = {  # op_type -> handler(inputs, attributes) -> output(s); float ops compu
     "LeakyRelu": lambda i, a: np.where(i[0] >= 0, i[0], i[0] * f32(a.get("alpha", 0.01))),
     "Resize": _resize, "GridSample": _grid_sample, "Where": lambda i, a: np.where(i[0], i[1], i[2]).astype(i[2].dtype),
     "ReduceSum": lambda i, a: i[0].sum(axis=_axes(i, a), keepdims=bool(a.get("keepdims", 1)), dtype=f32),
+    "ReduceProd": lambda i, a: i[0].prod(axis=_axes(i, a), keepdims=bool(a.get("keepdims", 1)), dtype=f32),
     "ReduceL1": lambda i, a: _OPS["ReduceSum"]([np.abs(i[0]), *i[1:]], a),
     "ReduceL2": lambda i, a: np.sqrt(_OPS["ReduceSum"]([np.square(i[0]), *i[1:]], a)),
     "Gemm": lambda i, a: f32(a.get("alpha", 1.0)) * ((i[0].T if a.get("transA", 0) else i[0])

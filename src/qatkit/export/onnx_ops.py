@@ -833,12 +833,13 @@ def _float_op(ex, node, short, args, kwargs, rank) -> Value:
             pad, count_pad = [0] * n, False
         return Value(ex.op("AveragePool", [xf], name, kernel_shape=k, strides=stride, pads=pad * 2,
                            ceil_mode=int(ceil), count_include_pad=int(count_pad)), "float")
-    if short in ("mean", "sum"):
+    if short in ("mean", "sum", "prod"):
         dim = _arg(args, kwargs, 1, "dim", None)
         keep = int(bool(_arg(args, kwargs, 2, "keepdim", False)))
         axes = None if dim is None else _ints(dim) if not isinstance(dim, int) else [dim]
-        if short == "mean":
-            return Value(ex.op("ReduceMean", [xf], name, keepdims=keep, **({"axes": axes} if axes else {})), "float")
+        if short in ("mean", "prod"):  # (their axes an attribute in opset 17)
+            op = "ReduceMean" if short == "mean" else "ReduceProd"
+            return Value(ex.op(op, [xf], name, keepdims=keep, **({"axes": axes} if axes else {})), "float")
         extra = [ex.const("axes", np.array(axes, np.int64))] if axes else []
         return Value(ex.op("ReduceSum", [xf, *extra], name, keepdims=keep), "float")
     if short in ("linear", "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d"):
