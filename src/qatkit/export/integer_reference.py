@@ -385,8 +385,7 @@ def _gs_pixels(coordinate, size: int, corners: int):
 def _gs_reflect(v, lo, hi):
     """A pixel index reflected at the edges lo, hi until inside, then truncated (GridSample's reflection padding)."""
     span = hi - lo
-    below, above = lo - v, v - hi
-    d = np.where(v < lo, below, np.where(v > hi, above, f32(0))).astype(f32)
+    d = np.where(v < lo, lo - v, np.where(v > hi, v - hi, f32(0))).astype(f32)
     k = np.trunc(d / span)
     r = d - (k * span).astype(f32)
     even = k % 2 == 0

@@ -71,7 +71,8 @@ def prepare(model: nn.Module, config: QATConfig | None = None,
     # own arithmetic on the weight) stays float, and first/last then moves to the layers quantized around it.
     pristine = copy.deepcopy(model) if any(layer_type(model.get_submodule(n)) not in WRAPPERS for n in plans) else None
     qat = _prepare_module(model, "", config, plans, info := PrepareInfo(), arguments)
-    if pristine is not None and (edge := _quantized_edge(plans, info)) != (next(iter(plans)), next(reversed(plans))):
+    planned_edge = (next(iter(plans)), next(reversed(plans))) if plans else None
+    if pristine is not None and (edge := _quantized_edge(plans, info)) not in (None, planned_edge):
         plans = plan_layers(pristine, config, tuple(WRAPPERS), edge)
         qat = _prepare_module(pristine, "", config, plans, info := PrepareInfo(), arguments)
     qat = qat.to(device).train(training)

@@ -95,15 +95,21 @@ WRITTEN_OUT = {torch.clip: "clip", torch.trunc: "trunc", torch.fix: "trunc", tor
                torch.sort: "sort", torch.argsort: "argsort", torch.expm1: "expm1", torch.exp2: "exp2",
                torch.log2: "log2", torch.log10: "log10", torch.addcmul: "addcmul", torch.addcdiv: "addcdiv",
                torch.lerp: "lerp", torch.hypot: "hypot", torch.logit: "logit", torch.special.logit: "logit",
-               torch.isnan: "isnan", torch.nan_to_num: "nan_to_num", torch.cdist: "cdist"}
+               torch.isnan: "isnan", torch.nan_to_num: "nan_to_num", torch.cdist: "cdist", torch.log1p: "log1p",
+               torch.square: "square", torch.minimum: "minimum", torch.maximum: "maximum", torch.swapaxes: "swapaxes",
+               torch.swapdims: "swapaxes", torch.clamp_min: "clamp_min", torch.clamp_max: "clamp_max"}
 WRITTEN_OUT_METHODS = {"clip": "clip", "trunc": "trunc", "fix": "trunc", "frac": "frac", "remainder": "remainder",
                        "fmod": "fmod", "logsumexp": "logsumexp", "logical_and": "logical_and",
                        "logical_or": "logical_or", "logical_xor": "logical_xor", "outer": "outer", "ger": "outer",
                        "sort": "sort", "argsort": "argsort", "expm1": "expm1", "exp2": "exp2", "log2": "log2",
                        "log10": "log10", "addcmul": "addcmul", "addcdiv": "addcdiv", "lerp": "lerp", "hypot": "hypot",
-                       "logit": "logit", "isnan": "isnan", "nan_to_num": "nan_to_num"}
+                       "logit": "logit", "isnan": "isnan", "nan_to_num": "nan_to_num", "log1p": "log1p",
+                       "square": "square", "minimum": "minimum", "maximum": "maximum", "swapaxes": "swapaxes",
+                       "swapdims": "swapaxes", "clamp_min": "clamp_min", "clamp_max": "clamp_max"}
+# The same functions under another name (_written_out).
+ALIASES = {"erf": torch.erf, "sigmoid": torch.sigmoid, "clip": torch.clamp, "minimum": torch.min, "maximum": torch.max}
 # Methods the integer model knows in another spelling (_Rewriter._respell), so their in-place form is known too.
-RESPELLED_METHODS = {"div", "clamp_min", "clamp_max", *WRITTEN_OUT_METHODS}
+RESPELLED_METHODS = {"div", *WRITTEN_OUT_METHODS}
 FUNCTIONAL_LAYERS = {F.linear: nn.Linear, F.conv1d: nn.Conv1d, F.conv2d: nn.Conv2d, F.conv3d: nn.Conv3d}
 # Arithmetic on sizes (C // n_head, 1 / math.sqrt(head_dim)): shape arithmetic, exact like masks.
 SIZE_ARITHMETIC = {operator.add, operator.sub, operator.mul, operator.floordiv, operator.mod, operator.truediv,
@@ -277,9 +283,7 @@ def _rot90(node: fx.Node) -> tuple | None:
     """(x, k mod 4, dims) of torch.rot90(x, k=1, dims=(0, 1)) / x.rot90(k, dims) with constant arguments; else None."""
     a = _call_args(node, ("input", "k", "dims"))
     k, dims = 1 if a["k"] is None else a["k"], (0, 1) if a["dims"] is None else a["dims"]
-    if type(k) is not int or not (isinstance(dims, (tuple, list)) and len(dims) == 2):
-        return None
-    if not all(type(d) is int for d in dims):
+    if type(k) is not int or not isinstance(dims, (tuple, list)) or [type(d) for d in dims] != [int, int]:
         return None
     return a["input"], k % 4, tuple(dims)
 
@@ -505,28 +509,11 @@ class _Rewriter:
                     out = g.call_method("transpose", (g.call_method("flip", (out, [b if k == 1 else a])), a, b))
             node.replace_all_uses_with(out)
             g.erase_node(node)
-        elif (method == "log1p" or node.target is torch.log1p) and len(node.args) == 1 and not node.kwargs:
-            with g.inserting_before(node):
-                one_plus = g.call_function(operator.add, (1.0, node.args[0]))
-            node.op, node.target, node.args = "call_function", torch.log, (one_plus,)  # log(1 + x)
-        elif (method == "square" or node.target is torch.square) and len(node.args) == 1 and not node.kwargs:
-            node.op, node.target, node.args = "call_function", operator.pow, (node.args[0], 2)  # x ** 2: x·x
-        elif method in ("minimum", "maximum") or node.target in (torch.minimum, torch.maximum):
-            name = method or node.target.__name__  # (two tensors: the elementwise torch.min/max)
-            node.op, node.target = "call_function", torch.min if name == "minimum" else torch.max
-        elif method in ("swapaxes", "swapdims") or node.target in (torch.swapaxes, torch.swapdims):
-            node.op, node.target = "call_method", "transpose"
         elif node.op == "call_function" and node.target is getattr and node.args[1] in ("mT", "mH"):
             node.op, node.target, node.args = "call_method", "transpose", (node.args[0], -2, -1)  # (real tensors)
         elif (method in ("narrow", "index_select") or node.target in (torch.narrow, torch.index_select)) and (
                 index := _index_of(node, method or node.target.__name__)) is not None:
             node.op, node.target, node.args, node.kwargs = "call_function", operator.getitem, (node.args[0], index), {}
-        elif method in ("clamp_min", "clamp_max") or node.target in (torch.clamp_min, torch.clamp_max):
-            bound = "min" if (method or node.target.__name__) == "clamp_min" else "max"
-            value = node.args[1] if len(node.args) == 2 else node.kwargs.get(bound)
-            if len(node.args) + len(node.kwargs) == 2 and value is not None:  # x.clamp_min(0): x.clamp(min=0)
-                node.op, node.target, node.args = "call_function", torch.clamp, node.args[:1]
-                node.kwargs = {bound: value}
         elif (rank := _global_mean_rank(node)) is not None:  # x.mean((2, 3)): the global average pool it is
             x, keepdim = node.args[0], _call_args(node, ("input", "dim", "keepdim"))["keepdim"]
             with g.inserting_before(node):
@@ -563,7 +550,9 @@ class _Rewriter:
 
     def _written_out(self, node: fx.Node) -> fx.Node | None:
         """WRITTEN_OUT's functions and methods in ops the integer model knows, inserted before `node` (the result, or
-        None for any other node): clip as clamp; trunc(x) as sign(x)·floor(|x|), frac(x) as x - trunc(x);
+        None for any other node): ALIASES as the functions they name (torch.minimum/maximum of two tensors: the
+        elementwise torch.min/max); swapaxes/swapdims as transpose; x.clamp_min(v) as x.clamp(min=v); log1p(x) as
+        log(1 + x); x.square() as x ** 2 (x·x); trunc(x) as sign(x)·floor(|x|), frac(x) as x - trunc(x);
         remainder(x, y) and fmod(x, y) as x - floor(x / y)·y and x - trunc(x / y)·y; logsumexp as max + log Σ exp(x -
         max); logical_and/or/xor of the inputs as bools (&, |, !=); outer(a, b) as a[:, None]·b[None, :];
         cosine_similarity as the sum of F.normalize's products (PyTorch's formula, the same floats) and
@@ -590,9 +579,20 @@ class _Rewriter:
             return call(operator.mul, (call(torch.sign, (v,)), call(torch.floor, (call(torch.abs, (v,)),))))
 
         with g.inserting_before(node):
-            if name in ("erf", "sigmoid", "clip"):
-                same = {"erf": torch.erf, "sigmoid": torch.sigmoid, "clip": torch.clamp}[name]
-                return call(same, node.args, node.kwargs)
+            if name in ALIASES:
+                return call(ALIASES[name], node.args, node.kwargs)
+            if name == "swapaxes":
+                return g.call_method("transpose", node.args, node.kwargs)
+            if name in ("clamp_min", "clamp_max"):  # (one bound, by position or name)
+                bound = name[-3:]
+                value = node.args[1] if len(node.args) == 2 else node.kwargs.get(bound)
+                return (call(torch.clamp, (x,), {bound: value})
+                        if len(node.args) + len(node.kwargs) == 2 and value is not None else None)
+            if name in ("log1p", "square"):  # (x alone)
+                if len(node.args) != 1 or node.kwargs:
+                    return None
+                return (call(torch.log, (call(operator.add, (1.0, x)),)) if name == "log1p"
+                        else call(operator.pow, (x, 2)))
             if name == "trunc":
                 return trunc(x)
             if name in ("expm1", "exp2"):  # exp(x) - 1, exp(x·ln 2)
