@@ -1,10 +1,11 @@
-"""torch.nn's activation, padding, pooling and shuffling modules between two quantized convs: the integer model
-computes what PyTorch does (float64, nothing quantized), QAT eval = integer model bit for bit, ONNX Runtime within
-one step and the integer-only reference = ONNX Runtime."""
+"""torch.nn's activation, norm, padding, pooling and shuffling modules, and functional norms, between two quantized
+convs: the integer model computes what PyTorch does (float64, nothing quantized), QAT eval = integer model bit for
+bit, ONNX Runtime within one step and the integer-only reference = ONNX Runtime."""
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import converts_exactly, runs_in_onnx_runtime
 from torch import nn
 
@@ -39,6 +40,14 @@ MODULES = {
     "LPPool2d(2)": lambda: nn.LPPool2d(2, 2),  # (a fractional power of a negative sum is NaN in PyTorch: after a ReLU)
     "LPPool2d(1.5, ceil_mode)": lambda: nn.Sequential(nn.ReLU(), nn.LPPool2d(1.5, 3, 2, ceil_mode=True)),
     "LPPool2d(inf)": lambda: nn.LPPool2d(float("inf"), 2), "LPPool2d(-inf)": lambda: nn.LPPool2d(float("-inf"), 2),
+    # norms without their affine parameters (ONNX's LayerNormalization needs a scale: ones; ONNX Runtime read a
+    # missing one as NaN before); the BatchNorm after a ReLU is not folded
+    "LayerNorm((8, 8), elementwise_affine=False)": lambda: nn.LayerNorm((8, 8), elementwise_affine=False),
+    "LayerNorm(8, bias=False)": lambda: nn.LayerNorm(8, bias=False), "GroupNorm(affine=False)": lambda: nn.GroupNorm(
+        2, 8, affine=False), "InstanceNorm2d": lambda: nn.InstanceNorm2d(8),
+    "ReLU-BatchNorm2d(affine=False)": lambda: nn.Sequential(nn.ReLU(), nn.BatchNorm2d(8, affine=False).eval()),
+    **({"RMSNorm((8, 8), elementwise_affine=False)": lambda: nn.RMSNorm((8, 8), elementwise_affine=False)}
+       if hasattr(nn, "RMSNorm") else {}),
 }
 
 
@@ -101,3 +110,47 @@ def test_a_module_onnx_cannot_express_is_refused_at_export_with_the_fix(tmp_path
     with pytest.raises(QatkitError, match="use an odd size"):
         export_onnx(qatkit.convert(qat.eval()), tmp_path / "m.onnx", x[:1])
     assert not (tmp_path / "m.onnx").exists()
+
+
+class Functional(nn.Module):
+    """conv → a functional norm with the model's parameters, given by position as people write them → conv."""
+
+    def __init__(self, norm):
+        super().__init__()
+        self.c1, self.c2, self.head, self.norm = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3), nn.Linear(8, 4), norm
+        self.w, self.b, self.w2 = nn.Parameter(torch.rand(8) + 0.5), nn.Parameter(torch.randn(8)), nn.Parameter(
+            torch.rand(8, 8) + 0.5)
+        self.register_buffer("mean", torch.randn(8))
+        self.register_buffer("var", torch.rand(8) + 0.5)
+
+    def forward(self, x):
+        return self.head(self.c2(self.norm(self, self.c1(x))).mean((2, 3)))
+
+
+FUNCTIONAL = {
+    "batch_norm": lambda m, y: F.batch_norm(y, m.mean, m.var, m.w, m.b, False, 0.1, 1e-2),
+    "batch_norm without weights": lambda m, y: F.batch_norm(y, m.mean, m.var),
+    "instance_norm": lambda m, y: F.instance_norm(y, None, None, m.w, m.b),
+    "instance_norm with running statistics": lambda m, y: F.instance_norm(y, m.mean, m.var, m.w, m.b, False),
+    "group_norm": lambda m, y: F.group_norm(y, 2, m.w, m.b, 1e-3),
+    "layer_norm": lambda m, y: F.layer_norm(y, (8, 8), m.w2, None, 1e-3),
+    "layer_norm without weights": lambda m, y: F.layer_norm(y, (8,)),
+    "layer_norm over sizes read from the tensor": lambda m, y: F.layer_norm(y, y.shape[-2:]),
+    **({"rms_norm over sizes read from the tensor": lambda m, y: F.rms_norm(y, y.shape[-1:], m.w, 1e-4)}
+       if hasattr(F, "rms_norm") else {}),
+}
+
+
+@pytest.mark.parametrize("name", list(FUNCTIONAL))
+def test_a_functional_norm_converts_and_runs_in_onnx_runtime(name, tmp_path):
+    torch.manual_seed(0)
+    model = Functional(FUNCTIONAL[name]).eval()
+    x = torch.randn(16, 3, 8, 8)
+    with torch.no_grad():
+        skip = qatkit.QATConfig(rules=(qatkit.LayerRule(pattern="*", skip=True),))  # nothing quantized, float64
+        exact = qatkit.convert(qatkit.prepare(model.double(), skip, x.double()).eval())(x.double())
+        torch.testing.assert_close(exact, model(x.double()), rtol=1e-12, atol=1e-12)
+    model.float()
+    qat = qatkit.prepare(model, qatkit.QATConfig(), x[:2])
+    qatkit.calibrate(qat, [x])
+    runs_in_onnx_runtime(converts_exactly(qat, model, x, 0.5), x, tmp_path / "m.onnx")

@@ -581,6 +581,13 @@ def _c(ex, v) -> str:
     return ex.const("c", np.array(v, np.float32))
 
 
+def _normalized_axes(ex, node) -> int:
+    """How many last axes F.layer_norm / F.rms_norm normalize: the length of normalized_shape (an int, a list, or
+    sizes the model read from a tensor: their value on the example)."""
+    raw = node["args"][1] if len(node["args"]) > 1 else node["kwargs"]["normalized_shape"]
+    return len(ex.shapes[raw["node"]]) if isinstance(raw, dict) else len(_ints(raw, 1))
+
+
 def _float_op(ex, node, short, args, kwargs, rank) -> Value:
     name = node["name"]
     x = args[0]
@@ -744,18 +751,21 @@ def _float_op(ex, node, short, args, kwargs, rank) -> Value:
                            padding_mode=padding, align_corners=corners), "float")
     if short == "softmax":
         return Value(ex.op("Softmax", [xf], name, axis=_arg(args, kwargs, 1, "dim", -1)), "float")
-    if short == "layer_norm":
-        shape = _arg(args, kwargs, 1, "normalized_shape", None)
-        inputs = [xf, _c(ex, kwargs["weight"]), _c(ex, kwargs["bias"])]
-        return Value(ex.op("LayerNormalization", inputs, name, axis=-len(shape), epsilon=kwargs.get("eps", 1e-5)), "float")
+    if short == "layer_norm":  # F.layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5)
+        axes = _normalized_axes(ex, node)
+        weight, bias = _arg(args, kwargs, 2, "weight", None), _arg(args, kwargs, 3, "bias", None)
+        scale = _c(ex, weight) if weight is not None else ex.op(  # ONNX's Scale is not optional: ones, x's last sizes
+            "Expand", [_c(ex, 1.0), ex.op("Shape", [xf], "normalized_shape", start=-axes)], "ones")
+        inputs = [xf, scale] + ([] if bias is None else [_c(ex, bias)])
+        return Value(ex.op("LayerNormalization", inputs, name, axis=-axes, epsilon=_arg(args, kwargs, 4, "eps", 1e-5)),
+                     "float")
     if short == "rms_norm":  # x / sqrt(mean(x², the normalized axes) + eps) · weight; eps None: float32's eps
-        shape, eps = _arg(args, kwargs, 1, "normalized_shape", None), kwargs.get("eps")
+        weight, eps = _arg(args, kwargs, 2, "weight", None), _arg(args, kwargs, 3, "eps", None)
         eps = float(np.finfo(np.float32).eps) if eps is None else eps
-        ms = ex.op("ReduceMean", [ex.op("Mul", [xf, xf], "sq")], "ms", axes=list(range(-len(list(shape)), 0)),
+        ms = ex.op("ReduceMean", [ex.op("Mul", [xf, xf], "sq")], "ms", axes=list(range(-_normalized_axes(ex, node), 0)),
                    keepdims=1)
         inv = ex.op("Reciprocal", [ex.op("Sqrt", [ex.op("Add", [ms, _c(ex, eps)], "ms_eps")], "rms")], "inv_rms")
         out = ex.op("Mul", [xf, inv], "normed")
-        weight = kwargs.get("weight")
         return Value(out if weight is None else ex.op("Mul", [out, _c(ex, weight)], name), "float")
     if short in ("normalize", "norm"):  # F.normalize: x / max(‖x‖_p, eps) along dim; x.norm(p, dim, keepdim)
         p = _arg(args, kwargs, 1, "p", 2.0 if short == "normalize" else "fro")
@@ -770,14 +780,17 @@ def _float_op(ex, node, short, args, kwargs, rank) -> Value:
             return Value(norm, "float")
         eps = _c(ex, _arg(args, kwargs, 3, "eps", 1e-12))
         return Value(ex.op("Div", [xf, ex.op("Max", [norm, eps], "norm_eps")], name), "float")
-    if short == "instance_norm":  # per sample and channel over the spatial axes; eval with tracked running statistics:
-        channels = ex.shapes[node["args"][0]["node"]].shape[1]  # a BatchNorm on them
-        weight, bias = (_c(ex, kwargs[k]) if kwargs.get(k) is not None else ex.const(k, np.full(channels, v, np.float32))
-                        for k, v in (("weight", 1.0), ("bias", 0.0)))
+    if short in ("instance_norm", "batch_norm"):  # F.instance_norm(x, running_mean, running_var, weight, bias,
+        # use_input_stats, momentum, eps), F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum,
+        # eps): an InstanceNormalization, or in eval with running statistics a BatchNormalization
+        channels = ex.shapes[node["args"][0]["node"]].shape[1]
+        weight, bias = (_c(ex, v) if (v := _arg(args, kwargs, i, k, None)) is not None
+                        else ex.const(k, np.full(channels, fill, np.float32))  # None: ones and zeros, as PyTorch's
+                        for i, k, fill in ((3, "weight", 1.0), (4, "bias", 0.0)))
         eps = _arg(args, kwargs, 7, "eps", 1e-5)
-        if _arg(args, kwargs, 5, "use_input_stats", True):
+        if short == "instance_norm" and _arg(args, kwargs, 5, "use_input_stats", True):
             return Value(ex.op("InstanceNormalization", [xf, weight, bias], name, epsilon=eps), "float")
-        stats = [_c(ex, kwargs[k]) for k in ("running_mean", "running_var")]
+        stats = [_c(ex, _arg(args, kwargs, i, k, None)) for i, k in ((1, "running_mean"), (2, "running_var"))]
         return Value(ex.op("BatchNormalization", [xf, weight, bias, *stats], name, epsilon=eps), "float")
     if short == "group_norm":  # (N, C, ...) normalised over each group of C/G channels and the spatial axes
         groups, eps = _arg(args, kwargs, 1, "num_groups", None), _arg(args, kwargs, 4, "eps", 1e-5)
@@ -793,9 +806,6 @@ def _float_op(ex, node, short, args, kwargs, rank) -> Value:
         return Value(out, "float")
     if short == "embedding":
         return Value(ex.op("Gather", [_c(ex, _arg(args, kwargs, 1, "weight", None)), x.name], name, axis=0), "float")
-    if short == "batch_norm":
-        inputs = [xf] + [_c(ex, kwargs[k]) for k in ("weight", "bias", "running_mean", "running_var")]
-        return Value(ex.op("BatchNormalization", inputs, name, epsilon=kwargs.get("eps", 1e-5)), "float")
     if short in ("adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d"):
         n = int(short[-2])
         size = _arg(args, kwargs, 1, "output_size", None)
