@@ -79,11 +79,7 @@ def test_padding_modes_run_exactly_in_the_integer_model_and_onnx_runtime(mode, b
         with torch.no_grad():
             assert not torch.equal(qat_zeros(x), expected)
     path = tmp_path / "m.onnx"
-    if mode == "circular":
-        with pytest.raises(QatkitError, match=r"pads in mode 'circular'.*Fix: train with one of those padding modes"):
-            export_onnx(integer, path, x[:1])
-        return
-    _exact_in_ort(integer, x, path)
+    _exact_in_ort(integer, x, path)  # (circular: ONNX opset 17 has no such Pad, the far ends are joined)
     ort_out = ort.run(ort.session(path, threads=1), x)  # the integer-only reference pads the codes as ORT does
     assert np.array_equal(IntegerReference(path, requant="float32").run(x.numpy()), ort_out)
 

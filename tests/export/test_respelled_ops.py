@@ -7,8 +7,11 @@ equal ones in order), expm1, exp2, log2, log10 (exp, log), addcmul, addcdiv, ler
 cdist (written out), tan, atan, asin, acos, sinh, cosh, prod (ONNX's), swapaxes/swapdims and x.mT (transpose), movedim,
 x.T and x.t() (permute, from the rank on the example input), narrow and index_select (an index), flip (a Slice
 backwards, on the codes), rot90 (flips and a transpose), log1p (log(1 + x)), var/std (the mean of squared deviations, as
-a LayerNorm written out), BERT's GELU written out with torch.erf, sign, reciprocal. Each converts, computes the model's
-values (float64, every layer left float) and runs in ONNX Runtime as qatkit does."""
+a LayerNorm written out), BERT's GELU written out with torch.erf, sign, reciprocal, view_as/reshape_as (view/reshape to
+the other's size), torch.mm (@), addmm and baddbmm (β·input + α·(m1 @ m2)), var_mean/std_mean (the two written out),
+tile (repeat), vector_norm, linalg.norm (vector and Frobenius), torch.norm and dist (x.norm, of the flat x for every
+value), diff (slices), F.pad circular (the far ends joined: ONNX opset 17 has no circular Pad). Each converts, computes
+the model's values (float64, every layer left float) and runs in ONNX Runtime as qatkit does."""
 from __future__ import annotations
 
 import math
@@ -87,9 +90,25 @@ OPS = {
     "exp-log": lambda m, y: torch.expm1(y) + y.exp2() + torch.log2(y.abs() + 1) + (y.abs() + 1).log10(),
     "sort-argsort": lambda m, y: torch.sort(y, 1)[0] + y.sort(dim=3, descending=True).values
     + torch.gather(y, 2, y.argsort(2)) + y.gather(1, torch.argsort(y, 1, descending=True)),
+    "view_as-reshape_as": lambda m, y: F.softmax(y.flatten(2), -1).view_as(y) + y.flatten(1).reshape_as(y),
+    "mm-addmm-baddbmm": lambda m, y: y + (torch.mm(y.mean((2, 3)), y.mean((2, 3)).t()).mean(1)
+                                          + torch.addmm(y.mean((2, 3)), y.mean((2, 3)), y.mean((0, 2)), beta=0.5,
+                                                        alpha=2).mean(1)).view(-1, 1, 1, 1)
+    + torch.baddbmm(y[..., 0], y[..., 1], y[..., 2].transpose(1, 2))[..., None, :] * 0.1
+    + y[..., 0].baddbmm(y[..., 1], y[..., 2].mT, beta=0)[..., None, :] * 0.1,
+    "var_mean-std_mean": lambda m, y: y - torch.var_mean(y, (2, 3), keepdim=True)[1]
+    + torch.std_mean(y, 1, keepdim=True, correction=0)[0] * torch.var_mean(y, -1, True, True)[0],
+    "tile": lambda m, y: y.tile(1, 1, 1, 1) + y[:, :, :4].tile(2, 1) + torch.tile(y[..., :4], (2,)),
+    "norms": lambda m, y: y / (torch.linalg.vector_norm(y, dim=1, keepdim=True) + 1)
+    + (torch.norm(y, dim=2)[..., None] + torch.linalg.norm(y, dim=(2, 3), keepdim=True)
+       + torch.linalg.norm(y, 1, 3, True)) * 0.1 + (y.norm() + torch.linalg.vector_norm(y, 1) * 0.1 + torch.dist(
+        y, y.flip(1)) + y.dist(y.flip(2), 1) * 0.1) * 1e-3,
+    "diff": lambda m, y: torch.diff(y, 2, 2, prepend=y[:, :, :2]) + y.diff(dim=1, append=y[:, :1]),
+    "pad-circular": lambda m, y: F.pad(y, (2, 1, 0, 0), mode="circular")[..., 1:-2]
+    + F.pad(y, (0, 1, 1, 0), "circular")[:, :, 1:, :-1] + F.pad(y[0], (3, 2), mode="circular")[None, ..., :8],
 }
 ON_CODES = {"swapaxes-swapdims", "narrow", "index_select", "flip", "movedim", "x.T", "x.t", "rot90", "gather",
-            "sort-argsort", "x.unfold"}  # on the codes: no float op
+            "sort-argsort", "x.unfold", "tile", "pad-circular"}  # on the codes: no float op
 
 
 @pytest.mark.parametrize("name", OPS)
@@ -109,7 +128,7 @@ def test_op_converts_and_runs_in_onnx_runtime(name, tmp_path):
 def test_respelled_graph_computes_the_model_in_float64(name):
     torch.manual_seed(0)
     model, x = Net(OPS[name]).double().eval(), torch.randn(4, 3, 8, 8, dtype=torch.float64)
-    config = qatkit.QATConfig(rules=[qatkit.LayerRule(pattern="*", skip=True)])
+    config = qatkit.QATConfig(rules=[qatkit.LayerRule(pattern="*", skip=True)], matmul_bits=None)  # nothing quantized
     qat = qatkit.prepare(model, config, x[:1]).eval()
     with torch.no_grad():
         torch.testing.assert_close(qat(x), model(x), rtol=0, atol=1e-12)

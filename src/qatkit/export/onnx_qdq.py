@@ -266,11 +266,24 @@ class _Exporter:
 
     def pad_codes(self, x: Value, pads: list[int], mode: str, name: str) -> Value:
         """Pad the spatial axes of integer codes in a PyTorch padding mode (copies of codes: exact)."""
+        nd = len(pads) // 2
+        if mode == "circular":  # no such Pad in opset 17: each axis's far ends joined to it, axis by axis
+            out = x.name
+            for j in range(nd):
+                before, after, axis = pads[j], pads[nd + j], self.const(f"{name}_axis", np.array([2 + j], np.int64))
+
+                def piece(start: int, stop: int) -> str:
+                    bounds = [self.const(f"{name}_{k}", np.array([v], np.int64)) for k, v in (("from", start),
+                                                                                             ("to", stop))]
+                    return self.op("Slice", [out, *bounds, axis], f"{name}_wrap")
+                parts = ([piece(-before, np.iinfo(np.int64).max)] if before else []) + [out] + (
+                    [piece(0, after)] if after else [])
+                out = self.op("Concat", parts, f"{name}_circular", axis=2 + j) if len(parts) > 1 else out
+            return Value(out, "quant", x.scale, x.zero_point)
         onnx_mode = {"reflect": "reflect", "replicate": "edge"}.get(mode)
         if onnx_mode is None:
-            raise QatkitError(f"conv '{name}' pads in mode {mode!r}; ONNX opset {OPSET} pads in zeros, reflect or "
-                              "replicate only. Fix: train with one of those padding modes")
-        nd = len(pads) // 2
+            raise QatkitError(f"conv '{name}' pads in mode {mode!r}; ONNX opset {OPSET} pads in zeros, reflect, "
+                              "replicate or circular only. Fix: train with one of those padding modes")
         all_pads = np.array([0, 0, *pads[:nd], 0, 0, *pads[nd:]], np.int64)  # batch and channel axes unpadded
         padded = self.op("Pad", [x.name, self.const(f"{name}_pads", all_pads)], f"{name}_pad", mode=onnx_mode)
         return Value(padded, "quant", x.scale, x.zero_point)

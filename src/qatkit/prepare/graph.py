@@ -97,7 +97,10 @@ WRITTEN_OUT = {torch.clip: "clip", torch.trunc: "trunc", torch.fix: "trunc", tor
                torch.lerp: "lerp", torch.hypot: "hypot", torch.logit: "logit", torch.special.logit: "logit",
                torch.isnan: "isnan", torch.nan_to_num: "nan_to_num", torch.cdist: "cdist", torch.log1p: "log1p",
                torch.square: "square", torch.minimum: "minimum", torch.maximum: "maximum", torch.swapaxes: "swapaxes",
-               torch.swapdims: "swapaxes", torch.clamp_min: "clamp_min", torch.clamp_max: "clamp_max"}
+               torch.swapdims: "swapaxes", torch.clamp_min: "clamp_min", torch.clamp_max: "clamp_max",
+               torch.addmm: "addmm", torch.baddbmm: "baddbmm", torch.linalg.vector_norm: "vector_norm",
+               torch.linalg.norm: "linalg_norm", torch.norm: "norm", torch.dist: "dist", torch.tile: "tile",
+               torch.diff: "diff", F.pad: "pad"}
 WRITTEN_OUT_METHODS = {"clip": "clip", "trunc": "trunc", "fix": "trunc", "frac": "frac", "remainder": "remainder",
                        "fmod": "fmod", "logsumexp": "logsumexp", "logical_and": "logical_and",
                        "logical_or": "logical_or", "logical_xor": "logical_xor", "outer": "outer", "ger": "outer",
@@ -105,7 +108,9 @@ WRITTEN_OUT_METHODS = {"clip": "clip", "trunc": "trunc", "fix": "trunc", "frac":
                        "log10": "log10", "addcmul": "addcmul", "addcdiv": "addcdiv", "lerp": "lerp", "hypot": "hypot",
                        "logit": "logit", "isnan": "isnan", "nan_to_num": "nan_to_num", "log1p": "log1p",
                        "square": "square", "minimum": "minimum", "maximum": "maximum", "swapaxes": "swapaxes",
-                       "swapdims": "swapaxes", "clamp_min": "clamp_min", "clamp_max": "clamp_max"}
+                       "swapdims": "swapaxes", "clamp_min": "clamp_min", "clamp_max": "clamp_max",
+                       "addmm": "addmm", "baddbmm": "baddbmm", "norm": "norm", "dist": "dist", "tile": "tile",
+                       "diff": "diff"}
 # The same functions under another name (_written_out).
 ALIASES = {"erf": torch.erf, "sigmoid": torch.sigmoid, "clip": torch.clamp, "minimum": torch.min, "maximum": torch.max}
 # Methods the integer model knows in another spelling (_Rewriter._respell), so their in-place form is known too.
@@ -194,6 +199,11 @@ def _call_args(node: fx.Node, names: tuple[str, ...]) -> dict:
     return a
 
 
+def _along(dim: int, index: slice) -> tuple:
+    """The getitem index of `index` along axis `dim` (negative: from the end), whatever x's rank."""
+    return (*[slice(None)] * dim, index) if dim >= 0 else (Ellipsis, index, *[slice(None)] * (-1 - dim))
+
+
 RANK = "qatkit_rank"  # node.meta key: the rank of the node's tensor on the example input (record_ranks)
 
 
@@ -216,12 +226,12 @@ def _global_mean_rank(node: fx.Node) -> int | None:
 
 def _needs_rank(n: fx.Node) -> bool:
     """Whether respelling `n` needs its input's rank: a mean over several axes (_global_mean_rank), x.movedim,
-    x.T, x.t()."""
+    x.T, x.t(), x.tile(dims)."""
     if n.op not in ("call_function", "call_method") or not n.args or not isinstance(n.args[0], fx.Node):
         return False
     return ((n.target in (torch.mean, "mean") and isinstance(_call_args(n, ("input", "dim"))["dim"], (tuple, list)))
             or n.target in (torch.movedim, torch.moveaxis, "movedim", "moveaxis")
-            or (n.target is getattr and n.args[1] == "T") or n.target in (torch.t, "t"))
+            or (n.target is getattr and n.args[1] == "T") or n.target in (torch.t, "t", torch.tile, "tile"))
 
 
 def record_ranks(gm: fx.GraphModule, example: dict[str, object]) -> None:
@@ -422,8 +432,7 @@ class _Rewriter:
                 self.gm.add_submodule(path, nn.Dropout(a["dropout_p"]))
                 weights = g.call_module(path, (weights,))
             out = g.call_function(operator.matmul, (weights, v))
-        node.replace_all_uses_with(out)
-        g.erase_node(node)
+        self._replace(node, out)
 
     def _einsum(self, node: fx.Node) -> None:
         """torch.einsum of two tensors that is a batched matrix product ("bhid,bhjd->bhij"): permutes around a
@@ -440,15 +449,15 @@ class _Rewriter:
             out = g.call_function(operator.matmul, (a, b))
             if plan[2] != sorted(plan[2]):
                 out = g.call_method("permute", (out, *plan[2]))
-        node.replace_all_uses_with(out)
-        g.erase_node(node)
+        self._replace(node, out)
 
     def _respell(self, node: fx.Node) -> None:
         """An op spelled as the op the integer model knows: torch.topk as ops.topk (ONNX's order among equal values),
-        x.type(dtype) as x.to(dtype) (GPT-2), x.expand_as(y) as x.expand(y.size()) (DistilBERT), torch.bmm as @
-        (BART), x.ne(y) and torch.ne(x, y) as x != y (RoBERTa), x.add(y) and torch.sub(x, y, alpha=a) as x + y and
-        x - y·a (prepare quantized torch.add(x, y, alpha=2) as x + y), x.div(y) and torch.div(x, y,
-        rounding_mode="floor") as x / y and x // y; an in-place op (x.relu_(), F.relu(x, inplace=True),
+        x.type(dtype) as x.to(dtype) (GPT-2), x.expand_as(y) as x.expand(y.size()) (DistilBERT), x.view_as(y) and
+        x.reshape_as(y) as x.view/reshape(y.size()), torch.bmm (BART) and torch.mm as @, torch.var_mean/std_mean as
+        var/std and mean, x.ne(y) and torch.ne(x, y) as x != y (RoBERTa), x.add(y) and torch.sub(x, y,
+        alpha=a) as x + y and x - y·a (prepare quantized torch.add(x, y, alpha=2) as x + y), x.div(y) and torch.div(x,
+        y, rounding_mode="floor") as x / y and x // y; an in-place op (x.relu_(), F.relu(x, inplace=True),
         nn.ReLU(inplace=True), x[index] = value: _in_place) whose change nothing else shows (_unobserved) as its
         functional form, whose result x's later uses read (BART's causal mask: `mask.masked_fill_(cond, 0)` after
         `torch.full`; an item assignment as ops.setitem: Hugging Face's Swin mask; an in-place module stays one, its
@@ -462,8 +471,24 @@ class _Rewriter:
             with g.inserting_before(node):
                 node.args = (node.args[0], g.call_method("size", (node.args[1],)))
             node.target = "expand"
-        elif node.target is torch.bmm or method == "bmm":
+        elif method in ("view_as", "reshape_as") and len(node.args) == 2:  # x.view_as(y): x.view(y.size())
+            with g.inserting_before(node):
+                node.args = (node.args[0], g.call_method("size", (node.args[1],)))
+            node.target = method[:-3]
+        elif node.target in (torch.bmm, torch.mm) or method in ("bmm", "mm"):
             node.op, node.target = "call_function", operator.matmul
+        elif (node.target in (torch.var_mean, torch.std_mean) and all(
+                u.target is operator.getitem and u.args[1] in (0, 1) for u in node.users)
+              and _var_arguments(node) is not None):  # (var or std, mean): the two as written out below
+            x, dims, _, keepdim = _var_arguments(node)
+            with g.inserting_before(node):
+                spread = g.call_function(torch.var if node.target is torch.var_mean else torch.std, node.args,
+                                         node.kwargs)
+                parts = (spread, g.call_method("mean", (x, dims), {"keepdim": bool(keepdim)}))
+            for u in list(node.users):
+                self._replace(u, parts[u.args[1]])
+            g.erase_node(node)
+            self._respell(spread)
         elif method in COMPARISONS or node.target in COMPARISONS.values():  # ids.ne(pad) (RoBERTa's positions)
             node.op, node.target = "call_function", getattr(operator, method or node.target.__name__)
         elif ((method in ("add", "sub") or node.target in (torch.add, torch.sub)) and len(node.args) == 2
@@ -490,8 +515,7 @@ class _Rewriter:
                 out = g.call_function(operator.truediv, (out, g.call_function(operator.sub, (n, correction))))
                 if (method or node.target.__name__) == "std":
                     out = g.call_method("sqrt", (out,))
-            node.replace_all_uses_with(out)
-            g.erase_node(node)
+            self._replace(node, out)
         elif (method in ("movedim", "moveaxis") or node.target in (torch.movedim, torch.moveaxis)) and (
                 order := _moved(node)) is not None:
             node.op, node.target, node.args, node.kwargs = "call_method", "permute", (node.args[0], *order), {}
@@ -507,8 +531,7 @@ class _Rewriter:
                     out = g.call_method("flip", (out, [a, b]))
                 elif k:
                     out = g.call_method("transpose", (g.call_method("flip", (out, [b if k == 1 else a])), a, b))
-            node.replace_all_uses_with(out)
-            g.erase_node(node)
+            self._replace(node, out)
         elif node.op == "call_function" and node.target is getattr and node.args[1] in ("mT", "mH"):
             node.op, node.target, node.args = "call_method", "transpose", (node.args[0], -2, -1)  # (real tensors)
         elif (method in ("narrow", "index_select") or node.target in (torch.narrow, torch.index_select)) and (
@@ -520,11 +543,9 @@ class _Rewriter:
                 out = g.call_function(F.adaptive_avg_pool2d if rank == 4 else F.adaptive_avg_pool3d, (x, 1))
                 if not keepdim:
                     out = g.call_function(torch.flatten, (out, 1))
-            node.replace_all_uses_with(out)
-            g.erase_node(node)
+            self._replace(node, out)
         elif (out := self._written_out(node)) is not None:
-            node.replace_all_uses_with(out)
-            g.erase_node(node)
+            self._replace(node, out)
         elif in_place := _in_place(node, self.modules):
             order = {n: i for i, n in enumerate(g.nodes)}
             x = node.args[0]
@@ -559,7 +580,9 @@ class _Rewriter:
         pairwise_distance as (x1 - x2 + eps).norm(p); torch.special.erf/expit as erf/sigmoid; sort and argsort as
         ops.topk of every value; expm1, exp2, log2 and log10 from exp and log; addcmul, addcdiv, lerp (both of
         PyTorch's forms), hypot, logit, isnan (x != x), nan_to_num (where and clamp), cdist (the pairs'
-        differences' norm)."""
+        differences' norm); addmm and baddbmm as β·input + α·(m1 @ m2); linalg.vector_norm, linalg.norm (vector and
+        Frobenius; not other matrix norms), torch.norm and dist as x.norm (of the flat x over every value); tile as
+        repeat; diff as slices; F.pad circular as the far ends of each axis joined to it."""
         written = WRITTEN_OUT_METHODS if node.op == "call_method" else WRITTEN_OUT if node.op == "call_function" else {}
         if (name := written.get(node.target)) is None:
             return None
@@ -571,7 +594,13 @@ class _Rewriter:
                               "pairwise_distance": ("x1", "x2", "p", "eps", "keepdim"),
                               "addcmul": ("input", "tensor1", "tensor2", "value"), "lerp": ("input", "end", "weight"),
                               "addcdiv": ("input", "tensor1", "tensor2", "value"), "logit": ("input", "eps"),
-                              "nan_to_num": ("input", "nan", "posinf", "neginf"), "cdist": ("x1", "x2", "p")
+                              "nan_to_num": ("input", "nan", "posinf", "neginf"), "cdist": ("x1", "x2", "p"),
+                              "addmm": ("input", "mat1", "mat2"), "baddbmm": ("input", "batch1", "batch2"),
+                              "vector_norm": ("input", "ord", "dim", "keepdim"),
+                              "linalg_norm": ("input", "ord", "dim", "keepdim"),
+                              "norm": ("input", "p", "dim", "keepdim"),
+                              "dist": ("input", "other", "p"), "tile": ("input", "dims"),
+                              "diff": ("input", "n", "dim", "prepend", "append"), "pad": ("input", "pad", "mode")
                               }.get(name, ("input", "other")))
         x, y = list(a.values())[:2]
 
@@ -595,6 +624,49 @@ class _Rewriter:
                         else call(operator.pow, (x, 2)))
             if name == "trunc":
                 return trunc(x)
+            if name in ("addmm", "baddbmm"):  # β·input + α·(m1 @ m2) (β = 0: input not read, as PyTorch)
+                beta, alpha = node.kwargs.get("beta", 1), node.kwargs.get("alpha", 1)
+                product = call(operator.matmul, (y, list(a.values())[2]))
+                product = product if alpha == 1 else call(operator.mul, (product, alpha))
+                return product if beta == 0 else call(operator.add, (x if beta == 1 else call(operator.mul, (x, beta)),
+                                                                     product))
+            if name in ("vector_norm", "linalg_norm", "norm", "dist"):  # x.norm(p, dim, keepdim); over every value
+                p = a["p"] if name in ("norm", "dist") else a["ord"]  # (dim None): the flat x's
+                if name == "linalg_norm" and p not in (None, "fro") and not isinstance(a["dim"], int):
+                    return None  # a matrix norm (nuclear, spectral, max column sums)
+                p = ("fro" if name == "norm" else 2.0) if p is None else p
+                x, dim, keep = (call(operator.sub, (x, y)), None, False) if name == "dist" else (x, a["dim"],
+                                                                                                bool(a["keepdim"]))
+                if dim is None:
+                    return None if keep else g.call_method("norm", (call(torch.flatten, (x,)), p, 0))
+                return None if node.target == "norm" else g.call_method("norm", (x, p, dim), {"keepdim": keep})
+            if name == "tile":  # x.repeat(dims), fewer dims than axes padded with leading 1s
+                dims = list(node.args[1:]) if len(node.args) > 2 else a["dims"]
+                dims, rank = [dims] if type(dims) is int else dims, x.meta.get(RANK)
+                if not isinstance(dims, (tuple, list)) or not isinstance(rank, int):
+                    return None
+                return g.call_method("repeat", (x, *[1] * (rank - len(dims)), *dims))
+            if name == "diff":  # prepend and append joined to x along dim, then n times x[1:] - x[:-1] along it
+                n, dim = 1 if a["n"] is None else a["n"], -1 if a["dim"] is None else a["dim"]
+                parts = [v for v in (a["prepend"], x, a["append"]) if v is not None]
+                out = call(torch.cat, (parts, dim)) if len(parts) > 1 else x
+                for _ in range(n):
+                    out = call(operator.sub, (call(operator.getitem, (out, _along(dim, slice(1, None)))),
+                                              call(operator.getitem, (out, _along(dim, slice(None, -1))))))
+                return out
+            if name == "pad":  # mode "circular" (ONNX opset 17 has none): each axis's far ends joined to it, the
+                pads = a["pad"]  # last axis first, as PyTorch pads
+                if a["mode"] != "circular" or not isinstance(pads, (tuple, list)) or any(
+                        type(v) is not int or v < 0 for v in pads):
+                    return None
+                out = x
+                for i in range(len(pads) // 2):
+                    before, after = pads[2 * i], pads[2 * i + 1]
+                    dim = -1 - i
+                    parts = ([call(operator.getitem, (out, _along(dim, slice(-before, None))))] if before else []) + [
+                        out] + ([call(operator.getitem, (out, _along(dim, slice(None, after))))] if after else [])
+                    out = call(torch.cat, (parts, dim)) if len(parts) > 1 else out
+                return out
             if name in ("expm1", "exp2"):  # exp(x) - 1, exp(x·ln 2)
                 return (call(operator.sub, (call(torch.exp, (x,)), 1.0)) if name == "expm1"
                         else call(torch.exp, (call(operator.mul, (x, math.log(2.0))),)))
@@ -779,9 +851,16 @@ class _Rewriter:
             if add is not None:
                 out = self.graph.call_function(operator.add, (out, add))
         read = [a for a in node.all_input_nodes if a.op == "get_attr"]
+        self._replace(node, out)
+        self._erase_unread(read)
+
+    def _replace(self, node: fx.Node, out: fx.Node) -> None:
+        """`node`'s users read `out` (computed before it) instead; node is erased. Its rank (record_ranks) goes to out,
+        for a respelling of a later op that needs it (torch.mm(x.mean((2, 3)).t(), ...): the mean became a pool)."""
+        if RANK in node.meta:
+            out.meta[RANK] = node.meta[RANK]
         node.replace_all_uses_with(out)
         self.graph.erase_node(node)
-        self._erase_unread(read)
 
     def _erase_unread(self, nodes: list[fx.Node]) -> None:
         """Erase those of `nodes` that nothing reads any more, last first (a computation given in graph order is
