@@ -10,8 +10,9 @@ backwards, on the codes), rot90 (flips and a transpose), log1p (log(1 + x)), var
 a LayerNorm written out), BERT's GELU written out with torch.erf, sign, reciprocal, view_as/reshape_as (view/reshape to
 the other's size), torch.mm (@), addmm and baddbmm (β·input + α·(m1 @ m2)), var_mean/std_mean (the two written out),
 tile (repeat), vector_norm, linalg.norm (vector and Frobenius), torch.norm and dist (x.norm, of the flat x for every
-value), diff (slices), F.pad circular (the far ends joined: ONNX opset 17 has no circular Pad). Each converts, computes
-the model's values (float64, every layer left float) and runs in ONNX Runtime as qatkit does."""
+value), diff (slices), F.pad circular (the far ends joined: ONNX opset 17 has no circular Pad), F.one_hot (ids ==
+arange), scatter, scatter_add, scatter_reduce sum/prod (ONNX's ScatterElements) and index_add (scatter_add). Each
+converts, computes the model's values (float64, every layer left float) and runs in ONNX Runtime as qatkit does."""
 from __future__ import annotations
 
 import math
@@ -106,6 +107,18 @@ OPS = {
     "diff": lambda m, y: torch.diff(y, 2, 2, prepend=y[:, :, :2]) + y.diff(dim=1, append=y[:, :1]),
     "pad-circular": lambda m, y: F.pad(y, (2, 1, 0, 0), mode="circular")[..., 1:-2]
     + F.pad(y, (0, 1, 1, 0), "circular")[:, :, 1:, :-1] + F.pad(y[0], (3, 2), mode="circular")[None, ..., :8],
+    "one_hot": lambda m, y: y * F.one_hot(y.argmax(1), 8).permute(0, 3, 1, 2).float(),
+    "scatter": lambda m, y: torch.zeros_like(y).scatter(1, m.order.view(1, 8, 1, 1).expand_as(y), y)
+    + y.scatter(1, m.order[:4].view(1, 4, 1, 1).expand(y.shape[0], 4, 8, 8), 0.5)  # (an index smaller than src)
+    + torch.zeros_like(y).scatter(3, m.order.view(1, 1, 1, 8).expand(y.shape[0], 4, 8, 8), y).sum(1, keepdim=True),
+    "scatter_add-scatter_reduce": lambda m, y: y + torch.zeros_like(y).scatter_add(  # (repeated indices: in order)
+        1, (m.order % 3).view(1, 8, 1, 1).expand_as(y), y) + torch.ones_like(y).scatter_reduce(
+        1, (m.order % 2).view(1, 8, 1, 1).expand_as(y), y.sigmoid(), "prod") + y.scatter_reduce(
+        2, m.order.view(1, 1, 8, 1).expand_as(y), y, "sum"),
+    "index_add": lambda m, y: y.index_add(1, m.order % 4, y) + torch.zeros_like(y).index_add_(2, m.order, y, alpha=0.5)
+    + torch.index_add(y, -1, m.order, y),
+    "scatter of integers": lambda m, y: y * torch.zeros(8, dtype=torch.long).scatter(0, m.order, torch.arange(8)).view(
+        1, 8, 1, 1),
 }
 ON_CODES = {"swapaxes-swapdims", "narrow", "index_select", "flip", "movedim", "x.T", "x.t", "rot90", "gather",
             "sort-argsort", "x.unfold", "tile", "pad-circular"}  # on the codes: no float op

@@ -249,6 +249,20 @@ def _normalized(x, axes: tuple, eps) -> np.ndarray:  # (x - mean) / sqrt(var + e
     return (x - mean) / np.sqrt(var + f32(eps))
 
 
+def _scatter_elements(ins, a):  # data with the updates at the indices along axis (replaced, added or multiplied
+    # in index order, one at a time, as ONNX Runtime does)
+    data, index, updates = ins[0].copy(), ins[1], ins[2]
+    axis = a.get("axis", 0) % data.ndim
+    at = list(np.indices(index.shape, sparse=True))
+    at[axis] = np.where(index < 0, index + data.shape[axis], index)
+    reduction = a.get("reduction", "none")
+    if reduction == "none":
+        data[tuple(at)] = updates
+    else:
+        {"add": np.add, "mul": np.multiply}[reduction].at(data, tuple(at), updates)
+    return data
+
+
 def _layer_norm(ins, a):  # (..., D) normalised over the axes from `axis` on
     axes = tuple(range(a.get("axis", -1) % ins[0].ndim, ins[0].ndim))
     return _normalized(ins[0], axes, a.get("epsilon", 1e-5)) * ins[1] + _opt(ins, 2, f32(0))
@@ -481,6 +495,7 @@ _OPS = {  # op_type -> handler(inputs, attributes) -> output(s); float ops compu
     "Flatten": lambda i, a: i[0].reshape(int(np.prod(i[0].shape[:a.get("axis", 1)])), -1),
     "Gather": lambda i, a: np.take(i[0], i[1], axis=a.get("axis", 0)),
     "GatherElements": lambda i, a: np.take_along_axis(i[0], i[1], axis=a.get("axis", 0)),
+    "ScatterElements": _scatter_elements,
     "Squeeze": lambda i, a: np.squeeze(i[0], axis=_axes(i, a)),
     "Concat": lambda i, a: np.concatenate(i, axis=a["axis"]),
     "Shape": lambda i, a: np.array(i[0].shape, i64)[a.get("start", 0):a.get("end")],

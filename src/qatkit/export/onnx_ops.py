@@ -581,6 +581,30 @@ def _c(ex, v) -> str:
     return ex.const("c", np.array(v, np.float32))
 
 
+def _scatter(ex, short, x, args, kwargs, rank, name) -> Value:
+    """x.scatter(dim, index, src or value[, reduce=]), x.scatter_add(dim, index, src), x.scatter_reduce(dim, index, src,
+    "sum" / "prod"): ONNX ScatterElements (opset 17: replace, add, multiply), updates in index order as PyTorch adds
+    them; src cut to the index's shape (PyTorch reads that corner of it), a number expanded to it."""
+    dim, index, src = (_arg(args, kwargs, i, k, None) for i, k in ((1, "dim"), (2, "index"), (3, "src")))
+    src = kwargs.get("value") if src is None else src
+    reduce = "add" if short == "scatter_add" else _arg(args, kwargs, 4, "reduce", None)
+    reduction = {None: "none", "add": "add", "sum": "add", "multiply": "mul", "prod": "mul"}.get(reduce)
+    if reduction is None or not kwargs.get("include_self", True):
+        raise QatkitError(f"{short} with reduce={reduce!r}, include_self={kwargs.get('include_self', True)!r} (node "
+                          f"'{name}') has no ONNX form in opset 17; allowed: no reduce, 'add'/'sum', 'multiply'/'prod', "
+                          "include_self=True. Fix: use one of those (a mean as a sum over a count's sum)")
+    index = _i(ex, index)
+    if isinstance(src, Value):
+        ends = ex.op("Shape", [index], "index_shape")
+        updates = ex.op("Slice", [_i(ex, src) if _integers(x, src) else ex.floats(src),
+                                  ex.const("starts", np.zeros(rank, np.int64)), ends], "updates")
+    else:  # a number
+        updates = ex.op("Expand", [_i(ex, src) if _integers(x, src) else _c(ex, src),
+                                   ex.op("Shape", [index], "index_shape")], "updates")
+    data, kind = (_i(ex, x), "int") if _integers(x, src) else (ex.floats(x), "float")
+    return Value(ex.op("ScatterElements", [data, index, updates], name, axis=dim, reduction=reduction), kind)
+
+
 def _normalized_axes(ex, node) -> int:
     """How many last axes F.layer_norm / F.rms_norm normalize: the length of normalized_shape (an int, a list, or
     sizes the model read from a tensor: their value on the example)."""
@@ -641,6 +665,8 @@ def _float_op(ex, node, short, args, kwargs, rank) -> Value:
         return Value(ex.op("Mul", [base, base], name) if args[1] == 2 else ex.op("Pow", [base, exponent], name), "float")
     if short == "rsqrt":
         return Value(ex.op("Reciprocal", [ex.op("Sqrt", [_c(ex, x)], "sqrt")], name), "float")
+    if short in ("scatter", "scatter_add", "scatter_reduce"):
+        return _scatter(ex, short, x, args, kwargs, rank, name)
     xf = ex.floats(x)
     if short == "relu6":
         return Value(ex.op("Clip", [xf, ex.const("lo", np.float32(0)), ex.const("hi", np.float32(6))], name), "float")

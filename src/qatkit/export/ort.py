@@ -11,7 +11,7 @@ import onnxruntime as ort
 
 from qatkit.convert.runtime import IntegerModel, QValue, output_list
 from qatkit.errors import ModelFileError
-from qatkit.inputs import as_args, batch_size, call, first, split
+from qatkit.inputs import as_args, batch_size, call, split
 
 
 def session(path: str | os.PathLike, threads: int = 2, quiet: bool = False) -> ort.InferenceSession:
@@ -52,7 +52,7 @@ def run(sess: ort.InferenceSession, x) -> np.ndarray:
 def output_steps(integer: IntegerModel, x) -> list[float | None]:
     """Each output's quantization step (its scale), or None for a float output."""
     result = next(n for n in integer.nodes if n["op"] == "output")["args"][0]
-    values = call(integer.values, first(x))
+    values = call(integer.values, x)  # (not x's first sample: a graph's nodes, say, are no batch of samples)
     return [float(v.scale) if isinstance(v := values[r["node"]], QValue) and v.scale.numel() == 1 else None
             for r in (result if isinstance(result, list) else [result])]
 
@@ -69,7 +69,7 @@ def per_layer(integer: IntegerModel, x) -> list[dict]:
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "debug.onnx"
-        export_onnx(integer, path, first(x), debug_outputs=True)
+        export_onnx(integer, path, x, debug_outputs=True)
         sess = session(path)
         names = [o.name for o in sess.get_outputs() if o.name.startswith("debug/")]
         outs = dict(zip(names, sess.run(names, _feed(sess, x))))

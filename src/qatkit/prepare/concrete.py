@@ -162,9 +162,13 @@ def input_sizes(module: nn.Module, gm: fx.GraphModule, arguments: tuple[dict, di
     keeps them), else the example's size (the graph differs from the module at another size, as a loop unrolled along
     the example does, or the module takes no other size). Probed on the example twice over along an axis, and on its
     first half (a model with a longest length); the axes of that size change together (a text's ids and attention
-    mask, an image's height and width), one at a time where the module takes no other size of them all (_agrees)."""
+    mask, an image's height and width), one at a time where the module takes no other size of them all (_agrees).
+    Probed on one sample, or on the whole example where the module takes no one sample (a graph: its nodes' features
+    and its edges (2, E), E free)."""
     example, fixed = arguments
     tensors = {k: a[:1] for k, a in example.items() if isinstance(a, torch.Tensor)}  # (one sample: the batch is free)
+    if _agrees(module, gm, {**example, **tensors}, fixed) is None:  # the module takes no one sample (a graph's nodes
+        tensors = {k: a for k, a in example.items() if isinstance(a, torch.Tensor)}  # and edges): the example as is
     sizes = {k: [None] + list(a.shape[1:]) for k, a in tensors.items()}
 
     def follows(members: list[tuple[str, int]], n: int) -> bool | None:

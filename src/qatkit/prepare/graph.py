@@ -100,7 +100,7 @@ WRITTEN_OUT = {torch.clip: "clip", torch.trunc: "trunc", torch.fix: "trunc", tor
                torch.swapdims: "swapaxes", torch.clamp_min: "clamp_min", torch.clamp_max: "clamp_max",
                torch.addmm: "addmm", torch.baddbmm: "baddbmm", torch.linalg.vector_norm: "vector_norm",
                torch.linalg.norm: "linalg_norm", torch.norm: "norm", torch.dist: "dist", torch.tile: "tile",
-               torch.diff: "diff", F.pad: "pad"}
+               torch.diff: "diff", F.pad: "pad", F.one_hot: "one_hot", torch.index_add: "index_add"}
 WRITTEN_OUT_METHODS = {"clip": "clip", "trunc": "trunc", "fix": "trunc", "frac": "frac", "remainder": "remainder",
                        "fmod": "fmod", "logsumexp": "logsumexp", "logical_and": "logical_and",
                        "logical_or": "logical_or", "logical_xor": "logical_xor", "outer": "outer", "ger": "outer",
@@ -110,7 +110,7 @@ WRITTEN_OUT_METHODS = {"clip": "clip", "trunc": "trunc", "fix": "trunc", "frac":
                        "square": "square", "minimum": "minimum", "maximum": "maximum", "swapaxes": "swapaxes",
                        "swapdims": "swapaxes", "clamp_min": "clamp_min", "clamp_max": "clamp_max",
                        "addmm": "addmm", "baddbmm": "baddbmm", "norm": "norm", "dist": "dist", "tile": "tile",
-                       "diff": "diff"}
+                       "diff": "diff", "index_add": "index_add"}
 # The same functions under another name (_written_out).
 ALIASES = {"erf": torch.erf, "sigmoid": torch.sigmoid, "clip": torch.clamp, "minimum": torch.min, "maximum": torch.max}
 # Methods the integer model knows in another spelling (_Rewriter._respell), so their in-place form is known too.
@@ -226,12 +226,14 @@ def _global_mean_rank(node: fx.Node) -> int | None:
 
 def _needs_rank(n: fx.Node) -> bool:
     """Whether respelling `n` needs its input's rank: a mean over several axes (_global_mean_rank), x.movedim,
-    x.T, x.t(), x.tile(dims)."""
+    x.T, x.t(), x.tile(dims), x.index_add(dim, ...)."""
     if n.op not in ("call_function", "call_method") or not n.args or not isinstance(n.args[0], fx.Node):
         return False
     return ((n.target in (torch.mean, "mean") and isinstance(_call_args(n, ("input", "dim"))["dim"], (tuple, list)))
             or n.target in (torch.movedim, torch.moveaxis, "movedim", "moveaxis")
-            or (n.target is getattr and n.args[1] == "T") or n.target in (torch.t, "t", torch.tile, "tile"))
+            or (n.target is getattr and n.args[1] == "T") or n.target in (torch.t, "t", torch.tile, "tile",
+                                                                               torch.index_add, "index_add",
+                                                                               "index_add_"))
 
 
 def record_ranks(gm: fx.GraphModule, example: dict[str, object]) -> None:
@@ -582,7 +584,8 @@ class _Rewriter:
         PyTorch's forms), hypot, logit, isnan (x != x), nan_to_num (where and clamp), cdist (the pairs'
         differences' norm); addmm and baddbmm as β·input + α·(m1 @ m2); linalg.vector_norm, linalg.norm (vector and
         Frobenius; not other matrix norms), torch.norm and dist as x.norm (of the flat x over every value); tile as
-        repeat; diff as slices; F.pad circular as the far ends of each axis joined to it."""
+        repeat; diff as slices; F.pad circular as the far ends of each axis joined to it; F.one_hot (given the number
+        of classes) as ids == arange; index_add as scatter_add."""
         written = WRITTEN_OUT_METHODS if node.op == "call_method" else WRITTEN_OUT if node.op == "call_function" else {}
         if (name := written.get(node.target)) is None:
             return None
@@ -600,7 +603,8 @@ class _Rewriter:
                               "linalg_norm": ("input", "ord", "dim", "keepdim"),
                               "norm": ("input", "p", "dim", "keepdim"),
                               "dist": ("input", "other", "p"), "tile": ("input", "dims"),
-                              "diff": ("input", "n", "dim", "prepend", "append"), "pad": ("input", "pad", "mode")
+                              "diff": ("input", "n", "dim", "prepend", "append"), "pad": ("input", "pad", "mode"),
+                              "one_hot": ("input", "num_classes"), "index_add": ("input", "dim", "index", "source")
                               }.get(name, ("input", "other")))
         x, y = list(a.values())[:2]
 
@@ -646,6 +650,22 @@ class _Rewriter:
                 if not isinstance(dims, (tuple, list)) or not isinstance(rank, int):
                     return None
                 return g.call_method("repeat", (x, *[1] * (rank - len(dims)), *dims))
+            if name == "one_hot":  # ids compared with 0 … n - 1 (n given: the classes are not read from the data)
+                n = a["num_classes"]
+                if type(n) is not int or n < 0:
+                    return None
+                classes = call(torch.arange, (n,), {"device": call(getattr, (x, "device"))})
+                return g.call_method("long", (call(operator.eq, (call(torch.unsqueeze, (x, -1)), classes)),))
+            if name == "index_add":  # x.scatter_add(dim, the index along dim expanded to source's shape, α·source)
+                dim, source, alpha = a["dim"], a["source"], node.kwargs.get("alpha", 1)
+                rank = x.meta.get(RANK)
+                if type(dim) is not int or not (dim < 0 or isinstance(rank, int)):
+                    return None
+                trailing = -1 - dim if dim < 0 else rank - 1 - dim  # axes after dim
+                index = g.call_method("expand", (g.call_method("view", (a["index"], -1, *[1] * trailing)),
+                                                 g.call_method("size", (source,))))
+                source = source if alpha == 1 else call(operator.mul, (source, alpha))
+                return call(torch.scatter_add, (x, dim, index, source))
             if name == "diff":  # prepend and append joined to x along dim, then n times x[1:] - x[:-1] along it
                 n, dim = 1 if a["n"] is None else a["n"], -1 if a["dim"] is None else a["dim"]
                 parts = [v for v in (a["prepend"], x, a["append"]) if v is not None]
