@@ -145,3 +145,17 @@ def test_respelled_graph_computes_the_model_in_float64(name):
     qat = qatkit.prepare(model, config, x[:1]).eval()
     with torch.no_grad():
         torch.testing.assert_close(qat(x), model(x), rtol=0, atol=1e-12)
+
+
+def test_a_scatter_reduce_onnx_cannot_express_is_refused_at_export_with_the_fix(tmp_path):
+    from qatkit.errors import QatkitError
+    from qatkit.export import export_onnx
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 8, 8)
+    model = Net(lambda m, y: y.scatter_reduce(1, m.order.view(1, 8, 1, 1).expand_as(y), y, "amax")).eval()
+    qat = qatkit.prepare(model, qatkit.QATConfig(), x[:1])
+    qatkit.calibrate(qat, [x])
+    with pytest.raises(QatkitError, match=r"scatter_reduce with reduce='amax'.*allowed: no reduce, 'add'/'sum'"):
+        export_onnx(qatkit.convert(qat.eval()), tmp_path / "m.onnx", x[:1])
+    assert not (tmp_path / "m.onnx").exists()

@@ -591,8 +591,9 @@ def _scatter(ex, short, x, args, kwargs, rank, name) -> Value:
     reduction = {None: "none", "add": "add", "sum": "add", "multiply": "mul", "prod": "mul"}.get(reduce)
     if reduction is None or not kwargs.get("include_self", True):
         raise QatkitError(f"{short} with reduce={reduce!r}, include_self={kwargs.get('include_self', True)!r} (node "
-                          f"'{name}') has no ONNX form in opset 17; allowed: no reduce, 'add'/'sum', 'multiply'/'prod', "
-                          "include_self=True. Fix: use one of those (a mean as a sum over a count's sum)")
+                          f"'{name}') has no ONNX form in opset 17; allowed: no reduce, 'add'/'sum', "
+                          "'multiply'/'prod', include_self=True. Fix: use one of those (a mean as a sum over a count's "
+                          "sum)")
     index = _i(ex, index)
     if isinstance(src, Value):
         ends = ex.op("Shape", [index], "index_shape")
