@@ -217,3 +217,46 @@ def test_learned_parameters_mapped_in_the_kernel_as_autograd_would(raw_s, raw_z,
     assert torch.equal(out, ref)
     for a, b in zip(got, want):
         assert torch.equal(a, b), (a, b)
+
+
+# ---- the MSE range search's errors --------------------------------------------------------------
+def _candidates(rows: torch.Tensor, grid: int, qmin: int, qmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    from qatkit.primitives.qparams import _candidates
+
+    pairs = list(_candidates(rows.amin(1), rows.amax(1), qmin, qmax, qmin < 0, grid, False))
+    return torch.stack([s for s, _ in pairs]), torch.stack([z for _, z in pairs])
+
+
+@pytest.mark.parametrize("shape", [(1, 70_001), (12, 4097), (5, 13)])
+@pytest.mark.parametrize("qmin,qmax", [(0, 255), (-8, 7), (-2, 1)])
+def test_mse_errors_are_the_float32_errors_summed(shape, qmin, qmax):
+    """Each value's error as the quantizer computes it (float32: IEEE division, round half to even), squared in
+    float32; their mean per row and candidate within float64 rounding of the float64 sum of the same squares."""
+    rows = torch.stack([_data(shape[1], 0.0371, seed) for seed in range(shape[0])])
+    scales, zero_points = _candidates(rows, 16, qmin, qmax)
+    got = cpu_kernel.mse_errors(rows, scales, zero_points, qmin, qmax)
+    s, z = scales[:, :, None], zero_points[:, :, None]
+    d = (torch.clamp(torch.round(rows / s) + z, qmin, qmax) - z) * s - rows  # float32, as eager PyTorch
+    want = (d * d).double().mean(-1)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.equal(cpu_kernel.mse_errors(rows, scales, zero_points, qmin, qmax), got)  # any thread count
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("axis", [None, 0])
+@pytest.mark.parametrize("bits,symmetric", [(8, True), (4, True), (4, False), (2, False)])
+def test_mse_search_picks_with_the_kernel_what_it_picks_in_pytorch(monkeypatch, axis, bits, symmetric):
+    from qatkit.primitives import qparams
+
+    g = torch.Generator().manual_seed(bits)
+    x = torch.randn(16, 3, 5, 5, generator=g) * (torch.rand(16, 1, 1, 1, generator=g) + 0.5)
+    x = x if symmetric else torch.relu(x) + 0.05 * x
+    qmin, qmax = (-(1 << bits - 1), (1 << bits - 1) - 1) if symmetric else (0, (1 << bits) - 1)
+    fused = qparams.qparams_from_tensor(x, qmin, qmax, symmetric=symmetric, axis=axis)
+    monkeypatch.setattr(cpu_kernel, "mse_errors", lambda *args: None)  # the PyTorch loop
+    eager = qparams.qparams_from_tensor(x, qmin, qmax, symmetric=symmetric, axis=axis)
+    assert torch.equal(fused[0], eager[0]) and torch.equal(fused[1], eager[1])

@@ -1,4 +1,5 @@
-"""A fused CPU kernel for fake quantization of float32 tensors (per-tensor activations, per-channel weights).
+"""A fused CPU kernel for fake quantization of float32 tensors (per-tensor activations, per-channel weights), and
+for the errors of the MSE range search's candidates (one pass per candidate and row, no temporaries).
 
 Eager PyTorch spends a dozen element-wise passes (and their allocations) on one fake-quantized tensor in
 forward and backward; this kernel does one vectorised pass each way on torch's thread count, optionally
@@ -175,6 +176,35 @@ static void backward_block(const float *restrict x, const float *restrict g, flo
     *sum_c = tc;
 }
 
+/* The MSE range search's errors: for row c of x (n values) and candidate g (scale s, zero point z), the sum over the
+   row of ((clamp(round(x/s) + z, qmin, qmax) - z)·s - x)², each value's error in float32 as the quantizer computes
+   it, its square added in double to lane i % LANES, the lanes then in order. */
+CLONES static double squared_error(const float *restrict x, int64_t n, float s, float z, float qmin, float qmax) {
+    double acc[LANES] = {0.0}, total = 0.0;
+    for (int64_t i = 0; i < n; i += LANES) {
+        int64_t m = n - i < LANES ? n - i : LANES;
+        for (int64_t j = 0; j < m; j++) {
+            float q = nearbyintf(x[i + j] / s) + z;
+            q = q < qmin ? qmin : q;
+            q = q > qmax ? qmax : q;
+            float d = (q - z) * s - x[i + j];
+            acc[j] += (double)(d * d);
+        }
+    }
+    for (int j = 0; j < LANES; j++)
+        total += acc[j];
+    return total;
+}
+
+/* err[g * rows + c]: squared_error of row c of x (rows runs of n values) at candidate g (s, z: grid x rows). */
+void qatkit_mse_errors(const float *x, int64_t rows, int64_t n, const float *s, const float *z, int64_t grid,
+                       float qmin, float qmax, double *err, int threads) {
+    #pragma omp parallel for collapse(2) schedule(dynamic, 1) num_threads(threads) if (threads > 1)
+    for (int64_t g = 0; g < grid; g++)
+        for (int64_t c = 0; c < rows; c++)
+            err[g * rows + c] = squared_error(x + c * n, n, s[g * rows + c], z[g * rows + c], qmin, qmax);
+}
+
 /* A quantizer's raw parameters to the scale and zero point it applies (map = 0: as they are):
    s = max(|raw|, min_scale), with map = 2 then its nearest power of two 2^round(log2 s) (s = m·2^e, m in [0.5, 1):
    2^e where m >= sqrt(1/2), else 2^(e-1)); z = round(clamp(raw, qmin, qmax)); NaN stays NaN, as in torch's clamp. */
@@ -291,7 +321,9 @@ def _compile() -> ctypes.CDLL:
     flag = ctypes.c_int
     lib.qatkit_fq_forward.argtypes = [ptr, ptr, i64, i64, ptr, ptr, f32, f32, flag, flag, flag, f32, flag]
     lib.qatkit_fq_backward.argtypes = [ptr, ptr, ptr, i64, i64, ptr, ptr, f32, f32, flag, flag, flag, f32, f32, flag, flag, ptr, ptr]
-    lib.qatkit_fq_forward.restype, lib.qatkit_fq_backward.restype = None, ctypes.c_int
+    lib.qatkit_mse_errors.argtypes = [ptr, i64, i64, ptr, ptr, i64, f32, f32, ptr, flag]
+    lib.qatkit_fq_forward.restype = lib.qatkit_mse_errors.restype = None
+    lib.qatkit_fq_backward.restype = ctypes.c_int
     return lib
 
 
@@ -352,3 +384,18 @@ def backward(x: torch.Tensor, grad: torch.Tensor, scale: torch.Tensor, zero_poin
                                grad_scale, _threads(x.numel()), VECTOR, grad_s.data_ptr(), grad_z.data_ptr()):
         raise MemoryError(f"fake-quant backward: no memory for the block sums of {x.numel()} values")
     return grad_x, grad_s, grad_z
+
+
+def mse_errors(rows: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor, qmin: int, qmax: int
+               ) -> torch.Tensor | None:
+    """The MSE range search's quantization errors (float64, (G, C): the mean over row c of float32 rows (C, N) of
+    each value's squared error at candidate g, scales and zero points (G, C)); None where the kernel cannot take
+    them (not float32 on the CPU, or no kernel): the caller computes them in PyTorch."""
+    if not (rows.dtype == scales.dtype == zero_points.dtype == torch.float32 and rows.is_cpu and scales.is_cpu
+            and rows.dim() == 2 and rows.shape[1] > 0 and load() is not None):
+        return None
+    rows, scales, zero_points = rows.contiguous(), scales.contiguous(), zero_points.contiguous()
+    err = torch.empty(scales.shape, dtype=torch.float64)
+    _lib.qatkit_mse_errors(rows.data_ptr(), rows.shape[0], rows.shape[1], scales.data_ptr(), zero_points.data_ptr(),
+                           scales.shape[0], qmin, qmax, err.data_ptr(), _threads(rows.numel() * scales.shape[0]))
+    return err / rows.shape[1]
