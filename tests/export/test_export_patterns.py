@@ -1142,3 +1142,38 @@ def test_k_nearest_neighbours_by_topk_convert_and_run_in_onnx_runtime(tmp_path):
     qat = _calibrated(model, x)
     result = runs_in_onnx_runtime(converts_exactly(qat, model, x, 0.5), x, tmp_path / "dgcnn.onnx")
     assert result["max_step_diff"] == 0
+
+
+class ComputedWeightConv(nn.Module):
+    """A conv on a weight computed in forward (a gated, dynamic or hyper-network weight: a float op), called with
+    its arguments by position, as people write F.conv2d."""
+
+    def __init__(self, conv):
+        super().__init__()
+        self.c1, self.head, self.conv = nn.Conv2d(3, 8, 3, padding=1), nn.Linear(8, 4), conv
+        self.w, self.gate = nn.Parameter(torch.randn(8, 8, 3, 3) * 0.2), nn.Parameter(torch.randn(8, 1, 1, 1))
+        self.wt = nn.Parameter(torch.randn(8, 4, 3, 3) * 0.2)
+
+    def forward(self, x):
+        return self.head(self.conv(self, self.c1(x)).mean((2, 3)))
+
+
+COMPUTED_WEIGHT_CONVS = {
+    "stride, padding": lambda m, y: F.conv2d(y, m.w * m.gate.sigmoid(), None, 2, 1),
+    "padding='same', dilation": lambda m, y: F.conv2d(y, m.w * m.gate.sigmoid(), None, 1, "same", 2),
+    "groups": lambda m, y: F.conv2d(y, (m.w * m.gate.sigmoid())[:, :4], None, 1, 1, 1, 2),
+    "transposed: stride, padding, output_padding, groups": lambda m, y: F.conv_transpose2d(y, m.wt * 2, None, 2, 1,
+                                                                                             1, 2),
+    "by name": lambda m, y: F.conv2d(y, m.w * m.gate.sigmoid(), stride=2, padding=(1, 0)),
+}
+
+
+@pytest.mark.parametrize("name", list(COMPUTED_WEIGHT_CONVS))
+def test_a_conv_on_a_computed_weight_exports_its_arguments_given_by_position(name, tmp_path):
+    """(by position they were read as the defaults: ONNX Runtime 44 steps off, or a model it refused to load)"""
+    torch.manual_seed(0)
+    model, x = ComputedWeightConv(COMPUTED_WEIGHT_CONVS[name]).eval(), torch.randn(4, 3, 8, 8)
+    qat = qatkit.prepare(model, qatkit.QATConfig(), x[:1])
+    assert any(op.startswith("conv") for op in qat.qat_info.float_ops)
+    qatkit.calibrate(qat, [x])
+    runs_in_onnx_runtime(converts_exactly(qat, model, x, 0.3), x, tmp_path / "m.onnx")

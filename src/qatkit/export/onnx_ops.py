@@ -883,22 +883,29 @@ def _float_op(ex, node, short, args, kwargs, rank) -> Value:
         # float layers qatkit left float
         weight, bias = _arg(args, kwargs, 1, "weight", None), _arg(args, kwargs, 2, "bias", None)
         inputs = [xf, _c(ex, weight)] + ([_c(ex, bias)] if bias is not None else [])
+        # F.conv*d(x, w, b, stride, padding, dilation, groups), F.conv_transpose*d(x, w, b, stride, padding,
+        # output_padding, groups, dilation), by position or name
+        stride, padding = _arg(args, kwargs, 3, "stride", 1), _arg(args, kwargs, 4, "padding", 0)
         if short.startswith("conv_transpose"):
             n = int(short[-2])
-            attrs = {k: (v if isinstance(v, list) else [v] * n) for k, v in
-                     (("strides", kwargs.get("stride", 1)), ("pads", kwargs.get("padding", 0)),
-                      ("output_padding", kwargs.get("output_padding", 0)), ("dilations", kwargs.get("dilation", 1)))}
+            attrs = {k: _ints(v, n) for k, v in (("strides", stride), ("pads", padding), ("output_padding", _arg(
+                args, kwargs, 5, "output_padding", 0)), ("dilations", _arg(args, kwargs, 7, "dilation", 1)))}
             attrs["pads"] = attrs["pads"] * 2
-            return Value(ex.op("ConvTranspose", inputs, name, group=kwargs.get("groups", 1), **attrs), "float")
+            return Value(ex.op("ConvTranspose", inputs, name, group=_arg(args, kwargs, 6, "groups", 1), **attrs),
+                         "float")
         if short == "linear" and rank == 2:
             return Value(ex.op("Gemm", inputs, name, transB=1), "float")
         if short == "linear":  # x · Wᵀ (+ b) over the last axis of a (B, T, in) input
             y = ex.op("MatMul", [xf, ex.op("Transpose", [inputs[1]], "wT", perm=[1, 0])], name)
             return Value(ex.op("Add", [y, inputs[2]], f"{name}_bias") if bias is not None else y, "float")
-        n = int(short[-2])
-        return Value(ex.op("Conv", inputs, name, strides=_ints(kwargs.get("stride", 1), n),
-                           pads=_ints(kwargs.get("padding", 0), n) * 2, dilations=_ints(kwargs.get("dilation", 1), n),
-                           group=kwargs.get("groups", 1)), "float")
+        n, dilation = int(short[-2]), _ints(_arg(args, kwargs, 5, "dilation", 1), int(short[-2]))
+        pads = _ints(padding, n) * 2 if not isinstance(padding, str) else [0] * 2 * n  # "valid"
+        if padding == "same":  # (stride 1) the kernel's reach split, PyTorch's odd pixel at the end
+            raw = node["args"][1] if len(node["args"]) > 1 else node["kwargs"]["weight"]
+            reach = [d * (k - 1) for d, k in zip(dilation, ex.shapes[raw["node"]].shape[2:])]
+            pads = [r // 2 for r in reach] + [r - r // 2 for r in reach]
+        return Value(ex.op("Conv", inputs, name, strides=_ints(stride, n), pads=pads, dilations=dilation,
+                           group=_arg(args, kwargs, 6, "groups", 1)), "float")
     raise QatkitError(f"op {node['fn']!r} (node '{name}') has no ONNX form in qatkit. "
                       "Fix: express it with supported ops (see qatkit/export/onnx_ops.py)")
 
