@@ -11,8 +11,9 @@ a LayerNorm written out), BERT's GELU written out with torch.erf, sign, reciproc
 the other's size), torch.mm (@), addmm and baddbmm (β·input + α·(m1 @ m2)), var_mean/std_mean (the two written out),
 tile (repeat), vector_norm, linalg.norm (vector and Frobenius), torch.norm and dist (x.norm, of the flat x for every
 value), diff (slices), F.pad circular (the far ends joined: ONNX opset 17 has no circular Pad), F.one_hot (ids ==
-arange), scatter, scatter_add, scatter_reduce sum/prod (ONNX's ScatterElements) and index_add (scatter_add). Each
-converts, computes the model's values (float64, every layer left float) and runs in ONNX Runtime as qatkit does."""
+arange), scatter, scatter_add, scatter_reduce sum/prod (ONNX's ScatterElements), index_add (scatter_add), atan2 (atan
+and the quadrants, signed zeros as PyTorch's), median and kthvalue (TopK's k smallest), logcumsumexp. Each converts,
+computes the model's values (float64, every layer left float) and runs in ONNX Runtime as qatkit does."""
 from __future__ import annotations
 
 import math
@@ -117,6 +118,12 @@ OPS = {
         2, m.order.view(1, 1, 8, 1).expand_as(y), y, "sum"),
     "index_add": lambda m, y: y.index_add(1, m.order % 4, y) + torch.zeros_like(y).index_add_(2, m.order, y, alpha=0.5)
     + torch.index_add(y, -1, m.order, y),
+    "atan2": lambda m, y: torch.atan2(y, y.flip(1)) + y.atan2(torch.where(y > 0.5, 0.0, y))  # (x = ±0 too)
+    + torch.arctan2(y.relu(), -y.relu()),
+    "median-kthvalue": lambda m, y: y - y.median(1, keepdim=True).values + torch.median(y, 3)[0][..., None]
+    + y.median() + torch.kthvalue(y, 2, 2, True)[0] + y.kthvalue(3).values[..., None] * 0.5
+    + (y.median(1, keepdim=True).indices == 2).float(),
+    "logcumsumexp": lambda m, y: torch.logcumsumexp(y, 3) + y.logcumsumexp(dim=2),
     "scatter of integers": lambda m, y: y * torch.zeros(8, dtype=torch.long).scatter(0, m.order, torch.arange(8)).view(
         1, 8, 1, 1),
 }

@@ -272,6 +272,12 @@ _CAST = {onnx.TensorProto.FLOAT: f32, onnx.TensorProto.INT64: i64, onnx.TensorPr
          onnx.TensorProto.DOUBLE: np.float64}  # (float64: sizes times a resize's scale factor)
 
 
+def _div(ins, a):  # floats: IEEE (x / 0 = ±inf, 0 / 0 = NaN, as PyTorch's); integers truncated, as ONNX's
+    with np.errstate(divide="ignore", invalid="ignore"):
+        quotient = ins[0] / ins[1]
+    return quotient.astype(f32) if ins[0].dtype.kind == "f" else np.trunc(quotient).astype(ins[0].dtype)
+
+
 def _log(ins, a):
     with np.errstate(divide="ignore", invalid="ignore"):  # log(0) = -inf, log(-1) = NaN, as PyTorch's
         return np.log(ins[0])
@@ -501,7 +507,7 @@ _OPS = {  # op_type -> handler(inputs, attributes) -> output(s); float ops compu
     "Shape": lambda i, a: np.array(i[0].shape, i64)[a.get("start", 0):a.get("end")],
     "Max": lambda i, a: reduce(np.maximum, i), "Add": lambda i, a: i[0] + i[1], "Sub": lambda i, a: i[0] - i[1],
     "Mul": lambda i, a: i[0] * i[1], "MatMul": lambda i, a: np.matmul(i[0], i[1]),
-    "Div": lambda i, a: (i[0] / i[1]).astype(f32) if i[0].dtype.kind == "f" else np.trunc(i[0] / i[1]).astype(i[0].dtype),
+    "Div": _div,
     "Softmax": lambda i, a: (e := np.exp(i[0] - i[0].max(a.get("axis", -1), keepdims=True)))
                             / e.sum(a.get("axis", -1), keepdims=True),
     "LayerNormalization": _layer_norm,

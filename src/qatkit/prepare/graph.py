@@ -100,7 +100,8 @@ WRITTEN_OUT = {torch.clip: "clip", torch.trunc: "trunc", torch.fix: "trunc", tor
                torch.swapdims: "swapaxes", torch.clamp_min: "clamp_min", torch.clamp_max: "clamp_max",
                torch.addmm: "addmm", torch.baddbmm: "baddbmm", torch.linalg.vector_norm: "vector_norm",
                torch.linalg.norm: "linalg_norm", torch.norm: "norm", torch.dist: "dist", torch.tile: "tile",
-               torch.diff: "diff", F.pad: "pad", F.one_hot: "one_hot", torch.index_add: "index_add"}
+               torch.diff: "diff", F.pad: "pad", F.one_hot: "one_hot", torch.index_add: "index_add",
+               torch.atan2: "atan2", torch.arctan2: "atan2", torch.logcumsumexp: "logcumsumexp"}
 WRITTEN_OUT_METHODS = {"clip": "clip", "trunc": "trunc", "fix": "trunc", "frac": "frac", "remainder": "remainder",
                        "fmod": "fmod", "logsumexp": "logsumexp", "logical_and": "logical_and",
                        "logical_or": "logical_or", "logical_xor": "logical_xor", "outer": "outer", "ger": "outer",
@@ -110,7 +111,8 @@ WRITTEN_OUT_METHODS = {"clip": "clip", "trunc": "trunc", "fix": "trunc", "frac":
                        "square": "square", "minimum": "minimum", "maximum": "maximum", "swapaxes": "swapaxes",
                        "swapdims": "swapaxes", "clamp_min": "clamp_min", "clamp_max": "clamp_max",
                        "addmm": "addmm", "baddbmm": "baddbmm", "norm": "norm", "dist": "dist", "tile": "tile",
-                       "diff": "diff", "index_add": "index_add"}
+                       "diff": "diff", "index_add": "index_add", "atan2": "atan2", "arctan2": "atan2",
+                       "logcumsumexp": "logcumsumexp"}
 # The same functions under another name (_written_out).
 ALIASES = {"erf": torch.erf, "sigmoid": torch.sigmoid, "clip": torch.clamp, "minimum": torch.min, "maximum": torch.max}
 # Methods the integer model knows in another spelling (_Rewriter._respell), so their in-place form is known too.
@@ -197,6 +199,18 @@ def _call_args(node: fx.Node, names: tuple[str, ...]) -> dict:
     a = dict.fromkeys(names)
     a.update(zip(names, node.args), **{k: v for k, v in node.kwargs.items() if k in names})
     return a
+
+
+def _pair_reads(node: fx.Node) -> list[tuple[fx.Node, int]] | None:
+    """The users of a call that returns a pair (torch.var_mean, torch.median(x, dim)), each with the part it reads:
+    x[0] or x.values 0, x[1] or x.indices 1; None where one reads it otherwise."""
+    reads = []
+    for user in node.users:
+        part = user.args[1] if user.op == "call_function" and user.target in (operator.getitem, getattr) else None
+        if part not in (0, 1, "values", "indices"):
+            return None
+        reads.append((user, part if type(part) is int else ("values", "indices").index(part)))
+    return reads
 
 
 def _along(dim: int, index: slice) -> tuple:
@@ -479,18 +493,17 @@ class _Rewriter:
             node.target = method[:-3]
         elif node.target in (torch.bmm, torch.mm) or method in ("bmm", "mm"):
             node.op, node.target = "call_function", operator.matmul
-        elif (node.target in (torch.var_mean, torch.std_mean) and all(
-                u.target is operator.getitem and u.args[1] in (0, 1) for u in node.users)
+        elif (node.target in (torch.var_mean, torch.std_mean) and (reads := _pair_reads(node)) is not None
               and _var_arguments(node) is not None):  # (var or std, mean): the two as written out below
             x, dims, _, keepdim = _var_arguments(node)
             with g.inserting_before(node):
                 spread = g.call_function(torch.var if node.target is torch.var_mean else torch.std, node.args,
                                          node.kwargs)
-                parts = (spread, g.call_method("mean", (x, dims), {"keepdim": bool(keepdim)}))
-            for u in list(node.users):
-                self._replace(u, parts[u.args[1]])
-            g.erase_node(node)
+                self._split(node, reads, (spread, g.call_method("mean", (x, dims), {"keepdim": bool(keepdim)})))
             self._respell(spread)
+        elif (method in ("median", "kthvalue") or node.target in (torch.median, torch.kthvalue)) and (
+                self._order_statistic(node, method or node.target.__name__)):
+            pass  # (rewritten there)
         elif method in COMPARISONS or node.target in COMPARISONS.values():  # ids.ne(pad) (RoBERTa's positions)
             node.op, node.target = "call_function", getattr(operator, method or node.target.__name__)
         elif ((method in ("add", "sub") or node.target in (torch.add, torch.sub)) and len(node.args) == 2
@@ -585,7 +598,8 @@ class _Rewriter:
         differences' norm); addmm and baddbmm as β·input + α·(m1 @ m2); linalg.vector_norm, linalg.norm (vector and
         Frobenius; not other matrix norms), torch.norm and dist as x.norm (of the flat x over every value); tile as
         repeat; diff as slices; F.pad circular as the far ends of each axis joined to it; F.one_hot (given the number
-        of classes) as ids == arange; index_add as scatter_add."""
+        of classes) as ids == arange; index_add as scatter_add; atan2 from atan, logcumsumexp from a running sum of
+        exp."""
         written = WRITTEN_OUT_METHODS if node.op == "call_method" else WRITTEN_OUT if node.op == "call_function" else {}
         if (name := written.get(node.target)) is None:
             return None
@@ -604,7 +618,8 @@ class _Rewriter:
                               "norm": ("input", "p", "dim", "keepdim"),
                               "dist": ("input", "other", "p"), "tile": ("input", "dims"),
                               "diff": ("input", "n", "dim", "prepend", "append"), "pad": ("input", "pad", "mode"),
-                              "one_hot": ("input", "num_classes"), "index_add": ("input", "dim", "index", "source")
+                              "one_hot": ("input", "num_classes"), "index_add": ("input", "dim", "index", "source"),
+                              "logcumsumexp": ("input", "dim")
                               }.get(name, ("input", "other")))
         x, y = list(a.values())[:2]
 
@@ -650,6 +665,25 @@ class _Rewriter:
                 if not isinstance(dims, (tuple, list)) or not isinstance(rank, int):
                     return None
                 return g.call_method("repeat", (x, *[1] * (rank - len(dims)), *dims))
+            if name == "atan2":  # atan(y / x), turned by π towards y's side where x < 0; on the y axis (x = ±0) ±π/2,
+                y, x = x, y  # and at y = ±0 ±0 or ±π by the zeros' signs, as PyTorch's (x / 1 there: no NaN for
+                zero = call(operator.eq, (x, 0.0))  # where's gradient to carry)
+
+                def negative(v):  # v < 0, -0 included (1 / -0 = -inf)
+                    return call(operator.or_, (call(operator.lt, (v, 0.0)),
+                                               call(operator.lt, (call(operator.truediv, (1.0, v)), 0.0))))
+                side = call(torch.where, (negative(y), -1.0, call(torch.ones_like, (y,))))  # (y's dtype)
+                base = call(torch.atan, (call(operator.truediv, (y, call(torch.where, (zero, 1.0, x)))),))
+                off_axis = call(torch.where, (call(operator.lt, (x, 0.0)),
+                                              call(operator.add, (base, call(operator.mul, (side, math.pi)))), base))
+                on_axis = call(torch.where, (call(operator.eq, (y, 0.0)), call(torch.where, (negative(x), call(
+                    operator.mul, (side, math.pi)), call(operator.mul, (side, 0.0)))), call(operator.mul, (
+                        side, math.pi / 2))))
+                return call(torch.where, (zero, on_axis, off_axis))
+            if name == "logcumsumexp":  # max + log Σ exp(x - max) along dim, running
+                top = call(torch.amax, (x, a["dim"]), {"keepdim": True})
+                running = call(torch.cumsum, (call(torch.exp, (call(operator.sub, (x, top)),)), a["dim"]))
+                return call(operator.add, (call(torch.log, (running,)), top))
             if name == "one_hot":  # ids compared with 0 … n - 1 (n given: the classes are not read from the data)
                 n = a["num_classes"]
                 if type(n) is not int or n < 0:
@@ -873,6 +907,39 @@ class _Rewriter:
         read = [a for a in node.all_input_nodes if a.op == "get_attr"]
         self._replace(node, out)
         self._erase_unread(read)
+
+    def _split(self, node: fx.Node, reads: list[tuple[fx.Node, int]], parts: tuple[fx.Node, fx.Node]) -> None:
+        """A pair-valued node's reads (_pair_reads) read `parts` instead; node is erased."""
+        for user, i in reads:
+            self._replace(user, parts[i])
+        self.graph.erase_node(node)
+
+    def _order_statistic(self, node: fx.Node, name: str) -> bool:
+        """kthvalue(x, k, dim, keepdim) and median(x, dim, keepdim) (the lower median, the ((n + 1) // 2)-th smallest)
+        as the last of ops.topk's k smallest (values and positions; equal values in ONNX's order), median(x) of every
+        value as the flat x's; False (left as it is) where the pair they return is read otherwise than by its parts."""
+        g, call = self.graph, self.graph.call_function
+        a = _call_args(node, ("input", "k", "dim", "keepdim") if name == "kthvalue" else ("input", "dim", "keepdim"))
+        x, dim, keepdim = a["input"], a["dim"], bool(a["keepdim"])
+        reads = _pair_reads(node) if name == "kthvalue" or dim is not None else None  # (else one tensor)
+        if reads is None and (name == "kthvalue" or dim is not None):
+            return False
+        with g.inserting_before(node):
+            if dim is None and name == "median":
+                x, dim = call(torch.flatten, (x,)), 0
+            dim = -1 if dim is None else dim
+            k = a["k"] if name == "kthvalue" else call(operator.floordiv, (
+                call(operator.add, (g.call_method("size", (x, dim)), 1)), 2))
+            ranked = call(ops.topk, (x, k, dim, False))
+            parts = tuple(call(operator.getitem, (call(operator.getitem, (ranked, i)), _along(dim, slice(-1, None))))
+                          for i in (0, 1))
+            if not keepdim:
+                parts = tuple(call(torch.squeeze, (p, dim)) for p in parts)
+            if reads is None:  # median(x): the value
+                self._replace(node, parts[0])
+            else:
+                self._split(node, reads, parts)
+        return True
 
     def _replace(self, node: fx.Node, out: fx.Node) -> None:
         """`node`'s users read `out` (computed before it) instead; node is erased. Its rank (record_ranks) goes to out,
