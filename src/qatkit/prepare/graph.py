@@ -244,10 +244,9 @@ def _needs_rank(n: fx.Node) -> bool:
     if n.op not in ("call_function", "call_method") or not n.args or not isinstance(n.args[0], fx.Node):
         return False
     return ((n.target in (torch.mean, "mean") and isinstance(_call_args(n, ("input", "dim"))["dim"], (tuple, list)))
-            or n.target in (torch.movedim, torch.moveaxis, "movedim", "moveaxis")
-            or (n.target is getattr and n.args[1] == "T") or n.target in (torch.t, "t", torch.tile, "tile",
-                                                                               torch.index_add, "index_add",
-                                                                               "index_add_"))
+            or n.target in (torch.movedim, torch.moveaxis, "movedim", "moveaxis", torch.t, "t", torch.tile, "tile",
+                            torch.index_add, "index_add", "index_add_")
+            or (n.target is getattr and n.args[1] == "T"))
 
 
 def record_ranks(gm: fx.GraphModule, example: dict[str, object]) -> None:
@@ -499,7 +498,8 @@ class _Rewriter:
             with g.inserting_before(node):
                 spread = g.call_function(torch.var if node.target is torch.var_mean else torch.std, node.args,
                                          node.kwargs)
-                self._split(node, reads, (spread, g.call_method("mean", (x, dims), {"keepdim": bool(keepdim)})))
+                mean = g.call_method("mean", (x, dims), {"keepdim": bool(keepdim)})
+            self._split(node, reads, (spread, mean))
             self._respell(spread)
         elif (method in ("median", "kthvalue") or node.target in (torch.median, torch.kthvalue)) and (
                 self._order_statistic(node, method or node.target.__name__)):
@@ -645,7 +645,7 @@ class _Rewriter:
                 return trunc(x)
             if name in ("addmm", "baddbmm"):  # β·input + α·(m1 @ m2) (β = 0: input not read, as PyTorch)
                 beta, alpha = node.kwargs.get("beta", 1), node.kwargs.get("alpha", 1)
-                product = call(operator.matmul, (y, list(a.values())[2]))
+                product = call(operator.matmul, tuple(a.values())[1:])
                 product = product if alpha == 1 else call(operator.mul, (product, alpha))
                 return product if beta == 0 else call(operator.add, (x if beta == 1 else call(operator.mul, (x, beta)),
                                                                      product))
@@ -935,10 +935,10 @@ class _Rewriter:
                           for i in (0, 1))
             if not keepdim:
                 parts = tuple(call(torch.squeeze, (p, dim)) for p in parts)
-            if reads is None:  # median(x): the value
-                self._replace(node, parts[0])
-            else:
-                self._split(node, reads, parts)
+        if reads is None:  # median(x): the value
+            self._replace(node, parts[0])
+        else:
+            self._split(node, reads, parts)
         return True
 
     def _replace(self, node: fx.Node, out: fx.Node) -> None:
