@@ -19,7 +19,9 @@ from qatkit.config import (
     to_dict,
     train_config_from_dict,
 )
+from qatkit.devices import check_available
 from qatkit.errors import ConfigError, DataError, ModelFileError, QatkitError, bad_value
+from qatkit.train.signals import TrainingInterrupted
 
 _RUN_KEYS = ("dataset", "data", "model", "weight_bits", "act_bits", "limit", "float_epochs", "float_lr", "keep_sensitive",
              "qat", "train")
@@ -165,9 +167,10 @@ def _cmd_run(args) -> int:
     from qatkit.train import distributed
 
     config = run_config_from(args)
+    check_available(config.train.device)
     if distributed.launched_by_torchrun() and args.out is None:
         raise bad_value("--out", None, "a folder name under torchrun", "pass --out (the ranks' clocks may differ)")
-    out = args.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}-{config.model}-{config.dataset}"
+    out = args.out if args.out is not None else f"runs/{time.strftime('%Y%m%d-%H%M%S')}-{config.model}-{config.dataset}"
     with distributed.process_group(config.train.device):
         results = run(config, out)
         main = distributed.is_main()
@@ -184,28 +187,51 @@ def _cmd_train(args) -> int:
     config = run_config_from(args, default_bits=(8,))
     if len(config.weight_bits) != 1:
         raise bad_value("--weight-bits", list(config.weight_bits), "one bit-width for train", "pass one value, or use qatkit run")
+    check_available(config.train.device)
     out = Path(args.out)
     with distributed.process_group(config.train.device):
         main = distributed.is_main()
+        new = main and not (out.exists() and any(out.iterdir()))
         if main:  # the other ranks write nothing (and would see rank 0's files)
             check_out_folder(out)
-            if out.exists() and any(out.iterdir()) and not args.resume:
+            if not new and not args.resume:
                 raise ConfigError(f"--out {str(out)!r} exists and is not empty; allowed: a new folder, or --resume. "
                                   "Fix: pass another --out or add --resume")
             out.mkdir(parents=True, exist_ok=True)
-        ds = load_dataset(config.dataset, config.data, limit=config.limit)
-        float_model = train_float(config, ds, out, resume=args.resume)
-        quantize(config, ds, float_model, config.weight_bits[0], config.act_bits[0], out, train=True, resume=args.resume)
+        try:
+            ds = load_dataset(config.dataset, config.data, limit=config.limit)
+            float_model = train_float(config, ds, out, resume=args.resume)
+            quantize(config, ds, float_model, config.weight_bits[0], config.act_bits[0], out, train=True,
+                     resume=args.resume)
+        except BaseException:
+            if new and out.is_dir() and not any(out.iterdir()):  # failed before writing anything: no empty folder
+                out.rmdir()
+            raise
     if main:
         print(f"[qatkit] wrote {out}/qat_w{config.weight_bits[0]}a{config.act_bits[0]}.ckpt")
     return 0
 
 
+def _output_file(out: Path, source: Path) -> Path:
+    """--out of convert/export: a regular file (new or replaced), not the command's own input; its folder made."""
+    what = ("the input file" if out.exists() and source.exists() and out.resolve() == source.resolve()
+            else "a folder" if out.is_dir() else "not a regular file" if out.exists() and not out.is_file() else None)
+    if what is None:
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):
+            what = "under a file, not a folder"
+    if what is not None:
+        raise bad_value("--out", str(out), "a new file, or a regular file to replace", f"it is {what}: pass "
+                        "another file name")
+    return out
+
+
 def _cmd_convert(args) -> int:
     from qatkit.pipeline import rebuild_qat, save_integer
 
+    out = _output_file(Path(args.out or Path(args.checkpoint).with_suffix(".safetensors")), Path(args.checkpoint))
     model, recipe = rebuild_qat(args.checkpoint)
-    out = Path(args.out or Path(args.checkpoint).with_suffix(".safetensors"))
     size = save_integer(model, recipe, out)
     print(f"[qatkit] wrote {out} ({size:,} bytes)")
     return 0
@@ -248,8 +274,8 @@ def _cmd_export(args) -> int:
     from qatkit.pipeline import export_model
 
     path = Path(args.model_file)
+    out = _output_file(Path(args.out or path.with_suffix(".onnx")), path)
     model, recipe = _load_model(path)
-    out = Path(args.out or path.with_suffix(".onnx"))
     notes = export_model(model, recipe, out)
     print(f"[qatkit] wrote {out} ({out.stat().st_size:,} bytes)")
     inputs = onnx.load(str(out)).graph.input  # named sizes are free: the batch, and those the model's graph follows
@@ -377,6 +403,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, ModelFileError) as e:
         print(f"qatkit {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except TrainingInterrupted as e:  # stopped by a signal: 128 + its number, as a shell reports it (SIGINT: 130)
+        print(f"qatkit {args.command}: error: {e}", file=sys.stderr)
+        return 128 + int(e.signum)
     except QatkitError as e:
         print(f"qatkit {args.command}: error: {e}", file=sys.stderr)
         return 1

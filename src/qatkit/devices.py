@@ -7,6 +7,22 @@ import itertools
 import torch
 from torch import nn
 
+from qatkit.errors import ConfigError
+
+
+def check_available(device: str | torch.device) -> None:
+    """Refuse a CUDA device this machine cannot run (torch built without CUDA, no GPU, or too few), before any work."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if device.index is not None and device.index >= count or count == 0:
+        why = ("this torch is built without CUDA" if torch.version.cuda is None else
+               f"{count} GPU{'s' if count != 1 else ''} visible")
+        raise ConfigError(f"device = {str(device)!r} is not available here ({why}); allowed: cpu"
+                          + "".join(f", cuda:{i}" for i in range(count))
+                          + ". Fix: pass --device cpu, or run on a machine with a GPU and a CUDA build of torch")
+
 
 def module_device(module: nn.Module) -> torch.device:
     """The device of the module's first parameter or buffer (cpu for a module with neither)."""

@@ -34,13 +34,14 @@ from qatkit.errors import ConfigError, ModelFileError, bad_value
 from qatkit.export import verify
 from qatkit.fileio import atomic_file
 from qatkit.models import build_model
-from qatkit.prepare import prepare
+from qatkit.prepare import check_rules, prepare
 from qatkit.primitives.ranges import check_bits
 from qatkit.report import describe, results_table, write_report
 from qatkit.report.plots import plot_accuracy_vs_bits
 from qatkit.sensitivity import sensitivity
 from qatkit.train import distributed, evaluate, fit, load_checkpoint, save_checkpoint
 from qatkit.train.loop import CHECKPOINT_NAME
+from qatkit.train.signals import TrainingInterrupted
 
 EVAL_BATCH = 256
 FLOAT_FILE = "float.safetensors"  # the float weights of a run or train folder
@@ -146,6 +147,7 @@ def _val_loader(ds: ImageDataset | TextDataset) -> BatchLoader:
 def train_float(config: RunConfig, ds: ImageDataset | TextDataset, out: Path, resume: bool = False) -> nn.Module:
     torch.manual_seed(config.train.seed)
     model = build_for(config.model, ds)
+    check_rules(model, config.qat)  # (a rule naming no layer: before the float training, not after it)
     train_loader = _loaders(ds, config.train)[0]
     ckpt_dir = out / "checkpoints" / "float"
     fit(model, train_loader, config.float_train, val_loader=_val_loader(ds), checkpoint_dir=ckpt_dir,
@@ -231,10 +233,11 @@ def _row(method: str, w: int, a: int, accuracy: float, path: Path, seconds: floa
 
 
 def check_out_folder(out: Path) -> None:
-    """--out may be a folder or not exist; an existing file is refused."""
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {str(out)!r} exists and is not a folder; allowed: a new or empty folder. "
-                          "Fix: pass another --out")
+    """--out may be a folder or not exist; an existing file, or a path under a file, is refused."""
+    under_file = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+    if out.exists() and not out.is_dir() or under_file is not None:
+        why = "exists and is not a folder" if under_file is None else f"is under the file {str(under_file)!r}"
+        raise ConfigError(f"--out {str(out)!r} {why}; allowed: a new or empty folder. Fix: pass another --out")
 
 
 def run(config: RunConfig, out: str | os.PathLike, *, log=print) -> dict:
@@ -242,6 +245,9 @@ def run(config: RunConfig, out: str | os.PathLike, *, log=print) -> dict:
     Under torchrun every rank trains (data-parallel) and rank 0 alone does the rest and writes; the others
     return {}."""
     final = Path(out)
+    if final.name in ("", ".", ".."):  # (run writes OUT.partial beside it, then renames it)
+        raise ConfigError(f"--out {str(out)!r} names no folder of its own; allowed: a new or empty folder's name. "
+                          "Fix: pass --out NAME")
     if not distributed.is_main():
         _train_only(config, final.with_name(final.name + ".partial"))
         return {}
@@ -257,8 +263,14 @@ def run(config: RunConfig, out: str | os.PathLike, *, log=print) -> dict:
         if final.exists():
             final.rmdir()
         work.rename(final)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(work, ignore_errors=True)
+        if isinstance(e, (TrainingInterrupted, KeyboardInterrupt)):  # (fit's fix names a checkpoint just removed)
+            reason = str(e).split(";")[0].split(", before its first checkpoint")[0] or "Ctrl-C"
+            message = (f"{reason}; a stopped run keeps nothing ({str(work)!r} was removed). Fix: run it again, or "
+                       "train with qatkit train --out DIR, which --resume continues from its last checkpoint")
+            raise (TrainingInterrupted(message, e.signum) if isinstance(e, TrainingInterrupted)
+                   else KeyboardInterrupt(message)) from None
         raise
     return results
 

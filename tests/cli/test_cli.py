@@ -229,3 +229,58 @@ def test_text_run_eval_verify_chain(tmp_path, capsys):
     code, _, err = run_cli(capsys, "run", "--dataset", "tsv", "--data", str(data), "--model", "small-cnn",
                            "--out", str(tmp_path / "x"))
     assert code == 2 and "model for a text dataset = 'small-cnn' is not allowed; allowed: tiny-transformer" in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is there: cuda is a valid device")
+@pytest.mark.parametrize("command", ["run", "train"])
+def test_cuda_without_a_gpu_is_a_usage_error_before_anything_is_written(command, capsys, tmp_path):
+    code, _, err = run_cli(capsys, command, "--device", "cuda", "--limit", "16", "--out", str(tmp_path / "o"))
+    assert code == 2 and "Traceback" not in err
+    assert "device = 'cuda' is not available here" in err and "Fix: pass --device cpu" in err
+    assert not (tmp_path / "o").exists() and not (tmp_path / "o.partial").exists()
+
+
+def test_out_paths_that_cannot_be_written_are_usage_errors(capsys, tmp_path, monkeypatch):
+    (tmp_path / "afile").write_text("mine")
+    monkeypatch.chdir(tmp_path)
+    for argv, message in ((["run", "--out", "afile/sub"], "--out 'afile/sub' is under the file 'afile'"),
+                          (["train", "--out", "afile/sub"], "--out 'afile/sub' is under the file 'afile'"),
+                          (["run", "--out", "."], "--out '.' names no folder of its own"),
+                          (["run", "--out", ""], "--out '' names no folder of its own"),
+                          (["train", "--dataset", "mnist", "--out", "new"], "--data is not set")):
+        code, _, err = run_cli(capsys, *argv, "--limit", "16", "--float-epochs", "1", "--epochs", "1", "--quiet")
+        assert code == 2 and message in err and "Traceback" not in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]  # train's failed --out folder is not left behind
+
+
+def test_a_rule_naming_no_layer_stops_run_before_the_float_training(capsys, tmp_path, monkeypatch):
+    import qatkit.pipeline
+
+    monkeypatch.setattr(qatkit.pipeline, "fit", lambda *a, **k: pytest.fail("trained before checking the rules"))
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("qat:\n  rules:\n    - pattern: 'nomatch*'\n      weight_bits: 2\n")
+    code, _, err = run_cli(capsys, "run", "--config", str(cfg), "--limit", "64", "--quiet", "--out",
+                           str(tmp_path / "o"))
+    assert code == 2 and "rule pattern = 'nomatch*' is not allowed" in err
+
+
+def test_convert_and_export_refuse_to_write_over_their_input_or_a_folder(capsys, tmp_path):
+    out = tmp_path / "t"
+    code, _, err = run_cli(capsys, "train", "--epochs", "1", "--float-epochs", "1", "--limit", "64", "--quiet",
+                           "--out", str(out))
+    assert code == 0, err
+    ckpt = out / "qat_w8a8.ckpt"
+    before = ckpt.read_bytes()
+    (tmp_path / "afile").write_text("mine")
+    for argv, why in (([str(ckpt), "--out", str(ckpt)], "it is the input file"),
+                      ([str(ckpt), "--out", str(tmp_path)], "it is a folder"),
+                      ([str(ckpt), "--out", str(tmp_path / "afile" / "m.safetensors")], "it is under a file")):
+        code, _, err = run_cli(capsys, "convert", *argv)
+        assert code == 2 and f"Fix: {why}" in err and "Traceback" not in err, err
+    assert ckpt.read_bytes() == before
+    model = tmp_path / "new" / "m.safetensors"  # a new folder is made, for convert and export alike
+    assert run_cli(capsys, "convert", str(ckpt), "--out", str(model))[0] == 0
+    code, _, err = run_cli(capsys, "export", str(model), "--out", str(model))
+    assert code == 2 and "Fix: it is the input file" in err
+    assert run_cli(capsys, "export", str(model), "--out", str(tmp_path / "onnx" / "m.onnx"))[0] == 0
+    assert (tmp_path / "onnx" / "m.onnx").is_file() and qatkit.load(model) is not None

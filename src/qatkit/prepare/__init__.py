@@ -20,7 +20,13 @@ from qatkit.prepare.modes import example_arguments, trace, train_only_ops
 from qatkit.prepare.rules import layer_type, plan_layers
 from qatkit.prepare.swap import swap_layers
 
-__all__ = ["PrepareInfo", "prepare"]
+__all__ = ["PrepareInfo", "check_rules", "prepare"]
+
+
+def check_rules(model: nn.Module, config: QATConfig) -> None:
+    """A ConfigError now, not after training the float model, where one of config's layer rules matches no layer
+    of `model` as prepare plans it (nn.MultiheadAttention & co. as their Linear layers)."""
+    plan_layers(decompose(copy.deepcopy(model).cpu()).eval(), config, tuple(WRAPPERS))
 
 
 def prepare(model: nn.Module, config: QATConfig | None = None,

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from qatkit.devices import HostBuffers
+from qatkit.devices import HostBuffers, check_available
 from qatkit.errors import ConfigError
 
 WAIT_SECONDS = 3 * 3600  # how long a rank waits for the others at a collective before the run fails
@@ -81,7 +81,8 @@ def local_device(device: str | torch.device) -> torch.device:
     """The device of this rank: "cuda" means the GPU torchrun's LOCAL_RANK names; anything else as given."""
     device = torch.device(device)
     if is_distributed() and device.type == "cuda" and device.index is None:
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    check_available(device)
     return device
 
 
