@@ -21,6 +21,7 @@ from qatkit.config import (
 )
 from qatkit.devices import check_available
 from qatkit.errors import ConfigError, DataError, ModelFileError, QatkitError, bad_value
+from qatkit.primitives.ranges import check_bits
 from qatkit.train.signals import TrainingInterrupted
 
 _RUN_KEYS = ("dataset", "data", "model", "weight_bits", "act_bits", "limit", "float_epochs", "float_lr", "keep_sensitive",
@@ -153,6 +154,9 @@ def run_config_from(args: argparse.Namespace, default_bits: tuple[int, ...] | No
             top[flag] = value if isinstance(value, list) else [value]
         elif flag in top and isinstance(top[flag], int):
             top[flag] = [top[flag]]
+    for flag in ("weight_bits", "act_bits"):  # each under its own name before one stands in for the other
+        for bits in top[flag] if isinstance(top.get(flag), list) else []:
+            check_bits(bits, flag)
     if default_bits is not None and "weight_bits" not in top and "act_bits" not in top:
         top["weight_bits"] = top["act_bits"] = list(default_bits)
     if "weight_bits" in top and "act_bits" not in top:
@@ -190,10 +194,10 @@ def _cmd_train(args) -> int:
     check_available(config.train.device)
     out = Path(args.out)
     with distributed.process_group(config.train.device):
-        main = distributed.is_main()
-        new = main and not (out.exists() and any(out.iterdir()))
+        main, new = distributed.is_main(), False
         if main:  # the other ranks write nothing (and would see rank 0's files)
             check_out_folder(out)
+            new = not (out.exists() and any(out.iterdir()))
             if not new and not args.resume:
                 raise ConfigError(f"--out {str(out)!r} exists and is not empty; allowed: a new folder, or --resume. "
                                   "Fix: pass another --out or add --resume")
@@ -230,8 +234,8 @@ def _output_file(out: Path, source: Path) -> Path:
 def _cmd_convert(args) -> int:
     from qatkit.pipeline import rebuild_qat, save_integer
 
-    out = _output_file(Path(args.out or Path(args.checkpoint).with_suffix(".safetensors")), Path(args.checkpoint))
     model, recipe = rebuild_qat(args.checkpoint)
+    out = _output_file(Path(args.out or Path(args.checkpoint).with_suffix(".safetensors")), Path(args.checkpoint))
     size = save_integer(model, recipe, out)
     print(f"[qatkit] wrote {out} ({size:,} bytes)")
     return 0
@@ -274,8 +278,8 @@ def _cmd_export(args) -> int:
     from qatkit.pipeline import export_model
 
     path = Path(args.model_file)
-    out = _output_file(Path(args.out or path.with_suffix(".onnx")), path)
     model, recipe = _load_model(path)
+    out = _output_file(Path(args.out or path.with_suffix(".onnx")), path)
     notes = export_model(model, recipe, out)
     print(f"[qatkit] wrote {out} ({out.stat().st_size:,} bytes)")
     inputs = onnx.load(str(out)).graph.input  # named sizes are free: the batch, and those the model's graph follows
@@ -291,8 +295,13 @@ def _cmd_verify(args) -> int:
 
     onnx_path = Path(args.onnx_file)
     if not onnx_path.is_file():
-        raise ModelFileError(f"ONNX file {str(onnx_path)!r} does not exist. Fix: pass a file written by qatkit export")
-    model, recipe = _load_model(Path(args.reference) if args.reference else onnx_path.with_suffix(".safetensors"))
+        what = "is a folder" if onnx_path.is_dir() else "does not exist"
+        raise ModelFileError(f"ONNX file {str(onnx_path)!r} {what}. Fix: pass a file written by qatkit export")
+    reference = Path(args.reference) if args.reference else onnx_path.with_suffix(".safetensors")
+    if not args.reference and not reference.is_file():
+        raise ModelFileError(f"no integer model {str(reference)!r} beside {str(onnx_path)!r} to compare with. Fix: "
+                             "pass --reference with the model file (or QAT checkpoint) it was exported from")
+    model, recipe = _load_model(reference)
     _, loader = _test_loader(args, recipe, args.limit)
     result = verify(onnx_path, model, loader)
     if args.json:

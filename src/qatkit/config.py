@@ -163,6 +163,9 @@ class QATConfig:
                 check_bits(getattr(self, what), what)
         _check_choice("weight_init", self.weight_init, INIT_METHODS)
         _check_choice("act_init", self.act_init, INIT_METHODS)
+        if not isinstance(self.rules, (tuple, list)):
+            raise bad_value("rules", self.rules, "a list of layer rules (LayerRule, or mappings such as "
+                            "{pattern: 'fc', weight_bits: 8})", "write rules: as a list, each rule under a -")
         rules = tuple(r if isinstance(r, LayerRule) else _from_mapping(LayerRule, r, "rules[]") for r in self.rules)
         object.__setattr__(self, "rules", rules)
         for what in ("per_channel", "act_symmetric", "learnable", "fold_bn", "power_of_two_scales", "exact_multipliers",

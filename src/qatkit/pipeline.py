@@ -68,9 +68,12 @@ class RunConfig:
     def __post_init__(self) -> None:
         w, a = (tuple(check_bits(b, name) for b in (v if isinstance(v, (list, tuple)) else [v]))
                 for name, v in (("weight_bits", self.weight_bits), ("act_bits", self.act_bits)))
-        if len(w) != len(a) or not w:
+        if not w:
+            raise bad_value("weight_bits", list(w), "one or more bit-widths from 2 to 8", "give at least one (8 4)")
+        if len(w) != len(a):
             raise bad_value("act_bits", list(a), f"one value per weight bit-width ({len(w)} values)",
-                            "pass as many --act-bits as --weight-bits")
+                            "give as many activation bit-widths as weight bit-widths (--act-bits, or act_bits: in "
+                            "the YAML)")
         _check_number("float_epochs", self.float_epochs, 0, integer=True)
         _check_number("float_lr", self.float_lr, 0.0)
         _check_number("keep_sensitive", self.keep_sensitive, 0, integer=True)

@@ -45,6 +45,9 @@ def test_help_of_each_subcommand(command, capsys):
     (["run", "--config", "/nonexistent.yaml"], r"--config = '/nonexistent.yaml' is not allowed; allowed: an existing YAML file"),
     (["convert", "/nonexistent.ckpt"], r"/nonexistent.ckpt"),
     (["eval", "/nonexistent.safetensors"], r"model file '/nonexistent.safetensors' does not exist"),
+    (["run", "--act-bits", "9"], r"act_bits = 9 is not allowed; allowed: an integer from 2 to 8"),  # (not weight_bits)
+    (["eval", "/"], r"model file '/' is a folder"), (["convert", "/"], r"checkpoint '/' is a folder"),
+    (["verify", "/"], r"ONNX file '/' is a folder"),
 ])
 def test_usage_errors_exit_2_with_one_line(argv, message, capsys, tmp_path):
     out_dir = tmp_path / "out"
@@ -284,3 +287,24 @@ def test_convert_and_export_refuse_to_write_over_their_input_or_a_folder(capsys,
     assert code == 2 and "Fix: it is the input file" in err
     assert run_cli(capsys, "export", str(model), "--out", str(tmp_path / "onnx" / "m.onnx"))[0] == 0
     assert (tmp_path / "onnx" / "m.onnx").is_file() and qatkit.load(model) is not None
+
+
+@pytest.mark.parametrize("yaml_text, message", [
+    ("weight_bits: []\n", r"weight_bits = \[\] is not allowed; allowed: one or more bit-widths from 2 to 8"),
+    ("qat:\n  rules: fc\n", r"rules = 'fc' is not allowed; allowed: a list of layer rules"),
+    ("act_bits: [8, 4]\n", r"act_bits = \[8, 4\] is not allowed.*\(--act-bits, or act_bits: in the YAML\)"),
+])
+def test_bad_yaml_bit_widths_and_rules_name_what_is_wrong(yaml_text, message, capsys, tmp_path):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(yaml_text)
+    code, _, err = run_cli(capsys, "run", "--weight-bits", "8", "--config", str(cfg), "--out", str(tmp_path / "o")) \
+        if "act_bits" in yaml_text else run_cli(capsys, "run", "--config", str(cfg), "--out", str(tmp_path / "o"))
+    assert code == 2 and pytest.importorskip("re").search(message, err), err
+
+
+def test_messages_about_other_files_name_the_fix(capsys, tmp_path):
+    (tmp_path / "m.onnx").write_bytes(b"not checked: no integer model beside it")
+    code, _, err = run_cli(capsys, "verify", str(tmp_path / "m.onnx"))
+    assert code == 2 and "no integer model" in err and "Fix: pass --reference" in err
+    code, _, err = run_cli(capsys, "convert", str(tmp_path / "m.onnx"))
+    assert code == 2 and "Fix: pass a checkpoint qatkit wrote (the qat_*.ckpt of qatkit train or run)" in err

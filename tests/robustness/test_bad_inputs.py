@@ -271,7 +271,7 @@ FILE_CASES = [
      FILE_BAD.format(name="v2.safetensors", what="has version 2; this qatkit reads version 1")),
     ("export-call-outside-the-table", "export", "os-system.safetensors",
      FILE_BAD.format(name="evil.safetensors", what="calls 'posix.system', which is not an operation qatkit runs")),
-    ("export-a-directory", "export", "directory", FILE_BAD.format(name="folder.safetensors", what="does not exist")),
+    ("export-a-directory", "export", "directory", FILE_BAD.format(name="folder.safetensors", what="is a folder")),
     ("bench-not-a-checkpoint", "bench", "text.ckpt", CKPT_BAD.format(name="notes.ckpt", what="has the wrong magic .* not a qatkit checkpoint")),
     ("bench-checkpoint-without-qat-recipe", "bench", "plain", r"checkpoint '.*plain\.ckpt' has no QAT recipe"),
 ]
@@ -301,7 +301,8 @@ def test_verify_refuses_limit_0(capsys, tmp_path, files):
 def test_verify_refuses_a_missing_reference(capsys, tmp_path):
     onnx = tmp_path / "m.onnx"
     onnx.write_bytes(b"never read")
-    usage_error(capsys, ["verify", str(onnx)], r"model file '.*m\.safetensors' does not exist\. Fix:")
+    usage_error(capsys, ["verify", str(onnx)], r"no integer model '.*m\.safetensors' beside '.*m\.onnx' to compare "
+                                               r"with\. Fix: pass --reference")
 
 
 def test_float_bits_flag_is_an_argparse_usage_error(capsys, tmp_path):
@@ -458,7 +459,7 @@ def test_calibrate_num_batches(num_batches):
 
 
 def test_load_checkpoint_of_a_directory(tmp_path):
-    with pytest.raises(ModelFileError, match=rf"^checkpoint {re.escape(repr(str(tmp_path)))} does not exist; allowed: an existing"):
+    with pytest.raises(ModelFileError, match=rf"^checkpoint {re.escape(repr(str(tmp_path)))} is a folder; allowed: an existing"):
         load_checkpoint(tmp_path)
 
 

@@ -91,7 +91,7 @@ def test_truncated_file(tmp_path, keep):
     data = path.read_bytes()
     n = int(len(data) * keep) if isinstance(keep, float) else (len(data) + keep if keep < 0 else keep)
     path.write_bytes(data[:n])
-    with pytest.raises(ModelFileError, match=r"a\.ckpt' .*truncated.*Fix: re-create it"):
+    with pytest.raises(ModelFileError, match=r"a\.ckpt' .*truncated.*Fix: pass a checkpoint qatkit wrote"):
         load_checkpoint(path)
 
 

@@ -79,7 +79,7 @@ def load(path: str | os.PathLike) -> IntegerModel:
     """Read an integer model file written by `save`."""
     path = Path(path)
     if not path.is_file():
-        raise _fail(path, "does not exist")
+        raise _fail(path, "is a folder" if path.is_dir() else "does not exist")
     try:
         tensors = load_file(str(path))
         with safe_open(str(path), framework="pt") as f:

@@ -22,7 +22,8 @@ from qatkit.fileio import atomic_file
 MAGIC = b"QATKIT-CKPT-v1\x00\n"  # 16 bytes
 DIGEST_SIZE = hashlib.sha256().digest_size  # 32
 TRAILER_SIZE = len(MAGIC) + DIGEST_SIZE
-_FIX = "re-create it (re-run training without --resume) or restore an intact copy"
+_FIX = ("pass a checkpoint qatkit wrote (the qat_*.ckpt of qatkit train or run); for a damaged one, restore an intact "
+        "copy or re-run the training")
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
@@ -47,8 +48,9 @@ def _bad(path: Path, what: str) -> ModelFileError:
 def _payload(path: Path) -> bytes:
     """The torch.save bytes of a checkpoint file, after checking its trailer and checksum."""
     if not path.is_file():
-        raise ModelFileError(f"checkpoint {str(path)!r} does not exist; allowed: an existing checkpoint file. "
-                             "Fix: check the path, or start without --resume")
+        what = "is a folder" if path.is_dir() else "is not a regular file" if path.exists() else "does not exist"
+        raise ModelFileError(f"checkpoint {str(path)!r} {what}; allowed: an existing checkpoint file. Fix: check the "
+                             "path (resuming: start without --resume)")
     data = path.read_bytes()
     if len(data) < TRAILER_SIZE:
         raise _bad(path, f"is truncated: {len(data)} bytes, less than its {TRAILER_SIZE}-byte trailer")

@@ -359,7 +359,9 @@ def _restore(path: Path, model: nn.Module, optimizer, scheduler, settings: dict[
         if saved.get(key) != value:
             raise ConfigError(f"resume: {key} = {value!r} differs from {saved.get(key)!r} in checkpoint {str(path)!r}; "
                               f"allowed: the checkpoint's value (only {' and '.join(RESUME_FREE_FIELDS)} may change). "
-                              f"Fix: set {key} back to {saved.get(key)!r}, or start a new run without --resume")
+                              f"Fix: set {key} back to {saved.get(key)!r}"
+                              + (" (it follows the training split's size, --limit, and the batch size)"
+                                 if key == "steps_per_epoch" else "") + ", or start a new run without --resume")
     try:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
