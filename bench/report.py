@@ -43,7 +43,7 @@ DEFAULT_COMMANDS = ["python bench/pretrain.py cifar10-resnet20", "python bench/p
                     "python bench/suite.py --tasks sst2-transformer --out bench/results/suite_sst2.json",
                     "python bench/deploy_agreement.py  # the power-of-two rows: bench/README.md",
                     "python bench/experiment.py cifar10-resnet20 --bits 4 4 --qat-seed 1 --name cifar-w4a4-qatseed1-s0"
-                    "  # and W3A3, W2A2",
+                    "  # and W8A8, W3A3, W2A2",
                     "python bench/report.py"]
 
 METHOD_ORDER = ["float", "ptq-minmax", "ptq-mse", "qat", "torch.ao-qat"]
