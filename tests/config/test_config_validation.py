@@ -151,7 +151,7 @@ def test_train_dict_type_errors(key, value, expected):
      r"^exact_multipliers = True is not allowed; allowed: False with power_of_two_scales .*Fix: set one of"),
     ({"weight_init": 1}, r"^qat\.weight_init = 1 is not allowed; allowed: a string"),
     ({"weight_bits": "8"}, r"^weight_bits = '8' is not allowed"),
-    ({"rules": 5}, r"^qat: 'int' object is not iterable"),
+    ({"rules": 5}, r"^rules = 5 is not allowed; allowed: a list of layer rules"),
     ({"rules": [5]}, r"^rules\[\] = 5 is not allowed; allowed: a mapping of LayerRule fields"),
     ({"rules": [{"pattern": "fc", "bits": 4}]}, r"^rules\[\] key = 'bits' is not allowed; allowed: pattern, weight_bits, act_bits, per_channel, skip"),
     ({"rules": [{"pattern": "fc", "skip": "no"}]}, r"^rules\[\]\.skip = 'no' is not allowed; allowed: true or false"),

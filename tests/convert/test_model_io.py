@@ -119,7 +119,7 @@ def test_missing_file(tmp_path):
 
 
 def test_directory_is_not_a_model_file(tmp_path):
-    with fails(tmp_path, "does not exist"):
+    with fails(tmp_path, "is a folder"):
         qatkit.load(tmp_path)
 
 
