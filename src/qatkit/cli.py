@@ -117,6 +117,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("model_file")
     p.add_argument("--dataset", help="default: the one the model was trained on")
     p.add_argument("--data", help="path of the dataset")
+    p.add_argument("--limit", type=int, help="use only the first N test samples (run's --limit: its results.json)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     return parser
 
@@ -201,6 +202,8 @@ def _cmd_train(args) -> int:
             if not new and not args.resume:
                 raise ConfigError(f"--out {str(out)!r} exists and is not empty; allowed: a new folder, or --resume. "
                                   "Fix: pass another --out or add --resume")
+            if new and args.resume:
+                print(f"[qatkit] --resume: nothing to resume in {str(out)!r} (new or empty); training from the start")
             out.mkdir(parents=True, exist_ok=True)
         try:
             ds = load_dataset(config.dataset, config.data, limit=config.limit)
@@ -266,7 +269,7 @@ def _cmd_eval(args) -> int:
 
     path = Path(args.model_file)
     model, recipe = _load_model(path)
-    dataset, loader = _test_loader(args, recipe)
+    dataset, loader = _test_loader(args, recipe, args.limit)
     result = evaluate(model, loader)
     print(json.dumps(result) if args.json else f"[qatkit] {path.name} on {dataset} test: accuracy {result['accuracy']:.4f} (n={result['n']})")
     return 0

@@ -308,3 +308,19 @@ def test_messages_about_other_files_name_the_fix(capsys, tmp_path):
     assert code == 2 and "no integer model" in err and "Fix: pass --reference" in err
     code, _, err = run_cli(capsys, "convert", str(tmp_path / "m.onnx"))
     assert code == 2 and "Fix: pass a checkpoint qatkit wrote (the qat_*.ckpt of qatkit train or run)" in err
+
+
+def test_eval_with_run_limit_reproduces_results_json_and_resume_of_nothing_says_so(capsys, tmp_path):
+    out = tmp_path / "r"
+    code, _, err = run_cli(capsys, "run", "--weight-bits", "4", "--act-bits", "4", "--epochs", "1", "--float-epochs",
+                           "1", "--limit", "96", "--quiet", "--out", str(out))
+    assert code == 0, err
+    row = next(r for r in json.loads((out / "results.json").read_text())["rows"] if r["method"] == "qat")
+    code, printed, _ = run_cli(capsys, "eval", str(out / "qat_w4a4.safetensors"), "--limit", "96", "--json")
+    result = json.loads(printed)
+    assert code == 0 and (result["accuracy"], result["n"]) == (row["integer_model_accuracy"], 96)
+    code, printed, err = run_cli(capsys, "train", "--epochs", "1", "--float-epochs", "1", "--limit", "32", "--quiet",
+                                 "--resume", "--out", str(tmp_path / "t"))
+    assert code == 0, err
+    assert printed.startswith(f"[qatkit] --resume: nothing to resume in {str(tmp_path / 't')!r} (new or empty); "
+                              "training from the start")
