@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 
 from qatkit.config import (
+    QATConfig,
+    TrainConfig,
     load_yaml,
     qat_config_from_dict,
     to_dict,
@@ -130,7 +132,10 @@ def run_config_from(args: argparse.Namespace, default_bits: tuple[int, ...] | No
     data = load_yaml(args.config) if args.config else {}
     unknown = sorted(set(data) - set(_RUN_KEYS), key=str)
     if unknown:
-        raise bad_value("--config key", unknown[0], ", ".join(_RUN_KEYS), "remove or correct the key")
+        section = next((name for name, fields in (("train", to_dict(TrainConfig())), ("qat", to_dict(QATConfig())))
+                        if unknown[0] in fields), None)  # (a train: or qat: option written at the top level)
+        raise bad_value("--config key", unknown[0], ", ".join(_RUN_KEYS), f"move it under {section}: (a {section} "
+                        "option)" if section else "remove or correct the key")
     for key in ("train", "qat"):
         if data.get(key) is not None and not isinstance(data[key], dict):
             raise bad_value(f"--config {key}", data[key], f"a mapping of {key} options", f"write {key}: as key: value pairs")

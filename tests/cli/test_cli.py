@@ -290,6 +290,8 @@ def test_convert_and_export_refuse_to_write_over_their_input_or_a_folder(capsys,
 
 
 @pytest.mark.parametrize("yaml_text, message", [
+    ("epochs: 3\n", r"--config key = 'epochs' is not allowed.*Fix: move it under train: \(a train option\)"),
+    ("exact_adds: true\n", r"--config key = 'exact_adds' is not allowed.*Fix: move it under qat: \(a qat option\)"),
     ("weight_bits: []\n", r"weight_bits = \[\] is not allowed; allowed: one or more bit-widths from 2 to 8"),
     ("qat:\n  rules: fc\n", r"rules = 'fc' is not allowed; allowed: a list of layer rules"),
     ("act_bits: [8, 4]\n", r"act_bits = \[8, 4\] is not allowed.*\(--act-bits, or act_bits: in the YAML\)"),
