@@ -28,15 +28,19 @@ _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
 def conv_pads(conv: torch.nn.Conv1d | torch.nn.Conv2d | torch.nn.Conv3d) -> list[int]:
-    """A conv's padding as ONNX `pads`, [begin of each spatial axis..., end of each...]; 'same' pads an even
-    kernel's extra row at the end, as PyTorch does."""
-    k, d = conv.kernel_size, conv.dilation
-    if conv.padding == "valid":
-        return [0] * 2 * len(k)
-    if conv.padding == "same":
-        total = [di * (ki - 1) for ki, di in zip(k, d)]
+    """A conv's padding as ONNX `pads` (onnx_pads)."""
+    return onnx_pads(conv.padding, conv.kernel_size, conv.dilation)
+
+
+def onnx_pads(padding, kernel_size, dilation) -> list[int]:
+    """A conv's padding (per spatial axis, 'valid' or 'same') as ONNX `pads`, [begin of each spatial axis..., end of
+    each...]; 'same' pads an even kernel's extra row at the end, as PyTorch does."""
+    if padding == "valid":
+        return [0] * 2 * len(kernel_size)
+    if padding == "same":
+        total = [di * (ki - 1) for ki, di in zip(kernel_size, dilation)]
         return [t // 2 for t in total] + [t - t // 2 for t in total]
-    return list(conv.padding) * 2
+    return list(padding) * 2
 
 
 def conv(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, stride, pads: list[int], padding_mode: str,

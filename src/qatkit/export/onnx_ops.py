@@ -15,6 +15,7 @@ from onnx import helper as onnx_helper
 
 from qatkit.convert.ops import GETATTR, NAME_OF
 from qatkit.errors import QatkitError
+from qatkit.kernels import onnx_pads
 
 BINARY = {"add": "Add", "iadd": "Add", "sub": "Sub", "mul": "Mul", "truediv": "Div", "matmul": "MatMul"}
 # (Selu: PyTorch's constants; Round: half to even, as torch.round)
@@ -266,7 +267,7 @@ def _whole_length(ex, node: dict) -> bool:
     def made_by(ref):
         return nodes.get(ref["node"]) if isinstance(ref, dict) and "node" in ref else None
 
-    source = made_by(node["args"][1] if len(node["args"]) > 1 else node["kwargs"].get("kernel_size"))
+    source = made_by(_raw_arg(node, 1, "kernel_size"))
     extra = list(node["args"][2:]) + [v for k, v in node["kwargs"].items() if k != "kernel_size"]
     if source is None or not all(v in (None, 0, 1, False) for v in extra) or source["args"][1:] not in ([2], [-1]):
         return False
@@ -594,22 +595,27 @@ def _scatter(ex, short, x, args, kwargs, rank, name) -> Value:
                           f"'{name}') has no ONNX form in opset 17; allowed: no reduce, 'add'/'sum', "
                           "'multiply'/'prod', include_self=True. Fix: use one of those (a mean as a sum over a count's "
                           "sum)")
-    index = _i(ex, index)
+    index, integers = _i(ex, index), _integers(x, src)
+    shape = ex.op("Shape", [index], "index_shape")
     if isinstance(src, Value):
-        ends = ex.op("Shape", [index], "index_shape")
-        updates = ex.op("Slice", [_i(ex, src) if _integers(x, src) else ex.floats(src),
-                                  ex.const("starts", np.zeros(rank, np.int64)), ends], "updates")
+        updates = ex.op("Slice", [_i(ex, src) if integers else ex.floats(src),
+                                  ex.const("starts", np.zeros(rank, np.int64)), shape], "updates")
     else:  # a number
-        updates = ex.op("Expand", [_i(ex, src) if _integers(x, src) else _c(ex, src),
-                                   ex.op("Shape", [index], "index_shape")], "updates")
-    data, kind = (_i(ex, x), "int") if _integers(x, src) else (ex.floats(x), "float")
+        updates = ex.op("Expand", [_i(ex, src) if integers else _c(ex, src), shape], "updates")
+    data, kind = (_i(ex, x), "int") if integers else (ex.floats(x), "float")
     return Value(ex.op("ScatterElements", [data, index, updates], name, axis=dim, reduction=reduction), kind)
+
+
+def _raw_arg(node, i: int, key: str):
+    """A call's argument as the integer model holds it (by position or name): a {"node": ...} reference, whose value
+    on the example ex.shapes holds, or a constant."""
+    return node["args"][i] if len(node["args"]) > i else node["kwargs"].get(key)
 
 
 def _normalized_axes(ex, node) -> int:
     """How many last axes F.layer_norm / F.rms_norm normalize: the length of normalized_shape (an int, a list, or
     sizes the model read from a tensor: their value on the example)."""
-    raw = node["args"][1] if len(node["args"]) > 1 else node["kwargs"]["normalized_shape"]
+    raw = _raw_arg(node, 1, "normalized_shape")
     return len(ex.shapes[raw["node"]]) if isinstance(raw, dict) else len(_ints(raw, 1))
 
 
@@ -899,11 +905,8 @@ def _float_op(ex, node, short, args, kwargs, rank) -> Value:
             y = ex.op("MatMul", [xf, ex.op("Transpose", [inputs[1]], "wT", perm=[1, 0])], name)
             return Value(ex.op("Add", [y, inputs[2]], f"{name}_bias") if bias is not None else y, "float")
         n, dilation = int(short[-2]), _ints(_arg(args, kwargs, 5, "dilation", 1), int(short[-2]))
-        pads = _ints(padding, n) * 2 if not isinstance(padding, str) else [0] * 2 * n  # "valid"
-        if padding == "same":  # (stride 1) the kernel's reach split, PyTorch's odd pixel at the end
-            raw = node["args"][1] if len(node["args"]) > 1 else node["kwargs"]["weight"]
-            reach = [d * (k - 1) for d, k in zip(dilation, ex.shapes[raw["node"]].shape[2:])]
-            pads = [r // 2 for r in reach] + [r - r // 2 for r in reach]
+        kernel = ex.shapes[_raw_arg(node, 1, "weight")["node"]].shape[2:]
+        pads = onnx_pads(padding if isinstance(padding, str) else _ints(padding, n), kernel, dilation)
         return Value(ex.op("Conv", inputs, name, strides=_ints(stride, n), pads=pads, dilations=dilation,
                            group=_arg(args, kwargs, 6, "groups", 1)), "float")
     raise QatkitError(f"op {node['fn']!r} (node '{name}') has no ONNX form in qatkit. "

@@ -102,17 +102,8 @@ WRITTEN_OUT = {torch.clip: "clip", torch.trunc: "trunc", torch.fix: "trunc", tor
                torch.linalg.norm: "linalg_norm", torch.norm: "norm", torch.dist: "dist", torch.tile: "tile",
                torch.diff: "diff", F.pad: "pad", F.one_hot: "one_hot", torch.index_add: "index_add",
                torch.atan2: "atan2", torch.arctan2: "atan2", torch.logcumsumexp: "logcumsumexp"}
-WRITTEN_OUT_METHODS = {"clip": "clip", "trunc": "trunc", "fix": "trunc", "frac": "frac", "remainder": "remainder",
-                       "fmod": "fmod", "logsumexp": "logsumexp", "logical_and": "logical_and",
-                       "logical_or": "logical_or", "logical_xor": "logical_xor", "outer": "outer", "ger": "outer",
-                       "sort": "sort", "argsort": "argsort", "expm1": "expm1", "exp2": "exp2", "log2": "log2",
-                       "log10": "log10", "addcmul": "addcmul", "addcdiv": "addcdiv", "lerp": "lerp", "hypot": "hypot",
-                       "logit": "logit", "isnan": "isnan", "nan_to_num": "nan_to_num", "log1p": "log1p",
-                       "square": "square", "minimum": "minimum", "maximum": "maximum", "swapaxes": "swapaxes",
-                       "swapdims": "swapaxes", "clamp_min": "clamp_min", "clamp_max": "clamp_max",
-                       "addmm": "addmm", "baddbmm": "baddbmm", "norm": "norm", "dist": "dist", "tile": "tile",
-                       "diff": "diff", "index_add": "index_add", "atan2": "atan2", "arctan2": "atan2",
-                       "logcumsumexp": "logcumsumexp"}
+# Their tensor methods (x.clip(), x.fix(), x.addmm(...)): those of the functions' names that tensors have.
+WRITTEN_OUT_METHODS = {fn.__name__: name for fn, name in WRITTEN_OUT.items() if hasattr(torch.Tensor, fn.__name__)}
 # The same functions under another name (_written_out).
 ALIASES = {"erf": torch.erf, "sigmoid": torch.sigmoid, "clip": torch.clamp, "minimum": torch.min, "maximum": torch.max}
 # Methods the integer model knows in another spelling (_Rewriter._respell), so their in-place form is known too.
