@@ -124,6 +124,13 @@ def dataset_for(recipe: dict, name: str | None, path: str | None, limit: int | N
     return load_dataset(name, path, limit=limit, vocab=recipe.get("vocab"), max_len=recipe.get("max_len"))
 
 
+def _run_info(config: RunConfig, ds: ImageDataset | TextDataset, qat: QATConfig | None = None) -> dict:
+    """What a training trains on, saved in its checkpoints: a resume on other data or settings is refused."""
+    return {"model": config.model, "dataset": ds.name, "data": None if config.data is None else
+            str(Path(config.data).resolve()), "limit": config.limit, "train_samples": len(ds.train),
+            "qat": None if qat is None else to_dict(qat)}
+
+
 def _shard() -> tuple[int, int]:
     return distributed.rank(), distributed.world_size()
 
@@ -154,7 +161,7 @@ def train_float(config: RunConfig, ds: ImageDataset | TextDataset, out: Path, re
     train_loader = _loaders(ds, config.train)[0]
     ckpt_dir = out / "checkpoints" / "float"
     fit(model, train_loader, config.float_train, val_loader=_val_loader(ds), checkpoint_dir=ckpt_dir,
-        resume=resume and (ckpt_dir / CHECKPOINT_NAME).exists())
+        resume=resume and (ckpt_dir / CHECKPOINT_NAME).exists(), run_info=_run_info(config, ds))
     if distributed.is_main():
         with atomic_file(out / FLOAT_FILE) as tmp:
             save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp))
@@ -187,8 +194,9 @@ def quantize(config: RunConfig, ds: ImageDataset | TextDataset, float_model: nn.
     if train:
         name = f"qat_w{weight_bits}a{act_bits}"
         ckpt_dir = out / "checkpoints" / name
-        fit(model, train_loader, config.train, val_loader=_val_loader(ds), teacher=float_model, error_penalty=qcfg.error_penalty,
-            checkpoint_dir=ckpt_dir, resume=resume and (ckpt_dir / CHECKPOINT_NAME).exists())
+        fit(model, train_loader, config.train, val_loader=_val_loader(ds), teacher=float_model,
+            error_penalty=qcfg.error_penalty, checkpoint_dir=ckpt_dir,
+            resume=resume and (ckpt_dir / CHECKPOINT_NAME).exists(), run_info=_run_info(config, ds, qcfg))
         if distributed.is_main():
             save_checkpoint(out / f"{name}.ckpt", {"model": model.state_dict(), "recipe": _recipe(config, ds, qcfg)})
     return model

@@ -304,6 +304,21 @@ def test_bad_yaml_bit_widths_and_rules_name_what_is_wrong(yaml_text, message, ca
     assert code == 2 and pytest.importorskip("re").search(message, err), err
 
 
+def test_train_resume_on_other_data_is_refused(capsys, tmp_path):
+    """train --resume with another --dataset (same --limit, shapes that fit the saved weights) used to go on with
+    the digits model's checkpoint as if it had been trained on MNIST."""
+    out = tmp_path / "t"
+    code, _, err = run_cli(capsys, "train", "--epochs", "1", "--float-epochs", "1", "--limit", "64", "--quiet",
+                           "--out", str(out))
+    assert code == 0, err
+    before = (out / "qat_w8a8.ckpt").read_bytes()
+    mnist = str(shared_data("mnist"))
+    code, _, err = run_cli(capsys, "train", "--epochs", "1", "--float-epochs", "1", "--limit", "64", "--quiet",
+                           "--dataset", "mnist", "--data", mnist, "--resume", "--out", str(out))
+    assert code == 2 and "resume: dataset = 'mnist' differs from 'digits' in checkpoint" in err, err
+    assert (out / "qat_w8a8.ckpt").read_bytes() == before
+
+
 def test_messages_about_other_files_name_the_fix(capsys, tmp_path):
     (tmp_path / "m.onnx").write_bytes(b"not checked: no integer model beside it")
     code, _, err = run_cli(capsys, "verify", str(tmp_path / "m.onnx"))

@@ -258,6 +258,29 @@ def test_resume_checkpoint_from_before_a_config_field_existed(digits, tmp_path):
             resume=True)
 
 
+def test_resume_refuses_other_run_info_and_accepts_a_checkpoint_without_it(digits, tmp_path):
+    """run_info (what the run trains on) is saved in last.ckpt; a resume on other data is refused, as a resume with
+    other settings is, and a checkpoint written before run_info existed resumes."""
+    train, _ = loaders(digits, batch_size=64, limit=128)
+    info = {"dataset": "digits", "data": None, "train_samples": 128}
+    fit(small_cnn(), train, cfg(epochs=2), checkpoint_dir=tmp_path, run_info=info)
+    path = tmp_path / CHECKPOINT_NAME
+    assert load_checkpoint(path)["run_info"] == info
+    with pytest.raises(ConfigError, match=r"resume: dataset = 'mnist' differs from 'digits' in checkpoint .*last\.ckpt"
+                                          r".*Fix: set dataset back to 'digits', or start a new run without --resume"):
+        fit(small_cnn(), train, cfg(epochs=2), checkpoint_dir=tmp_path, resume=True,
+            run_info={**info, "dataset": "mnist"})
+    with pytest.raises(ConfigError, match=r"resume: data = '/d' differs from None"):
+        fit(small_cnn(), train, cfg(epochs=2), checkpoint_dir=tmp_path, resume=True, run_info={**info, "data": "/d"})
+    assert len(fit(small_cnn(), train, cfg(epochs=2), checkpoint_dir=tmp_path, resume=True, run_info=info)) == 2
+    state = load_checkpoint(path)
+    del state["run_info"]  # as written before run_info was saved
+    save_checkpoint(path, state)
+    history = fit(small_cnn(), train, cfg(epochs=2), checkpoint_dir=tmp_path, resume=True,
+                  run_info={**info, "dataset": "mnist"})
+    assert [row["epoch"] for row in history] == [1, 2]
+
+
 def test_distillation_runs_with_finite_loss(digits, trained):
     train, _ = loaders(digits, limit=512)
     teacher = copy.deepcopy(trained[0])

@@ -349,13 +349,16 @@ def _run_settings(config: TrainConfig, error_penalty: Mapping[str, float], steps
     return {**settings, "error_penalty": dict(error_penalty), "steps_per_epoch": steps}
 
 
-def _restore(path: Path, model: nn.Module, optimizer, scheduler, settings: dict[str, Any]) -> tuple[list[dict], int]:
+def _restore(path: Path, model: nn.Module, optimizer, scheduler, settings: dict[str, Any],
+             run_info: dict[str, Any]) -> tuple[list[dict], int]:
     """Load `path` into model, optimizer and scheduler; return (history, next epoch index)."""
     state = load_checkpoint(path)
-    # a field added to TrainConfig after the checkpoint was written holds its default there
+    # a field added to TrainConfig after the checkpoint was written holds its default there; a checkpoint
+    # written before run_info was saved is not checked against it
+    saved_info = state.get("run_info") or {}
     saved = {**to_dict(TrainConfig()), **state.get("config", {}), "error_penalty": state.get("error_penalty"),
-             "steps_per_epoch": state.get("steps_per_epoch")}
-    for key, value in settings.items():
+             "steps_per_epoch": state.get("steps_per_epoch"), **saved_info}
+    for key, value in {**settings, **{k: v for k, v in run_info.items() if k in saved_info}}.items():
         if saved.get(key) != value:
             raise ConfigError(f"resume: {key} = {value!r} differs from {saved.get(key)!r} in checkpoint {str(path)!r}; "
                               f"allowed: the checkpoint's value (only {' and '.join(RESUME_FREE_FIELDS)} may change). "
@@ -407,7 +410,8 @@ def _steps_per_epoch(loader: Iterable) -> int:
 # ---- fit ----------------------------------------------------------------------------------------
 def fit(model: nn.Module, train_loader: Iterable, config: TrainConfig, *, val_loader: Iterable | None = None,
         teacher: nn.Module | None = None, error_penalty: Mapping[str, float] | None = None,
-        checkpoint_dir: str | Path | None = None, resume: bool = False) -> list[dict[str, Any]]:
+        checkpoint_dir: str | Path | None = None, resume: bool = False,
+        run_info: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
     """Train `model` (float or QAT) in place for config.epochs; return the per-epoch history.
 
     train_loader: re-iterable (x, y) batches (or dicts of the model's named inputs and "labels") with len(); its
@@ -416,6 +420,8 @@ def fit(model: nn.Module, train_loader: Iterable, config: TrainConfig, *, val_lo
     error_penalty: {parameter glob: λ} for qatkit.regularize.quantization_error_penalty (over training as
     config.penalty_schedule says).
     checkpoint_dir: `last.ckpt` is written there after every epoch; resume=True continues from it.
+    run_info: plain data naming what the run trains (the dataset, its path and size, the model): saved in last.ckpt,
+    and a resume whose run_info differs from the checkpoint's is refused, like one with other TrainConfig settings.
 
     A NaN/Inf loss or gradient raises QatkitError (config.nonfinite = "stop") or drops the batch ("skip",
     counted in the history's `skipped`). SIGINT/SIGTERM (main thread) stop after the current step with
@@ -451,7 +457,8 @@ def fit(model: nn.Module, train_loader: Iterable, config: TrainConfig, *, val_lo
     scheduler = build_scheduler(optimizer, config, steps)
     settings = _run_settings(config, error_penalty, steps)
     ckpt_path = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
-    history, start = _restore(ckpt_path, model, optimizer, scheduler, settings) if resume else ([], 0)
+    run_info = dict(run_info or {})
+    history, start = _restore(ckpt_path, model, optimizer, scheduler, settings, run_info) if resume else ([], 0)
 
     tracker = OscillationTracker(model) if config.track_oscillations else None
     net = distributed.wrap(model, torch.device(config.device)) if distributed.is_distributed() else model
@@ -497,6 +504,7 @@ def fit(model: nn.Module, train_loader: Iterable, config: TrainConfig, *, val_lo
                         "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                         "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "steps_per_epoch": steps,
                         "history": history, "config": to_dict(config), "error_penalty": error_penalty,
+                        "run_info": run_info,
                     })
                 saved_epoch = epoch + 1
             at.update(epoch=epoch + 1, step=0)
