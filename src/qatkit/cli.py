@@ -22,7 +22,7 @@ from qatkit.config import (
     train_config_from_dict,
 )
 from qatkit.devices import check_available
-from qatkit.errors import ConfigError, DataError, ModelFileError, QatkitError, bad_value
+from qatkit.errors import ConfigError, DataError, ModelFileError, QatkitError, bad_value, error_detail
 from qatkit.primitives.ranges import check_bits
 from qatkit.train.signals import TrainingInterrupted
 
@@ -46,8 +46,10 @@ def _common(p: argparse.ArgumentParser, *, many_bits: bool) -> None:
     p.add_argument("--data", help="path of the dataset (mnist, cifar10, folder, sst2, tsv)")
     p.add_argument("--model", help="small-cnn (default for images) | seed-mlp | resnet20 | resnet18 | mobilenetv2 | "
                    "tiny-transformer (default for text)")
-    p.add_argument("--weight-bits", type=int, nargs=nargs, help="weight bit-width(s), 2..8")
-    p.add_argument("--act-bits", type=int, nargs=nargs, help="activation bit-width(s), 2..8, one per weight bit-width")
+    p.add_argument("--weight-bits", type=int, nargs=nargs,
+                   help="weight bit-widths, 2..8 (one per model)" if many_bits else "weight bit-width, 2..8")
+    p.add_argument("--act-bits", type=int, nargs=nargs, help="activation bit-widths, 2..8, one per weight bit-width"
+                   if many_bits else "activation bit-width, 2..8")
     p.add_argument("--epochs", type=int, help="QAT epochs")
     p.add_argument("--float-epochs", type=int, help="float training epochs")
     p.add_argument("--seed", type=int, help="random seed (default 0)")
@@ -335,7 +337,7 @@ def _float_model(args, recipe: dict):
     try:
         model.load_state_dict(load_file(str(float_path)))
     except (OSError, SafetensorError, RuntimeError) as e:
-        raise ModelFileError(f"float weights {str(float_path)!r} cannot be loaded ({str(e).splitlines()[0][:150]}). "
+        raise ModelFileError(f"float weights {str(float_path)!r} cannot be loaded ({error_detail(e)}). "
                              "Fix: pass --float with the run's float.safetensors") from None
     return model.eval()
 

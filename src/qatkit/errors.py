@@ -25,3 +25,14 @@ class ModelFileError(QatkitError, ValueError):
 def bad_value(what: str, value: object, allowed: str, fix: str, cls: type[QatkitError] = ConfigError) -> QatkitError:
     """Build the one-line message every error in qatkit follows: value, allowed values, fix."""
     return cls(f"{what} = {value!r} is not allowed; allowed: {allowed}. Fix: {fix}")
+
+
+def error_detail(e: BaseException, line_limit: int = 120, lines_kept: int = 3) -> str:
+    """An exception's message on one line: its first lines, each cut to `line_limit` characters; for
+    load_state_dict's, its missing / unexpected keys and shape lines (its first line, "Error(s) in loading state_dict
+    for X:", says nothing)."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+    if len(lines) > 1 and lines[0].startswith("Error(s) in loading state_dict"):
+        lines = lines[1:]
+    cut = [line if len(line) <= line_limit else line[:line_limit - 3] + "..." for line in lines[:lines_kept]]
+    return "; ".join(cut + ([f"{len(lines) - lines_kept} more"] if len(lines) > lines_kept else []))

@@ -30,7 +30,7 @@ from qatkit.config import (
 )
 from qatkit.convert import convert, load, save
 from qatkit.data import TEXT_DATASETS, BatchLoader, ImageDataset, TextDataset, load_dataset
-from qatkit.errors import ConfigError, ModelFileError, bad_value
+from qatkit.errors import ConfigError, ModelFileError, bad_value, error_detail
 from qatkit.export import verify
 from qatkit.fileio import atomic_file
 from qatkit.models import build_model
@@ -212,7 +212,7 @@ def rebuild_qat(checkpoint: str | os.PathLike) -> tuple[nn.Module, dict]:
     try:
         qat.load_state_dict(state["model"])
     except RuntimeError as e:
-        raise ModelFileError(f"checkpoint {str(checkpoint)!r} does not match its recipe ({str(e).splitlines()[0]}). "
+        raise ModelFileError(f"checkpoint {str(checkpoint)!r} does not match its recipe ({error_detail(e)}). "
                              "Fix: use the checkpoint with the qatkit version that wrote it") from None
     return qat, recipe
 

@@ -9,12 +9,13 @@ import sys
 import pytest
 import torch
 from conftest import shared_data
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import qatkit
 from qatkit.cli import main
 from qatkit.convert import load
 from qatkit.data import load_dataset
+from qatkit.models import build_model
 from qatkit.pipeline import FLOAT_FILE, RunConfig, _loaders, build_for, example_input, rebuild_qat
 
 
@@ -151,6 +152,11 @@ def test_train_convert_eval_chain(tmp_path, capsys):
         f"To keep the most sensitive layer at 8 bits: --config with qat: {{rules: [{{pattern: '{found['layers'][0]['layer']}'")
     code, _, err = run_cli(capsys, "sensitivity", str(ckpt), "--batches", "0")
     assert code == 2 and "--batches = 0 is not allowed" in err
+    other = tmp_path / "resnet20.safetensors"  # another architecture's float weights: which keys do not fit
+    save_file(build_model("resnet20", num_classes=10, in_channels=1, image_size=8).state_dict(), str(other))
+    code, _, err = run_cli(capsys, "sensitivity", str(ckpt), "--float", str(other))
+    assert code == 2 and f"float weights {str(other)!r} cannot be loaded (Missing key(s) in state_dict: " \
+        '"features.0.0.weight"' in err and '; Unexpected key(s) in state_dict: "' in err, err
 
 
 def test_eval_mnist_path_from_shared_data(tmp_path, capsys):

@@ -32,7 +32,7 @@ from tqdm import tqdm
 from qatkit import inputs
 from qatkit.config import TrainConfig, to_dict
 from qatkit.devices import module_device
-from qatkit.errors import ConfigError, DataError, ModelFileError, QatkitError, bad_value
+from qatkit.errors import ConfigError, DataError, ModelFileError, QatkitError, bad_value, error_detail
 from qatkit.nn import FoldedBn, QLayer
 from qatkit.quantizer import FakeQuantizer
 from qatkit.regularize import quantization_error_penalty
@@ -371,8 +371,7 @@ def _restore(path: Path, model: nn.Module, optimizer, scheduler, settings: dict[
         scheduler.load_state_dict(state["scheduler"])
         return list(state["history"]), int(state["epoch"])
     except (KeyError, RuntimeError, ValueError) as e:
-        detail = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise ModelFileError(f"checkpoint {str(path)!r} does not fit this model ({detail}); allowed: a checkpoint "
+        raise ModelFileError(f"checkpoint {str(path)!r} does not fit this model ({error_detail(e)}); allowed: a checkpoint "
                              "of the same model and QAT settings. Fix: resume with the same --model and QAT "
                              "config, or start without --resume") from None
 
