@@ -371,9 +371,9 @@ def _restore(path: Path, model: nn.Module, optimizer, scheduler, settings: dict[
         scheduler.load_state_dict(state["scheduler"])
         return list(state["history"]), int(state["epoch"])
     except (KeyError, RuntimeError, ValueError) as e:
-        raise ModelFileError(f"checkpoint {str(path)!r} does not fit this model ({error_detail(e)}); allowed: a checkpoint "
-                             "of the same model and QAT settings. Fix: resume with the same --model and QAT "
-                             "config, or start without --resume") from None
+        raise ModelFileError(f"checkpoint {str(path)!r} does not fit this model ({error_detail(e)}); allowed: a "
+                             "checkpoint of the same model and QAT settings. Fix: resume with the same --model and "
+                             "QAT config, or start without --resume") from None
 
 
 def _check_distributed(model: nn.Module, steps: int, device: torch.device) -> None:
