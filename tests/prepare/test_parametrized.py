@@ -65,3 +65,22 @@ def test_hook_based_norms_are_refused_with_the_fix(hook):
         model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), hook(nn.Linear(4, 2)))
     with pytest.raises(qatkit.QatkitError, match=r"\['2'\].*Fix: call torch.nn.utils.remove_weight_norm"):
         qatkit.prepare(model, qatkit.QATConfig(), torch.randn(2, 4))
+
+
+def test_hooks_are_refused_naming_the_modules():
+    """The QAT graph calls no hook: a hook that halves a conv's output changed the float model's outputs by ~0.2 and
+    was dropped without a word, from the QAT and the integer model alike."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.LazyLinear(2))
+    x = torch.randn(2, 3, 6, 6)
+    model(x)
+    handles = [model[0].register_forward_hook(lambda m, args, out: out * 0.5),
+               model.register_forward_pre_hook(lambda m, args: (args[0] * 2,)),
+               model[3].register_full_backward_hook(lambda m, grad_in, grad_out: None)]
+    with pytest.raises(qatkit.QatkitError, match=r"^modules with hooks = \['model \(forward pre-hook\)', '0 \(forward "
+                                                 r"hook\)', '3 \(backward hook\)'\] is not allowed; .*Fix: remove "
+                                                 r"them \(handle\.remove\(\)\)"):
+        qatkit.prepare(model, qatkit.QATConfig(), x)
+    for handle in handles:
+        handle.remove()
+    qat = qatkit.prepare(model, qatkit.QATConfig(), x)
+    assert [row["name"] for row in qat.qat_info.layers] == ["0", "3"]

@@ -94,7 +94,10 @@ def export_call(ex, node: dict) -> Value:
     if short == "getitem":
         return x[args[1]] if isinstance(x, list) else _getitem(ex, x, args[1], rank)
     if short == "setitem":  # ops.setitem(x, value, *index)
-        return _setitem(ex, x, args[1], args[2:], rank, name)
+        index = node["args"][2:]
+        mask_rank = ex.rank(index[0]["node"]) if len(index) == 1 and isinstance(index[0], dict) and "node" in index[0] \
+            else None
+        return _setitem(ex, x, args[1], args[2:], rank, name, mask_rank)
     if short in ("argmax", "argmin"):  # (CLIP's end-of-text token: text.argmax(dim=-1)) the first extreme position
         dim, keep = _arg(args, kwargs, 1, "dim", None), int(bool(_arg(args, kwargs, 2, "keepdim", False)))
         src = x.name if x.kind in ("quant", "int") else ex.floats(x)
@@ -527,14 +530,25 @@ def _getitem(ex, x: Value, index, rank) -> Value:
     return Value(out, x.kind, x.scale, x.zero_point)
 
 
-def _setitem(ex, x: Value, value, items: list, rank: int, name: str) -> Value:
+def _setitem(ex, x: Value, value, items: list, rank: int, name: str, mask_rank: int | None = None) -> Value:
     """x with x[items] = value (ops.setitem; Hugging Face's Swin mask): Where(mask, value, x), the mask the product of
     one test per indexed axis on its positions (start <= p < stop for a slice, p == i for an int; negative bounds
-    count from the end, out-of-range ones clamp, as in Python)."""
-    if type(value) not in (int, float, bool) or items.count(Ellipsis) > 1 or not all(
-            i is Ellipsis or type(i) is int or (isinstance(i, slice) and i.step in (None, 1)) for i in items):
-        raise QatkitError(f"x[{items!r}] = {value!r} has no ONNX form in qatkit. Fix: assign a number to items "
-                          "indexed by ints, slices (step 1) and one ..., or build the tensor with torch.where")
+    count from the end, out-of-range ones clamp, as in Python), or a boolean tensor's (`h[h < 0] = 0`; one of
+    x's leading axes only: each of its values stands for the rest of x)."""
+    boolean = len(items) == 1 and isinstance(items[0], Value) and items[0].kind == "bool"
+    if type(value) not in (int, float, bool) or items.count(Ellipsis) > 1 or (boolean and mask_rank is None) or (
+            not boolean and not all(i is Ellipsis or type(i) is int or (isinstance(i, slice) and i.step in (None, 1))
+                                    for i in items)):
+        def shown(v) -> str:
+            return f"<{v.kind} tensor>" if isinstance(v, Value) else repr(v)
+        raise QatkitError(f"x[{', '.join(map(shown, items))}] = {shown(value)} (node '{name}') has no ONNX form in qatkit. Fix: assign a number to "
+                          "items indexed by ints, slices (step 1) and one ..., or by one boolean tensor, or build the "
+                          "tensor with torch.where")
+    if boolean:
+        mask = items[0].name
+        if mask_rank < rank:  # a mask over the leading axes: the same test for all values of the others
+            mask = ex.op("Unsqueeze", [mask, ex.const("axes", np.arange(mask_rank, rank, dtype=np.int64))], "on_rest")
+        items = []
     if Ellipsis in items:
         at = items.index(Ellipsis)
         items = items[:at] + [slice(None)] * (rank - len(items) + 1) + items[at + 1:]
@@ -559,7 +573,8 @@ def _setitem(ex, x: Value, value, items: list, rank: int, name: str) -> Value:
                 test = ex.op("And", [test, ex.op("Less", [positions, bound(i.stop, size)], "to")], "within")
         others = [a for a in range(rank) if a != axis]
         tests.append(ex.op("Unsqueeze", [test, ex.const("axes", np.array(others, np.int64))], "on_axis") if others else test)
-    mask = reduce(lambda a, b: ex.op("And", [a, b], "mask"), tests) if tests else ex.const("all", np.array(True))
+    if not boolean:
+        mask = reduce(lambda a, b: ex.op("And", [a, b], "mask"), tests) if tests else ex.const("all", np.array(True))
     src, kind = (ex.floats(x), "float") if x.kind == "quant" else (x.name, _kind(x))
     fill = ex.const("value", np.array(value, {"float": np.float32, "int": np.int64, "bool": np.bool_}[kind]))
     return Value(ex.op("Where", [mask, fill, src], name), kind)

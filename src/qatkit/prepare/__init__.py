@@ -66,6 +66,11 @@ def prepare(model: nn.Module, config: QATConfig | None = None,
                         "quantized), or the same norms as parametrizations", "call torch.nn.utils.remove_weight_norm "
                         "(remove_spectral_norm) on them, then, to keep training the norm, apply torch.nn.utils."
                         "parametrizations.weight_norm (spectral_norm): the weights keep their values")
+    if hooked := _hooked(model):
+        raise bad_value("modules with hooks", hooked, "modules without forward or backward hooks: prepare builds the "
+                        "QAT model from the model's ops, which calls no hook, so what a hook changes would be missing "
+                        "from the QAT and integer models", "remove them (handle.remove()) and write what they change "
+                        "into forward; a hook that only looks may go on the prepared model")
     model = decompose(copy.deepcopy(model).cpu()).eval()  # nn.MultiheadAttention & co. as Linear layers and tensor ops
     arguments = None
     if example_inputs is not None:
@@ -118,6 +123,15 @@ def prepare(model: nn.Module, config: QATConfig | None = None,
                           "or leave the failing module out of QAT with LayerRule(pattern=..., skip=True)"
                           + _size_hint(info.untraced))
     return qat
+
+
+def _hooked(model: nn.Module) -> list[str]:
+    """'name (kind hook)' of each module with a forward, forward-pre or backward hook (its own, not torch's global
+    ones); the root is 'model'."""
+    kinds = {"_forward_pre_hooks": "forward pre-hook", "_forward_hooks": "forward hook",
+             "_backward_pre_hooks": "backward pre-hook", "_backward_hooks": "backward hook"}
+    return [f"{name or 'model'} ({kind})" for name, m in model.named_modules()
+            for attr, kind in kinds.items() if getattr(m, attr, None)]
 
 
 def _quantized_edge(plans: dict, info: PrepareInfo) -> tuple[str, str] | None:
