@@ -542,8 +542,8 @@ def _setitem(ex, x: Value, value, items: list, rank: int, name: str, mask_rank: 
         def shown(v) -> str:
             return f"<{v.kind} tensor>" if isinstance(v, Value) else repr(v)
         raise QatkitError(f"x[{', '.join(map(shown, items))}] = {shown(value)} (node '{name}') has no ONNX form in "
-                          "qatkit. Fix: assign a number to items indexed by ints, slices (step 1) and one ..., or by one boolean tensor, or build the "
-                          "tensor with torch.where")
+                          "qatkit. Fix: assign a number to items indexed by ints, slices (step 1) and one ..., or "
+                          "by one boolean tensor, or build the tensor with torch.where")
     if boolean:
         mask = items[0].name
         if mask_rank < rank:  # a mask over the leading axes: the same test for all values of the others
