@@ -22,3 +22,12 @@ __all__ = [
     "QuantSpec", "TrainConfig", "calibrate", "convert", "describe", "evaluate", "fit", "load", "prepare",
     "quantization_error_penalty", "quantization_errors", "save", "sensitivity",
 ]
+
+
+def __getattr__(name: str):
+    """qatkit.export (ONNX export, verify; it imports onnx and onnxruntime) on first use, without its own import."""
+    if name == "export":
+        import importlib
+
+        return importlib.import_module("qatkit.export")
+    raise AttributeError(f"module 'qatkit' has no attribute {name!r}")

@@ -98,6 +98,8 @@ class FakeQuantizer(HostBuffers, nn.Module):
         if self.observing:
             self._observe(x)
             return x
+        if x.numel() == 0:  # (an expert no token was routed to): nothing to quantize, nor to set a range from
+            return torch.relu(x) if relu else x
         self._check_axis(x)
         if not initialized:  # weights, or activations never calibrated: initialise from this tensor
             self.init_from(x)
@@ -162,6 +164,8 @@ class FakeQuantizer(HostBuffers, nn.Module):
     @torch.no_grad()
     def _observe(self, x: torch.Tensor) -> None:
         flat = x.detach().float().reshape(-1).cpu()
+        if flat.numel() == 0:  # an empty batch shows no range
+            return
         lo, hi = flat.min(), flat.max()
         self._min = lo if self._min is None else torch.minimum(self._min, lo)
         self._max = hi if self._max is None else torch.maximum(self._max, hi)

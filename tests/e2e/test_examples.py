@@ -47,3 +47,12 @@ def test_seq2seq_example(tmp_path):
                                               out, re.M)}
     assert len(acc) == 4 and min(acc.values()) > 0.95
     assert "integer = QAT model: True; ONNX Runtime = integer model: True" in out
+
+
+def test_qatkit_export_is_reached_from_import_qatkit_alone():
+    """The README writes qatkit.export.export_onnx after `import qatkit`: the subpackage loads on first use (a fresh
+    interpreter: in this one a test may have imported it already)."""
+    code = ("import sys, qatkit; assert 'onnxruntime' not in sys.modules; "
+            "print(qatkit.export.export_onnx.__name__, qatkit.export.verify.__name__)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.split() == ["export_onnx", "verify"], proc.stderr

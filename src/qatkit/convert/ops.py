@@ -64,7 +64,7 @@ _FUNCTIONS = [
     setitem, F.lp_pool1d, F.lp_pool2d, *([F.lp_pool3d] if hasattr(F, "lp_pool3d") else []), torch.clone, torch.detach,
     torch.flip, torch.erf, torch.sign, torch.reciprocal, F.grid_sample, F.affine_grid, torch.floor, torch.ceil,
     torch.round, torch.gather, F.unfold, F.fold, torch.tan, torch.atan, torch.asin, torch.acos, torch.sinh, torch.cosh,
-    torch.prod, torch.scatter, torch.scatter_add, torch.scatter_reduce,
+    torch.prod, torch.scatter, torch.scatter_add, torch.scatter_reduce, torch.nonzero,
 ]
 FUNCTIONS = {f"{getattr(fn, '__module__', None) or 'builtins'}.{fn.__name__}": fn for fn in _FUNCTIONS}
 NAME_OF = {fn: name for name, fn in FUNCTIONS.items()}
@@ -78,7 +78,7 @@ METHODS = {"view", "reshape", "permute", "transpose", "flatten", "contiguous", "
            "long", "int", "bool", "max", "min", "amax", "amin", "cumsum", "argmax", "argmin", "repeat", "abs", "log",
            "tanh", "log_softmax", "sub", "clone", "detach", "flip", "erf", "sign", "reciprocal", "floor", "ceil",
            "round", "gather", "unfold", "tan", "atan", "asin", "acos", "sinh", "cosh", "prod", "scatter",
-           "scatter_add", "scatter_reduce"}
+           "scatter_add", "scatter_reduce", "nonzero"}
 # Ops applied to integer codes directly: they keep values on the grid (ReLU handled with the zero point);
 # chunk, split and unbind give a tuple of pieces on the same grid. prepare lets quantization pass through them.
 CODE_PRESERVING_FUNCTIONS = (torch.flatten, torch.reshape, torch.transpose, torch.permute, torch.squeeze,

@@ -249,6 +249,12 @@ def _normalized(x, axes: tuple, eps) -> np.ndarray:  # (x - mean) / sqrt(var + e
     return (x - mean) / np.sqrt(var + f32(eps))
 
 
+def _scatter_nd(ins, a):  # data with the updates at the indices' positions (reduction none)
+    out = ins[0].copy()
+    out[tuple(np.moveaxis(ins[1], -1, 0))] = ins[2]
+    return out
+
+
 def _scatter_elements(ins, a):  # data with the updates at the indices along axis (replaced, added or multiplied
     # in index order, one at a time, as ONNX Runtime does)
     data, index, updates = ins[0].copy(), ins[1], ins[2]
@@ -500,6 +506,8 @@ _OPS = {  # op_type -> handler(inputs, attributes) -> output(s); float ops compu
     "Pad": _pad,
     "Flatten": lambda i, a: i[0].reshape(int(np.prod(i[0].shape[:a.get("axis", 1)])), -1),
     "Gather": lambda i, a: np.take(i[0], i[1], axis=a.get("axis", 0)),
+    "NonZero": lambda i, a: np.array(np.nonzero(i[0]), np.int64).reshape(i[0].ndim, -1),
+    "ScatterND": _scatter_nd,
     "GatherElements": lambda i, a: np.take_along_axis(i[0], i[1], axis=a.get("axis", 0)),
     "ScatterElements": _scatter_elements,
     "Squeeze": lambda i, a: np.squeeze(i[0], axis=_axes(i, a)),

@@ -92,7 +92,11 @@ def export_call(ex, node: dict) -> Value:
     if short == "size":
         return _size(ex, x, args[1]) if len(args) > 1 else Value(ex.op("Shape", [x.name], "shape"), "shape")
     if short == "getitem":
-        return x[args[1]] if isinstance(x, list) else _getitem(ex, x, args[1], rank)
+        if isinstance(x, list):
+            return x[args[1]]
+        index_nodes = [a["node"] for a in (node["args"][1] if isinstance(node["args"][1], list) else [node["args"][1]])
+                       if isinstance(a, dict) and "node" in a]
+        return _getitem(ex, x, args[1], rank, one_axis_index=len(index_nodes) == 1 and ex.rank(index_nodes[0]) == 1)
     if short == "setitem":  # ops.setitem(x, value, *index)
         index = node["args"][2:]
         mask_rank = ex.rank(index[0]["node"]) if len(index) == 1 and isinstance(index[0], dict) and "node" in index[0] \
@@ -482,30 +486,37 @@ def _keep(ex, x: Value, op: str, extra: list[str], name: str, **attrs) -> Value:
     return Value(ex.op(op, [x.name, *extra], name, **attrs), x.kind, x.scale, x.zero_point)
 
 
-def _getitem(ex, x: Value, index, rank) -> Value:
+def _getitem(ex, x: Value, index, rank, one_axis_index: bool = False) -> Value:
     """x[i], x[a:b, i, None, ...]: one Slice over the sliced axes, a Gather per int (its axis then drops out), one
     Unsqueeze for the new axes (None). A list of ints or an integer tensor (Swin's relative_position_index) is a
-    Gather whose indices take that axis's place."""
+    Gather whose indices take that axis's place (new axes beside a tensor only if it has one axis,
+    `one_axis_index`: an MoE's gates g[tok, None])."""
+    if _is_mask(index) or isinstance(index, list) and len(index) == 1 and _is_mask(index[0]):  # x[mask]: the
+        return _keep(ex, x, "GatherND", [_mask_positions(ex, index)], "selected")  # values where it is true, in order
     if isinstance(index, int):
         out = ex.op("Gather", [x.name, ex.const("i", np.array(index, np.int64))], "item", axis=0)
         kind = "int" if x.kind == "shape" else x.kind
         return Value(out, kind, x.scale, x.zero_point)
     items = index if isinstance(index, list) else [index]
     if len(items) > 1 and all(isinstance(i, Value) and i.kind == "int" for i in items[:2]) \
-            and all(i == slice(None) for i in items[2:]):  # x[rows, cols] (CLIP's x[arange(B), eot]): pairs
+            and all(i is None or i == slice(None) for i in items[2:]):  # x[rows, cols] (CLIP's x[arange(B), eot];
         pairs = ex.op("Concat", [ex.op("Unsqueeze", [i.name, ex.const("axes", np.array([-1], np.int64))], "i")
-                                 for i in items[:2]], "pairs", axis=-1)
-        return _keep(ex, x, "GatherND", [pairs], "picked")
+                                 for i in items[:2]], "pairs", axis=-1)  # an MoE's gates w[tok, slot, None]): pairs
+        picked = _keep(ex, x, "GatherND", [pairs], "picked")  # (their axis first, then x's others, new ones between)
+        if new_axes := [1 + k for k, i in enumerate(items[2:]) if i is None]:
+            return _keep(ex, picked, "Unsqueeze", [ex.const("axes", np.array(new_axes, np.int64))], "new_axis")
+        return picked
     lists = [i for i in items if isinstance(i, (list, Value))]  # x[:, [-1]], table[index]: Gathers
     if not all(i is None or i is Ellipsis or isinstance(i, int)
                or (isinstance(i, slice) and (i.step is None or type(i.step) is int and i.step > 0))
                or (isinstance(i, list) and all(type(j) is int for j in i))
                or (isinstance(i, Value) and i.kind in ("int", "shape")) for i in items) \
             or items.count(Ellipsis) > 1 or len(lists) > 1 or (lists and any(type(i) is int for i in items)) \
-            or (any(isinstance(i, Value) for i in items) and None in items):
-        raise QatkitError(f"indexing with {index!r} has no ONNX form in qatkit. Fix: index with ints, slices (steps "
-                          "> 0), None, one ... and at most one list of ints or integer tensor (without ints beside "
-                          "it; a tensor index without None beside it); a boolean mask: use torch.where")
+            or (any(isinstance(i, Value) for i in items) and None in items and not one_axis_index):
+        raise QatkitError(f"indexing with [{', '.join(map(_shown, items))}] has no ONNX form in qatkit. Fix: index "
+                          "with ints, slices (steps > 0), None, one ... and at most one list of ints or integer tensor "
+                          "(without ints beside it; a tensor index without None beside it), or with one boolean mask "
+                          "alone")
     if Ellipsis in items:  # the axes it stands for, as full slices
         at = items.index(Ellipsis)
         items = items[:at] + [slice(None)] * (rank - sum(i is not None for i in items) + 1) + items[at + 1:]
@@ -535,15 +546,18 @@ def _setitem(ex, x: Value, value, items: list, rank: int, name: str, mask_rank: 
     one test per indexed axis on its positions (start <= p < stop for a slice, p == i for an int; negative bounds
     count from the end, out-of-range ones clamp, as in Python), or a boolean tensor's (`h[h < 0] = 0`; one of
     x's leading axes only: each of its values stands for the rest of x)."""
-    boolean = len(items) == 1 and isinstance(items[0], Value) and items[0].kind == "bool"
+    boolean = len(items) == 1 and _is_mask(items[0])
+    if boolean and isinstance(value, Value):  # x[mask] = values: one per true position of the mask, in order
+        src, values, kind = ((x.name, value.name, x.kind) if _integers(x, value) or x.kind == value.kind == "bool"
+                             else (ex.floats(x), _c(ex, value), "float"))
+        return Value(ex.op("ScatterND", [src, _mask_positions(ex, items[0]), values], name), kind)
     if type(value) not in (int, float, bool) or items.count(Ellipsis) > 1 or (boolean and mask_rank is None) or (
             not boolean and not all(i is Ellipsis or type(i) is int or (isinstance(i, slice) and i.step in (None, 1))
                                     for i in items)):
-        def shown(v) -> str:
-            return f"<{v.kind} tensor>" if isinstance(v, Value) else repr(v)
-        raise QatkitError(f"x[{', '.join(map(shown, items))}] = {shown(value)} (node '{name}') has no ONNX form in "
+        raise QatkitError(f"x[{', '.join(map(_shown, items))}] = {_shown(value)} (node '{name}') has no ONNX form in "
                           "qatkit. Fix: assign a number to items indexed by ints, slices (step 1) and one ..., or "
-                          "by one boolean tensor, or build the tensor with torch.where")
+                          "to those of one boolean mask (a number or its values), or build the tensor with "
+                          "torch.where")
     if boolean:
         mask = items[0].name
         if mask_rank < rank:  # a mask over the leading axes: the same test for all values of the others
@@ -580,6 +594,22 @@ def _setitem(ex, x: Value, value, items: list, rank: int, name: str, mask_rank: 
     return Value(ex.op("Where", [mask, fill, src], name), kind)
 
 
+def _shown(v) -> str:
+    """An index or value in a message: an exported tensor by its kind, else as written."""
+    return f"<{v.kind} tensor>" if isinstance(v, Value) else repr(v)
+
+
+def _is_mask(index) -> bool:
+    return isinstance(index, Value) and index.kind == "bool"
+
+
+def _mask_positions(ex, mask) -> str:
+    """The (N, k) positions where a boolean mask over x's first k axes is true, in row-major order (GatherND's and
+    ScatterND's indices)."""
+    mask = mask[0] if isinstance(mask, list) else mask
+    return ex.op("Transpose", [ex.op("NonZero", [mask.name], "true_at")], "positions", perm=[1, 0])
+
+
 def _i(ex, v) -> str:
     """An int64 input: an exported integer value or a Python int as a constant."""
     return v.name if isinstance(v, Value) else ex.const("c", np.array(v, np.int64))
@@ -595,6 +625,18 @@ def _c(ex, v) -> str:
     if isinstance(v, Value):
         return ex.floats(v)
     return ex.const("c", np.array(v, np.float32))
+
+
+def _nonzero(ex, x: Value, rank: int | None, as_tuple: bool, name: str) -> Value | list[Value]:
+    """torch.nonzero(x): ONNX NonZero's (rank, N) positions transposed to (N, rank); as_tuple (torch.where(x)) one
+    (N,) row per axis. Codes are compared as values (a code equal to the zero point is a zero)."""
+    if rank is None:
+        raise QatkitError(f"nonzero (node '{name}') of a tensor of unknown rank has no ONNX form in qatkit. Fix: "
+                          "compute its input from the model's inputs by ops of known rank")
+    positions = ex.op("NonZero", [ex.floats(x) if x.kind == "quant" else x.name], "positions")
+    if not as_tuple:
+        return Value(ex.op("Transpose", [positions], name, perm=[1, 0]), "int")
+    return [Value(ex.op("Gather", [positions, _i(ex, axis)], f"{name}_{axis}", axis=0), "int") for axis in range(rank)]
 
 
 def _scatter(ex, short, x, args, kwargs, rank, name) -> Value:
@@ -652,6 +694,8 @@ def _float_op(ex, node, short, args, kwargs, rank) -> Value:
     if short == "einsum":  # torch.einsum(equation, a, b) or (equation, [a, b])
         operands = args[1] if len(args) == 2 and isinstance(args[1], list) else args[1:]
         return Value(ex.op("Einsum", [ex.floats(v) for v in operands], name, equation=x.replace(" ", "")), "float")
+    if short == "nonzero" or short == "where" and len(args) == 1:  # positions of the non-zero values (MoE routing:
+        return _nonzero(ex, x, rank, short == "where" or bool(kwargs.get("as_tuple")), node["name"])  # torch.where(m))
     if short == "where":  # torch.where(condition, a, b): of integers (positions) an integer, else a float
         cond = x.name if x.kind == "bool" else ex.op("Cast", [x.name], "cond", to=TensorProto.BOOL)
         if _integers(args[1], args[2]):

@@ -49,6 +49,11 @@ def run(sess: ort.InferenceSession, x) -> np.ndarray:
     return run_all(sess, x)[0]
 
 
+# A float output's "step" relative to its largest magnitude: 16 float32 ulps there (ONNX Runtime's float ops, a
+# LayerNorm's sums, round differently from PyTorch's by an ulp or a few).
+FLOAT_OUTPUT_STEP = 2.0**-19
+
+
 def output_steps(integer: IntegerModel, x) -> list[float | None]:
     """Each output's quantization step (its scale), or None for a float output."""
     result = next(n for n in integer.nodes if n["op"] == "output")["args"][0]
@@ -95,7 +100,8 @@ def verify(onnx_path: str | os.PathLike | ort.InferenceSession, model, batches: 
 
     Returns n (samples), top1_agreement (of the first output's predictions along its last axis: one per sample,
     or one per position of a sequence output), within_one_step (fraction of output values,
-    all outputs, within one output quantization step), max_step_diff, and per_layer (where any integer
+    all outputs, within one output quantization step; of a float output, within FLOAT_OUTPUT_STEP of its largest
+    magnitude), max_step_diff, and per_layer (where any integer
     tensor differs; with layers=False, not looked for).
     """
     from qatkit.convert import convert
@@ -115,7 +121,7 @@ def verify(onnx_path: str | os.PathLike | ort.InferenceSession, model, batches: 
         same = mine[0].argmax(-1) == theirs[0].argmax(-1)  # top-1 of the first output
         agree, predictions = agree + int(same.sum()), predictions + same.size
         for m, t, step in zip(mine, theirs, steps):
-            diff = np.abs(m - t) / (step if step is not None else float(np.abs(m).max() or 1.0) * 2.0**-23)
+            diff = np.abs(m - t) / (step if step is not None else float(np.abs(m).max() or 1.0) * FLOAT_OUTPUT_STEP)
             within += int((diff <= 1.0 + 1e-4).sum())
             total += diff.size
             max_diff = max(max_diff, float(diff.max()))

@@ -101,7 +101,8 @@ WRITTEN_OUT = {torch.clip: "clip", torch.trunc: "trunc", torch.fix: "trunc", tor
                torch.addmm: "addmm", torch.baddbmm: "baddbmm", torch.linalg.vector_norm: "vector_norm",
                torch.linalg.norm: "linalg_norm", torch.norm: "norm", torch.dist: "dist", torch.tile: "tile",
                torch.diff: "diff", F.pad: "pad", F.one_hot: "one_hot", torch.index_add: "index_add",
-               torch.atan2: "atan2", torch.arctan2: "atan2", torch.logcumsumexp: "logcumsumexp"}
+               torch.atan2: "atan2", torch.arctan2: "atan2", torch.logcumsumexp: "logcumsumexp", torch.any: "any",
+               torch.all: "all"}
 # Their tensor methods (x.clip(), x.fix(), x.addmm(...)): those of the functions' names that tensors have.
 WRITTEN_OUT_METHODS = {fn.__name__: name for fn, name in WRITTEN_OUT.items() if hasattr(torch.Tensor, fn.__name__)}
 # The same functions under another name (_written_out).
@@ -590,7 +591,7 @@ class _Rewriter:
         Frobenius; not other matrix norms), torch.norm and dist as x.norm (of the flat x over every value); tile as
         repeat; diff as slices; F.pad circular as the far ends of each axis joined to it; F.one_hot (given the number
         of classes) as ids == arange; index_add as scatter_add; atan2 from atan, logcumsumexp from a running sum of
-        exp."""
+        exp; any and all as counts of the non-zero (zero) values."""
         written = WRITTEN_OUT_METHODS if node.op == "call_method" else WRITTEN_OUT if node.op == "call_function" else {}
         if (name := written.get(node.target)) is None:
             return None
@@ -610,7 +611,8 @@ class _Rewriter:
                               "dist": ("input", "other", "p"), "tile": ("input", "dims"),
                               "diff": ("input", "n", "dim", "prepend", "append"), "pad": ("input", "pad", "mode"),
                               "one_hot": ("input", "num_classes"), "index_add": ("input", "dim", "index", "source"),
-                              "logcumsumexp": ("input", "dim")
+                              "logcumsumexp": ("input", "dim"), "any": ("input", "dim", "keepdim"),
+                              "all": ("input", "dim", "keepdim")
                               }.get(name, ("input", "other")))
         x, y = list(a.values())[:2]
 
@@ -671,6 +673,12 @@ class _Rewriter:
                     operator.mul, (side, math.pi)), call(operator.mul, (side, 0.0)))), call(operator.mul, (
                         side, math.pi / 2))))
                 return call(torch.where, (zero, on_axis, off_axis))
+            if name in ("any", "all"):  # the count of non-zero (zero) values along dim above 0 (at 0)
+                test, count = (operator.ne, operator.gt) if name == "any" else (operator.eq, operator.eq)
+                along = () if a["dim"] is None else (a["dim"],)
+                counted = g.call_method("sum", (call(test, (x, 0)), *along), {"keepdim": bool(a["keepdim"])}
+                                        if along else {})
+                return call(count, (counted, 0))
             if name == "logcumsumexp":  # max + log Σ exp(x - max) along dim, running
                 top = call(torch.amax, (x, a["dim"]), {"keepdim": True})
                 running = call(torch.cumsum, (call(torch.exp, (call(operator.sub, (x, top)),)), a["dim"]))
