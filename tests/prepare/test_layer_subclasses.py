@@ -182,3 +182,80 @@ def test_first_last_bits_go_to_the_last_layer_quantized_when_a_planned_subclass_
     rows = {r["name"]: (r["weight_bits"], r["act_bits"]) for r in qat.qat_info.layers}
     assert rows == {"fc1": (8, 8), "fc2": (4, 4), "fc3": (8, 8)}  # fc3, not the float head, is the last layer
     assert qat.get_submodule("fc3").weight_quant.spec.bits == 8
+
+
+class BareParameters(nn.Module):
+    """Layers written as functions of the module's own parameters (research code, hypernetwork targets): a grouped,
+    strided conv and a Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(8, 3, 3, 3) * 0.3)
+        self.b = nn.Parameter(torch.randn(8) * 0.1)
+        self.dw = nn.Parameter(torch.randn(8, 1, 3, 3) * 0.3)
+        self.w1, self.b1 = nn.Parameter(torch.randn(4, 8) * 0.3), nn.Parameter(torch.zeros(4))
+
+    def forward(self, x):
+        x = torch.relu(F.conv2d(x, self.w, self.b, padding=1))
+        x = torch.relu(F.conv2d(x, self.dw, None, 2, 1, 1, 8))
+        return F.linear(x.mean((2, 3)), self.w1, self.b1)
+
+
+def _conv64(x, w, b=None, **kw):
+    return F.conv2d(x.double(), w.detach().double(), None if b is None else b.detach().double(), **kw)
+
+
+def test_layers_on_bare_parameters_are_quantized_and_train_the_parameters(tmp_path):
+    """They were left float (float32 weights in the integer model) and reported as ops with no integer kernel."""
+    torch.manual_seed(0)
+    model, x = BareParameters().eval(), torch.randn(8, 3, 12, 12)
+    qat = prepares_whole(model, x, qatkit.QATConfig(weight_bits=4, act_bits=4))
+    assert [(r["name"], r["weight_bits"]) for r in qat.qat_info.layers] == [("w_conv", 8), ("dw_conv", 4),
+                                                                           ("w1_linear", 8)]
+    assert not qat.qat_info.float_ops
+    assert qat.w_conv.weight is qat.w and qat.w1_linear.bias is qat.b1  # the model's parameters, not copies
+    ruled = qatkit.prepare(model, qatkit.QATConfig(weight_bits=4, act_bits=4, rules=(
+        qatkit.LayerRule(pattern="dw_conv", weight_bits=2),)), x)  # a rule may name them
+    assert {r["name"]: r["weight_bits"] for r in ruled.qat_info.layers}["dw_conv"] == 2
+    reference = F.linear(torch.relu(_conv64(torch.relu(_conv64(x, model.w, model.b, padding=1)), model.dw, stride=2,
+                                            padding=1, groups=8)).mean((2, 3)), model.w1.double(), model.b1.double())
+    with torch.no_grad():  # the float model's arithmetic, in float64
+        assert (model(x).double() - reference).abs().max() < 1e-5
+    qatkit.calibrate(qat, [x])
+    before = qat.dw.detach().clone()
+    qat.train()
+    loss = qat(x).square().mean()
+    loss.backward()
+    torch.optim.SGD(qat.parameters(), lr=0.1).step()
+    assert not torch.equal(qat.dw, before)
+    integer = converts_exactly(qat, model, x, tolerance=0.5)
+    runs_in_onnx_runtime(integer, x, tmp_path / "bare.onnx")
+
+
+class TiedOutputProjection(nn.Module):
+    """fairseq's decoder with share_input_output_embed: logits = F.linear(features, self.embed_tokens.weight)."""
+
+    def __init__(self, vocab: int = 40, dim: int = 16):
+        super().__init__()
+        self.embed_tokens, self.mix, self.norm = nn.Embedding(vocab, dim), nn.Linear(dim, dim), nn.LayerNorm(dim)
+
+    def forward(self, ids):
+        return F.linear(self.norm(torch.relu(self.mix(self.embed_tokens(ids)))), self.embed_tokens.weight)
+
+
+def test_an_output_projection_on_the_embedding_table_is_quantized_and_stays_tied(tmp_path):
+    torch.manual_seed(0)
+    model, ids = TiedOutputProjection().eval(), torch.randint(0, 40, (8, 6))
+    qat = prepares_whole(model, ids, qatkit.QATConfig(weight_bits=4, act_bits=4))
+    layers = {r["name"]: r["weight_bits"] for r in qat.qat_info.layers}
+    # the table's plan (8 bits: the first layer); mix, the last module layer, keeps the last layer's 8 bits too
+    assert layers == {"embed_tokens": 8, "mix": 8, "embed_tokens_weight_linear": 8}
+    assert qat.embed_tokens_weight_linear.weight is qat.embed_tokens.weight
+    qatkit.calibrate(qat, [ids])
+    qat.train()
+    torch.nn.functional.cross_entropy(qat(ids).flatten(0, 1), ids.flatten()).backward()
+    torch.optim.SGD(qat.parameters(), lr=0.5).step()
+    assert qat.embed_tokens_weight_linear.weight is qat.embed_tokens.weight  # still one table after a step
+    integer = converts_exactly(qat, model, ids, tolerance=float("inf"))  # (trained: only QAT = integer)
+    result = runs_in_onnx_runtime(integer, ids, tmp_path / "tied.onnx")
+    assert result["output_step"] is not None  # integer logits: the head is an integer layer

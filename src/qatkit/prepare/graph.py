@@ -34,7 +34,7 @@ from qatkit.config import QATConfig
 from qatkit.convert import ops
 from qatkit.nn import (QAdd, QConv, QConvBn, QConvTranspose, QConvTransposeBn, QEmbedding, QGlobalAvgPool, QLinear,
                        QMatMul)
-from qatkit.prepare.rules import LayerPlan, layer_type
+from qatkit.prepare.rules import LayerPlan, layer_type, plan_for
 from qatkit.quantizer import FakeQuantizer
 
 WRAPPERS = {nn.Conv1d: QConv, nn.Conv2d: QConv, nn.Conv3d: QConv, nn.ConvTranspose1d: QConvTranspose,
@@ -832,6 +832,9 @@ class _Rewriter:
         symbolic = []  # (settings computed in the graph)
         fx.node.map_arg(list(settings.values()), symbolic.append)
         added = None if bias is None or own_bias else bias  # a Linear's bias of its own: added after the layer
+        if not isinstance(layer, cls) and computed is None and not symbolic:
+            self._parameter_layer(node, cls, a, settings)
+            return
         if (not isinstance(layer, cls) or path not in self.plans or symbolic
                 or (added is not None and not (cls is nn.Linear and layer.bias is None))):
             return
@@ -846,6 +849,44 @@ class _Rewriter:
             layer = plain
         self._call_instead(node, path, layer, a["input"], added)
         self._erase_unread(computed[1] if computed else [])  # the weight's computation, now the parametrization's
+
+    def _parameter_layer(self, node: fx.Node, cls: type, a: dict, settings: dict) -> None:
+        """F.linear(x, w, b) / F.conv2d(x, w, b, …) on a parameter that is no such layer's own weight: a bare
+        nn.Parameter (`F.linear(x, self.w1, self.b1)`) or another layer's table (fairseq's output projection
+        `F.linear(x, self.embed_tokens.weight)`, tied to the embedding): a plain layer holding that parameter (and a
+        parameter bias) at a path of its own, `<weight's path>_linear` / `_conv`, so it is quantized and trains the
+        same parameter. Its plan: the weight's layer's (the embedding's), else the config's for that path and
+        class, at first_last_bits where it is the graph's first or last layer call (a module planned as first or
+        last keeps its bits too). Other weights (buffers, computed ones) and biases stay a float op."""
+        def parameter(arg) -> nn.Parameter | None:
+            if not (isinstance(arg, fx.Node) and arg.op == "get_attr"):
+                return None
+            try:
+                return self.root.get_parameter(arg.target)
+            except AttributeError:
+                return None
+
+        weight, bias = parameter(a["weight"]), parameter(a["bias"])
+        dims = 0 if cls is nn.Linear else int(cls.__name__[-2])
+        if weight is None or weight.ndim != dims + 2 or (a["bias"] is not None and (
+                bias is None or bias.shape != weight.shape[:1])):
+            return
+        if cls is nn.Linear:
+            plain = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+        else:
+            groups = settings.get("groups", 1)
+            plain = cls(weight.shape[1] * groups, weight.shape[0], tuple(weight.shape[2:]), bias=bias is not None,
+                        **settings)
+        plain.weight, plain.bias = weight, bias
+        owner = a["weight"].target.rpartition(".")[0]
+        path = f"{a['weight'].target.replace('.', '_')}_{'linear' if cls is nn.Linear else 'conv'}"
+        while hasattr(self.gm, path):  # (a second call on the same weight: a layer of its own, the parameter shared)
+            path += "_"
+        calls = [n for n in self.graph.nodes if n.op == "call_module" and n.target in self.plans
+                 or n.op == "call_function" and n.target in FUNCTIONAL_LAYERS]
+        edge = self.config.first_last_bits if node in (calls[0], calls[-1]) else None
+        self.plans[path] = self.plans.get(owner) or plan_for(path, cls.__name__, self.config, edge)
+        self._call_instead(node, path, plain, a["input"])
 
     def _weight_function(self, weight: fx.Node) -> tuple[str | None, nn.Module | None, tuple | None]:
         """Where `weight` is computed from one layer's own weight by tensor ops on parameters, buffers and constants

@@ -28,7 +28,8 @@ def layer_type(module: nn.Module) -> type:
 
 def plan_layers(model: nn.Module, config: QATConfig, quantizable: tuple[type, ...],
                 edge: tuple[str, str] | None = None) -> dict[str, LayerPlan]:
-    """Plan every quantizable layer by qualified name; a rule that matches no layer is an error.
+    """Plan every quantizable layer by qualified name; a rule that matches no layer is an error (a rule may also
+    name a layer prepare makes of F.linear / F.conv*d on a bare parameter: `<its path, . as _>_linear` / `_conv`).
 
     "First" and "last" are the first and last quantizable layers in definition order (the stem conv
     and the classifier in the zoo), kept at `first_last_bits` as LSQ does; `edge` names them instead (prepare's
@@ -43,20 +44,32 @@ def plan_layers(model: nn.Module, config: QATConfig, quantizable: tuple[type, ..
     plans, used = {}, set()
     for name in names:
         bits = config.first_last_bits if name in edge else None
-        w_bits, a_bits = bits or config.weight_bits, bits or config.act_bits
-        per_channel, skip = config.per_channel, False
-        type_name = layer_type(model.get_submodule(name)).__name__
-        for i, rule in enumerate(config.rules):  # later rules win
-            if rule.matches(name, type_name):
-                used.add(i)
-                w_bits = rule.weight_bits or w_bits
-                a_bits = rule.act_bits or a_bits
-                per_channel = per_channel if rule.per_channel is None else rule.per_channel
-                skip = skip or rule.skip
-        plans[name] = LayerPlan(w_bits, a_bits, per_channel, skip)
+        plans[name] = plan_for(name, layer_type(model.get_submodule(name)).__name__, config, bits, used)
+    for name, p in model.named_parameters():  # the layers prepare makes of F.linear / F.conv*d on bare parameters
+        owner = model.get_submodule(name.rpartition(".")[0])
+        if 2 <= p.ndim <= 5 and not isinstance(owner, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            kind, type_name = ("linear", "Linear") if p.ndim == 2 else ("conv", f"Conv{p.ndim - 2}d")
+            plan_for(f"{name.replace('.', '_')}_{kind}", type_name, config, used=used)  # (their rules are used)
     for i, rule in enumerate(config.rules):
         if i not in used:
             shown = ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
             raise bad_value("rule pattern", rule.pattern, f"a glob matching a layer name or type ({shown})",
                             "correct the glob; names are as in model.named_modules()")
     return plans
+
+
+def plan_for(name: str, type_name: str, config: QATConfig, bits: int | None = None,
+             used: set[int] | None = None) -> LayerPlan:
+    """The plan of layer `name` of class `type_name`: the config's bits (or `bits`, a first or last layer's), then
+    the rules that match it, later ones winning; the indices of those rules are added to `used`."""
+    w_bits, a_bits = bits or config.weight_bits, bits or config.act_bits
+    per_channel, skip = config.per_channel, False
+    for i, rule in enumerate(config.rules):
+        if rule.matches(name, type_name):
+            if used is not None:
+                used.add(i)
+            w_bits = rule.weight_bits or w_bits
+            a_bits = rule.act_bits or a_bits
+            per_channel = per_channel if rule.per_channel is None else rule.per_channel
+            skip = skip or rule.skip
+    return LayerPlan(w_bits, a_bits, per_channel, skip)
