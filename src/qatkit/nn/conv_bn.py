@@ -1,4 +1,4 @@
-"""Conv + BatchNorm folded for QAT (Jacob et al. 2018; Krishnamoorthi 2018).
+"""Conv (or Linear) + BatchNorm folded for QAT (Jacob et al. 2018; Krishnamoorthi 2018).
 
 Deployed, BN disappears into the conv: w_f = w·γ/σ, b_f = β + (b - μ)·γ/σ with running μ, σ.
 While BN still learns (training, before `bn_frozen`), the weight is quantized folded with the running
@@ -12,14 +12,14 @@ from torch import nn
 
 from qatkit.config import QuantSpec
 from qatkit.devices import HostBuffers
-from qatkit.nn.qlayer import QConv, QConvTranspose
+from qatkit.nn.qlayer import QConv, QConvTranspose, QLinear
 from qatkit.primitives.fake_quant import per_channel_view
 from qatkit.quantizer import FakeQuantizer
 
 
 class FoldedBn(HostBuffers):
-    """A conv (QConv, QConvTranspose) with the BatchNorm after it folded in, per output channel (the weight's
-    `weight_axis`)."""
+    """A conv (QConv, QConvTranspose) or Linear with the BatchNorm after it folded in, per output channel (the
+    weight's `weight_axis`)."""
 
     host_buffers = ("bn_frozen",)
 
@@ -56,3 +56,7 @@ class QConvBn(FoldedBn, QConv):
 class QConvTransposeBn(FoldedBn, QConvTranspose):
     """ConvTranspose1d/2d/3d → BatchNorm (groups = 1: with groups an output channel's weights span groups, and prepare
     leaves BN a float op)."""
+
+
+class QLinearBn(FoldedBn, QLinear):
+    """Linear → BatchNorm1d on its (N, C) output (PointNet's and SimCLR's MLP heads, tabular MLPs)."""

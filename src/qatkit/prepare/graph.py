@@ -33,7 +33,7 @@ from torch.nn.utils import parametrize
 from qatkit.config import QATConfig
 from qatkit.convert import ops
 from qatkit.nn import (QAdd, QConv, QConvBn, QConvTranspose, QConvTransposeBn, QEmbedding, QGlobalAvgPool, QLinear,
-                       QMatMul)
+                       QLinearBn, QMatMul)
 from qatkit.prepare.rules import LayerPlan, layer_type, plan_for
 from qatkit.quantizer import FakeQuantizer
 
@@ -42,8 +42,9 @@ WRAPPERS = {nn.Conv1d: QConv, nn.Conv2d: QConv, nn.Conv3d: QConv, nn.ConvTranspo
             nn.Embedding: QEmbedding}
 # (nn.SyncBatchNorm, BN of any rank synchronised across processes, folds after each of them)
 FOLDABLE_BN = {nn.Conv1d: nn.BatchNorm1d, nn.Conv2d: nn.BatchNorm2d, nn.Conv3d: nn.BatchNorm3d,
-               nn.ConvTranspose1d: nn.BatchNorm1d, nn.ConvTranspose2d: nn.BatchNorm2d, nn.ConvTranspose3d: nn.BatchNorm3d}
-WRAPPERS_WITH_BN = {QConv: QConvBn, QConvTranspose: QConvTransposeBn}
+               nn.ConvTranspose1d: nn.BatchNorm1d, nn.ConvTranspose2d: nn.BatchNorm2d,
+               nn.ConvTranspose3d: nn.BatchNorm3d, nn.Linear: nn.BatchNorm1d}  # (a Linear's: on its (N, C) output)
+WRAPPERS_WITH_BN = {QConv: QConvBn, QConvTranspose: QConvTransposeBn, QLinear: QLinearBn}
 FUSABLE_ACT_MODULES = {nn.ReLU: "relu", nn.ReLU6: "relu6"}
 FUSABLE_ACT_FUNCTIONS = {F.relu: "relu", torch.relu: "relu", F.relu6: "relu6"}
 # Ops whose output stays on the input's integer grid: quantization passes through them.
@@ -245,8 +246,11 @@ def record_ranks(gm: fx.GraphModule, example: dict[str, object]) -> None:
     """Set node.meta[RANK] of the input of each op whose respelling needs it (_needs_rank), from one run of a copy of
     the graph (a forward may change its module's state) on the example input (forward's arguments by name); nothing
     where the graph has no such op, or where it does not run on the example positionally (those ops then stay as
-    written)."""
-    candidates = {n.args[0].name: n.args[0] for n in gm.graph.nodes if _needs_rank(n)}
+    written); and of each BatchNorm1d's input (a Linear's BN folds only on its (N, C) output)."""
+    modules = dict(gm.named_modules())
+    candidates = {n.args[0].name: n.args[0] for n in gm.graph.nodes if _needs_rank(n) or n.op == "call_module" and
+                  isinstance(modules.get(n.target), (nn.BatchNorm1d, nn.SyncBatchNorm)) and n.args
+                  and isinstance(n.args[0], fx.Node)}
     placeholders = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
     if not candidates or set(placeholders) - set(example):
         return
@@ -1026,7 +1030,8 @@ class _Rewriter:
         if (self.config.fold_bn and user is not None and user.op == "call_module"
                 and type(self.modules[user.target]) in (FOLDABLE_BN.get(layer_type(module)), nn.SyncBatchNorm)
                 and self.modules[user.target].track_running_stats  # without running stats BN cannot fold
-                and (WRAPPERS[layer_type(module)] is QConv or module.groups == 1)):  # (see QConvTransposeBn)
+                and (WRAPPERS[layer_type(module)] is QConv or WRAPPERS[layer_type(module)] is QConvTranspose
+                     and module.groups == 1 or node.meta.get(RANK) == 2)):  # (see QConvTransposeBn; a Linear: (N, C))
             bn, end = self.modules[user.target], user
         scale = self._layer_scale(node, module) if single_call and bn is None else None
         if scale is not None:  # γ * layer(x): γ folded into the layer's weight and bias, as BN is
