@@ -13,7 +13,8 @@ tile (repeat), vector_norm, linalg.norm (vector and Frobenius), torch.norm and d
 value), diff (slices), F.pad circular (the far ends joined: ONNX opset 17 has no circular Pad), F.one_hot (ids ==
 arange), scatter, scatter_add, scatter_reduce sum/prod (ONNX's ScatterElements), index_add (scatter_add), atan2 (atan
 and the quadrants, signed zeros as PyTorch's), median and kthvalue (TopK's k smallest), logcumsumexp, any and all
-(counts of the non-zero and zero values). Each converts, computes the model's values (float64, every layer left float)
+(counts of the non-zero and zero values), x[:, mask] with a 1-D boolean mask (its true positions), torch.div(x, y,
+rounding_mode="trunc") (from x // y). Each converts, computes the model's values (float64, every layer left float)
 and runs in ONNX Runtime as qatkit does."""
 from __future__ import annotations
 
@@ -125,6 +126,11 @@ OPS = {
     + y.median() + torch.kthvalue(y, 2, 2, True)[0] + y.kthvalue(3).values[..., None] * 0.5
     + (y.median(1, keepdim=True).indices == 2).float(),
     "logcumsumexp": lambda m, y: torch.logcumsumexp(y, 3) + y.logcumsumexp(dim=2),
+    "boolean-mask-index": lambda m, y: y[:, m.order > 3].repeat(1, 2, 1, 1)
+    + y[..., m.order % 2 == 0].repeat(1, 1, 1, 2),
+    "div-trunc": lambda m, y: torch.div(y, 0.3, rounding_mode="trunc") * 0.3 + y.div(-0.7, rounding_mode="trunc")
+    + torch.div(y, y.flip(1).abs() + 0.5, rounding_mode="trunc")
+    + y * torch.div(m.order - 4, 3, rounding_mode="trunc").view(1, 8, 1, 1),  # (of ints: -1 / 3 is 0, not -1)
     "any-all": lambda m, y: y * (y > 0.5).any(1, keepdim=True) + torch.all(y > -0.2, dim=3, keepdim=True)
     + (y > 0).any() + (y > 0).all(-1)[..., None] * 2.0 + torch.any(y > 1.5, 2)[..., None, :],
     "scatter of integers": lambda m, y: y * torch.zeros(8, dtype=torch.long).scatter(0, m.order, torch.arange(8)).view(

@@ -311,8 +311,8 @@ def _pad(ins, a):
 
 
 def _resize(ins, a):
-    """Resize, nearest with the asymmetric floor mapping (PyTorch's 'nearest'): src = floor(dst / scale); linear;
-    cubic."""
+    """Resize, nearest with the asymmetric floor mapping (PyTorch's 'nearest'): src = floor(dst / scale), or with
+    half_pixel and round_prefer_ceil ('nearest-exact'); linear; cubic."""
     x = ins[0]
     mode, sizes, scales = a.get("mode", "nearest"), _opt(ins, 3), _opt(ins, 2)
     if mode in ("linear", "cubic"):
@@ -321,6 +321,11 @@ def _resize(ins, a):
         raise bad_value("Resize mode", mode, "nearest, linear or cubic", "export with one of those", cls=ModelFileError)
     for axis in range(2, x.ndim):
         n = x.shape[axis]
+        if a.get("coordinate_transformation_mode") == "half_pixel":  # 'nearest-exact': ORT's round_prefer_ceil
+            src = _source(n, axis, a, sizes, scales)  # (a tie up, else std::round: half away from zero)
+            src = np.where(src == np.trunc(src) + f32(0.5), np.ceil(src), np.sign(src) * np.floor(np.abs(src) + 0.5))
+            x = np.take(x, np.clip(src, 0, n - 1).astype(i64), axis=axis)
+            continue
         if sizes is not None and len(sizes):  # src = floor(dst · in/out)
             src = np.floor(np.arange(int(sizes[axis])) * (n / int(sizes[axis])))
         else:  # src = floor(dst / scale)

@@ -490,7 +490,7 @@ def _getitem(ex, x: Value, index, rank, one_axis_index: bool = False) -> Value:
     """x[i], x[a:b, i, None, ...]: one Slice over the sliced axes, a Gather per int (its axis then drops out), one
     Unsqueeze for the new axes (None). A list of ints or an integer tensor (Swin's relative_position_index) is a
     Gather whose indices take that axis's place (new axes beside a tensor only if it has one axis,
-    `one_axis_index`: an MoE's gates g[tok, None])."""
+    `one_axis_index`: an MoE's gates g[tok, None]; a 1-D boolean mask is the positions where it is true)."""
     if _is_mask(index) or isinstance(index, list) and len(index) == 1 and _is_mask(index[0]):  # x[mask]: the
         return _keep(ex, x, "GatherND", [_mask_positions(ex, index)], "selected")  # values where it is true, in order
     if isinstance(index, int):
@@ -498,6 +498,10 @@ def _getitem(ex, x: Value, index, rank, one_axis_index: bool = False) -> Value:
         kind = "int" if x.kind == "shape" else x.kind
         return Value(out, kind, x.scale, x.zero_point)
     items = index if isinstance(index, list) else [index]
+    if one_axis_index and len(masks := [k for k, i in enumerate(items) if _is_mask(i)]) == 1:  # x[:, keep]: a 1-D
+        flat = ex.op("Reshape", [ex.op("NonZero", [items[masks[0]].name], "true_at"),  # mask as the positions where
+                                 ex.const("flat", np.array([-1], np.int64))], "positions")  # it is true
+        items = items[:masks[0]] + [Value(flat, "int")] + items[masks[0] + 1:]
     if len(items) > 1 and all(isinstance(i, Value) and i.kind == "int" for i in items[:2]) \
             and all(i is None or i == slice(None) for i in items[2:]):  # x[rows, cols] (CLIP's x[arange(B), eot];
         pairs = ex.op("Concat", [ex.op("Unsqueeze", [i.name, ex.const("axes", np.array([-1], np.int64))], "i")
@@ -974,12 +978,14 @@ def _float_op(ex, node, short, args, kwargs, rank) -> Value:
 
 _RESIZE_MODES = {  # PyTorch's mode: ONNX's mode, coordinate_transformation_mode, nearest_mode
     "nearest": ("nearest", "asymmetric", "floor"),
+    "nearest-exact": ("nearest", "half_pixel", "round_prefer_ceil"),  # floor((dst + ½)/scale) = round_up(x_orig)
     "linear": ("linear", "half_pixel", "floor"), "bilinear": ("linear", "half_pixel", "floor"),
     "trilinear": ("linear", "half_pixel", "floor"), "bicubic": ("cubic", "half_pixel", "floor")}
 
 
 def _resize(ex, node, xf: str, args, kwargs, rank: int) -> str:
     """F.interpolate / nn.Upsample as Resize: PyTorch's 'nearest' takes the floor of dst/scale (asymmetric),
+    'nearest-exact' the floor of (dst + ½)/scale (half_pixel's (dst + ½)/scale - ½, ties rounded up),
     its (bi/tri)linear and bicubic modes (Keys' kernel, a = -0.75, the edge pixel repeated outside: ONNX's defaults)
     sample at pixel centres (half_pixel) or corners (align_corners). The output size is floor(size · scale_factor); with
     recompute_scale_factor the sampling follows output / input size, which a Resize given those sizes does (the sizes

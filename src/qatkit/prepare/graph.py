@@ -468,7 +468,7 @@ class _Rewriter:
         x.reshape_as(y) as x.view/reshape(y.size()), torch.bmm (BART) and torch.mm as @, torch.var_mean/std_mean as
         var/std and mean, x.ne(y) and torch.ne(x, y) as x != y (RoBERTa), x.add(y) and torch.sub(x, y,
         alpha=a) as x + y and x - y·a (prepare quantized torch.add(x, y, alpha=2) as x + y), x.div(y) and torch.div(x,
-        y, rounding_mode="floor") as x / y and x // y; an in-place op (x.relu_(), F.relu(x, inplace=True),
+        y, rounding_mode="floor") as x / y and x // y, rounding_mode="trunc" from x // y; an in-place op (x.relu_(), F.relu(x, inplace=True),
         nn.ReLU(inplace=True), x[index] = value: _in_place) whose change nothing else shows (_unobserved) as its
         functional form, whose result x's later uses read (BART's causal mask: `mask.masked_fill_(cond, 0)` after
         `torch.full`; an item assignment as ops.setitem: Hugging Face's Swin mask; an in-place module stays one, its
@@ -510,6 +510,22 @@ class _Rewriter:
                     y = g.call_function(operator.mul, (y, node.kwargs["alpha"]))
             combine = operator.add if (method or node.target.__name__) == "add" else operator.sub
             node.op, node.target, node.args, node.kwargs = "call_function", combine, (x, y), {}
+        elif ((method == "div" or node.target is torch.div) and len(node.args) == 2
+              and node.kwargs.get("rounding_mode") == "trunc" and set(node.kwargs) == {"rounding_mode"}):
+            x, y = node.args  # x // y, one more where the quotient is negative and not whole (of ints: ints)
+            with g.inserting_before(node):
+                call = g.call_function
+                floor = call(operator.floordiv, (x, y))
+                below_x, below_y = (call(operator.lt, (v, 0)) if isinstance(v, fx.Node) else v < 0 for v in (x, y))
+                if isinstance(below_x, fx.Node) and isinstance(below_y, fx.Node):
+                    negative = call(operator.ne, (below_x, below_y))
+                else:  # one a number: the other's test, negated where the number is negative
+                    test, number = (below_x, below_y) if isinstance(below_x, fx.Node) else (below_y, below_x)
+                    negative = call(operator.invert, (test,)) if number else test
+                inexact = call(operator.ne, (call(operator.mod, (x, y)), 0))
+                out = call(torch.where, (call(operator.and_, (negative, inexact)), call(operator.add, (floor, 1)),
+                                         floor))
+            self._replace(node, out)
         elif ((method == "div" or node.target is torch.div) and len(node.args) == 2
               and node.kwargs.get("rounding_mode") in (None, "floor") and set(node.kwargs) <= {"rounding_mode"}):
             divide = operator.floordiv if node.kwargs.get("rounding_mode") == "floor" else operator.truediv
