@@ -13,7 +13,7 @@ from torch import nn
 
 from qatkit.devices import HostBuffers
 from qatkit.config import QuantSpec
-from qatkit.errors import bad_value
+from qatkit.errors import DataError, bad_value
 from qatkit.primitives import (
     fake_quantize,
     lsq_grad_scale,
@@ -104,7 +104,7 @@ class FakeQuantizer(HostBuffers, nn.Module):
         if not initialized:  # weights, or activations never calibrated: initialise from this tensor
             self.init_from(x)
         qmin, qmax = self.qrange
-        per_scale = x.numel() // (self.scale.numel() if self.kind == "weight" else max(x.shape[0], 1))
+        per_scale = x.numel() // (self.scale.numel() if self.kind == "weight" else max(x.shape[0], 1) if x.dim() else 1)
         # the mapping of scale_zp, inside the fake-quant's autograd node (cheaper than its small ops' own)
         map_scale = 0 if scale is not None else POWER_OF_TWO if self.spec.power_of_two else ABS
         return fake_quantize(x, self.scale if scale is None else scale, self.zero_point, qmin, qmax, self.axis,
@@ -146,6 +146,10 @@ class FakeQuantizer(HostBuffers, nn.Module):
         if self.spec.unit_range:
             return
         self._check_axis(x)
+        if not bool(torch.isfinite(x).all()):  # (a NaN or Inf range would make every later output NaN)
+            raise DataError(f"the {self.kind} range of a quantizer would be set from a tensor of shape "
+                            f"{tuple(x.shape)} holding NaN or Inf; allowed: finite values. Fix: check the model's "
+                            "weights and inputs for NaN/Inf, and calibrate (qatkit.calibrate) on finite batches")
         scale, zp = qparams_from_tensor(x.float(), *self.qrange, symmetric=self.spec.symmetric, axis=self.axis,
                                         method=self.spec.init, power_of_two=self.spec.power_of_two)
         self._set(scale, zp)

@@ -93,23 +93,28 @@ def test_vector_and_portable_backward_are_the_same(monkeypatch, n, relu):
                 assert torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(7.0), b.nan_to_num(7.0))
 
 
-@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided", "expanded"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided", "expanded", "step-view", "expanded-1d",
+                                    "channels_last-sum"])
 def test_fake_quantize_layouts_match_eager(layout):
     """fake_quantize sees any layout as one flat run (or a copy): the result keeps a dense input's layout,
-    and output and gradients equal the eager formulas applied to the tensor as it is."""
+    and output and gradients equal the eager formulas applied to the tensor as it is. A flat view that steps over
+    memory (x[:, ::2] of one row: the kernel quantized the neighbours) or stands still (a 1-element tensor
+    expanded; a channels-last x's gradient from .sum(): scale gradients of 1e28) is copied first."""
     g = torch.Generator().manual_seed(0)
     base = torch.randn(4, 6, 5, 7, generator=g)
     x = {"contiguous": base, "channels_last": base.contiguous(memory_format=torch.channels_last),
-         "strided": base[:, ::2, :, 1:], "expanded": base[:1].expand(4, 6, 5, 7)}[layout].detach().requires_grad_()
+         "strided": base[:, ::2, :, 1:], "expanded": base[:1].expand(4, 6, 5, 7),
+         "step-view": base.view(1, -1)[:, ::2], "expanded-1d": base.view(-1)[:1].expand(6),
+         "channels_last-sum": base.contiguous(memory_format=torch.channels_last)}[layout].detach().requires_grad_()
     s, z = torch.tensor(0.07, requires_grad=True), torch.tensor(2.0, requires_grad=True)
     out = fake_quantize(x, s, z, 0, 15, None, 0.5)
-    if layout in ("contiguous", "channels_last"):
+    if layout in ("contiguous", "channels_last", "channels_last-sum"):
         assert out.stride() == x.stride()
-    upstream = torch.randn(out.shape, generator=g)
+    upstream = torch.ones(()).expand(out.shape) if layout.endswith("-sum") else torch.randn(out.shape, generator=g)
     got_x, got_s, got_z = torch.autograd.grad(out, (x, s, z), upstream)
     sd, zd = s.detach(), z.detach()
     assert torch.equal(out, _forward(x.detach(), sd, zd, 0, 15))
-    want_x, want_s, want_clamped = _backward(x.detach(), upstream, sd, zd, 0, 15, (0, 1, 2, 3))
+    want_x, want_s, want_clamped = _backward(x.detach(), upstream, sd, zd, 0, 15, tuple(range(x.dim())))
     assert torch.equal(got_x, want_x)
     assert got_s.item() == pytest.approx(0.5 * want_s.item(), rel=1e-5)
     assert got_z.item() == pytest.approx(-0.5 * 0.07 * want_clamped.item(), rel=1e-5)
@@ -137,10 +142,11 @@ def test_kernel_off_by_environment(monkeypatch):
     assert not cpu_kernel.usable(torch.zeros(3), torch.tensor(1.0), torch.tensor(0.0))
 
 
-@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "axis1"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "axis1", "transposed-sum"])
 def test_per_channel_matches_eager(layout):
     """Per-channel weights (axis 0 outermost in memory, also channels-last): bit-exact output and input gradient,
-    per-channel sums against the eager ones; an axis that is not outermost takes the eager path."""
+    per-channel sums against the eager ones; an axis that is not outermost takes the eager path. A transposed view
+    quantized along its axis 1 (outermost in memory), its gradient from .sum(), had scale gradients of 1e29."""
     g = torch.Generator().manual_seed(3)
     w = torch.randn(16, 8, 3, 3, generator=g)
     axis = 0
@@ -148,12 +154,14 @@ def test_per_channel_matches_eager(layout):
         w = w.contiguous(memory_format=torch.channels_last)
     if layout == "axis1":
         axis = 1
+    if layout == "transposed-sum":
+        w, axis = w.transpose(0, 1), 1
     w.requires_grad_()
     channels = w.shape[axis]
     s = (torch.rand(channels, generator=g) * 0.05 + 0.01).requires_grad_()
     z = torch.zeros(channels)
     out = fake_quantize(w, s, z, -8, 7, axis, 0.25)
-    upstream = torch.randn(out.shape, generator=g)
+    upstream = torch.ones(()).expand(out.shape) if layout.endswith("-sum") else torch.randn(out.shape, generator=g)
     got_w, got_s = torch.autograd.grad(out, (w, s), upstream)
     sv, zv = (t.detach().view([-1 if d == axis else 1 for d in range(4)]) for t in (s, z))
     assert torch.equal(out, _forward(w.detach(), sv, zv, -8, 7))

@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 import torch
 
+import qatkit
 from qatkit.config import QuantSpec
+from qatkit.errors import DataError
 from qatkit.primitives import qrange
 from qatkit.primitives.reference import (
     ref_codes,
@@ -385,3 +387,27 @@ def test_a_unit_range_quantizer_is_fixed_at_2_to_the_minus_bits():
     assert q.scale.item() == 2.0**-4 and q.qrange == (0, 15)
     with pytest.raises(Exception, match="unit_range"):
         QuantSpec(bits=8, symmetric=True, signed=True, unit_range=True)
+
+
+def test_a_zero_dim_activation_is_quantized_and_a_non_finite_range_is_refused():
+    """A 0-d activation (a scalar loss term, a temperature) raised a bare IndexError; a range set from NaN or Inf made
+    every later output NaN without a word."""
+    act = FakeQuantizer(QuantSpec(bits=8, init="minmax"), kind="act")
+    act(torch.tensor([0.5, -0.2]))  # (its range from this first tensor)
+    s, z = act.qparams()
+    x = torch.tensor(0.33, requires_grad=True)
+    y = act(x)
+    assert y.shape == () and y.item() == pytest.approx(((torch.round(0.33 / s) + z - z) * s).item(), abs=0)
+    y.backward()
+    assert x.grad.item() == 1.0
+    for bad in (float("nan"), float("inf")):
+        fresh = FakeQuantizer(QuantSpec(bits=8, init="minmax"), kind="act")
+        with pytest.raises(DataError, match=r"^the act range of a quantizer would be set from a tensor of shape "
+                                            r"\(3,\) holding NaN or Inf; allowed: finite values\. Fix: "):
+            fresh(torch.tensor([0.5, bad, 1.0]))
+        assert not bool(fresh.initialized)
+    weights = torch.nn.Linear(4, 2)
+    with torch.no_grad():
+        weights.weight[0, 0] = float("nan")
+    with pytest.raises(DataError, match=r"^the weight range of a quantizer would be set from a tensor of shape \(2, 4\)"):
+        qatkit.prepare(torch.nn.Sequential(weights), qatkit.QATConfig(), torch.randn(2, 4))

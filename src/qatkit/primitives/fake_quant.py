@@ -75,11 +75,12 @@ def _kernel_order(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
 
 
 def _flatten(t: torch.Tensor, order: list[int]) -> torch.Tensor:
-    """t read in `order` as one contiguous run (t itself, or a view, when t is laid out that way); AS_IS: t
-    contiguous, in its shape (the kernel reads memory, not shapes, and writes its results in that shape)."""
+    """t read in `order` as one dense run (a view of t when t is laid out that way, else a copy: a reshape's flat view
+    may step over memory, x[:, ::2], or stand still, a gradient expanded from a sum); AS_IS: t contiguous, in its
+    shape (the kernel reads memory, not shapes, and writes its results in that shape)."""
     if order is AS_IS:
         return t.contiguous()
-    return t.permute(order).reshape(-1)
+    return t.permute(order).contiguous().view(-1)
 
 
 def _unflatten(flat: torch.Tensor, like: torch.Tensor, order: list[int]) -> torch.Tensor:
