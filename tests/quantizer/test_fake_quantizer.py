@@ -409,5 +409,6 @@ def test_a_zero_dim_activation_is_quantized_and_a_non_finite_range_is_refused():
     weights = torch.nn.Linear(4, 2)
     with torch.no_grad():
         weights.weight[0, 0] = float("nan")
-    with pytest.raises(DataError, match=r"^the weight range of a quantizer would be set from a tensor of shape \(2, 4\)"):
+    with pytest.raises(DataError, match=r"^the weight range of a quantizer would be set from a tensor of shape "
+                                        r"\(2, 4\)"):
         qatkit.prepare(torch.nn.Sequential(weights), qatkit.QATConfig(), torch.randn(2, 4))
