@@ -82,11 +82,61 @@ def test_distillation_per_position_is_the_mean_over_positions_of_the_kl():
     assert float(got) == pytest.approx(float(0.5 * ce + 0.5 * 4 * kl), rel=1e-12)
 
 
-def test_targets_that_do_not_match_sequence_logits_are_refused_with_the_fix():
-    with pytest.raises(DataError, match=r"^targets = 'a tensor of shape \(4,\)' is not allowed; allowed: shape "
-                                        r"\(4, 8\): one class index per position of the model's \(batch, positions, "
-                                        r"classes\) logits \(4, 8, 3\)\. Fix: give one target per position"):
-        per_target(torch.randn(4, T, CLASSES), torch.zeros(4, dtype=torch.long))
+def test_distillation_leaves_out_the_positions_without_a_target():
+    """The KL was averaged over the -100 positions too (0.606675 where the labelled ones give 0.608853)."""
+    torch.manual_seed(0)
+    logits, teacher = torch.randn(4, T, CLASSES, dtype=torch.float64), torch.randn(4, T, CLASSES, dtype=torch.float64)
+    y = torch.randint(0, CLASSES, (4, T))
+    y[:, 5:] = -100
+    got = compute_loss(nn.Identity(), logits, y, teacher, qatkit.TrainConfig(distill=0.5, temperature=2.0), {})
+    keep = y != -100
+    p_t = torch.softmax(teacher[keep] / 2, -1)
+    kl = (p_t * (torch.log(p_t) - torch.log_softmax(logits[keep] / 2, -1))).sum(-1).mean()
+    ce = -torch.log_softmax(logits[keep], -1).gather(-1, y[keep][:, None]).mean()
+    assert float(got) == pytest.approx(float(0.5 * ce + 0.5 * 4 * kl), rel=1e-12)
+
+
+def test_a_batch_with_no_target_adds_nothing_and_trains_on():
+    """Cross-entropy over no target is NaN: fit stopped with 'training diverged ... lower --lr'."""
+    torch.manual_seed(0)
+    batches, _ = _tagged(64)
+    empty = (batches[0][0], torch.full_like(batches[0][1], -100))
+    assert float(compute_loss(nn.Identity(), torch.randn(32, T, CLASSES), empty[1], None, qatkit.TrainConfig(),
+                              {})) == 0.0
+    qat = qatkit.prepare(Tagger(), qatkit.QATConfig(), batches[0][0])
+    qatkit.calibrate(qat, batches)
+    history = qatkit.fit(qat, [empty, *batches], qatkit.TrainConfig(epochs=2, lr=1e-2, progress=False))
+    assert all(row["train_loss"] == row["train_loss"] for row in history)  # (no NaN)
+    with pytest.raises(DataError, match=r"^evaluation counted no targets \(no batches, or every target -100\)"):
+        qatkit.evaluate(qat, [empty])
+
+
+def test_class_probabilities_and_integer_labels_of_any_dtype_are_targets():
+    """One-hot (or smoothed) labels of the logits' shape are probabilities: at a batch of as many samples as classes
+    they were compared with argmax elementwise and counted N·C times (n 400 for 40 samples)."""
+    torch.manual_seed(0)
+    x, y = torch.randn(40, 6), torch.randint(0, 10, (40,))
+    model = nn.Linear(6, 10)
+    as_indices = qatkit.evaluate(model, [(x[i:i + 10], y[i:i + 10]) for i in range(0, 40, 10)])
+    one_hot = qatkit.evaluate(model, [(x[i:i + 10], F.one_hot(y[i:i + 10], 10).float()) for i in range(0, 40, 10)])
+    assert one_hot["n"] == as_indices["n"] == 40 and one_hot["accuracy"] == as_indices["accuracy"]
+    assert one_hot["loss"] == pytest.approx(as_indices["loss"], rel=1e-6)
+    assert qatkit.evaluate(model, [(x, y.int())]) == qatkit.evaluate(model, [(x, y)])  # int32 labels (from numpy)
+
+
+@pytest.mark.parametrize("logits, y, message", [
+    (torch.randn(4, T, CLASSES), torch.zeros(4, dtype=torch.long),
+     r"^targets = 'int64 targets of shape \(4,\)' is not allowed; allowed: class indices \(integers\) of shape "
+     r"\(4, 8\), or class probabilities of the logits' shape \(4, 8, 3\) \(-100: no target\)\. Fix: give integer "
+     r"class indices \(y\.long\(\)\) one per sample or position"),
+    (torch.randn(4, CLASSES), torch.zeros(4, 1, dtype=torch.long), r"^targets = 'int64 targets of shape \(4, 1\)'"),
+    (torch.randn(4, CLASSES), torch.zeros(4), r"^targets = 'float targets of shape \(4,\)'"),
+    (torch.randn(4, CLASSES), torch.tensor([0, 1, 3, -100]),
+     r"^a target class = 3 is not allowed; allowed: 0 \.\. 2 for the model's 3 classes, or -100 \(no target\)"),
+], ids=["sequence-logits-per-sample-targets", "column-of-labels", "float-indices", "class-out-of-range"])
+def test_targets_that_do_not_fit_the_logits_are_refused_with_the_fix(logits, y, message):
+    with pytest.raises(DataError, match=message):
+        per_target(logits, y)
 
 
 def test_dense_predictions_count_every_pixel():

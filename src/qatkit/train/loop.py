@@ -81,8 +81,8 @@ def _eval_sums(model: nn.Module, loader: Iterable, device: str | torch.device) -
 
 def _eval_result(correct: float, loss_sum: float, n: float) -> dict[str, Any]:
     if n == 0:
-        raise DataError("evaluation loader yielded no batches; allowed: at least one (x, y) batch. "
-                        "Fix: check the test split and --limit")
+        raise DataError("evaluation counted no targets (no batches, or every target -100); allowed: at least one "
+                        "(x, y) batch with a target. Fix: check the test split, its labels and --limit")
     return {"accuracy": correct / n, "loss": loss_sum / n, "n": int(n)}
 
 
@@ -178,33 +178,58 @@ def per_target(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, tor
     """Logits and targets as F.cross_entropy takes them: one target per sample, (N, C) and (N,); one per position of
     a sequence, (B, T, C) and (B, T), classes last as sequence models give them (token classification, language
     modelling), flattened to (B·T, C) and (B·T,); dense predictions with classes on axis 1, (B, C, H, W) and
-    (B, H, W), as they are. Targets of IGNORE_INDEX (-100: Hugging Face's padding and special tokens) count nowhere."""
+    (B, H, W), as they are. Targets of IGNORE_INDEX (-100: Hugging Face's padding and special tokens) count nowhere.
+    Class indices of any integer dtype are taken as int64; float targets of the logits' shape are class
+    probabilities (one-hot, smoothed or mixed labels). Other targets are refused, naming the fix."""
+    soft = y.is_floating_point() and y.shape == logits.shape
+    classes = logits.shape[-1] if logits.dim() == 3 else logits.shape[1] if logits.dim() > 1 else None
+    expected = (logits.shape[:-1] if logits.dim() == 3 else logits.shape[:1] + logits.shape[2:]) if classes else None
+    if not soft and (expected is None or y.shape != expected or y.is_floating_point() or y.dtype == torch.bool):
+        what = f"{'float' if y.is_floating_point() else str(y.dtype).replace('torch.', '')} targets of shape " \
+               f"{tuple(y.shape)}"
+        allowed = (f"class indices (integers) of shape {tuple(expected)}, or class probabilities of the logits' shape "
+                   f"{tuple(logits.shape)}" if expected is not None else "logits with a class axis")
+        raise bad_value("targets", what, f"{allowed} (-100: no target)", "give integer class indices (y.long()) one per "
+                        "sample or position, or probabilities of the logits' shape", DataError)
+    if not soft:
+        y = y.long()
+        valid = y[y != IGNORE_INDEX]
+        if valid.numel() and (int(valid.min()) < 0 or int(valid.max()) >= classes):
+            raise bad_value("a target class", int(valid.min()) if int(valid.min()) < 0 else int(valid.max()),
+                            f"0 .. {classes - 1} for the model's {classes} classes, or -100 (no target)",
+                            "check the labels against the model's number of classes", DataError)
     if logits.dim() == 3:
-        if y.shape != logits.shape[:-1]:
-            raise bad_value("targets", f"a tensor of shape {tuple(y.shape)}", f"shape {tuple(logits.shape[:-1])}: one "
-                            f"class index per position of the model's (batch, positions, classes) logits "
-                            f"{tuple(logits.shape)}", "give one target per position (-100 where there is none)",
-                            DataError)
-        return logits.reshape(-1, logits.shape[-1]), y.reshape(-1)
+        return logits.reshape(-1, classes), y.reshape(-1, classes) if soft else y.reshape(-1)
     return logits, y
 
 
 def count_hits(logits: torch.Tensor, y: torch.Tensor) -> tuple[int, int]:
-    """(right predictions, targets counted) of per_target's logits and targets."""
+    """(right predictions, targets counted) of per_target's logits and targets (probabilities: their top class)."""
+    if y.is_floating_point():
+        return int((logits.argmax(1) == y.argmax(1)).sum()), logits.numel() // logits.shape[1]
     counted = y != IGNORE_INDEX
     return int(((logits.argmax(1) == y) & counted).sum()), int(counted.sum())
 
 
 def compute_loss(model: nn.Module, logits: torch.Tensor, y: torch.Tensor, teacher_logits: torch.Tensor | None,
                  config: TrainConfig, error_penalty: Mapping[str, float]) -> torch.Tensor:
-    """Cross-entropy (per sample, or per position: per_target), distillation, the quantization-error penalty."""
+    """Cross-entropy (per sample, or per position: per_target; dense predictions one row per pixel, as a sequence's
+    positions), distillation, the quantization-error penalty; targets of -100 count in neither (a batch with none to
+    count: 0, with the penalty's gradient still)."""
     logits, y = per_target(logits, y)
-    loss = F.cross_entropy(logits, y, ignore_index=IGNORE_INDEX)
-    if teacher_logits is not None:  # Hinton et al. 2015: (1-d)·CE + d·T²·KL(p_teacher || p_student)
-        teacher_logits = teacher_logits.reshape(logits.shape)  # per position: flattened as the student's
+    teacher = None if teacher_logits is None else teacher_logits.reshape(logits.shape)
+    if logits.dim() > 2:  # (B, C, H, W) as (B·H·W, C) rows
+        def rows(t):
+            return t.movedim(1, -1).reshape(-1, t.shape[1])
+        logits, teacher = rows(logits), None if teacher is None else rows(teacher)
+        y = rows(y) if y.is_floating_point() else y.reshape(-1)
+    if not y.is_floating_point() and not bool((counted := y != IGNORE_INDEX).all()):
+        logits, y, teacher = logits[counted], y[counted], None if teacher is None else teacher[counted]
+    loss = F.cross_entropy(logits, y) if len(logits) else logits.sum() * 0.0
+    if teacher is not None and len(logits):  # Hinton et al. 2015: (1-d)·CE + d·T²·KL(p_teacher || p_student)
         t = config.temperature
-        kl = F.kl_div(F.log_softmax(logits / t, dim=1), F.log_softmax(teacher_logits / t, dim=1),
-                      reduction="batchmean", log_target=True)
+        kl = F.kl_div(F.log_softmax(logits / t, dim=1), F.log_softmax(teacher / t, dim=1), reduction="batchmean",
+                      log_target=True)
         loss = (1.0 - config.distill) * loss + config.distill * t * t * kl
     if error_penalty:
         loss = loss + quantization_error_penalty(model, error_penalty).to(loss.device)
@@ -310,7 +335,7 @@ def train_epoch(model: nn.Module, loader: Iterable, optimizer, scheduler, config
                     warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
                     scheduler.step()
             if fault is None:
-                bar.set_postfix(loss=f"{loss_value:.4f}", acc=f"{correct / n:.3f}", lr=f"{lr:.2e}", refresh=False)
+                bar.set_postfix(loss=f"{loss_value:.4f}", acc=f"{correct / max(n, 1):.3f}", lr=f"{lr:.2e}", refresh=False)
             if on_step is not None:
                 on_step(step + 1)
     finally:
