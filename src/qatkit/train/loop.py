@@ -189,8 +189,8 @@ def per_target(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, tor
                f"{tuple(y.shape)}"
         allowed = (f"class indices (integers) of shape {tuple(expected)}, or class probabilities of the logits' shape "
                    f"{tuple(logits.shape)}" if expected is not None else "logits with a class axis")
-        raise bad_value("targets", what, f"{allowed} (-100: no target)", "give integer class indices (y.long()) one per "
-                        "sample or position, or probabilities of the logits' shape", DataError)
+        raise bad_value("targets", what, f"{allowed} (-100: no target)", "give integer class indices (y.long()) one "
+                        "per sample or position, or probabilities of the logits' shape", DataError)
     if not soft:
         y = y.long()
         valid = y[y != IGNORE_INDEX]
@@ -335,7 +335,8 @@ def train_epoch(model: nn.Module, loader: Iterable, optimizer, scheduler, config
                     warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
                     scheduler.step()
             if fault is None:
-                bar.set_postfix(loss=f"{loss_value:.4f}", acc=f"{correct / max(n, 1):.3f}", lr=f"{lr:.2e}", refresh=False)
+                bar.set_postfix(loss=f"{loss_value:.4f}", acc=f"{correct / max(n, 1):.3f}", lr=f"{lr:.2e}",
+                                refresh=False)
             if on_step is not None:
                 on_step(step + 1)
     finally:
