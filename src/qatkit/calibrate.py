@@ -48,6 +48,9 @@ def calibrate(model: nn.Module, batches: Iterable, num_batches: int = 8,
         for q in quantizers:
             q.finish_observing()
         model.train(was_training)
+    if used == 0:
+        raise DataError("calibration batches yielded none; allowed: at least one batch. Fix: pass the training "
+                        "batches (a DataLoader, a list of (x, y)) and check that the split is not empty")
     return used
 
 

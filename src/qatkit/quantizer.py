@@ -13,7 +13,7 @@ from torch import nn
 
 from qatkit.devices import HostBuffers
 from qatkit.config import QuantSpec
-from qatkit.errors import DataError, bad_value
+from qatkit.errors import DataError, QatkitError, bad_value
 from qatkit.primitives import (
     fake_quantize,
     lsq_grad_scale,
@@ -223,3 +223,17 @@ class FakeQuantizer(HostBuffers, nn.Module):
         gran = f"per-channel(axis={self.axis})" if s.per_channel else "per-tensor"
         return (f"{self.kind}, bits={int(self.bits)}, {'sym' if s.symmetric else 'asym'}, "
                 f"{'int' if s.signed else 'uint'}, {gran}{', power-of-two' if s.power_of_two else ''}")
+
+
+def check_ranges(model: nn.Module, doing: str) -> None:
+    """Refuse a model with an enabled quantizer that has no range yet (`doing`: what needs them, in the message):
+    its integer path would compute with a placeholder scale (an evaluation's logits all 0)."""
+    if not isinstance(model, nn.Module):  # (an integer model: its ranges are fixed)
+        return
+    if unset := [name for name, m in model.named_modules() if isinstance(m, FakeQuantizer) and bool(m.enabled)
+                 and not bool(m.initialized) and not m.spec.unit_range]:
+        shown = ", ".join(repr(n) for n in unset[:4]) + (f" and {len(unset) - 4} more" if len(unset) > 4 else "")
+        raise QatkitError(f"{doing} needs every quantizer's range, but these have none: {shown}; allowed: ranges set "
+                          "by qatkit.calibrate or training (a quantizer whose input was empty on every batch, an expert "
+                          "no token was routed to, gets none). Fix: run qatkit.calibrate(model, batches) on batches "
+                          "that reach them")

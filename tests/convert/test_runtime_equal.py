@@ -162,6 +162,7 @@ def test_stored_weights_and_int32_biases(bits):
 
 def test_convert_refuses_an_uncalibrated_model():
     qat = qatkit.prepare(PoolNet(), qatkit.QATConfig())
-    with pytest.raises(qatkit.QatkitError, match=r"^quantizers without a range: 'conv1\.out_quant', .*Fix: run "
+    with pytest.raises(qatkit.QatkitError, match=r"^convert needs every quantizer's range, but these have none: "
+                                                 r"'conv1\.out_quant', .*Fix: run "
                                                  r"qatkit\.calibrate\(model, batches\) on batches that reach them"):
         qatkit.convert(qat)

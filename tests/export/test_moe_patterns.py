@@ -103,7 +103,8 @@ def test_an_expert_with_no_tokens_sets_no_range_and_breaks_nothing(tmp_path):
     y = torch.zeros(32, dtype=torch.long)
     qat = qatkit.prepare(Threshold().eval(), qatkit.QATConfig(), none[:4])
     qatkit.calibrate(qat, [(none, y)])
-    with pytest.raises(qatkit.QatkitError, match=r"^quantizers without a range: 'expert\.out_quant'.*Fix: run "
+    with pytest.raises(qatkit.QatkitError, match=r"^convert needs every quantizer's range, but these have none: "
+                                                 r"'expert\.out_quant'.*Fix: run "
                                                  r"qatkit\.calibrate\(model, batches\) on batches that reach them"):
         qatkit.convert(qat.eval())
     qatkit.calibrate(qat, [(none, y), (some, y)])  # the first batch reaches it with no values, the second with 8

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from qatkit.calibrate import calibrate
 from qatkit.config import QATConfig, TrainConfig
-from qatkit.errors import ConfigError, ModelFileError, QatkitError
+from qatkit.errors import ConfigError, DataError, ModelFileError, QatkitError
 from qatkit.models import SmallCNN, build_model
 from qatkit.nn import QConvBn
 from qatkit.prepare import prepare
@@ -457,3 +457,16 @@ def test_grad_clip_scales_the_global_gradient_norm(digits):
 def test_grad_clip_refused(bad):
     with pytest.raises(ConfigError, match=r"grad_clip = .* a positive finite number"):
         TrainConfig(grad_clip=bad)
+
+
+def test_evaluating_a_model_without_ranges_and_calibrating_on_nothing_are_refused(digits):
+    """evaluate of a never-calibrated QAT model returned logits all 0 (loss ln 10) without a word; calibrate on no
+    batches returned 0 and left it so."""
+    qat = prepare(small_cnn(), QATConfig(), digits[0][:4])
+    with pytest.raises(QatkitError, match=r"^evaluate needs every quantizer's range, but these have none: .*Fix: run "
+                                          r"qatkit\.calibrate\(model, batches\)"):
+        evaluate(qat, [(digits[0][:32], digits[1][:32])])
+    with pytest.raises(DataError, match=r"^calibration batches yielded none; allowed: at least one batch"):
+        calibrate(qat, [])
+    calibrate(qat, [digits[0][:64]])
+    assert 0 <= evaluate(qat, [(digits[0][:32], digits[1][:32])])["accuracy"] <= 1

@@ -9,7 +9,7 @@ from qatkit.convert.ir import to_ir
 from qatkit.convert.runtime import IntegerModel
 from qatkit.devices import module_device
 from qatkit.errors import QatkitError
-from qatkit.quantizer import FakeQuantizer
+from qatkit.quantizer import check_ranges
 
 
 def convert(qat_model: nn.Module) -> IntegerModel:
@@ -20,12 +20,7 @@ def convert(qat_model: nn.Module) -> IntegerModel:
         raise QatkitError(f"convert needs a graph, but {untraced} could not be traced by torch.fx. Fix: remove "
                           "data-dependent control flow from forward (branch on shapes, not tensor values; torch.where "
                           "computes both ways) and pass example_inputs to qatkit.prepare")
-    if unset := [name for name, m in qat_model.named_modules() if isinstance(m, FakeQuantizer) and bool(m.enabled)
-                 and not bool(m.initialized) and not m.spec.unit_range]:
-        shown = ", ".join(repr(n) for n in unset[:4]) + (f" and {len(unset) - 4} more" if len(unset) > 4 else "")
-        raise QatkitError(f"quantizers without a range: {shown}; allowed: ranges set by qatkit.calibrate or training "
-                          "(a quantizer whose input was empty on every batch, an expert no token was routed to, gets "
-                          "none). Fix: run qatkit.calibrate(model, batches) on batches that reach them")
+    check_ranges(qat_model, "convert")
     if module_device(qat_model).type != "cpu":  # the integer model runs on the CPU; the QAT model stays where it is
         qat_model = copy.deepcopy(qat_model).cpu()
     was_training = qat_model.training

@@ -34,7 +34,7 @@ from qatkit.config import TrainConfig, to_dict
 from qatkit.devices import module_device
 from qatkit.errors import ConfigError, DataError, ModelFileError, QatkitError, bad_value, error_detail
 from qatkit.nn import FoldedBn, QLayer
-from qatkit.quantizer import FakeQuantizer
+from qatkit.quantizer import FakeQuantizer, check_ranges
 from qatkit.regularize import quantization_error_penalty
 from qatkit.train import distributed
 from qatkit.train.checkpoint import load_checkpoint, save_checkpoint
@@ -56,6 +56,7 @@ def evaluate(model: nn.Module, loader: Iterable, device: str | torch.device | No
     """Accuracy and mean cross-entropy of `model` over (x, y) batches (or dicts of named inputs and "labels"), in
     eval mode without grad, on `device` (default: where the model's weights are); n: the targets counted (samples,
     or positions of sequences and dense predictions, those labelled -100 left out: per_target)."""
+    check_ranges(model, "evaluate")
     correct, loss_sum, n = _eval_sums(model, loader, module_device(model) if device is None else device)
     return _eval_result(correct, loss_sum, n)
 
