@@ -42,6 +42,26 @@ def test_tracker_counts_reversals_of_the_integer_code_only():
     assert tracker.epoch_stats() == {"oscillating": 0.0, "oscillations_per_weight": 0.0}  # counts start again
 
 
+def test_a_new_bit_width_starts_the_comparison_again():
+    """Progressive precision's 8 → 4 bits moves every code onto another grid (a code of 21 becomes about 1): that
+    step counted 47,592 false oscillations (20x the steps around it)."""
+    qat = _mlp(4)
+    first = qat.get_submodule("1")
+    tracker = OscillationTracker(qat)
+    tracker.layers = {"1": first}
+    s = float(first.weight_quant.qparams()[0].flatten()[0])
+    with torch.no_grad():
+        first.weight_quant.scale.fill_(s)
+        for code in (20, 21, 20, 21):  # 8 bits: two reversals, the last move up
+            first.weight.zero_()
+            first.weight[0, 0] = code * s
+            tracker.update()
+        first.weight_quant.set_bits(4)  # the same weight's code on the 4-bit grid: far below 21, not a move down
+        tracker.update()
+        tracker.update()
+    assert tracker.epoch_stats()["oscillations_per_weight"] == pytest.approx(2 / 12)
+
+
 def test_penalty_scale_cosine_against_float64():
     steps, epochs = 10, 3
     config = TrainConfig(epochs=epochs, penalty_schedule="cosine")

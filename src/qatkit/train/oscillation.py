@@ -17,20 +17,23 @@ class OscillationTracker:
         self.codes: dict[str, torch.Tensor] = {}
         self.last_move: dict[str, torch.Tensor] = {}  # -1, 0 (none yet), +1
         self.count: dict[str, torch.Tensor] = {}  # oscillations this epoch
+        self.bits: dict[str, int] = {}  # the bit-width of the codes held
 
     @torch.no_grad()
     def update(self) -> None:
-        """After an optimizer step: compare every tracked weight's integer code with the one before."""
+        """After an optimizer step: compare every tracked weight's integer code with the one before (at the same
+        bit-width: a progressive stage's new width starts the comparison again, its codes on another grid)."""
         for name, layer in self.layers.items():
             codes = layer.weight_quant.codes(layer.folded()[0], layer.weight_qscale(layer.last_input_quant))
-            if name in self.codes:
+            bits = int(layer.weight_quant.bits)
+            if name in self.codes and self.bits[name] == bits:
                 move = torch.sign(codes - self.codes[name])
                 self.count[name] += (move * self.last_move[name] < 0).to(self.count[name].dtype)
                 self.last_move[name] = torch.where(move != 0, move, self.last_move[name])
             else:
                 self.last_move[name] = torch.zeros_like(codes)
-                self.count[name] = torch.zeros_like(codes, dtype=torch.int32)
-            self.codes[name] = codes
+                self.count.setdefault(name, torch.zeros_like(codes, dtype=torch.int32))
+            self.codes[name], self.bits[name] = codes, bits
 
     def epoch_stats(self) -> dict[str, float]:
         """{"oscillating": share of tracked weights with an oscillation this epoch, "oscillations_per_weight": mean
