@@ -174,13 +174,7 @@ class QATConfig:
         if self.power_of_two_scales and self.exact_multipliers:
             raise bad_value("exact_multipliers", True, "False with power_of_two_scales (power-of-two scales make "
                             "every multiplier exact already)", "set one of power_of_two_scales and exact_multipliers")
-        penalty = self.error_penalty
-        pairs = list(penalty.items()) if isinstance(penalty, Mapping) else penalty
-        if not isinstance(pairs, (list, tuple)) or not all(isinstance(p, (list, tuple)) and len(p) == 2 for p in pairs):
-            raise bad_value("error_penalty", penalty, "a mapping {parameter glob: lambda}", "e.g. {'*.weight': 1e-4}")
-        for glob, lam in pairs:
-            _check_number(f"error_penalty['{glob}']", lam, 0.0)
-        object.__setattr__(self, "error_penalty", tuple((str(g), float(lam)) for g, lam in pairs))
+        object.__setattr__(self, "error_penalty", error_penalty_pairs(self.error_penalty))
 
     def weight_spec(self, bits: int, per_channel: bool) -> QuantSpec:
         bits = 7 if self.reduce_range and bits == 8 else bits
@@ -195,6 +189,16 @@ class QATConfig:
                          learnable=self.learnable, power_of_two=self.power_of_two_scales)
 
 
+def error_penalty_pairs(penalty: object) -> tuple[tuple[str, float], ...]:
+    """{parameter glob: λ} (or (glob, λ) pairs) as (glob, λ) pairs, each λ a number >= 0."""
+    pairs = list(penalty.items()) if isinstance(penalty, Mapping) else penalty
+    if not isinstance(pairs, (list, tuple)) or not all(isinstance(p, (list, tuple)) and len(p) == 2 for p in pairs):
+        raise bad_value("error_penalty", penalty, "a mapping {parameter glob: lambda}", "e.g. {'*.weight': 1e-4}")
+    for glob, lam in pairs:
+        _check_number(f"error_penalty['{glob}']", lam, 0.0)
+    return tuple((str(g), float(lam)) for g, lam in pairs)
+
+
 OPTIMIZERS = ("adamw", "sgd")
 PENALTY_SCHEDULES = ("constant", "cosine")
 NONFINITE = ("stop", "skip")  # what fit does with a batch whose loss or gradient is NaN/Inf
@@ -202,7 +206,8 @@ NONFINITE = ("stop", "skip")  # what fit does with a batch whose loss or gradien
 
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig:
-    """How `qatkit.fit` trains. Defaults are a QAT fine-tune from float weights."""
+    """How `qatkit.fit` trains. Defaults are a QAT fine-tune from float weights. batch_size, calib_batches and
+    augment are the settings of the batches `qatkit run`/`train` make (fit trains on the loader it is given)."""
 
     epochs: int = 10
     batch_size: int = 64

@@ -231,8 +231,8 @@ def test_resume_refuses_changed_settings_and_missing_file(digits, tmp_path):
     fit(small_cnn(), train, cfg(epochs=2, lr=1e-3), checkpoint_dir=tmp_path)
     with pytest.raises(ConfigError, match=r"resume: lr = 0\.002 differs from 0\.001 .*Fix: set lr back to 0\.001"):
         fit(small_cnn(), train, cfg(epochs=2, lr=2e-3), checkpoint_dir=tmp_path, resume=True)
-    with pytest.raises(ConfigError, match=r"resume: error_penalty"):
-        fit(small_cnn(), train, cfg(epochs=2, lr=1e-3), error_penalty={"*.weight": 1e-4},
+    with pytest.raises(ConfigError, match=r"resume: error_penalty"):  # (a QAT model: a float one has no Δ to damp)
+        fit(qat_model(digits), train, cfg(epochs=2, lr=1e-3), error_penalty={"*.weight": 1e-4},
             checkpoint_dir=tmp_path, resume=True)
     # progress and device may change; a finished run resumes to its saved history without training
     history = fit(small_cnn(), train, cfg(epochs=2, lr=1e-3, progress=True), checkpoint_dir=tmp_path, resume=True)
@@ -369,7 +369,7 @@ def test_plain_dataloader_and_list_of_batches(digits, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == [CHECKPOINT_NAME]
     batches = [(x[i:i + 32], y[i:i + 32]) for i in range(0, 128, 32)]
     assert len(fit(small_cnn(), batches, cfg())) == 1
-    with pytest.raises(ConfigError, match="train_loader"):
+    with pytest.raises(DataError, match="train_loader = 'a list_iterator without len"):
         fit(small_cnn(), iter(batches), cfg())
 
 
@@ -470,3 +470,21 @@ def test_evaluating_a_model_without_ranges_and_calibrating_on_nothing_are_refuse
         calibrate(qat, [])
     calibrate(qat, [digits[0][:64]])
     assert 0 <= evaluate(qat, [(digits[0][:32], digits[1][:32])])["accuracy"] <= 1
+
+
+def test_a_loader_without_len_and_a_one_sample_batchnorm_batch_name_the_fix():
+    """A DataLoader of an iterable dataset was refused as "'DataLoader' is not allowed; allowed: ... DataLoader";
+    a last batch of one sample reached BatchNorm's bare ValueError."""
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter([(torch.randn(4), 0)] * 8)
+
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2))
+    with pytest.raises(DataError, match=r"^train_loader = 'a DataLoader without len\(\)' is not allowed; .*fit counts "
+                                        r"an epoch's steps for its schedule\. Fix: wrap the batches in a list"):
+        fit(model, DataLoader(Stream(), batch_size=4), cfg(epochs=1))
+    x, y = torch.randn(9, 4), torch.randint(0, 2, (9,))
+    with pytest.raises(DataError, match=r"^batch 3/3 of epoch 1 has one sample, on which BatchNorm cannot compute "
+                                        r"training statistics; .*Fix: drop the last, smaller batch"):
+        fit(model, DataLoader(TensorDataset(x, y), batch_size=4), cfg(epochs=1))
+    assert len(fit(model, DataLoader(TensorDataset(x, y), batch_size=4, drop_last=True), cfg(epochs=1))) == 1

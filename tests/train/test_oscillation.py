@@ -90,3 +90,37 @@ def test_fit_reports_oscillations_with_the_annealed_penalty():
     w8 = DataLoader(TensorDataset(torch.randn(16, 4), torch.randint(0, 2, (16,))), batch_size=8)
     history = fit(_mlp(8), w8, TrainConfig(epochs=1, track_oscillations=True, progress=False))
     assert "oscillating" not in history[0]  # every weight at 8 bits: nothing tracked
+
+
+def test_fit_applies_the_prepare_configs_penalty_and_checks_its_own():
+    """fit read only its own error_penalty argument: QATConfig(error_penalty=...) given to prepare did nothing (the
+    weights bit for bit those of a run without it), and fit's argument went unchecked (λ = -1 trained, a glob that
+    matches nothing was a silent no-op, a string gave a raw ValueError)."""
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 4), torch.randint(0, 2, (64,))
+    float_model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 2))
+    config = TrainConfig(epochs=1, lr=0.01, progress=False)
+    runs = {}
+    for name, penalty, argument in (("from prepare", {"*.weight": 100.0}, None), ("given", {}, {"*.weight": 100.0}),
+                                    ("off", {"*.weight": 100.0}, {}), ("none", {}, None)):
+        qat = qatkit.prepare(float_model, QATConfig(weight_bits=4, act_bits=4, error_penalty=penalty), x[:2])
+        qatkit.calibrate(qat, [x])
+        fit(qat, [(x, y)], config, error_penalty=argument)
+        runs[name] = qat.state_dict()
+    same = {a: all(torch.equal(runs[a][k], runs["none"][k]) for k in runs[a]) for a in runs}
+    assert same == {"from prepare": False, "given": False, "off": True, "none": True}
+    assert all(torch.equal(runs["from prepare"][k], runs["given"][k]) for k in runs["given"])
+    qat = qatkit.prepare(float_model, QATConfig(), x[:2])
+    for bad, message in (({"*.weight": -1.0}, r"error_penalty\['\*\.weight'\] = -1\.0 is not allowed"),
+                         ("*.weight", r"error_penalty = '\*\.weight' is not allowed; allowed: a mapping"),
+                         ({"*.wieght": 1.0}, r"error_penalty glob = '\*\.wieght' is not allowed; allowed: a glob "
+                                             r"matching a quantized weight or bias \(0\.weight, 0\.bias, 2\.weight")):
+        with pytest.raises(ConfigError, match=message):
+            fit(qat, [(x, y)], config, error_penalty=bad)
+
+
+def test_fit_says_that_it_does_not_augment_a_loader_of_its_own():
+    x, y = torch.randn(8, 1, 4, 4), torch.randint(0, 2, (8,))
+    with pytest.warns(UserWarning, match=r"TrainConfig\.augment = 'crop-flip' is not applied by fit"):
+        fit(nn.Sequential(nn.Flatten(), nn.Linear(16, 2)), [(x, y)],
+            TrainConfig(epochs=1, augment="crop-flip", progress=False))

@@ -87,6 +87,7 @@ def prepare(model: nn.Module, config: QATConfig | None = None,
         plans = plan_layers(pristine, config, tuple(WRAPPERS), edge)
         qat = _prepare_module(pristine, "", config, plans, info := PrepareInfo(), arguments)
     qat = qat.to(device).train(training)
+    info.error_penalty = config.error_penalty
     qat.qat_info = info
     if info.input_sizes:
         names = [n.target for n in qat.graph.nodes if n.op == "placeholder"]

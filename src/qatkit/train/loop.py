@@ -17,6 +17,7 @@ finished epoch wrote it, and raise KeyboardInterrupt / TrainingInterrupted sayin
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import math
 import time
 import warnings
@@ -30,7 +31,7 @@ from torch import nn
 from tqdm import tqdm
 
 from qatkit import inputs
-from qatkit.config import TrainConfig, to_dict
+from qatkit.config import TrainConfig, error_penalty_pairs, to_dict
 from qatkit.devices import module_device
 from qatkit.errors import ConfigError, DataError, ModelFileError, QatkitError, bad_value, error_detail
 from qatkit.nn import FoldedBn, QLayer
@@ -284,7 +285,14 @@ def train_epoch(model: nn.Module, loader: Iterable, optimizer, scheduler, config
             x, y = inputs.labelled(batch)
             x, y = inputs.to_device(x, config.device), y.to(config.device)
             buffers = [b.detach().clone() for b in model.buffers()] if skip else None  # BN stats, put back on a skip
-            logits = logits_of(inputs.call(net, x))
+            try:
+                logits = logits_of(inputs.call(net, x))
+            except ValueError as e:  # (PyTorch's BatchNorm on one sample in training)
+                if "Expected more than 1 value per channel" not in str(e):
+                    raise
+                raise DataError(f"batch {step + 1}/{steps} of epoch {epoch + 1} has one sample, on which BatchNorm "
+                                "cannot compute training statistics; allowed: batches of 2 or more samples. Fix: "
+                                "drop the last, smaller batch (DataLoader(..., drop_last=True))") from None
             teacher_logits = None
             if teacher is not None:
                 with torch.no_grad():
@@ -403,6 +411,20 @@ def _restore(path: Path, model: nn.Module, optimizer, scheduler, settings: dict[
                              "QAT config, or start without --resume") from None
 
 
+def _check_penalty_globs(model: nn.Module, error_penalty: Mapping[str, float]) -> None:
+    """Each glob of the error penalty matches a quantized weight or bias (qatkit.quantization_errors' names)."""
+    if not error_penalty:
+        return
+    names = [f"{name}.{p}" for name, m in model.named_modules() if isinstance(m, QLayer)
+             and bool(m.weight_quant.enabled) for p in ("weight", "bias")]
+    for glob in error_penalty:
+        if not any(fnmatch.fnmatchcase(n, glob) for n in names):
+            shown = (", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
+                     or "none: the model has no quantized layer")
+            raise bad_value("error_penalty glob", glob, f"a glob matching a quantized weight or bias ({shown})",
+                            "correct the glob ('*.weight' for every layer)")
+
+
 def _check_distributed(model: nn.Module, steps: int, device: torch.device) -> None:
     """Before a data-parallel fit: equal batches per epoch on every rank (else a rank would wait forever for the
     others' gradients), and no activation range left to be set from a rank's own first batch."""
@@ -425,9 +447,10 @@ def _steps_per_epoch(loader: Iterable) -> int:
     try:
         steps = len(loader)  # type: ignore[arg-type]
     except TypeError:
-        allowed = "a re-iterable loader with len() (BatchLoader, DataLoader, a list of batches)"
-        raise bad_value("train_loader", type(loader).__name__, allowed,
-                        "wrap the batches in a list or use qatkit.data.BatchLoader") from None
+        raise bad_value("train_loader", f"a {type(loader).__name__} without len()", "a re-iterable loader with "
+                        "len() (BatchLoader, a DataLoader of a map-style dataset, a list of batches): fit counts an "
+                        "epoch's steps for its schedule", "wrap the batches in a list, use qatkit.data.BatchLoader, "
+                        "or give an iterable dataset __len__", DataError) from None
     if steps < 1:
         raise DataError("train_loader has 0 batches per epoch; allowed: at least one. Fix: check the training split")
     return steps
@@ -444,7 +467,8 @@ def fit(model: nn.Module, train_loader: Iterable, config: TrainConfig, *, val_lo
     set_epoch(e) is called when it has one.
     teacher: float model for distillation, used when config.distill > 0 (eval mode, no grad).
     error_penalty: {parameter glob: λ} for qatkit.regularize.quantization_error_penalty (over training as
-    config.penalty_schedule says).
+    config.penalty_schedule says); None: the QATConfig.error_penalty the model was prepared with. A glob that
+    matches no quantized weight or bias is refused.
     checkpoint_dir: `last.ckpt` is written there after every epoch; resume=True continues from it.
     run_info: plain data naming what the run trains (the dataset, its path and size, the model): saved in last.ckpt,
     and a resume whose run_info differs from the checkpoint's is refused, like one with other TrainConfig settings.
@@ -465,8 +489,15 @@ def fit(model: nn.Module, train_loader: Iterable, config: TrainConfig, *, val_lo
         raise bad_value("distill", config.distill, "0 without a teacher model", "pass teacher=... or set distill to 0")
     if resume and checkpoint_dir is None:
         raise bad_value("resume", resume, "True only with checkpoint_dir", "pass checkpoint_dir=... or resume=False")
-    error_penalty = dict(error_penalty or {})
+    if error_penalty is None:
+        error_penalty = getattr(getattr(model, "qat_info", None), "error_penalty", ())
+    error_penalty = dict(error_penalty_pairs(error_penalty))
+    _check_penalty_globs(model, error_penalty)
     steps = _steps_per_epoch(train_loader)
+    if config.augment != "none" and getattr(train_loader, "augment", None) != config.augment:
+        warnings.warn(f"qatkit: TrainConfig.augment = {config.augment!r} is not applied by fit, which trains on "
+                      "train_loader's batches as they are; qatkit.data.BatchLoader(..., augment=...) applies it (as "
+                      "qatkit run/train do)", stacklevel=2)
     config = dataclasses.replace(config, device=str(distributed.local_device(config.device)),
                                  progress=config.progress and distributed.is_main())
     model.to(config.device)
