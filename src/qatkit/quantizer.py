@@ -234,6 +234,6 @@ def check_ranges(model: nn.Module, doing: str) -> None:
                  and not bool(m.initialized) and not m.spec.unit_range]:
         shown = ", ".join(repr(n) for n in unset[:4]) + (f" and {len(unset) - 4} more" if len(unset) > 4 else "")
         raise QatkitError(f"{doing} needs every quantizer's range, but these have none: {shown}; allowed: ranges set "
-                          "by qatkit.calibrate or training (a quantizer whose input was empty on every batch, an expert "
-                          "no token was routed to, gets none). Fix: run qatkit.calibrate(model, batches) on batches "
-                          "that reach them")
+                          "by qatkit.calibrate or training (a quantizer whose input was empty on every batch, an "
+                          "expert no token was routed to, gets none). Fix: run qatkit.calibrate(model, batches) on "
+                          "batches that reach them")

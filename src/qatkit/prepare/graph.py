@@ -470,7 +470,8 @@ class _Rewriter:
         var/std and mean, x.ne(y) and torch.ne(x, y) as x != y (RoBERTa), x.add(y) and torch.sub(x, y,
         alpha=a) as x + y and x - y·a (prepare quantized torch.add(x, y, alpha=2) as x + y), x.div(y) and torch.div(x,
         y, rounding_mode="floor") as x / y and x // y, rounding_mode="trunc" from x // y; an in-place op (x.relu_(),
-        F.relu(x, inplace=True), nn.ReLU(inplace=True), x[index] = value: _in_place) whose change nothing else shows (_unobserved) as its
+        F.relu(x, inplace=True), nn.ReLU(inplace=True), x[index] = value: _in_place) whose change nothing else shows
+        (_unobserved) as its
         functional form, whose result x's later uses read (BART's causal mask: `mask.masked_fill_(cond, 0)` after
         `torch.full`; an item assignment as ops.setitem: Hugging Face's Swin mask; an in-place module stays one, its
         input's later uses rewired)."""
