@@ -162,9 +162,9 @@ def test_a_merged_lora_weight_is_quantized_and_its_factors_train(tmp_path):
     assert a.grad.abs().sum() > 0 and b.grad.abs().sum() > 0
 
 
-class TiedHead(nn.Linear):  # its own arithmetic on its weight, no F.linear: prepare leaves it float
+class TiedHead(nn.Linear):  # its own arithmetic on its weight, no F.linear or x @ W.t(): prepare leaves it float
     def forward(self, x):
-        return torch.tanh(x) @ self.weight.t()
+        return (torch.tanh(x)[:, None, :] * self.weight).sum(-1)
 
 
 class TiedHeadNet(nn.Module):
@@ -233,19 +233,25 @@ def test_layers_on_bare_parameters_are_quantized_and_train_the_parameters(tmp_pa
 
 
 class TiedOutputProjection(nn.Module):
-    """fairseq's decoder with share_input_output_embed: logits = F.linear(features, self.embed_tokens.weight)."""
+    """fairseq's decoder with share_input_output_embed: logits = F.linear(features, self.embed_tokens.weight); minimal
+    GPTs write it h @ self.wte.weight.T (or .t(), .transpose(0, 1))."""
 
-    def __init__(self, vocab: int = 40, dim: int = 16):
+    def __init__(self, spelling: str, vocab: int = 40, dim: int = 16):
         super().__init__()
+        self.spelling = spelling
         self.embed_tokens, self.mix, self.norm = nn.Embedding(vocab, dim), nn.Linear(dim, dim), nn.LayerNorm(dim)
 
     def forward(self, ids):
-        return F.linear(self.norm(torch.relu(self.mix(self.embed_tokens(ids)))), self.embed_tokens.weight)
+        h, table = self.norm(torch.relu(self.mix(self.embed_tokens(ids)))), self.embed_tokens.weight
+        return {"F.linear": lambda: F.linear(h, table), "@ .T": lambda: h @ table.T, ".t()": lambda: h.matmul(table.t()),
+                "transpose": lambda: h @ table.transpose(-1, -2)}[self.spelling]()
 
 
-def test_an_output_projection_on_the_embedding_table_is_quantized_and_stays_tied(tmp_path):
+@pytest.mark.parametrize("spelling", ["F.linear", "@ .T", ".t()", "transpose"])
+def test_an_output_projection_on_the_embedding_table_is_quantized_and_stays_tied(spelling, tmp_path):
+    """It was a float op (F.linear: float32 weights in the integer model) or a matmul of two 8-bit activations."""
     torch.manual_seed(0)
-    model, ids = TiedOutputProjection().eval(), torch.randint(0, 40, (8, 6))
+    model, ids = TiedOutputProjection(spelling).eval(), torch.randint(0, 40, (8, 6))
     qat = prepares_whole(model, ids, qatkit.QATConfig(weight_bits=4, act_bits=4))
     layers = {r["name"]: r["weight_bits"] for r in qat.qat_info.layers}
     # the table's plan (8 bits: the first layer); mix, the last module layer, keeps the last layer's 8 bits too

@@ -375,7 +375,7 @@ class _Rewriter:
 
     def run(self) -> PrepareInfo:
         for node in list(self.graph.nodes):
-            if node.op == "call_function" and node.target in FUNCTIONAL_LAYERS:
+            if node.op == "call_function" and node.target in FUNCTIONAL_LAYERS or self._linear_by_matmul(node):
                 self._functional_layer(node)
             elif node.op == "call_function" and node.target is F.embedding:
                 self._functional_embedding(node)
@@ -871,6 +871,27 @@ class _Rewriter:
             layer = plain
         self._call_instead(node, path, layer, a["input"], added)
         self._erase_unread(computed[1] if computed else [])  # the weight's computation, now the parametrization's
+
+    def _linear_by_matmul(self, node: fx.Node) -> bool:
+        """x @ W.T (W.t(), W.transpose(0, 1), W.permute(1, 0)) of a 2-D parameter W, as minimal GPTs tie their head
+        to the token embedding (`h @ self.wte.weight.T`): made F.linear(x, W), which _functional_layer quantizes as a
+        layer (its weight per channel at the weight bits, not as an 8-bit activation of a matmul)."""
+        if not (_is(node, self.modules, (), {operator.matmul, torch.matmul, torch.mm}, {"matmul", "mm"})
+                and len(node.args) == 2 and not node.kwargs and isinstance(t := node.args[1], fx.Node)
+                and len(t.users) == 1 and t.args and isinstance(w := t.args[0], fx.Node) and w.op == "get_attr"):
+            return False
+        try:
+            weight = self.root.get_parameter(w.target)
+        except AttributeError:
+            return False
+        transposed = (t.target is getattr and t.args[1:] == ("T",) or t.target in (torch.t, "t") and len(t.args) == 1
+                      or t.target in (torch.transpose, "transpose") and sorted(a % 2 for a in t.args[1:]) == [0, 1]
+                      and len(t.args) == 3 or t.target == "permute" and tuple(t.args[1:]) in ((1, 0), ((1, 0),)))
+        if weight.ndim != 2 or not transposed:
+            return False
+        node.op, node.target, node.args = "call_function", F.linear, (node.args[0], w)
+        self.graph.erase_node(t)
+        return True
 
     def _parameter_layer(self, node: fx.Node, cls: type, a: dict, settings: dict) -> None:
         """F.linear(x, w, b) / F.conv2d(x, w, b, …) on a parameter that is no such layer's own weight: a bare
