@@ -243,8 +243,8 @@ class TiedOutputProjection(nn.Module):
 
     def forward(self, ids):
         h, table = self.norm(torch.relu(self.mix(self.embed_tokens(ids)))), self.embed_tokens.weight
-        return {"F.linear": lambda: F.linear(h, table), "@ .T": lambda: h @ table.T, ".t()": lambda: h.matmul(table.t()),
-                "transpose": lambda: h @ table.transpose(-1, -2)}[self.spelling]()
+        return {"F.linear": lambda: F.linear(h, table), "@ .T": lambda: h @ table.T,
+                ".t()": lambda: h.matmul(table.t()), "transpose": lambda: h @ table.transpose(-1, -2)}[self.spelling]()
 
 
 @pytest.mark.parametrize("spelling", ["F.linear", "@ .T", ".t()", "transpose"])
