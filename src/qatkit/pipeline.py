@@ -30,7 +30,7 @@ from qatkit.config import (
 )
 from qatkit.convert import convert, load, save
 from qatkit.data import TEXT_DATASETS, BatchLoader, ImageDataset, TextDataset, load_dataset
-from qatkit.errors import ConfigError, ModelFileError, bad_value, error_detail
+from qatkit.errors import ConfigError, DataError, ModelFileError, bad_value, error_detail
 from qatkit.export import verify
 from qatkit.fileio import atomic_file
 from qatkit.models import build_model
@@ -101,7 +101,7 @@ def _inputs(ds: ImageDataset | TextDataset) -> dict:
     if isinstance(ds, TextDataset):
         return {"num_classes": ds.num_classes, "vocab": list(ds.vocab), "max_len": ds.max_len}
     return {"num_classes": ds.num_classes, "in_channels": ds.in_channels, "image_size": ds.image_size,
-            "mean": list(ds.mean), "std": list(ds.std)}
+            "mean": list(ds.mean), "std": list(ds.std), **({"classes": list(ds.classes)} if ds.classes else {})}
 
 
 def build_for(model: str, ds: ImageDataset | TextDataset) -> nn.Module:
@@ -121,7 +121,13 @@ def dataset_for(recipe: dict, name: str | None, path: str | None, limit: int | N
     name = name or recipe.get("dataset")
     if name is None:
         raise bad_value("--dataset", None, "a dataset name", "pass --dataset (the model file does not name one)")
-    return load_dataset(name, path, limit=limit, vocab=recipe.get("vocab"), max_len=recipe.get("max_len"))
+    ds = load_dataset(name, path, limit=limit, vocab=recipe.get("vocab"), max_len=recipe.get("max_len"))
+    trained_on, found = recipe.get("classes"), list(getattr(ds, "classes", ()))
+    if trained_on and found and found != trained_on:  # label i is another class: every accuracy would be wrong
+        raise DataError(f"--data {str(path)!r} has the classes {found}, the model was trained on {trained_on}; "
+                        "allowed: the same class folders (label i is the i-th name). Fix: evaluate on a folder "
+                        "with the model's class subfolders (an empty test class folder is allowed)")
+    return ds
 
 
 def _run_info(config: RunConfig, ds: ImageDataset | TextDataset, qat: QATConfig | None = None) -> dict:

@@ -4,6 +4,7 @@ import pytest
 from PIL import Image
 
 from qatkit.data import load_dataset
+from qatkit.pipeline import RunConfig
 from qatkit.errors import DataError
 
 
@@ -25,14 +26,18 @@ def _make(root, mode="RGB", size=6, counts=None):
     return made
 
 
-def test_rgb_folder_loads_exact_pixels_in_class_order(tmp_path):
+def test_rgb_folder_loads_exact_pixels_with_the_classes_taking_turns(tmp_path):
+    """cat's first image, dog's first, cat's second, ...: the first N samples (--limit N) hold every class (in class
+    order, --limit 64 of 3 classes of 40 had kept none of the third)."""
     made = _make(tmp_path)
     (tmp_path / "train" / "cat" / "notes.txt").write_text("not an image")  # ignored: not an image suffix
     ds = load_dataset("folder", str(tmp_path))
     assert ds.train.x.shape == (5, 3, 6, 6) and ds.test.x.shape == (2, 3, 6, 6)
-    assert ds.train.y.tolist() == [0, 0, 0, 1, 1] and ds.test.y.tolist() == [0, 1]
-    assert (ds.num_classes, ds.in_channels, ds.image_size) == (2, 3, 6)
-    assert np.array_equal(ds.train.x[3].permute(1, 2, 0).numpy(), made["train", "dog"][0])
+    assert ds.train.y.tolist() == [0, 1, 0, 1, 0] and ds.test.y.tolist() == [0, 1]
+    assert (ds.num_classes, ds.in_channels, ds.image_size, ds.classes) == (2, 3, 6, ("cat", "dog"))
+    assert np.array_equal(ds.train.x[1].permute(1, 2, 0).numpy(), made["train", "dog"][0])
+    assert np.array_equal(ds.train.x[4].permute(1, 2, 0).numpy(), made["train", "cat"][2])
+    assert load_dataset("folder", str(tmp_path), limit=2).train.y.tolist() == [0, 1]
     expected = np.stack(made["train", "cat"] + made["train", "dog"]) / 255.0  # (N, H, W, C)
     assert np.allclose(ds.mean, expected.mean(axis=(0, 1, 2))) and np.allclose(ds.std, expected.std(axis=(0, 1, 2)))
 
@@ -46,6 +51,17 @@ def test_grayscale_folder_has_one_channel_and_mixed_becomes_rgb(tmp_path):
     assert ds.in_channels == 3 and ds.train.x.shape == (5, 3, 6, 6)
     for c in range(3):  # grey images are replicated into all three channels
         assert np.array_equal(ds.train.x[0, c].numpy(), made["train", "cat"][0])
+
+
+def test_sixteen_bit_grayscale_is_scaled_to_eight_bits(tmp_path):
+    """A 16-bit PNG (Pillow's mode I;16) was converted to RGB by clipping: 33375 became 255, and the folder 3
+    channels."""
+    _make(tmp_path, mode="L")
+    deep = np.arange(36, dtype=np.uint16).reshape(6, 6) * 1800 + 375  # 375 .. 63375
+    Image.fromarray(deep).save(tmp_path / "train" / "cat" / "deep.png")
+    ds = load_dataset("folder", str(tmp_path))
+    assert ds.in_channels == 1  # deep.png sorts after cat's 0-2.png: the last sample (cat, dog, cat, dog, cat, cat)
+    assert np.array_equal(ds.train.x[5, 0].numpy(), np.rint(deep / 257.0).astype(np.uint8))
 
 
 def test_image_of_another_size_is_named(tmp_path):
@@ -84,3 +100,18 @@ def test_missing_test_split_is_named(tmp_path):
     _save(tmp_path / "train" / "cat" / "0.png", np.zeros((6, 6, 3)), "RGB")
     with pytest.raises(DataError, match="test' does not exist"):
         load_dataset("folder", str(tmp_path))
+
+
+def test_a_folder_of_other_classes_is_refused_for_a_model_trained_on_a_folder(tmp_path):
+    """The class names go into the model's recipe: `qatkit eval` on a folder without 'cat' labelled dog 0, the
+    model's cat, and reported accuracy 0.0 with exit 0."""
+    from qatkit.pipeline import _recipe, dataset_for
+
+    _make(tmp_path / "a")
+    recipe = _recipe(RunConfig(dataset="folder", data=str(tmp_path / "a")), load_dataset("folder", str(tmp_path / "a")),
+                     None)
+    assert recipe["classes"] == ["cat", "dog"]
+    assert dataset_for(recipe, None, str(tmp_path / "a")).classes == ("cat", "dog")
+    _make(tmp_path / "b", counts={("train", "dog"): 1, ("train", "eel"): 1, ("test", "dog"): 1, ("test", "eel"): 1})
+    with pytest.raises(DataError, match=r"has the classes \['dog', 'eel'\], the model was trained on \['cat', 'dog'\]"):
+        dataset_for(recipe, None, str(tmp_path / "b"))

@@ -43,17 +43,32 @@ def test_tsv_folder_loads_splits_with_the_train_vocabulary(tmp_path):
 
 
 @pytest.mark.parametrize("body, message", [
-    ("sentence\tlabel\nok\t1\n", r"header .* allowed: text<TAB>label"),
+    ("review\tlabel\nok\t1\n", r"header .* allowed: text<TAB>label \(or GLUE's sentence<TAB>label\)"),
     ("text\tlabel\nok\tpositive\n", r"line 2 .* a class index"),
+    ("text\tlabel\nok\t\u00b2\n", r"line 2 .* a class index"),  # (a digit to str.isdigit, not to int)
+    ("text\tlabel\nok\t99999999999999999999\n", r"line 2 .* a class index 0, 1, \.\.\. \(below 100000\)"),
+    ("text\tlabel\nfine\t1\ncaf\udce9\t0\n", r"^line 3 of .* is not UTF-8 .* Fix: save the file as UTF-8"),
+    ("text\tlabel\n" + "word " * 30000 + "\t1\n", r"^line 2 of .* cannot be read .* Fix: shorten or remove the line"),
     ("text\tlabel\nok\t1\tx\n", r"line 2 .* one tab"),
     ("text\tlabel\n \t1\n", r"text on line 2 .* at least one word"),
     ("text\tlabel\n", r"holds no samples"),
 ])
 def test_bad_tsv_is_refused_naming_line_and_fix(tmp_path, body, message):
-    (tmp_path / "train.tsv").write_text(body, encoding="utf-8")
+    """Non-UTF-8 bytes, a line over csv's field limit and labels int() or torch refuse raised raw tracebacks."""
+    (tmp_path / "train.tsv").write_bytes(body.encode("utf-8", "surrogateescape"))
     write_tsv(tmp_path, "test.tsv", [("ok", 0)])
     with pytest.raises(DataError, match=message):
         load_tsv_folder(str(tmp_path))
+
+
+def test_glue_header_and_the_word_pad_in_a_text(tmp_path):
+    """GLUE's SST-2 files begin 'sentence<TAB>label' (the README promised them; they were refused); a text holding the
+    word '<pad>' was encoded as padding (all zeros, a fully masked attention: NaN)."""
+    (tmp_path / "train.tsv").write_text("sentence\tlabel\nfine film\t1\n<pad>\t0\n", encoding="utf-8")
+    write_tsv(tmp_path, "test.tsv", [("<unk> film", 1)])
+    ds = load_tsv_folder(str(tmp_path))
+    assert ds.train.y.tolist() == [1, 0] and ds.train.x[1].tolist()[:2] == [1, 0]  # an unknown word, then padding
+    assert ds.test.x[0].tolist()[:2] == [1, ds.vocab.index("film")]
 
 
 def test_byte_order_mark_and_blank_lines_are_no_samples(tmp_path):

@@ -57,6 +57,7 @@ class ImageDataset:
     image_size: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    classes: tuple[str, ...] = ()  # the names of the labels 0, 1, ..., where the data has them (a folder's)
 
     def __post_init__(self) -> None:
         """Check what a model and a loss rely on: sizes >= 1, non-empty splits of the declared image shape,

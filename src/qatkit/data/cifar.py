@@ -6,6 +6,7 @@ Each batch is a pickle of {b"data": (10000, 3072) uint8 array, channel-major R, 
 """
 from __future__ import annotations
 
+import gzip
 import io
 import pickle
 import posixpath
@@ -84,14 +85,21 @@ def _read_dir(root: Path) -> dict[str, bytes]:
 
 
 def _read_tar(path: Path) -> dict[str, bytes]:
-    """Read the batch members in one sequential pass over the (compressed) tarball; nothing is extracted."""
+    """Read the batch members in one sequential pass over the (compressed) tarball; nothing is extracted. A gzip
+    stream is read to its end, where its CRC is checked (tarfile's stream mode never checks it: a flipped byte
+    loaded as a changed pixel)."""
     blobs = {}
     try:
-        with tarfile.open(path, "r|*") as tar:
-            for member in tar:
-                name = posixpath.basename(member.name)
-                if member.isfile() and name in TRAIN_FILES + TEST_FILES:
-                    blobs[name] = tar.extractfile(member).read()
+        with open(path, "rb") as raw:
+            gz = gzip.GzipFile(fileobj=raw) if raw.read(2) == b"\x1f\x8b" else None
+            raw.seek(0)
+            with tarfile.open(fileobj=gz or raw, mode="r|" if gz else "r|*") as tar:
+                for member in tar:
+                    name = posixpath.basename(member.name)
+                    if member.isfile() and name in TRAIN_FILES + TEST_FILES:
+                        blobs[name] = tar.extractfile(member).read()
+            while gz is not None and gz.read(1 << 20):  # (the tar's end padding; then the CRC check)
+                pass
     except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
         raise DataError(f"{str(path)!r} cannot be read as a tarball ({e}); expected {TAR_NAME}. "
                         "Fix: re-download it") from e

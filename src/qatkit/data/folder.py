@@ -1,10 +1,12 @@
 """Image folders: `root/train/<class>/*.png|jpg|jpeg|bmp` and `root/test/<class>/...`, read with Pillow.
 
-Classes are the sorted subfolder names of train, so label i is the i-th name. Images are kept as
-uint8: one channel if every image is grayscale, else RGB (grayscale ones are then replicated).
+Classes are the sorted subfolder names of train, so label i is the i-th name (kept in the model's recipe: a
+folder evaluated later must have the same classes). Images are kept as uint8 (16-bit grayscale scaled to 8 bits):
+one channel if every image is grayscale, else RGB (grayscale ones are then replicated).
 """
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -19,29 +21,38 @@ EXPECTED = "a directory with train/<class>/*.png and test/<class>/*.png (also .j
 
 
 def _read_image(path: Path) -> np.ndarray:
-    """(H, W) uint8 for a grayscale image, (H, W, 3) uint8 otherwise."""
+    """(H, W) uint8 for a grayscale image (16-bit ones scaled to 8 bits: 65535 is 255), (H, W, 3) uint8 otherwise."""
     from PIL import Image  # imported here: only folder datasets need Pillow
 
     try:
         with Image.open(path) as im:
-            return np.asarray(im.convert("L" if im.mode in GRAY_MODES else "RGB"))
+            if im.mode.startswith("I"):  # 16-bit grayscale ("I;16", or "I" as Pillow opens some PNGs)
+                pixels = np.asarray(im).astype(np.int64)
+                if pixels.min() >= 0 and pixels.max() <= 65535:
+                    return np.rint(pixels / 257.0).astype(np.uint8)
+            elif im.mode != "F":
+                return np.asarray(im.convert("L" if im.mode in GRAY_MODES else "RGB"))
     except Exception as e:  # Pillow's decoders raise many types for a broken file; all mean a bad image
         raise DataError(f"{str(path)!r} cannot be read as an image ({e}); expected a {'/'.join(SUFFIXES)} file. "
                         "Fix: remove or replace the file") from e
+    raise DataError(f"{str(path)!r} holds {im.mode!r} pixels (32-bit integers or floats); allowed: 8-bit (grayscale, "
+                    "RGB, palette) or 16-bit grayscale images. Fix: save it as an 8- or 16-bit image")
 
 
 def _list_split(split_dir: Path, classes: list[str], every_class: bool) -> list[tuple[Path, int]]:
-    """(file, label) pairs in class order, files sorted by name within a class.
+    """(file, label) pairs, files sorted by name within a class, the classes taking turns (a class's first file, the
+    next class's first, ...), so that the first N samples (--limit N) hold every class.
 
     every_class: each class folder must hold an image (train must; test may lack a class).
     """
-    samples = []
+    per_class = []
     for label, cls in enumerate(classes):
         files = sorted(p for p in (split_dir / cls).iterdir() if p.is_file() and p.suffix.lower() in SUFFIXES)
         if not files and every_class:
             raise DataError(f"{str(split_dir / cls)!r} holds no {'/'.join(SUFFIXES)} images; expected at least one "
                             "per class. Fix: add images or remove the empty class folder")
-        samples += [(f, label) for f in files]
+        per_class.append([(f, label) for f in files])
+    samples = [pair for turn in itertools.zip_longest(*per_class) for pair in turn if pair is not None]
     if not samples:
         raise DataError(f"{str(split_dir)!r} holds no {'/'.join(SUFFIXES)} images; expected {EXPECTED}. "
                         "Fix: add images to the class folders")
@@ -90,4 +101,4 @@ def load_folder(path: str | None) -> ImageDataset:
         splits[s] = Split(x, y)
     mean, std = channel_stats(splits["train"].x)
     return ImageDataset("folder", splits["train"], splits["test"], num_classes=len(classes),
-                        in_channels=3 if rgb else 1, image_size=size[0], mean=mean, std=std)
+                        in_channels=3 if rgb else 1, image_size=size[0], mean=mean, std=std, classes=tuple(classes))

@@ -9,6 +9,7 @@ the model (its recipe), so test text and deployed inputs are encoded exactly as 
 from __future__ import annotations
 
 import csv
+import io
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -20,7 +21,9 @@ from qatkit.data.base import Split, require_path
 from qatkit.errors import DataError, bad_value
 
 PAD, UNK = "<pad>", "<unk>"
-HEADER = ["text", "label"]
+HEADERS = (["text", "label"], ["sentence", "label"])  # (GLUE's SST-2 files say "sentence")
+MAX_CLASSES = 100_000
+NEWLINE = b"\n"  # a label at or above it is a typo or an id, not a class index
 MAX_VOCAB = 30_000
 MAX_LEN_CAP = 128  # the longest sequence a dataset's max_len is set to (longer texts are cut)
 
@@ -41,6 +44,7 @@ def build_vocab(texts: Sequence[str], max_size: int = MAX_VOCAB) -> tuple[str, .
 def encode(texts: Sequence[str], vocab: Sequence[str], max_len: int) -> torch.Tensor:
     """(N, max_len) int64 token ids: 0 pads the end, 1 marks a word not in `vocab`."""
     index = {word: i for i, word in enumerate(vocab)}
+    index[PAD] = index[UNK] = 1  # (the words "<pad>" and "<unk>" in a text are unknown words, not padding)
     ids = torch.zeros(len(texts), max_len, dtype=torch.int64)
     for row, text in enumerate(texts):
         tokens = [index.get(word, 1) for word in tokenize(text)[:max_len]]
@@ -54,23 +58,36 @@ def read_tsv(path: Path) -> tuple[list[str], list[int]]:
         raise DataError(f"{str(path)!r} does not exist; expected a TSV file with the header 'text<TAB>label'. "
                         "Fix: point --data at the folder that holds it")
     texts, labels = [], []
-    with open(path, encoding="utf-8-sig", newline="") as f:  # -sig: a byte-order mark is not part of the header
-        rows = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
-        header = next(rows, None)
-        if header != HEADER:
-            raise bad_value(f"header of {str(path)!r}", header, "text<TAB>label",
-                            "make the first line 'text', a tab, 'label'", DataError)
-        for line, row in enumerate(rows, start=2):
-            if not row:  # a blank line (often the last one)
-                continue
-            if len(row) != 2 or not row[1].strip().isdigit():
-                raise bad_value(f"line {line} of {str(path)!r}", "\t".join(row)[:80],
-                                "a text, one tab, and a class index 0, 1, ...", "fix or remove the line", DataError)
-            if not tokenize(row[0]):
-                raise bad_value(f"text on line {line} of {str(path)!r}", row[0], "at least one word",
-                                "remove the empty line", DataError)
-            texts.append(row[0])
-            labels.append(int(row[1]))
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")  # -sig: a byte-order mark is not part of the header
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(NEWLINE) + 1
+        raise DataError(f"line {line} of {str(path)!r} is not UTF-8 ({e.reason}: "
+                        f"{data[e.start:e.start + 1]!r}); allowed: UTF-8 text. Fix: save the file as UTF-8") from None
+    line = 1
+    try:
+        with io.StringIO(text, newline="") as f:
+            rows = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+            header = next(rows, None)
+            if header not in HEADERS:
+                raise bad_value(f"header of {str(path)!r}", header, "text<TAB>label (or GLUE's sentence<TAB>label)",
+                                "make the first line 'text', a tab, 'label'", DataError)
+            for line, row in enumerate(rows, start=2):
+                if not row:  # a blank line (often the last one)
+                    continue
+                label = row[1].strip() if len(row) == 2 else ""
+                if not (label.isascii() and label.isdigit() and int(label) < MAX_CLASSES):
+                    raise bad_value(f"line {line} of {str(path)!r}", "\t".join(row)[:80], "a text, one tab, and a "
+                                    f"class index 0, 1, ... (below {MAX_CLASSES})", "fix or remove the line", DataError)
+                if not tokenize(row[0]):
+                    raise bad_value(f"text on line {line} of {str(path)!r}", row[0], "at least one word",
+                                    "remove the empty line", DataError)
+                texts.append(row[0])
+                labels.append(int(label))
+    except csv.Error as e:  # (a field over csv's 131,072-character limit)
+        raise DataError(f"line {line + 1} of {str(path)!r} cannot be read ({e}); allowed: texts of at most "
+                        f"{csv.field_size_limit():,} characters. Fix: shorten or remove the line") from None
     if not texts:
         raise DataError(f"{str(path)!r} holds no samples after its header. Fix: add 'text<TAB>label' lines")
     return texts, labels
