@@ -31,6 +31,8 @@ def test_rgb_folder_loads_exact_pixels_with_the_classes_taking_turns(tmp_path):
     order, --limit 64 of 3 classes of 40 had kept none of the third)."""
     made = _make(tmp_path)
     (tmp_path / "train" / "cat" / "notes.txt").write_text("not an image")  # ignored: not an image suffix
+    (tmp_path / "train" / "cat" / "._0.png").write_bytes(b"macOS metadata")  # ignored: hidden (it stopped the load)
+    (tmp_path / "train" / "dog" / "train").mkdir()  # (a folder in a class folder: no image)
     ds = load_dataset("folder", str(tmp_path))
     assert ds.train.x.shape == (5, 3, 6, 6) and ds.test.x.shape == (2, 3, 6, 6)
     assert ds.train.y.tolist() == [0, 1, 0, 1, 0] and ds.test.y.tolist() == [0, 1]

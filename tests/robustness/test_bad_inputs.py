@@ -170,7 +170,8 @@ DATA_CASES = [
     ("mnist-wrong-format", "mnist", "folder-layout", r"--data '.*data-folder-layout' has no train-images-idx3-ubyte\.gz"),
     ("cifar10-wrong-format", "cifar10", "folder-layout", r"--data '.*data-folder-layout' holds no CIFAR-10 batches; expected a cifar-10-batches-py"),
     ("folder-without-images", "folder", "no-images", r"'.*data-no-images/train/cat' holds no \.png/\.jpg/\.jpeg/\.bmp images; expected at least one"),
-    ("folder-data-is-a-file", "folder", "a-file", r"'.*images\.zip/train' does not exist; expected a directory with train/<class>"),
+    ("folder-data-is-a-file", "folder", "a-file", r"--data '.*images\.zip' is a file, not a folder; expected a "
+     r"directory with train/<class>.*Fix: pass the folder \(unpack an archive first\)"),
     ("cifar10-data-is-a-zip-file", "cifar10", "a-file", r"'.*images\.zip' cannot be read as a tarball \(.+\); expected cifar-10-python\.tar\.gz"),
 ]
 

@@ -47,7 +47,8 @@ def _list_split(split_dir: Path, classes: list[str], every_class: bool) -> list[
     """
     per_class = []
     for label, cls in enumerate(classes):
-        files = sorted(p for p in (split_dir / cls).iterdir() if p.is_file() and p.suffix.lower() in SUFFIXES)
+        files = sorted(p for p in (split_dir / cls).iterdir()  # (hidden files, macOS's ._x.png: tool litter)
+                       if p.is_file() and p.suffix.lower() in SUFFIXES and not p.name.startswith("."))
         if not files and every_class:
             raise DataError(f"{str(split_dir / cls)!r} holds no {'/'.join(SUFFIXES)} images; expected at least one "
                             "per class. Fix: add images or remove the empty class folder")
@@ -61,8 +62,8 @@ def _list_split(split_dir: Path, classes: list[str], every_class: bool) -> list[
 
 def _classes(split_dir: Path) -> list[str]:
     if not split_dir.is_dir():
-        raise DataError(f"{str(split_dir)!r} does not exist; expected {EXPECTED}. Fix: create it, one subfolder "
-                        "per class")
+        what = "is a file, not a folder" if split_dir.exists() else "does not exist"
+        raise DataError(f"{str(split_dir)!r} {what}; expected {EXPECTED}. Fix: create it, one subfolder per class")
     # hidden folders (.ipynb_checkpoints, ...) are tool litter, not classes
     return sorted(p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
 
@@ -70,6 +71,9 @@ def _classes(split_dir: Path) -> list[str]:
 def load_folder(path: str | None) -> ImageDataset:
     """All images of root/train and root/test, which must share one square size and the same classes."""
     root = require_path(path, "folder", EXPECTED)
+    if not root.is_dir():
+        raise DataError(f"--data {str(path)!r} is a file, not a folder; expected {EXPECTED}. Fix: pass the folder "
+                        "(unpack an archive first)")
     classes = _classes(root / "train")
     if not classes:
         raise DataError(f"{str(root / 'train')!r} has no class subfolders; expected {EXPECTED}. "
