@@ -44,12 +44,12 @@ def train(qat: nn.Module, shard, epochs: int, checkpoint_dir=None) -> list[dict]
                       val_loader=val_loader, checkpoint_dir=checkpoint_dir)
 
 
-def step(qat: nn.Module, shard) -> list[dict]:
+def step(qat: nn.Module, shard, batch: int = BATCH) -> list[dict]:
     """One step on the first batch (this rank's part of it). The comparison with one process is made after one step:
     QAT's rounding turns float32's summation-order differences (data-parallel or not, AVX2 or AVX-512 kernels) into
-    code flips that grow over a longer run."""
+    code flips that grow over a longer run. An odd `batch` splits unevenly (17 / 16 of 33)."""
     ds = load_dataset("digits", None, limit=LIMIT)
-    loader = BatchLoader(ds.train, batch_size=BATCH, shuffle=False, shard=shard, mean=ds.mean, std=ds.std)
+    loader = BatchLoader(ds.train, batch_size=batch, shuffle=False, shard=shard, mean=ds.mean, std=ds.std)
     return qatkit.fit(qat, [next(iter(loader))], qatkit.TrainConfig(epochs=1, lr=1e-2, progress=False))
 
 
@@ -64,6 +64,8 @@ def main(out: Path) -> None:
             result[name] = qat.state_dict()
         qat = build("mlp")
         result["mlp_step_history"], result["mlp_step"] = step(qat, shard), qat.state_dict()
+        qat = build("mlp")
+        result["mlp_odd_step_history"], result["mlp_odd_step"] = step(qat, shard, BATCH + 1), qat.state_dict()
         try:
             train(build("mlp", calibrated=False), shard, 1)
         except ConfigError as e:

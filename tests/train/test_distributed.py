@@ -69,16 +69,19 @@ def test_two_ranks_train_what_one_process_trains(tmp_path):
         saved = qatkit.train.load_checkpoint(tmp_path / f"ckpt_{name}" / "last.ckpt")
         assert all(torch.equal(saved["model"][k], ranks[0][name][k]) for k in saved["model"])
 
-    one = ddp_worker.build("mlp")  # one step on the whole first batch = one step of the two ranks on its halves
-    history = ddp_worker.step(one, (0, 1))
-    for key, value in one.state_dict().items():
-        other = ranks[0]["mlp_step"][key]
-        if value.is_floating_point():
-            assert torch.allclose(value, other, rtol=1e-5, atol=1e-6), (key, (value - other).abs().max())
-        else:
-            assert torch.equal(value, other), key
-    (a,), (b,) = history, ranks[0]["mlp_step_history"]
-    assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5) and a["train_acc"] == b["train_acc"]
+    # one step on the whole first batch = one step of the two ranks on its halves; and on a batch of 33 split 17 / 16,
+    # each rank's mean weighted by its share (DDP's plain average of the two means weighed the 16 more)
+    for batch, key in ((ddp_worker.BATCH, "mlp_step"), (ddp_worker.BATCH + 1, "mlp_odd_step")):
+        one = ddp_worker.build("mlp")
+        history = ddp_worker.step(one, (0, 1), batch)
+        for name, value in one.state_dict().items():
+            other = ranks[0][key][name]
+            if value.is_floating_point():
+                assert torch.allclose(value, other, rtol=1e-5, atol=1e-6), (key, name, (value - other).abs().max())
+            else:
+                assert torch.equal(value, other), (key, name)
+        (a,), (b,) = history, ranks[0][f"{key}_history"]
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5) and a["train_acc"] == b["train_acc"]
     start = ddp_worker.build("mlp").state_dict()  # and the step moved the weights well beyond that tolerance
     assert max(float((start[k] - v).abs().max()) for k, v in one.state_dict().items() if k.endswith("weight")) > 0.005
 

@@ -305,8 +305,12 @@ def train_epoch(model: nn.Module, loader: Iterable, optimizer, scheduler, config
             optimizer.zero_grad(set_to_none=True)
             fault = allowed = None
             finite = math.isfinite(loss_value)
+            hits, counted = count_hits(*per_target(logits.detach(), y))
             if collective:  # every rank skips the batch, or none: backward is collective
-                finite = distributed.all_sum([float(not finite)], y.device)[0] == 0
+                bad, total = distributed.all_sum([float(not finite), float(counted)], y.device)
+                finite = bad == 0
+                if total > 0:  # DDP averages the ranks' gradients: each rank's mean weighted by its share of the
+                    loss = loss * (counted * distributed.world_size() / total)  # targets, the whole batch's mean
             if not finite:
                 fault = f"loss = {loss_value}" if not math.isfinite(loss_value) else "a non-finite loss on another rank"
                 allowed = "a finite loss"
@@ -320,7 +324,6 @@ def train_epoch(model: nn.Module, loader: Iterable, optimizer, scheduler, config
                 optimizer.step()
                 if tracker is not None:
                     tracker.update()
-                hits, counted = count_hits(*per_target(logits.detach(), y))
                 loss_sum, correct, n = loss_sum + loss_value * counted, correct + hits, n + counted
             elif not skip:
                 raise QatkitError(f"training diverged: {fault} at {where(step)}; allowed: {allowed}. "
