@@ -1,7 +1,8 @@
 """A Linear followed by BatchNorm1d on its (N, C) output (PointNet's and DGCNN's MLP heads, SimCLR's projection head,
 tabular MLPs) is folded as a conv's BN is: w·γ/σ and (b - μ)·γ/σ + β, BN learning its statistics from batches until
 frozen. It was a float op between two integer layers. On a (N, L, C) output BatchNorm1d normalizes over L, not the
-Linear's features: it stays a float op there."""
+Linear's features: it stays a float op there. A conv called more than once (a Siamese encoder) folds the BN that every
+call goes through."""
 from __future__ import annotations
 
 import torch
@@ -98,3 +99,40 @@ def test_a_batchnorm_over_positions_stays_a_float_op(tmp_path):
     qatkit.calibrate(qat, [x])
     integer = converts_exactly(qat, model, x, tolerance=0.05)
     runs_in_onnx_runtime(integer, x, tmp_path / "tokens.onnx")
+
+
+class Siamese(nn.Module):
+    """One encoder (conv, BN, ReLU) applied to two inputs, its features compared: each call goes through the same BN,
+    which nothing else calls, so the one shared wrapper folds it (it was a float op after both calls)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.head = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Linear(8, 2)
+
+    def encode(self, x):
+        return torch.relu(self.bn(self.conv(x))).mean((2, 3))
+
+    def forward(self, a, b):
+        return self.head((self.encode(a) - self.encode(b)).abs())
+
+
+def test_a_batchnorm_shared_by_every_call_of_a_conv_folds(tmp_path):
+    torch.manual_seed(0)
+    model = Siamese()
+    model.train()
+    with torch.no_grad():
+        model(torch.randn(16, 3, 8, 8), torch.randn(16, 3, 8, 8) + 0.5)  # (statistics of both calls)
+    model.eval()
+    a, b = torch.randn(16, 3, 8, 8), torch.randn(16, 3, 8, 8)
+    qat = qatkit.prepare(model, qatkit.QATConfig(), (a[:2], b[:2]))
+    assert {r["name"]: r["bn_folded"] for r in qat.qat_info.layers} == {"conv": True, "head": False}
+    assert not any("BatchNorm" in op for op in qat.qat_info.float_ops)
+    qatkit.calibrate(qat, [((a, b), torch.zeros(16, dtype=torch.long))])  # (a batch: (the inputs, labels))
+    with torch.no_grad():  # W8A8: the float model's values to a few steps
+        assert (qat.eval()(a, b) - model(a, b)).abs().max() < 0.05
+    qat.train()  # training: BN takes each call's batch statistics, as the float model's BN does
+    before = qat.bn.num_batches_tracked.clone()
+    qat(a, b).sum().backward()
+    assert int(qat.bn.num_batches_tracked - before) == 2
+    integer = converts_exactly(qat.eval(), model, (a, b), tolerance=0.05)
+    runs_in_onnx_runtime(integer, (a, b), tmp_path / "siamese.onnx")

@@ -32,8 +32,8 @@ from torch.nn.utils import parametrize
 
 from qatkit.config import QATConfig
 from qatkit.convert import ops
-from qatkit.nn import (QAdd, QConv, QConvBn, QConvTranspose, QConvTransposeBn, QEmbedding, QGlobalAvgPool, QLinear,
-                       QLinearBn, QMatMul)
+from qatkit.nn import (FoldedBn, QAdd, QConv, QConvBn, QConvTranspose, QConvTransposeBn, QEmbedding, QGlobalAvgPool,
+                       QLinear, QLinearBn, QMatMul)
 from qatkit.prepare.rules import LayerPlan, layer_type, plan_for
 from qatkit.quantizer import FakeQuantizer
 
@@ -1055,17 +1055,22 @@ class _Rewriter:
         module, plan = self.modules[node.target], self.plans.get(node.target)
         if plan is None or plan.skip:
             return
-        if node.target in self.wrapped_targets:  # a second call of the same layer: same wrapper
+        if node.target in self.wrapped_targets:  # a second call of the same layer: same wrapper (its BN folded in too)
             self.wrapped[node] = plan
+            if isinstance(self.gm.get_submodule(node.target), FoldedBn):
+                bn_call = _sole_user(node)
+                bn_call.replace_all_uses_with(node)
+                self.graph.erase_node(bn_call)
             return
         if isinstance(module, nn.Embedding):  # ids in, float rows out: no input or output quantizer
             self._add_wrapper(node, plan, QEmbedding(module, self.config.weight_spec(plan.weight_bits, plan.per_channel)),
                               act_bits=None, bn_folded=False, act=None, output="float")
             return
-        # A layer called more than once shares one wrapper, so it can absorb no call's BN or activation.
+        # A layer called more than once shares one wrapper, so it can absorb no call's activation, and a BN only where
+        # every call goes through the same BN and nothing else calls it (a Siamese encoder, a weight-shared loop).
         single_call = self.calls[node.target] == 1
         end, bn = node, None
-        user = _sole_user(node) if single_call else None
+        user = _sole_user(node) if single_call or self._shared_bn(node) else None
         if (self.config.fold_bn and user is not None and user.op == "call_module"
                 and type(self.modules[user.target]) in (FOLDABLE_BN.get(layer_type(module)), nn.SyncBatchNorm)
                 and self.modules[user.target].track_running_stats  # without running stats BN cannot fold
@@ -1092,6 +1097,12 @@ class _Rewriter:
         self._add_wrapper(node, plan, wrapper, bn_folded=bn is not None, act=act,
                           output="float" if out_spec is None else f"A{out_bits}",
                           scale_folded=scale[2][0].target if scale else None)
+
+    def _shared_bn(self, node: fx.Node) -> bool:
+        """Every call of node's layer is read by a call of one BN module only, and that BN has no other call."""
+        readers = [_sole_user(n) for n in self.graph.nodes if n.op == "call_module" and n.target == node.target]
+        return all(r is not None and r.op == "call_module" and r.target == readers[0].target for r in readers) and (
+            self.calls[readers[0].target] == len(readers))
 
     def _layer_scale(self, node: fx.Node, module: nn.Module) -> tuple[fx.Node, nn.Parameter, list[fx.Node]] | None:
         """Where a Linear's or Conv's output is only multiplied by a parameter γ with one value per output channel
