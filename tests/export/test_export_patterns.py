@@ -197,10 +197,25 @@ class RecomputedScale(nn.Module):
         return self.fc(F.adaptive_avg_pool2d(y, 1).flatten(1))
 
 
-@pytest.mark.parametrize("size", [10, 8])
-def test_upsampling_with_a_recomputed_scale_converts_and_runs_in_onnx_runtime(size, tmp_path):
+class NearestExact(nn.Module):
+    """'nearest-exact' resampling (pixel centres: src = floor((dst + ½)·in/out)) up by 2 and by 1.5 and down to a
+    size; it was refused at export."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.Linear(8, 4)
+
+    def forward(self, x):
+        y = F.interpolate(torch.relu(self.c1(x)), scale_factor=2, mode="nearest-exact")
+        y = F.interpolate(self.c2(y), scale_factor=1.5, mode="nearest-exact")
+        return self.fc(F.interpolate(y, size=(7, 5), mode="nearest-exact").mean((2, 3)))
+
+
+@pytest.mark.parametrize("net, size", [("recomputed", 10), ("recomputed", 8), ("nearest-exact", 6),
+                                       ("nearest-exact", 9)])
+def test_upsampling_with_a_recomputed_scale_or_nearest_exact_converts_and_runs_in_onnx_runtime(net, size, tmp_path):
     torch.manual_seed(0)
-    model, x = RecomputedScale().eval(), torch.randn(4, 3, size, size)
+    model, x = (RecomputedScale if net == "recomputed" else NearestExact)().eval(), torch.randn(4, 3, size, size)
     qat = qatkit.prepare(model, qatkit.QATConfig(), x[:1])
     qatkit.calibrate(qat, [x])
     integer = converts_exactly(qat, model, x, tolerance=0.05)
@@ -232,30 +247,6 @@ def test_bicubic_and_trilinear_resampling_converts_and_runs_in_onnx_runtime(mode
     qatkit.calibrate(qat, [x])
     integer = converts_exactly(qat, model, x, tolerance=0.05)
     assert runs_in_onnx_runtime(integer, x, tmp_path / "m.onnx")["within_one_step"] == 1.0
-
-
-class NearestExact(nn.Module):
-    """'nearest-exact' resampling (pixel centres: src = floor((dst + ½)·in/out)) up by 2 and by 1.5 and down to a
-    size; it was refused at export."""
-
-    def __init__(self):
-        super().__init__()
-        self.c1, self.c2, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.Linear(8, 4)
-
-    def forward(self, x):
-        y = F.interpolate(torch.relu(self.c1(x)), scale_factor=2, mode="nearest-exact")
-        y = F.interpolate(self.c2(y), scale_factor=1.5, mode="nearest-exact")
-        return self.fc(F.interpolate(y, size=(7, 5), mode="nearest-exact").mean((2, 3)))
-
-
-@pytest.mark.parametrize("size", [6, 9])
-def test_nearest_exact_resampling_converts_and_runs_in_onnx_runtime(size, tmp_path):
-    torch.manual_seed(0)
-    model, x = NearestExact().eval(), torch.randn(4, 3, size, size)
-    qat = qatkit.prepare(model, qatkit.QATConfig(), x[:1])
-    qatkit.calibrate(qat, [x])
-    integer = converts_exactly(qat, model, x, tolerance=0.05)
-    assert runs_in_onnx_runtime(integer, x, tmp_path / "m.onnx")["max_step_diff"] == 0
 
 
 def test_the_cubic_resize_reference_computes_onnx_runtimes_values(tmp_path):
