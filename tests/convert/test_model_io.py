@@ -286,3 +286,25 @@ def test_input_sizes_other_than_positive_integers_and_nulls_are_refused(saved, s
     path = rewrite(saved, header, tensors)
     with fails(path, r"has input 'x' with sizes .*; allowed: a list of positive integers and nulls"):
         qatkit.load(path)
+
+
+def test_a_damaged_or_edited_file_fails_its_checksum(integer_model, saved, x):
+    """One flipped bit in a weight loaded, evaluated and exported with exit 0 (64 of 640 outputs changed); an edited
+    header field (a layer's bits 4 -> 2) computed another model without a word."""
+    with safe_open(str(saved), framework="pt") as f:
+        metadata = f.metadata()
+    assert set(metadata) == {"qatkit", "qatkit_sha256"}
+    data = bytearray(saved.read_bytes())
+    data[-3] ^= 0x10  # a bit of the last tensor's bytes
+    flipped = saved.with_name("flipped.safetensors")
+    flipped.write_bytes(bytes(data))
+    with fails(flipped, r"has a sha256 checksum mismatch: its tensors or graph were changed \(damaged or edited\)"):
+        qatkit.load(flipped)
+    header, tensors = read(saved)
+    layer = next(n for n in header["nodes"] if n.get("bits") == 4)
+    layer["bits"] = 2
+    edited = saved.with_name("edited.safetensors")
+    save_file(tensors, str(edited), metadata={"qatkit": json.dumps(header), "qatkit_sha256": metadata["qatkit_sha256"]})
+    with fails(edited, r"has a sha256 checksum mismatch: its tensors or graph were changed \(damaged or edited\)"):
+        qatkit.load(edited)
+    assert torch.equal(qatkit.load(saved)(x), integer_model(x))  # (the intact file loads)

@@ -1,14 +1,17 @@
 """Integer model files: one safetensors file whose metadata holds the graph as JSON. No pickle.
 
-Loading checks the format, version, every op name against the closed table of ops.py and every
-tensor reference, so a damaged or foreign file gives a clear error instead of running anything.
+Loading checks a sha256 of the graph and the tensors (a damaged or edited file), the format, version, every op name
+against the closed table of ops.py and every tensor reference, so a damaged or foreign file gives a clear error
+instead of running anything.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
 
+import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
@@ -47,11 +50,23 @@ def _fits(value, spec) -> bool:
     return isinstance(value, spec)
 
 
+def _digest(header: str, tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 of the graph's JSON and of every tensor's name, dtype, shape and bytes (in name order)."""
+    h = hashlib.sha256(header.encode("utf-8"))
+    for name in sorted(tensors):
+        t = tensors[name].contiguous()
+        h.update(f"\0{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode("utf-8"))
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
 def save(model: IntegerModel, path: str | os.PathLike) -> Path:
-    """Write atomically (temporary file, fsync, rename); returns the path."""
+    """Write atomically (temporary file, fsync, rename), with a sha256 of the graph and tensors that `load` checks;
+    returns the path."""
     header = json.dumps({"format": FORMAT, "version": VERSION, "nodes": model.nodes, "meta": model.meta})
+    tensors = {k: t.contiguous() for k, t in model.named_tensors().items()}
     with atomic_file(path) as tmp:
-        save_file({k: t.contiguous() for k, t in model.named_tensors().items()}, str(tmp), metadata={"qatkit": header})
+        save_file(tensors, str(tmp), metadata={"qatkit": header, "qatkit_sha256": _digest(header, tensors)})
     return Path(path)
 
 
@@ -86,6 +101,9 @@ def load(path: str | os.PathLike) -> IntegerModel:
             metadata = f.metadata() or {}
     except (SafetensorError, OSError, ValueError) as e:
         raise _fail(path, f"is not a readable safetensors file ({str(e).splitlines()[0]})") from None
+    if "qatkit_sha256" in metadata and "qatkit" in metadata and (  # (files written before it have none)
+            metadata["qatkit_sha256"] != _digest(metadata["qatkit"], tensors)):
+        raise _fail(path, "has a sha256 checksum mismatch: its tensors or graph were changed (damaged or edited)")
     try:
         header = json.loads(metadata["qatkit"])
     except (KeyError, json.JSONDecodeError):
