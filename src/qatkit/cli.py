@@ -251,15 +251,17 @@ def _cmd_convert(args) -> int:
     return 0
 
 
-def _load_model(path: Path):
-    """An integer model file or a QAT checkpoint, with the recipe it was made by."""
+def _load_model(path: Path, shape: bool = False):
+    """An integer model file or a QAT checkpoint, with the recipe it was made by (`shape`: a recipe that gives the
+    input shape, which export needs; eval and verify of a model saved from Python take --dataset instead)."""
     from qatkit.convert import load
-    from qatkit.pipeline import rebuild_qat
+    from qatkit.pipeline import check_recipe, rebuild_qat
 
     if path.suffix == ".ckpt":
         return rebuild_qat(path)
     model = load(path)
-    return model, model.meta.get("recipe") or {}
+    recipe = model.meta.get("recipe") or {}
+    return model, check_recipe(recipe, f"model file {str(path)!r}") if shape else recipe
 
 
 def _test_loader(args, recipe: dict, limit: int | None = None):
@@ -288,7 +290,7 @@ def _cmd_export(args) -> int:
     from qatkit.pipeline import export_model
 
     path = Path(args.model_file)
-    model, recipe = _load_model(path)
+    model, recipe = _load_model(path, shape=True)
     out = _output_file(Path(args.out or path.with_suffix(".onnx")), path)
     notes = export_model(model, recipe, out)
     print(f"[qatkit] wrote {out} ({out.stat().st_size:,} bytes)")
@@ -344,7 +346,7 @@ def _float_model(args, recipe: dict):
 
 def _cmd_sensitivity(args) -> int:
     from qatkit.config import qat_config_from_dict
-    from qatkit.pipeline import example_input
+    from qatkit.pipeline import check_recipe, example_input
     from qatkit.sensitivity import sensitivity
     from qatkit.train import load_checkpoint
 
@@ -354,6 +356,7 @@ def _cmd_sensitivity(args) -> int:
     if not isinstance(recipe, dict) or recipe.get("qat") is None:
         raise ModelFileError(f"checkpoint {args.checkpoint!r} has no QAT recipe. Fix: pass a qat_*.ckpt written by "
                              "qatkit train/run")
+    check_recipe(recipe, f"checkpoint {args.checkpoint!r}")
     config = qat_config_from_dict(recipe["qat"])
     dataset, loader = _test_loader(args, recipe)
     result = sensitivity(_float_model(args, recipe), config, example_input(recipe), loader, num_batches=args.batches)

@@ -1,29 +1,44 @@
 """Atomic file writes: a crash or a kill leaves the old file or the new one under the final name, never a mix."""
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from qatkit.errors import ConfigError
+
+
+# Why a write can fail that is the destination's, not the program's: no permission, a read-only or full disk.
+_UNWRITABLE = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
+
 
 @contextmanager
 def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path in the same folder to write to; on success it is fsynced and renamed over
-    `path` and the folder fsynced; on failure it is removed."""
+    `path` and the folder fsynced; on failure it is removed. A destination that cannot be written (no permission,
+    a read-only or full disk) raises ConfigError naming it."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
         yield Path(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)  # mkstemp creates 0600; model files are meant to be shared
         os.replace(tmp, path)
+    except OSError as e:
+        if e.errno not in _UNWRITABLE:
+            raise
+        raise ConfigError(f"{str(path)!r} cannot be written ({e.strerror}); allowed: a path in a writable folder "
+                          "with free space. Fix: write elsewhere (--out), or free space") from None
     finally:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
     _fsync_dir(path.parent)
 
 

@@ -208,12 +208,37 @@ def quantize(config: RunConfig, ds: ImageDataset | TextDataset, float_model: nn.
     return model
 
 
+# What a recipe must hold, and of which type: a text model's vocabulary and length, or an image's shape.
+_RECIPE_FIELDS = {"model": str, "num_classes": int}
+_INPUT_FIELDS = ({"vocab": list, "max_len": int}, {"in_channels": int, "image_size": int})
+MAX_SIZE = 65_536  # (a recipe's sizes above it are damage, and would allocate without bound)
+
+
+def check_recipe(recipe: object, source: str) -> dict:
+    """`recipe` (from a checkpoint or a model file: `source` names it) with the fields model_from_recipe and
+    example_input read, of their types and sizes; else ModelFileError naming the first that is not."""
+    if not isinstance(recipe, dict) or not recipe:
+        raise ModelFileError(f"{source} has no recipe (the model and input shape qatkit run/train store). Fix: pass a "
+                             "file qatkit train/run/convert wrote, or export it in Python: qatkit.export."
+                             "export_onnx(model, path, example)")
+    fields = {**_RECIPE_FIELDS, **(_INPUT_FIELDS[0] if "vocab" in recipe else _INPUT_FIELDS[1])}
+    for key, kind in fields.items():
+        value = recipe.get(key)
+        if not isinstance(value, kind) or isinstance(value, bool) or kind is int and not 1 <= value <= MAX_SIZE:
+            allowed = f"an integer 1..{MAX_SIZE}" if kind is int else f"a {kind.__name__}"
+            raise ModelFileError(f"{source} has a recipe whose {key!r} is {value!r}; allowed: {allowed}. Fix: pass a "
+                                 "file qatkit train/run/convert wrote, undamaged")
+    return recipe
+
+
 def rebuild_qat(checkpoint: str | os.PathLike) -> tuple[nn.Module, dict]:
     """The QAT model saved by `quantize` (train=True), from its checkpoint's recipe and weights."""
     state = load_checkpoint(checkpoint)
     recipe = state.get("recipe")
-    if not isinstance(recipe, dict) or recipe.get("qat") is None:
-        raise ModelFileError(f"checkpoint {str(checkpoint)!r} has no QAT recipe. Fix: pass a qat_*.ckpt written by qatkit train/run")
+    if not isinstance(recipe, dict) or recipe.get("qat") is None or not isinstance(state.get("model"), dict):
+        raise ModelFileError(f"checkpoint {str(checkpoint)!r} has no QAT recipe and weights. Fix: pass a qat_*.ckpt "
+                             "written by qatkit train/run")
+    check_recipe(recipe, f"checkpoint {str(checkpoint)!r}")
     qat = prepare(model_from_recipe(recipe), qat_config_from_dict(recipe["qat"]), example_input(recipe))  # as trained
     try:
         qat.load_state_dict(state["model"])

@@ -15,7 +15,9 @@ import qatkit
 from qatkit.cli import main
 from qatkit.convert import load
 from qatkit.data import load_dataset
+from qatkit.export import export_onnx
 from qatkit.models import build_model
+from qatkit.train import load_checkpoint, save_checkpoint
 from qatkit.pipeline import FLOAT_FILE, RunConfig, _loaders, build_for, example_input, rebuild_qat
 
 
@@ -347,3 +349,48 @@ def test_eval_with_run_limit_reproduces_results_json_and_resume_of_nothing_says_
     assert code == 0, err
     assert printed.startswith(f"[qatkit] --resume: nothing to resume in {str(tmp_path / 't')!r} (new or empty); "
                               "training from the start")
+
+
+def test_files_that_do_not_fit_are_refused_and_a_failed_export_keeps_the_old_file(capsys, tmp_path):
+    """Found by a hunt over the files the CLI reads and writes: each of these gave a raw traceback (exit 1), or an ONNX
+    file truncated over the good one."""
+    import resource
+
+    out = tmp_path / "t"
+    code, _, err = run_cli(capsys, "train", "--epochs", "1", "--float-epochs", "1", "--limit", "64", "--quiet",
+                           "--out", str(out))
+    assert code == 0, err
+    ckpt, model_file = out / "qat_w8a8.ckpt", tmp_path / "m.safetensors"
+    assert run_cli(capsys, "convert", str(ckpt), "--out", str(model_file))[0] == 0
+    assert run_cli(capsys, "export", str(model_file))[0] == 0
+    onnx_file, good = tmp_path / "m.onnx", (tmp_path / "m.onnx").read_bytes()
+
+    # a write that fails (a full disk: here a file-size limit) says so, and leaves the file that was there
+    limited = subprocess.run([sys.executable, "-m", "qatkit", "export", str(model_file)], capture_output=True,
+                             text=True, preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000)))
+    assert limited.returncode == 2 and "cannot be written (File too large)" in limited.stderr, limited.stderr
+    assert onnx_file.read_bytes() == good and not list(tmp_path.glob(".m.onnx.*"))
+
+    # an ONNX file of another model (5 classes) verified against this one: its outputs do not fit the reference's
+    five = qatkit.prepare(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 5)), qatkit.QATConfig(),
+                          torch.randn(2, 1, 8, 8))
+    qatkit.calibrate(five, [torch.randn(8, 1, 8, 8)])
+    export_onnx(qatkit.convert(five.eval()), tmp_path / "five.onnx", torch.randn(1, 1, 8, 8))
+    code, _, err = run_cli(capsys, "verify", str(tmp_path / "five.onnx"), "--reference", str(model_file))
+    assert code == 2 and "the ONNX model does not run on its reference model's inputs as the reference does (outputs " \
+        "of shapes [(" in err and "Fix: pass --reference with the model file" in err, err
+    # a checkpoint whose checksum holds but whose content is not a QAT model's
+    save_checkpoint(tmp_path / "no_model.ckpt", {"recipe": load_checkpoint(ckpt)["recipe"]})
+    code, _, err = run_cli(capsys, "convert", str(tmp_path / "no_model.ckpt"))
+    assert code == 2 and "has no QAT recipe and weights" in err, err
+    broken = load_checkpoint(ckpt)
+    del broken["recipe"]["in_channels"]
+    save_checkpoint(tmp_path / "no_shape.ckpt", broken)
+    code, _, err = run_cli(capsys, "convert", str(tmp_path / "no_shape.ckpt"))
+    assert code == 2 and "has a recipe whose 'in_channels' is None; allowed: an integer 1..65536" in err, err
+    # a model file saved from Python has no recipe: the CLI cannot know its input shape
+    bare = qatkit.load(model_file)
+    bare.meta = {}
+    qatkit.save(bare, tmp_path / "bare.safetensors")
+    code, _, err = run_cli(capsys, "export", str(tmp_path / "bare.safetensors"))
+    assert code == 2 and "has no recipe (the model and input shape qatkit run/train store)" in err, err

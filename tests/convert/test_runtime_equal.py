@@ -166,3 +166,13 @@ def test_convert_refuses_an_uncalibrated_model():
                                                  r"'conv1\.out_quant', .*Fix: run "
                                                  r"qatkit\.calibrate\(model, batches\) on batches that reach them"):
         qatkit.convert(qat)
+
+
+def test_convert_refuses_non_finite_weights():
+    """A NaN weight made the QAT model's outputs NaN but was stored as code 0: bias-only logits, exit 0."""
+    qat = qatkit.prepare(PoolNet(), qatkit.QATConfig(), torch.randn(2, 1, 8, 8))
+    qatkit.calibrate(qat, [torch.randn(4, 1, 8, 8)])
+    with torch.no_grad():
+        qat.fc1.weight[0, 0] = float("nan")
+    with pytest.raises(qatkit.QatkitError, match=r"^layer 'fc1' has NaN or Inf weights or bias \(1 such layer\(s\)\)"):
+        qatkit.convert(qat)

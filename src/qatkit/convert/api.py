@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import copy
 
+import torch
 from torch import fx, nn
 
 from qatkit.convert.ir import to_ir
 from qatkit.convert.runtime import IntegerModel
 from qatkit.devices import module_device
 from qatkit.errors import QatkitError
+from qatkit.nn import QEmbedding, QLayer
 from qatkit.quantizer import check_ranges
 
 
@@ -21,6 +23,11 @@ def convert(qat_model: nn.Module) -> IntegerModel:
                           "data-dependent control flow from forward (branch on shapes, not tensor values; torch.where "
                           "computes both ways) and pass example_inputs to qatkit.prepare")
     check_ranges(qat_model, "convert")
+    if bad := [name for name, m in qat_model.named_modules() if isinstance(m, (QLayer, QEmbedding))
+               and not all(bool(torch.isfinite(t).all()) for t in _weights(m) if t is not None)]:
+        raise QatkitError(f"layer {bad[0]!r} has NaN or Inf weights or bias ({len(bad)} such layer(s)); allowed: "
+                          "finite values (the QAT model computes NaN there, the integer model could not). Fix: train "
+                          "again from the last good checkpoint, with a lower lr or TrainConfig(nonfinite='skip')")
     if module_device(qat_model).type != "cpu":  # the integer model runs on the CPU; the QAT model stays where it is
         qat_model = copy.deepcopy(qat_model).cpu()
     was_training = qat_model.training
@@ -32,3 +39,8 @@ def convert(qat_model: nn.Module) -> IntegerModel:
     info = getattr(qat_model, "qat_info", None)
     meta = {"layers": info.layers, "float_ops": info.float_ops} if info is not None else {}
     return IntegerModel(nodes, tensors, meta)
+
+
+def _weights(layer) -> tuple:
+    """A layer's weight and bias as the integer model stores them (folded; an embedding's table)."""
+    return layer.folded() if isinstance(layer, QLayer) else (layer.weight,)

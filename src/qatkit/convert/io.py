@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -66,7 +67,12 @@ def save(model: IntegerModel, path: str | os.PathLike) -> Path:
     header = json.dumps({"format": FORMAT, "version": VERSION, "nodes": model.nodes, "meta": model.meta})
     tensors = {k: t.contiguous() for k, t in model.named_tensors().items()}
     with atomic_file(path) as tmp:
-        save_file(tensors, str(tmp), metadata={"qatkit": header, "qatkit_sha256": _digest(header, tensors)})
+        try:
+            save_file(tensors, str(tmp), metadata={"qatkit": header, "qatkit_sha256": _digest(header, tensors)})
+        except SafetensorError as e:  # (its I/O errors as the OSError they are, for atomic_file's message)
+            if code := re.search(r"os error (\d+)", str(e)):
+                raise OSError(int(code.group(1)), os.strerror(int(code.group(1)))) from None
+            raise
     return Path(path)
 
 

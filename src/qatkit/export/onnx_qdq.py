@@ -15,6 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from qatkit import kernels
 from qatkit.errors import QatkitError
+from qatkit.fileio import atomic_file
 from qatkit.convert.ir import conv_pads
 from qatkit.convert.pack import unpack
 from qatkit.convert.runtime import IntegerModel, QValue, output_list
@@ -392,13 +393,13 @@ def export_onnx(model, path, example_input, *, debug_outputs: bool = False) -> l
     integer = model if isinstance(model, IntegerModel) else convert(model)
     exporter = _Exporter(integer, example_input, free_sizes=not debug_outputs)  # (a debug graph: at the example's)
     proto = exporter.run(debug_outputs)
-    _save(proto, exporter.notes, path)
-    if exporter.free:
-        if problem := _other_sizes_differ(path, integer, exporter):
+    with atomic_file(path) as tmp:  # (checked at other sizes before it takes the file's place: a failed write or an
+        _save(proto, exporter.notes, tmp)  # interrupt leaves the file that was there)
+        if exporter.free and (problem := _other_sizes_differ(tmp, integer, exporter)):
             exporter = _Exporter(integer, example_input, free_sizes=False)
             proto = exporter.run(debug_outputs)
             exporter.note(f"the ONNX inputs keep the example's sizes besides the batch: {problem}")
-            _save(proto, exporter.notes, path)
+            _save(proto, exporter.notes, tmp)
     return exporter.notes
 
 

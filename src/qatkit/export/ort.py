@@ -26,11 +26,16 @@ def session(path: str | os.PathLike, threads: int = 2, quiet: bool = False) -> o
     try:
         return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
     except Exception as e:  # ORT raises its own exception types for missing, corrupt or invalid files
-        reason = " ".join(str(e).split())  # ORT's message: a source location and C++ signature, then the reason
-        reason = reason if len(reason) <= 300 else "…" + reason[-300:]
-        raise ModelFileError(f"ONNX model {str(path)!r} cannot be loaded by ONNX Runtime {ort.__version__} ({reason}). "
+        raise ModelFileError(f"ONNX model {str(path)!r} cannot be loaded by ONNX Runtime {ort.__version__} "
+                             f"({_reason(e)}). "
                              "Fix: pass a file written by qatkit export, with an onnxruntime that supports its IR "
                              "version and opset (pip install -U onnxruntime)") from None
+
+
+def _reason(e: Exception) -> str:
+    """ONNX Runtime's message on one line, its end kept (a source location and C++ signature, then the reason)."""
+    reason = " ".join(str(e).split())
+    return reason if len(reason) <= 300 else "…" + reason[-300:]
 
 
 def _feed(sess: ort.InferenceSession, x) -> dict[str, np.ndarray]:
@@ -116,7 +121,16 @@ def verify(onnx_path: str | os.PathLike | ort.InferenceSession, model, batches: 
             first_x, steps = x, output_steps(integer, x)
         mine = call(integer, x)
         mine = [m.numpy() for m in output_list(mine)]
-        theirs = run_all(sess, x)
+        try:
+            theirs = run_all(sess, x)
+        except Exception as e:  # noqa: BLE001 - ORT's errors for inputs of other names, counts, types or sizes
+            theirs = _reason(e)
+        if isinstance(theirs, str) or [t.shape for t in theirs] != [m.shape for m in mine]:
+            got = theirs if isinstance(theirs, str) else f"outputs of shapes {[t.shape for t in theirs]}"
+            raise ModelFileError(f"the ONNX model does not run on its reference model's inputs as the reference does "
+                                 f"({got}; the reference's outputs: {[m.shape for m in mine]}); allowed: the ONNX "
+                                 "export of the reference model. Fix: pass --reference with the model file (or QAT "
+                                 "checkpoint) it was exported from")
         n += batch_size(x)
         same = mine[0].argmax(-1) == theirs[0].argmax(-1)  # top-1 of the first output
         agree, predictions = agree + int(same.sum()), predictions + same.size
