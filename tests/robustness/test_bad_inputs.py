@@ -264,8 +264,8 @@ FILE_CASES = [
     ("convert-corrupted-checkpoint", "convert", "flipped.ckpt",
      CKPT_BAD.format(name="flipped.ckpt", what=r"has a sha256 checksum mismatch: its bytes were changed \(corrupted\)")),
     ("convert-model-file-instead-of-checkpoint", "convert", "model-file.ckpt", CKPT_BAD.format(name="renamed.ckpt", what="has the wrong magic .* not a qatkit checkpoint")),
-    ("convert-checkpoint-without-qat-recipe", "convert", "plain", r"checkpoint '.*plain\.ckpt' has no QAT recipe and weights\. Fix: pass a "
-     r"qat_\*\.ckpt"),
+    ("convert-checkpoint-without-qat-recipe", "convert", "plain",
+     r"checkpoint '.*plain\.ckpt' has no QAT recipe and weights\. Fix: pass a qat_\*\.ckpt"),
     ("eval-plain-torch-save-file", "eval", "torch-save.ckpt", CKPT_BAD.format(name="torch.ckpt", what="has the wrong magic .* not a qatkit checkpoint")),
     ("eval-truncated-model-file", "eval", "truncated.safetensors", FILE_BAD.format(name="cut.safetensors", what=r"is not a readable safetensors file \(.+\)")),
     ("eval-foreign-safetensors", "eval", "foreign.safetensors", FILE_BAD.format(name="foreign.safetensors", what="has no qatkit graph in its metadata")),
