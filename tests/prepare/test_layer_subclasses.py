@@ -265,3 +265,28 @@ def test_an_output_projection_on_the_embedding_table_is_quantized_and_stays_tied
     integer = converts_exactly(qat, model, ids, tolerance=float("inf"))  # (trained: only QAT = integer)
     result = runs_in_onnx_runtime(integer, ids, tmp_path / "tied.onnx")
     assert result["output_step"] is not None  # integer logits: the head is an integer layer
+
+
+class WeightOnly(nn.Module):
+    """A Linear's weight used without its bias: F.linear(x, self.fc.weight) and x @ self.fc.weight.T."""
+
+    def __init__(self, spelling: str):
+        super().__init__()
+        self.spelling, self.fc = spelling, nn.Linear(8, 4)
+        with torch.no_grad():
+            self.fc.bias.fill_(5.0)
+
+    def forward(self, x):
+        return F.linear(x, self.fc.weight) if self.spelling == "F.linear" else x @ self.fc.weight.T
+
+
+@pytest.mark.parametrize("spelling", ["F.linear", "@ .T"])
+def test_a_linear_weight_used_without_its_bias_adds_no_bias(spelling, tmp_path):
+    """prepare called the Linear itself, bias and all: every output 5.0 off the float model's."""
+    torch.manual_seed(0)
+    model, x = WeightOnly(spelling).eval(), torch.randn(16, 8)
+    qat = prepares_whole(model, x[:2])
+    assert [r["name"] for r in qat.qat_info.layers] == ["fc"]
+    qatkit.calibrate(qat, [x])
+    integer = converts_exactly(qat, model, x, tolerance=0.05)
+    runs_in_onnx_runtime(integer, x, tmp_path / "weight_only.onnx")

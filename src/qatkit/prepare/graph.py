@@ -860,7 +860,8 @@ class _Rewriter:
         if (not isinstance(layer, cls) or path not in self.plans or symbolic
                 or (added is not None and not (cls is nn.Linear and layer.bias is None))):
             return
-        if computed is not None or type(layer) is not nn.Linear:  # a plain layer of the call's settings
+        if computed is not None or type(layer) is not nn.Linear or (layer.bias is not None and not own_bias):
+            # a plain layer of the call's settings (and bias: F.linear(x, self.fc.weight) adds none of fc's)
             if any(n.op == "call_module" and n.target == path for n in self.graph.nodes):
                 return  # (the layer itself is called too: it keeps its own settings)
             plain = (nn.Linear(layer.in_features, layer.out_features, bias=own_bias) if cls is nn.Linear
