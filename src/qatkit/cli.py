@@ -346,17 +346,12 @@ def _float_model(args, recipe: dict):
 
 def _cmd_sensitivity(args) -> int:
     from qatkit.config import qat_config_from_dict
-    from qatkit.pipeline import check_recipe, example_input
+    from qatkit.pipeline import example_input, qat_checkpoint
     from qatkit.sensitivity import sensitivity
-    from qatkit.train import load_checkpoint
 
     if args.batches < 1:
         raise bad_value("--batches", args.batches, "an integer >= 1", "pass --batches 1 or more")
-    recipe = load_checkpoint(args.checkpoint).get("recipe")
-    if not isinstance(recipe, dict) or recipe.get("qat") is None:
-        raise ModelFileError(f"checkpoint {args.checkpoint!r} has no QAT recipe. Fix: pass a qat_*.ckpt written by "
-                             "qatkit train/run")
-    check_recipe(recipe, f"checkpoint {args.checkpoint!r}")
+    _, recipe = qat_checkpoint(args.checkpoint)
     config = qat_config_from_dict(recipe["qat"])
     dataset, loader = _test_loader(args, recipe)
     result = sensitivity(_float_model(args, recipe), config, example_input(recipe), loader, num_batches=args.batches)

@@ -27,6 +27,12 @@ def bad_value(what: str, value: object, allowed: str, fix: str, cls: type[Qatkit
     return cls(f"{what} = {value!r} is not allowed; allowed: {allowed}. Fix: {fix}")
 
 
+def listed(items, most: int) -> str:
+    """The first `most` items, comma-separated, then how many more there are (for one-line messages)."""
+    items = [str(i) for i in items]
+    return ", ".join(items[:most]) + (f" and {len(items) - most} more" if len(items) > most else "")
+
+
 def error_detail(e: BaseException, line_limit: int = 120, lines_kept: int = 3) -> str:
     """An exception's message on one line: its first lines, each cut to `line_limit` characters; for
     load_state_dict's, its missing / unexpected keys and shape lines (its first line, "Error(s) in loading state_dict

@@ -231,14 +231,19 @@ def check_recipe(recipe: object, source: str) -> dict:
     return recipe
 
 
-def rebuild_qat(checkpoint: str | os.PathLike) -> tuple[nn.Module, dict]:
-    """The QAT model saved by `quantize` (train=True), from its checkpoint's recipe and weights."""
+def qat_checkpoint(checkpoint: str | os.PathLike) -> tuple[dict, dict]:
+    """(state, recipe) of a QAT checkpoint written by `quantize` (train=True), its recipe checked."""
     state = load_checkpoint(checkpoint)
     recipe = state.get("recipe")
     if not isinstance(recipe, dict) or recipe.get("qat") is None or not isinstance(state.get("model"), dict):
         raise ModelFileError(f"checkpoint {str(checkpoint)!r} has no QAT recipe and weights. Fix: pass a qat_*.ckpt "
                              "written by qatkit train/run")
-    check_recipe(recipe, f"checkpoint {str(checkpoint)!r}")
+    return state, check_recipe(recipe, f"checkpoint {str(checkpoint)!r}")
+
+
+def rebuild_qat(checkpoint: str | os.PathLike) -> tuple[nn.Module, dict]:
+    """The QAT model saved by `quantize` (train=True), from its checkpoint's recipe and weights."""
+    state, recipe = qat_checkpoint(checkpoint)
     qat = prepare(model_from_recipe(recipe), qat_config_from_dict(recipe["qat"]), example_input(recipe))  # as trained
     try:
         qat.load_state_dict(state["model"])

@@ -13,7 +13,7 @@ from torch import nn
 
 from qatkit.devices import HostBuffers
 from qatkit.config import QuantSpec
-from qatkit.errors import DataError, QatkitError, bad_value
+from qatkit.errors import DataError, QatkitError, bad_value, listed
 from qatkit.primitives import (
     fake_quantize,
     lsq_grad_scale,
@@ -232,8 +232,8 @@ def check_ranges(model: nn.Module, doing: str) -> None:
         return
     if unset := [name for name, m in model.named_modules() if isinstance(m, FakeQuantizer) and bool(m.enabled)
                  and not bool(m.initialized) and not m.spec.unit_range]:
-        shown = ", ".join(repr(n) for n in unset[:4]) + (f" and {len(unset) - 4} more" if len(unset) > 4 else "")
-        raise QatkitError(f"{doing} needs every quantizer's range, but these have none: {shown}; allowed: ranges set "
+        raise QatkitError(f"{doing} needs every quantizer's range, but these have none: "
+                          f"{listed(map(repr, unset), 4)}; allowed: ranges set "
                           "by qatkit.calibrate or training (a quantizer whose input was empty on every batch, an "
                           "expert no token was routed to, gets none). Fix: run qatkit.calibrate(model, batches) on "
                           "batches that reach them")

@@ -13,7 +13,22 @@ import torch
 from torch import nn
 
 from qatkit import kernels
+from qatkit.errors import bad_value, listed
 from qatkit.nn import QLayer
+
+
+def _quantized_layers(model: nn.Module) -> list[tuple[str, QLayer]]:
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, QLayer) and bool(m.weight_quant.enabled)]
+
+
+def check_penalty_globs(model: nn.Module, penalty: Mapping[str, float]) -> None:
+    """Each glob of `penalty` matches a quantized weight or bias (quantization_errors' names); else ConfigError."""
+    names = [f"{name}.{p}" for name, _ in _quantized_layers(model) for p in ("weight", "bias")]
+    for glob in penalty:
+        if not any(fnmatch.fnmatchcase(n, glob) for n in names):
+            raise bad_value("error_penalty glob", glob, "a glob matching a quantized weight or bias "
+                            f"({listed(names, 4) or 'none: the model has no quantized layer'})",
+                            "correct the glob ('*.weight' for every layer)")
 
 
 def quantization_errors(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -23,9 +38,7 @@ def quantization_errors(model: nn.Module) -> dict[str, torch.Tensor]:
     last forward; biases of layers not yet run are left out.
     """
     errors = {}
-    for name, layer in model.named_modules():
-        if not isinstance(layer, QLayer) or not bool(layer.weight_quant.enabled):
-            continue
+    for name, layer in _quantized_layers(model):
         w, b = layer.folded()
         in_q = layer.last_input_quant
         errors[f"{name}.weight"] = layer.weight_quant.quant_error(w, layer.weight_scale(in_q))

@@ -22,8 +22,7 @@ from qatkit.errors import DataError, bad_value
 
 PAD, UNK = "<pad>", "<unk>"
 HEADERS = (["text", "label"], ["sentence", "label"])  # (GLUE's SST-2 files say "sentence")
-MAX_CLASSES = 100_000
-NEWLINE = b"\n"  # a label at or above it is a typo or an id, not a class index
+MAX_CLASSES = 100_000  # a label at or above it is a typo or an id, not a class index
 MAX_VOCAB = 30_000
 MAX_LEN_CAP = 128  # the longest sequence a dataset's max_len is set to (longer texts are cut)
 
@@ -62,7 +61,7 @@ def read_tsv(path: Path) -> tuple[list[str], list[int]]:
     try:
         text = data.decode("utf-8-sig")  # -sig: a byte-order mark is not part of the header
     except UnicodeDecodeError as e:
-        line = data[:e.start].count(NEWLINE) + 1
+        line = data.count(b"\n", 0, e.start) + 1
         raise DataError(f"line {line} of {str(path)!r} is not UTF-8 ({e.reason}: "
                         f"{data[e.start:e.start + 1]!r}); allowed: UTF-8 text. Fix: save the file as UTF-8") from None
     line = 1

@@ -499,9 +499,8 @@ def _getitem(ex, x: Value, index, rank, one_axis_index: bool = False) -> Value:
         return Value(out, kind, x.scale, x.zero_point)
     items = index if isinstance(index, list) else [index]
     if one_axis_index and len(masks := [k for k, i in enumerate(items) if _is_mask(i)]) == 1:  # x[:, keep]: a 1-D
-        flat = ex.op("Reshape", [ex.op("NonZero", [items[masks[0]].name], "true_at"),  # mask as the positions where
-                                 ex.const("flat", np.array([-1], np.int64))], "positions")  # it is true
-        items = items[:masks[0]] + [Value(flat, "int")] + items[masks[0] + 1:]
+        true_at = _nonzero(ex, items[masks[0]], 1, True, "true_at")[0]  # mask as the positions where it is true
+        items = items[:masks[0]] + [true_at] + items[masks[0] + 1:]
     if len(items) > 1 and all(isinstance(i, Value) and i.kind == "int" for i in items[:2]) \
             and all(i is None or i == slice(None) for i in items[2:]):  # x[rows, cols] (CLIP's x[arange(B), eot];
         pairs = ex.op("Concat", [ex.op("Unsqueeze", [i.name, ex.const("axes", np.array([-1], np.int64))], "i")
@@ -610,8 +609,7 @@ def _is_mask(index) -> bool:
 def _mask_positions(ex, mask) -> str:
     """The (N, k) positions where a boolean mask over x's first k axes is true, in row-major order (GatherND's and
     ScatterND's indices)."""
-    mask = mask[0] if isinstance(mask, list) else mask
-    return ex.op("Transpose", [ex.op("NonZero", [mask.name], "true_at")], "positions", perm=[1, 0])
+    return _nonzero(ex, mask[0] if isinstance(mask, list) else mask, None, False, "positions").name
 
 
 def _i(ex, v) -> str:
@@ -633,8 +631,8 @@ def _c(ex, v) -> str:
 
 def _nonzero(ex, x: Value, rank: int | None, as_tuple: bool, name: str) -> Value | list[Value]:
     """torch.nonzero(x): ONNX NonZero's (rank, N) positions transposed to (N, rank); as_tuple (torch.where(x)) one
-    (N,) row per axis. Codes are compared as values (a code equal to the zero point is a zero)."""
-    if rank is None:
+    (N,) row per axis (x's `rank` of them). Codes are compared as values (a code equal to the zero point is a zero)."""
+    if as_tuple and rank is None:
         raise QatkitError(f"nonzero (node '{name}') of a tensor of unknown rank has no ONNX form in qatkit. Fix: "
                           "compute its input from the model's inputs by ops of known rank")
     positions = ex.op("NonZero", [ex.floats(x) if x.kind == "quant" else x.name], "positions")

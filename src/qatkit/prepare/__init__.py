@@ -11,7 +11,7 @@ from torch import nn
 from qatkit.config import QATConfig
 from qatkit.convert import ops
 from qatkit.devices import module_device
-from qatkit.errors import DataError, QatkitError, bad_value
+from qatkit.errors import DataError, QatkitError, bad_value, listed
 from qatkit.inputs import check_sizes
 from qatkit.prepare.concrete import concrete_trace, input_sizes
 from qatkit.prepare.decompose import decompose
@@ -113,8 +113,8 @@ def prepare(model: nn.Module, config: QATConfig | None = None,
                       f"{', '.join(info.unconvertible)} {verb} no integer-model form (allowed modules: "
                       f"{ops.supported_modules()}). Fix: replace them before training", stacklevel=2)
     if info.float_ops:
-        shown = ", ".join(info.float_ops[:8]) + (f" and {len(info.float_ops) - 8} more" if len(info.float_ops) > 8 else "")
-        warnings.warn(f"qatkit: {len(info.float_ops)} ops have no integer kernel and stay float: {shown} "
+        warnings.warn(f"qatkit: {len(info.float_ops)} ops have no integer kernel and stay float: "
+                      f"{listed(info.float_ops, 8)} "
                       "(qatkit.describe lists them all)", stacklevel=2)
     if arguments is not None and (error := _fails(qat, arguments[0])):
         parts = "; ".join(info.untraced) or info.traced_along_example or "the traced graph"

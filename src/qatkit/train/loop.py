@@ -17,7 +17,6 @@ finished epoch wrote it, and raise KeyboardInterrupt / TrainingInterrupted sayin
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 import math
 import time
 import warnings
@@ -36,7 +35,7 @@ from qatkit.devices import module_device
 from qatkit.errors import ConfigError, DataError, ModelFileError, QatkitError, bad_value, error_detail
 from qatkit.nn import FoldedBn, QLayer
 from qatkit.quantizer import FakeQuantizer, check_ranges
-from qatkit.regularize import quantization_error_penalty
+from qatkit.regularize import check_penalty_globs, quantization_error_penalty
 from qatkit.train import distributed
 from qatkit.train.checkpoint import load_checkpoint, save_checkpoint
 from qatkit.train.oscillation import OscillationTracker
@@ -176,13 +175,14 @@ def logits_of(output) -> torch.Tensor:
     return output
 
 
-def per_target(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def per_target(logits: torch.Tensor, y: torch.Tensor, check: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits and targets as F.cross_entropy takes them: one target per sample, (N, C) and (N,); one per position of
     a sequence, (B, T, C) and (B, T), classes last as sequence models give them (token classification, language
     modelling), flattened to (B·T, C) and (B·T,); dense predictions with classes on axis 1, (B, C, H, W) and
     (B, H, W), as they are. Targets of IGNORE_INDEX (-100: Hugging Face's padding and special tokens) count nowhere.
     Class indices of any integer dtype are taken as int64; float targets of the logits' shape are class
-    probabilities (one-hot, smoothed or mixed labels). Other targets are refused, naming the fix."""
+    probabilities (one-hot, smoothed or mixed labels). Other targets are refused, naming the fix (check=False: the
+    targets were checked already, by compute_loss in the same step)."""
     soft = y.is_floating_point() and y.shape == logits.shape
     classes = logits.shape[-1] if logits.dim() == 3 else logits.shape[1] if logits.dim() > 1 else None
     expected = (logits.shape[:-1] if logits.dim() == 3 else logits.shape[:1] + logits.shape[2:]) if classes else None
@@ -195,11 +195,12 @@ def per_target(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, tor
                         "per sample or position, or probabilities of the logits' shape", DataError)
     if not soft:
         y = y.long()
-        valid = y[y != IGNORE_INDEX]
-        if valid.numel() and (int(valid.min()) < 0 or int(valid.max()) >= classes):
-            raise bad_value("a target class", int(valid.min()) if int(valid.min()) < 0 else int(valid.max()),
-                            f"0 .. {classes - 1} for the model's {classes} classes, or -100 (no target)",
-                            "check the labels against the model's number of classes", DataError)
+        if check and (valid := y[y != IGNORE_INDEX]).numel():
+            low, high = (int(v) for v in torch.aminmax(valid))
+            if low < 0 or high >= classes:
+                raise bad_value("a target class", low if low < 0 else high,
+                                f"0 .. {classes - 1} for the model's {classes} classes, or -100 (no target)",
+                                "check the labels against the model's number of classes", DataError)
     if logits.dim() == 3:
         return logits.reshape(-1, classes), y.reshape(-1, classes) if soft else y.reshape(-1)
     return logits, y
@@ -305,7 +306,7 @@ def train_epoch(model: nn.Module, loader: Iterable, optimizer, scheduler, config
             optimizer.zero_grad(set_to_none=True)
             fault = allowed = None
             finite = math.isfinite(loss_value)
-            hits, counted = count_hits(*per_target(logits.detach(), y))
+            hits, counted = count_hits(*per_target(logits.detach(), y, check=False))
             if collective:  # every rank skips the batch, or none: backward is collective
                 bad, total = distributed.all_sum([float(not finite), float(counted)], y.device)
                 finite = bad == 0
@@ -414,20 +415,6 @@ def _restore(path: Path, model: nn.Module, optimizer, scheduler, settings: dict[
                              "QAT config, or start without --resume") from None
 
 
-def _check_penalty_globs(model: nn.Module, error_penalty: Mapping[str, float]) -> None:
-    """Each glob of the error penalty matches a quantized weight or bias (qatkit.quantization_errors' names)."""
-    if not error_penalty:
-        return
-    names = [f"{name}.{p}" for name, m in model.named_modules() if isinstance(m, QLayer)
-             and bool(m.weight_quant.enabled) for p in ("weight", "bias")]
-    for glob in error_penalty:
-        if not any(fnmatch.fnmatchcase(n, glob) for n in names):
-            shown = (", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
-                     or "none: the model has no quantized layer")
-            raise bad_value("error_penalty glob", glob, f"a glob matching a quantized weight or bias ({shown})",
-                            "correct the glob ('*.weight' for every layer)")
-
-
 def _check_distributed(model: nn.Module, steps: int, device: torch.device) -> None:
     """Before a data-parallel fit: equal batches per epoch on every rank (else a rank would wait forever for the
     others' gradients), and no activation range left to be set from a rank's own first batch."""
@@ -495,7 +482,7 @@ def fit(model: nn.Module, train_loader: Iterable, config: TrainConfig, *, val_lo
     if error_penalty is None:
         error_penalty = getattr(getattr(model, "qat_info", None), "error_penalty", ())
     error_penalty = dict(error_penalty_pairs(error_penalty))
-    _check_penalty_globs(model, error_penalty)
+    check_penalty_globs(model, error_penalty)
     steps = _steps_per_epoch(train_loader)
     if config.augment != "none" and getattr(train_loader, "augment", None) != config.augment:
         warnings.warn(f"qatkit: TrainConfig.augment = {config.augment!r} is not applied by fit, which trains on "
