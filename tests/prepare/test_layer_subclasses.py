@@ -290,3 +290,40 @@ def test_a_linear_weight_used_without_its_bias_adds_no_bias(spelling, tmp_path):
     qatkit.calibrate(qat, [x])
     integer = converts_exactly(qat, model, x, tolerance=0.05)
     runs_in_onnx_runtime(integer, x, tmp_path / "weight_only.onnx")
+
+
+class InOutWeights(nn.Module):
+    """Weights stored (in, out) and multiplied from the right, as pygcn (`torch.mm(x, self.weight)`) and hand-written
+    attention (`x @ self.W_q`) write them; W_k is read twice, so it stays a matmul of its own."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(6, 8)
+        self.W_q, self.W_k, self.W_v = (nn.Parameter(torch.randn(8, 8) * 0.3) for _ in range(3))
+        self.W_o = nn.Parameter(torch.randn(8, 3) * 0.3)
+
+    def forward(self, x):
+        h = torch.relu(self.embed(x))
+        q, k, v = h @ self.W_q, torch.matmul(h, self.W_k), h.matmul(self.W_v)
+        att = torch.softmax(q @ k.transpose(-1, -2) + (h @ self.W_k).mean(), -1)
+        return torch.mm((att @ v).mean(1), self.W_o)
+
+
+def test_weights_stored_in_out_are_quantized_as_layers_on_their_transpose(tmp_path):
+    """x @ W of a parameter W (in, out) was a float matmul (float32 weights in the integer model)."""
+    torch.manual_seed(0)
+    model, x = InOutWeights().eval(), torch.randn(8, 5, 6)
+    stored = {n: p.detach().clone() for n, p in model.named_parameters()}
+    qat = prepares_whole(model, x[:2], qatkit.QATConfig(weight_bits=4, act_bits=8))
+    layers = {r["name"]: r["weight_bits"] for r in qat.qat_info.layers}
+    assert layers == {"embed": 8, "W_q_linear": 4, "W_v_linear": 4, "W_o_linear": 8}
+    assert qat.W_q_linear.weight is qat.W_q and torch.equal(qat.W_q, model.W_q.T)  # trained in W_q's place
+    assert all(torch.equal(p, stored[n]) for n, p in model.named_parameters())  # the float model keeps its own
+    qatkit.calibrate(qat, [x])
+    qat.train()
+    qat(x).square().mean().backward()
+    before = qat.W_o.detach().clone()
+    torch.optim.SGD(qat.parameters(), lr=0.1).step()
+    assert not torch.equal(qat.W_o, before)
+    integer = converts_exactly(qat, model, x, tolerance=float("inf"))  # (trained: only QAT = integer)
+    runs_in_onnx_runtime(integer, x, tmp_path / "in_out.onnx")

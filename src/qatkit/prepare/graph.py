@@ -34,7 +34,7 @@ from qatkit.config import QATConfig
 from qatkit.convert import ops
 from qatkit.nn import (FoldedBn, QAdd, QConv, QConvBn, QConvTranspose, QConvTransposeBn, QEmbedding, QGlobalAvgPool,
                        QLinear, QLinearBn, QMatMul)
-from qatkit.prepare.rules import LayerPlan, layer_type, plan_for
+from qatkit.prepare.rules import LAYER_TYPES, LayerPlan, layer_type, plan_for
 from qatkit.quantizer import FakeQuantizer
 
 WRAPPERS = {nn.Conv1d: QConv, nn.Conv2d: QConv, nn.Conv3d: QConv, nn.ConvTranspose1d: QConvTranspose,
@@ -374,8 +374,10 @@ class _Rewriter:
         self.changes: list[fx.Node] = []  # in-place ops left as written, in graph order (_respell)
 
     def run(self) -> PrepareInfo:
+        for node in list(self.graph.nodes):  # (all first: a layer's first/last bits look at the layer calls after it)
+            self._linear_by_matmul(node)
         for node in list(self.graph.nodes):
-            if node.op == "call_function" and node.target in FUNCTIONAL_LAYERS or self._linear_by_matmul(node):
+            if node.op == "call_function" and node.target in FUNCTIONAL_LAYERS:
                 self._functional_layer(node)
             elif node.op == "call_function" and node.target is F.embedding:
                 self._functional_embedding(node)
@@ -875,11 +877,15 @@ class _Rewriter:
 
     def _linear_by_matmul(self, node: fx.Node) -> bool:
         """x @ W.T (W.t(), W.transpose(0, 1), W.permute(1, 0)) of a 2-D parameter W, as minimal GPTs tie their head
-        to the token embedding (`h @ self.wte.weight.T`): made F.linear(x, W), which _functional_layer quantizes as a
-        layer (its weight per channel at the weight bits, not as an 8-bit activation of a matmul)."""
+        to the token embedding (`h @ self.wte.weight.T`), and x @ W of a W stored (in, out) (_in_out_weight): made
+        F.linear(x, W), which _functional_layer quantizes as a layer (its weight per channel at the weight bits, not
+        as an 8-bit activation of a matmul or a float op)."""
         if not (_is(node, self.modules, (), {operator.matmul, torch.matmul, torch.mm}, {"matmul", "mm"})
-                and len(node.args) == 2 and not node.kwargs and isinstance(t := node.args[1], fx.Node)
-                and len(t.users) == 1 and t.args and isinstance(w := t.args[0], fx.Node) and w.op == "get_attr"):
+                and len(node.args) == 2 and not node.kwargs and isinstance(t := node.args[1], fx.Node)):
+            return False
+        if t.op == "get_attr":
+            return self._in_out_weight(node, t)
+        if not (len(t.users) == 1 and t.args and isinstance(w := t.args[0], fx.Node) and w.op == "get_attr"):
             return False
         try:
             weight = self.root.get_parameter(w.target)
@@ -892,6 +898,26 @@ class _Rewriter:
             return False
         node.op, node.target, node.args = "call_function", F.linear, (node.args[0], w)
         self.graph.erase_node(t)
+        return True
+
+    def _in_out_weight(self, node: fx.Node, w: fx.Node) -> bool:
+        """x @ W of a bare 2-D parameter W stored (in, out) that the graph reads nowhere else (pygcn's
+        `torch.mm(x, self.weight)`, hand-written attention's `x @ self.W_q`): made F.linear(x, W) with W replaced, in
+        the QAT model only, by its transpose (F.linear's (out, in) weight, a parameter trained in its place), so the
+        product is quantized as a layer."""
+        try:
+            weight = self.root.get_parameter(w.target)
+        except AttributeError:
+            return False
+        owner, _, name = w.target.rpartition(".")
+        if (weight.ndim != 2 or len(w.users) != 1
+                or isinstance(self.root.get_submodule(owner), (nn.Embedding, *LAYER_TYPES))
+                or [n for n in self.graph.nodes if n.op == "get_attr" and n.target == w.target] != [w]):
+            return False
+        transposed = nn.Parameter(weight.detach().t().contiguous(), requires_grad=weight.requires_grad)
+        for module in (self.root, self.gm):
+            setattr(module.get_submodule(owner), name, transposed)
+        node.op, node.target, node.args = "call_function", F.linear, (node.args[0], w)
         return True
 
     def _parameter_layer(self, node: fx.Node, cls: type, a: dict, settings: dict) -> None:

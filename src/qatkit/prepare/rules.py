@@ -20,6 +20,9 @@ class LayerPlan:
     skip: bool
 
 
+LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)  # (their weight is their own)
+
+
 def layer_type(module: nn.Module) -> type:
     """The module's class; for one whose weight is parametrized (torch.nn.utils.parametrizations.weight_norm,
     spectral_norm: PyTorch makes it a ParametrizedConv2d, …), the class it was."""
@@ -39,7 +42,7 @@ def plan_layers(model: nn.Module, config: QATConfig, quantizable: tuple[type, ..
     the lookup of its own table, the product with its own (or a computed) weight.
     """
     names = [n for n, m in model.named_modules()
-             if layer_type(m) in quantizable or isinstance(m, (nn.Embedding, nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))]
+             if layer_type(m) in quantizable or isinstance(m, (nn.Embedding, *LAYER_TYPES))]
     edge = set(edge or names[:1] + names[-1:]) if config.first_last_bits is not None else set()
     plans, used = {}, set()
     for name in names:
@@ -47,7 +50,7 @@ def plan_layers(model: nn.Module, config: QATConfig, quantizable: tuple[type, ..
         plans[name] = plan_for(name, layer_type(model.get_submodule(name)).__name__, config, bits, used)
     for name, p in model.named_parameters():  # the layers prepare makes of F.linear / F.conv*d on bare parameters
         owner = model.get_submodule(name.rpartition(".")[0])
-        if 2 <= p.ndim <= 5 and not isinstance(owner, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        if 2 <= p.ndim <= 5 and not isinstance(owner, LAYER_TYPES):
             kind, type_name = ("linear", "Linear") if p.ndim == 2 else ("conv", f"Conv{p.ndim - 2}d")
             plan_for(f"{name.replace('.', '_')}_{kind}", type_name, config, used=used)  # (their rules are used)
     for i, rule in enumerate(config.rules):
