@@ -147,6 +147,8 @@ def run_config_from(args: argparse.Namespace, default_bits: tuple[int, ...] | No
     for flag, key in (("epochs", "epochs"), ("seed", "seed"), ("device", "device")):
         if getattr(args, flag) is not None:
             train[key] = getattr(args, flag)
+    if "bn_freeze_epoch" not in (data.get("train") or {}) and type(train["epochs"]) is int:
+        train["bn_freeze_epoch"] = train["epochs"] * 2 // 3  # the default recipe's: BN frozen for the last third
     if args.quiet:
         train["progress"] = False
     for flag in ("power_of_two_scales", "exact_multipliers", "exact_adds", "reduce_range"):

@@ -271,8 +271,10 @@ class TrainConfig:
         _check_bool("track_oscillations", self.track_oscillations)
         stages = self.progressive_bits
         if not isinstance(stages, (tuple, list)) or any(isinstance(b, bool) or not isinstance(b, int) for b in stages) \
-                or any(b < 2 or b > 8 for b in stages) or list(stages) != sorted(stages, reverse=True):
-            raise bad_value("progressive_bits", stages, "bit-widths in 2..8, highest first, e.g. [8, 4, 2] (or [] for off)",
+                or any(b < 2 or b > 8 for b in stages) or list(stages) != sorted(stages, reverse=True) \
+                or len(stages) == 1:
+            raise bad_value("progressive_bits", stages, "two or more bit-widths in 2..8, highest first, e.g. [8, 4, 2] "
+                            "(or [] for off: one stage trains at the model's own bit-widths)",
                             "list the stages from high to low precision")
         object.__setattr__(self, "progressive_bits", tuple(stages))
         if not isinstance(self.device, str) or not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):

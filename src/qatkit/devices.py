@@ -7,7 +7,7 @@ import itertools
 import torch
 from torch import nn
 
-from qatkit.errors import ConfigError
+from qatkit.errors import ConfigError, bad_value
 
 
 def check_available(device: str | torch.device) -> None:
@@ -22,6 +22,16 @@ def check_available(device: str | torch.device) -> None:
         raise ConfigError(f"device = {str(device)!r} is not available here ({why}); allowed: cpu"
                           + "".join(f", cuda:{i}" for i in range(count))
                           + ". Fix: pass --device cpu, or run on a machine with a GPU and a CUDA build of torch")
+
+
+def check_dtype(model: nn.Module, doing: str) -> None:
+    """Refuse a model whose floating-point parameters are neither float32 nor float64 (a bfloat16/float16 model, or
+    a QAT model cast to one after prepare: its scales and integer arithmetic are float32's)."""
+    if half := sorted({str(p.dtype) for p in model.parameters()
+                       if p.is_floating_point() and p.dtype not in (torch.float32, torch.float64)}):
+        raise bad_value("the model's parameter dtype", ", ".join(half).replace("torch.", ""), "float32 (or float64): "
+                        "QAT learns float32 scales beside the weights it quantizes",
+                        f"{doing} model.float(); for bfloat16 or float16 speed, train under torch.autocast")
 
 
 def module_device(module: nn.Module) -> torch.device:

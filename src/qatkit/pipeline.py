@@ -63,6 +63,7 @@ class RunConfig:
     # are kept at 8 bits (LayerRules added to qat.rules; the recipe records them)
     keep_sensitive: int = 0
     qat: QATConfig = field(default_factory=QATConfig)
+    # (the CLI sets bn_freeze_epoch to 2/3 of --epochs unless the YAML's train: gives it)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=12, lr=3e-4, distill=0.5, bn_freeze_epoch=8))
 
     def __post_init__(self) -> None:

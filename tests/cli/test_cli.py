@@ -191,6 +191,19 @@ def test_qat_switch_flags_and_yaml(key, tmp_path):
     assert run_config_from(_parser().parse_args(["run", "--config", str(cfg)])).qat.power_of_two_scales
 
 
+def test_bn_freeze_epoch_follows_epochs_unless_the_yaml_sets_it(tmp_path):
+    """The default recipe freezes BN for the last third of its 12 epochs (from epoch 8); with --epochs 2 it froze
+    nothing, without a word."""
+    from qatkit.cli import _parser, run_config_from
+    freeze = lambda *argv: run_config_from(_parser().parse_args(["run", *argv])).train.bn_freeze_epoch  # noqa: E731
+    assert (freeze(), freeze("--epochs", "2"), freeze("--epochs", "30")) == (8, 1, 20)
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("train:\n  epochs: 6\n")
+    assert freeze("--config", str(cfg)) == 4
+    cfg.write_text("train:\n  bn_freeze_epoch: null\n")
+    assert freeze("--config", str(cfg), "--epochs", "2") is None
+
+
 def _sentiment_tsv(n: int, seed: int) -> str:
     """Texts of 2..9 words; label 1 when they hold more 'good' words than 'bad' ones."""
     import random

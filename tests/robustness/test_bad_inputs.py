@@ -397,6 +397,15 @@ def test_prepare_of_a_half_precision_model_names_the_fix(dtype):
         qatkit.prepare(model, QATConfig(), torch.randn(2, 1, 8, 8, dtype=dtype))
 
 
+def test_prepare_of_a_float64_model_it_quantizes_names_the_fix():
+    """It failed on the example inside a conv (float32 input, float64 bias), blamed on tracing; float64 serves a
+    model prepare leaves float (the float-op checks in float64)."""
+    model = build_model("small-cnn", num_classes=10, in_channels=1, image_size=8).double()
+    with pytest.raises(ConfigError, match=r"^the model's parameter dtype = 'float64' is not allowed; allowed: float32 "
+                                          r"where prepare quantizes .+Fix: prepare model\.float\(\)"):
+        qatkit.prepare(model, QATConfig(), torch.randn(2, 1, 8, 8, dtype=torch.float64))
+
+
 def test_prepare_with_a_dict_instead_of_a_config():
     with pytest.raises(ConfigError, match=r"^config = 'dict' is not allowed; allowed: a qatkit\.QATConfig \(or None for the defaults\)"):
         qatkit.prepare(TinyNet(), {"weight_bits": 4})

@@ -117,7 +117,7 @@ def test_nan_loss_names_epoch_and_step_and_keeps_last_checkpoint(tmp_path):
     net, store = NaNAt(k=STEPS + 2), {}  # step 2 of epoch 2
     loader = Batches(make_batches(), on_epoch=snapshot_after_epoch(tmp_path / CHECKPOINT_NAME, 1, store))
     with pytest.raises(QatkitError, match=r"^training diverged: loss = nan at epoch 2/3, step 2/4; allowed: a finite "
-                                          r"loss\. Fix: lower --lr .*nonfinite: skip"):
+                                          r"loss\. Fix: lower lr .*nonfinite: skip"):
         fit(net, loader, cfg(), checkpoint_dir=tmp_path)
     assert (tmp_path / CHECKPOINT_NAME).read_bytes() == store["bytes"]
     assert load_checkpoint(tmp_path / CHECKPOINT_NAME)["epoch"] == 1
@@ -188,7 +188,7 @@ def test_skip_at_exactly_half_finishes_and_above_half_stops(tmp_path):
     loader = Batches(make_batches(), on_epoch=snapshot_after_epoch(tmp_path / CHECKPOINT_NAME, 1, store),
                      later=make_batches(poison=(0, 1, 3)))
     with pytest.raises(QatkitError, match=r"^training diverged: 3 of 4 batches skipped in epoch 2/3 \(the last: "
-                                          r"loss = nan at step 4/4\); allowed: at most half .*Fix: lower --lr"):
+                                          r"loss = nan at step 4/4\); allowed: at most half .*Fix: lower lr \(now"):
         fit(net, loader, cfg(nonfinite="skip"), checkpoint_dir=tmp_path)
     assert (tmp_path / CHECKPOINT_NAME).read_bytes() == store["bytes"]
     assert load_checkpoint(tmp_path / CHECKPOINT_NAME)["epoch"] == 1

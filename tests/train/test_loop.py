@@ -192,28 +192,32 @@ class _Loader:
             self.inner.set_epoch(epoch)
 
 
-@pytest.mark.parametrize("kind", ["float-dataloader", "qat-batchloader", "qat-progressive"])
+@pytest.mark.parametrize("kind", ["float-dataloader", "qat-batchloader", "qat-progressive", "qat-progressive-same"])
 def test_resume_is_bit_exact(digits, tmp_path, kind):
-    """3 epochs straight == 2 epochs, killed, then resume=True for the 3rd: every tensor equal."""
+    """3 epochs straight == 2 epochs, killed, then resume=True for the 3rd (1, killed, 2): every tensor equal, and the
+    history (oscillation counts included). qat-progressive-same resumes the killed model itself, which holds the 4-bit
+    stage's bit-widths (it finished at 8 bits: W8A8 instead of W2A2, and the 4-bit stage's oscillations went
+    uncounted)."""
     train, test = loaders(digits, batch_size=32, limit=256)
     if kind == "float-dataloader":  # shuffled by the global RNG, which fit seeds per epoch
         train = DataLoader(TensorDataset(digits[0][:256], digits[1][:256]), batch_size=32, shuffle=True)
     def make(seed):
-        if kind == "qat-progressive":  # W2A2, 8 -> 4 -> 2 bits: the resumed epoch starts a new stage
+        if kind.startswith("qat-progressive"):  # W2A2, 8 -> 4 -> 2 bits: the resumed epoch starts a new stage
             return prepare(small_cnn(seed=seed), QATConfig(weight_bits=2, act_bits=2), digits[0][:64])
         return small_cnn(seed=seed) if kind.startswith("float") else qat_model(digits, seed=seed)
 
     config = cfg(epochs=3, warmup_epochs=0.5, weight_decay=1e-3, bn_freeze_epoch=1 if kind.startswith("qat") else None,
-                 progressive_bits=(8, 4, 2) if kind == "qat-progressive" else ())
+                 progressive_bits=(8, 4, 2) if kind.startswith("qat-progressive") else (),
+                 track_oscillations=kind.startswith("qat"))
 
     full = make(0)
     full_history = fit(full, _Loader(train), config, val_loader=test, checkpoint_dir=tmp_path / "full")
 
-    killed = make(0)
+    killed, stop = make(0), 1 if kind == "qat-progressive-same" else 2  # (1: in the 4-bit stage)
     with pytest.raises(_Interrupt):
-        fit(killed, _Loader(train, stop_at=2), config, val_loader=test, checkpoint_dir=tmp_path / "resumed")
-    assert load_checkpoint(tmp_path / "resumed" / CHECKPOINT_NAME)["epoch"] == 2
-    resumed = make(1)  # other initial weights: everything must come from the checkpoint
+        fit(killed, _Loader(train, stop_at=stop), config, val_loader=test, checkpoint_dir=tmp_path / "resumed")
+    assert load_checkpoint(tmp_path / "resumed" / CHECKPOINT_NAME)["epoch"] == stop
+    resumed = killed if kind == "qat-progressive-same" else make(1)  # make: everything must come from the checkpoint
     torch.manual_seed(123)  # and nothing from the global RNG state
     history = fit(resumed, _Loader(train), dataclasses.replace(config, progress=True), val_loader=test,
                   checkpoint_dir=tmp_path / "resumed", resume=True)
@@ -354,7 +358,7 @@ class _NaNModel(nn.Module):
 def test_divergence_names_epoch_and_step(digits, case):
     train, _ = loaders(digits, limit=256)
     model, config = (_NaNModel(), cfg(epochs=2)) if case == "nan-model" else (small_cnn(), cfg(epochs=2, lr=1e30))
-    with pytest.raises(QatkitError, match=r"loss = nan at epoch 1/2, step \d+/4; .*Fix: lower --lr"):
+    with pytest.raises(QatkitError, match=r"loss = nan at epoch 1/2, step \d+/4; .*Fix: lower lr \(now"):
         fit(model, train, config)
 
 
@@ -376,7 +380,7 @@ def test_plain_dataloader_and_list_of_batches(digits, tmp_path):
 # ---- progressive precision ----------------------------------------------------------------------
 @pytest.mark.parametrize("epochs,stages,want", [
     (6, (8, 4, 2), [8, 8, 4, 4, None, None]), (4, (8, 4, 2), [8, 8, 4, None]), (2, (8, 4, 2), [8, None]),
-    (3, (8, 4), [8, 8, None]), (3, (4,), [None, None, None]),
+    (3, (8, 4), [8, 8, None]),
 ])
 def test_stage_bits_split_the_epochs(epochs, stages, want):
     """None: the last stage, at the model's own bit-widths; it always holds the last epoch."""
@@ -384,10 +388,32 @@ def test_stage_bits_split_the_epochs(epochs, stages, want):
     assert [stage_bits(config, e) for e in range(epochs)] == want
 
 
-@pytest.mark.parametrize("bad", [(4, 8), (9, 4), (8, 1), (8.0, 4), (True,), "842"])
+@pytest.mark.parametrize("bad", [(4, 8), (9, 4), (8, 1), (8.0, 4), (True,), "842", (4,)])
 def test_progressive_bits_refused(bad):
     with pytest.raises(ConfigError, match=r"progressive_bits.*highest first"):
         cfg(progressive_bits=bad)
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"bn_freeze_epoch": 2}, r"bn_freeze_epoch = 2 \(0-based\) is not below epochs = 2: BN is never frozen"),
+    ({"progressive_bits": (8, 4, 2)}, r"has 3 stages but epochs = 2: only \[8, 2\] train"),
+    ({"warmup_epochs": 2.5}, r"warmup_epochs = 2.5 is not below epochs = 2: the learning rate never reaches lr"),
+])
+def test_fit_warns_of_settings_the_epochs_leave_without_effect(digits, settings, message):
+    train, _ = loaders(digits, batch_size=64, limit=64)
+    with pytest.warns(UserWarning, match=message):
+        fit(small_cnn(), train, cfg(epochs=2, **settings))
+
+
+def test_fit_and_convert_refuse_a_qat_model_cast_to_bfloat16_after_prepare(digits):
+    """fit failed inside a conv (float input, bfloat16 bias); convert converted it, 0.1 off the model's outputs."""
+    from qatkit.convert import convert
+    model = qat_model(digits).to(torch.bfloat16)
+    train, _ = loaders(digits, batch_size=64, limit=64)
+    for call in (lambda: fit(model, train, cfg(epochs=1)), lambda: convert(model)):
+        with pytest.raises(ConfigError, match=r"dtype = 'bfloat16' is not allowed.+Fix: (fit|convert) "
+                                              r"model\.float\(\)"):
+            call()
 
 
 def test_progressive_bits_from_yaml_list():

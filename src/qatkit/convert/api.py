@@ -8,7 +8,7 @@ from torch import fx, nn
 
 from qatkit.convert.ir import to_ir
 from qatkit.convert.runtime import IntegerModel
-from qatkit.devices import module_device
+from qatkit.devices import check_dtype, module_device
 from qatkit.errors import QatkitError
 from qatkit.nn import QEmbedding, QLayer
 from qatkit.quantizer import check_ranges
@@ -22,6 +22,7 @@ def convert(qat_model: nn.Module) -> IntegerModel:
         raise QatkitError(f"convert needs a graph, but {untraced} could not be traced by torch.fx. Fix: remove "
                           "data-dependent control flow from forward (branch on shapes, not tensor values; torch.where "
                           "computes both ways) and pass example_inputs to qatkit.prepare")
+    check_dtype(qat_model, "convert")
     check_ranges(qat_model, "convert")
     if bad := [name for name, m in qat_model.named_modules() if isinstance(m, (QLayer, QEmbedding))
                and not all(bool(torch.isfinite(t).all()) for t in _weights(m) if t is not None)]:

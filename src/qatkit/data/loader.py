@@ -51,7 +51,8 @@ class BatchLoader:
                  shuffle: bool, seed: int = 0, augment: str = "none", drop_last: bool = False,
                  shard: tuple[int, int] = (0, 1)) -> None:
         if not isinstance(batch_size, int) or batch_size < 1:
-            raise bad_value("batch_size", batch_size, "an integer >= 1", "pass --batch-size 1 or more")
+            raise bad_value("batch_size", batch_size, "an integer >= 1",
+                            "pass batch_size=1 or more (batch_size: under train: in qatkit's --config YAML)")
         if augment not in AUGMENTS:
             raise bad_value("augment", augment, ", ".join(AUGMENTS), "pick one of those")
         if not isinstance(seed, int) or seed < 0:

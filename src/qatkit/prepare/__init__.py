@@ -6,11 +6,11 @@ import functools
 import warnings
 
 import torch
-from torch import nn
+from torch import fx, nn
 
 from qatkit.config import QATConfig
 from qatkit.convert import ops
-from qatkit.devices import module_device
+from qatkit.devices import check_dtype, module_device
 from qatkit.errors import DataError, QatkitError, bad_value, listed
 from qatkit.inputs import check_sizes
 from qatkit.prepare.concrete import concrete_trace, input_sizes
@@ -19,6 +19,7 @@ from qatkit.prepare.graph import WRAPPERS, PrepareInfo, prepare_graph, record_ra
 from qatkit.prepare.modes import example_arguments, trace, train_only_ops
 from qatkit.prepare.rules import layer_type, plan_layers
 from qatkit.prepare.swap import swap_layers
+from qatkit.quantizer import FakeQuantizer
 
 __all__ = ["PrepareInfo", "check_rules", "prepare"]
 
@@ -52,11 +53,7 @@ def prepare(model: nn.Module, config: QATConfig | None = None,
                         "build it with QATConfig(...) or qat_config_from_dict(...)")
     if not isinstance(model, nn.Module):
         raise bad_value("model", type(model).__name__, "a torch.nn.Module", "pass the float model itself")
-    if half := sorted({str(p.dtype) for p in model.parameters()
-                       if p.is_floating_point() and p.dtype not in (torch.float32, torch.float64)}):
-        raise bad_value("the model's parameter dtype", ", ".join(half).replace("torch.", ""), "float32 (or float64): "
-                        "QAT learns float32 scales beside the weights it quantizes",
-                        "prepare model.float(); for bfloat16 or float16 speed, train under torch.autocast")
+    check_dtype(model, "prepare")
     device = module_device(model)  # built on the CPU (new quantizers start there), then moved to the model's device
     training = model.training
     if hooked := [name for name, m in model.named_modules()
@@ -86,6 +83,12 @@ def prepare(model: nn.Module, config: QATConfig | None = None,
     if pristine is not None and (edge := _quantized_edge(plans, info)) not in (None, planned_edge):
         plans = plan_layers(pristine, config, tuple(WRAPPERS), edge)
         qat = _prepare_module(pristine, "", config, plans, info := PrepareInfo(), arguments)
+    if (any(p.dtype == torch.float64 for p in qat.parameters())
+            and any(isinstance(m, FakeQuantizer) for m in qat.modules())):
+        raise bad_value("the model's parameter dtype", "float64", "float32 where prepare quantizes (float64 only for a "
+                        "model it leaves float: every layer skipped and matmul_bits=None, to check float ops)",
+                        "prepare model.float()")
+    _drop_string_annotations(qat)
     qat = qat.to(device).train(training)
     info.error_penalty = config.error_penalty
     qat.qat_info = info
@@ -124,6 +127,16 @@ def prepare(model: nn.Module, config: QATConfig | None = None,
                           "or leave the failing module out of QAT with LayerRule(pattern=..., skip=True)"
                           + _size_hint(info.untraced))
     return qat
+
+
+def _drop_string_annotations(qat: nn.Module) -> None:
+    """Drop type annotations fx kept as strings (forward's, in a file with `from __future__ import annotations`):
+    torch.save of the QAT model pickles its graph and fails on them ('str' object has no attribute '__name__')."""
+    for gm in (m for m in qat.modules() if isinstance(m, fx.GraphModule)):
+        if stringly := [n for n in gm.graph.nodes if isinstance(n.type, str)]:
+            for node in stringly:
+                node.type = None
+            gm.recompile()
 
 
 def _hooked(model: nn.Module) -> list[str]:

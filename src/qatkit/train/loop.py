@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from qatkit import inputs
 from qatkit.config import TrainConfig, error_penalty_pairs, to_dict
-from qatkit.devices import module_device
+from qatkit.devices import check_dtype, module_device
 from qatkit.errors import ConfigError, DataError, ModelFileError, QatkitError, bad_value, error_detail
 from qatkit.nn import FoldedBn, QLayer
 from qatkit.quantizer import FakeQuantizer, check_ranges
@@ -49,7 +49,8 @@ SCALE_LR_RATIO = 0.01
 # The only TrainConfig fields that may change on resume: nonfinite too, so that a run stopped by a NaN
 # can go on from its last checkpoint with nonfinite = "skip".
 RESUME_FREE_FIELDS = ("progress", "device", "nonfinite")
-_DIVERGED_FIX = ("lower --lr (now {lr:g}) or --scale-lr, add --warmup-epochs, or check the inputs for NaN/Inf")
+_DIVERGED_FIX = ("lower lr (now {lr:g}) or scale_lr, add warmup_epochs (TrainConfig; under train: in qatkit's "
+                 "--config YAML), or check the inputs for NaN/Inf")
 
 
 def evaluate(model: nn.Module, loader: Iterable, device: str | torch.device | None = None) -> dict[str, Any]:
@@ -129,6 +130,18 @@ def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, steps
 
 
 # ---- progressive precision ----------------------------------------------------------------------
+def _target_bits(model: nn.Module) -> dict[FakeQuantizer, int]:
+    """Each quantizer's bit-width to train at (a progressive schedule's last stage): the one it holds, or, while a
+    run of fit on this model is unfinished (interrupted; fit again or resume on the same model), the one it held when
+    that run began, kept on the model as qatkit_target_bits (a stage's bits are not the target)."""
+    quantizers = {name: m for name, m in model.named_modules() if isinstance(m, FakeQuantizer)}
+    kept = getattr(model, "qatkit_target_bits", None)
+    if not isinstance(kept, dict) or set(kept) != set(quantizers):
+        kept = {name: int(m.bits) for name, m in quantizers.items()}
+    model.qatkit_target_bits = kept
+    return {quantizers[name]: bits for name, bits in kept.items()}
+
+
 def stage_bits(config: TrainConfig, epoch: int) -> int | None:
     """Progressive precision: the bit-width of epoch index `epoch`'s stage, or None in the last stage, which
     trains every quantizer at its own bit-width (and always holds the last epoch)."""
@@ -389,8 +402,8 @@ def _run_settings(config: TrainConfig, error_penalty: Mapping[str, float], steps
 
 
 def _restore(path: Path, model: nn.Module, optimizer, scheduler, settings: dict[str, Any],
-             run_info: dict[str, Any]) -> tuple[list[dict], int]:
-    """Load `path` into model, optimizer and scheduler; return (history, next epoch index)."""
+             run_info: dict[str, Any], tracker: OscillationTracker | None) -> tuple[list[dict], int]:
+    """Load `path` into model, optimizer, scheduler (and tracker); return (history, next epoch index)."""
     state = load_checkpoint(path)
     # a field added to TrainConfig after the checkpoint was written holds its default there; a checkpoint
     # written before run_info was saved is not checked against it
@@ -408,6 +421,8 @@ def _restore(path: Path, model: nn.Module, optimizer, scheduler, settings: dict[
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        if tracker is not None and "oscillations" in state:
+            tracker.load_state_dict(state["oscillations"])
         return list(state["history"]), int(state["epoch"])
     except (KeyError, RuntimeError, ValueError) as e:
         raise ModelFileError(f"checkpoint {str(path)!r} does not fit this model ({error_detail(e)}); allowed: a "
@@ -446,6 +461,23 @@ def _steps_per_epoch(loader: Iterable) -> int:
     return steps
 
 
+def _settings_without_effect(config: TrainConfig) -> list[str]:
+    """TrainConfig settings that config.epochs leaves without effect (a shortened run of a longer recipe)."""
+    epochs, stages, unused = config.epochs, config.progressive_bits, []
+    if epochs and config.bn_freeze_epoch is not None and config.bn_freeze_epoch >= epochs:
+        unused.append(f"bn_freeze_epoch = {config.bn_freeze_epoch} (0-based) is not below epochs = {epochs}: BN is "
+                      f"never frozen. Fix: set bn_freeze_epoch below {epochs}, or None")
+    if epochs and len(stages) > epochs:
+        trained = sorted({stages[-1] if (b := stage_bits(config, e)) is None else b for e in range(epochs)},
+                         reverse=True)
+        unused.append(f"progressive_bits = {list(stages)} has {len(stages)} stages but epochs = {epochs}: only "
+                      f"{trained} train. Fix: at least {len(stages)} epochs, or fewer stages")
+    if epochs and config.warmup_epochs >= epochs:
+        unused.append(f"warmup_epochs = {config.warmup_epochs:g} is not below epochs = {epochs}: the learning rate "
+                      f"never reaches lr and never decays. Fix: a warmup shorter than the run")
+    return unused
+
+
 # ---- fit ----------------------------------------------------------------------------------------
 def fit(model: nn.Module, train_loader: Iterable, config: TrainConfig, *, val_loader: Iterable | None = None,
         teacher: nn.Module | None = None, error_penalty: Mapping[str, float] | None = None,
@@ -479,6 +511,9 @@ def fit(model: nn.Module, train_loader: Iterable, config: TrainConfig, *, val_lo
         raise bad_value("distill", config.distill, "0 without a teacher model", "pass teacher=... or set distill to 0")
     if resume and checkpoint_dir is None:
         raise bad_value("resume", resume, "True only with checkpoint_dir", "pass checkpoint_dir=... or resume=False")
+    check_dtype(model, "fit")
+    for unused in _settings_without_effect(config):
+        warnings.warn(f"qatkit: {unused}", stacklevel=2)
     if error_penalty is None:
         error_penalty = getattr(getattr(model, "qat_info", None), "error_penalty", ())
     error_penalty = dict(error_penalty_pairs(error_penalty))
@@ -497,17 +532,15 @@ def fit(model: nn.Module, train_loader: Iterable, config: TrainConfig, *, val_lo
         teacher.to(config.device).eval()
     else:
         teacher = None
-    # the bit-widths the model holds now are the targets of a progressive schedule (a resumed run's model is
-    # built afresh, so it holds them too before its checkpoint is loaded)
-    targets = {m: int(m.bits) for m in model.modules() if isinstance(m, FakeQuantizer)}
+    targets = _target_bits(model)
     optimizer = build_optimizer(model, config)
     scheduler = build_scheduler(optimizer, config, steps)
     settings = _run_settings(config, error_penalty, steps)
     ckpt_path = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
     run_info = dict(run_info or {})
-    history, start = _restore(ckpt_path, model, optimizer, scheduler, settings, run_info) if resume else ([], 0)
-
-    tracker = OscillationTracker(model) if config.track_oscillations else None
+    tracker = OscillationTracker(model, targets) if config.track_oscillations else None
+    history, start = (_restore(ckpt_path, model, optimizer, scheduler, settings, run_info, tracker) if resume
+                      else ([], 0))
     net = distributed.wrap(model, torch.device(config.device)) if distributed.is_distributed() else model
     saved_epoch = start if resume else None  # the epoch last.ckpt holds, once this run has one
     at = {"epoch": start, "step": 0}  # epoch index, steps done in it (0: at the epoch boundary)
@@ -525,8 +558,7 @@ def fit(model: nn.Module, train_loader: Iterable, config: TrainConfig, *, val_lo
             at.update(epoch=epoch, step=0)
             t0 = time.perf_counter()
             torch.manual_seed(config.seed + epoch)
-            if config.progressive_bits:
-                set_stage_bits(model, stage_bits(config, epoch), targets)
+            set_stage_bits(model, stage_bits(config, epoch) if config.progressive_bits else None, targets)
             if hasattr(train_loader, "set_epoch"):
                 train_loader.set_epoch(epoch)
             row: dict[str, Any] = {"epoch": epoch + 1}
@@ -551,10 +583,11 @@ def fit(model: nn.Module, train_loader: Iterable, config: TrainConfig, *, val_lo
                         "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                         "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "steps_per_epoch": steps,
                         "history": history, "config": to_dict(config), "error_penalty": error_penalty,
-                        "run_info": run_info,
+                        "run_info": run_info, **({"oscillations": tracker.state_dict()} if tracker else {}),
                     })
                 saved_epoch = epoch + 1
             at.update(epoch=epoch + 1, step=0)
             if stop.requested:
                 raise stop.exception()
+    del model.qatkit_target_bits  # (the run is done: the model holds them)
     return history
