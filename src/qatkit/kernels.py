@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from qatkit.primitives.fake_quant import per_channel_view
+from qatkit.primitives.qparams import power_of_two_ceil
 
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 ACTIVATIONS = (None, "relu", "relu6")
@@ -22,6 +23,16 @@ ACTIVATIONS = (None, "relu", "relu6")
 def bias_codes(bias: torch.Tensor, bias_scale: torch.Tensor) -> torch.Tensor:
     """int32 bias codes at scale s_x·s_w (as float64 integers)."""
     return torch.clamp(torch.round(bias.double() / bias_scale.double()), INT32_MIN, INT32_MAX)
+
+
+BIAS_CODE_LIMIT = 2 ** 30  # the largest |bias code| a layer's weight scale allows: half of int32, the rest for Σ w·x
+
+
+def bias_scale_floor(bias: torch.Tensor, s_x: torch.Tensor, power_of_two: bool = False) -> torch.Tensor:
+    """The smallest weight scale per channel at which the bias's code at s_x·s_w stays within ±BIAS_CODE_LIMIT (up to
+    a power of two for power-of-two scales)."""
+    floor = bias.abs() / (s_x * BIAS_CODE_LIMIT)
+    return torch.where(floor > 0, power_of_two_ceil(floor), 0.0) if power_of_two else floor
 
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}

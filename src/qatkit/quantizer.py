@@ -62,12 +62,13 @@ class FakeQuantizer(HostBuffers, nn.Module):
     def qrange(self) -> tuple[int, int]:
         return qrange(int(self.bits), self.spec.signed, self.spec.narrow)
 
-    def scale_zp(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def scale_zp(self, floor: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Scale |s| (an optimizer step past zero flips its sign instead of killing its gradient, as a
-        clamp would), with spec.power_of_two its nearest power of two 2^round(log2 |s|), straight through the
-        rounding (gradient 2^round(log2 |s|) / |s|); zero point rounded to an integer with a straight-through
-        gradient."""
-        scale = torch.clamp(self.scale.abs(), min=MIN_SCALE)
+        clamp would), at least `floor` (a layer's bias room: QLayer.scale_floor), with spec.power_of_two its nearest
+        power of two 2^round(log2 |s|), straight through the rounding (gradient 2^round(log2 |s|) / |s|); zero point
+        rounded to an integer with a straight-through gradient."""
+        scale = self.scale.abs() if floor is None else torch.maximum(self.scale.abs(), floor)
+        scale = torch.clamp(scale, min=MIN_SCALE)
         if self.spec.power_of_two:
             pow2 = power_of_two_nearest(scale.detach())
             scale = pow2 + (scale - scale.detach()) * (pow2 / scale.detach())  # the value: pow2 exactly
@@ -76,9 +77,9 @@ class FakeQuantizer(HostBuffers, nn.Module):
         zp = torch.clamp(self.zero_point, *self.qrange)
         return scale, zp + (torch.round(zp) - zp).detach()
 
-    def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def qparams(self, floor: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(scale, integer zero point) as used in the forward pass, detached."""
-        scale, zp = self.scale_zp()
+        scale, zp = self.scale_zp(floor)
         return scale.detach(), zp.detach()
 
     @property
@@ -86,10 +87,11 @@ class FakeQuantizer(HostBuffers, nn.Module):
         return bool(self.enabled) and not self.observing and bool(self.initialized)
 
     # ---- forward --------------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor, relu: bool = False, scale: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, relu: bool = False, scale: torch.Tensor | None = None,
+                floor: torch.Tensor | None = None) -> torch.Tensor:
         """Fake-quantized x; of relu(x) with relu=True (fused with the quantization where the kernel runs).
         `scale`: the scale to use instead of the quantizer's own (a layer's exact-multiplier weight scale, computed
-        from this quantizer's, whose gradient it carries back)."""
+        from this quantizer's, whose gradient it carries back); else `floor`: the least scale (as scale_zp)."""
         enabled, initialized = bool(self.enabled), bool(self.initialized)  # (self.active, read once)
         if relu and not (enabled and not self.observing and initialized):  # no fake quantization to fuse it into
             x, relu = torch.relu(x), False
@@ -107,7 +109,11 @@ class FakeQuantizer(HostBuffers, nn.Module):
         per_scale = x.numel() // (self.scale.numel() if self.kind == "weight" else max(x.shape[0], 1) if x.dim() else 1)
         # the mapping of scale_zp, inside the fake-quant's autograd node (cheaper than its small ops' own)
         map_scale = 0 if scale is not None else POWER_OF_TWO if self.spec.power_of_two else ABS
-        return fake_quantize(x, self.scale if scale is None else scale, self.zero_point, qmin, qmax, self.axis,
+        if scale is None and floor is not None:  # (|s| at least floor: the kernel maps the rest, as scale_zp does)
+            raw = torch.maximum(self.scale.abs(), floor)
+        else:
+            raw = self.scale if scale is None else scale
+        return fake_quantize(x, raw, self.zero_point, qmin, qmax, self.axis,
                              lsq_grad_scale(per_scale, qmax), relu, map_scale=map_scale,
                              map_zero_point=isinstance(self.zero_point, nn.Parameter))
 

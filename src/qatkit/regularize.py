@@ -41,9 +41,12 @@ def quantization_errors(model: nn.Module) -> dict[str, torch.Tensor]:
     for name, layer in _quantized_layers(model):
         w, b = layer.folded()
         in_q = layer.last_input_quant
-        errors[f"{name}.weight"] = layer.weight_quant.quant_error(w, layer.weight_scale(in_q))
+        floor = layer.scale_floor(in_q, b)
+        s_w = layer.weight_scale(in_q, floor)
+        s_w = layer.weight_quant.scale_zp(floor)[0] if s_w is None and floor is not None else s_w
+        errors[f"{name}.weight"] = layer.weight_quant.quant_error(w, s_w)
         if b is not None and in_q is not None:
-            bias_scale = in_q.qparams()[0] * layer.weight_qscale(in_q)
+            bias_scale = in_q.qparams()[0] * (layer.weight_quant.qparams()[0] if s_w is None else s_w.detach())
             errors[f"{name}.bias"] = b - kernels.bias_codes(b, bias_scale).to(b.dtype) * bias_scale
     return errors
 

@@ -84,11 +84,11 @@ def test_layers_quantize_with_the_nudged_scale_and_its_gradient_goes_straight_th
     q.train()
     q(x)  # each layer records its input's quantizer
     layers = [m for m in q.modules() if isinstance(m, QLayer)]
-    nudged = [m for m in layers if m.weight_scale(m.last_input_quant) is not None]
+    nudged = [m for m in layers if m.weight_scale(m.last_input_quant, None) is not None]
     assert len(nudged) == len(layers) == 3  # every layer has a quantized input and output
     for m in nudged:
         in_q, wq = m.last_input_quant, m.weight_quant
-        s = m.weight_scale(in_q)
+        s = m.weight_scale(in_q, None)
         want = kernels.exact_multiplier_scale(in_q.qparams()[0], wq.qparams()[0], m.out_quant.qparams()[0],
                                               int(m.out_quant.bits))
         assert torch.equal(s.detach(), want) and not torch.equal(want, wq.qparams()[0])

@@ -141,3 +141,37 @@ def test_eval_without_calibrated_input_runs_the_float_fake_quant_path():
         expected = torch.relu(x @ w_hat.T + layer.bias)
     torch.testing.assert_close(y, expected)
     assert layer.last_input_quant is None
+
+
+@pytest.mark.parametrize("power_of_two", [False, True])
+@pytest.mark.parametrize("gamma", [0.0, 1e-6])
+def test_a_pruned_or_tiny_channel_keeps_its_bias(gamma, power_of_two):
+    """A channel whose folded weights are 0 (BN γ = 0: network slimming) or tiny has its weight scale at the floor of
+    1e-8, where the bias code β/(s_x·s_w) saturated int32 (β = 1 came out 0.638, 45 steps off) and, with tiny weights
+    beside it, the integer sum wrapped (143 steps; the training forward, adding the bias in float, did not). The
+    weight scale is at least |b|/(s_x·2^30): the channel's output is relu(β) and training computes what eval does."""
+    import qatkit
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 2, 1))
+    xs = [torch.randn(8, 3, 6, 6) for _ in range(4)]
+    with torch.no_grad():
+        for x in xs:  # BN statistics
+            model(x)
+        model[1].weight[2], model[1].bias[2] = gamma, 1.0
+    model.eval()
+    qat = qatkit.prepare(model, QATConfig(power_of_two_scales=power_of_two), xs[0])
+    qatkit.calibrate(qat, xs, num_batches=4)
+    integer = qatkit.convert(qat.eval())
+    node = next(n for n in integer.nodes if n["op"] == "qlayer")
+    codes = integer.tensor(node["bias"]["tensor"]).double()
+    assert codes.abs().max() <= 2 ** 30 * (1 + 1e-6) and codes[2] > 2 ** 29  # at the limit (float32), not 2^31 - 1
+    assert codes[[0, 1, 3]].abs().max() < 2 ** 20  # (the other channels' scales are their own)
+    x = xs[0]
+    with torch.no_grad():
+        out = integer.values(x)[node["name"]]
+        channel = ((out.codes - out.zero_point) * out.scale)[:, 2].double()
+        assert (channel - torch.relu(model[:3](x)[:, 2]).double()).abs().max() <= float(out.scale) / 2  # within ½ step
+        first = next(m for m in qat.modules() if isinstance(m, QConvBn))
+        first.bn_frozen.fill_(True)  # (trains as deployed)
+        assert torch.equal(qat.train()(x), qat.eval()(x)) and torch.equal(integer(x), qat(x))

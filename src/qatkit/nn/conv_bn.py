@@ -34,19 +34,23 @@ class FoldedBn(HostBuffers):
 
     def folded(self):
         g = self._gamma_over_sigma()
-        w = self.weight * per_channel_view(g, self.weight, self.weight_axis)
-        b = self.bias if self.bias is not None else torch.zeros_like(g)
-        b = (b - self.bn.running_mean) * g
-        return w, b if self.bn.bias is None else b + self.bn.bias
+        return self.weight * per_channel_view(g, self.weight, self.weight_axis), self._folded_bias(g)
+
+    def _folded_bias(self, g: torch.Tensor) -> torch.Tensor:
+        b = (self.bias if self.bias is not None else torch.zeros_like(g)) - self.bn.running_mean
+        return b * g if self.bn.bias is None else b * g + self.bn.bias
 
     def fake_quant_forward(self, x: torch.Tensor, in_q: FakeQuantizer | None) -> torch.Tensor:
         if not self.training or bool(self.bn_frozen):
             return super().fake_quant_forward(x, in_q)
-        g = per_channel_view(self._gamma_over_sigma(), self.weight, self.weight_axis)
+        g = self._gamma_over_sigma()
+        floor = self.scale_floor(in_q, self._folded_bias(g))  # (the deployed layer's)
+        s_w = self.weight_scale(in_q, floor)
+        g = per_channel_view(g, self.weight, self.weight_axis)
         # conv(x, q(w·g)/g) = conv(x, q(w·g))/g: undoing the running-σ fold on the weight costs a weight-sized op
         # (the output-sized division and its backward cost as much as the convolution); BN then applies
         # batch statistics
-        return self.bn(self.op(x, self.weight_quant(self.weight * g, scale=self.weight_scale(in_q)) / g, self.bias))
+        return self.bn(self.op(x, self.weight_quant(self.weight * g, scale=s_w, floor=floor) / g, self.bias))
 
 
 class QConvBn(FoldedBn, QConv):

@@ -50,9 +50,20 @@ class QLayer(nn.Module):
         """Quantizer of the last forward's input (None if it was float), for the error regulariser and trackers."""
         return self._last_input_quant[0] if self._last_input_quant else None
 
-    def weight_scale(self, in_q: FakeQuantizer | None) -> torch.Tensor | None:
-        """The weight scale where it is not the weight quantizer's own, else None: with exact multipliers
-        (QuantSpec.exact_multiplier) and both the input and the output quantized, s_w nudged so that the
+    def scale_floor(self, in_q: FakeQuantizer | None, bias: torch.Tensor | None) -> torch.Tensor | None:
+        """The least weight scale (per channel, or for the tensor) at which the bias's int32 code at s_x·s_w leaves
+        room for the products' sum: |b|/(s_x·2^30) (kernels.bias_scale_floor). A pruned channel (all-zero weights, a BN
+        γ of 0) has its own scale at the floor of 1e-8, where a bias of 1 saturated the code (the output 45 steps
+        off) and tiny weights beside it wrapped the integer sum; only a scale that small moves. None without a bias
+        (the folded one) or a quantized input."""
+        if bias is None or in_q is None or not in_q.active:
+            return None
+        floor = kernels.bias_scale_floor(bias.detach(), in_q.qparams()[0], self.weight_quant.spec.power_of_two)
+        return floor if self.weight_quant.scale.numel() > 1 else floor.max()
+
+    def weight_scale(self, in_q: FakeQuantizer | None, floor: torch.Tensor | None) -> torch.Tensor | None:
+        """The weight scale where it is not the weight quantizer's own (at least `floor`), else None: with exact
+        multipliers (QuantSpec.exact_multiplier) and both the input and the output quantized, s_w nudged so that the
         requantization multiplier s_x·s_w/s_y lies on `kernels.exact_multiplier_scale`'s grid (ONNX Runtime's float32
         requantization and integer-only hardware's fixed-point one then compute the same integers); its value that
         scale, its gradient straight through to the quantizer's own."""
@@ -60,14 +71,15 @@ class QLayer(nn.Module):
         if not (wq.spec.exact_multiplier and bool(wq.initialized) and in_q is not None and in_q.active
                 and out_q is not None and out_q.active):
             return None
-        s_w = wq.scale_zp()[0]
+        s_w = wq.scale_zp(floor)[0]
         exact = kernels.exact_multiplier_scale(in_q.qparams()[0], s_w.detach(), out_q.qparams()[0], int(out_q.bits))
         return exact + (s_w - s_w.detach())
 
     def weight_qscale(self, in_q: FakeQuantizer | None) -> torch.Tensor:
         """The weight scale the layer quantizes with (detached)."""
-        s_w = self.weight_scale(in_q)
-        return self.weight_quant.qparams()[0] if s_w is None else s_w.detach()
+        floor = self.scale_floor(in_q, self.folded()[1])
+        s_w = self.weight_scale(in_q, floor)
+        return self.weight_quant.qparams(floor)[0] if s_w is None else s_w.detach()
 
     def op(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError
@@ -96,10 +108,11 @@ class QLayer(nn.Module):
 
     def fake_quant_forward(self, x: torch.Tensor, in_q: FakeQuantizer | None) -> torch.Tensor:
         w, b = self.folded()
-        s_w = self.weight_scale(in_q)
-        w_hat = self.weight_quant(w, scale=s_w)
+        floor = self.scale_floor(in_q, b)
+        s_w = self.weight_scale(in_q, floor)
+        w_hat = self.weight_quant(w, scale=s_w, floor=floor)
         if b is not None and in_q is not None:  # bias as int32 at scale s_x·s_w; no gradient to the scales
-            bias_scale = in_q.qparams()[0] * (self.weight_quant.qparams()[0] if s_w is None else s_w.detach())
+            bias_scale = in_q.qparams()[0] * (self.weight_quant.qparams(floor)[0] if s_w is None else s_w.detach())
             b = b + (kernels.bias_codes(b, bias_scale).to(b.dtype) * bias_scale - b).detach()
         return self.op(x, w_hat, b)
 
