@@ -9,6 +9,7 @@ from torch import nn
 from qatkit import inputs
 from qatkit.devices import module_device
 from qatkit.errors import DataError, bad_value
+from qatkit.modes import evaluating
 from qatkit.quantizer import FakeQuantizer
 
 
@@ -30,24 +31,22 @@ def calibrate(model: nn.Module, batches: Iterable, num_batches: int = 8,
         raise bad_value("num_batches", num_batches, "an integer >= 1", "pass num_batches=1 or more (TrainConfig.calib_batches)")
     device = module_device(model) if device is None else device
     quantizers = act_quantizers(model)
-    was_training = model.training
-    model.eval()
     for q in quantizers:
         q.start_observing()
     used = 0
     try:
-        for batch in batches:
-            if used >= num_batches:
-                break
-            x, _ = inputs.split(batch)
-            for t in inputs.as_args(x):
-                _check_batch(t, used)
-            inputs.call(model, inputs.to_device(x, device))
-            used += 1
+        with evaluating(model):
+            for batch in batches:
+                if used >= num_batches:
+                    break
+                x, _ = inputs.split(batch)
+                for t in inputs.as_args(x):
+                    _check_batch(t, used)
+                inputs.call(model, inputs.to_device(x, device))
+                used += 1
     finally:
         for q in quantizers:
             q.finish_observing()
-        model.train(was_training)
     if used == 0:
         raise DataError("calibration batches yielded none; allowed: at least one batch. Fix: pass the training "
                         "batches (a DataLoader, a list of (x, y)) and check that the split is not empty")

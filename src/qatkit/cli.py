@@ -141,6 +141,10 @@ def run_config_from(args: argparse.Namespace, default_bits: tuple[int, ...] | No
     for key in ("train", "qat"):
         if data.get(key) is not None and not isinstance(data[key], dict):
             raise bad_value(f"--config {key}", data[key], f"a mapping of {key} options", f"write {key}: as key: value pairs")
+    if misplaced := [k for k in ("weight_bits", "act_bits") if k in (data.get("qat") or {})]:
+        raise bad_value("--config qat key", misplaced[0], "QATConfig's keys but weight_bits and act_bits, which are "
+                        "top-level keys (one model per weight_bits/act_bits pair)", f"move {misplaced[0]}: to the top "
+                        f"level, or pass --{misplaced[0].replace('_', '-')}")
     default = RunConfig()
     train = {**to_dict(default.train), **(data.get("train") or {})}
     qat = {**to_dict(default.qat), **(data.get("qat") or {})}
@@ -370,7 +374,7 @@ def _cmd_sensitivity(args) -> int:
         return f"{name:<28} {kind:<16} {bits:>5} {row['sqnr_db']:>8.2f} {row['top1_agreement']:>11.4f} {accuracy:>9}"
 
     for row in result["layers"]:
-        print(line(row["layer"], row["type"], f"{row['weight_bits']}/{row['act_bits']}", row))
+        print(line(row["layer"], row["type"], f"{row['weight_bits']}/{row['act_bits'] or '-'}", row))
     print(line("every layer", "", "", result["model"]))
     if "float_accuracy" in result:
         print(f"float model accuracy {result['float_accuracy']:.4f}")
@@ -383,14 +387,13 @@ def _cmd_sensitivity(args) -> int:
 
 def _cmd_bench(args) -> int:
     from qatkit.data import BatchLoader
-    from qatkit.export.bench import bench, format_table
+    from qatkit.export.bench import bench, check_batches, format_table
     from qatkit.pipeline import dataset_for, rebuild_qat
 
     for what in ("threads", "rounds"):
         if getattr(args, what) < 1:
             raise bad_value(f"--{what}", getattr(args, what), "an integer >= 1", f"pass --{what} 1 or more")
-    if min(args.batches) < 1:
-        raise bad_value("--batches", args.batches, "integers >= 1", "pass e.g. --batches 1 32")
+    check_batches(args.batches, "--batches")
     qat, recipe = rebuild_qat(args.checkpoint)
     float_model = _float_model(args, recipe)
     ds = dataset_for(recipe, None, args.data)

@@ -75,6 +75,9 @@ class RunConfig:
             raise bad_value("act_bits", list(a), f"one value per weight bit-width ({len(w)} values)",
                             "give as many activation bit-widths as weight bit-widths (--act-bits, or act_bits: in "
                             "the YAML)")
+        if twice := next((p for i, p in enumerate(zip(w, a)) if p in list(zip(w, a))[:i]), None):
+            raise bad_value("weight_bits/act_bits pair", f"W{twice[0]}A{twice[1]}", "each pair once (each is one "
+                            "model, written to the same files)", "drop the repeated pair")
         _check_number("float_epochs", self.float_epochs, 0, integer=True)
         _check_number("float_lr", self.float_lr, 0.0)
         _check_number("keep_sensitive", self.keep_sensitive, 0, integer=True)
@@ -185,7 +188,9 @@ def qat_config(config: RunConfig, ds: ImageDataset | TextDataset, float_model: n
     _, calib_loader, test_loader = _loaders(ds, config.train)
     found = sensitivity(float_model, qcfg, next(iter(test_loader))[0][:2], calib_loader,
                         num_batches=min(4, config.train.calib_batches))
-    kept = [row["layer"] for row in found["layers"] if min(row["weight_bits"], row["act_bits"]) < 8]
+    top = qcfg.weight_spec(8, per_channel=True).bits  # (7 with reduce_range)
+    kept = [row["layer"] for row in found["layers"]  # (an embedding's act_bits: None, it has no input quantizer)
+            if row["weight_bits"] < top or (row["act_bits"] or 8) < 8]
     return dataclasses.replace(qcfg, rules=qcfg.rules + tuple(
         LayerRule(pattern=glob.escape(name), weight_bits=8, act_bits=8) for name in kept[:config.keep_sensitive]))
 
@@ -292,7 +297,7 @@ def run(config: RunConfig, out: str | os.PathLike, *, log=print) -> dict:
     """The whole pipeline; returns results.json's content. `out` must not exist or be empty.
     Under torchrun every rank trains (data-parallel) and rank 0 alone does the rest and writes; the others
     return {}."""
-    final = Path(out)
+    final = Path(out).resolve() if Path(out).is_symlink() else Path(out)  # (a link: the folder it names)
     if final.name in ("", ".", ".."):  # (run writes OUT.partial beside it, then renames it)
         raise ConfigError(f"--out {str(out)!r} names no folder of its own; allowed: a new or empty folder's name. "
                           "Fix: pass --out NAME")
@@ -304,7 +309,9 @@ def run(config: RunConfig, out: str | os.PathLike, *, log=print) -> dict:
         raise ConfigError(f"--out {str(final)!r} exists and is not empty; allowed: a new or empty folder. "
                           "Fix: pass another --out or remove the folder")
     work = final.with_name(final.name + ".partial")
-    shutil.rmtree(work, ignore_errors=True)
+    if work.exists() or work.is_symlink():  # (another run's work folder, or one a killed run left)
+        raise ConfigError(f"{str(work)!r} exists: the work folder of a run into --out {str(out)!r} that is running "
+                          "or was killed; allowed: none there. Fix: remove it once no run uses it, or pass another --out")
     work.mkdir(parents=True)
     try:
         results = _run(config, work, log)

@@ -18,7 +18,8 @@ from qatkit.data import load_dataset
 from qatkit.export import export_onnx
 from qatkit.models import build_model
 from qatkit.train import load_checkpoint, save_checkpoint
-from qatkit.pipeline import FLOAT_FILE, RunConfig, _loaders, build_for, example_input, rebuild_qat
+from qatkit.pipeline import (FLOAT_FILE, RunConfig, _loaders, build_for, example_input, model_from_recipe, qat_checkpoint,
+                             qat_config, rebuild_qat)
 
 
 def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
@@ -81,6 +82,25 @@ def test_existing_output_folder_is_refused(tmp_path, capsys):
     code, _, err = run_cli(capsys, "run", "--out", str(tmp_path / "o"))
     assert code == 2 and "exists and is not empty" in err
     assert (tmp_path / "o" / "keep.txt").read_text() == "mine"
+
+
+def test_run_into_a_symlinked_folder_and_beside_a_work_folder_in_use(tmp_path, capsys):
+    """--out a link to an empty folder: the run trained, then failed to rename its work folder onto the link and kept
+    nothing (raw NotADirectoryError). OUT.partial already there (another run's into the same --out, or a folder of the
+    user's): it was deleted without a word; now refused (a file of that name gave a raw FileExistsError)."""
+    target, link = tmp_path / "target", tmp_path / "link"
+    target.mkdir()
+    link.symlink_to(target)
+    code, _, err = run_cli(capsys, "run", "--limit", "64", "--float-epochs", "1", "--epochs", "1", "--weight-bits", "8",
+                           "--quiet", "--out", str(link))
+    assert code == 0, err
+    assert link.is_symlink() and (target / "results.json").is_file() and not (tmp_path / "target.partial").exists()
+    busy = tmp_path / "o.partial"
+    busy.mkdir()
+    (busy / "keep.txt").write_text("mine")
+    code, _, err = run_cli(capsys, "run", "--limit", "64", "--quiet", "--out", str(tmp_path / "o"))
+    assert code == 2 and f"{str(busy)!r} exists: the work folder of a run into --out" in err, err
+    assert (busy / "keep.txt").read_text() == "mine" and not (tmp_path / "o").exists()
 
 
 def test_argparse_errors_exit_2():
@@ -253,6 +273,13 @@ def test_text_run_eval_verify_chain(tmp_path, capsys):
     code, _, err = run_cli(capsys, "run", "--dataset", "tsv", "--data", str(data), "--model", "small-cnn",
                            "--out", str(tmp_path / "x"))
     assert code == 2 and "model for a text dataset = 'small-cnn' is not allowed; allowed: tiny-transformer" in err
+    # --keep-sensitive on a model with an embedding (its sensitivity row has no act_bits: a TypeError in min())
+    _, recipe = qat_checkpoint(tmp_path / "r" / "qat_w8a8.ckpt")
+    float_model = model_from_recipe(recipe)
+    float_model.load_state_dict(load_file(str(tmp_path / "r" / FLOAT_FILE)))
+    ds = load_dataset("tsv", str(data), vocab=recipe["vocab"], max_len=recipe["max_len"])
+    rules = qat_config(RunConfig(dataset="tsv", data=str(data), keep_sensitive=2), ds, float_model.eval(), 4, 4).rules
+    assert len(rules) == 2 and all(r.weight_bits == r.act_bits == 8 for r in rules)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is there: cuda is a valid device")

@@ -176,3 +176,13 @@ def test_convert_refuses_non_finite_weights():
         qat.fc1.weight[0, 0] = float("nan")
     with pytest.raises(qatkit.QatkitError, match=r"^layer 'fc1' has NaN or Inf weights or bias \(1 such layer\(s\)\)"):
         qatkit.convert(qat)
+
+
+def test_convert_refuses_a_layer_whose_weight_quantizer_is_off():
+    """With weight_quant disabled the QAT model computes float weights there; convert stored their codes (0.042 off)."""
+    qat = qatkit.prepare(PoolNet(), qatkit.QATConfig(), torch.randn(2, 1, 8, 8))
+    qatkit.calibrate(qat, [torch.randn(4, 1, 8, 8)])
+    qat.fc1.weight_quant.enabled.fill_(False)
+    with pytest.raises(qatkit.QatkitError, match=r"^layer 'fc1' has no quantized input, or its weights are asymmetric "
+                                                 r"or not quantized \(weight_quant disabled"):
+        qatkit.convert(qat)

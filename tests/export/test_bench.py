@@ -56,3 +56,19 @@ def test_format_table_names_every_runtime(result):
     table = format_table(result)
     for name in RUNTIMES:
         assert name in table
+
+
+def test_agreement_is_over_every_calibration_sample():
+    """It was over one sample (0.0 or 1.0; 0.000 printed where 256 samples agree at 0.781)."""
+    torch.manual_seed(0)
+    model = build_model("small-cnn", num_classes=10, in_channels=1, image_size=8).eval()
+    gen = torch.Generator().manual_seed(1)
+    calib = [torch.randn(8, 1, 8, 8, generator=gen) for _ in range(3)]
+    qat = qatkit.prepare(model, qatkit.QATConfig(weight_bits=2, act_bits=2), calib[0])
+    qatkit.calibrate(qat, calib)
+    out = bench(model, qat.eval(), calib[0], calib, batches=(1,), threads=1, rounds=1, warmup=0)
+    x = torch.cat(calib)
+    with torch.no_grad():
+        expected = float((qatkit.convert(qat)(x).argmax(1) == model(x).argmax(1)).double().mean())
+    assert out["top1_agreement_vs_torch_fp32"]["ort-int8-qatkit"] == pytest.approx(expected, abs=1 / 24)
+    assert all(abs(v * 24 - round(v * 24)) < 1e-9 for v in out["top1_agreement_vs_torch_fp32"].values())  # of 24

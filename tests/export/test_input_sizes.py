@@ -8,6 +8,7 @@ import warnings
 import onnx
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import qatkit
@@ -134,3 +135,57 @@ def test_onnx_keeps_the_example_sizes_where_its_graph_does_not_follow_them(tmp_p
                             "differs from the integer model by ") for n in notes), notes
     assert _dims(tmp_path / "m.onnx") == ["batch", 6, 8]
     assert verify(tmp_path / "m.onnx", integer, [x])["max_step_diff"] <= 1.0
+
+
+class PyramidPool(nn.Module):
+    """PSPNet's pyramid pooling: adaptive average pools to 2x2 (windows of the example's size in qatkit's ONNX graph),
+    upsampled back and concatenated."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.branch, self.head = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 1), nn.Conv2d(12, 3, 1)
+
+    def forward(self, x):
+        f = torch.relu(self.stem(x))
+        pooled = F.interpolate(torch.relu(self.branch(F.adaptive_avg_pool2d(f, 2))), size=f.shape[-2:], mode="nearest")
+        return self.head(torch.cat([f, pooled], 1))
+
+
+def test_a_constant_example_does_not_hide_a_size_the_graph_holds(tmp_path):
+    """The other sizes were probed with the example cut or tiled: a zero image (qatkit export's example) gives the
+    same output at every size, so the inputs stayed free and ONNX Runtime was 0.155 off at another size."""
+    torch.manual_seed(0)
+    x = torch.randn(16, 3, 8, 8)
+    _, integer = _integer(PyramidPool(), x)
+    notes = export_onnx(integer, tmp_path / "m.onnx", torch.zeros(1, 3, 8, 8))
+    assert any(n.startswith("the ONNX inputs keep the example's sizes besides the batch") for n in notes), notes
+    assert _dims(tmp_path / "m.onnx") == ["batch", 3, 8, 8]
+    assert verify(tmp_path / "m.onnx", integer, [x])["max_step_diff"] <= 1.0
+
+
+class WindowOfItsSize(nn.Module):
+    """Pools whose window is the feature map's own size, read from it: avg_pool2d(x, x.size()[2:]), GeM's
+    avg_pool2d(x.pow(3), (x.size(-2), x.size(-1))).pow(1/3), lp_pool2d(x, 2, x.shape[-1]), max_pool2d(x, x.shape[2:])."""
+
+    def __init__(self, head: str):
+        super().__init__()
+        self.head, self.conv, self.fc = head, nn.Conv2d(3, 8, 3, padding=1), nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.conv(x))
+        x = {"avg": lambda: F.avg_pool2d(x, x.size()[2:]),
+             "gem": lambda: F.avg_pool2d(x.clamp(min=1e-6).pow(3), (x.size(-2), x.size(-1))).pow(1.0 / 3),
+             "lp": lambda: F.lp_pool2d(x, 2, x.shape[-1]), "max": lambda: F.max_pool2d(x, x.shape[2:])}[self.head]()
+        return self.fc(x.flatten(1))
+
+
+@pytest.mark.parametrize("head", ["avg", "gem", "lp", "max"])
+def test_a_pooling_window_read_from_the_input_size_exports_at_the_example_size(head, tmp_path):
+    """The export failed with a raw TypeError ('Value' object is not iterable) or onnx's 'Could not infer the attribute
+    type'; the window is the example's, and the inputs keep its sizes (noted)."""
+    torch.manual_seed(0)
+    x = torch.randn(16, 3, 8, 8)
+    _, integer = _integer(WindowOfItsSize(head), x)
+    notes = export_onnx(integer, tmp_path / "m.onnx", x[:1])
+    assert any(n.startswith("the ONNX inputs keep the example's sizes besides the batch") for n in notes), notes
+    assert verify(tmp_path / "m.onnx", integer, [x])["max_step_diff"] == 0

@@ -75,7 +75,7 @@ class WeightMatmul(nn.Module):
         return self.fc(x) @ self.w  # a weight, not an activation: no QLinearMatMul
 
 
-def test_a_matmul_with_a_parameter_stays_float():
+def test_a_matmul_with_a_parameter_is_a_layer_not_a_matmul_of_activations():
     qat = qatkit.prepare(WeightMatmul(), qatkit.QATConfig())
-    assert not any(isinstance(m, QMatMul) for m in qat.modules())
-    assert any("(matmul)" in op for op in qat.qat_info.float_ops)
+    assert not any(isinstance(m, QMatMul) for m in qat.modules()) and not qat.qat_info.float_ops
+    assert [r["name"] for r in qat.qat_info.layers] == ["fc", "w_linear"]  # (tests/prepare/test_layer_subclasses.py)

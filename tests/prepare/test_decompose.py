@@ -302,6 +302,24 @@ def test_unbatched_recurrent_input_is_refused_with_the_fix():
         decompose(nn.GRU(4, 8))(torch.randn(5, 4))
 
 
+class TimeFirst(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.rnn, self.fc = nn.LSTM(8, 12), nn.Linear(12, 4)  # batch_first=False: (T, B, F)
+
+    def forward(self, x):
+        return self.fc(self.rnn(x)[0])
+
+
+def test_a_time_first_recurrent_layer_is_named_in_the_refusal():
+    """Its steps run along axis 0, which tracing takes for the batch: convert blamed a branch on the batch size."""
+    qat = qatkit.prepare(TimeFirst().eval(), qatkit.QATConfig(), torch.randn(6, 4, 8))
+    qatkit.calibrate(qat, [torch.randn(6, 4, 8)])
+    with pytest.raises(qatkit.QatkitError, match=r"or the batch is not axis 0: rnn step along it; build them with "
+                                                 r"batch_first=True"):
+        qatkit.convert(qat)
+
+
 class Tagger(nn.Module):
     """Token ids → embedding → a recurrent layer → the last step's state → classes; learned=True: the recurrent
     layer starts from a learned initial state (a parameter expanded to the batch)."""

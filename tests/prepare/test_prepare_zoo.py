@@ -228,6 +228,14 @@ def test_describe_lists_every_layer(prepared, name):
         assert "float ops (no integer kernel, run on dequantized values): act (Sigmoid)" in text
 
 
+def test_describe_shows_the_bits_weights_are_quantized_at_with_reduce_range():
+    """reduce_range quantizes 8-bit weights at 7 bits; describe and report.md said W8."""
+    qat = qatkit.prepare(build("small-cnn"), qatkit.QATConfig(reduce_range=True), torch.zeros(2, 1, 8, 8))
+    bits = [int(m.weight_quant.bits) for m in qat.modules() if hasattr(m, "weight_quant")]
+    assert bits == [7] * 5 and [r["weight_bits"] for r in qat.qat_info.layers] == bits
+    assert all("| W7 " in line for line in qatkit.describe(qat).splitlines()[2:7])
+
+
 def test_describe_of_a_float_model():
     assert qatkit.describe(build("seed-mlp")).startswith("not a qatkit QAT model")
 

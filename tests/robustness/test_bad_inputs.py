@@ -118,6 +118,11 @@ RUN_CASES = [
      r"bn_freeze_epoch = -2 is not allowed; allowed: an integer in \[0, inf\]"),
     ("yaml-unknown-top-level-key", [], "epochs: 3\n", r"--config key = 'epochs' is not allowed; allowed: dataset, data, model, "),
     ("yaml-unknown-qat-key", [], "qat:\n  bitz: 4\n", r"qat key = 'bitz' is not allowed; allowed: weight_bits, act_bits, "),
+    ("yaml-qat-weight-bits", [], "qat:\n  weight_bits: 2\n", r"--config qat key = 'weight_bits' is not allowed; "
+     r"allowed: QATConfig's keys but weight_bits and act_bits, .+Fix: move weight_bits: to the top level, or pass "
+     r"--weight-bits"),  # (it was ignored: W8A8 and W4A4 trained, results.json's config saying W2)
+    ("flag-repeated-bit-pair", ["--weight-bits", "4", "4", "--act-bits", "4", "4"], None,
+     r"weight_bits/act_bits pair = 'W4A4' is not allowed; allowed: each pair once"),
     ("yaml-list-instead-of-mapping", [], "- dataset\n- digits\n",
      r"--config content = 'list' is not allowed; allowed: a mapping of options"),
     ("yaml-python-object-tag", [], "train: !!python/name:os.system\n",
@@ -204,7 +209,8 @@ def test_train_refuses_two_bit_widths_from_yaml(capsys, tmp_path):
     (["--batches", "1", "-4"], r"--batches = \[1, -4\] is not allowed; allowed: integers >= 1"),
     (["--rounds", "-3"], r"--rounds = -3 is not allowed; allowed: an integer >= 1"),
     (["--threads", "0"], r"--threads = 0 is not allowed; allowed: an integer >= 1"),
-], ids=["batches-0", "batches-negative", "rounds-negative", "threads-0"])
+    (["--batches", "2", "2"], r"--batches = \[2, 2\] is not allowed; allowed: each batch size once"),
+], ids=["batches-0", "batches-negative", "rounds-negative", "threads-0", "batches-repeated"])
 def test_bench_refuses_bad_counts_before_reading_anything(capsys, tmp_path, flags, pattern):
     usage_error(capsys, ["bench", str(tmp_path / "never-read.ckpt"), *flags], pattern)
 

@@ -10,6 +10,7 @@ from qatkit.convert.ir import to_ir
 from qatkit.convert.runtime import IntegerModel
 from qatkit.devices import check_dtype, module_device
 from qatkit.errors import QatkitError
+from qatkit.modes import evaluating
 from qatkit.nn import QEmbedding, QLayer
 from qatkit.quantizer import check_ranges
 
@@ -31,12 +32,8 @@ def convert(qat_model: nn.Module) -> IntegerModel:
                           "again from the last good checkpoint, with a lower lr or TrainConfig(nonfinite='skip')")
     if module_device(qat_model).type != "cpu":  # the integer model runs on the CPU; the QAT model stays where it is
         qat_model = copy.deepcopy(qat_model).cpu()
-    was_training = qat_model.training
-    qat_model.eval()
-    try:
+    with evaluating(qat_model):
         nodes, tensors = to_ir(qat_model)
-    finally:
-        qat_model.train(was_training)
     info = getattr(qat_model, "qat_info", None)
     meta = {"layers": info.layers, "float_ops": info.float_ops} if info is not None else {}
     return IntegerModel(nodes, tensors, meta)

@@ -180,10 +180,12 @@ class _Writer:
 
     def _qlayer(self, node, m: QLayer):
         in_q = m.input_quant or (self._resolve(node.args[1].target) if len(node.args) > 1 else None)
-        if in_q is None or not in_q.active or not m.weight_quant.spec.symmetric:
-            raise QatkitError(f"layer '{node.target}' has no quantized input or asymmetric weights; allowed: an "
-                              "enabled, calibrated input quantizer and symmetric weights (integer kernels take no "
-                              "weight zero point). Fix: keep its input quantized and its weights symmetric")
+        if in_q is None or not in_q.active or not m.weight_quant.spec.symmetric or not bool(m.weight_quant.enabled):
+            raise QatkitError(f"layer '{node.target}' has no quantized input, or its weights are asymmetric or not "
+                              "quantized (weight_quant disabled: the QAT model computes float weights there); allowed: "
+                              "an enabled, calibrated input quantizer and enabled symmetric weights (integer kernels "
+                              "take no weight zero point). Fix: keep its input and weights quantized and its weights "
+                              "symmetric, or leave the layer float with LayerRule(pattern=..., skip=True)")
         # A layer called twice (shared weights) has each call's input scale, bias and output: per-call keys
         key = node.target if f"{node.target}.input.scale" not in self.tensors else f"{node.target}@{node.name}"
         w, b = m.folded()

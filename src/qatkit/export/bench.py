@@ -23,11 +23,20 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
+from qatkit.errors import bad_value
 from qatkit.export.onnx_qdq import export_onnx
 from qatkit.export.ort import session
 
 RUNTIMES = ("torch-fp32", "ort-fp32", "ort-int8-qatkit", "ort-int8-quantize_static")
 MIN_SAMPLE_S = 0.02  # each timing sample covers at least this much work
+
+
+def check_batches(batches: Sequence[int], name: str = "batches") -> None:
+    """Batch sizes to time: integers >= 1, each once."""
+    if not batches or min(batches) < 1:
+        raise bad_value(name, list(batches), "integers >= 1", "pass e.g. --batches 1 32")
+    if len(set(batches)) != len(batches):
+        raise bad_value(name, list(batches), "each batch size once", "drop the repeated size")
 
 
 # ---------------------------------------------------------------------------------------------- exports
@@ -144,6 +153,7 @@ def bench(float_model: nn.Module, qat_model: nn.Module, example: torch.Tensor, c
           workdir: str | os.PathLike | None = None) -> dict:
     """Latency of the four RUNTIMES at each batch size (see the module docstring); the model files are
     written to a temporary folder inside `workdir` (default: the system's) and removed afterwards."""
+    check_batches(batches)
     float_model, qat_model = float_model.eval(), qat_model.eval()
     tmp = Path(tempfile.mkdtemp(prefix="qatkit-bench-", dir=workdir))
     previous_threads = torch.get_num_threads()
@@ -163,8 +173,8 @@ def bench(float_model: nn.Module, qat_model: nn.Module, example: torch.Tensor, c
         xs = {b: pool[torch.arange(b) % len(pool)] for b in batches}
         inputs = {n: (xs if n == "torch-fp32" else {b: x.numpy() for b, x in xs.items()}) for n in RUNTIMES}
 
-        reference = fns["torch-fp32"](example).numpy()  # sanity only, never a gate
-        agreement = {n: _top1(fns[n](example.numpy()), reference) for n in RUNTIMES[2:]}
+        reference = fns["torch-fp32"](pool).numpy()  # sanity only, never a gate (on every sample: on one, 0 or 1)
+        agreement = {n: _top1(fns[n](pool.numpy()), reference) for n in RUNTIMES[2:]}
 
         samples = interleaved(fns, inputs, batches, rounds, warmup)
     finally:

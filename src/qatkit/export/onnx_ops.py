@@ -62,6 +62,9 @@ def export_call(ex, node: dict) -> Value:
     short = fn.rsplit(".", 1)[-1]
     args = [_resolve(ex, a) for a in node["args"]]
     kwargs = {k: _resolve(ex, v) for k, v in node["kwargs"].items()}
+    if short in _WINDOWED:  # a window computed from the input's size (avg_pool2d(x, x.size()[2:]), GeM): the
+        args = args[:1] + [_at_example(ex, a) for a in node["args"][1:]]  # example's (the check at other sizes
+        kwargs = {k: _at_example(ex, v) for k, v in node["kwargs"].items()}  # then keeps the sizes, noted)
     x = args[0] if args else None
     rank = ex.rank(node["args"][0]["node"]) if node["args"] and isinstance(node["args"][0], dict) and "node" in node["args"][0] else None
 
@@ -264,6 +267,19 @@ def _meshgrid(ex, tensors: list[Value], indexing: str, name: str) -> list[Value]
         out.append(_keep(ex, Value(ex.op("Unsqueeze", [t.name, others], "line"), t.kind, t.scale, t.zero_point),
                          "Expand", [shape], name))
     return out
+
+
+_WINDOWED = {f"{kind}_pool{n}d" for kind in ("avg", "max", "lp") for n in (1, 2, 3)}
+
+
+def _at_example(ex, a):
+    """A pooling argument as the example's value: ints as they are; a size computed in the graph, its value there."""
+    if isinstance(a, list):
+        return [_at_example(ex, v) for v in a]
+    if isinstance(a, dict) and "node" in a:
+        value = ex.shapes[a["node"]]
+        return list(value) if isinstance(value, (tuple, list)) else value
+    return a
 
 
 def _whole_length(ex, node: dict) -> bool:

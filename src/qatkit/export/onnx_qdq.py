@@ -78,11 +78,15 @@ class _Exporter:
         if n in self._resized:
             return self._resized[n]
         probes = self._resized[n] = []
+        noise = torch.Generator().manual_seed(0)
         for new in (n // 2, 2 * n) if n > 1 else (2,):
             inputs = []
             for e, free in zip(self.examples, self.free_axes):
                 for axis in (a for a in free if e.shape[a] == n):
                     e = torch.cat([e, e], axis) if new > n else e.narrow(axis, 0, new)
+                if e.is_floating_point():  # varied: a constant example (a zero image) gives one output at any size,
+                    spread = float(e.std()) if e.numel() > 1 else 0.0  # whatever the graph does with the size
+                    e = e + torch.randn(e.shape, generator=noise, dtype=e.dtype) * (spread if spread > 0 else 1.0)
                 inputs.append(e)
             try:
                 probes.append((new, inputs, self.model(*inputs)))

@@ -13,6 +13,7 @@ from qatkit.convert import ops
 from qatkit.devices import check_dtype, module_device
 from qatkit.errors import DataError, QatkitError, bad_value, listed
 from qatkit.inputs import check_sizes
+from qatkit.modes import evaluating
 from qatkit.prepare.concrete import concrete_trace, input_sizes
 from qatkit.prepare.decompose import decompose
 from qatkit.prepare.graph import WRAPPERS, PrepareInfo, prepare_graph, record_ranks
@@ -190,7 +191,7 @@ def _prepare_module(module: nn.Module, prefix: str, config: QATConfig, plans, in
                 raise ValueError("no example_inputs were given to prepare to trace it along")
             gm, decisions, checked = concrete_trace(module, arguments)
         except Exception as concrete_error:  # the model's own code may raise anything on proxies
-            info.untraced.append(f"{why}, nor along the example input ({str(concrete_error).splitlines()[0][:200]})")
+            info.untraced.append(f"{why}, nor along the example input ({str(concrete_error).splitlines()[0][:300]})")
             return swap_layers(module, prefix, config, plans, info, _prepare_module)
         shapes = ", ".join(str(tuple(a.shape)) for a in arguments[0].values() if isinstance(a, torch.Tensor))
         info.traced_along_example = (f"qatkit: torch.fx could not trace {why}; traced along the example input "
@@ -224,17 +225,13 @@ def _fails(model: nn.Module, example: dict[str, object], fixed: dict[str, object
     first line of the error it raises."""
     device = module_device(model)
     example = {k: a.to(device) if isinstance(a, torch.Tensor) else a for k, a in example.items()}
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), evaluating(model):
             model(**example, **(fixed or {}))
     except QatkitError:  # raised on purpose (by prepare's rewrites of torch.nn blocks), with its own fix
         raise
     except (RuntimeError, ValueError, IndexError, TypeError, AttributeError) as e:
         return str(e).splitlines()[0] if str(e) else type(e).__name__
-    finally:
-        model.train(was_training)
     return None
 
 

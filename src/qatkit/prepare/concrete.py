@@ -150,8 +150,11 @@ def concrete_trace(module: nn.Module, arguments: tuple[dict, dict]) -> tuple[fx.
         if agrees is None:  # the model's own refusal of this batch size: nothing to compare
             continue
         if not agrees:
+            seq_first = [n for n, m in module.named_modules() if getattr(m, "batch_first", True) is False]
             raise ValueError(f"the graph traced along the example input differs from the model on a batch of "
-                             f"{size} (its forward branches on the batch size or on tensor values)")
+                             f"{size} (its forward branches on the batch size or on tensor values" + (
+                                 f", or the batch is not axis 0: {', '.join(seq_first)} step along it; build them "
+                                 "with batch_first=True" if seq_first else "") + ")")
         checked.append(size)
     return gm, tracer.decisions, checked
 

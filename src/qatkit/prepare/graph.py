@@ -1178,7 +1178,7 @@ class _Rewriter:
         self.wrapped[node] = plan
         self.wrapped_targets.add(node.target)
         self.info.layers.append({"name": node.target, "type": type(self.modules[node.target]).__name__,
-                                 "weight_bits": plan.weight_bits, "per_channel": plan.per_channel,
+                                 "weight_bits": wrapper.weight_quant.spec.bits, "per_channel": plan.per_channel,
                                  "act_bits": plan.act_bits, **row})  # act_bits None: the input is not quantized
 
     # ---- step 2: activation quantizers ----------------------------------------------------------

@@ -26,7 +26,7 @@ def swap_layers(module: nn.Module, prefix: str, config, plans, info, prepare_chi
             wrapper = WRAPPERS[layer_type(child)](child, w_spec, **({} if ids_in else {"input_spec": config.act_spec(plan.act_bits)}))
             wrapper.weight_quant.init_from(wrapper.weight.detach())
             setattr(module, name, wrapper)
-            info.layers.append({"name": path, "type": type(child).__name__, "weight_bits": plan.weight_bits,
+            info.layers.append({"name": path, "type": type(child).__name__, "weight_bits": w_spec.bits,
                                 "per_channel": plan.per_channel, "act_bits": None if ids_in else plan.act_bits, "bn_folded": False,
                                 "act": None, "output": "float"})
         elif len(list(child.children())) > 0:

@@ -33,6 +33,7 @@ from qatkit import inputs
 from qatkit.config import TrainConfig, error_penalty_pairs, to_dict
 from qatkit.devices import check_dtype, module_device
 from qatkit.errors import ConfigError, DataError, ModelFileError, QatkitError, bad_value, error_detail
+from qatkit.modes import evaluating
 from qatkit.nn import FoldedBn, QLayer
 from qatkit.quantizer import FakeQuantizer, check_ranges
 from qatkit.regularize import check_penalty_globs, quantization_error_penalty
@@ -65,10 +66,8 @@ def evaluate(model: nn.Module, loader: Iterable, device: str | torch.device | No
 @torch.no_grad()
 def _eval_sums(model: nn.Module, loader: Iterable, device: str | torch.device) -> tuple[int, float, int]:
     """(correct, summed cross-entropy, samples) over the loader's batches."""
-    was_training = model.training
-    model.eval()
     correct, loss_sum, n = 0, 0.0, 0
-    try:
+    with evaluating(model):
         for batch in loader:
             x, y = inputs.labelled(batch)
             x, y = inputs.to_device(x, device), y.to(device)
@@ -76,8 +75,6 @@ def _eval_sums(model: nn.Module, loader: Iterable, device: str | torch.device) -
             loss_sum += F.cross_entropy(logits, y, reduction="sum", ignore_index=IGNORE_INDEX).item()
             hits, counted = count_hits(logits, y)
             correct, n = correct + hits, n + counted
-    finally:
-        model.train(was_training)
     return correct, loss_sum, n
 
 
@@ -416,7 +413,9 @@ def _restore(path: Path, model: nn.Module, optimizer, scheduler, settings: dict[
                               f"allowed: the checkpoint's value (only {' and '.join(RESUME_FREE_FIELDS)} may change). "
                               f"Fix: set {key} back to {saved.get(key)!r}"
                               + (" (it follows the training split's size, --limit, and the batch size)"
-                                 if key == "steps_per_epoch" else "") + ", or start a new run without --resume")
+                                 if key == "steps_per_epoch" else " (train: in qatkit's --config YAML)"
+                                 if key in settings and key != "error_penalty" else "")
+                              + ", or start a new run without --resume")
     try:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
