@@ -16,6 +16,7 @@ from qatkit.export import export_onnx, ort, verify
 from qatkit.export.integer_reference import IntegerReference
 from qatkit.kernels import conv_pads
 from qatkit.config import QuantSpec
+from qatkit.models import build_model
 from qatkit.nn import QConv
 
 
@@ -93,6 +94,20 @@ def test_a_float_conv_with_a_padding_mode_is_refused_at_convert():
     with pytest.raises(QatkitError, match=r"float conv 'conv2' \(not quantized\) has padding='same', "
                                           r"padding_mode='reflect'.*Fix: let qatkit quantize it"):
         qatkit.convert(qat.eval())
+
+
+@pytest.mark.parametrize("skipped", ["conv1", "layer1.0.conv2", "layer2.0.downsample.0"])
+def test_a_conv_a_rule_leaves_float_exports(skipped, tmp_path):
+    """Any skipped conv but the last layer made export fail with a raw KeyError: 'node' (its weight is stored)."""
+    torch.manual_seed(0)
+    x = torch.randn(16, 3, 8, 8)
+    model = build_model("resnet20", num_classes=10, in_channels=3, image_size=8)
+    qat = qatkit.prepare(model, qatkit.QATConfig(rules=(qatkit.LayerRule(pattern=skipped, skip=True),)), x[:2])
+    qatkit.calibrate(qat, [x])
+    integer = qatkit.convert(qat.eval())
+    assert torch.equal(integer(x), qat(x))
+    export_onnx(integer, tmp_path / "m.onnx", x[:1])
+    assert verify(tmp_path / "m.onnx", integer, [x])["top1_agreement"] == 1.0
 
 
 class CatNet(nn.Module):

@@ -982,7 +982,8 @@ def _float_op(ex, node, short, args, kwargs, rank) -> Value:
             y = ex.op("MatMul", [xf, ex.op("Transpose", [inputs[1]], "wT", perm=[1, 0])], name)
             return Value(ex.op("Add", [y, inputs[2]], f"{name}_bias") if bias is not None else y, "float")
         n, dilation = int(short[-2]), _ints(_arg(args, kwargs, 5, "dilation", 1), int(short[-2]))
-        kernel = ex.shapes[_raw_arg(node, 1, "weight")["node"]].shape[2:]
+        weight = _raw_arg(node, 1, "weight")  # computed, or stored (a conv a LayerRule leaves float)
+        kernel = (ex.shapes[weight["node"]] if "node" in weight else ex.model.tensor(weight["tensor"])).shape[2:]
         pads = onnx_pads(padding if isinstance(padding, str) else _ints(padding, n), kernel, dilation)
         return Value(ex.op("Conv", inputs, name, strides=_ints(stride, n), pads=pads, dilations=dilation,
                            group=_arg(args, kwargs, 6, "groups", 1)), "float")
