@@ -1,4 +1,4 @@
-"""`qatkit` command line: run | train | convert | eval.
+"""`qatkit` command line: run | train | convert | export | verify | bench | sensitivity | eval.
 
 Flags override a `--config file.yaml` (read with yaml.safe_load), which overrides the defaults.
 Usage errors (bad flags, values, paths, files) print one line and exit with code 2.

@@ -92,7 +92,7 @@ class RunConfig:
     @property
     def float_train(self) -> TrainConfig:
         return dataclasses.replace(self.train, epochs=self.float_epochs, lr=self.float_lr, distill=0.0,
-                                   bn_freeze_epoch=None, scale_lr=None)
+                                   bn_freeze_epoch=None, scale_lr=None, progressive_bits=(), track_oscillations=False)
 
 
 def _recipe(config: RunConfig, ds: ImageDataset | TextDataset, qat: QATConfig | None) -> dict:

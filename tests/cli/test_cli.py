@@ -224,6 +224,15 @@ def test_bn_freeze_epoch_follows_epochs_unless_the_yaml_sets_it(tmp_path):
     assert freeze("--config", str(cfg), "--epochs", "2") is None
 
 
+def test_float_pretraining_leaves_out_the_qat_only_settings():
+    """The float stage inherited progressive_bits (warning 'only [2] train' about a float model) and oscillation
+    tracking."""
+    train = qatkit.TrainConfig(epochs=3, progressive_bits=(8, 4, 2), track_oscillations=True, bn_freeze_epoch=2)
+    float_train = RunConfig(float_epochs=1, train=train).float_train
+    assert (float_train.epochs, float_train.progressive_bits, float_train.track_oscillations,
+            float_train.bn_freeze_epoch) == (1, (), False, None)
+
+
 def _sentiment_tsv(n: int, seed: int) -> str:
     """Texts of 2..9 words; label 1 when they hold more 'good' words than 'bad' ones."""
     import random

@@ -128,6 +128,26 @@ def test_w8a8_export_runs_integer_kernels_and_equals_qatkit(name, tmp_path):
         assert _without_uint8_note(notes) == expected
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+def test_signed_activations_export_as_uint8_and_run_integer_kernels(bits, tmp_path):
+    """act_symmetric makes every activation not after a ReLU int8; ONNX Runtime on x86 ran the stem conv, the global
+    pool and the classifier on such inputs as float ops (max step diff 4). They are stored as uint8 + 128, and the
+    residual adds round their float32 sums as QLinearAdd does on those codes."""
+    from qatkit.export.ort import per_layer
+
+    qat, x = _prepared("resnet20", bits, channels=3, size=16, act_symmetric=True)
+    assert qat.conv1.last_input_quant is None or qat.conv1.last_input_quant.qrange[0] < 0  # (the input is signed)
+    path = tmp_path / "m.onnx"
+    export_onnx(qat, path, x[:1])
+    result = verify(path, qat, [x[:16], x[16:]])
+    assert result["top1_agreement"] == 1.0 and result["max_step_diff"] == 0.0
+    assert _optimized_ops(path, tmp_path) <= INTEGER_OPS | {"Clip"}  # (4-bit codes clamped in their 8-bit tensor)
+    graph = onnx.load(str(path)).graph
+    types = {t.name: t.data_type for t in graph.initializer}
+    assert {types[n.input[2]] for n in graph.node if n.op_type == "QuantizeLinear"} == {onnx.TensorProto.UINT8}
+    assert per_layer(qatkit.convert(qat), x[:4]) == []  # (the debug outputs: the model's signed codes back)
+
+
 @pytest.mark.parametrize("name", ["small-cnn", "resnet20"])
 def test_w4a4_export_runs_int8_kernels_and_equals_qatkit(name, tmp_path):
     """4-bit weights in int8, 4-bit activations as uint8 codes clamped by an integer Clip after each Q: ONNX Runtime

@@ -165,10 +165,14 @@ class IntegerModel(nn.Module):
         out = node["output"]
         s_out, z_out = self.tensor(out["scale"]["tensor"]), torch.tensor(float(out["zero_point"]))
         lo, hi = kernels.activation_bounds(node.get("act"), s_out, z_out, out["qmin"], out["qmax"])
-        if node["op"] in ("qadd", "qmatmul"):
+        if node["op"] == "qadd":
+            (a, b), signed = xs, tuple(f["qmin"] < 0 for f in (*node["inputs"], out))
+            codes = kernels.add_requant(a.codes, a.zero_point, a.scale, b.codes, b.zero_point, b.scale, s_out, z_out,
+                                        lo, hi, signed)
+        elif node["op"] == "qmatmul":
             a, b = xs
-            requant = kernels.add_requant if node["op"] == "qadd" else kernels.matmul_requant
-            codes = requant(a.codes, a.zero_point, a.scale, b.codes, b.zero_point, b.scale, s_out, z_out, lo, hi)
+            codes = kernels.matmul_requant(a.codes, a.zero_point, a.scale, b.codes, b.zero_point, b.scale, s_out,
+                                           z_out, lo, hi)
         else:
             codes = kernels.global_avgpool_requant(xs[0].codes, xs[0].zero_point, xs[0].scale, s_out, z_out, lo, hi)
         return QValue(codes, s_out, out["zero_point"])

@@ -27,6 +27,21 @@ OPSET = 17
 CHANNEL_ALIGN = 4  # conv input channels padded to a multiple of this (see _Exporter.align_channels)
 
 
+def _uint8_activations(node: dict) -> dict:
+    """The node with each signed activation's zero point and code range moved up by 128 into uint8 (act_symmetric's
+    int8 codes): ONNX Runtime on x86 fuses DQ → Conv / MatMul → Q into integer kernels only with uint8 activations
+    (ORT_NUMERICS.md; int8 ones ran as float ops, up to 4 output steps off), and q + 128 at zero point z + 128 holds
+    the same values."""
+    def moved(fields):
+        if isinstance(fields, list):
+            return [moved(f) for f in fields]
+        if isinstance(fields, dict) and "qmin" in fields and "zero_point" in fields and fields["qmin"] < 0:
+            return {**fields, "zero_point": fields["zero_point"] + 128, "qmin": fields["qmin"] + 128,
+                    "qmax": fields["qmax"] + 128, "shifted": True}
+        return fields
+    return moved(node) if node["op"] == "quantize" else {k: moved(v) for k, v in node.items()}
+
+
 def _codes(v):
     """A QValue's codes (of each piece of a chunk or split)."""
     if isinstance(v, tuple):
@@ -55,6 +70,7 @@ class _Exporter:
         self.notes: list[str] = []
         self.float_ops: dict[str, list[str]] = {}  # op → module paths / nodes it runs in float at
         self.uint8_weights: list[str] = []  # layers whose 8-bit weights are stored as uint8 + 128
+        self.shifted: set[str] = set()  # zero points of signed activations stored as uint8 (_uint8_activations)
         self.counter = 0
 
     # ---- graph building helpers ----------------------------------------------------------------
@@ -131,7 +147,10 @@ class _Exporter:
     def qparams(self, fields: dict, hint: str) -> tuple[str, str]:
         scale = self.model.tensor(fields["scale"]["tensor"]).numpy().astype(np.float32)
         zp_type = np.uint8 if fields["qmin"] >= 0 else np.int8
-        return self.const(f"{hint}_scale", scale), self.const(f"{hint}_zp", np.array(fields["zero_point"], zp_type))
+        zp = self.const(f"{hint}_zp", np.array(fields["zero_point"], zp_type))
+        if fields.get("shifted"):
+            self.shifted.add(zp)
+        return self.const(f"{hint}_scale", scale), zp
 
     def floats(self, v: Value) -> str:
         """v as float32: dequantized codes, cast integers and masks (as PyTorch promotes them), or v itself."""
@@ -190,7 +209,7 @@ class _Exporter:
     def run(self, debug_outputs: bool = False) -> onnx.ModelProto:
         graph_inputs, outputs, examples = [], [], iter(zip(self.examples, self.free_axes))
         output_dims = self.output_dims()
-        for node in self.model.nodes:
+        for node in map(_uint8_activations, self.model.nodes):
             name, op = node["name"], node["op"]
             if op == "input":
                 example, free = next(examples)
@@ -224,7 +243,13 @@ class _Exporter:
                 self.env[name] = self.call(node)
         if debug_outputs:  # every integer value, named after its node, for per-layer comparisons
             for ir_name, v in self.env.items():  # (chunk/split/unbind pieces: as the getitem nodes that take them)
-                if isinstance(v, Value) and v.kind == "quant" and ir_name in self.shapes:
+                if isinstance(v, Value) and v.kind == "quant" and ir_name in self.shapes and v.zero_point in self.shifted:
+                    wide = self.op("Cast", [v.name], f"debug_{ir_name}", to=TensorProto.INT32)  # (the model's codes)
+                    self.nodes.append(helper.make_node("Sub", [wide, self.const("shift", np.array(128, np.int32))],
+                                                       [f"debug/{ir_name}"]))
+                    outputs.append(helper.make_tensor_value_info(f"debug/{ir_name}", TensorProto.INT32,
+                                                                 [None] * self.shapes[ir_name].dim()))
+                elif isinstance(v, Value) and v.kind == "quant" and ir_name in self.shapes:
                     self.nodes.append(helper.make_node("Identity", [v.name], [f"debug/{ir_name}"]))
                     elem = TensorProto.UINT8 if self.inits[v.zero_point].data_type == TensorProto.UINT8 else TensorProto.INT8
                     outputs.append(helper.make_tensor_value_info(f"debug/{ir_name}", elem, [None] * self.shapes[ir_name].dim()))

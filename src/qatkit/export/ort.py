@@ -106,8 +106,9 @@ def verify(onnx_path: str | os.PathLike | ort.InferenceSession, model, batches: 
     Returns n (samples), top1_agreement (of the first output's predictions along its last axis: one per sample,
     or one per position of a sequence output), within_one_step (fraction of output values,
     all outputs, within one output quantization step; of a float output, within FLOAT_OUTPUT_STEP of its largest
-    magnitude), max_step_diff, and per_layer (where any integer
-    tensor differs; with layers=False, not looked for).
+    magnitude), max_step_diff, output_step (the first output's quantization step; None for a float output),
+    and per_layer (where any integer tensor differs, from a second session of the graph with every integer tensor as
+    an output, which ONNX Runtime may fuse otherwise; with layers=False, not looked for).
     """
     from qatkit.convert import convert
 

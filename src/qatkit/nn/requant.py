@@ -36,7 +36,8 @@ class QAdd(nn.Module):
     def integer_forward(self, a, b, qa: FakeQuantizer, qb: FakeQuantizer):
         (s_a, z_a), (s_b, z_b), (s_y, z_y) = qa.qparams(), qb.qparams(), self.out_quant.qparams()
         lo, hi = kernels.activation_bounds(self.act, s_y, z_y, *self.out_quant.qrange)
-        codes = kernels.add_requant(qa.codes(a), z_a, s_a, qb.codes(b), z_b, s_b, s_y, z_y, lo, hi)
+        signed = tuple(q.qrange[0] < 0 for q in (qa, qb, self.out_quant))
+        codes = kernels.add_requant(qa.codes(a), z_a, s_a, qb.codes(b), z_b, s_b, s_y, z_y, lo, hi, signed)
         return (codes - z_y) * s_y
 
 
