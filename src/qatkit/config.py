@@ -133,6 +133,9 @@ class QATConfig:
     # A matmul of two activations (attention's Q·Kᵀ and weights·V): both inputs and the output as integers at these
     # bits, as ONNX Runtime's QLinearMatMul computes it. None: such matmuls stay float.
     matmul_bits: int | None = 8
+    # False: BatchNorm stays a float op between integer layers; ONNX Runtime's float BN and adds round otherwise than
+    # PyTorch's, so the exported model matches qatkit's to within float rounding, not bit for bit (ResNet-20 W8A8:
+    # max step diff 2, a few codes in a thousand)
     fold_bn: bool = True
     # Every scale a power of two: each requantization multiplier is then 2^-n, which the runtime's float32
     # multiply and integer-only hardware's fixed-point multiply-and-shift compute identically.
