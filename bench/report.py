@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import math
 import os
 import statistics
 import sys
@@ -254,12 +255,16 @@ def _find(rows: list[dict], method: str, bits: tuple[int, int], schedule: str | 
 
 
 def _qat_step_ratios(step_times: dict | None) -> tuple[tuple[str, float] | None, tuple[str, float] | None]:
-    """(largest qatkit QAT ratio, torch.ao's ratio) from a task's step_times, each as (key, ratio)."""
+    """(largest qatkit QAT ratio, torch.ao's ratio) from a task's step_times, each as (key, ratio); None where one
+    of them is missing or NaN (not measured: the largest of the others would pass a target it may miss)."""
     ratios = (step_times or {}).get("ratio_to_float") or {}
-    ours = [(k, v) for k, v in ratios.items() if k.startswith("qat") and v is not None]
-    theirs = [(k, v) for k, v in ratios.items() if k.startswith("torch.ao") and v is not None]
-    return (max(ours, key=lambda kv: kv[1]) if ours else None,
-            min(theirs, key=lambda kv: kv[1]) if theirs else None)
+    ours = [(k, v) for k, v in ratios.items() if k.startswith("qat")]
+    theirs = [(k, v) for k, v in ratios.items() if k.startswith("torch.ao")]
+
+    def measured(pairs):
+        return pairs and all(isinstance(v, (int, float)) and math.isfinite(v) for _, v in pairs)
+    return (max(ours, key=lambda kv: kv[1]) if measured(ours) else None,
+            min(theirs, key=lambda kv: kv[1]) if measured(theirs) else None)
 
 
 def acceptance(task: str, rows: list[dict], step_times: dict | None) -> list[Check]:

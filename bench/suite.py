@@ -38,7 +38,7 @@ from safetensors.torch import load_file
 import torchao_qat
 from pretrain import pretrain
 from qatkit.calibrate import calibrate
-from qatkit.config import to_dict
+from qatkit.config import QATConfig, TrainConfig, to_dict
 from qatkit.convert import convert, save
 from qatkit.export import export_onnx, verify
 from qatkit.export.bench import export_float, interleaved, machine
@@ -59,12 +59,42 @@ LATENCY_BATCH, STEP_BATCH, THREADS = 32, 64, 2
 
 
 # ---- one run ------------------------------------------------------------------------------------
-def recipe_id(task: Task, method: str, w: int, a: int) -> str:
-    """Changes with the recipes a run uses: runs made with another recipe are stale and run again. A QAT run's
-    fine-tune is the one at its bits (Task.qat_recipe), so a change made at some bits reruns only those rows."""
+def _recipes(task: Task, method: str, w: int, a: int) -> dict:
+    """The recipes a run uses (as JSON has them): float training, the QAT fine-tune (a QAT run's at its bits,
+    Task.qat_recipe) and the QAT config."""
     train = task.qat_recipe(w, a) if method == "qat" else task.qat_train
-    recipes = {"float": to_dict(task.float_train), "qat_train": to_dict(train), "qat": to_dict(task.qat)}
+    return json.loads(json.dumps({"float": to_dict(task.float_train), "qat_train": to_dict(train),
+                                  "qat": to_dict(task.qat)}))
+
+
+def _digest(recipes: dict) -> str:
     return hashlib.sha256(json.dumps(recipes, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def recipe_id(task: Task, method: str, w: int, a: int) -> str:
+    """Changes with the recipes a run uses: runs made with another recipe are stale and run again; a change made at
+    some bits reruns only those rows."""
+    return _digest(_recipes(task, method, w, a))
+
+
+def is_current(run: dict, task: Task, made_with: dict | None) -> bool:
+    """Whether a run in the results file was made with the task's recipes: its recipe id is theirs, or the file's
+    `tasks` entry it was made with (made_with) differs from them only by config fields added since, which hold their
+    defaults there (TrainConfig.grad_clip, QATConfig.reduce_range, …: they changed nothing; the committed runs
+    would all run again)."""
+    now = _recipes(task, run["method"], run["weight_bits"], run["act_bits"])
+    if run.get("recipe") == _digest(now):
+        return True
+    if made_with is None:
+        return False
+    at = made_with.get("qat_recipe_at", {}).get(f"w{run['weight_bits']}a{run['act_bits']}", {})
+    made = {"float": made_with["float_recipe"], "qat": made_with["qat_config"],
+            "qat_train": {**made_with["qat_recipe"], **(at if run["method"] == "qat" else {})}}
+    defaults = json.loads(json.dumps({"float": to_dict(TrainConfig()), "qat_train": to_dict(TrainConfig()),
+                                      "qat": to_dict(QATConfig())}))
+    return run.get("recipe") == _digest(made) and all(
+        made[part].get(key, defaults[part].get(key)) == value for part, fields in now.items()
+        for key, value in fields.items())
 
 
 def _key(method: str, w: int, a: int, schedule: str | None, seed: int) -> str:
@@ -248,6 +278,7 @@ def run_task(task: Task, results: dict, out: Path, data_root: Path, quick: bool,
     limit = QUICK["train"] if quick else None
     ds = task.load(data_root, limit)
     seeds = seeds or list(task.seeds[:1] if quick else task.seeds)
+    made_with = results["tasks"].get(task.name)
     if runs or task.name not in results["tasks"]:  # the recipes of the runs in the file (--timing-only runs none)
         results["tasks"][task.name] = {"dataset": task.dataset, "model": task.model, "train_samples": len(ds.train),
                                        "test_samples": len(ds.test), "seeds": seeds,
@@ -256,8 +287,10 @@ def run_task(task: Task, results: dict, out: Path, data_root: Path, quick: bool,
     work = work / ("suite-quick" if quick else "suite") / task.name
     work.mkdir(parents=True, exist_ok=True)
     if runs:  # runs of an earlier recipe run again
-        results["runs"] = [r for r in results["runs"] if r["task"] != task.name
-                           or r.get("recipe") == recipe_id(task, r["method"], r["weight_bits"], r["act_bits"])]
+        results["runs"] = [r for r in results["runs"] if r["task"] != task.name or is_current(r, task, made_with)]
+        for r in results["runs"]:  # (ids of the recipes as they are now)
+            if r["task"] == task.name:
+                r["recipe"] = recipe_id(task, r["method"], r["weight_bits"], r["act_bits"])
     done = {r["key"] for r in results["runs"] if r["task"] == task.name}
     floats = {}
     for spec in planned_runs(task, seeds) if runs else []:

@@ -7,10 +7,10 @@ import torch
 from torch import nn
 
 from qatkit import inputs
-from qatkit.devices import module_device
+from qatkit.devices import check_available, module_device
 from qatkit.errors import DataError, bad_value
 from qatkit.modes import evaluating
-from qatkit.quantizer import FakeQuantizer
+from qatkit.quantizer import FakeQuantizer, check_qat_model
 
 
 def act_quantizers(model: nn.Module) -> list[FakeQuantizer]:
@@ -29,6 +29,9 @@ def calibrate(model: nn.Module, batches: Iterable, num_batches: int = 8,
     """
     if isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1:
         raise bad_value("num_batches", num_batches, "an integer >= 1", "pass num_batches=1 or more (TrainConfig.calib_batches)")
+    check_qat_model(model, "calibrate")
+    if device is not None:
+        check_available(device)
     device = module_device(model) if device is None else device
     quantizers = act_quantizers(model)
     for q in quantizers:

@@ -11,8 +11,13 @@ from qatkit.errors import ConfigError, bad_value
 
 
 def check_available(device: str | torch.device) -> None:
-    """Refuse a CUDA device this machine cannot run (torch built without CUDA, no GPU, or too few), before any work."""
-    device = torch.device(device)
+    """Refuse a device name torch does not know, or a CUDA device this machine cannot run (torch built without CUDA,
+    no GPU, or too few), before any work."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise bad_value("device", device, "'cpu', 'cuda' or 'cuda:N' (or a torch.device)",
+                        "pass device='cpu'") from None
     if device.type != "cuda":
         return
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0

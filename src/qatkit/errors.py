@@ -24,7 +24,16 @@ class ModelFileError(QatkitError, ValueError):
 
 def bad_value(what: str, value: object, allowed: str, fix: str, cls: type[QatkitError] = ConfigError) -> QatkitError:
     """Build the one-line message every error in qatkit follows: value, allowed values, fix."""
-    return cls(f"{what} = {value!r} is not allowed; allowed: {allowed}. Fix: {fix}")
+    return cls(f"{what} = {_shown(value)} is not allowed; allowed: {allowed}. Fix: {fix}")
+
+
+def _shown(value: object, most: int = 200) -> str:
+    """repr(value), cut to `most` characters (an int of 5000 digits has no repr under Python's digit limit)."""
+    try:
+        text = repr(value)
+    except ValueError:
+        return f"an integer of about {value.bit_length() * 30103 // 100000 + 1} digits"
+    return text if len(text) <= most else text[:most] + "…"
 
 
 def listed(items, most: int) -> str:

@@ -19,8 +19,16 @@ _UNWRITABLE = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EFBIG
 def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path in the same folder to write to; on success it is fsynced and renamed over
     `path` and the folder fsynced; on failure it is removed. A destination that cannot be written (no permission,
-    a read-only or full disk) raises ConfigError naming it."""
+    a read-only or full disk) raises ConfigError naming it, as does a path that names no file (a folder, a path
+    under a file)."""
+    if not isinstance(path, (str, os.PathLike)) or not str(path) or str(path).endswith(("/", os.sep)):
+        raise ConfigError(f"destination {path!r} names no file; allowed: a file path. Fix: pass a file name, e.g. "
+                          "model.safetensors")
     path = Path(path)
+    blocked = path if path.is_dir() else next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+    if blocked is not None:
+        why = "is a folder" if blocked == path else f"is under the file {str(blocked)!r}"
+        raise ConfigError(f"{str(path)!r} {why}; allowed: a file path in a folder. Fix: write to another path")
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

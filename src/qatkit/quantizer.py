@@ -231,6 +231,18 @@ class FakeQuantizer(HostBuffers, nn.Module):
                 f"{'int' if s.signed else 'uint'}, {gran}{', power-of-two' if s.power_of_two else ''}")
 
 
+def check_qat_model(model, doing: str) -> None:
+    """Refuse, for `doing`, what is no QAT model (one qatkit.prepare made, or a module holding quantizers): a float
+    model, an integer model, a path."""
+    if isinstance(model, nn.Module) and (hasattr(model, "qat_info")
+                                         or any(isinstance(m, FakeQuantizer) for m in model.modules())):
+        return
+    what = ("an integer model (qatkit.convert's)" if type(model).__name__ == "IntegerModel" else
+            f"a {type(model).__name__} without quantizers" if isinstance(model, nn.Module) else type(model).__name__)
+    raise bad_value(f"the model {doing} takes", what, "a QAT model from qatkit.prepare",
+                    "qat = qatkit.prepare(float_model, config, example_inputs), then calibrate or train it")
+
+
 def check_ranges(model: nn.Module, doing: str) -> None:
     """Refuse a model with an enabled quantizer that has no range yet (`doing`: what needs them, in the message):
     its integer path would compute with a placeholder scale (an evaluation's logits all 0)."""

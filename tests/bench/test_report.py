@@ -253,3 +253,12 @@ def test_latency_section(tmp_path):
         "| defaults | 32 | 29.87 | 26.00 | 15.90 | 1.131 | 0.950 | 61 |",
         "| reduce range + exact adds | 32 | 15.04 | 26.00 | 15.90 | 0.565 | 0.950 | 61 |"]
     assert "## Deploy: ResNet-20 latency" not in report.write_benchmarks(CIFAR, tmp_path / "C.md", tmp_path / "p").read_text()
+
+
+@pytest.mark.parametrize("bad", [float("nan"), None])
+def test_a_missing_qat_step_ratio_is_not_measured_not_passed(bad):
+    """A NaN or missing ratio was skipped, and the largest of the others passed the ≤ 1.3 target."""
+    step_times = {"ratio_to_float": {"float": 1.0, "qat-w8a8": 1.2, "qat-w4a4": bad, "torch.ao-qat-w8a8": 1.77}}
+    checks = {c.name: c for c in report.acceptance(C, report.merge(CIFAR)["rows"][C], step_times)}
+    assert checks["QAT step / float step ≤ 1.3"].status == "not measured"
+    assert checks["QAT step / float step below torch.ao's"].status == "not measured"

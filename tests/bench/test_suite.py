@@ -199,3 +199,19 @@ def test_rows_follow_the_runs_of_a_suite_cut_off(tmp_path, monkeypatch):
                     "--work", str(tmp_path), "--out", str(out)])
     rows = json.loads(out.read_text())["rows"]
     assert [(r["method"], r["weight_bits"], r["act_bits"]) for r in rows] == [(m, w, a) for m, w, a, _, _ in done]
+
+
+def test_committed_runs_stay_current_though_config_fields_were_added_since():
+    """Every committed run counted as stale (a field added to TrainConfig/QATConfig since changed every recipe id,
+    at its default), so resuming the suite on bench/results would have thrown the runs away and run hours again."""
+    results_dir = Path(suite.__file__).parent / "results"
+    for name in ("suite.json", "suite_sst2.json"):
+        results = json.loads((results_dir / name).read_text())
+        assert results["runs"] and all(suite.is_current(r, suite.TASKS[r["task"]], results["tasks"][r["task"]])
+                                       for r in results["runs"])
+    results = json.loads((results_dir / "suite.json").read_text())
+    run = next(r for r in results["runs"] if r["method"] == "qat")
+    task = suite.TASKS[run["task"]]
+    clipped = dataclasses.replace(task, qat_train=dataclasses.replace(task.qat_train, grad_clip=1.0))
+    assert not suite.is_current(run, clipped, results["tasks"][run["task"]])  # a new field off its default: stale
+    assert not suite.is_current(run, task, None)  # (no entry to read the recipe from)

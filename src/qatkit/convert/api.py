@@ -12,12 +12,13 @@ from qatkit.devices import check_dtype, module_device
 from qatkit.errors import QatkitError
 from qatkit.modes import evaluating
 from qatkit.nn import QEmbedding, QLayer
-from qatkit.quantizer import check_ranges
+from qatkit.quantizer import check_qat_model, check_ranges
 
 
 def convert(qat_model: nn.Module) -> IntegerModel:
     """The integer model of a calibrated/trained QAT model: int8 or packed int4/int2 weights with
     per-channel scales, int32 biases, integer activations; computes the QAT model's eval outputs."""
+    check_qat_model(qat_model, "convert")
     if not isinstance(qat_model, fx.GraphModule):
         untraced = "; ".join(getattr(getattr(qat_model, "qat_info", None), "untraced", [])) or "the model"
         raise QatkitError(f"convert needs a graph, but {untraced} could not be traced by torch.fx. Fix: remove "

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from qatkit.convert import ops
 from qatkit.convert.runtime import IntegerModel
-from qatkit.errors import ModelFileError
+from qatkit.errors import ConfigError, ModelFileError
 from qatkit.fileio import atomic_file
 
 FORMAT, VERSION = "qatkit-integer-model", 1
@@ -64,6 +64,10 @@ def _digest(header: str, tensors: dict[str, torch.Tensor]) -> str:
 def save(model: IntegerModel, path: str | os.PathLike) -> Path:
     """Write atomically (temporary file, fsync, rename), with a sha256 of the graph and tensors that `load` checks;
     returns the path."""
+    if not isinstance(model, IntegerModel):
+        raise ConfigError(f"save writes integer models, not a {type(model).__name__}; allowed: qatkit.convert's "
+                             "result. Fix: qatkit.save(qatkit.convert(qat_model), path) (a QAT model's weights: "
+                             "torch.save(model.state_dict(), path))")
     header = json.dumps({"format": FORMAT, "version": VERSION, "nodes": model.nodes, "meta": model.meta})
     tensors = {k: t.contiguous() for k, t in model.named_tensors().items()}
     with atomic_file(path) as tmp:

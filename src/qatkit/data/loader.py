@@ -5,6 +5,7 @@ a run is reproducible and resumable and never touches the global RNG.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -50,14 +51,21 @@ class BatchLoader:
                  std: Sequence[float] | None = None,
                  shuffle: bool, seed: int = 0, augment: str = "none", drop_last: bool = False,
                  shard: tuple[int, int] = (0, 1)) -> None:
-        if not isinstance(batch_size, int) or batch_size < 1:
+        if not isinstance(split, Split):
+            raise bad_value("split", type(split).__name__, "a qatkit.data.Split (a dataset's .train or .test; "
+                            "Split(x, y) of tensors)", "pass ds.train, or wrap tensors as Split(x, y)")
+        for name, flag in (("shuffle", shuffle), ("drop_last", drop_last)):
+            if not isinstance(flag, bool):
+                raise bad_value(name, flag, "True or False", f"pass {name}=True or {name}=False")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise bad_value("batch_size", batch_size, "an integer >= 1",
                             "pass batch_size=1 or more (batch_size: under train: in qatkit's --config YAML)")
         if augment not in AUGMENTS:
             raise bad_value("augment", augment, ", ".join(AUGMENTS), "pick one of those")
-        if not isinstance(seed, int) or seed < 0:
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise bad_value("seed", seed, "an integer >= 0", "pass --seed 0 or more")
-        if (not isinstance(shard, (tuple, list)) or len(shard) != 2 or not all(isinstance(v, int) for v in shard)
+        if (not isinstance(shard, (tuple, list)) or len(shard) != 2
+                or not all(isinstance(v, int) and not isinstance(v, bool) for v in shard)
                 or not 0 <= shard[0] < shard[1]):
             raise bad_value("shard", shard, "(rank, world_size) with 0 <= rank < world_size", "pass e.g. shard=(0, 2)")
         if len(split) == 0:
@@ -69,9 +77,11 @@ class BatchLoader:
             mean, std = (), ()  # ids are not normalised
         else:
             channels = split.x.shape[1]
-            if mean is None or std is None or len(mean) != channels or len(std) != channels or min(std) <= 0:
+            numbers = isinstance(mean, Sequence) and isinstance(std, Sequence) and all(
+                isinstance(v, (int, float)) and math.isfinite(v) for v in (*mean, *std))
+            if not numbers or len(mean) != channels or len(std) != channels or min(std) <= 0:
                 raise ConfigError(f"mean {mean} / std {std} do not fit {channels}-channel images; expected "
-                                  f"{channels} values each, std > 0. Fix: use the dataset's mean and std")
+                                  f"{channels} finite numbers each, std > 0. Fix: use the dataset's mean and std")
         self.split, self.batch_size, self.shuffle = split, batch_size, shuffle
         self.seed, self.augment, self.drop_last = seed, augment, drop_last
         self.rank, self.world_size = shard

@@ -10,7 +10,7 @@ import numpy as np
 import onnxruntime as ort
 
 from qatkit.convert.runtime import IntegerModel, QValue, output_list
-from qatkit.errors import ModelFileError
+from qatkit.errors import DataError, ModelFileError
 from qatkit.inputs import as_args, batch_size, call, split
 
 
@@ -140,6 +140,9 @@ def verify(onnx_path: str | os.PathLike | ort.InferenceSession, model, batches: 
             within += int((diff <= 1.0 + 1e-4).sum())
             total += diff.size
             max_diff = max(max_diff, float(diff.max()))
+    if n == 0:
+        raise DataError("verify got no batches; allowed: at least one batch of inputs. Fix: pass the test split's "
+                        "batches")
     result = {"n": n, "top1_agreement": agree / max(predictions, 1), "within_one_step": within / max(total, 1),
               "max_step_diff": round(max_diff, 4), "output_step": steps[0] if steps else None}
     result["per_layer"] = per_layer(integer, first_x) if layers and max_diff > 0 and first_x is not None else []

@@ -55,6 +55,9 @@ def prepare(model: nn.Module, config: QATConfig | None = None,
     if not isinstance(model, nn.Module):
         raise bad_value("model", type(model).__name__, "a torch.nn.Module", "pass the float model itself")
     check_dtype(model, "prepare")
+    if hasattr(model, "qat_info"):
+        raise bad_value("model", "a QAT model (qatkit.prepare's already)", "the float model",
+                        "pass the float model the QAT model was prepared from")
     device = module_device(model)  # built on the CPU (new quantizers start there), then moved to the model's device
     training = model.training
     if hooked := [name for name, m in model.named_modules()
@@ -74,6 +77,10 @@ def prepare(model: nn.Module, config: QATConfig | None = None,
     if example_inputs is not None:
         given, fixed = example_arguments(model, example_inputs)
         arguments = {k: a.cpu() if isinstance(a, torch.Tensor) else a for k, a in given.items()}, fixed
+        if empty := [k for k, a in arguments[0].items() if isinstance(a, torch.Tensor) and a.dim() and not len(a)]:
+            raise bad_value(f"example input {empty[0]!r}", f"a batch of 0 ({tuple(arguments[0][empty[0]].shape)})",
+                            "at least one sample (prepare traces and checks the graph on it)",
+                            "pass one or two real samples, e.g. x[:2]", DataError)
         check_inputs(model, *arguments)  # a shape the float model refuses: the input's fault
     plans = plan_layers(model, config, tuple(WRAPPERS))
     # A planned Linear/conv subclass is quantized only if its forward computes its layer; one that does not (its

@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from qatkit import inputs
 from qatkit.config import TrainConfig, error_penalty_pairs, to_dict
-from qatkit.devices import check_dtype, module_device
+from qatkit.devices import check_available, check_dtype, module_device
 from qatkit.errors import ConfigError, DataError, ModelFileError, QatkitError, bad_value, error_detail
 from qatkit.modes import evaluating
 from qatkit.nn import FoldedBn, QLayer
@@ -59,6 +59,8 @@ def evaluate(model: nn.Module, loader: Iterable, device: str | torch.device | No
     eval mode without grad, on `device` (default: where the model's weights are); n: the targets counted (samples,
     or positions of sequences and dense predictions, those labelled -100 left out: per_target)."""
     check_ranges(model, "evaluate")
+    if device is not None:
+        check_available(device)
     correct, loss_sum, n = _eval_sums(model, loader, module_device(model) if device is None else device)
     return _eval_result(correct, loss_sum, n)
 
@@ -510,6 +512,15 @@ def fit(model: nn.Module, train_loader: Iterable, config: TrainConfig, *, val_lo
         raise bad_value("distill", config.distill, "0 without a teacher model", "pass teacher=... or set distill to 0")
     if resume and checkpoint_dir is None:
         raise bad_value("resume", resume, "True only with checkpoint_dir", "pass checkpoint_dir=... or resume=False")
+    if not isinstance(model, nn.Module) or type(model).__name__ == "IntegerModel":
+        raise bad_value("the model fit trains", type(model).__name__, "a float or QAT torch model (an integer model "
+                        "computes fixed integers: it has nothing to train)", "fit the QAT model, then convert it")
+    if teacher is not None and (teacher is model or not isinstance(teacher, nn.Module)):
+        raise bad_value("teacher", "the model itself" if teacher is model else type(teacher).__name__,
+                        "the float model (a torch module) the QAT model was prepared from",
+                        "pass teacher=float_model")
+    if checkpoint_dir is not None and Path(checkpoint_dir).exists() and not Path(checkpoint_dir).is_dir():
+        raise bad_value("checkpoint_dir", str(checkpoint_dir), "a folder (new or existing)", "pass a folder path")
     check_dtype(model, "fit")
     for unused in _settings_without_effect(config):
         warnings.warn(f"qatkit: {unused}", stacklevel=2)
