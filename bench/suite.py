@@ -347,7 +347,14 @@ def main(argv: list[str] | None = None) -> int:
     if unknown or not tasks:
         p.error(f"--tasks {args.tasks!r}: allowed: {', '.join(TASKS)}. Fix: pick from those")
     out = args.out or (args.work / "suite-quick.json" if args.quick else BENCH / "results" / "suite.json")
-    results = json.loads(out.read_text()) if out.exists() else {}
+    try:
+        results = json.loads(out.read_text()) if out.exists() else {}
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        p.error(f"{out} is not a results file ({e}); allowed: a JSON file this suite wrote. Fix: pass another --out, "
+                "or move the file away to start again")
+    if not isinstance(results, dict):
+        p.error(f"{out} holds a {type(results).__name__}, not a results object; allowed: a JSON file this suite "
+                "wrote. Fix: pass another --out")
     if results and results.get("quick") != args.quick:
         p.error(f"{out} holds a {'quick' if results.get('quick') else 'full'} run; allowed: the same mode. "
                 "Fix: pass another --out")

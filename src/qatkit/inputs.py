@@ -108,10 +108,24 @@ def shape_text(sizes: list[int | None]) -> str:
     return "(" + ", ".join("batch" if i == 0 else "any" if n is None else str(n) for i, n in enumerate(sizes)) + ")"
 
 
-def check_sizes(name: str, sizes: list[int | None] | None, x) -> None:
+def input_kind(x: torch.Tensor) -> str | None:
+    """What an input tensor holds, as prepare records it from the example: "float" values or "integer" ids (None
+    for a mask of bools, which models take as either)."""
+    return "float" if x.is_floating_point() else None if x.dtype == torch.bool else "integer"
+
+
+def check_sizes(name: str, sizes: list[int | None] | None, x, kind: str | None = None) -> None:
     """Refuse an input tensor not shaped as a prepared model's graph takes it: `sizes` per axis, None where any size
-    is taken (prepare's qat_info.input_sizes; None: not recorded, anything goes)."""
-    if sizes is None or not isinstance(x, torch.Tensor):
+    is taken (prepare's qat_info.input_sizes; None: not recorded, anything goes), or not of the example's `kind`
+    (input_kind: uint8 pixels where float images were prepared, or float ids; None: anything goes)."""
+    if not isinstance(x, torch.Tensor):
+        return
+    if kind is not None and input_kind(x) not in (None, kind):
+        fix = ("convert and normalise images as in training (x.float() / 255, then the mean and std)" if kind == "float"
+               else "pass the integer ids (x.long())")
+        raise DataError(f"input '{name}' holds {str(x.dtype).replace('torch.', '')} values; this model takes {kind} "
+                        f"values (prepare's example did). Fix: {fix}")
+    if sizes is None:
         return
     if x.dim() != len(sizes) or any(n is not None and m != n for m, n in zip(x.shape, sizes)):
         raise DataError(f"input '{name}' has shape {tuple(x.shape)}; this model takes {shape_text(sizes)}: prepare's "

@@ -215,3 +215,13 @@ def test_committed_runs_stay_current_though_config_fields_were_added_since():
     clipped = dataclasses.replace(task, qat_train=dataclasses.replace(task.qat_train, grad_clip=1.0))
     assert not suite.is_current(run, clipped, results["tasks"][run["task"]])  # a new field off its default: stale
     assert not suite.is_current(run, task, None)  # (no entry to read the recipe from)
+
+
+@pytest.mark.parametrize("content, message", [("{broken", "is not a results file"), ("[]", "holds a list, not a results")])
+def test_a_results_file_that_is_not_one_is_refused(content, message, tmp_path, capsys):
+    """A truncated file gave a raw JSONDecodeError, a list a TypeError."""
+    out = tmp_path / "r.json"
+    out.write_text(content)
+    with pytest.raises(SystemExit) as stop:
+        suite.main(["--quick", "--no-timing", "--out", str(out), "--work", str(tmp_path)])
+    assert stop.value.code == 2 and message in capsys.readouterr().err and out.read_text() == content

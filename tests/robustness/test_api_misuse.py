@@ -63,6 +63,9 @@ CASES = {
                              r"^the model fit trains = 'IntegerModel' is not allowed"),
     "fit with itself as teacher": (lambda f, q, i, tmp: qatkit.fit(q, _batches(), TRAIN_DISTILL, teacher=q),
                                    ConfigError, r"^teacher = 'the model itself' is not allowed"),
+    "fit with a teacher of other classes": (lambda f, q, i, tmp: qatkit.fit(q, _batches(), TRAIN_DISTILL,
+                                                                             teacher=nn.Linear(6, 5)),
+                                            ConfigError, r"^the teacher's logits = 'of shape \(4, 5\)' is not allowed"),
     "fit into a checkpoint_dir that is a file": (
         lambda f, q, i, tmp: qatkit.fit(q, _batches(), TRAIN, checkpoint_dir=tmp / "m.safetensors"),
         ConfigError, r"^checkpoint_dir = .+ is not allowed; allowed: a folder"),
@@ -98,3 +101,23 @@ def test_batch_loader_arguments_are_checked(kwargs, pattern):
         BatchLoader(ds.train, **{"batch_size": 4, "mean": ds.mean, "std": ds.std, "shuffle": False, **kwargs})
     with pytest.raises(ConfigError, match=r"^split = 'ImageDataset' is not allowed; .+Fix: pass ds\.train"):
         BatchLoader(ds, batch_size=4, mean=ds.mean, std=ds.std, shuffle=False)
+
+
+def test_inputs_of_another_kind_than_the_example_are_refused(models, tmp_path):
+    """uint8 pixels went into a QAT model prepared on float images (the float model refuses them: the input quantizer
+    took them as they were), and an integer example made export write an INT64 input for an image model."""
+    _, qat, integer = models
+    pixels = torch.randint(0, 255, (4, 6), dtype=torch.uint8)
+    for model in (qat, integer):
+        with pytest.raises(DataError, match=r"^input '.+' holds uint8 values; this model takes float values .+Fix: "
+                                            r"convert and normalise"):
+            model(pixels)
+    with pytest.raises(DataError, match=r"holds int64 values; this model takes float values"):
+        export_onnx(integer, tmp_path / "m.onnx", torch.zeros(1, 6, dtype=torch.long))
+    assert not (tmp_path / "m.onnx").exists()
+    ids_model = qatkit.prepare(nn.Sequential(nn.Embedding(10, 4), nn.Flatten(), nn.Linear(12, 2)), None,
+                               torch.randint(0, 10, (2, 3)))
+    with pytest.raises(DataError, match=r"holds float32 values; this model takes integer values .+Fix: pass the "):
+        ids_model(torch.rand(2, 3))
+    reloaded = qatkit.load(qatkit.save(integer, tmp_path / "m.safetensors"))
+    assert next(n for n in reloaded.nodes if n["op"] == "input")["kind"] == "float"

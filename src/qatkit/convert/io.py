@@ -164,6 +164,8 @@ def _check_header(header, tensors, path) -> dict:
                 n is None or type(n) is int and n > 0 for n in sizes)):
             raise _fail(path, f"has input {node['name']!r} with sizes {sizes!r:.80}; allowed: a list of positive "
                               "integers and nulls")
+    if bad := [n for n in nodes if n["op"] == "input" and n.get("kind", "float") not in ("float", "integer")]:
+        raise _fail(path, f"has input {bad[0]['name']!r} of kind {bad[0]['kind']!r:.40}; allowed: float, integer")
     arguments = [node.get("argument", node["name"]) for node in nodes if node["op"] == "input"]
     if not all(isinstance(a, str) for a in arguments) or len(set(arguments)) != len(arguments):
         raise _fail(path, f"has input nodes named {arguments!r:.80}; each input needs its own name")

@@ -88,8 +88,10 @@ class _Writer:
 
     def _placeholder(self, node):  # forward's argument, where fx renamed the node (input → input_1)
         entry = {"op": "input"} if node.target == node.name else {"op": "input", "argument": node.target}
-        sizes = getattr(getattr(self.gm, "qat_info", None), "input_sizes", {}).get(node.target)
-        return entry if sizes is None else {**entry, "sizes": sizes}
+        info = getattr(self.gm, "qat_info", None)
+        sizes = getattr(info, "input_sizes", {}).get(node.target)
+        kind = getattr(info, "input_kinds", {}).get(node.target)
+        return {**entry, **({} if sizes is None else {"sizes": sizes}), **({} if kind is None else {"kind": kind})}
 
     def _output(self, node):
         out = node.args[0]

@@ -104,7 +104,7 @@ class IntegerModel(nn.Module):
             op = node["op"]
             if op == "input":
                 env[node["name"]] = next(feed)
-                check_sizes(node.get("argument", node["name"]), node.get("sizes"), env[node["name"]])
+                check_sizes(node.get("argument", node["name"]), node.get("sizes"), env[node["name"]], node.get("kind"))
             elif op == "output":
                 out = _dequantize(self._arg(node["args"][0], env))
                 if "names" in node:  # several outputs: a dict by name, or a tuple, as trained

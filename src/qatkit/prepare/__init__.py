@@ -12,7 +12,7 @@ from qatkit.config import QATConfig
 from qatkit.convert import ops
 from qatkit.devices import check_dtype, module_device
 from qatkit.errors import DataError, QatkitError, bad_value, listed
-from qatkit.inputs import check_sizes
+from qatkit.inputs import check_sizes, input_kind
 from qatkit.modes import evaluating
 from qatkit.prepare.concrete import concrete_trace, input_sizes
 from qatkit.prepare.decompose import decompose
@@ -100,7 +100,7 @@ def prepare(model: nn.Module, config: QATConfig | None = None,
     qat = qat.to(device).train(training)
     info.error_penalty = config.error_penalty
     qat.qat_info = info
-    if info.input_sizes:
+    if info.input_sizes or info.input_kinds:
         names = [n.target for n in qat.graph.nodes if n.op == "placeholder"]
         qat.register_forward_pre_hook(functools.partial(_check_input_sizes, names), with_kwargs=True)
     if info.untraced:
@@ -167,7 +167,7 @@ def _check_input_sizes(names: list[str], qat: nn.Module, args: tuple, kwargs: di
     """Forward pre-hook of a prepared model: its inputs (placeholders `names`) shaped as its graph takes them, in
     training too (qat_info.input_sizes; the integer model checks the same)."""
     for name, x in [*zip(names, args), *kwargs.items()]:
-        check_sizes(name, qat.qat_info.input_sizes.get(name), x)
+        check_sizes(name, qat.qat_info.input_sizes.get(name), x, qat.qat_info.input_kinds.get(name))
 
 
 def _size_hint(untraced: list[str]) -> str:
@@ -207,6 +207,8 @@ def _prepare_module(module: nn.Module, prefix: str, config: QATConfig, plans, in
                                      f"{', '.join(map(str, checked))}")
     if not prefix and arguments is not None:
         info.input_sizes = input_sizes(module, gm, arguments)
+        info.input_kinds = {k: kind for k, a in arguments[0].items()
+                            if isinstance(a, torch.Tensor) and (kind := input_kind(a)) is not None}
         if info.traced_along_example:
             free = [f"{k} axis {axis}" for k, dims in info.input_sizes.items() for axis, n in enumerate(dims)
                     if axis and n is None]

@@ -136,6 +136,7 @@ class PrepareInfo:
     # per input of the traced root, per axis: None where the graph follows other sizes (the batch), else the size it
     # holds (prepare/concrete.py input_sizes); empty without example inputs
     input_sizes: dict[str, list[int | None]] = field(default_factory=dict)
+    input_kinds: dict[str, str] = field(default_factory=dict)  # the example's: "float" or "integer" (input_kind)
     error_penalty: tuple[tuple[str, float], ...] = ()  # the QATConfig's: what fit applies unless given its own
 
 

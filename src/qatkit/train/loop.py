@@ -232,6 +232,9 @@ def compute_loss(model: nn.Module, logits: torch.Tensor, y: torch.Tensor, teache
     positions), distillation, the quantization-error penalty; targets of -100 count in neither (a batch with none to
     count: 0, with the penalty's gradient still)."""
     logits, y = per_target(logits, y)
+    if teacher_logits is not None and teacher_logits.numel() != logits.numel():
+        raise bad_value("the teacher's logits", f"of shape {tuple(teacher_logits.shape)}", "the shape of the model's "
+                        "logits (the same classes)", "pass the float model the QAT model was prepared from")
     teacher = None if teacher_logits is None else teacher_logits.reshape(logits.shape)
     if logits.dim() > 2:  # (B, C, H, W) as (B·H·W, C) rows
         def rows(t):
