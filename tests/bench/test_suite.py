@@ -217,7 +217,8 @@ def test_committed_runs_stay_current_though_config_fields_were_added_since():
     assert not suite.is_current(run, task, None)  # (no entry to read the recipe from)
 
 
-@pytest.mark.parametrize("content, message", [("{broken", "is not a results file"), ("[]", "holds a list, not a results")])
+@pytest.mark.parametrize("content, message", [("{broken", "is not a results file"),
+                                              ("[]", "holds a list, not a results")])
 def test_a_results_file_that_is_not_one_is_refused(content, message, tmp_path, capsys):
     """A truncated file gave a raw JSONDecodeError, a list a TypeError."""
     out = tmp_path / "r.json"
