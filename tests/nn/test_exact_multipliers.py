@@ -97,7 +97,7 @@ def test_layers_quantize_with_the_nudged_scale_and_its_gradient_goes_straight_th
         assert torch.equal(wq.scale.grad, torch.sign(wq.scale.detach()))  # d|s|/ds, straight through the nudge
     # the training forward's weights are the weight codes at that scale: fake-quant(w) = codes(w, s)·s
     m = nudged[-1]
-    s = m.weight_qscale(m.last_input_quant)
+    s = m.weight_qscale(m.last_input_quant, m.folded()[1])
     w_hat = m.weight_quant(m.folded()[0], scale=s)
     assert torch.equal(w_hat, m.weight_quant.codes(m.folded()[0], s) * s.view(-1, 1))
 

@@ -192,7 +192,7 @@ class _Writer:
         key = node.target if f"{node.target}.input.scale" not in self.tensors else f"{node.target}@{node.name}"
         w, b = m.folded()
         s_in, _ = in_q.qparams()
-        s_w = m.weight_qscale(in_q)
+        s_w = m.weight_qscale(in_q, b)
         codes = m.weight_quant.codes(w, s_w)
         bits = int(m.weight_quant.bits)
         kind = "conv" if isinstance(m, QConv) else "conv_transpose" if isinstance(m, QConvTranspose) else "linear"

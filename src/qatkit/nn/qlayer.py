@@ -75,9 +75,9 @@ class QLayer(nn.Module):
         exact = kernels.exact_multiplier_scale(in_q.qparams()[0], s_w.detach(), out_q.qparams()[0], int(out_q.bits))
         return exact + (s_w - s_w.detach())
 
-    def weight_qscale(self, in_q: FakeQuantizer | None) -> torch.Tensor:
-        """The weight scale the layer quantizes with (detached)."""
-        floor = self.scale_floor(in_q, self.folded()[1])
+    def weight_qscale(self, in_q: FakeQuantizer | None, bias: torch.Tensor | None) -> torch.Tensor:
+        """The weight scale the layer quantizes with (detached); `bias`: the folded one (folded()[1])."""
+        floor = self.scale_floor(in_q, bias)
         s_w = self.weight_scale(in_q, floor)
         return self.weight_quant.qparams(floor)[0] if s_w is None else s_w.detach()
 
@@ -120,7 +120,7 @@ class QLayer(nn.Module):
     def integer_forward(self, x: torch.Tensor, in_q: FakeQuantizer) -> torch.Tensor:
         s_x, z_x = in_q.qparams()
         w, b = self.folded()
-        s_w = self.weight_qscale(in_q)
+        s_w = self.weight_qscale(in_q, b)
         q_b = None if b is None else kernels.bias_codes(b, s_x * s_w)
         acc = kernels.wrap_int32(self.op((in_q.codes(x) - z_x).double(), self.weight_quant.codes(w, s_w).double(), q_b))
         if self.out_quant is None:

@@ -31,7 +31,8 @@ class OscillationTracker:
         """After an optimizer step: compare every tracked weight's integer code with the one before (at the same
         bit-width: a progressive stage's new width starts the comparison again, its codes on another grid)."""
         for name, layer in self.layers.items():
-            codes = layer.weight_quant.codes(layer.folded()[0], layer.weight_qscale(layer.last_input_quant))
+            w, b = layer.folded()
+            codes = layer.weight_quant.codes(w, layer.weight_qscale(layer.last_input_quant, b))
             bits = int(layer.weight_quant.bits)
             if name in self.codes and self.bits[name] == bits:
                 move = torch.sign(codes - self.codes[name])
