@@ -25,7 +25,7 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
         raise ConfigError(f"destination {path!r} names no file; allowed: a file path. Fix: pass a file name, e.g. "
                           "model.safetensors")
     path = Path(path)
-    blocked = path if path.is_dir() else next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+    blocked = path if path.is_dir() else file_above(path)
     if blocked is not None:
         why = "is a folder" if blocked == path else f"is under the file {str(blocked)!r}"
         raise ConfigError(f"{str(path)!r} {why}; allowed: a file path in a folder. Fix: write to another path")
@@ -48,6 +48,11 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
     _fsync_dir(path.parent)
+
+
+def file_above(path: Path) -> Path | None:
+    """The existing file (not folder) among path's parents, which no path under it can be created beneath."""
+    return next((p for p in path.parents if p.exists() and not p.is_dir()), None)
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -160,12 +160,15 @@ def fma_f32(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     return s.float()
 
 
+SIGNED_SHIFT = 128  # signed 8-bit activation codes as the ONNX file stores them: uint8 q + 128 at zero point z + 128
+
+
 def add_requant(q_a, z_a, s_a, q_b, z_b, s_b, s_out, z_out, lo, hi, signed=(False, False, False)) -> torch.Tensor:
     """Output codes of a quantized residual add as ONNX Runtime's QLinearAdd computes them:
         rA = s_a/s_c, rB = s_b/s_c, F = z_c - fma(rA, z_a, rB·z_b), c = rint(fma(a, rA, fma(b, rB, F))),
-    on the codes as the ONNX file stores them: signed ones (a, b, c: `signed`) as uint8 q + 128 at zero point z + 128
-    (onnx_qdq's _uint8_activations; the float32 sums round otherwise than on the signed codes)."""
-    u_a, u_b, u_c = (128.0 if s else 0.0 for s in signed)
+    on the codes as the ONNX file stores them: signed ones (a, b, c: `signed`) moved up by SIGNED_SHIFT (onnx_qdq's
+    _uint8_activations; the float32 sums round otherwise than on the signed codes)."""
+    u_a, u_b, u_c = (float(SIGNED_SHIFT) if s else 0.0 for s in signed)
     r_a, r_b = s_a.float() / s_out.float(), s_b.float() / s_out.float()
     fixed = torch.as_tensor(z_out + u_c, dtype=torch.float32) - fma_f32(
         r_a, torch.as_tensor(z_a + u_a, dtype=torch.float32), r_b * torch.as_tensor(z_b + u_b, dtype=torch.float32))

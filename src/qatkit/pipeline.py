@@ -32,7 +32,7 @@ from qatkit.convert import convert, load, save
 from qatkit.data import TEXT_DATASETS, BatchLoader, ImageDataset, TextDataset, load_dataset
 from qatkit.errors import ConfigError, DataError, ModelFileError, bad_value, error_detail
 from qatkit.export import verify
-from qatkit.fileio import atomic_file
+from qatkit.fileio import atomic_file, file_above
 from qatkit.models import build_model
 from qatkit.prepare import check_rules, prepare
 from qatkit.primitives.ranges import check_bits
@@ -287,7 +287,7 @@ def _row(method: str, w: int, a: int, accuracy: float, path: Path, seconds: floa
 
 def check_out_folder(out: Path) -> None:
     """--out may be a folder or not exist; an existing file, or a path under a file, is refused."""
-    under_file = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+    under_file = file_above(out)
     if out.exists() and not out.is_dir() or under_file is not None:
         why = "exists and is not a folder" if under_file is None else f"is under the file {str(under_file)!r}"
         raise ConfigError(f"--out {str(out)!r} {why}; allowed: a new or empty folder. Fix: pass another --out")

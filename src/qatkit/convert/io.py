@@ -66,8 +66,8 @@ def save(model: IntegerModel, path: str | os.PathLike) -> Path:
     returns the path."""
     if not isinstance(model, IntegerModel):
         raise ConfigError(f"save writes integer models, not a {type(model).__name__}; allowed: qatkit.convert's "
-                             "result. Fix: qatkit.save(qatkit.convert(qat_model), path) (a QAT model's weights: "
-                             "torch.save(model.state_dict(), path))")
+                          "result. Fix: qatkit.save(qatkit.convert(qat_model), path) (a QAT model's weights: "
+                          "torch.save(model.state_dict(), path))")
     header = json.dumps({"format": FORMAT, "version": VERSION, "nodes": model.nodes, "meta": model.meta})
     tensors = {k: t.contiguous() for k, t in model.named_tensors().items()}
     with atomic_file(path) as tmp:

@@ -14,6 +14,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from qatkit import kernels
+from qatkit.kernels import SIGNED_SHIFT
 from qatkit.errors import QatkitError
 from qatkit.fileio import atomic_file
 from qatkit.convert.ir import conv_pads
@@ -36,8 +37,7 @@ def _uint8_activations(node: dict) -> dict:
         if isinstance(fields, list):
             return [moved(f) for f in fields]
         if isinstance(fields, dict) and "qmin" in fields and "zero_point" in fields and fields["qmin"] < 0:
-            return {**fields, "zero_point": fields["zero_point"] + 128, "qmin": fields["qmin"] + 128,
-                    "qmax": fields["qmax"] + 128, "shifted": True}
+            return {**fields, **{k: fields[k] + SIGNED_SHIFT for k in ("zero_point", "qmin", "qmax")}, "shifted": True}
         return fields
     return moved(node) if node["op"] == "quantize" else {k: moved(v) for k, v in node.items()}
 
@@ -243,16 +243,18 @@ class _Exporter:
                 self.env[name] = self.call(node)
         if debug_outputs:  # every integer value, named after its node, for per-layer comparisons
             for ir_name, v in self.env.items():  # (chunk/split/unbind pieces: as the getitem nodes that take them)
-                if isinstance(v, Value) and v.kind == "quant" and ir_name in self.shapes and v.zero_point in self.shifted:
-                    wide = self.op("Cast", [v.name], f"debug_{ir_name}", to=TensorProto.INT32)  # (the model's codes)
-                    self.nodes.append(helper.make_node("Sub", [wide, self.const("shift", np.array(128, np.int32))],
-                                                       [f"debug/{ir_name}"]))
-                    outputs.append(helper.make_tensor_value_info(f"debug/{ir_name}", TensorProto.INT32,
-                                                                 [None] * self.shapes[ir_name].dim()))
-                elif isinstance(v, Value) and v.kind == "quant" and ir_name in self.shapes:
+                if not (isinstance(v, Value) and v.kind == "quant" and ir_name in self.shapes):
+                    continue
+                if v.zero_point in self.shifted:  # stored + SIGNED_SHIFT: the model's signed codes back
+                    wide = self.op("Cast", [v.name], f"debug_{ir_name}", to=TensorProto.INT32)
+                    shift = self.const("shift", np.array(SIGNED_SHIFT, np.int32))
+                    self.nodes.append(helper.make_node("Sub", [wide, shift], [f"debug/{ir_name}"]))
+                    elem = TensorProto.INT32
+                else:
                     self.nodes.append(helper.make_node("Identity", [v.name], [f"debug/{ir_name}"]))
-                    elem = TensorProto.UINT8 if self.inits[v.zero_point].data_type == TensorProto.UINT8 else TensorProto.INT8
-                    outputs.append(helper.make_tensor_value_info(f"debug/{ir_name}", elem, [None] * self.shapes[ir_name].dim()))
+                    elem = self.inits[v.zero_point].data_type  # (UINT8 or INT8)
+                rank = self.shapes[ir_name].dim()
+                outputs.append(helper.make_tensor_value_info(f"debug/{ir_name}", elem, [None] * rank))
         for op_name, where in self.float_ops.items():
             self.note(f"{op_name} runs on dequantized (float) values at: {', '.join(where)}")
         if self.uint8_weights:
