@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from qatkit import inputs
 from qatkit.config import TrainConfig, error_penalty_pairs, to_dict
+from qatkit.convert.runtime import IntegerModel
 from qatkit.devices import check_available, check_dtype, module_device
 from qatkit.errors import ConfigError, DataError, ModelFileError, QatkitError, bad_value, error_detail
 from qatkit.modes import evaluating
@@ -515,7 +516,7 @@ def fit(model: nn.Module, train_loader: Iterable, config: TrainConfig, *, val_lo
         raise bad_value("distill", config.distill, "0 without a teacher model", "pass teacher=... or set distill to 0")
     if resume and checkpoint_dir is None:
         raise bad_value("resume", resume, "True only with checkpoint_dir", "pass checkpoint_dir=... or resume=False")
-    if not isinstance(model, nn.Module) or type(model).__name__ == "IntegerModel":
+    if not isinstance(model, nn.Module) or isinstance(model, IntegerModel):
         raise bad_value("the model fit trains", type(model).__name__, "a float or QAT torch model (an integer model "
                         "computes fixed integers: it has nothing to train)", "fit the QAT model, then convert it")
     if teacher is not None and (teacher is model or not isinstance(teacher, nn.Module)):
